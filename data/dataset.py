@@ -1,0 +1,328 @@
+"""Normalised conversations -> measured, filtered rows -> model-ready examples for a DataLoader.
+
+    load_conversations (data/sources.py)   rows: messages, source, row, at
+      -> measure (datasets.map)            + num_tokens, num_media_tokens, num_label_tokens, drop_reason
+      -> keep rows that fit                 (dropped ones counted by reason)
+      -> SFTDataset[(epoch, row)]           decode + sample frames (seeded by seed/epoch/row), build with processor
+
+Measuring needs no pixels: videos are only indexed (frame count, fps) and images only read for their size, so a
+sample that cannot fit max_length is dropped before any GPU time, never truncated mid-video or mid-answer.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from vidtune.data.conversation import DataError, Message, media_parts
+from vidtune.data.examples import LABEL_TURNS, ExampleBuilder, with_time_instructions
+from vidtune.data.formats import DEFAULT_CAPTION_PROMPT
+from vidtune.data.sources import SourceConfig, load_conversations, stream_conversations
+from vidtune.data.video import (
+    SamplingConfig,
+    VideoError,
+    VideoInfo,
+    image_size,
+    load_clip,
+    load_image,
+    num_sampled_frames,
+    probe_video,
+    sample_frame_indices,
+    time_instruction,
+    timestamps_for,
+    validate_sampling,
+)
+
+
+@dataclass
+class DataConfig:
+    """What to train on and how each sample becomes model input."""
+
+    sources: list[SourceConfig] = field(default_factory=list)  # training corpora, mixed by weight / num_samples
+    eval_sources: list[SourceConfig] = field(default_factory=list)  # held-out corpora for eval loss
+    eval_fraction: float = 0.0  # or: hold out this fraction of the training rows (seeded)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    max_length: int = 4096  # tokens per sample, video/image tokens included; longer samples are dropped
+    label_turns: str = "all"  # all: learn every assistant turn | last: only the final one
+    time_instruction: bool = False  # prepend "The video lasts 9.7 seconds; 8 frames were sampled at ..." per video
+    caption_prompts: list[str] = field(default_factory=lambda: [DEFAULT_CAPTION_PROMPT])  # sampled per row
+    streaming: bool = False  # stream corpora too large to prepare (measured and filtered on the fly)
+    num_workers: int = 2  # DataLoader worker processes (decode + processing)
+
+
+def validate_data(cfg: DataConfig) -> None:
+    if not cfg.sources:
+        raise DataError("data.sources is empty: list at least one corpus")
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        raise DataError(f"data.eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.eval_fraction and cfg.eval_sources:
+        raise DataError("set either data.eval_sources or data.eval_fraction, not both")
+    if cfg.max_length < 16:
+        raise DataError(f"data.max_length must be at least 16 tokens, got {cfg.max_length}")
+    if cfg.label_turns not in LABEL_TURNS:
+        raise DataError(f"data.label_turns must be one of {', '.join(LABEL_TURNS)}, got {cfg.label_turns!r}")
+    if not cfg.caption_prompts:
+        raise DataError("data.caption_prompts is empty")
+    validate_sampling(cfg.sampling)
+
+
+@dataclass
+class DropReport:
+    """What preparation dropped, by reason, with a few examples each (for logs and `vidtune check`)."""
+
+    kept: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, at: str) -> None:
+        kind = reason.split(" (")[0] if "exceed max_length" not in reason else "longer than max_length"
+        self.reasons[kind] += 1
+        self.examples.setdefault(kind, [])
+        if len(self.examples[kind]) < 3:
+            self.examples[kind].append(f"{at}: {reason}")
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.reasons.values())
+
+    def summary(self) -> str:
+        if not self.dropped:
+            return f"{self.kept} samples kept, none dropped"
+        parts = "; ".join(f"{n} {kind} (e.g. {self.examples[kind][0]})" for kind, n in self.reasons.most_common())
+        return f"{self.kept} samples kept, {self.dropped} dropped: {parts}"
+
+
+# --------------------------------------------------------------------------------------------------- measuring
+
+
+class Measurer:
+    """Token counts of a row without decoding pixels (videos indexed once per path, images read for size)."""
+
+    def __init__(self, builder: ExampleBuilder, cfg: DataConfig):
+        self.builder, self.cfg = builder, cfg
+        self._video_info: dict[str, VideoInfo] = {}
+
+    def video_info(self, path: str) -> VideoInfo:
+        if path not in self._video_info:
+            self._video_info[path] = probe_video(path, self.cfg.sampling.backend)
+        return self._video_info[path]
+
+    def media_tokens(self, messages: list[Message]) -> tuple[list[int], dict[int, str]]:
+        """Tokens per media item, and the time instruction each video gets (with centre-of-segment sampling)."""
+        tokens, instructions = [], {}
+        for index, part in enumerate(media_parts(messages)):
+            path = part["path"] or ""
+            if part["type"] == "image":
+                tokens.append(self.builder.image_tokens(*image_size(path)))
+                continue
+            info = self.video_info(path)
+            tokens.append(
+                num_sampled_frames(info, self.cfg.sampling, part["start_s"], part["end_s"])
+                * self.builder.tokens_per_frame
+            )
+            if self.cfg.time_instruction:
+                indices = sample_frame_indices(info, self.cfg.sampling, part["start_s"], part["end_s"], None, path)
+                instructions[index] = time_instruction(
+                    info, timestamps_for(indices, info), part["start_s"], part["end_s"]
+                )
+        return tokens, instructions
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        try:
+            tokens, instructions = self.media_tokens(row["messages"])
+        except VideoError as err:
+            raise DataError(f"{row['at']}: {err}") from None
+        messages = with_time_instructions(row["messages"], instructions)
+        count = self.builder.count(messages, tokens)
+        return {
+            "num_tokens": count.total,
+            "num_media_tokens": count.media,
+            "num_label_tokens": count.labels,
+            "drop_reason": count.drop_reason(self.cfg.max_length) or "",
+        }
+
+
+def measure_and_filter(
+    rows: datasets.Dataset, measurer: Measurer, num_proc: int | None = None
+) -> tuple[datasets.Dataset, DropReport]:
+    measured = rows.map(measurer, num_proc=num_proc, desc="measuring samples")
+    report = DropReport()
+    for reason, at in zip(measured["drop_reason"], measured["at"], strict=True):
+        if reason:
+            report.add(reason, at)
+    kept = measured.filter(lambda r: not r, input_columns="drop_reason")
+    report.kept = len(kept)
+    if report.kept == 0:
+        raise DataError(f"no sample fits: {report.summary()}")
+    return kept, report
+
+
+def split_eval(rows: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    indices = list(range(len(rows)))
+    random.Random(seed).shuffle(indices)
+    num_eval = max(1, round(len(rows) * fraction))
+    return rows.select(sorted(indices[num_eval:])), rows.select(sorted(indices[:num_eval]))
+
+
+def prepare_rows(
+    cfg: DataConfig, builder: ExampleBuilder, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset | None, DropReport]:
+    """Training rows, evaluation rows (or None) and the training drop report."""
+    measurer = Measurer(builder, cfg)
+    train_rows = load_conversations(cfg.sources, cfg.caption_prompts, seed)
+    eval_rows = load_conversations(cfg.eval_sources, cfg.caption_prompts, seed) if cfg.eval_sources else None
+    if cfg.eval_fraction:
+        train_rows, eval_rows = split_eval(train_rows, cfg.eval_fraction, seed)
+    train_rows, report = measure_and_filter(train_rows, measurer)
+    if eval_rows is not None:
+        eval_rows, _ = measure_and_filter(eval_rows, measurer)
+    return train_rows, eval_rows, report
+
+
+# ---------------------------------------------------------------------------------------------------- examples
+
+
+def load_media(
+    messages: list[Message], sampling: SamplingConfig, with_time_instruction: bool, rng: np.random.Generator | None
+) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Decoded pixels per media index (conversation order), and each video's time instruction when asked for."""
+    media, instructions = {}, {}
+    for index, part in enumerate(media_parts(messages)):
+        path = part["path"] or ""
+        if part["type"] == "image":
+            media[index] = load_image(path)
+            continue
+        clip = load_clip(path, sampling, part["start_s"], part["end_s"], rng)
+        media[index] = clip.frames
+        if with_time_instruction:
+            instructions[index] = time_instruction(clip.info, clip.timestamps_s, part["start_s"], part["end_s"])
+    return media, instructions
+
+
+class ExampleMaker:
+    """Decode a row's media and build its example; jitter (training) is seeded by (seed, epoch, row)."""
+
+    def __init__(self, builder: ExampleBuilder, cfg: DataConfig, seed: int, train: bool):
+        self.builder, self.cfg, self.seed, self.train = builder, cfg, seed, train
+
+    def make(self, row: dict[str, Any], epoch: int, row_index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, epoch, row_index]) if self.train else None
+        example = self._build(row, rng)
+        if len(example["input_ids"]) > self.cfg.max_length and rng is not None:
+            # Jittered timestamps can lengthen the time instruction by a token or two; the centre sampling that
+            # measuring used is known to fit.
+            example = self._build(row, None)
+        if len(example["input_ids"]) > self.cfg.max_length:
+            raise DataError(
+                f"{row['at']}: built {len(example['input_ids'])} tokens > max_length, measured "
+                f"{row.get('num_tokens')} (the video changed since it was measured?)"
+            )
+        return example
+
+    def _build(self, row: dict[str, Any], rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
+        try:
+            media, instructions = load_media(row["messages"], self.cfg.sampling, self.cfg.time_instruction, rng)
+        except VideoError as err:
+            raise DataError(f"{row['at']}: {err}") from None
+        return self.builder.build(with_time_instructions(row["messages"], instructions), media)
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Map-style: indexed by (epoch, row) so the frame jitter of a row differs per epoch yet is reproducible on
+    resume and identical whichever worker or rank builds it."""
+
+    def __init__(self, rows: datasets.Dataset, maker: ExampleMaker):
+        self.rows, self.maker = rows, maker
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
+        epoch, row = key if isinstance(key, tuple) else (0, key)
+        return self.maker.make(self.rows[row], epoch, row)
+
+    @property
+    def lengths(self) -> list[int]:
+        return list(self.rows["num_tokens"])
+
+
+class StreamingSFTDataset(torch.utils.data.IterableDataset):
+    """For corpora too large to prepare: rows are measured and filtered as they stream; each rank reads its own
+    shard (datasets.distributed.split_dataset_by_node) and DataLoader workers split it further."""
+
+    def __init__(self, cfg: DataConfig, measurer: Measurer, maker: ExampleMaker, rank: int, world_size: int, seed: int):
+        from datasets.distributed import split_dataset_by_node
+
+        stream = stream_conversations(cfg.sources, cfg.caption_prompts, seed)
+        self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+        self.measurer, self.maker, self.epoch = measurer, maker, 0
+        self.dropped: Counter = Counter()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.stream.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for index, row in enumerate(self.stream):
+            measured = self.measurer(row)
+            if measured["drop_reason"]:
+                self.dropped[measured["drop_reason"].split(" (")[0]] += 1
+                continue
+            yield self.maker.make({**row, **measured}, self.epoch, index)
+
+
+# ----------------------------------------------------------------------------------------------------- batching
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches of (epoch, row) keys in an order that is a pure function of (seed, epoch), so a resumed run replays
+    it exactly. With group_by_length, rows of similar token count (video tokens included) share batches: shuffled
+    mega-batches of 64 batches are sorted by length and cut, and the batches shuffled again."""
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        group_by_length: bool = False,
+        drop_last: bool = False,
+    ):
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
+        self.shuffle, self.group_by_length, self.drop_last = shuffle, group_by_length, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths)).tolist() if self.shuffle else list(range(len(self.lengths)))
+        if self.group_by_length:
+            mega = self.batch_size * 64
+            order = [
+                i
+                for s in range(0, len(order), mega)
+                for i in sorted(order[s : s + mega], key=lambda i: -self.lengths[i])
+            ]
+        batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.group_by_length and self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.batches():
+            yield [(self.epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.lengths), self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)

@@ -1,0 +1,137 @@
+"""Conversation + decoded media -> model-ready example (input_ids, labels, pixels), through the model's processor.
+
+The processor renders the family's chat template, expands each `<video>` into frames x tokens-per-frame video
+tokens, and marks the assistant tokens (its `return_assistant_tokens_mask`, which accounts for that expansion).
+Labels are -100 everywhere else. Nothing is ever truncated: a sample longer than max_length is dropped before
+training, with its reason, because cutting inside the video tokens breaks the forward pass ("Video features and
+video tokens do not match") and cutting the answer away silently trains on nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from vidtune.data.conversation import DataError, Message, Part, media_parts, text_part, to_template_messages
+
+IGNORE_INDEX = -100
+LABEL_TURNS = ("all", "last")
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    total: int  # input length, media tokens included
+    media: int  # video + image tokens
+    labels: int  # tokens that carry a label
+
+    def drop_reason(self, max_length: int) -> str | None:
+        if self.labels == 0:
+            return "no assistant tokens to learn"
+        if self.total > max_length:
+            return f"{self.total} tokens ({self.media} of them video/image) exceed max_length {max_length}"
+        return None
+
+
+def label_mask(assistant_mask: torch.Tensor, label_turns: str) -> torch.Tensor:
+    """Boolean mask of label positions; with "last", only the final contiguous assistant span."""
+    mask = assistant_mask.bool()
+    if label_turns == "all" or not mask.any():
+        return mask
+    positions = mask.nonzero().flatten()
+    gaps = (positions[1:] - positions[:-1] > 1).nonzero().flatten()
+    start = positions[gaps[-1] + 1] if len(gaps) else positions[0]
+    last = torch.zeros_like(mask)
+    last[start:] = mask[start:]
+    return last
+
+
+def with_time_instructions(messages: list[Message], instructions: dict[int, str]) -> list[Message]:
+    """Insert each video's time instruction as a text part right after that video (media index -> text)."""
+    out: list[Message] = []
+    media_index = 0
+    for msg in messages:
+        content: list[Part] = []
+        for part in msg["content"]:
+            content.append(part)
+            if part["type"] in ("video", "image"):
+                if media_index in instructions:
+                    content.append(text_part(instructions[media_index]))
+                media_index += 1
+        out.append({"role": msg["role"], "content": content})
+    return out
+
+
+class ExampleBuilder:
+    """Counts and builds examples for one processor and chat template."""
+
+    def __init__(self, processor: Any, chat_template: str, label_turns: str = "all"):
+        if label_turns not in LABEL_TURNS:
+            raise DataError(f"label_turns must be one of {', '.join(LABEL_TURNS)}, got {label_turns!r}")
+        self.processor, self.tokenizer = processor, processor.tokenizer
+        self.chat_template, self.label_turns = chat_template, label_turns
+        self.video_token_id = processor.video_token_id
+        self.image_token_id = processor.image_token_id
+        self.tokens_per_frame = self._count_tokens_per_frame()
+
+    def _count_tokens_per_frame(self) -> int:
+        """Ask the processor itself: one blank frame, count the `<video>` tokens it expands to."""
+        frame = np.zeros((1, 64, 64, 3), dtype=np.uint8)
+        out = self.processor(text=self.processor.video_token, videos=[frame], return_tensors="pt")
+        return int((out["input_ids"] == self.video_token_id).sum())
+
+    def image_tokens(self, height: int, width: int) -> int:
+        counts = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
+        return int(counts["num_image_tokens"][0])
+
+    def count(self, messages: list[Message], media_tokens: list[int]) -> TokenCount:
+        """Token counts without decoding any pixels: the template is tokenized with one placeholder per media
+        item, which the processor would expand to `media_tokens[i]` tokens (the placeholders are special tokens,
+        so expansion never changes how the surrounding text tokenizes)."""
+        encoded = self.tokenizer.apply_chat_template(
+            to_template_messages(messages),
+            chat_template=self.chat_template,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        num_placeholders = len(media_parts(messages))
+        labels = int(label_mask(torch.tensor(encoded["assistant_masks"]), self.label_turns).sum())
+        media = sum(media_tokens)
+        # The processor tokenizes with the tokenizer's specials (BOS); a tokenizer's chat template never does.
+        specials = self.tokenizer.num_special_tokens_to_add(pair=False)
+        return TokenCount(len(encoded["input_ids"]) + specials - num_placeholders + media, media, labels)
+
+    def build(
+        self, messages: list[Message], media: dict[int, np.ndarray], for_generation: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """One example: input_ids, attention_mask, labels (L,); pixel_values_videos (sum of frames, C, H, W) when it
+        has videos; pixel_values (sum of patches, C, H, W) + image_sizes (N, 2) when it has images.
+
+        With for_generation, `messages` end with a user turn and the prompt ends with the assistant header; no labels.
+        Python lists come back from the processor (return_tensors=None) because it cannot stack videos of different
+        lengths; media are concatenated here in conversation order, the order the model fills their placeholders.
+        """
+        encoded = self.processor.apply_chat_template(
+            to_template_messages(messages, media),
+            chat_template=self.chat_template,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=not for_generation,
+            add_generation_prompt=for_generation,
+            return_tensors=None,
+            processor_kwargs={"do_sample_frames": False},  # frames were sampled by data/video.py
+        )
+        input_ids = torch.tensor(encoded["input_ids"][0], dtype=torch.long)
+        example = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        if not for_generation:
+            learn = label_mask(torch.tensor(encoded["assistant_masks"][0]), self.label_turns)
+            example["labels"] = torch.where(learn, input_ids, IGNORE_INDEX)
+        if encoded.get("pixel_values_videos"):
+            example["pixel_values_videos"] = torch.cat([torch.as_tensor(v) for v in encoded["pixel_values_videos"]])
+        if encoded.get("pixel_values"):
+            example["pixel_values"] = torch.cat([torch.as_tensor(p) for p in encoded["pixel_values"]])
+            example["image_sizes"] = torch.tensor([list(s) for s in encoded["image_sizes"]], dtype=torch.long)
+        return example

@@ -1,0 +1,317 @@
+"""Corpus row formats -> the one conversation type (data/conversation.py).
+
+Formats, as peers and public datasets write them:
+- llava: `video` and/or `image` (a path or a list), `conversations` [{from, value}] with human/gpt/system
+  (LLaVA, LLaVA-Video-178K, lmms-finetune, LLaMA-Factory "sharegpt" with `videos`/`images` lists).
+- openai: `messages` [{role, content}] with `videos`/`images` lists and `<video>`/`<image>` placeholders, or content
+  as a list of typed parts (LLaMA-Factory, ms-swift).
+- caption: `video`, `caption`, optional `start`/`end` seconds -> a describe-style prompt (base variant).
+- qa: `video`, `question`, `answer`.
+- multiple_choice: `video`, `question`, `options` list, `answer` as a letter or a 0-based index.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vidtune.data.conversation import (
+    DataError,
+    Message,
+    Part,
+    check_conversation,
+    media_part,
+    message,
+    text_part,
+)
+
+FORMATS = ("llava", "openai", "caption", "qa", "multiple_choice")
+DEFAULT_CAPTION_PROMPT = "Describe this video."
+MULTIPLE_CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+PLACEHOLDER = re.compile(r"<(image|video)>")
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass(frozen=True)
+class RowContext:
+    """What a normaliser needs besides the row: where it is (for errors) and how to resolve media paths."""
+
+    at: str  # "file.jsonl row 3", prefixed to every error
+    resolve_media: Callable[[str], str]
+    caption_prompts: Sequence[str] = (DEFAULT_CAPTION_PROMPT,)
+    seed: int = 0
+    row: int = 0
+
+
+def detect_format(columns: Sequence[str], at: str) -> str:
+    cols = set(columns)
+    if "conversations" in cols:
+        return "llava"
+    if "messages" in cols:
+        return "openai"
+    if "caption" in cols:
+        return "caption"
+    if "options" in cols:
+        return "multiple_choice"
+    if {"question", "answer"} <= cols:
+        return "qa"
+    raise DataError(
+        f"{at}: cannot tell the corpus format from its columns {sorted(cols)}; expected `conversations` (llava), "
+        "`messages` (openai), `caption`, `question`+`answer` (qa) or `options` (multiple_choice), "
+        "or set the source's `format` and `columns`"
+    )
+
+
+def normalise_row(row: dict[str, Any], fmt: str, ctx: RowContext) -> list[Message]:
+    normalisers: dict[str, Callable[[dict[str, Any], RowContext], list[Message]]] = {
+        "llava": from_llava,
+        "openai": from_openai,
+        "caption": from_caption,
+        "qa": from_qa,
+        "multiple_choice": from_multiple_choice,
+    }
+    if fmt not in normalisers:
+        raise DataError(f"{ctx.at}: unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    messages = normalisers[fmt](row, ctx)
+    check_conversation(messages, ctx.at)
+    return messages
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _require(row: dict[str, Any], keys: Sequence[str], ctx: RowContext) -> None:
+    missing = [k for k in keys if row.get(k) is None]
+    if missing:
+        present = sorted(k for k, v in row.items() if v is not None)
+        raise DataError(f"{ctx.at}: missing column(s) {missing}; the row has {present}")
+
+
+def _clip_bounds(row: dict[str, Any], ctx: RowContext) -> tuple[float | None, float | None]:
+    start, end = row.get("start"), row.get("end")
+    try:
+        start_s = None if start is None else float(start)
+        end_s = None if end is None else float(end)
+    except (TypeError, ValueError):
+        raise DataError(f"{ctx.at}: clip start/end must be seconds, got start={start!r} end={end!r}") from None
+    if start_s is not None and start_s < 0:
+        raise DataError(f"{ctx.at}: clip start {start_s}s is negative")
+    if start_s is not None and end_s is not None and end_s <= start_s:
+        raise DataError(f"{ctx.at}: clip end {end_s}s is not after start {start_s}s")
+    return start_s, end_s
+
+
+def _role(raw: Any, ctx: RowContext) -> str:
+    role = ROLE_ALIASES.get(str(raw).lower()) if raw is not None else None
+    if role is None:
+        raise DataError(f"{ctx.at}: unknown role {raw!r} (expected one of {', '.join(sorted(ROLE_ALIASES))})")
+    return role
+
+
+class _MediaQueue:
+    """Hands out a row's media, in order, to the placeholders that ask for them."""
+
+    def __init__(self, videos: list[str], images: list[str], ctx: RowContext, clip: tuple[float | None, ...]):
+        self.videos, self.images, self.ctx, self.clip = list(videos), list(images), ctx, clip
+        self.used = {"video": 0, "image": 0}
+
+    def kind_for(self, tag: str) -> str:
+        # LLaVA-Video rows write `<image>` for their video: a tag means the video when the row has only videos.
+        if tag == "image" and not self.images and self.videos:
+            return "video"
+        return tag
+
+    def take(self, kind: str) -> Part:
+        pool = self.videos if kind == "video" else self.images
+        index = self.used[kind]
+        if index >= len(pool):
+            raise DataError(
+                f"{self.ctx.at}: more <{kind}> placeholders than {kind}s ({len(pool)} given in the row's media list)"
+            )
+        self.used[kind] += 1
+        path = self.ctx.resolve_media(str(pool[index]))
+        if kind == "video":
+            return media_part("video", path, *self.clip)
+        return media_part("image", path)
+
+    def check_all_used(self) -> None:
+        for kind, pool in (("video", self.videos), ("image", self.images)):
+            if self.used[kind] != len(pool):
+                raise DataError(
+                    f"{self.ctx.at}: {self.used[kind]} <{kind}> placeholder(s) in the text but {len(pool)} "
+                    f"{kind}(s) in the row"
+                )
+
+    def remaining_parts(self) -> list[Part]:
+        parts = [self.take("video") for _ in range(len(self.videos) - self.used["video"])]
+        return parts + [self.take("image") for _ in range(len(self.images) - self.used["image"])]
+
+
+def _parts_from_text(text: str, media: _MediaQueue) -> list[Part]:
+    """Split `text` at `<video>`/`<image>` placeholders, each replaced by the next media part of its kind."""
+    parts: list[Part] = []
+    for i, piece in enumerate(PLACEHOLDER.split(text)):
+        if i % 2 == 1:  # re.split puts the captured tag at odd positions
+            parts.append(media.take(media.kind_for(piece)))
+        elif piece.strip():
+            parts.append(text_part(piece.strip()))
+    return parts
+
+
+def _count_placeholders(texts: Sequence[str]) -> int:
+    return sum(len(PLACEHOLDER.findall(t)) for t in texts)
+
+
+def _place_media_without_placeholders(messages: list[Message], media: _MediaQueue, ctx: RowContext) -> None:
+    """No placeholder anywhere: the media go first in the first user turn (LLaVA's convention)."""
+    first_user = next((m for m in messages if m["role"] == "user"), None)
+    if first_user is None:
+        raise DataError(f"{ctx.at}: the row has media but no user turn to attach them to")
+    first_user["content"][:0] = media.remaining_parts()
+
+
+def _conversation_from_texts(turns: list[tuple[str, str]], media: _MediaQueue, ctx: RowContext) -> list[Message]:
+    has_placeholders = _count_placeholders([t for _, t in turns]) > 0
+    messages: list[Message] = []
+    for role, text in turns:
+        if role == "assistant" and PLACEHOLDER.search(text):
+            raise DataError(f"{ctx.at}: an assistant turn holds a media placeholder: {text[:60]!r}")
+        messages.append(message(role, _parts_from_text(text, media) if has_placeholders else [text_part(text.strip())]))
+    if has_placeholders:
+        media.check_all_used()
+    elif media.videos or media.images:
+        _place_media_without_placeholders(messages, media, ctx)
+    return messages
+
+
+# ----------------------------------------------------------------------------------------------------- formats
+
+
+def from_llava(row: dict[str, Any], ctx: RowContext) -> list[Message]:
+    _require(row, ["conversations"], ctx)
+    turns = row["conversations"]
+    if not isinstance(turns, list):
+        raise DataError(f"{ctx.at}: `conversations` must be a list of {{from, value}} turns")
+    videos = _as_list(row.get("video")) + _as_list(row.get("videos"))
+    images = _as_list(row.get("image")) + _as_list(row.get("images"))
+    media = _MediaQueue(videos, images, ctx, _clip_bounds(row, ctx))
+    pairs = []
+    for turn in turns:
+        if not isinstance(turn, dict) or "value" not in turn:
+            raise DataError(f"{ctx.at}: each turn needs `from` and `value`, got {str(turn)[:80]}")
+        pairs.append((_role(turn.get("from", turn.get("role")), ctx), str(turn["value"])))
+    return _prepend_system(row, ctx) + _conversation_from_texts(pairs, media, ctx)
+
+
+def _prepend_system(row: dict[str, Any], ctx: RowContext) -> list[Message]:
+    system = row.get("system")
+    return [message("system", [text_part(str(system))])] if system else []
+
+
+def _typed_part(block: dict[str, Any], media: _MediaQueue, ctx: RowContext) -> Part | None:
+    kind = block.get("type")
+    if kind == "text":
+        text = str(block.get("text") or "")
+        return text_part(text) if text.strip() else None
+    if kind in ("image_url", "video_url"):
+        inner = block.get(kind)
+        url = inner.get("url") if isinstance(inner, dict) else inner
+        kind, block = kind[:-4], {"type": kind[:-4], "path": url}
+    if kind in ("video", "image"):
+        path = next((block[k] for k in (kind, "path", "url") if isinstance(block.get(k), str)), None)
+        if path is None:  # a bare {"type": "video"} takes the next entry of the row's media list
+            return media.take(kind)
+        if kind == "video":
+            return media_part("video", ctx.resolve_media(path), *media.clip)
+        return media_part("image", ctx.resolve_media(path))
+    raise DataError(f"{ctx.at}: unknown content part type {kind!r} (expected text, image, video)")
+
+
+def from_openai(row: dict[str, Any], ctx: RowContext) -> list[Message]:
+    _require(row, ["messages"], ctx)
+    raw_messages = row["messages"]
+    if not isinstance(raw_messages, list):
+        raise DataError(f"{ctx.at}: `messages` must be a list of {{role, content}}")
+    media = _MediaQueue(_as_list(row.get("videos")), _as_list(row.get("images")), ctx, _clip_bounds(row, ctx))
+    if all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in raw_messages):
+        pairs = [(_role(m.get("role"), ctx), m["content"]) for m in raw_messages]
+        return _prepend_system(row, ctx) + _conversation_from_texts(pairs, media, ctx)
+    messages: list[Message] = []
+    for m in raw_messages:
+        if not isinstance(m, dict) or "content" not in m:
+            raise DataError(f"{ctx.at}: each message needs `role` and `content`, got {str(m)[:80]}")
+        content = m["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else _as_list(content)
+        parts = [p for b in blocks if (p := _typed_part(b if isinstance(b, dict) else {}, media, ctx)) is not None]
+        messages.append(message(_role(m.get("role"), ctx), parts))
+    media.check_all_used()
+    return _prepend_system(row, ctx) + messages
+
+
+def from_caption(row: dict[str, Any], ctx: RowContext) -> list[Message]:
+    _require(row, ["video", "caption"], ctx)
+    prompts = list(ctx.caption_prompts)
+    # Seeded per row, so the normalised corpus (and the datasets cache of it) is the same on every run and rank.
+    prompt = prompts[0] if len(prompts) == 1 else random.Random(f"{ctx.seed}:{ctx.row}").choice(prompts)
+    video = media_part("video", ctx.resolve_media(str(row["video"])), *_clip_bounds(row, ctx))
+    return [
+        message("user", [video, text_part(prompt)]),
+        message("assistant", [text_part(str(row["caption"]).strip())]),
+    ]
+
+
+def from_qa(row: dict[str, Any], ctx: RowContext) -> list[Message]:
+    _require(row, ["video", "question", "answer"], ctx)
+    video = media_part("video", ctx.resolve_media(str(row["video"])), *_clip_bounds(row, ctx))
+    return [
+        message("user", [video, text_part(str(row["question"]).strip())]),
+        message("assistant", [text_part(str(row["answer"]).strip())]),
+    ]
+
+
+def multiple_choice_prompt(question: str, options: Sequence[str]) -> str:
+    lines = [question.strip(), *(f"{OPTION_LETTERS[i]}. {str(o).strip()}" for i, o in enumerate(options))]
+    return "\n".join([*lines, MULTIPLE_CHOICE_INSTRUCTION])
+
+
+def answer_letter(answer: Any, num_options: int, at: str) -> str:
+    """The option letter for an answer given as a letter ("B", "b", "B.") or a 0-based index (1, "1")."""
+    text = str(answer).strip().rstrip(".").strip()
+    if text.isdigit():
+        index = int(text)
+    elif len(text) == 1 and text.upper() in OPTION_LETTERS:
+        index = OPTION_LETTERS.index(text.upper())
+    else:
+        raise DataError(f"{at}: answer {answer!r} is neither an option letter nor a 0-based option index")
+    if not 0 <= index < num_options:
+        raise DataError(f"{at}: answer {answer!r} points outside the {num_options} options")
+    return OPTION_LETTERS[index]
+
+
+def from_multiple_choice(row: dict[str, Any], ctx: RowContext) -> list[Message]:
+    _require(row, ["video", "question", "options", "answer"], ctx)
+    options = row["options"]
+    if not isinstance(options, (list, tuple)) or not 2 <= len(options) <= len(OPTION_LETTERS):
+        raise DataError(f"{ctx.at}: `options` must be a list of 2 to 26 choices, got {options!r}")
+    video = media_part("video", ctx.resolve_media(str(row["video"])), *_clip_bounds(row, ctx))
+    return [
+        message("user", [video, text_part(multiple_choice_prompt(str(row["question"]), options))]),
+        message("assistant", [text_part(answer_letter(row["answer"], len(options), ctx.at))]),
+    ]

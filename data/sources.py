@@ -1,0 +1,242 @@
+"""Corpus sources (json, jsonl, csv, parquet files or a Hugging Face dataset) -> normalised conversations.
+
+Rows are read in Python, renamed through the source's column map, normalised (data/formats.py) and only then
+handed to `datasets`, with an explicit schema: corpora in the wild mix types inside one column (an `answer` that is
+"B" in one row and 2 in the next), which Arrow's own JSON reader refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from vidtune.data.conversation import DataError
+from vidtune.data.formats import DEFAULT_CAPTION_PROMPT, FORMATS, RowContext, detect_format, normalise_row
+
+FILE_LOADERS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+# Columns that hold lists or dicts; CSV stores them as JSON text.
+STRUCTURED_COLUMNS = ("conversations", "messages", "videos", "images", "options")
+URL_PREFIXES = ("http://", "https://", "s3://", "gs://", "hf://", "ftp://")
+
+PART_FEATURES = {
+    "type": datasets.Value("string"),
+    "text": datasets.Value("string"),
+    "path": datasets.Value("string"),
+    "start_s": datasets.Value("float64"),
+    "end_s": datasets.Value("float64"),
+}
+CONVERSATION_FEATURES = datasets.Features(
+    {
+        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.List(PART_FEATURES)}),
+        "source": datasets.Value("string"),
+        "row": datasets.Value("int64"),
+        "at": datasets.Value("string"),
+    }
+)
+
+
+@dataclass
+class SourceConfig:
+    """One corpus in a recipe's mix."""
+
+    path: str = ""  # a .json/.jsonl/.csv/.parquet file, or a Hugging Face dataset name or folder
+    format: str = "auto"  # auto | llava | openai | caption | qa | multiple_choice
+    media_root: str | None = None  # relative media paths resolve here; default: the annotation file's folder
+    columns: dict[str, str] = field(default_factory=dict)  # our field name -> the column name in this corpus
+    split: str = "train"  # split of a Hugging Face dataset
+    weight: float = 1.0  # rows are repeated (>1) or subsampled (<1) by this factor, seeded
+    num_samples: int | None = None  # exact number of rows to take (repeating if needed); overrides weight
+
+
+def source_name(cfg: SourceConfig) -> str:
+    return Path(cfg.path).name if Path(cfg.path).suffix else cfg.path
+
+
+def validate_source(cfg: SourceConfig) -> None:
+    if not cfg.path:
+        raise DataError("a data source has no `path`")
+    if cfg.format != "auto" and cfg.format not in FORMATS:
+        raise DataError(f"{cfg.path}: unknown format {cfg.format!r} (expected auto or one of {', '.join(FORMATS)})")
+    if cfg.weight <= 0:
+        raise DataError(f"{cfg.path}: weight must be > 0, got {cfg.weight}")
+    if cfg.num_samples is not None and cfg.num_samples <= 0:
+        raise DataError(f"{cfg.path}: num_samples must be > 0, got {cfg.num_samples}")
+
+
+# ------------------------------------------------------------------------------------------------ media paths
+
+
+def media_root_for(cfg: SourceConfig) -> Path | None:
+    if cfg.media_root:
+        return Path(cfg.media_root).expanduser().resolve()
+    path = Path(cfg.path)
+    return path.resolve().parent if path.is_file() else None
+
+
+def make_media_resolver(root: Path | None, at: str):
+    """Resolve a media path from an annotation, confined to `root`.
+
+    Annotations are untrusted input: a `../../etc/passwd` or an absolute path elsewhere must not be opened.
+    """
+
+    def resolve(raw: str) -> str:
+        if raw.lower().startswith(URL_PREFIXES):
+            raise DataError(f"{at}: media {raw!r} is a URL; download it and point the source's media_root at it")
+        if root is None:
+            if not os.path.isabs(raw):
+                raise DataError(f"{at}: media path {raw!r} is relative; set the source's media_root")
+            return str(Path(raw).resolve())
+        resolved = (root / raw).resolve()
+        if not resolved.is_relative_to(root):
+            raise DataError(
+                f"{at}: media path {raw!r} lies outside the media root {root} (set the source's media_root)"
+            )
+        return str(resolved)
+
+    return resolve
+
+
+# --------------------------------------------------------------------------------------------------- raw rows
+
+
+def _decode_structured(row: dict[str, Any]) -> dict[str, Any]:
+    for key in STRUCTURED_COLUMNS:
+        value = row.get(key)
+        if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+            row[key] = json.loads(value)
+    return row
+
+
+def iter_raw_rows(cfg: SourceConfig) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """(where, row index, row) for every row of a source; `where` is what errors print ("a.jsonl line 3")."""
+    path, name = Path(cfg.path), source_name(cfg)
+    loader = FILE_LOADERS.get(path.suffix.lower())
+    if loader and not path.is_file():
+        raise DataError(f"{cfg.path}: annotation file not found")
+    if loader == "json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{name} line {err.lineno}: invalid JSON ({err.msg})") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{name}: expected a JSON list of rows, got {type(rows).__name__}")
+        for i, row in enumerate(rows):
+            yield f"{name} row {i}", i, row
+    elif loader == "jsonl":
+        with path.open(encoding="utf-8") as lines:
+            row_index = 0
+            for line_no, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{name} line {line_no}: invalid JSON ({err.msg})") from None
+                yield f"{name} line {line_no}", row_index, row
+                row_index += 1
+    else:
+        if loader:  # csv / parquet through datasets' own readers
+            rows_ds = datasets.load_dataset(loader, data_files=str(path), split="train", streaming=True)
+        else:  # a Hugging Face dataset name, or a local folder laid out as one
+            rows_ds = datasets.load_dataset(cfg.path, split=cfg.split, streaming=True)
+        for i, row in enumerate(rows_ds):
+            yield f"{name} row {i}", i, _decode_structured(dict(row))
+
+
+def apply_column_map(row: Any, columns: dict[str, str], at: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise DataError(f"{at}: a row must be an object, got {type(row).__name__}")
+    if not columns:
+        return row
+    missing = [source for source in columns.values() if source not in row]
+    if missing:
+        raise DataError(f"{at}: column map names column(s) {missing} that the row lacks; it has {sorted(row)}")
+    renamed = {k: v for k, v in row.items() if k not in columns.values()}
+    renamed.update({ours: row[theirs] for ours, theirs in columns.items()})
+    return renamed
+
+
+def iter_conversations(
+    cfg: SourceConfig, caption_prompts: Sequence[str] = (DEFAULT_CAPTION_PROMPT,), seed: int = 0
+) -> Iterator[dict[str, Any]]:
+    """Normalised rows of one source: {messages, source, row, at}."""
+    validate_source(cfg)
+    root = media_root_for(cfg)
+    fmt = None if cfg.format == "auto" else cfg.format
+    for at, index, raw in iter_raw_rows(cfg):
+        row = apply_column_map(raw, dict(cfg.columns), at)
+        fmt = fmt or detect_format(list(row), at)
+        ctx = RowContext(at, make_media_resolver(root, at), tuple(caption_prompts), seed, index)
+        yield {"messages": normalise_row(row, fmt, ctx), "source": source_name(cfg), "row": index, "at": at}
+
+
+# ---------------------------------------------------------------------------------------------- mixing, loading
+
+
+def resample_indices(num_rows: int, cfg: SourceConfig, seed: int) -> list[int] | None:
+    """Row indices realising the source's weight or sample count (None: all rows once, in order)."""
+    target = cfg.num_samples if cfg.num_samples is not None else round(num_rows * cfg.weight)
+    if target == num_rows and cfg.num_samples is None:
+        return None
+    rng = random.Random(f"{seed}:{cfg.path}")
+    indices: list[int] = []
+    while len(indices) < target:  # whole passes first, then a seeded subset, so no row repeats before all are used
+        indices.extend(rng.sample(range(num_rows), num_rows))
+    return sorted(indices[:target])
+
+
+def _generate(sources: list[SourceConfig], caption_prompts: list[str], seed: int) -> Iterator[dict[str, Any]]:
+    for cfg in sources:
+        yield from iter_conversations(cfg, caption_prompts, seed)
+
+
+def load_conversations(
+    sources: Sequence[SourceConfig],
+    caption_prompts: Sequence[str] = (DEFAULT_CAPTION_PROMPT,),
+    seed: int = 0,
+) -> datasets.Dataset:
+    """All sources normalised and mixed into one in-memory `datasets.Dataset` (text only: cheap to rebuild)."""
+    parts = []
+    for cfg in sources:
+        rows = list(iter_conversations(cfg, caption_prompts, seed))
+        if not rows:
+            raise DataError(f"{cfg.path}: the source has no rows")
+        ds = datasets.Dataset.from_list(rows, features=CONVERSATION_FEATURES)
+        indices = resample_indices(len(ds), cfg, seed)
+        parts.append(ds if indices is None else ds.select(indices))
+    if not parts:
+        raise DataError("the recipe lists no data sources")
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def stream_conversations(
+    sources: Sequence[SourceConfig], caption_prompts: Sequence[str] = (DEFAULT_CAPTION_PROMPT,), seed: int = 0
+) -> datasets.IterableDataset:
+    """The same rows as a streaming dataset, for corpora too large to prepare on disk.
+
+    Sources are interleaved with probabilities proportional to their weights (sample counts need a known length
+    and are refused here).
+    """
+    if any(cfg.num_samples is not None for cfg in sources):
+        raise DataError("num_samples needs the corpus length; use weight with streaming sources")
+    streams = [
+        datasets.IterableDataset.from_generator(
+            _generate,
+            gen_kwargs={"sources": [cfg], "caption_prompts": list(caption_prompts), "seed": seed},
+            features=CONVERSATION_FEATURES,
+        )
+        for cfg in sources
+    ]
+    if len(streams) == 1:
+        return streams[0]
+    total = sum(cfg.weight for cfg in sources)
+    return datasets.interleave_datasets(
+        streams, probabilities=[cfg.weight / total for cfg in sources], seed=seed, stopping_strategy="all_exhausted"
+    )

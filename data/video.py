@@ -1,0 +1,318 @@
+"""Decode and sample video frames: decord first, PyAV as fallback.
+
+Frame counts and rates come from what the decoder finds when it indexes the file (decord's frame index, PyAV's
+demuxed packets), never from container headers, which are often wrong (variable-rate phone clips, AVI).
+Sampling depends only on (frame count, fps, clip bounds, config, rng), so both backends pick the same indices.
+Timestamps are index / fps: decord's own timestamps are garbage on AVI files.
+Frames stay uint8 (T, H, W, C): resizing float frames is ~20x slower on CPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vidtune.data.conversation import DataError
+
+BACKENDS = ("auto", "decord", "pyav")
+
+
+class VideoError(DataError):
+    """A video that cannot be read; the message names the file and the reason."""
+
+
+@dataclass
+class SamplingConfig:
+    """How frames are picked from a clip."""
+
+    num_frames: int = 8  # uniform sampling: exactly this many frames; with `fps`: the most frames kept
+    fps: float | None = None  # sample at this rate (frames per second of video), capped at num_frames
+    backend: str = "auto"  # auto (decord, else PyAV) | decord | pyav
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    num_frames: int
+    fps: float
+
+    @property
+    def duration_s(self) -> float:
+        return self.num_frames / self.fps
+
+
+@dataclass
+class Clip:
+    frames: np.ndarray  # uint8 (T, H, W, C)
+    indices: list[int]
+    timestamps_s: list[float]
+    info: VideoInfo
+
+
+def validate_sampling(cfg: SamplingConfig) -> None:
+    if cfg.num_frames < 1:
+        raise DataError(f"sampling.num_frames must be >= 1, got {cfg.num_frames}")
+    if cfg.fps is not None and cfg.fps <= 0:
+        raise DataError(f"sampling.fps must be > 0, got {cfg.fps}")
+    if cfg.backend not in BACKENDS:
+        raise DataError(f"sampling.backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
+
+
+# ------------------------------------------------------------------------------------------------------ sampling
+
+
+def frame_range(info: VideoInfo, start_s: float | None, end_s: float | None, path: str = "") -> tuple[int, int]:
+    """[first, stop) frame indices of the clip between start_s and end_s."""
+    first = 0 if start_s is None else min(info.num_frames, round(start_s * info.fps))
+    stop = info.num_frames if end_s is None else min(info.num_frames, round(end_s * info.fps))
+    if stop <= first:
+        raise VideoError(
+            f"{path}: clip {start_s}s-{end_s}s holds no frames (the video has {info.num_frames} frames, "
+            f"{info.duration_s:.2f}s)"
+        )
+    return first, stop
+
+
+def num_sampled_frames(info: VideoInfo, cfg: SamplingConfig, start_s: float | None, end_s: float | None) -> int:
+    first, stop = frame_range(info, start_s, end_s)
+    if cfg.fps is None:
+        return cfg.num_frames
+    return max(1, min(cfg.num_frames, math.floor((stop - first) / info.fps * cfg.fps)))
+
+
+def sample_frame_indices(
+    info: VideoInfo,
+    cfg: SamplingConfig,
+    start_s: float | None = None,
+    end_s: float | None = None,
+    rng: np.random.Generator | None = None,
+    path: str = "",
+) -> list[int]:
+    """Split the clip into equal segments, one frame per segment.
+
+    Evaluation (rng None) takes each segment's centre; training (rng given) a seeded random frame inside each
+    segment, so epochs see different frames while the coverage stays uniform. A clip shorter than the frame count
+    repeats frames (the count, hence the video-token count, never changes).
+    """
+    first, stop = frame_range(info, start_s, end_s, path)
+    count = num_sampled_frames(info, cfg, start_s, end_s)
+    edges = np.linspace(first, stop, count + 1)
+    positions = (edges[:-1] + edges[1:]) / 2 if rng is None else rng.uniform(edges[:-1], edges[1:])
+    return np.clip(np.floor(positions).astype(np.int64), first, stop - 1).tolist()
+
+
+def timestamps_for(indices: list[int], info: VideoInfo) -> list[float]:
+    return [i / info.fps for i in indices]
+
+
+# ------------------------------------------------------------------------------------------------------ backends
+
+
+def decord_available() -> bool:
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise VideoError(f"{path}: video not found")
+    if not os.path.isfile(path):
+        raise VideoError(f"{path}: not a file")
+    if os.path.getsize(path) == 0:
+        raise VideoError(f"{path}: empty file (0 bytes)")
+
+
+def _checked_info(num_frames: int, fps: float, path: str) -> VideoInfo:
+    if num_frames <= 0:
+        raise VideoError(f"{path}: the decoder finds no video frames")
+    if not math.isfinite(fps) or fps <= 0:
+        raise VideoError(f"{path}: invalid frame rate {fps}")
+    return VideoInfo(num_frames, float(fps))
+
+
+class DecordReader:
+    name = "decord"
+
+    def __init__(self, path: str):
+        import decord
+
+        try:
+            # One decode thread: DataLoader workers already use the cores.
+            self.reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        except Exception as err:
+            raise VideoError(f"{path}: decord cannot open it ({str(err).splitlines()[0][:120]})") from None
+        self.path = path
+        self.info = _checked_info(len(self.reader), self.reader.get_avg_fps(), path)
+        # decord seeks by its frame timestamps; where they are broken (seen on an h264 AVI: all -3e17) it silently
+        # returns the wrong frames, so refuse the file ("auto" then falls back to PyAV, which decodes it right).
+        stamps = self.reader.get_frame_timestamp(np.arange(self.info.num_frames))[:, 0]
+        if not (np.isfinite(stamps).all() and stamps.min() >= -1e-3 and (np.diff(stamps) > 0).all()):
+            raise VideoError(f"{path}: decord's frame index has invalid timestamps, so its seeks are unreliable")
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        try:
+            return self.reader.get_batch(indices).asnumpy()
+        except Exception as err:
+            raise VideoError(
+                f"{self.path}: decord failed to decode frames ({str(err).splitlines()[0][:120]})"
+            ) from None
+
+    def close(self) -> None:
+        del self.reader
+
+
+class PyAVReader:
+    """Index the stream by demuxing packets (no decoding), then decode by seeking keyframe to keyframe."""
+
+    name = "pyav"
+
+    def __init__(self, path: str):
+        import av
+
+        self.path = path
+        try:
+            self.container = av.open(path)
+            self.stream = self.container.streams.video[0]
+        except (av.FFmpegError, IndexError, OSError) as err:
+            raise VideoError(f"{path}: PyAV cannot open it as video ({str(err)[:120]})") from None
+        self.stream.thread_count = 1
+        self.frame_pts, self.keyframe_pts = self._index()
+        rate = self.stream.average_rate or self.stream.guessed_rate
+        fps = float(rate) if rate else self._fps_from_pts()
+        self.info = _checked_info(len(self.frame_pts), fps, path)
+
+    def _index(self) -> tuple[list[int], list[int]]:
+        frame_pts, keyframe_pts = [], []
+        try:
+            for packet in self.container.demux(self.stream):
+                if packet.size == 0:  # the flush packet at the end
+                    continue
+                pts = packet.pts if packet.pts is not None else packet.dts
+                if pts is None:
+                    continue
+                frame_pts.append(pts)
+                if packet.is_keyframe:
+                    keyframe_pts.append(pts)
+        except Exception as err:
+            raise VideoError(f"{self.path}: PyAV cannot read the stream ({str(err)[:120]})") from None
+        frame_pts.sort()  # decode order -> presentation order (B-frames)
+        keyframe_pts.sort()
+        return frame_pts, keyframe_pts or frame_pts[:1]
+
+    def _fps_from_pts(self) -> float:
+        if len(self.frame_pts) < 2 or self.stream.time_base is None:
+            return 0.0
+        span = (self.frame_pts[-1] - self.frame_pts[0]) * float(self.stream.time_base)
+        return (len(self.frame_pts) - 1) / span if span > 0 else 0.0
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        frames: dict[int, np.ndarray] = {}
+        decoded = None  # iterator over frames after the last seek
+        last_pts: int | None = None
+        try:
+            for index in sorted(set(indices)):
+                target = self.frame_pts[index]
+                keyframe = self.keyframe_pts[max(0, bisect.bisect_right(self.keyframe_pts, target) - 1)]
+                # Seek only when a keyframe lies between the decoder's position and the target: decoding on is
+                # cheaper than re-decoding a GOP from its keyframe.
+                if decoded is None or last_pts is None or last_pts >= target or keyframe > last_pts:
+                    self.container.seek(keyframe, stream=self.stream, backward=True, any_frame=False)
+                    decoded = self.container.decode(self.stream)
+                for frame in decoded:
+                    last_pts = frame.pts if frame.pts is not None else frame.dts
+                    if last_pts is not None and last_pts >= target:
+                        frames[index] = frame.to_ndarray(format="rgb24")
+                        break
+                else:
+                    raise VideoError(f"{self.path}: stream ended before frame {index}")
+        except VideoError:
+            raise
+        except Exception as err:
+            raise VideoError(f"{self.path}: PyAV failed to decode frames ({str(err)[:120]})") from None
+        return np.stack([frames[i] for i in indices])
+
+    def close(self) -> None:
+        self.container.close()
+
+
+def open_video(path: str, backend: str = "auto") -> Any:
+    """A reader with `.info` and `.read(indices)`; `auto` tries decord and falls back to PyAV on any failure."""
+    _check_file(path)
+    if backend == "pyav" or (backend == "auto" and not decord_available()):
+        return PyAVReader(path)
+    if backend == "decord":
+        return DecordReader(path)
+    try:
+        return DecordReader(path)
+    except VideoError as decord_error:
+        try:
+            return PyAVReader(path)
+        except VideoError as pyav_error:
+            raise VideoError(f"{pyav_error} (decord: {str(decord_error).split(': ', 1)[-1]})") from None
+
+
+def probe_video(path: str, backend: str = "auto") -> VideoInfo:
+    reader = open_video(path, backend)
+    try:
+        return reader.info
+    finally:
+        reader.close()
+
+
+def load_clip(
+    path: str,
+    cfg: SamplingConfig,
+    start_s: float | None = None,
+    end_s: float | None = None,
+    rng: np.random.Generator | None = None,
+) -> Clip:
+    reader = open_video(path, cfg.backend)
+    try:
+        indices = sample_frame_indices(reader.info, cfg, start_s, end_s, rng, path)
+        frames = reader.read(indices)
+    finally:
+        reader.close()
+    if frames.dtype != np.uint8 or frames.ndim != 4:
+        raise VideoError(f"{path}: decoder returned {frames.dtype} frames of shape {frames.shape}")
+    return Clip(frames, indices, timestamps_for(indices, reader.info), reader.info)
+
+
+def load_image(path: str) -> np.ndarray:
+    """An image as uint8 (H, W, C) RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise VideoError(f"{path}: image not found")
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))  # a writable copy (torch refuses read-only arrays)
+    except (UnidentifiedImageError, OSError) as err:
+        raise VideoError(f"{path}: cannot read image ({str(err)[:120]})") from None
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(height, width) from the image header, without decoding the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise VideoError(f"{path}: image not found")
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (UnidentifiedImageError, OSError) as err:
+        raise VideoError(f"{path}: cannot read image ({str(err)[:120]})") from None
+
+
+def time_instruction(info: VideoInfo, timestamps_s: list[float], start_s: float | None, end_s: float | None) -> str:
+    """ "The video lasts 9.7 seconds; 8 frames were sampled at 0.0s, 1.4s, ..." (times relative to the clip)."""
+    offset = start_s or 0.0
+    duration = min(end_s, info.duration_s) - offset if end_s is not None else info.duration_s - offset
+    times = ", ".join(f"{max(0.0, t - offset):.1f}s" for t in timestamps_s)
+    return f"The video lasts {duration:.1f} seconds; {len(timestamps_s)} frames were sampled at {times}."

@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny model folder, its processor, generated clips, and the real files in ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep logs quiet and runs offline before any library reads these.
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    """A file in ../shared (real clips and corpora); tests that need it skip when a clone has no shared/ beside it."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (../shared is beside the checkout in CI)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vidtune.train.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_model_dir: Path):
+    from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
+    from vidtune.train.model import load_processor
+
+    return load_processor(str(tiny_model_dir), LLAVA_NEXT_VIDEO)
+
+
+@pytest.fixture(scope="session")
+def builder(processor):
+    from vidtune.data.examples import ExampleBuilder
+    from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
+
+    return ExampleBuilder(processor, LLAVA_NEXT_VIDEO.chat_template)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path):
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    return LlavaNextVideoForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real MP4 clips encoded with PyAV: two segments at 8 fps (16 frames) and three segments (24 frames)."""
+    from vidtune.train.synthetic import write_color_clip
+
+    root = tmp_path_factory.mktemp("clips")
+    return {
+        "red_blue": write_color_clip(root / "red_blue.mp4", ["red", "blue"]),
+        "green_yellow": write_color_clip(root / "green_yellow.mp4", ["green", "yellow"], seed=1),
+        "three": write_color_clip(root / "three.mp4", ["red", "green", "blue"], seed=2),
+    }
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vidtune.train.demo_corpus import write_demo_corpus
+
+    return write_demo_corpus(tmp_path_factory.mktemp("demo-corpus"), num_train=24, num_eval=8)

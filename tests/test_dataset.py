@@ -1,0 +1,130 @@
+"""Prepared datasets: over-long samples dropped with reasons (never truncated), seeded jitter, batch order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vidtune.data.collator import Collator
+from vidtune.data.conversation import DataError
+from vidtune.data.dataset import (
+    DataConfig,
+    EpochBatchSampler,
+    ExampleMaker,
+    Measurer,
+    SFTDataset,
+    StreamingSFTDataset,
+    prepare_rows,
+)
+from vidtune.data.sources import SourceConfig
+from vidtune.data.video import SamplingConfig
+
+
+def corpus(tmp_path, clips, answers: list[str]):
+    path = tmp_path / "qa.jsonl"
+    rows = [
+        {"video": str(clips["red_blue" if i % 2 else "three"]), "question": "Which color comes first?", "answer": a}
+        for i, a in enumerate(answers)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def config(path, **overrides) -> DataConfig:
+    return DataConfig(
+        sources=[SourceConfig(path=str(path), media_root="/")], sampling=SamplingConfig(4), num_workers=0, **overrides
+    )
+
+
+def test_over_long_samples_are_dropped_with_their_reason_never_truncated(tmp_path, clips, builder):
+    long_answer = " ".join(["red then blue"] * 20)
+    path = corpus(tmp_path, clips, ["red", long_answer, "green", long_answer])
+    rows, _, report = prepare_rows(config(path, max_length=48), builder, seed=0)
+    assert len(rows) == 2 and report.dropped == 2
+    assert report.reasons == {"longer than max_length": 2}
+    assert "qa.jsonl line 2:" in report.examples["longer than max_length"][0]
+    assert "exceed max_length 48" in report.summary()
+    dataset = SFTDataset(rows, ExampleMaker(builder, config(path, max_length=48), seed=0, train=True))
+    for index in range(len(dataset)):
+        example = dataset[(0, index)]
+        assert len(example["input_ids"]) <= 48
+        assert int((example["input_ids"] == builder.video_token_id).sum()) == 16  # all video tokens present
+        assert (example["labels"] != -100).sum() > 0  # the answer survived
+
+
+def test_nothing_fits_is_an_error(tmp_path, clips, builder):
+    path = corpus(tmp_path, clips, ["red"])
+    with pytest.raises(DataError, match="no sample fits"):
+        prepare_rows(config(path, max_length=20), builder, seed=0)
+
+
+def test_missing_video_names_file_row_and_problem(tmp_path, builder):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"video": "gone.mp4", "question": "Q", "answer": "A"}) + "\n")
+    with pytest.raises(DataError, match=r"qa.jsonl line 1: .*gone.mp4: video not found"):
+        prepare_rows(DataConfig(sources=[SourceConfig(path=str(path))]), builder, seed=0)
+
+
+def test_time_instruction_is_measured_and_built_alike(tmp_path, clips, builder, processor):
+    path = corpus(tmp_path, clips, ["red", "blue"])
+    cfg = config(path, time_instruction=True)
+    rows, _, _ = prepare_rows(cfg, builder, seed=0)
+    dataset = SFTDataset(rows, ExampleMaker(builder, cfg, seed=0, train=False))
+    example = dataset[(0, 0)]
+    assert len(example["input_ids"]) == rows[0]["num_tokens"]
+    assert "The video lasts 3.0 seconds; 4 frames were sampled at" in processor.tokenizer.decode(example["input_ids"])
+
+
+def test_frame_jitter_depends_on_seed_epoch_and_row_only(tmp_path, clips, builder):
+    path = corpus(tmp_path, clips, ["red"] * 4)
+    cfg = config(path)
+    rows, _, _ = prepare_rows(cfg, builder, seed=0)
+    first = SFTDataset(rows, ExampleMaker(builder, cfg, seed=0, train=True))
+    second = SFTDataset(rows, ExampleMaker(builder, cfg, seed=0, train=True))
+    assert torch.equal(first[(1, 2)]["pixel_values_videos"], second[(1, 2)]["pixel_values_videos"])
+    epochs = {first[(e, 0)]["pixel_values_videos"].sum().item() for e in range(6)}
+    assert len(epochs) > 1  # different frames in different epochs
+    evaluation = SFTDataset(rows, ExampleMaker(builder, cfg, seed=0, train=False))
+    assert torch.equal(evaluation[(0, 0)]["pixel_values_videos"], evaluation[(5, 0)]["pixel_values_videos"])
+
+
+def test_batch_order_is_a_function_of_seed_and_epoch():
+    lengths = [10, 50, 20, 80, 30, 60, 40, 70] * 4
+    sampler = EpochBatchSampler(lengths, batch_size=4, seed=1)
+    sampler.set_epoch(3)
+    order = list(sampler)
+    again = EpochBatchSampler(lengths, batch_size=4, seed=1)
+    again.set_epoch(3)
+    assert list(again) == order and all(key[0] == 3 for batch in order for key in batch)
+    sampler.set_epoch(4)
+    assert list(sampler) != order
+    rows = sorted(key[1] for batch in order for key in batch)
+    assert rows == list(range(len(lengths))) and len(order) == len(sampler) == 8
+
+
+def test_group_by_length_cuts_padding():
+    import random
+
+    lengths = [random.Random(i).choice([40, 60, 300, 320, 1200, 1250]) for i in range(512)]
+
+    def efficiency(sampler) -> float:
+        batches = [[lengths[r] for _, r in b] for b in sampler]
+        return sum(map(sum, batches)) / sum(max(b) * len(b) for b in batches)
+
+    plain = efficiency(EpochBatchSampler(lengths, 8, seed=0))
+    grouped = efficiency(EpochBatchSampler(lengths, 8, seed=0, group_by_length=True))
+    assert grouped > 0.95 > plain
+
+
+def test_streaming_dataset_filters_on_the_fly_and_shards_by_rank(tmp_path, clips, builder):
+    path = corpus(tmp_path, clips, ["red", " ".join(["blue"] * 60), "green", "yellow", "red", "blue"])
+    cfg = config(path, max_length=48)
+    make = ExampleMaker(builder, cfg, seed=0, train=True)
+    shards = [list(StreamingSFTDataset(cfg, Measurer(builder, cfg), make, rank, 2, seed=0)) for rank in (0, 1)]
+    assert sum(len(s) for s in shards) == 5  # one dropped for length
+    loader = torch.utils.data.DataLoader(
+        StreamingSFTDataset(cfg, Measurer(builder, cfg), make, 0, 1, seed=0), batch_size=2, collate_fn=Collator(0)
+    )
+    assert sum(b["input_ids"].shape[0] for b in loader) == 5

@@ -1,0 +1,160 @@
+"""Conversations -> input_ids / labels through the model's processor: text survives, labels cover exactly the
+assistant turns and their end-of-turn token, video tokens are all there, counts match the built examples."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import shared_path
+from vidtune.data.conversation import assistant_texts, media_part, media_parts, message, text_part
+from vidtune.data.dataset import load_media
+from vidtune.data.examples import IGNORE_INDEX, ExampleBuilder, TokenCount
+from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
+from vidtune.data.sources import SourceConfig, load_conversations
+from vidtune.data.video import SamplingConfig
+from vidtune.train.tiny_model import HUB_STYLE_CHAT_TEMPLATE
+
+
+def tokens_per_frame_from_config(config) -> int:
+    patches = config.vision_config.image_size // config.vision_config.patch_size
+    return (patches // config.spatial_pool_stride) ** 2
+
+
+def label_spans(labels: torch.Tensor) -> list[list[int]]:
+    """Contiguous runs of labelled positions."""
+    spans: list[list[int]] = []
+    for position in (labels != IGNORE_INDEX).nonzero().flatten().tolist():
+        if spans and spans[-1][-1] == position - 1:
+            spans[-1].append(position)
+        else:
+            spans.append([position])
+    return spans
+
+
+def collapse_media_tokens(text: str) -> str:
+    return re.sub(r"(<video>)+", "<video>", re.sub(r"(<image>)+", "<image>", text))
+
+
+def multi_turn(video_path: str) -> list:
+    return [
+        message("system", [text_part("You answer briefly.")]),
+        message("user", [media_part("video", video_path), text_part("Which color comes first?")]),
+        message("assistant", [text_part("red")]),
+        message("user", [text_part("And which color comes last?")]),
+        message("assistant", [text_part("blue, then nothing")]),
+    ]
+
+
+def test_training_template_renders_the_hub_prompt_and_ends_turns_with_eos(processor):
+    """Prompts (what inference feeds the model) are identical under the hub template and ours; only the end of
+    assistant turns differs: the hub's ends with a space, ours with </s> (so the model learns to stop)."""
+    prompt = [
+        message("system", [text_part("Be brief.")]),
+        message("user", [media_part("video", "v.mp4"), text_part("What happens?")]),
+    ]
+    from vidtune.data.conversation import to_template_messages
+
+    ours = processor.apply_chat_template(
+        to_template_messages(prompt), chat_template=LLAVA_NEXT_VIDEO.chat_template, add_generation_prompt=True
+    )
+    hub = processor.apply_chat_template(
+        to_template_messages(prompt), chat_template=HUB_STYLE_CHAT_TEMPLATE, add_generation_prompt=True
+    )
+    assert ours == hub == "Be brief. USER: <video>\nWhat happens? ASSISTANT:"
+    full = [*prompt, message("assistant", [text_part("A dog runs.")])]
+    rendered = processor.apply_chat_template(to_template_messages(full), chat_template=LLAVA_NEXT_VIDEO.chat_template)
+    assert rendered.endswith("ASSISTANT: A dog runs.</s>")
+
+
+def test_labels_are_exactly_the_assistant_turns_and_their_eos(builder, processor, clips):
+    messages = multi_turn(str(clips["red_blue"]))
+    media, _ = load_media(messages, SamplingConfig(4), False, None)
+    example = builder.build(messages, media)
+    spans = label_spans(example["labels"])
+    decoded = [processor.tokenizer.decode(example["input_ids"][s]).strip() for s in spans]
+    assert decoded == ["red</s>", "blue, then nothing</s>"]
+    # Every labelled token is the input token itself (no shift here: the model shifts inside its loss).
+    labelled = example["labels"] != IGNORE_INDEX
+    assert torch.equal(example["labels"][labelled], example["input_ids"][labelled])
+    last_only = ExampleBuilder(processor, LLAVA_NEXT_VIDEO.chat_template, label_turns="last").build(messages, media)
+    spans = label_spans(last_only["labels"])
+    assert [processor.tokenizer.decode(last_only["input_ids"][s]).strip() for s in spans] == ["blue, then nothing</s>"]
+
+
+def test_video_tokens_equal_frames_times_tokens_per_frame(builder, processor, tiny_model, clips):
+    per_frame = tokens_per_frame_from_config(tiny_model.config)
+    assert builder.tokens_per_frame == per_frame == 4
+    for num_frames in (1, 4, 7, 16):
+        messages = multi_turn(str(clips["three"]))
+        media, _ = load_media(messages, SamplingConfig(num_frames), False, None)
+        example = builder.build(messages, media)
+        assert int((example["input_ids"] == processor.video_token_id).sum()) == num_frames * per_frame
+        assert example["pixel_values_videos"].shape[0] == num_frames
+
+
+def test_two_videos_of_different_lengths_in_one_sample(builder, processor):
+    messages = [
+        message("user", [media_part("video", "a"), media_part("video", "b"), text_part("Same?")]),
+        message("assistant", [text_part("No.")]),
+    ]
+    frames = {0: np.zeros((3, 40, 40, 3), np.uint8), 1: np.zeros((5, 40, 40, 3), np.uint8)}
+    example = builder.build(messages, frames)
+    assert example["pixel_values_videos"].shape[0] == 8
+    assert int((example["input_ids"] == processor.video_token_id).sum()) == 8 * builder.tokens_per_frame
+
+
+def shared_rows():
+    corpora = shared_path("corpora")
+    videos = str(corpora.parent / "videos")
+    return load_conversations(
+        [
+            SourceConfig(path=str(corpora / "llamafactory_demo/mllm_video_demo.json")),
+            SourceConfig(path=str(corpora / "llamafactory_demo/mllm_demo.json")),
+            SourceConfig(path=str(corpora / "llava_video_style.json"), media_root=videos),
+            SourceConfig(path=str(corpora / "captions.jsonl"), media_root=videos),
+            SourceConfig(path=str(corpora / "multiple_choice.jsonl"), media_root=videos),
+        ]
+    )
+
+
+def test_every_shared_corpus_row_decodes_back_to_its_conversation(builder, processor):
+    from vidtune.data.conversation import to_template_messages
+
+    for row in shared_rows():
+        messages = row["messages"]
+        media, _ = load_media(messages, SamplingConfig(4), False, None)
+        example = builder.build(messages, media)
+        assert example["input_ids"][0] == processor.tokenizer.bos_token_id
+        decoded = collapse_media_tokens(processor.tokenizer.decode(example["input_ids"][1:]))
+        rendered = processor.apply_chat_template(
+            to_template_messages(messages), chat_template=LLAVA_NEXT_VIDEO.chat_template
+        )
+        assert decoded == rendered, row["at"]
+        spans = label_spans(example["labels"])
+        answers = [processor.tokenizer.decode(example["input_ids"][s]).strip() for s in spans]
+        assert answers == [f"{a}</s>" for a in assistant_texts(messages)], row["at"]
+        assert decoded.count("<video>") + decoded.count("<image>") == len(media_parts(messages))
+
+
+def test_counting_without_pixels_matches_the_built_length(builder):
+    from vidtune.data.dataset import DataConfig, Measurer
+
+    measure = Measurer(builder, DataConfig(sampling=SamplingConfig(4)))
+    for row in shared_rows():
+        media, _ = load_media(row["messages"], SamplingConfig(4), False, None)
+        example = builder.build(row["messages"], media)
+        assert measure(row)["num_tokens"] == len(example["input_ids"]), row["at"]
+        assert measure(row)["num_label_tokens"] == int((example["labels"] != IGNORE_INDEX).sum())
+
+
+@pytest.mark.parametrize(
+    ("count", "reason"),
+    [(TokenCount(100, 64, 3), "100 tokens (64 of them video/image)"), (TokenCount(10, 0, 0), "no assistant tokens")],
+)
+def test_drop_reasons(count, reason):
+    assert reason in count.drop_reason(max_length=50)
+    assert TokenCount(40, 16, 2).drop_reason(max_length=50) is None

@@ -1,0 +1,181 @@
+"""Corpus row formats -> one conversation type, and one-line errors for bad rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from vidtune.data.conversation import DataError, media_parts
+from vidtune.data.formats import RowContext, answer_letter, detect_format, normalise_row
+
+
+def ctx(**kwargs) -> RowContext:
+    return RowContext(at="corpus.json row 7", resolve_media=lambda p: f"/media/{p}", **kwargs)
+
+
+def texts(messages, role=None) -> list[str]:
+    return [p["text"] for m in messages if role in (None, m["role"]) for p in m["content"] if p["type"] == "text"]
+
+
+def test_llava_image_placeholder_means_the_video_when_the_row_has_one():
+    row = {
+        "video": "a.mp4",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat happens?"},
+            {"from": "gpt", "value": "A cat jumps."},
+            {"from": "human", "value": "Then?"},
+            {"from": "gpt", "value": "It lands."},
+        ],
+    }
+    messages = normalise_row(row, "llava", ctx())
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[0]["content"][0] == {
+        "type": "video",
+        "text": None,
+        "path": "/media/a.mp4",
+        "start_s": None,
+        "end_s": None,
+    }
+    assert texts(messages) == ["What happens?", "A cat jumps.", "Then?", "It lands."]
+
+
+def test_llava_missing_placeholder_puts_the_video_first_in_the_first_user_turn():
+    row = {
+        "video": "a.mp4",
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "What happens?"},
+            {"from": "gpt", "value": "Nothing."},
+        ],
+    }
+    messages = normalise_row(row, "llava", ctx())
+    assert messages[0]["role"] == "system"
+    assert [p["type"] for p in messages[1]["content"]] == ["video", "text"]
+
+
+def test_llava_video_and_image_rows_map_each_tag_to_its_kind():
+    row = {
+        "video": "a.mp4",
+        "image": "b.jpg",
+        "conversations": [
+            {"from": "human", "value": "<video> and <image>: same scene?"},
+            {"from": "gpt", "value": "Yes."},
+        ],
+    }
+    parts = media_parts(normalise_row(row, "llava", ctx()))
+    assert [(p["type"], p["path"]) for p in parts] == [("video", "/media/a.mp4"), ("image", "/media/b.jpg")]
+
+
+def test_llava_clip_bounds_reach_the_video_part():
+    row = {
+        "video": "a.mp4",
+        "start": 2,
+        "end": "9.5",
+        "conversations": [{"from": "human", "value": "<video>Q"}, {"from": "gpt", "value": "A"}],
+    }
+    video = media_parts(normalise_row(row, "llava", ctx()))[0]
+    assert (video["start_s"], video["end_s"]) == (2.0, 9.5)
+
+
+def test_openai_messages_with_placeholders_and_media_lists():
+    row = {
+        "messages": [
+            {"role": "user", "content": "<image>Who?"},
+            {"role": "assistant", "content": "Kane."},
+            {"role": "user", "content": "Doing?<image>"},
+            {"role": "assistant", "content": "Celebrating."},
+        ],
+        "images": ["1.jpg", "2.jpg"],
+    }
+    messages = normalise_row(row, "openai", ctx())
+    assert [p["path"] for p in media_parts(messages)] == ["/media/1.jpg", "/media/2.jpg"]
+    assert [p["type"] for p in messages[2]["content"]] == ["text", "image"]  # placeholder position is kept
+
+
+def test_openai_typed_content_parts():
+    row = {
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": [{"type": "video", "video": "v.mp4"}, {"type": "text", "text": "What?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A dog."}]},
+        ]
+    }
+    messages = normalise_row(row, "openai", ctx())
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    assert media_parts(messages)[0]["path"] == "/media/v.mp4"
+
+
+def test_caption_rows_get_the_fixed_prompt_or_a_seeded_choice():
+    row = {"video": "a.mp4", "caption": " A cat. ", "start": 1.0, "end": 3.0}
+    messages = normalise_row(row, "caption", ctx())
+    assert texts(messages) == ["Describe this video.", "A cat."]
+    assert media_parts(messages)[0]["start_s"] == 1.0
+    prompts = ("Describe.", "Summarise.", "What happens?")
+    chosen = {texts(normalise_row(row, "caption", ctx(caption_prompts=prompts, row=i)))[0] for i in range(30)}
+    assert chosen == set(prompts)
+    again = [texts(normalise_row(row, "caption", ctx(caption_prompts=prompts, row=i)))[0] for i in range(30)]
+    assert again == [texts(normalise_row(row, "caption", ctx(caption_prompts=prompts, row=i)))[0] for i in range(30)]
+
+
+def test_qa_and_multiple_choice_rows():
+    qa = normalise_row({"video": "a.mp4", "question": "Color?", "answer": "red"}, "qa", ctx())
+    assert texts(qa) == ["Color?", "red"]
+    mc = normalise_row(
+        {"video": "a.mp4", "question": "Where?", "options": ["Kitchen", "Car"], "answer": 1}, "multiple_choice", ctx()
+    )
+    assert texts(mc, "user") == [
+        "Where?\nA. Kitchen\nB. Car\nAnswer with the option's letter from the given choices directly."
+    ]
+    assert texts(mc, "assistant") == ["B"]
+
+
+@pytest.mark.parametrize(("answer", "letter"), [("B", "B"), ("b", "B"), ("B.", "B"), (1, "B"), ("0", "A")])
+def test_answer_letter_accepts_letters_and_indices(answer, letter):
+    assert answer_letter(answer, 4, "x") == letter
+
+
+@pytest.mark.parametrize(
+    ("row", "fmt", "message"),
+    [
+        ({"video": "a.mp4", "conversations": [{"from": "robot", "value": "hi"}]}, "llava", "unknown role 'robot'"),
+        (
+            {
+                "video": "a.mp4",
+                "conversations": [{"from": "human", "value": "<video><video>Q"}, {"from": "gpt", "value": "A"}],
+            },
+            "llava",
+            "more <video> placeholders",
+        ),
+        (
+            {
+                "images": ["a.jpg", "b.jpg"],
+                "messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}],
+            },
+            "openai",
+            "1 <image> placeholder(s) in the text but 2 image(s)",
+        ),
+        (
+            {"video": "a.mp4", "question": "Q", "options": ["x", "y"], "answer": "C"},
+            "multiple_choice",
+            "points outside the 2 options",
+        ),
+        ({"video": "a.mp4", "question": "Q"}, "qa", "missing column(s) ['answer']"),
+        ({"video": "a.mp4", "conversations": [{"from": "human", "value": "<video>Q"}]}, "llava", "no assistant turn"),
+        ({"video": "a.mp4", "caption": "c", "start": 5, "end": 2}, "caption", "is not after start"),
+    ],
+)
+def test_bad_rows_raise_one_line_naming_the_row(row, fmt, message):
+    with pytest.raises(DataError) as err:
+        normalise_row(row, fmt, ctx())
+    assert str(err.value).startswith("corpus.json row 7: ")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_detect_format_from_columns():
+    assert detect_format(["video", "conversations"], "x") == "llava"
+    assert detect_format(["messages", "videos"], "x") == "openai"
+    assert detect_format(["video", "caption"], "x") == "caption"
+    assert detect_format(["video", "question", "options", "answer"], "x") == "multiple_choice"
+    assert detect_format(["video", "question", "answer"], "x") == "qa"
+    with pytest.raises(DataError, match="cannot tell the corpus format"):
+        detect_format(["clip", "text"], "x")

@@ -1,0 +1,281 @@
+"""Typed, strict recipes: nested dataclasses hold the defaults and document each field; a YAML recipe overrides them,
+`key.sub=value` arguments override the YAML (OmegaConf structured configs do the merging and type checks).
+
+An unknown key is an error naming the closest valid key; illegal combinations are refused in `validate_recipe`,
+the one place that knows them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vidtune.data.dataset import DataConfig, validate_data
+from vidtune.data.sources import validate_source
+
+VARIANTS = ("base", "instruct", "chat")
+FINETUNE_MODES = ("lora", "full")
+VISION_TOWER_MODES = ("frozen", "lora", "full")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
+SCHEDULERS = ("cosine", "linear", "constant")
+REPORT_TO = ("wandb", "none")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message is one line naming the key and what to change."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""  # hub id or local folder of a LLaVA-NeXT-Video checkpoint
+    adapter: str | None = None  # continue training this LoRA adapter (folder) instead of starting a new one
+    dtype: str = "auto"  # weights dtype: auto (bfloat16 on GPUs that have it, else float32) | bfloat16 | ...
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    gradient_checkpointing: bool = False  # recompute activations in backward: far less memory, ~30% slower
+    trust_remote_code: bool = False  # run code shipped with the checkpoint (only for checkpoints you trust)
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # Linear-layer names to wrap inside the language model (and the vision tower when finetune.vision_tower=lora);
+    # empty = the family's defaults (all attention and MLP projections). Matched only inside those parts, so a
+    # name shared with another part (CLIP also has q_proj) never puts LoRA where the recipe did not ask.
+    targets: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FinetuneConfig:
+    mode: str = "lora"  # lora: PEFT LoRA on the language model | full: train all language-model weights
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train_projector: bool = False  # also train the vision-language projector fully
+    vision_tower: str = "frozen"  # frozen | lora | full
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = ""  # checkpoints, final adapter/model, processor and resolved recipe land here
+    seed: int = 42
+    num_epochs: float = 1.0  # passes over the training data (ignored when max_steps > 0)
+    max_steps: int = 0  # optimizer steps to run; 0 = derive from num_epochs
+    batch_size: int = 1  # samples per device per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03  # fraction of the optimizer steps spent warming the learning rate up
+    lr_scheduler: str = "cosine"  # cosine | linear | constant (after warmup)
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else none) | bf16 | fp16 | no
+    group_by_length: bool = True  # batch samples of similar token count (video tokens included): less padding
+    log_every_steps: int = 10
+    eval_every_steps: int = 0  # eval loss on the held-out split every N optimizer steps; 0 = only at the end
+    save_every_steps: int = 0  # checkpoint every N optimizer steps; 0 = only the final save
+    keep_last_checkpoints: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    report_to: str = "wandb"  # wandb (offline when no API key is configured; never prompts) | none
+    project: str = "vidtune"
+    run_name: str | None = None  # default: the output folder's name
+
+
+@dataclass
+class Recipe:
+    variant: str = "instruct"  # base (captioning) | instruct (question answering) | chat (multi-turn)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+
+
+def _closest(word: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(options)}"
+
+
+def check_keys(raw: Any, schema: Any, path: str = "") -> None:
+    """Refuse keys the schema lacks, naming the full path (`data.sources[0].pth`) and the closest valid key."""
+    if not isinstance(raw, dict):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = _type_hints(schema)
+    for key, value in raw.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise RecipeError(f"unknown key {where!r}{_closest(str(key), list(fields))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            check_keys(value, hint, where)
+        elif isinstance(value, list) and getattr(hint, "__origin__", None) is list:
+            item = hint.__args__[0]
+            if dataclasses.is_dataclass(item):
+                for i, element in enumerate(value):
+                    check_keys(element, item, f"{where}[{i}]")
+
+
+def _type_hints(schema: Any) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(schema)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise RecipeError(f"override {text!r} is not key.sub=value")
+    key, raw = text.split("=", 1)
+    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Defaults <- YAML recipe <- `key.sub=value` overrides, checked and validated."""
+    source = str(path) if path else "defaults"
+    raw: dict[str, Any] = {}
+    if path:
+        if not Path(path).is_file():
+            raise RecipeError(f"recipe {path} not found")
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    try:
+        check_keys(raw, Recipe)
+        config = OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.create(raw))
+        for text in overrides:
+            key, value = parse_override(text)
+            check_override_key(key)
+            OmegaConf.update(config, key, value, merge=True)
+        recipe = OmegaConf.to_object(config)
+    except RecipeError as err:
+        raise RecipeError(f"{source}: {err}") from None
+    except OmegaConfBaseException as err:
+        at = getattr(err, "full_key", None)
+        raise RecipeError(f"{source}: {str(err).splitlines()[0]}" + (f" (at {at})" if at else "")) from None
+    assert isinstance(recipe, Recipe)
+    validate_recipe(recipe, source)
+    return recipe
+
+
+def check_override_key(key: str) -> None:
+    """Walk `a.b.0.c` through the schema so a typo in an override gets the same closest-key message."""
+    schema: Any = Recipe
+    walked: list[str] = []
+    for part in key.split("."):
+        if part.isdigit() and walked:
+            continue
+        if not dataclasses.is_dataclass(schema):
+            return
+        hints = _type_hints(schema)
+        if part not in hints:
+            raise RecipeError(f"unknown key {'.'.join([*walked, part])!r}{_closest(part, list(hints))}")
+        walked.append(part)
+        schema = hints[part]
+        if getattr(schema, "__origin__", None) is list:
+            schema = schema.__args__[0]
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)
+
+
+# -------------------------------------------------------------------------------------------------- validation
+
+
+def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        hint = difflib.get_close_matches(value, choices, n=1)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise RecipeError(f"{key}={value!r} is not one of {', '.join(choices)}{suggestion}")
+
+
+def validate_recipe(recipe: Recipe, source: str = "recipe") -> None:
+    """Every illegal combination, refused with a message that says what to change."""
+    try:
+        _validate(recipe)
+    except RecipeError as err:
+        raise RecipeError(f"{source}: {err}") from None
+    except ValueError as err:  # data-layer validation errors (DataError)
+        raise RecipeError(f"{source}: {err}") from None
+
+
+def _validate(recipe: Recipe) -> None:
+    m, f, t, lg = recipe.model, recipe.finetune, recipe.train, recipe.logging
+    _choice(recipe.variant, VARIANTS, "variant")
+    _choice(m.dtype, DTYPES, "model.dtype")
+    _choice(m.attn_implementation, ATTENTION, "model.attn_implementation")
+    _choice(f.mode, FINETUNE_MODES, "finetune.mode")
+    _choice(f.vision_tower, VISION_TOWER_MODES, "finetune.vision_tower")
+    _choice(t.lr_scheduler, SCHEDULERS, "train.lr_scheduler")
+    _choice(t.mixed_precision, MIXED_PRECISION, "train.mixed_precision")
+    _choice(lg.report_to, REPORT_TO, "logging.report_to")
+    if not m.name_or_path:
+        raise RecipeError("model.name_or_path is empty: give a hub id or a local checkpoint folder")
+    if not t.output_dir:
+        raise RecipeError("train.output_dir is empty")
+    if f.mode == "full" and f.vision_tower == "lora":
+        raise RecipeError("finetune.vision_tower=lora needs finetune.mode=lora (full mode trains no adapters)")
+    if m.adapter and f.mode != "lora":
+        raise RecipeError("model.adapter continues a LoRA adapter: set finetune.mode=lora")
+    if f.lora.rank < 1 or f.lora.alpha <= 0 or not 0 <= f.lora.dropout < 1:
+        raise RecipeError("finetune.lora needs rank >= 1, alpha > 0 and 0 <= dropout < 1")
+    positive = {
+        "train.batch_size": t.batch_size,
+        "train.grad_accum_steps": t.grad_accum_steps,
+        "train.log_every_steps": t.log_every_steps,
+        "train.keep_last_checkpoints": t.keep_last_checkpoints,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise RecipeError(f"{key} must be >= 1, got {value}")
+    if t.max_steps < 0 or t.eval_every_steps < 0 or t.save_every_steps < 0:
+        raise RecipeError("train.max_steps, eval_every_steps and save_every_steps must be >= 0")
+    if t.max_steps == 0 and t.num_epochs <= 0:
+        raise RecipeError("set train.max_steps > 0 or train.num_epochs > 0")
+    if t.learning_rate <= 0 or not 0 <= t.warmup_ratio < 1:
+        raise RecipeError("train.learning_rate must be > 0 and train.warmup_ratio in [0, 1)")
+    if t.mixed_precision == "fp16" and m.dtype == "bfloat16":
+        raise RecipeError("train.mixed_precision=fp16 with model.dtype=bfloat16: use bf16 or float32 weights")
+    if recipe.data.streaming and (recipe.data.eval_fraction or t.max_steps == 0):
+        raise RecipeError("data.streaming needs train.max_steps (the stream's length is unknown) and eval_sources")
+    validate_data(recipe.data)
+    for source in [*recipe.data.sources, *recipe.data.eval_sources]:
+        validate_source(source)
+
+
+def packaged_recipe(name: str) -> Path:
+    """A recipe shipped inside the package (`demo/base` -> .../vidtune/recipes/demo/base.yaml)."""
+    import vidtune.recipes
+
+    root = Path(next(iter(vidtune.recipes.__path__)))
+    path = root / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if not path.is_file():
+        available = sorted(str(p.relative_to(root))[:-5] for p in root.rglob("*.yaml"))
+        raise RecipeError(f"no recipe {name!r}; packaged recipes: {', '.join(available)}")
+    return path
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a packaged recipe."""
+    if os.path.exists(name_or_path):
+        return Path(name_or_path)
+    return packaged_recipe(name_or_path)

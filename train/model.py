@@ -1,0 +1,226 @@
+"""Model setup: load a LLaVA-NeXT-Video checkpoint, choose what trains (LoRA / full, projector, vision tower), and
+audit the trainable set before any step runs."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from vidtune.data.families import ModelFamily, family_for
+from vidtune.train.config import FinetuneConfig, ModelConfig, RecipeError
+
+PARTS = ("vision_tower", "projector", "language_model", "other")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    try:
+        return transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as err:  # a missing folder, an unknown or unreachable hub id
+        raise RecipeError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from None
+
+
+def model_class(family: ModelFamily) -> Any:
+    return getattr(transformers, family.model_class)
+
+
+def load_model(cfg: ModelConfig, device_map: Any = None) -> tuple[Any, ModelFamily]:
+    """The checkpoint by hub id or local path, in the recipe's dtype and attention implementation."""
+    config = load_model_config(cfg.name_or_path, cfg.trust_remote_code)
+    family = family_for(config.model_type)
+    model = model_class(family).from_pretrained(
+        cfg.name_or_path,
+        dtype=resolve_dtype(cfg.dtype),
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+        device_map=device_map,
+    )
+    return model, family
+
+
+def build_on_meta(cfg: ModelConfig) -> tuple[Any, ModelFamily]:
+    """The architecture without weights (for --dry-run audits and checks of 7B recipes on a laptop)."""
+    config = load_model_config(cfg.name_or_path, cfg.trust_remote_code)
+    family = family_for(config.model_type)
+    with torch.device("meta"):
+        model = model_class(family)._from_config(config, dtype=resolve_dtype(cfg.dtype))
+    return model, family
+
+
+def load_processor(name_or_path: str, family: ModelFamily, trust_remote_code: bool = False) -> Any:
+    processor = transformers.AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    # The family's training template (generation markers, end-of-turn token) replaces the hub's; it is saved with
+    # the outputs so inference renders prompts exactly as training did.
+    processor.chat_template = family.chat_template
+    # Hub LLaVA tokenizers pad left (for generation); our collators pad explicitly on the side each use needs.
+    processor.tokenizer.padding_side = "right"
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.unk_token or processor.tokenizer.eos_token
+    return processor
+
+
+# -------------------------------------------------------------------------------------------------- finetuning
+
+
+def linear_layer_names(model: Any, prefix: str) -> set[str]:
+    """Leaf names (q_proj, fc1, ...) of the linear layers under a module-name prefix."""
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if name.startswith(prefix) and isinstance(module, torch.nn.Linear)
+    }
+
+
+def lora_target_pattern(model: Any, family: ModelFamily, cfg: FinetuneConfig) -> str:
+    """A regex PEFT full-matches against module names: the targets, only inside the parts the recipe names."""
+    scopes = [(family.language_model_prefix, list(cfg.lora.targets) or list(family.language_model_lora_targets))]
+    if cfg.vision_tower == "lora":
+        scopes.append((family.vision_tower_prefix, list(family.vision_tower_lora_targets)))
+    patterns = []
+    for prefix, targets in scopes:
+        available = linear_layer_names(model, prefix)
+        missing = sorted(set(targets) - available)
+        if missing:
+            raise RecipeError(
+                f"finetune.lora.targets {missing} match no linear layer under {prefix.rstrip('.')}; "
+                f"available: {', '.join(sorted(available))}"
+            )
+        names = "|".join(re.escape(t) for t in targets)
+        patterns.append(rf"{re.escape(prefix)}(?:.*\.)?(?:{names})")
+    return "|".join(f"(?:{p})" for p in patterns)
+
+
+def apply_finetuning(model: Any, family: ModelFamily, cfg: FinetuneConfig, adapter: str | None = None) -> Any:
+    """Freeze everything, then unfreeze (or wrap with LoRA) exactly what the recipe asks for."""
+    model.requires_grad_(False)
+    if cfg.mode == "full":
+        _unfreeze(model, family.language_model_prefix)
+        model.lm_head.requires_grad_(True)
+        if cfg.train_projector:
+            _unfreeze(model, family.projector_prefix)
+        if cfg.vision_tower == "full":
+            _unfreeze(model, family.vision_tower_prefix)
+        return model
+    if adapter:
+        # Continue an earlier stage's adapter (instruct -> chat): its targets and rank come with it.
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    modules_to_save = []
+    if cfg.train_projector:
+        modules_to_save.append(family.projector_prefix.rstrip(".").rsplit(".", 1)[-1])
+    if cfg.vision_tower == "full":
+        modules_to_save.append(family.vision_tower_prefix.rstrip(".").rsplit(".", 1)[-1])
+    lora = LoraConfig(
+        r=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=lora_target_pattern(model, family, cfg),
+        modules_to_save=modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def _unfreeze(model: Any, prefix: str) -> None:
+    for name, param in model.named_parameters():
+        if name.startswith(prefix):
+            param.requires_grad_(True)
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    # Non-reentrant checkpointing works with frozen inputs (LoRA), so no enable_input_require_grads hack.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+# ------------------------------------------------------------------------------------------------------- audit
+
+
+def part_of(name: str, family: ModelFamily) -> str:
+    name = name.removeprefix("base_model.model.")
+    name = re.sub(r"\.(modules_to_save\.default|original_module)\.", ".", name)
+    for part, prefix in (
+        ("vision_tower", family.vision_tower_prefix),
+        ("projector", family.projector_prefix),
+        ("language_model", family.language_model_prefix),
+    ):
+        if name.startswith(prefix):
+            return part
+    return "language_model" if name.startswith("lm_head") else "other"
+
+
+def trainable_audit(model: Any, family: ModelFamily) -> dict[str, Any]:
+    """Parameter counts per part: {part: {trainable, total}}, LoRA counted apart, per part it sits in."""
+    parts: dict[str, dict[str, int]] = {p: {"trainable": 0, "total": 0} for p in PARTS}
+    lora: dict[str, int] = defaultdict(int)
+    for name, param in model.named_parameters():
+        part, count = part_of(name, family), param.numel()
+        if "lora_" in name:
+            lora[part] += count if param.requires_grad else 0
+            continue
+        if ".original_module." not in name:
+            parts[part]["total"] += count  # a modules_to_save copy counts once, as its trainable twin
+        if param.requires_grad:
+            parts[part]["trainable"] += count
+    trainable = sum(p["trainable"] for p in parts.values()) + sum(lora.values())
+    total = sum(p["total"] for p in parts.values()) + sum(lora.values())
+    return {"parts": parts, "lora": dict(lora), "trainable": trainable, "total": total}
+
+
+def format_audit(audit: dict[str, Any]) -> str:
+    lines = [f"{'part':<16}{'trainable':>14}{'total':>14}"]
+    for part, counts in audit["parts"].items():
+        lines.append(f"{part:<16}{counts['trainable']:>14,}{counts['total']:>14,}")
+    for part, count in audit["lora"].items():
+        lines.append(f"{'lora (' + part + ')':<16}{count:>14,}{count:>14,}")
+    share = 100 * audit["trainable"] / max(1, audit["total"])
+    lines.append(f"{'all':<16}{audit['trainable']:>14,}{audit['total']:>14,}  ({share:.2f}% trainable)")
+    return "\n".join(lines)
+
+
+def expected_trainable(cfg: FinetuneConfig, from_adapter: bool = False) -> dict[str, str]:
+    """What each part must be under the recipe: none | all | lora."""
+    expect = {
+        "vision_tower": {"frozen": "none", "lora": "lora", "full": "all"}[cfg.vision_tower],
+        "projector": "all" if cfg.train_projector else "none",
+        "language_model": "all" if cfg.mode == "full" else "lora",
+        "other": "none",
+    }
+    if from_adapter:  # a continued adapter brings its own targets; only the absence of other training is checked
+        expect = {part: "lora_or_none" if e == "lora" else e for part, e in expect.items()}
+    return expect
+
+
+def check_audit(audit: dict[str, Any], cfg: FinetuneConfig, from_adapter: bool = False) -> None:
+    """Refuse a run whose trainable set contradicts its recipe (a frozen part training, LoRA matching nothing)."""
+    problems = []
+    for part, expect in expected_trainable(cfg, from_adapter).items():
+        counts, lora = audit["parts"][part], audit["lora"].get(part, 0)
+        full = counts["trainable"] == counts["total"] and counts["total"] > 0
+        if expect == "all" and not full:
+            problems.append(f"{part} should train fully but {counts['trainable']:,}/{counts['total']:,} params do")
+        if expect in ("none", "lora", "lora_or_none") and counts["trainable"]:
+            problems.append(f"{part} should be frozen apart from LoRA but {counts['trainable']:,} params train")
+        if expect == "lora" and lora == 0:
+            problems.append(f"{part} should carry LoRA but no LoRA weights sit there")
+        if expect in ("none", "all") and lora:
+            problems.append(f"{part} carries {lora:,} LoRA params the recipe did not ask for")
+    if audit["trainable"] == 0:
+        problems.append("nothing is trainable")
+    if problems:
+        raise RecipeError("trainable parameters contradict the recipe: " + "; ".join(problems))
+
+
+def save_audit(audit: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(audit, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,78 @@
+"""Generated videos, encoded as real MP4 (H.264 through PyAV), for the demo, the tests and the benchmarks.
+
+A clip is a sequence of solid-colour segments ("red then blue"), with a little noise and a moving bar so the
+encoder produces real P/B-frames rather than a trivially compressible stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+PALETTE = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 70),
+    "blue": (40, 70, 220),
+    "yellow": (230, 210, 50),
+    "white": (235, 235, 235),
+    "black": (20, 20, 20),
+    "purple": (140, 50, 180),
+    "orange": (240, 140, 30),
+}
+
+
+def segment_frames(
+    colors: Sequence[str], frames_per_segment: int, height: int, width: int, seed: int = 0
+) -> np.ndarray:
+    """uint8 (T, H, W, 3) frames: one solid colour per segment, plus noise and a bar that moves each frame."""
+    rng = np.random.default_rng(seed)
+    frames: list[np.ndarray] = []
+    for color in colors:
+        base = np.array(PALETTE[color], dtype=np.int16)
+        for _ in range(frames_per_segment):
+            frame = np.broadcast_to(base, (height, width, 3)) + rng.integers(-12, 13, (height, width, 3))
+            column = len(frames) * 3 % width
+            frame[:, column : column + 2] = 128
+            frames.append(np.clip(frame, 0, 255).astype(np.uint8))
+    return np.stack(frames)
+
+
+def write_video(
+    path: str | Path, frames: np.ndarray, fps: int = 8, codec: str = "libx264", gop_frames: int | None = None
+) -> Path:
+    """Encode uint8 (T, H, W, 3) frames to a video file (even H and W: yuv420p needs them)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream: Any = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames.shape[1], frames.shape[2]
+        stream.pix_fmt = "yuv420p"
+        if gop_frames:
+            stream.codec_context.gop_size = gop_frames
+        if codec == "libx264":
+            # One thread and fixed options: identical files on every machine, fast to encode.
+            stream.options = {"preset": "ultrafast", "threads": "1"} | (
+                {"keyint": str(gop_frames), "min-keyint": str(gop_frames), "scenecut": "0"} if gop_frames else {}
+            )
+        for array in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def write_color_clip(
+    path: str | Path,
+    colors: Sequence[str],
+    seconds_per_segment: float = 1.0,
+    fps: int = 8,
+    height: int = 48,
+    width: int = 64,
+    seed: int = 0,
+    gop_frames: int | None = None,
+) -> Path:
+    frames = segment_frames(colors, max(1, round(seconds_per_segment * fps)), height, width, seed)
+    return write_video(path, frames, fps=fps, gop_frames=gop_frames)
