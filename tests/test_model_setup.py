@@ -1,0 +1,77 @@
+"""What trains in each fine-tuning mode, and runs whose trainable set contradicts the recipe are refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
+from vidtune.train.config import FinetuneConfig, LoraSettings, ModelConfig, RecipeError
+from vidtune.train.model import apply_finetuning, check_audit, load_model, trainable_audit
+
+MODES = {
+    "lora": FinetuneConfig(),
+    "lora+projector": FinetuneConfig(train_projector=True),
+    "lora+vision-lora": FinetuneConfig(vision_tower="lora"),
+    "lora+vision-full": FinetuneConfig(vision_tower="full"),
+    "full": FinetuneConfig(mode="full"),
+    "full+projector+vision": FinetuneConfig(mode="full", train_projector=True, vision_tower="full"),
+}
+# part -> expected state: "none" (frozen), "all" (fully trained), "lora" (frozen + LoRA in it)
+EXPECTED = {
+    "lora": {"vision_tower": "none", "projector": "none", "language_model": "lora"},
+    "lora+projector": {"vision_tower": "none", "projector": "all", "language_model": "lora"},
+    "lora+vision-lora": {"vision_tower": "lora", "projector": "none", "language_model": "lora"},
+    "lora+vision-full": {"vision_tower": "all", "projector": "none", "language_model": "lora"},
+    "full": {"vision_tower": "none", "projector": "none", "language_model": "all"},
+    "full+projector+vision": {"vision_tower": "all", "projector": "all", "language_model": "all"},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_audit_matches_each_mode(mode, tiny_model_dir):
+    model, family = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    model = apply_finetuning(model, family, MODES[mode])
+    audit = trainable_audit(model, family)
+    for part, expect in EXPECTED[mode].items():
+        counts, lora = audit["parts"][part], audit["lora"].get(part, 0)
+        assert counts["total"] > 0
+        if expect == "all":
+            assert counts["trainable"] == counts["total"] and lora == 0, part
+        elif expect == "none":
+            assert counts["trainable"] == 0 and lora == 0, part
+        else:
+            assert counts["trainable"] == 0 and lora > 0, part
+    assert audit["parts"]["other"]["trainable"] == 0
+    check_audit(audit, MODES[mode])  # consistent with its own recipe
+    direct = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert audit["trainable"] == direct
+
+
+def test_a_trainable_set_that_contradicts_the_recipe_is_refused(tiny_model_dir):
+    model, family = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    model = apply_finetuning(model, family, FinetuneConfig())
+    model.base_model.model.model.multi_modal_projector.linear_1.weight.requires_grad_(True)  # a stray unfreeze
+    with pytest.raises(RecipeError, match="projector should be frozen apart from LoRA"):
+        check_audit(trainable_audit(model, family), FinetuneConfig())
+    with pytest.raises(RecipeError, match="projector should train fully"):
+        check_audit(trainable_audit(model, family), FinetuneConfig(train_projector=True))
+
+
+def test_lora_targets_are_scoped_to_the_language_model(tiny_model_dir):
+    """CLIP's attention also has q_proj/k_proj/v_proj: naming them must not put LoRA in the vision tower."""
+    model, family = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    model = apply_finetuning(model, family, FinetuneConfig(lora=LoraSettings(targets=["q_proj", "v_proj"])))
+    wrapped = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+    assert wrapped and all(".language_model." in n and n.endswith(("q_proj", "v_proj")) for n in wrapped)
+
+
+def test_unknown_lora_target_lists_the_available_layers(tiny_model_dir):
+    model, family = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    with pytest.raises(RecipeError, match=r"\['qkv'\] match no linear layer under model.language_model; available"):
+        apply_finetuning(model, family, FinetuneConfig(lora=LoraSettings(targets=["qkv"])))
+
+
+def test_missing_model_is_a_one_line_error(tmp_path):
+    with pytest.raises(RecipeError, match="cannot load model"):
+        load_model(ModelConfig(name_or_path=str(tmp_path / "nowhere")))
+    assert LLAVA_NEXT_VIDEO.model_types == ("llava_next_video",)

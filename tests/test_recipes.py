@@ -1,0 +1,126 @@
+"""Recipes: every shipped recipe parses, validates and dry-runs; typos and illegal combinations are one-line errors;
+the 7B recipes fit the real LLaVA-NeXT-Video-7B architecture (built on the meta device, no weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vidtune.train.cli import main
+from vidtune.train.config import RecipeError, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+SEVEN_B = sorted((REPO / "recipes" / "llava_next_video_7b").glob("*.yaml"))
+SEVEN_B_CONFIG = json.loads((REPO / "tests" / "assets" / "llava_next_video_7b_config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def seven_b_dir(tmp_path_factory) -> Path:
+    """A folder holding only the 7B's config.json: enough to build the architecture on the meta device."""
+    folder = tmp_path_factory.mktemp("llava-next-video-7b")
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in SEVEN_B_CONFIG.items() if k != "_comment"}))
+    return folder
+
+
+def test_every_recipe_opens_with_its_command():
+    assert len(RECIPES) >= 6
+    for path in RECIPES:
+        lines = path.read_text().splitlines()
+        assert lines[0].startswith("# ") and any("vidtune " in line for line in lines[:8] if line.startswith("#")), path
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_every_recipe_parses_validates_and_dry_runs(path, seven_b_dir, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setenv("VIDTUNE_DEMO_DIR", str(tiny_model_dir.parent))
+    model = seven_b_dir if path in SEVEN_B else tiny_model_dir
+    recipe = load_recipe(path)
+    assert recipe.model.name_or_path and recipe.train.output_dir
+    main(["train", str(path), f"model.name_or_path={model}", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "variant: " + recipe.variant in out and "trainable" in out and "language_model" in out
+
+
+@pytest.mark.parametrize("path", SEVEN_B, ids=lambda p: p.stem)
+def test_7b_recipes_fit_the_real_architecture(path, seven_b_dir):
+    """Token budget for the recipe's frames (144 tokens per frame at 336 px), and LoRA exactly where it says."""
+    from vidtune.train.model import apply_finetuning, build_on_meta, check_audit, trainable_audit
+
+    recipe = load_recipe(path, [f"model.name_or_path={seven_b_dir}"])
+    model, family = build_on_meta(recipe.model)
+    vision, text = model.config.vision_config, model.config.text_config
+    tokens_per_frame = (vision.image_size // vision.patch_size // model.config.spatial_pool_stride) ** 2
+    assert tokens_per_frame == 144
+    video_tokens = recipe.data.sampling.num_frames * tokens_per_frame
+    positions = text.max_position_embeddings * text.rope_parameters["factor"]
+    assert video_tokens + 256 <= recipe.data.max_length <= positions, (video_tokens, recipe.data.max_length)
+
+    model = apply_finetuning(model, family, recipe.finetune)
+    wrapped = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+    assert len(wrapped) == text.num_hidden_layers * 7  # q k v o gate up down in every decoder layer
+    assert all(".language_model.layers." in name for name in wrapped)
+    audit = trainable_audit(model, family)
+    check_audit(audit, recipe.finetune)
+    assert audit["parts"]["vision_tower"]["trainable"] == 0
+    assert audit["parts"]["projector"]["trainable"] == (
+        audit["parts"]["projector"]["total"] if recipe.finetune.train_projector else 0
+    )
+    assert 6.9e9 < audit["total"] - audit["trainable"] < 7.3e9  # the frozen 7B
+
+
+VALID = {"model": {"name_or_path": "m"}, "train": {"output_dir": "out"}, "data": {"sources": [{"path": "a.jsonl"}]}}
+
+
+def merged(base: dict, fragment: dict) -> dict:
+    out = dict(base)
+    for key, value in fragment.items():
+        out[key] = merged(base[key], value) if isinstance(value, dict) and key in base else value
+    return out
+
+
+@pytest.mark.parametrize(
+    ("fragment", "overrides", "message"),
+    [
+        ({"train": {"lerning_rate": 1e-4}}, [], "unknown key 'train.lerning_rate'; did you mean 'learning_rate'?"),
+        ({"data": {"sources": [{"pth": "a.json"}]}}, [], "unknown key 'data.sources[0].pth'; did you mean 'path'?"),
+        ({}, ["data.sampling.nframes=8"], "unknown key 'data.sampling.nframes'; did you mean 'num_frames'?"),
+        ({}, ["finetune.mode=lorra"], "finetune.mode='lorra' is not one of lora, full; did you mean 'lora'?"),
+        ({}, ["train.batch_size=big"], "could not be converted to Integer"),
+        ({}, ["finetune.mode=full", "finetune.vision_tower=lora"], "finetune.vision_tower=lora needs"),
+        ({}, ["data.sampling.num_frames=0"], "num_frames must be >= 1"),
+        ({"train": {"output_dir": ""}}, [], "train.output_dir is empty"),
+    ],
+)
+def test_recipe_errors_are_one_line(tmp_path, fragment, overrides, message):
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(merged(VALID, fragment)))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value) and str(err.value).startswith(str(path))
+
+
+def test_cli_reports_recipe_errors_in_one_line_with_exit_code_2(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name_or_path: m}\ntrain: {output_dir: out, max_stepz: 3}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "did you mean 'max_steps'?" in err
+
+
+def test_overrides_and_packaged_recipe_names(monkeypatch, tmp_path):
+    from vidtune.train.config import resolve_recipe_path
+
+    monkeypatch.setenv("VIDTUNE_DEMO_DIR", str(tmp_path))
+    path = resolve_recipe_path("demo/instruct")
+    recipe = load_recipe(path, ["train.learning_rate=5e-4", "data.sources.0.weight=2", "data.caption_prompts=[a, b]"])
+    assert recipe.train.learning_rate == 5e-4 and recipe.data.sources[0].weight == 2.0
+    assert recipe.data.caption_prompts == ["a", "b"]
+    assert recipe.train.output_dir == f"{tmp_path}/runs/instruct"
+    with pytest.raises(RecipeError, match="no recipe 'demo/nope'"):
+        resolve_recipe_path("demo/nope")

@@ -1,0 +1,189 @@
+"""Training on the tiny model: what trains is what the recipe says, runs are reproducible, resume is exact, and the
+output folder is a plain PEFT adapter that transformers + peft load without vidtune."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vidtune.train.config import Recipe, load_recipe
+from vidtune.train.tracking import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(model: Path, corpus: Path, output: Path, *overrides: str) -> Recipe:
+    base = [
+        f"model.name_or_path={model}",
+        f"data.sources=[{{path: {corpus / 'questions_train.jsonl'}}}]",
+        "data.sampling.num_frames=4",
+        "data.max_length=64",
+        "data.num_workers=0",
+        f"train.output_dir={output}",
+        "train.max_steps=6",
+        "train.batch_size=4",
+        "train.learning_rate=1e-2",
+        "train.warmup_ratio=0",
+        "train.log_every_steps=1",
+        "finetune.lora.dropout=0",
+        "logging.report_to=none",
+    ]
+    return load_recipe(None, [*base, *overrides])
+
+
+def losses(output: Path) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in read_metrics(output) if "train/loss" in m}
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir, demo_corpus, tmp_path_factory):
+    """One short LoRA run (module-wide): its output folder, and parameters before/after from the same process."""
+    from vidtune.train.loop import setup, train_loop
+    from vidtune.train.outputs import save_final
+
+    output = tmp_path_factory.mktemp("lora-run")
+    run = setup(tiny_recipe(tiny_model_dir, demo_corpus, output))
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    metrics = train_loop(run)
+    save_final(run, metrics)
+    after = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    return output, before, after
+
+
+@pytest.mark.slow
+def test_lora_trains_the_adapter_and_leaves_the_base_untouched(lora_run):
+    _, before, after = lora_run
+    lora = [n for n in before if "lora_" in n]
+    base = [n for n in before if "lora_" not in n]
+    assert lora and all("language_model" in n for n in lora)
+    assert all(not torch.equal(before[n], after[n]) for n in lora if "lora_B" in n)
+    assert all(torch.equal(before[n], after[n]) for n in base)
+
+
+@pytest.mark.slow
+def test_output_folder_is_a_peft_adapter_with_processor_recipe_and_metadata(lora_run):
+    output, _, _ = lora_run
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "recipe.yaml",
+        "vidtune.json",
+        "trainable_parameters.json",
+        "metrics.jsonl",
+    ):
+        assert (output / name).is_file(), name
+    assert not list(output.glob("model*.safetensors"))  # no copy of the frozen base model
+    metadata = json.loads((output / "vidtune.json").read_text())
+    assert metadata["sampling"]["num_frames"] == 4 and metadata["steps"] == 6
+    assert (
+        "</s>" in (output / "chat_template.jinja").read_text()
+        or "eos_token" in (output / "chat_template.jinja").read_text()
+    )
+    assert load_recipe(output / "recipe.yaml").train.max_steps == 6
+
+
+@pytest.mark.slow
+def test_vidtune_infer_matches_plain_transformers_and_peft(lora_run, tiny_model_dir, demo_corpus):
+    """The folder needs no vidtune: processor, template and adapter load with transformers + peft alone."""
+    from peft import PeftModel
+    from transformers import AutoProcessor, LlavaNextVideoForConditionalGeneration
+
+    from vidtune.data.video import SamplingConfig, load_clip
+    from vidtune.train.infer import answer, load_for_inference
+
+    output, _, _ = lora_run
+    video = demo_corpus / "videos" / "eval_0001.mp4"
+    ours = answer(load_for_inference(str(output)), str(video), "Which color comes first?", max_new_tokens=6)
+
+    processor = AutoProcessor.from_pretrained(output)
+    model = PeftModel.from_pretrained(LlavaNextVideoForConditionalGeneration.from_pretrained(tiny_model_dir), output)
+    frames = load_clip(str(video), SamplingConfig(4)).frames  # the run's sampling, from its vidtune.json
+    conversation = [
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Which color comes first?"}]}
+    ]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = processor(text=prompt, videos=[frames], return_tensors="pt")
+    with torch.no_grad():
+        generated = model.eval().generate(**inputs, max_new_tokens=6, do_sample=False)
+    plain = processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    assert ours == plain
+
+
+@pytest.mark.slow
+def test_same_seed_gives_identical_losses(tiny_model_dir, demo_corpus, tmp_path):
+    from vidtune.train.loop import train
+
+    for name in ("a", "b"):
+        train(
+            tiny_recipe(tiny_model_dir, demo_corpus, tmp_path / name, "train.max_steps=4", "finetune.lora.dropout=0.1")
+        )
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 4
+    train(
+        tiny_recipe(
+            tiny_model_dir,
+            demo_corpus,
+            tmp_path / "c",
+            "train.max_steps=4",
+            "train.seed=7",
+            "finetune.lora.dropout=0.1",
+        )
+    )
+    assert losses(tmp_path / "c") != losses(tmp_path / "a")
+
+
+def write_recipe(recipe: Recipe, path: Path) -> Path:
+    from vidtune.train.config import recipe_to_yaml
+
+    path.write_text(recipe_to_yaml(recipe))
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vidtune.train.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1", **(env or {})},
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_at_its_checkpoint_with_identical_losses(tiny_model_dir, demo_corpus, tmp_path):
+    """kill -9 mid-epoch and mid-accumulation (step 5 of 8, 2nd micro-batch; checkpoints every 2 steps), relaunch:
+    the run continues from step 4 and steps 5..8 log exactly the uninterrupted run's losses (dropout on)."""
+    extra = (
+        "train.max_steps=8",
+        "train.save_every_steps=2",
+        "train.grad_accum_steps=2",
+        "train.batch_size=2",
+        "finetune.lora.dropout=0.1",
+        "data.num_workers=1",
+    )
+    reference = write_recipe(tiny_recipe(tiny_model_dir, demo_corpus, tmp_path / "whole", *extra), tmp_path / "a.yaml")
+    crashed = write_recipe(tiny_recipe(tiny_model_dir, demo_corpus, tmp_path / "cut", *extra), tmp_path / "b.yaml")
+    assert run_cli("train", str(reference)).returncode == 0
+    killed = run_cli("train", str(crashed), env={"VIDTUNE_FAULT": "kill@4.1"})
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("step_*")) == [
+        "step_00000002",
+        "step_00000004",
+    ]
+    resumed = run_cli("train", str(crashed))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout and "step_00000004" in resumed.stdout
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+    assert sorted(losses(tmp_path / "cut")) == list(range(1, 9))
+    rerun = run_cli("train", str(crashed))  # a finished run has nothing left to do
+    assert rerun.returncode == 0 and "step_00000008" in rerun.stdout

@@ -1,0 +1,98 @@
+"""Checkpoints that hold everything to resume, written so that a crash mid-save never leaves one auto-resume picks.
+
+    OUTPUT/checkpoints/step_00000100/
+        adapter/ (LoRA runs) or model.safetensors (full runs), optimizer.bin, scheduler.bin,
+        random_states_<rank>.pkl, custom_checkpoint_0.pkl (step, epoch, data position), recipe.yaml,
+        manifest.json (every file and its size, written last)
+
+Accelerate's save_state writes into `.tmp-step_...`; the folder is renamed only after the manifest is written, and
+old checkpoints are deleted only after the new one verifies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+PREFIX = "step_"
+
+
+class TrainingState:
+    """Counters saved with every checkpoint (accelerator.register_for_checkpointing)."""
+
+    def __init__(self) -> None:
+        self.step = 0  # optimizer steps done
+        self.epoch = 0
+        self.batches_in_epoch = 0  # micro-batches this rank consumed in the current epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def write_manifest(folder: Path) -> None:
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n", encoding="utf-8")
+
+
+def verify(folder: Path) -> bool:
+    """A checkpoint is complete when its manifest exists and every listed file has its recorded size."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (json.JSONDecodeError, KeyError):
+        return False
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and verify(p)]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    accelerator: Any, output_dir: str | Path, step: int, keep_last: int, extra_files: dict[str, str], **save_kwargs: Any
+) -> Path:
+    """Save the accelerator state for `step`; every rank calls this."""
+    root = checkpoint_root(output_dir)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True, **save_kwargs)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for name, text in extra_files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        write_manifest(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if verify(final):
+            for old in complete_checkpoints(output_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,123 @@
+"""`vidtune` command line: train | infer | chat | predict | demo | tiny-model.
+
+Bad input (a recipe typo, a missing video, a malformed row) ends in one line saying what and where, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from vidtune.data.conversation import DataError
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a recipe (resumes when the output folder holds a checkpoint)")
+    p.add_argument("recipe", help="recipe YAML file, or a packaged recipe name such as demo/base")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.learning_rate=1e-4")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and trainable audit; no training")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a trained output folder (adapter or full model), or a checkpoint id/path")
+    p.add_argument("--base", help="base model for an adapter (default: the one it was trained on)")
+    p.add_argument("--num-frames", type=int, help="frames per video (default: as in training)")
+    p.add_argument("--fps", type=float, help="sample at this rate instead, capped at --num-frames")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vidtune", description="Fine-tune video-language models (LLaVA-NeXT-Video).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    p = sub.add_parser("infer", help="answer one prompt about a video")
+    _add_model_args(p)
+    p.add_argument("--video", required=True)
+    p.add_argument("--prompt", required=True)
+    p = sub.add_parser("chat", help="talk about a video in the terminal (/video PATH, /reset, /quit)")
+    _add_model_args(p)
+    p.add_argument("--video", required=True)
+    p = sub.add_parser("predict", help="answer every row of a corpus file; writes JSONL predictions")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="corpus file (any supported format)")
+    p.add_argument("--media-root", help="folder relative media paths resolve against (default: the file's folder)")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--batch-size", type=int, default=8)
+    p = sub.add_parser("demo", help="generate videos, build a tiny model, train base -> instruct -> chat on CPU")
+    p.add_argument("--workdir", default="vidtune-demo", help="where the corpus, model and runs go")
+    p = sub.add_parser("tiny-model", help="write a tiny random LLaVA-NeXT-Video folder (for trying things out)")
+    p.add_argument("out")
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from vidtune.train.config import load_recipe, recipe_to_yaml, resolve_recipe_path
+
+    recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    if args.dry_run:
+        from vidtune.train.model import apply_finetuning, build_on_meta, check_audit, format_audit, trainable_audit
+
+        print(recipe_to_yaml(recipe))
+        model, family = build_on_meta(recipe.model)
+        if recipe.model.adapter:
+            print(f"(adapter {recipe.model.adapter} is loaded at training time; audit shows a fresh adapter)")
+            recipe.model.adapter = None
+        model = apply_finetuning(model, family, recipe.finetune)
+        audit = trainable_audit(model, family)
+        print(format_audit(audit))
+        check_audit(audit, recipe.finetune)
+        return
+    from vidtune.train.loop import train
+
+    print(f"done: {train(recipe)}")
+
+
+def _load(args: argparse.Namespace):
+    from vidtune.train.infer import load_for_inference
+
+    return load_for_inference(args.model, base=args.base, num_frames=args.num_frames, fps=args.fps)
+
+
+def run_command(args: argparse.Namespace) -> None:
+    if args.command == "train":
+        run_train(args)
+    elif args.command == "infer":
+        from vidtune.train.infer import answer
+
+        print(answer(_load(args), args.video, args.prompt, args.max_new_tokens))
+    elif args.command == "chat":
+        from vidtune.train.infer import chat
+
+        chat(_load(args), args.video, max_new_tokens=args.max_new_tokens)
+    elif args.command == "predict":
+        from vidtune.data.sources import SourceConfig
+        from vidtune.train.infer import predict
+
+        source = SourceConfig(path=args.data, format=args.format, media_root=args.media_root)
+        count = predict(_load(args), source, args.out, args.batch_size, args.max_new_tokens)
+        print(f"wrote {count} predictions to {args.out}")
+    elif args.command == "demo":
+        from vidtune.train.demo import run_demo
+
+        run_demo(args.workdir)
+    elif args.command == "tiny-model":
+        from vidtune.train.tiny_model import build_tiny_model
+
+        print(build_tiny_model(args.out))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from vidtune.train.config import RecipeError
+
+    try:
+        run_command(args)
+    except (DataError, RecipeError) as err:
+        print(f"vidtune {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The demo's corpus: short generated clips of coloured segments ("red then blue"), encoded as real MP4, with
+captions (base variant), order questions (instruct) and two-turn chats (chat), in the formats users bring.
+
+    videos/train_0000.mp4 ...      held-out clips are different renders (noise, bar) of the same colour pairs
+    captions_train.jsonl           {"video", "caption"}                         caption format
+    questions_train.jsonl          {"video", "question", "answer"}              qa format
+    chats_train.json               {"video", "conversations": [{from, value}]} llava format
+    (and the same three for eval)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+from vidtune.train.synthetic import write_color_clip
+
+DEMO_COLORS = ("red", "green", "blue", "yellow")
+FIRST_QUESTION = "Which color comes first?"
+LAST_QUESTION = "Which color comes last?"
+FOLLOW_UP = "And which color comes last?"
+
+
+def color_pairs() -> list[tuple[str, str]]:
+    return list(itertools.permutations(DEMO_COLORS, 2))
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def write_split(root: Path, split: str, num_videos: int, seed: int) -> dict[str, Path]:
+    rng = random.Random(seed)
+    pairs = color_pairs()
+    captions, questions, chats = [], [], []
+    for index in range(num_videos):
+        first, last = pairs[index % len(pairs)] if split == "train" else rng.choice(pairs)
+        name = f"videos/{split}_{index:04d}.mp4"
+        write_color_clip(root / name, [first, last], seconds_per_segment=1.0, fps=8, seed=seed * 100_000 + index)
+        captions.append({"video": name, "caption": f"{first} then {last}"})
+        questions.append({"video": name, "question": FIRST_QUESTION, "answer": first})
+        questions.append({"video": name, "question": LAST_QUESTION, "answer": last})
+        chats.append(
+            {
+                "video": name,
+                "conversations": [
+                    {"from": "human", "value": f"<video>\n{FIRST_QUESTION}"},
+                    {"from": "gpt", "value": first},
+                    {"from": "human", "value": FOLLOW_UP},
+                    {"from": "gpt", "value": last},
+                ],
+            }
+        )
+    files = {
+        "captions": root / f"captions_{split}.jsonl",
+        "questions": root / f"questions_{split}.jsonl",
+        "chats": root / f"chats_{split}.json",
+    }
+    _write_jsonl(files["captions"], captions)
+    _write_jsonl(files["questions"], questions)
+    files["chats"].write_text(json.dumps(chats, indent=1), encoding="utf-8")
+    return files
+
+
+def write_demo_corpus(root: str | Path, num_train: int = 96, num_eval: int = 32, seed: int = 0) -> Path:
+    root = Path(root)
+    write_split(root, "train", num_train, seed + 1)
+    write_split(root, "eval", num_eval, seed + 2)
+    return root

@@ -1,0 +1,320 @@
+"""The training loop, on Accelerate primitives: setup -> (resume) -> train -> save -> cleanup.
+
+Loss is the mean over every label token of the global batch (all micro-batches of an optimizer step, all ranks):
+each micro-batch backpropagates its summed token loss x (grad_accum x world) / (label tokens of the window),
+which undoes Accelerate's /grad_accum and the data-parallel average. A plain per-micro-batch mean would weight a
+short answer's tokens more than a long one's and change with the batch layout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from vidtune.data.collator import Collator
+from vidtune.data.dataset import DropReport, EpochBatchSampler, ExampleMaker, SFTDataset, prepare_rows
+from vidtune.data.examples import ExampleBuilder
+from vidtune.data.families import ModelFamily
+from vidtune.train import faults, outputs, tracking
+from vidtune.train.checkpoint import TrainingState, latest_checkpoint, save_checkpoint
+from vidtune.train.config import Recipe, recipe_to_yaml
+from vidtune.train.distributed import make_accelerator, save_state_kwargs
+from vidtune.train.model import (
+    apply_finetuning,
+    check_audit,
+    enable_gradient_checkpointing,
+    format_audit,
+    load_model,
+    load_processor,
+    trainable_audit,
+)
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    accelerator: Accelerator
+    model: Any
+    family: ModelFamily
+    processor: Any
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    eval_loader: Any
+    sampler: EpochBatchSampler
+    state: TrainingState
+    total_steps: int
+    audit: dict[str, Any]
+    drops: DropReport
+
+
+# ------------------------------------------------------------------------------------------------------- setup
+
+
+def build_model(recipe: Recipe) -> tuple[Any, ModelFamily, Any, dict[str, Any]]:
+    model, family = load_model(recipe.model)
+    processor = load_processor(recipe.model.name_or_path, family, recipe.model.trust_remote_code)
+    model = apply_finetuning(model, family, recipe.finetune, recipe.model.adapter)
+    if recipe.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    audit = trainable_audit(model, family)
+    check_audit(audit, recipe.finetune, from_adapter=bool(recipe.model.adapter))
+    return model, family, processor, audit
+
+
+def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerator: Accelerator):
+    data, train_cfg = recipe.data, recipe.train
+    builder = ExampleBuilder(processor, family.chat_template, data.label_turns)
+    with accelerator.main_process_first():  # rank 0 probes the videos first; the others then hit warm file caches
+        train_rows, eval_rows, drops = prepare_rows(data, builder, train_cfg.seed)
+    collate = Collator(processor.tokenizer.pad_token_id, padding_side="right")
+    train_set = SFTDataset(train_rows, ExampleMaker(builder, data, train_cfg.seed, train=True))
+    sampler = EpochBatchSampler(
+        train_set.lengths, train_cfg.batch_size, train_cfg.seed, group_by_length=train_cfg.group_by_length
+    )
+    loader_kwargs = {
+        "collate_fn": collate,
+        "num_workers": data.num_workers,
+        "persistent_workers": data.num_workers > 0,
+        "pin_memory": torch.cuda.is_available(),
+        # Every new iterator draws a worker seed from its generator; without one of its own it draws from the
+        # global RNG, so a resumed run (which creates its iterator after restoring RNG states) would get different
+        # dropout masks than the uninterrupted run.
+        "generator": torch.Generator().manual_seed(train_cfg.seed),
+    }
+    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, **loader_kwargs)
+    eval_loader = None
+    if eval_rows is not None:
+        eval_set = SFTDataset(eval_rows, ExampleMaker(builder, data, train_cfg.seed, train=False))
+        eval_sampler = EpochBatchSampler(eval_set.lengths, train_cfg.batch_size, train_cfg.seed, shuffle=False)
+        eval_loader = torch.utils.data.DataLoader(eval_set, batch_sampler=eval_sampler, **loader_kwargs)
+    return train_loader, eval_loader, sampler, drops
+
+
+def build_optimizer(recipe: Recipe, model: Any, total_steps: int):
+    t = recipe.train
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate)
+    name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
+    scheduler = get_scheduler(
+        name, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps
+    )
+    return optimizer, scheduler
+
+
+def setup(recipe: Recipe) -> Run:
+    accelerator = make_accelerator(recipe)
+    set_seed(recipe.train.seed)
+    output_dir = Path(recipe.train.output_dir)
+    model, family, processor, audit = build_model(recipe)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        outputs.write_audit(output_dir, audit)
+        accelerator.print(format_audit(audit))
+    train_loader, eval_loader, sampler, drops = build_loaders(recipe, processor, family, accelerator)
+    accelerator.print(f"data: {drops.summary()}")
+    micro_per_epoch = math.ceil(len(sampler) / accelerator.num_processes)
+    steps_per_epoch = max(1, math.ceil(micro_per_epoch / recipe.train.grad_accum_steps))
+    total_steps = recipe.train.max_steps or math.ceil(recipe.train.num_epochs * steps_per_epoch)
+    optimizer, scheduler = build_optimizer(recipe, model, total_steps)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    state = TrainingState()
+    accelerator.register_for_checkpointing(state)
+    outputs.register_adapter_hooks(accelerator)
+    return Run(
+        recipe,
+        accelerator,
+        model,
+        family,
+        processor,
+        optimizer,
+        scheduler,
+        train_loader,
+        eval_loader,
+        sampler,
+        state,
+        total_steps,
+        audit,
+        drops,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- steps
+
+
+def label_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    # Labels are shifted inside the loss: position 0 never counts.
+    return (batch["labels"][:, 1:] != -100).sum()
+
+
+def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """One optimizer step over a window of micro-batches."""
+    acc, model = run.accelerator, run.model
+    local_tokens = sum(label_tokens(b) for b in window)
+    global_tokens = acc.reduce(torch.as_tensor(local_tokens, device=acc.device).float(), "sum").clamp(min=1)
+    scale = run.recipe.train.grad_accum_steps * acc.num_processes / global_tokens
+    loss_sum = torch.zeros((), device=acc.device)
+    model.train()
+    for index, batch in enumerate(window):
+        faults.before_micro_batch(run.state.step, index)
+        acc.sync_gradients = index == len(window) - 1  # the window's last micro-batch reduces and steps
+        with acc.no_sync(model) if not acc.sync_gradients else nullcontext():
+            summed = model(**batch, num_items_in_batch=1).loss  # summed token loss of this micro-batch
+            acc.backward(summed * scale)
+        loss_sum += summed.detach().float()
+    grad_norm = None
+    if run.recipe.train.max_grad_norm > 0:
+        grad_norm = acc.clip_grad_norm_(model.parameters(), run.recipe.train.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss = acc.reduce(loss_sum, "sum") / global_tokens
+    samples = acc.reduce(torch.tensor(sum(len(b["input_ids"]) for b in window), device=acc.device), "sum")
+    tokens = acc.reduce(torch.stack([b["attention_mask"].sum() for b in window]).sum().to(acc.device), "sum")
+    return {
+        "loss": loss.item(),
+        "lr": run.scheduler.get_last_lr()[0],
+        "samples": samples.item(),
+        "tokens": tokens.item(),
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+    }
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Token-mean loss over the held-out split (per-sample sums, so padding and duplicates do not bias it)."""
+    acc, model = run.accelerator, run.model
+    model.eval()
+    loss_sum, token_sum = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
+    for batch in run.eval_loader:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        labels = batch["labels"][:, 1:]
+        per_token = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
+        ).view(labels.shape)
+        sample_loss, sample_tokens = acc.gather_for_metrics((per_token.sum(1), (labels != -100).sum(1)))
+        loss_sum += sample_loss.sum()
+        token_sum += sample_tokens.sum()
+    model.train()
+    return (loss_sum / token_sum.clamp(min=1)).item()
+
+
+# -------------------------------------------------------------------------------------------------------- loop
+
+
+def resume(run: Run) -> None:
+    checkpoint = latest_checkpoint(run.recipe.train.output_dir)
+    if checkpoint is None:
+        return
+    run.accelerator.print(f"resuming from {checkpoint}")
+    run.accelerator.load_state(str(checkpoint), **outputs.load_state_kwargs(run.accelerator))
+    if run.accelerator.is_main_process:
+        tracking.truncate_metrics(run.recipe.train.output_dir, run.state.step)
+
+
+def windows(loader: Any, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Micro-batches grouped per optimizer step (the last window of an epoch may be shorter)."""
+    batches = iter(loader)
+    while window := list(islice(batches, size)):
+        yield window
+
+
+def step_report(step: dict[str, float], state: TrainingState, samples: int, tokens: int, elapsed_s: float):
+    return {
+        "train/loss": step["loss"],
+        "train/lr": step["lr"],
+        "train/grad_norm": step["grad_norm"],
+        "train/epoch": state.epoch,
+        "train/samples_per_s": samples / elapsed_s,
+        "train/tokens_per_s": tokens / elapsed_s,
+    }
+
+
+def train_loop(run: Run) -> dict[str, float]:
+    acc, t, state = run.accelerator, run.recipe.train, run.state
+    # A live bar on a terminal; logs (SLURM, CI, pipes) get the plain per-logging-step lines from tracking.log.
+    show_bar = acc.is_local_main_process and sys.stderr.isatty() and not os.environ.get("TQDM_DISABLE")
+    bar = tqdm(total=run.total_steps, initial=state.step, disable=not show_bar, desc="training")
+    metrics: dict[str, float] = {}
+    started, seen_samples, seen_tokens = time.perf_counter(), 0, 0
+    while state.step < run.total_steps:
+        run.sampler.set_epoch(state.epoch)
+        loader = run.train_loader
+        if state.batches_in_epoch:  # resume mid-epoch: same order (seeded by epoch), skip what was consumed
+            loader = acc.skip_first_batches(loader, state.batches_in_epoch)
+        for window in windows(loader, t.grad_accum_steps):
+            step_metrics = train_step(run, window)
+            state.step += 1
+            state.batches_in_epoch += len(window)
+            seen_samples += int(step_metrics["samples"])
+            seen_tokens += int(step_metrics["tokens"])
+            metrics = step_report(step_metrics, state, seen_samples, seen_tokens, time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{step_metrics['loss']:.4f}",
+                lr=f"{step_metrics['lr']:.2e}",
+                tok_s=f"{metrics['train/tokens_per_s']:.0f}",
+                smp_s=f"{metrics['train/samples_per_s']:.1f}",
+            )
+            if state.step % t.log_every_steps == 0 or state.step == run.total_steps:
+                tracking.log(acc, metrics, state.step, t.output_dir)
+            if run.eval_loader is not None and t.eval_every_steps and state.step % t.eval_every_steps == 0:
+                metrics["eval/loss"] = evaluate(run)
+                tracking.log(acc, {"eval/loss": metrics["eval/loss"]}, state.step, t.output_dir)
+            if t.save_every_steps and (state.step % t.save_every_steps == 0 or state.step == run.total_steps):
+                checkpoint(run)  # the last step too: relaunching a finished run then has nothing left to do
+            if state.step >= run.total_steps:
+                break
+        if state.step < run.total_steps:  # the epoch ran out before the step budget
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    bar.close()
+    return metrics
+
+
+def checkpoint(run: Run) -> Path:
+    return save_checkpoint(
+        run.accelerator,
+        run.recipe.train.output_dir,
+        run.state.step,
+        run.recipe.train.keep_last_checkpoints,
+        {"recipe.yaml": recipe_to_yaml(run.recipe)},
+        **save_state_kwargs(run.accelerator),
+    )
+
+
+def train(recipe: Recipe) -> Path:
+    """Run a recipe end to end; returns the output folder (adapter or model, processor, recipe, metadata)."""
+    run = setup(recipe)
+    tracking.start(run.accelerator, recipe)
+    try:
+        resume(run)
+        metrics = train_loop(run)
+        if run.eval_loader is not None:
+            metrics["eval/loss"] = evaluate(run)
+            tracking.log(run.accelerator, {"eval/loss": metrics["eval/loss"]}, run.state.step, recipe.train.output_dir)
+        outputs.save_final(run, metrics)
+    finally:
+        tracking.finish(run.accelerator)
+    return Path(recipe.train.output_dir)

@@ -1,0 +1,103 @@
+"""What a run leaves behind: adapter-only checkpoints, and the final output folder.
+
+OUTPUT/adapter_config.json, adapter_model.safetensors   (LoRA runs; PEFT format)
+       config.json, model*.safetensors                  (full runs)
+       processor files + chat_template.jinja            (the family's training template)
+       recipe.yaml                                      (the resolved recipe)
+       vidtune.json                                     (what inference needs to sample frames as training did)
+       trainable_parameters.json                        (the audit)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from vidtune.train.config import recipe_to_yaml
+from vidtune.train.distributed import is_deepspeed
+
+ADAPTER_SUBDIR = "adapter"
+METADATA = "vidtune.json"
+
+
+def register_adapter_hooks(accelerator: Any) -> None:
+    """Checkpoints of LoRA runs hold the adapter, not a copy of the frozen base model (14 GB for the 7B)."""
+
+    def save_hook(models: list[Any], weights: list[dict], output_dir: str) -> None:
+        if not weights:  # DeepSpeed saved its engines itself (frozen weights excluded)
+            return
+        unwrapped = accelerator.unwrap_model(models[0])
+        if isinstance(unwrapped, PeftModel):
+            if accelerator.is_main_process:
+                unwrapped.save_pretrained(str(Path(output_dir) / ADAPTER_SUBDIR), state_dict=weights[0])
+            weights.pop(0)
+
+    def load_hook(models: list[Any], input_dir: str) -> None:
+        adapter = Path(input_dir) / ADAPTER_SUBDIR / "adapter_model.safetensors"
+        if is_deepspeed(accelerator) or not adapter.is_file():
+            return
+        unwrapped = accelerator.unwrap_model(models[0])
+        set_peft_model_state_dict(unwrapped, load_file(str(adapter)))
+        models.pop(0)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def load_state_kwargs(accelerator: Any) -> dict[str, Any]:
+    # Checkpoints exclude frozen weights, so DeepSpeed must not insist on finding every module key.
+    return {"load_module_strict": False} if is_deepspeed(accelerator) else {}
+
+
+def write_audit(output_dir: Path, audit: dict[str, Any]) -> None:
+    (output_dir / "trainable_parameters.json").write_text(json.dumps(audit, indent=2) + "\n", encoding="utf-8")
+
+
+def training_metadata(run: Any, metrics: dict[str, float]) -> dict[str, Any]:
+    r = run.recipe
+    return {
+        "base_model": r.model.name_or_path,
+        "variant": r.variant,
+        "finetune_mode": r.finetune.mode,
+        "sampling": {
+            "num_frames": r.data.sampling.num_frames,
+            "fps": r.data.sampling.fps,
+            "strategy": "uniform segments (centre at inference)",
+        },
+        "frame_px": run.processor.video_processor.crop_size.get("height"),
+        "time_instruction": r.data.time_instruction,
+        "max_length": r.data.max_length,
+        "label_turns": r.data.label_turns,
+        "datasets": [{"path": s.path, "format": s.format} for s in r.data.sources],
+        "num_train_samples": run.drops.kept,
+        "num_dropped_samples": run.drops.dropped,
+        "steps": run.state.step,
+        "metrics": metrics,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def save_final(run: Any, metrics: dict[str, float]) -> None:
+    """The model (adapter or full weights), processor, recipe and metadata, written by the main process.
+
+    Every rank takes part in gathering the state dict (ZeRO-3 shards it across ranks)."""
+    acc, out = run.accelerator, Path(run.recipe.train.output_dir)
+    acc.wait_for_everyone()
+    state_dict = acc.get_state_dict(run.model)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        acc.unwrap_model(run.model).save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        run.processor.save_pretrained(out)
+        (out / "recipe.yaml").write_text(recipe_to_yaml(run.recipe), encoding="utf-8")
+        (out / METADATA).write_text(json.dumps(training_metadata(run, metrics), indent=2) + "\n", encoding="utf-8")
+    acc.wait_for_everyone()
+
+
+def read_metadata(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / METADATA
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

@@ -1,0 +1,78 @@
+"""Run logging: wandb through Accelerate's tracker (offline when no key is configured, never a login prompt),
+plus a plain console line per logging step (readable in SLURM logs, where progress bars are not)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from vidtune.train.config import Recipe, recipe_to_dict
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def wandb_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode() -> str:
+    """The user's WANDB_MODE if set; online with a configured key; offline otherwise (wandb would prompt)."""
+    return os.environ.get("WANDB_MODE") or ("online" if wandb_key_configured() else "offline")
+
+
+def start(accelerator: Any, recipe: Recipe) -> None:
+    if recipe.logging.report_to != "wandb":
+        return
+    output_dir = Path(recipe.train.output_dir).resolve()
+    # A stable id per output folder: a resumed run continues the same wandb run.
+    run_id = hashlib.sha1(str(output_dir).encode()).hexdigest()[:12]
+    accelerator.init_trackers(
+        project_name=recipe.logging.project,
+        config=recipe_to_dict(recipe),
+        init_kwargs={
+            "wandb": {
+                "name": recipe.logging.run_name or output_dir.name,
+                "dir": str(output_dir),
+                "mode": wandb_mode(),
+                "id": run_id,
+                "resume": "allow",
+            }
+        },
+    )
+
+
+def log(accelerator: Any, metrics: dict[str, float], step: int, output_dir: str | Path) -> None:
+    """To the trackers, the console, and OUTPUT/metrics.jsonl (one JSON object per logged step)."""
+    accelerator.log(metrics, step=step)
+    if accelerator.is_main_process:
+        tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        with (Path(output_dir) / METRICS_FILE).open("a", encoding="utf-8") as sink:
+            sink.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def truncate_metrics(output_dir: str | Path, last_step: int) -> None:
+    """On resume: forget steps after the checkpoint (they were lost with the crash and will be run again)."""
+    kept = [m for m in read_metrics(output_dir) if m["step"] <= last_step]
+    (Path(output_dir) / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in kept), encoding="utf-8")
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, float]]:
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def finish(accelerator: Any) -> None:
+    accelerator.end_training()
