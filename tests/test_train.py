@@ -187,3 +187,29 @@ def test_a_killed_run_resumes_at_its_checkpoint_with_identical_losses(tiny_model
     assert sorted(losses(tmp_path / "cut")) == list(range(1, 9))
     rerun = run_cli("train", str(crashed))  # a finished run has nothing left to do
     assert rerun.returncode == 0 and "step_00000008" in rerun.stdout
+
+
+@pytest.mark.slow
+def test_infer_predict_and_chat_commands(lora_run, demo_corpus, tmp_path, capsys):
+    from vidtune.train.cli import main
+    from vidtune.train.infer import chat, load_for_inference
+
+    output, _, _ = lora_run
+    video = str(demo_corpus / "videos" / "eval_0000.mp4")
+    main(["infer", str(output), "--video", video, "--prompt", "Which color comes first?", "--max-new-tokens", "4"])
+    answer = capsys.readouterr().out.strip()  # a 6-step adapter may well answer nothing; the commands must agree
+
+    predictions = tmp_path / "predictions.jsonl"
+    main(["predict", str(output), "--data", str(demo_corpus / "questions_eval.jsonl"), "--out", str(predictions),
+          "--batch-size", "5", "--max-new-tokens", "4"])
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(rows) == 16 and rows[0]["question"] == "Which color comes first?"
+    assert rows[0]["reference"] in ("red", "green", "blue", "yellow") and rows[0]["prediction"] == answer
+
+    script = iter(["Which color comes first?", "/video /no/such.mp4", f"/video {video}", "And last?", "/reset",
+                   "Which color comes first?", "/quit"])
+    said: list[str] = []
+    chat(load_for_inference(str(output)), video, read=lambda _: next(script), write=said.append, max_new_tokens=4)
+    replies = [line for line in said if line.startswith("model> ")]
+    assert len(replies) == 3 and replies[0] == replies[2] == f"model> {answer}"  # reset: same first answer again
+    assert any("no video at" in line for line in said) and "(conversation reset)" in said
