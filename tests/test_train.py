@@ -200,14 +200,35 @@ def test_infer_predict_and_chat_commands(lora_run, demo_corpus, tmp_path, capsys
     answer = capsys.readouterr().out.strip()  # a 6-step adapter may well answer nothing; the commands must agree
 
     predictions = tmp_path / "predictions.jsonl"
-    main(["predict", str(output), "--data", str(demo_corpus / "questions_eval.jsonl"), "--out", str(predictions),
-          "--batch-size", "5", "--max-new-tokens", "4"])
+    main(
+        [
+            "predict",
+            str(output),
+            "--data",
+            str(demo_corpus / "questions_eval.jsonl"),
+            "--out",
+            str(predictions),
+            "--batch-size",
+            "5",
+            "--max-new-tokens",
+            "4",
+        ]
+    )
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(rows) == 16 and rows[0]["question"] == "Which color comes first?"
     assert rows[0]["reference"] in ("red", "green", "blue", "yellow") and rows[0]["prediction"] == answer
 
-    script = iter(["Which color comes first?", "/video /no/such.mp4", f"/video {video}", "And last?", "/reset",
-                   "Which color comes first?", "/quit"])
+    script = iter(
+        [
+            "Which color comes first?",
+            "/video /no/such.mp4",
+            f"/video {video}",
+            "And last?",
+            "/reset",
+            "Which color comes first?",
+            "/quit",
+        ]
+    )
     said: list[str] = []
     chat(load_for_inference(str(output)), video, read=lambda _: next(script), write=said.append, max_new_tokens=4)
     replies = [line for line in said if line.startswith("model> ")]
