@@ -171,6 +171,16 @@ def split_eval(rows: datasets.Dataset, fraction: float, seed: int) -> tuple[data
     return rows.select(sorted(indices[num_eval:])), rows.select(sorted(indices[:num_eval]))
 
 
+def prepare_eval_rows(cfg: DataConfig, builder: ExampleBuilder, seed: int) -> datasets.Dataset | None:
+    """Held-out rows from eval_sources only (streaming runs hold nothing out of the stream)."""
+    if not cfg.eval_sources:
+        return None
+    rows, _ = measure_and_filter(
+        load_conversations(cfg.eval_sources, cfg.caption_prompts, seed), Measurer(builder, cfg)
+    )
+    return rows
+
+
 def prepare_rows(
     cfg: DataConfig, builder: ExampleBuilder, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, DropReport]:
@@ -255,27 +265,44 @@ class SFTDataset(torch.utils.data.Dataset):
 
 class StreamingSFTDataset(torch.utils.data.IterableDataset):
     """For corpora too large to prepare: rows are measured and filtered as they stream; each rank reads its own
-    shard (datasets.distributed.split_dataset_by_node) and DataLoader workers split it further."""
+    shard (datasets.distributed.split_dataset_by_node). With repeat, the shard is read again and again (epoch after
+    epoch), so every rank always has a next batch: shards that lose different numbers of rows to filtering can
+    never leave one rank waiting for another at the end of an epoch."""
 
-    def __init__(self, cfg: DataConfig, measurer: Measurer, maker: ExampleMaker, rank: int, world_size: int, seed: int):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        measurer: Measurer,
+        maker: ExampleMaker,
+        rank: int,
+        world_size: int,
+        seed: int,
+        repeat: bool = False,
+    ):
         from datasets.distributed import split_dataset_by_node
 
         stream = stream_conversations(cfg.sources, cfg.caption_prompts, seed)
         self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
-        self.measurer, self.maker, self.epoch = measurer, maker, 0
+        self.measurer, self.maker, self.repeat, self.rank = measurer, maker, repeat, rank
         self.dropped: Counter = Counter()
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.stream.set_epoch(epoch)
-
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for index, row in enumerate(self.stream):
-            measured = self.measurer(row)
-            if measured["drop_reason"]:
-                self.dropped[measured["drop_reason"].split(" (")[0]] += 1
-                continue
-            yield self.maker.make({**row, **measured}, self.epoch, index)
+        epoch = 0
+        while True:
+            self.stream.set_epoch(epoch)
+            kept = 0
+            for index, row in enumerate(self.stream):
+                measured = self.measurer(row)
+                if measured["drop_reason"]:
+                    self.dropped[measured["drop_reason"].split(" (")[0]] += 1
+                    continue
+                kept += 1
+                yield self.maker.make({**row, **measured}, epoch, index)
+            if not self.repeat:
+                return
+            if kept == 0:
+                raise DataError(f"rank {self.rank}'s share of the stream holds no sample that fits")
+            epoch += 1
 
 
 # ----------------------------------------------------------------------------------------------------- batching

@@ -77,3 +77,56 @@ def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vidtune.train.demo_corpus import write_demo_corpus
 
     return write_demo_corpus(tmp_path_factory.mktemp("demo-corpus"), num_train=24, num_eval=8)
+
+
+@pytest.fixture(scope="session")
+def mixed_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """openai-style rows mixing clips of 1-3 seconds (2, 4 or 6 frames at 2 fps), images and text-only chats."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from vidtune.train.synthetic import write_color_clip
+
+    root = tmp_path_factory.mktemp("mixed")
+    colors = ["red", "green", "blue", "yellow"]
+    rows = []
+    for i in range(24):
+        kind = ("video", "video", "image", "text")[i % 4]
+        segments = [colors[(i + k) % 4] for k in range(1 + i % 3)]
+        answer = " then ".join(segments)
+        if kind == "video":
+            write_color_clip(root / f"clip{i}.mp4", segments, seed=i)
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": "<video>Describe this video."},
+                        {"role": "assistant", "content": answer},
+                    ],
+                    "videos": [f"clip{i}.mp4"],
+                }
+            )
+        elif kind == "image":
+            pixels = np.full((40 + 8 * (i % 3), 56, 3), 60 * (i % 4), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"image{i}.png")
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": "<image>What color is it?"},
+                        {"role": "assistant", "content": colors[i % 4]},
+                    ],
+                    "images": [f"image{i}.png"],
+                }
+            )
+        else:
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Say {colors[i % 4]}."},
+                        {"role": "assistant", "content": colors[i % 4]},
+                    ]
+                }
+            )
+    (root / "mixed.json").write_text(json.dumps(rows))
+    return root / "mixed.json"

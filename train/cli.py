@@ -6,6 +6,7 @@ Bad input (a recipe typo, a missing video, a malformed row) ends in one line say
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -71,7 +72,9 @@ def run_train(args: argparse.Namespace) -> None:
         return
     from vidtune.train.loop import train
 
-    print(f"done: {train(recipe)}")
+    output = train(recipe)
+    if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
+        print(f"done: {output}")
 
 
 def _load(args: argparse.Namespace):

@@ -26,13 +26,22 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from vidtune.data.collator import Collator
-from vidtune.data.dataset import DropReport, EpochBatchSampler, ExampleMaker, SFTDataset, prepare_rows
+from vidtune.data.dataset import (
+    DropReport,
+    EpochBatchSampler,
+    ExampleMaker,
+    Measurer,
+    SFTDataset,
+    StreamingSFTDataset,
+    prepare_eval_rows,
+    prepare_rows,
+)
 from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import ModelFamily
 from vidtune.train import faults, outputs, tracking
 from vidtune.train.checkpoint import TrainingState, latest_checkpoint, save_checkpoint
 from vidtune.train.config import Recipe, recipe_to_yaml
-from vidtune.train.distributed import make_accelerator, save_state_kwargs
+from vidtune.train.distributed import VisionLockstep, make_accelerator, save_state_kwargs
 from vidtune.train.model import (
     apply_finetuning,
     check_audit,
@@ -55,11 +64,12 @@ class Run:
     scheduler: Any
     train_loader: Any
     eval_loader: Any
-    sampler: EpochBatchSampler
+    sampler: EpochBatchSampler | None  # None for a streamed corpus
     state: TrainingState
     total_steps: int
     audit: dict[str, Any]
     drops: DropReport
+    lockstep: VisionLockstep
 
 
 # ------------------------------------------------------------------------------------------------------- setup
@@ -68,6 +78,9 @@ class Run:
 def build_model(recipe: Recipe) -> tuple[Any, ModelFamily, Any, dict[str, Any]]:
     model, family = load_model(recipe.model)
     processor = load_processor(recipe.model.name_or_path, family, recipe.model.trust_remote_code)
+    # Seed right before the adapter's random init: loading draws from the RNG differently under DeepSpeed ZeRO-3
+    # (and across library versions), and LoRA A must be the same whatever the launch.
+    set_seed(recipe.train.seed)
     model = apply_finetuning(model, family, recipe.finetune, recipe.model.adapter)
     if recipe.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -76,32 +89,54 @@ def build_model(recipe: Recipe) -> tuple[Any, ModelFamily, Any, dict[str, Any]]:
     return model, family, processor, audit
 
 
-def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerator: Accelerator):
-    data, train_cfg = recipe.data, recipe.train
-    builder = ExampleBuilder(processor, family.chat_template, data.label_turns)
-    with accelerator.main_process_first():  # rank 0 probes the videos first; the others then hit warm file caches
-        train_rows, eval_rows, drops = prepare_rows(data, builder, train_cfg.seed)
-    collate = Collator(processor.tokenizer.pad_token_id, padding_side="right")
-    train_set = SFTDataset(train_rows, ExampleMaker(builder, data, train_cfg.seed, train=True))
-    sampler = EpochBatchSampler(
-        train_set.lengths, train_cfg.batch_size, train_cfg.seed, group_by_length=train_cfg.group_by_length
-    )
-    loader_kwargs = {
+def loader_kwargs(recipe: Recipe, collate: Collator) -> dict[str, Any]:
+    return {
         "collate_fn": collate,
-        "num_workers": data.num_workers,
-        "persistent_workers": data.num_workers > 0,
+        "num_workers": recipe.data.num_workers,
+        "persistent_workers": recipe.data.num_workers > 0,
         "pin_memory": torch.cuda.is_available(),
         # Every new iterator draws a worker seed from its generator; without one of its own it draws from the
         # global RNG, so a resumed run (which creates its iterator after restoring RNG states) would get different
         # dropout masks than the uninterrupted run.
-        "generator": torch.Generator().manual_seed(train_cfg.seed),
+        "generator": torch.Generator().manual_seed(recipe.train.seed),
     }
-    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, **loader_kwargs)
+
+
+def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerator: Accelerator):
+    """Train loader (map-style with a seeded batch sampler, or a per-rank stream), eval loader, sampler, drops."""
+    data, train_cfg = recipe.data, recipe.train
+    builder = ExampleBuilder(processor, family.chat_template, data.label_turns)
+    collate = Collator(processor.tokenizer.pad_token_id, padding_side="right")
+    kwargs = loader_kwargs(recipe, collate)
+    with accelerator.main_process_first():  # rank 0 probes the videos first; the others then hit warm file caches
+        if data.streaming:
+            train_rows, eval_rows, drops = None, prepare_eval_rows(data, builder, train_cfg.seed), DropReport()
+        else:
+            train_rows, eval_rows, drops = prepare_rows(data, builder, train_cfg.seed)
+    maker = ExampleMaker(builder, data, train_cfg.seed, train=True)
+    sampler = None
+    if train_rows is None:
+        stream = StreamingSFTDataset(
+            data,
+            Measurer(builder, data),
+            maker,
+            accelerator.process_index,
+            accelerator.num_processes,
+            train_cfg.seed,
+            repeat=True,
+        )
+        train_loader = torch.utils.data.DataLoader(stream, batch_size=train_cfg.batch_size, **kwargs)
+    else:
+        train_set = SFTDataset(train_rows, maker)
+        sampler = EpochBatchSampler(
+            train_set.lengths, train_cfg.batch_size, train_cfg.seed, group_by_length=train_cfg.group_by_length
+        )
+        train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, **kwargs)
     eval_loader = None
     if eval_rows is not None:
         eval_set = SFTDataset(eval_rows, ExampleMaker(builder, data, train_cfg.seed, train=False))
         eval_sampler = EpochBatchSampler(eval_set.lengths, train_cfg.batch_size, train_cfg.seed, shuffle=False)
-        eval_loader = torch.utils.data.DataLoader(eval_set, batch_sampler=eval_sampler, **loader_kwargs)
+        eval_loader = torch.utils.data.DataLoader(eval_set, batch_sampler=eval_sampler, **kwargs)
     return train_loader, eval_loader, sampler, drops
 
 
@@ -121,6 +156,13 @@ def build_optimizer(recipe: Recipe, model: Any, total_steps: int):
     return optimizer, scheduler
 
 
+def steps_per_epoch(recipe: Recipe, sampler: EpochBatchSampler | None, accelerator: Accelerator) -> int:
+    if sampler is None:
+        raise ValueError("a streamed corpus has no known length: set train.max_steps")
+    micro_per_epoch = math.ceil(len(sampler) / accelerator.num_processes)
+    return max(1, math.ceil(micro_per_epoch / recipe.train.grad_accum_steps))
+
+
 def setup(recipe: Recipe) -> Run:
     accelerator = make_accelerator(recipe)
     set_seed(recipe.train.seed)
@@ -132,11 +174,14 @@ def setup(recipe: Recipe) -> Run:
         accelerator.print(format_audit(audit))
     train_loader, eval_loader, sampler, drops = build_loaders(recipe, processor, family, accelerator)
     accelerator.print(f"data: {drops.summary()}")
-    micro_per_epoch = math.ceil(len(sampler) / accelerator.num_processes)
-    steps_per_epoch = max(1, math.ceil(micro_per_epoch / recipe.train.grad_accum_steps))
-    total_steps = recipe.train.max_steps or math.ceil(recipe.train.num_epochs * steps_per_epoch)
+    total_steps = recipe.train.max_steps or math.ceil(
+        recipe.train.num_epochs * steps_per_epoch(recipe, sampler, accelerator)
+    )
     optimizer, scheduler = build_optimizer(recipe, model, total_steps)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if sampler is not None:  # map-style: Accelerate shards the batches across ranks
+        model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    else:  # a stream is already split per rank (datasets' split_dataset_by_node)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     state = TrainingState()
@@ -157,6 +202,7 @@ def setup(recipe: Recipe) -> Run:
         total_steps,
         audit,
         drops,
+        VisionLockstep(accelerator, processor, model),
     )
 
 
@@ -177,11 +223,13 @@ def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> dict[str, flo
     loss_sum = torch.zeros((), device=acc.device)
     model.train()
     for index, batch in enumerate(window):
+        batch = {k: v.to(acc.device) for k, v in batch.items()}  # streamed batches are not placed by Accelerate
         faults.before_micro_batch(run.state.step, index)
         acc.sync_gradients = index == len(window) - 1  # the window's last micro-batch reduces and steps
         with acc.no_sync(model) if not acc.sync_gradients else nullcontext():
+            run.lockstep.prepare(batch)
             summed = model(**batch, num_items_in_batch=1).loss  # summed token loss of this micro-batch
-            acc.backward(summed * scale)
+            acc.backward(summed * scale + run.lockstep.take_term())
         loss_sum += summed.detach().float()
     grad_norm = None
     if run.recipe.train.max_grad_norm > 0:
@@ -208,7 +256,9 @@ def evaluate(run: Run) -> float:
     model.eval()
     loss_sum, token_sum = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
     for batch in run.eval_loader:
+        run.lockstep.prepare(batch)  # ranks must run the vision paths alike in eval too
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        run.lockstep.take_term()
         labels = batch["labels"][:, 1:]
         per_token = torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
@@ -259,7 +309,8 @@ def train_loop(run: Run) -> dict[str, float]:
     metrics: dict[str, float] = {}
     started, seen_samples, seen_tokens = time.perf_counter(), 0, 0
     while state.step < run.total_steps:
-        run.sampler.set_epoch(state.epoch)
+        if run.sampler is not None:
+            run.sampler.set_epoch(state.epoch)
         loader = run.train_loader
         if state.batches_in_epoch:  # resume mid-epoch: same order (seeded by epoch), skip what was consumed
             loader = acc.skip_first_batches(loader, state.batches_in_epoch)

@@ -19,7 +19,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from vidtune.train.config import recipe_to_yaml
-from vidtune.train.distributed import is_deepspeed
+from vidtune.train.distributed import is_deepspeed, trainable_state_dict, zero_stage
 
 ADAPTER_SUBDIR = "adapter"
 METADATA = "vidtune.json"
@@ -75,6 +75,11 @@ def training_metadata(run: Any, metrics: dict[str, float]) -> dict[str, Any]:
         "label_turns": r.data.label_turns,
         "datasets": [{"path": s.path, "format": s.format} for s in r.data.sources],
         "num_train_samples": run.drops.kept,
+        "distributed": {
+            "num_processes": run.accelerator.num_processes,
+            "distributed_type": str(run.accelerator.distributed_type).split(".")[-1],
+            "zero_stage": zero_stage(run.accelerator),
+        },
         "num_dropped_samples": run.drops.dropped,
         "steps": run.state.step,
         "metrics": metrics,
@@ -88,7 +93,11 @@ def save_final(run: Any, metrics: dict[str, float]) -> None:
     Every rank takes part in gathering the state dict (ZeRO-3 shards it across ranks)."""
     acc, out = run.accelerator, Path(run.recipe.train.output_dir)
     acc.wait_for_everyone()
-    state_dict = acc.get_state_dict(run.model)
+    unwrapped = acc.unwrap_model(run.model)
+    if isinstance(unwrapped, PeftModel):
+        state_dict = trainable_state_dict(acc, run.model)  # PEFT keeps the adapter's keys from it
+    else:
+        state_dict = acc.get_state_dict(run.model)  # ZeRO-3 full weights: needs zero3_save_16bit_model
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         acc.unwrap_model(run.model).save_pretrained(out, state_dict=state_dict, safe_serialization=True)
