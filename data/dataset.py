@@ -78,6 +78,7 @@ class DropReport:
     """What preparation dropped, by reason, with a few examples each (for logs and `vidtune check`)."""
 
     kept: int = 0
+    kept_by_source: dict[str, int] = field(default_factory=dict)
     reasons: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
@@ -159,6 +160,7 @@ def measure_and_filter(
             report.add(reason, at)
     kept = measured.filter(lambda r: not r, input_columns="drop_reason")
     report.kept = len(kept)
+    report.kept_by_source = dict(Counter(kept["source"]))
     if report.kept == 0:
         raise DataError(f"no sample fits: {report.summary()}")
     return kept, report

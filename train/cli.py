@@ -46,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto")
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--batch-size", type=int, default=8)
+    p = sub.add_parser("export", help="write a run as a Hub-ready folder (model card included), optionally push it")
+    p.add_argument("run_dir", help="a finished training output folder")
+    p.add_argument("--to", help="export folder (default: RUN_DIR/export)")
+    p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights (plain model)")
+    p.add_argument("--push", metavar="REPO_ID", help="upload to this Hub repo (created when missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", help="branch to push to (created when missing)")
+    p.add_argument("--message", help="commit message")
+    p.add_argument("--dry-run", action="store_true", help="write the folder and list what would be uploaded; no push")
     p = sub.add_parser("demo", help="generate videos, build a tiny model, train base -> instruct -> chat on CPU")
     p.add_argument("--workdir", default="vidtune-demo", help="where the corpus, model and runs go")
     p = sub.add_parser("tiny-model", help="write a tiny random LLaVA-NeXT-Video folder (for trying things out)")
@@ -77,6 +86,29 @@ def run_train(args: argparse.Namespace) -> None:
         print(f"done: {output}")
 
 
+def run_export(args: argparse.Namespace) -> None:
+    import dataclasses
+    from pathlib import Path
+
+    from vidtune.train.config import load_recipe
+    from vidtune.train.export import export_folder, hub_token, push
+
+    saved = Path(args.run_dir) / "recipe.yaml"
+    card = dataclasses.asdict(load_recipe(saved).hub) if saved.is_file() else {}
+    card["repo_id"] = args.push or card.get("repo_id")
+    if args.push and not args.dry_run:
+        hub_token()  # before the (possibly long) merge
+    result = export_folder(args.run_dir, args.to, merge=args.merge, card=card)
+    print(f"exported {result.folder}:")
+    for name in result.files:
+        print(f"  {name}  ({(result.folder / name).stat().st_size:,} bytes)")
+    if args.push and args.dry_run:
+        print(f"dry run: these {len(result.files)} files would be uploaded to {args.push}; nothing was uploaded")
+    elif args.push:
+        url = push(result, args.push, private=args.private, revision=args.revision, commit_message=args.message)
+        print(f"pushed: {url}")
+
+
 def _load(args: argparse.Namespace):
     from vidtune.train.infer import load_for_inference
 
@@ -101,6 +133,8 @@ def run_command(args: argparse.Namespace) -> None:
         source = SourceConfig(path=args.data, format=args.format, media_root=args.media_root)
         count = predict(_load(args), source, args.out, args.batch_size, args.max_new_tokens)
         print(f"wrote {count} predictions to {args.out}")
+    elif args.command == "export":
+        run_export(args)
     elif args.command == "demo":
         from vidtune.train.demo import run_demo
 

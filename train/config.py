@@ -93,6 +93,15 @@ class LoggingConfig:
 
 
 @dataclass
+class HubConfig:
+    repo_id: str | None = None  # push the exported adapter here when `vidtune train` finishes (needs a token)
+    private: bool = True
+    revision: str | None = None  # a branch of the repo; created when missing
+    license: str = "other"  # model card front matter
+    datasets: list[str] = field(default_factory=list)  # Hub dataset ids for the model card
+
+
+@dataclass
 class Recipe:
     variant: str = "instruct"  # base (captioning) | instruct (question answering) | chat (multi-turn)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -100,6 +109,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 # ----------------------------------------------------------------------------------------------------- loading

@@ -8,6 +8,7 @@ short answer's tokens more than a long one's and change with the batch layout.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -40,7 +41,7 @@ from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import ModelFamily
 from vidtune.train import faults, outputs, tracking
 from vidtune.train.checkpoint import TrainingState, latest_checkpoint, save_checkpoint
-from vidtune.train.config import Recipe, recipe_to_yaml
+from vidtune.train.config import Recipe, RecipeError, recipe_to_yaml
 from vidtune.train.distributed import VisionLockstep, make_accelerator, save_state_kwargs
 from vidtune.train.model import (
     apply_finetuning,
@@ -355,8 +356,28 @@ def checkpoint(run: Run) -> Path:
     )
 
 
+def push_to_hub(run: Run) -> None:
+    """The recipe asked for it: export the finished run and push it (main process). A failed push keeps the run."""
+    from vidtune.train.export import export_folder, push
+
+    hub, output = run.recipe.hub, run.recipe.train.output_dir
+    try:
+        result = export_folder(output, card=dataclasses.asdict(hub))
+        url = push(result, hub.repo_id or "", private=hub.private, revision=hub.revision)
+    except Exception as err:
+        raise RecipeError(
+            f"training finished and is saved in {output}, but the push to {hub.repo_id} failed "
+            f"({str(err).splitlines()[0]}); retry with `vidtune export {output} --push {hub.repo_id}`"
+        ) from None
+    run.accelerator.print(f"pushed to {url}")
+
+
 def train(recipe: Recipe) -> Path:
     """Run a recipe end to end; returns the output folder (adapter or model, processor, recipe, metadata)."""
+    if recipe.hub.repo_id:
+        from vidtune.train.export import hub_token
+
+        hub_token()  # no token: say so now, not after hours of training
     run = setup(recipe)
     tracking.start(run.accelerator, recipe)
     try:
@@ -366,6 +387,8 @@ def train(recipe: Recipe) -> Path:
             metrics["eval/loss"] = evaluate(run)
             tracking.log(run.accelerator, {"eval/loss": metrics["eval/loss"]}, run.state.step, recipe.train.output_dir)
         outputs.save_final(run, metrics)
+        if recipe.hub.repo_id and run.accelerator.is_main_process:
+            push_to_hub(run)
     finally:
         tracking.finish(run.accelerator)
     return Path(recipe.train.output_dir)

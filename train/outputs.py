@@ -18,6 +18,7 @@ from typing import Any
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from vidtune.data.sources import source_name
 from vidtune.train.config import recipe_to_yaml
 from vidtune.train.distributed import is_deepspeed, trainable_state_dict, zero_stage
 
@@ -73,7 +74,26 @@ def training_metadata(run: Any, metrics: dict[str, float]) -> dict[str, Any]:
         "time_instruction": r.data.time_instruction,
         "max_length": r.data.max_length,
         "label_turns": r.data.label_turns,
-        "datasets": [{"path": s.path, "format": s.format} for s in r.data.sources],
+        "datasets": [
+            {"path": s.path, "format": s.format, "num_samples": run.drops.kept_by_source.get(source_name(s))}
+            for s in r.data.sources
+        ],
+        "hyperparameters": {
+            "learning rate": r.train.learning_rate,
+            "scheduler": f"{r.train.lr_scheduler}, warmup {r.train.warmup_ratio:g}",
+            "batch per device x accumulation": f"{r.train.batch_size} x {r.train.grad_accum_steps}",
+            "processes": run.accelerator.num_processes,
+            "epochs / max steps": f"{r.train.num_epochs:g} / {r.train.max_steps}",
+            "LoRA rank / alpha / dropout": (
+                f"{r.finetune.lora.rank} / {r.finetune.lora.alpha} / {r.finetune.lora.dropout:g}"
+                if r.finetune.mode == "lora"
+                else None
+            ),
+            "projector trained": r.finetune.train_projector,
+            "vision tower": r.finetune.vision_tower,
+            "mixed precision": r.train.mixed_precision,
+            "seed": r.train.seed,
+        },
         "num_train_samples": run.drops.kept,
         "distributed": {
             "num_processes": run.accelerator.num_processes,

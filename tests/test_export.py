@@ -1,0 +1,269 @@
+"""Export: a Hub-ready folder that plain transformers + peft load, a merged model with the same answers, frame
+sampling that follows training, and a push that uploads exactly the allowlisted files (recorded, no network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vidtune.train.config import RecipeError, load_recipe
+
+CANARY_HF = "hf_CANARY_0123456789abcdefghijklmnop"
+CANARY_WANDB = "CANARYwandb0123456789abcdef0123456789abcd"
+pytestmark = pytest.mark.slow
+
+
+class RecordingApi:
+    """Stands in for huggingface_hub.HfApi: records what would be sent."""
+
+    instances: list[RecordingApi] = []
+
+    def __init__(self, token: str | None = None):
+        self.token, self.calls = token, []
+        RecordingApi.instances.append(self)
+
+    def create_repo(self, **kwargs):
+        self.calls.append(("create_repo", kwargs))
+        return f"https://huggingface.co/{kwargs['repo_id']}"
+
+    def create_branch(self, **kwargs):
+        self.calls.append(("create_branch", kwargs))
+
+    def create_commit(self, **kwargs):
+        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in kwargs["operations"]}
+        self.calls.append(("create_commit", {**kwargs, "operations": sorted(files)}))
+        self.uploaded = files
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, demo_corpus, tmp_path_factory):
+    """A finished LoRA run (projector trained too), trained with canary secrets in the environment and wandb on."""
+    from vidtune.train.loop import train
+
+    output = tmp_path_factory.mktemp("export-run") / "run"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HF_TOKEN", CANARY_HF)
+        env.setenv("WANDB_API_KEY", CANARY_WANDB)
+        env.setenv("WANDB_MODE", "offline")
+        train(
+            load_recipe(
+                None,
+                [
+                    f"model.name_or_path={tiny_model_dir}",
+                    f"data.sources=[{{path: {demo_corpus / 'questions_train.jsonl'}}}]",
+                    "data.sampling.num_frames=4",
+                    "data.max_length=64",
+                    "data.num_workers=0",
+                    f"train.output_dir={output}",
+                    "train.max_steps=6",
+                    "train.batch_size=4",
+                    "train.learning_rate=1e-2",
+                    "finetune.train_projector=true",
+                    "logging.report_to=wandb",
+                    "hub.license=apache-2.0",
+                    "hub.datasets=[me/colour-clips]",
+                ],
+            )
+        )
+    return output
+
+
+def test_export_folder_holds_the_allowlisted_files_and_a_model_card(run_dir):
+    from vidtune.train.export import export_folder
+
+    result = export_folder(run_dir, card={"repo_id": "me/colours", "license": "apache-2.0"})
+    assert result.files == sorted(
+        [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "processor_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "vidtune.json",
+            "README.md",
+        ]
+    )
+    card = (result.folder / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == json.loads((run_dir / "vidtune.json").read_text())["base_model"]
+    assert front["library_name"] == "peft" and front["pipeline_tag"] == "video-text-to-text"
+    assert front["license"] == "apache-2.0"
+    assert "PeftModel.from_pretrained" in card and "vidtune infer me/colours" in card
+    assert "| frames per clip | 4 |" in card and "learning rate" in card
+
+
+def test_plain_transformers_peft_on_the_export_matches_vidtune_infer(run_dir, tiny_model_dir, demo_corpus):
+    from peft import PeftModel
+    from transformers import AutoProcessor, LlavaNextVideoForConditionalGeneration
+
+    from vidtune.data.video import SamplingConfig, load_clip
+    from vidtune.train.export import export_folder
+    from vidtune.train.infer import answer, load_for_inference
+
+    folder = export_folder(run_dir, to=run_dir.parent / "plain").folder
+    video = demo_corpus / "videos" / "eval_0002.mp4"
+    inference = load_for_inference(str(folder))
+    assert inference.sampling.num_frames == 4  # from the export's vidtune.json, not the default of 8
+    ours = answer(inference, str(video), "Which color comes first?", max_new_tokens=6)
+    assert ours == answer(load_for_inference(str(run_dir)), str(video), "Which color comes first?", 6)
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = PeftModel.from_pretrained(LlavaNextVideoForConditionalGeneration.from_pretrained(tiny_model_dir), folder)
+    conversation = [
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Which color comes first?"}]}
+    ]
+    inputs = processor(
+        text=processor.apply_chat_template(conversation, add_generation_prompt=True),
+        videos=[load_clip(str(video), SamplingConfig(4)).frames],
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        tokens = model.eval().generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert processor.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip() == ours
+
+
+def test_merged_model_loads_alone_and_gives_the_same_greedy_tokens(run_dir, demo_corpus):
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    from vidtune.train.export import export_folder
+    from vidtune.train.infer import generate, load_for_inference, video_question
+
+    result = export_folder(run_dir, to=run_dir.parent / "merged", merge=True)
+    assert "adapter_config.json" not in result.files and "model.safetensors" in result.files
+    merged = LlavaNextVideoForConditionalGeneration.from_pretrained(result.folder)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert merged.dtype == torch.float32  # the tiny base's dtype
+    prompts = [
+        video_question(str(demo_corpus / "videos" / f"eval_{i:04d}.mp4"), q)
+        for i in range(3)
+        for q in ("Which color comes first?", "Which color comes last?")
+    ]
+    assert generate(load_for_inference(str(result.folder)), prompts, 6) == generate(
+        load_for_inference(str(run_dir)), prompts, 6
+    )
+    card = yaml.safe_load((result.folder / "README.md").read_text().split("---\n")[1])
+    assert card["library_name"] == "transformers"
+
+
+def test_push_uploads_exactly_the_export_with_repo_privacy_and_revision(run_dir, monkeypatch):
+    import huggingface_hub
+
+    from vidtune.train.cli import main
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    monkeypatch.setenv("HF_TOKEN", CANARY_HF)
+    RecordingApi.instances.clear()
+    main(
+        [
+            "export",
+            str(run_dir),
+            "--to",
+            str(run_dir.parent / "pushed"),
+            "--push",
+            "me/colours",
+            "--private",
+            "--revision",
+            "v1",
+            "--message",
+            "first adapter",
+        ]
+    )
+    api = RecordingApi.instances[-1]
+    assert api.token == CANARY_HF  # used to authenticate, never written anywhere (see the canary test)
+    names = [name for name, _ in api.calls]
+    assert names == ["create_repo", "create_branch", "create_commit"]
+    assert api.calls[0][1] == {"repo_id": "me/colours", "private": True, "repo_type": "model", "exist_ok": True}
+    assert api.calls[1][1]["branch"] == "v1"
+    commit = api.calls[2][1]
+    assert commit["revision"] == "v1" and commit["commit_message"] == "first adapter"
+    assert commit["operations"] == sorted(p.name for p in (run_dir.parent / "pushed").iterdir())
+    assert not any(name.startswith(("checkpoints", "wandb", ".env", "metrics")) for name in commit["operations"])
+    for content in api.uploaded.values():
+        assert CANARY_HF.encode() not in content and CANARY_WANDB.encode() not in content
+
+
+def test_dry_run_uploads_nothing_and_a_missing_token_is_one_line(run_dir, monkeypatch, capsys, tmp_path):
+    import huggingface_hub
+
+    from vidtune.train.cli import main
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    RecordingApi.instances.clear()
+    main(["export", str(run_dir), "--to", str(tmp_path / "dry"), "--push", "me/colours", "--dry-run"])
+    assert RecordingApi.instances == [] and "nothing was uploaded" in capsys.readouterr().out
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no-login"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(run_dir), "--push", "me/colours"])
+    assert exit_info.value.code == 2
+    assert "no Hugging Face token" in capsys.readouterr().err
+
+
+def test_no_secret_reaches_any_exported_or_saved_file(run_dir):
+    """Canary HF_TOKEN / WANDB_API_KEY set during training and export appear in no file of the run (outputs,
+    checkpoints, saved recipe, metrics, wandb offline files) nor of any export."""
+    scanned = 0
+    for path in run_dir.parent.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert CANARY_HF.encode() not in content, path
+            assert CANARY_WANDB.encode() not in content, path
+            scanned += 1
+    assert scanned > 20 and list(run_dir.glob("wandb/offline-run-*"))
+
+
+def test_train_refuses_to_start_without_a_token_when_asked_to_push(tiny_model_dir, demo_corpus, tmp_path, monkeypatch):
+    from vidtune.train.loop import train
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no-login"))
+    recipe = load_recipe(
+        None,
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            f"train.output_dir={tmp_path / 'out'}",
+            f"data.sources=[{{path: {demo_corpus / 'questions_train.jsonl'}}}]",
+            "hub.repo_id=me/colours",
+            "logging.report_to=none",
+        ],
+    )
+    with pytest.raises(RecipeError, match="no Hugging Face token"):
+        train(recipe)
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_train_pushes_at_the_end_when_the_recipe_asks(tiny_model_dir, demo_corpus, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from vidtune.train.loop import train
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    monkeypatch.setenv("HF_TOKEN", CANARY_HF)
+    RecordingApi.instances.clear()
+    train(
+        load_recipe(
+            None,
+            [
+                f"model.name_or_path={tiny_model_dir}",
+                f"train.output_dir={tmp_path / 'out'}",
+                f"data.sources=[{{path: {demo_corpus / 'questions_train.jsonl'}}}]",
+                "data.num_workers=0",
+                "data.sampling.num_frames=4",
+                "train.max_steps=2",
+                "hub.repo_id=me/colours",
+                "hub.private=false",
+                "logging.report_to=none",
+            ],
+        )
+    )
+    calls = RecordingApi.instances[-1].calls
+    assert calls[0] == (
+        "create_repo",
+        {"repo_id": "me/colours", "private": False, "repo_type": "model", "exist_ok": True},
+    )
+    assert "adapter_model.safetensors" in calls[-1][1]["operations"]
