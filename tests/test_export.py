@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 class RecordingApi:
     """Stands in for huggingface_hub.HfApi: records what would be sent."""
 
-    instances: list[RecordingApi] = []
+    instances: ClassVar[list[RecordingApi]] = []
 
     def __init__(self, token: str | None = None):
         self.token, self.calls = token, []
