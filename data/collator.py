@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,13 +42,13 @@ class Collator:
         if self.padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side must be right or left, got {self.padding_side!r}")
 
-    def __call__(self, examples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         input_ids = [ex["input_ids"] for ex in examples]
         width = max(len(ids) for ids in input_ids)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         ones = [torch.ones(len(ids), dtype=torch.long) for ids in input_ids]
-        batch = {
+        batch: dict[str, Any] = {
             "input_ids": pad_sequences(input_ids, self.pad_token_id, self.padding_side, width),
             "attention_mask": pad_sequences(ones, 0, self.padding_side, width),
         }
@@ -56,6 +57,10 @@ class Collator:
         videos = [ex["pixel_values_videos"] for ex in examples if "pixel_values_videos" in ex]
         if videos:
             batch["pixel_values_videos"] = torch.cat(videos).unsqueeze(0)
+        # Samples replaced because they failed to load (reasons), for the loop's bad-sample budget.
+        skipped = [reason for ex in examples for reason in ex.get("skipped", [])]
+        if skipped:
+            batch["skipped"] = skipped
         if any("pixel_values" in ex for ex in examples):
             batch["pixel_values"] = torch.cat([ex["pixel_values"] for ex in examples if "pixel_values" in ex])
             batch["image_sizes"] = torch.cat([ex["image_sizes"] for ex in examples if "image_sizes" in ex])

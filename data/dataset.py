@@ -24,11 +24,13 @@ import torch
 from vidtune.data.conversation import DataError, Message, media_parts
 from vidtune.data.examples import LABEL_TURNS, ExampleBuilder, with_time_instructions
 from vidtune.data.formats import DEFAULT_CAPTION_PROMPT
+from vidtune.data.quality import BadSampleConfig, BadSampleLog, validate_bad_samples
 from vidtune.data.sources import SourceConfig, load_conversations, stream_conversations
 from vidtune.data.video import (
     SamplingConfig,
     VideoError,
     VideoInfo,
+    check_clip,
     image_size,
     load_clip,
     load_image,
@@ -55,6 +57,7 @@ class DataConfig:
     caption_prompts: list[str] = field(default_factory=lambda: [DEFAULT_CAPTION_PROMPT])  # sampled per row
     streaming: bool = False  # stream corpora too large to prepare (measured and filtered on the fly)
     num_workers: int = 2  # DataLoader worker processes (decode + processing)
+    bad_samples: BadSampleConfig = field(default_factory=BadSampleConfig)  # what to do with unreadable samples
 
 
 def validate_data(cfg: DataConfig) -> None:
@@ -71,6 +74,7 @@ def validate_data(cfg: DataConfig) -> None:
     if not cfg.caption_prompts:
         raise DataError("data.caption_prompts is empty")
     validate_sampling(cfg.sampling)
+    validate_bad_samples(cfg.bad_samples)
 
 
 @dataclass
@@ -81,6 +85,7 @@ class DropReport:
     kept_by_source: dict[str, int] = field(default_factory=dict)
     reasons: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    bad: BadSampleLog = field(default_factory=BadSampleLog)  # unreadable media, malformed rows
 
     def add(self, reason: str, at: str) -> None:
         kind = reason.split(" (")[0] if "exceed max_length" not in reason else "longer than max_length"
@@ -94,10 +99,11 @@ class DropReport:
         return sum(self.reasons.values())
 
     def summary(self) -> str:
+        bad = f"; {self.bad.summary()}" if self.bad.bad else ""
         if not self.dropped:
-            return f"{self.kept} samples kept, none dropped"
+            return f"{self.kept} samples kept, none dropped for length{bad}"
         parts = "; ".join(f"{n} {kind} (e.g. {self.examples[kind][0]})" for kind, n in self.reasons.most_common())
-        return f"{self.kept} samples kept, {self.dropped} dropped: {parts}"
+        return f"{self.kept} samples kept, {self.dropped} dropped: {parts}{bad}"
 
 
 # --------------------------------------------------------------------------------------------------- measuring
@@ -124,6 +130,16 @@ class Measurer:
                 tokens.append(self.builder.image_tokens(*image_size(path)))
                 continue
             info = self.video_info(path)
+            quality = self.cfg.bad_samples
+            check_clip(
+                path,
+                info,
+                self.cfg.sampling,
+                part["start_s"],
+                part["end_s"],
+                quality.max_frame_pixels,
+                quality.too_short,
+            )
             tokens.append(
                 num_sampled_frames(info, self.cfg.sampling, part["start_s"], part["end_s"])
                 * self.builder.tokens_per_frame
@@ -136,10 +152,20 @@ class Measurer:
         return tokens, instructions
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Token counts, a drop reason (too long, nothing to learn) or a problem (unreadable media: a bad sample)."""
+        if row.get("problem"):  # malformed when it was read
+            return {
+                "num_tokens": 0,
+                "num_media_tokens": 0,
+                "num_label_tokens": 0,
+                "drop_reason": "",
+                "problem": row["problem"],
+            }
         try:
             tokens, instructions = self.media_tokens(row["messages"])
         except VideoError as err:
-            raise DataError(f"{row['at']}: {err}") from None
+            problem = {"drop_reason": "", "problem": str(err)}
+            return {"num_tokens": 0, "num_media_tokens": 0, "num_label_tokens": 0, **problem}
         messages = with_time_instructions(row["messages"], instructions)
         count = self.builder.count(messages, tokens)
         return {
@@ -147,18 +173,25 @@ class Measurer:
             "num_media_tokens": count.media,
             "num_label_tokens": count.labels,
             "drop_reason": count.drop_reason(self.cfg.max_length) or "",
+            "problem": "",
         }
 
 
 def measure_and_filter(
-    rows: datasets.Dataset, measurer: Measurer, num_proc: int | None = None
+    rows: datasets.Dataset, measurer: Measurer, bad: BadSampleLog | None = None, num_proc: int | None = None
 ) -> tuple[datasets.Dataset, DropReport]:
+    """Measure every row; drop over-long ones (counted by reason) and bad ones (within the bad-sample budget)."""
     measured = rows.map(measurer, num_proc=num_proc, desc="measuring samples")
-    report = DropReport()
-    for reason, at in zip(measured["drop_reason"], measured["at"], strict=True):
+    report = DropReport(bad=bad if bad is not None else BadSampleLog(measurer.cfg.bad_samples))
+    for reason, problem, at in zip(measured["drop_reason"], measured["problem"], measured["at"], strict=True):
+        if problem:
+            report.bad.add(at, problem)
+            continue
+        report.bad.good()
         if reason:
             report.add(reason, at)
-    kept = measured.filter(lambda r: not r, input_columns="drop_reason")
+    report.bad.check("data")
+    kept = measured.filter(lambda reason, problem: not reason and not problem, input_columns=["drop_reason", "problem"])
     report.kept = len(kept)
     report.kept_by_source = dict(Counter(kept["source"]))
     if report.kept == 0:
@@ -173,26 +206,30 @@ def split_eval(rows: datasets.Dataset, fraction: float, seed: int) -> tuple[data
     return rows.select(sorted(indices[num_eval:])), rows.select(sorted(indices[:num_eval]))
 
 
-def prepare_eval_rows(cfg: DataConfig, builder: ExampleBuilder, seed: int) -> datasets.Dataset | None:
-    """Held-out rows from eval_sources only (streaming runs hold nothing out of the stream)."""
+def prepare_eval_rows(
+    cfg: DataConfig, builder: ExampleBuilder, seed: int, measured: bool = True
+) -> datasets.Dataset | None:
+    """Held-out rows from eval_sources (streaming runs hold nothing out of the stream)."""
     if not cfg.eval_sources:
         return None
-    rows, _ = measure_and_filter(
-        load_conversations(cfg.eval_sources, cfg.caption_prompts, seed), Measurer(builder, cfg)
-    )
-    return rows
+    bad = BadSampleLog(cfg.bad_samples)
+    rows = load_conversations(cfg.eval_sources, cfg.caption_prompts, seed, keep_bad=True)
+    if not measured:
+        return rows
+    return measure_and_filter(rows, Measurer(builder, cfg), bad)[0]
 
 
 def prepare_rows(
     cfg: DataConfig, builder: ExampleBuilder, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, DropReport]:
-    """Training rows, evaluation rows (or None) and the training drop report."""
+    """Training rows, evaluation rows (or None) and the training drop report (length drops and bad samples)."""
     measurer = Measurer(builder, cfg)
-    train_rows = load_conversations(cfg.sources, cfg.caption_prompts, seed)
-    eval_rows = load_conversations(cfg.eval_sources, cfg.caption_prompts, seed) if cfg.eval_sources else None
+    bad = BadSampleLog(cfg.bad_samples)
+    train_rows = load_conversations(cfg.sources, cfg.caption_prompts, seed, keep_bad=True)
+    eval_rows = prepare_eval_rows(cfg, builder, seed, measured=False)
     if cfg.eval_fraction:
         train_rows, eval_rows = split_eval(train_rows, cfg.eval_fraction, seed)
-    train_rows, report = measure_and_filter(train_rows, measurer)
+    train_rows, report = measure_and_filter(train_rows, measurer, bad)
     if eval_rows is not None:
         eval_rows, _ = measure_and_filter(eval_rows, measurer)
     return train_rows, eval_rows, report
@@ -202,7 +239,11 @@ def prepare_rows(
 
 
 def load_media(
-    messages: list[Message], sampling: SamplingConfig, with_time_instruction: bool, rng: np.random.Generator | None
+    messages: list[Message],
+    sampling: SamplingConfig,
+    with_time_instruction: bool,
+    rng: np.random.Generator | None,
+    decode_timeout_s: float = 120.0,
 ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
     """Decoded pixels per media index (conversation order), and each video's time instruction when asked for."""
     media, instructions = {}, {}
@@ -211,7 +252,7 @@ def load_media(
         if part["type"] == "image":
             media[index] = load_image(path)
             continue
-        clip = load_clip(path, sampling, part["start_s"], part["end_s"], rng)
+        clip = load_clip(path, sampling, part["start_s"], part["end_s"], rng, decode_timeout_s)
         media[index] = clip.frames
         if with_time_instruction:
             instructions[index] = time_instruction(clip.info, clip.timestamps_s, part["start_s"], part["end_s"])
@@ -224,7 +265,7 @@ class ExampleMaker:
     def __init__(self, builder: ExampleBuilder, cfg: DataConfig, seed: int, train: bool):
         self.builder, self.cfg, self.seed, self.train = builder, cfg, seed, train
 
-    def make(self, row: dict[str, Any], epoch: int, row_index: int) -> dict[str, torch.Tensor]:
+    def make(self, row: dict[str, Any], epoch: int, row_index: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, epoch, row_index]) if self.train else None
         example = self._build(row, rng)
         if len(example["input_ids"]) > self.cfg.max_length and rng is not None:
@@ -240,15 +281,26 @@ class ExampleMaker:
 
     def _build(self, row: dict[str, Any], rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
         try:
-            media, instructions = load_media(row["messages"], self.cfg.sampling, self.cfg.time_instruction, rng)
-        except VideoError as err:
+            media, instructions = load_media(
+                row["messages"],
+                self.cfg.sampling,
+                self.cfg.time_instruction,
+                rng,
+                self.cfg.bad_samples.decode_timeout_s,
+            )
+        except DataError as err:  # unreadable media, decode time limit
             raise DataError(f"{row['at']}: {err}") from None
         return self.builder.build(with_time_instructions(row["messages"], instructions), media)
 
 
 class SFTDataset(torch.utils.data.Dataset):
     """Map-style: indexed by (epoch, row) so the frame jitter of a row differs per epoch yet is reproducible on
-    resume and identical whichever worker or rank builds it."""
+    resume and identical whichever worker or rank builds it.
+
+    A row that measured fine but fails now (a file truncated or deleted since, a decode that times out) is replaced
+    by the next rows, deterministically; the example carries the reasons (`skipped`) for the loop to count against
+    the bad-sample budget. Batches stay full, so every rank keeps the same number of steps.
+    """
 
     def __init__(self, rows: datasets.Dataset, maker: ExampleMaker):
         self.rows, self.maker = rows, maker
@@ -256,13 +308,25 @@ class SFTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
-        epoch, row = key if isinstance(key, tuple) else (0, key)
-        return self.maker.make(self.rows[row], epoch, row)
-
     @property
     def lengths(self) -> list[int]:
         return list(self.rows["num_tokens"])
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        epoch, row = key if isinstance(key, tuple) else (0, key)
+        skipped: list[str] = []
+        for attempt in range(min(self.maker.cfg.bad_samples.max_bad_in_a_row, len(self.rows))):
+            index = (row + attempt) % len(self.rows)
+            try:
+                example: dict[str, Any] = self.maker.make(self.rows[index], epoch, index)
+            except DataError as err:
+                if self.maker.cfg.bad_samples.policy == "error":
+                    raise
+                skipped.append(str(err))
+                continue
+            example["skipped"] = skipped
+            return example
+        raise DataError(f"{len(skipped)} samples in a row failed to load (max_bad_in_a_row), e.g. {skipped[0]}")
 
 
 class StreamingSFTDataset(torch.utils.data.IterableDataset):
@@ -287,19 +351,27 @@ class StreamingSFTDataset(torch.utils.data.IterableDataset):
         self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
         self.measurer, self.maker, self.repeat, self.rank = measurer, maker, repeat, rank
         self.dropped: Counter = Counter()
+        self.bad = BadSampleLog(cfg.bad_samples)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = 0
         while True:
             self.stream.set_epoch(epoch)
             kept = 0
             for index, row in enumerate(self.stream):
                 measured = self.measurer(row)
+                if measured["problem"]:
+                    self.bad.add(row["at"], measured["problem"])
+                    self.bad.check("streamed data")
+                    continue
+                self.bad.good()
                 if measured["drop_reason"]:
                     self.dropped[measured["drop_reason"].split(" (")[0]] += 1
                     continue
                 kept += 1
-                yield self.maker.make({**row, **measured}, epoch, index)
+                example = self.maker.make({**row, **measured}, epoch, index)
+                example["skipped"] = []
+                yield example
             if not self.repeat:
                 return
             if kept == 0:

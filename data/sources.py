@@ -38,6 +38,7 @@ CONVERSATION_FEATURES = datasets.Features(
         "source": datasets.Value("string"),
         "row": datasets.Value("int64"),
         "at": datasets.Value("string"),
+        "problem": datasets.Value("string"),  # why a row is unusable (malformed); "" for good rows
     }
 )
 
@@ -114,6 +115,14 @@ def _decode_structured(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+class InvalidRow(dict):
+    """A line that is not JSON: carried to the normaliser, which reports it like any other bad row."""
+
+    def __init__(self, problem: str):
+        super().__init__()
+        self.problem = problem
+
+
 def iter_raw_rows(cfg: SourceConfig) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """(where, row index, row) for every row of a source; `where` is what errors print ("a.jsonl line 3")."""
     path, name = Path(cfg.path), source_name(cfg)
@@ -138,7 +147,7 @@ def iter_raw_rows(cfg: SourceConfig) -> Iterator[tuple[str, int, dict[str, Any]]
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{name} line {line_no}: invalid JSON ({err.msg})") from None
+                    row = InvalidRow(f"invalid JSON ({err.msg})")
                 yield f"{name} line {line_no}", row_index, row
                 row_index += 1
     else:
@@ -164,17 +173,30 @@ def apply_column_map(row: Any, columns: dict[str, str], at: str) -> dict[str, An
 
 
 def iter_conversations(
-    cfg: SourceConfig, caption_prompts: Sequence[str] = (DEFAULT_CAPTION_PROMPT,), seed: int = 0
+    cfg: SourceConfig,
+    caption_prompts: Sequence[str] = (DEFAULT_CAPTION_PROMPT,),
+    seed: int = 0,
+    keep_bad: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Normalised rows of one source: {messages, source, row, at}."""
+    """Normalised rows of one source: {messages, source, row, at, problem}. A malformed row raises, or with
+    keep_bad comes through with empty messages and its `problem`, for the bad-sample policy to count in order."""
     validate_source(cfg)
     root = media_root_for(cfg)
     fmt = None if cfg.format == "auto" else cfg.format
     for at, index, raw in iter_raw_rows(cfg):
-        row = apply_column_map(raw, dict(cfg.columns), at)
-        fmt = fmt or detect_format(list(row), at)
-        ctx = RowContext(at, make_media_resolver(root, at), tuple(caption_prompts), seed, index)
-        yield {"messages": normalise_row(row, fmt, ctx), "source": source_name(cfg), "row": index, "at": at}
+        row = {"source": source_name(cfg), "row": index, "at": at}
+        try:
+            if isinstance(raw, InvalidRow):
+                raise DataError(f"{at}: {raw.problem}")
+            fields = apply_column_map(raw, dict(cfg.columns), at)
+            if fmt is None:  # a first row in an unknown shape is a wrong format or column map, not a bad row
+                fmt = detect_format(list(fields), at)
+            ctx = RowContext(at, make_media_resolver(root, at), tuple(caption_prompts), seed, index)
+            yield {**row, "messages": normalise_row(fields, fmt, ctx), "problem": ""}
+        except DataError as err:
+            if not keep_bad:
+                raise
+            yield {**row, "messages": [], "problem": str(err).removeprefix(f"{at}: ")}
 
 
 # ---------------------------------------------------------------------------------------------- mixing, loading
@@ -194,18 +216,19 @@ def resample_indices(num_rows: int, cfg: SourceConfig, seed: int) -> list[int] |
 
 def _generate(sources: list[SourceConfig], caption_prompts: list[str], seed: int) -> Iterator[dict[str, Any]]:
     for cfg in sources:
-        yield from iter_conversations(cfg, caption_prompts, seed)
+        yield from iter_conversations(cfg, caption_prompts, seed, keep_bad=True)
 
 
 def load_conversations(
     sources: Sequence[SourceConfig],
     caption_prompts: Sequence[str] = (DEFAULT_CAPTION_PROMPT,),
     seed: int = 0,
+    keep_bad: bool = False,
 ) -> datasets.Dataset:
     """All sources normalised and mixed into one in-memory `datasets.Dataset` (text only: cheap to rebuild)."""
     parts = []
     for cfg in sources:
-        rows = list(iter_conversations(cfg, caption_prompts, seed))
+        rows = list(iter_conversations(cfg, caption_prompts, seed, keep_bad))
         if not rows:
             raise DataError(f"{cfg.path}: the source has no rows")
         ds = datasets.Dataset.from_list(rows, features=CONVERSATION_FEATURES)
@@ -217,7 +240,9 @@ def load_conversations(
 
 
 def stream_conversations(
-    sources: Sequence[SourceConfig], caption_prompts: Sequence[str] = (DEFAULT_CAPTION_PROMPT,), seed: int = 0
+    sources: Sequence[SourceConfig],
+    caption_prompts: Sequence[str] = (DEFAULT_CAPTION_PROMPT,),
+    seed: int = 0,
 ) -> datasets.IterableDataset:
     """The same rows as a streaming dataset, for corpora too large to prepare on disk.
 

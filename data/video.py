@@ -10,6 +10,7 @@ Frames stay uint8 (T, H, W, C): resizing float frames is ~20x slower on CPU.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from vidtune.data import faults
 from vidtune.data.conversation import DataError
+from vidtune.data.quality import time_limit
 
 BACKENDS = ("auto", "decord", "pyav")
 
@@ -39,6 +42,8 @@ class SamplingConfig:
 class VideoInfo:
     num_frames: int
     fps: float
+    height: int = 0  # from the stream header (0 when unknown)
+    width: int = 0
 
     @property
     def duration_s(self) -> float:
@@ -204,6 +209,12 @@ class PyAVReader:
             raise VideoError(f"{self.path}: PyAV cannot read the stream ({str(err)[:120]})") from None
         frame_pts.sort()  # decode order -> presentation order (B-frames)
         keyframe_pts.sort()
+        repeats = sum(1 for a, b in itertools.pairwise(frame_pts) if a >= b)
+        if repeats:  # zero-duration frames (a zero frame rate): no timestamp points at one frame, seeks would lie
+            raise VideoError(
+                f"{self.path}: invalid frame timestamps ({repeats} of {len(frame_pts)} frames repeat "
+                "the previous one: zero frame duration)"
+            )
         return frame_pts, keyframe_pts or frame_pts[:1]
 
     def _fps_from_pts(self) -> float:
@@ -258,12 +269,44 @@ def open_video(path: str, backend: str = "auto") -> Any:
             raise VideoError(f"{pyav_error} (decord: {str(decord_error).split(': ', 1)[-1]})") from None
 
 
+def frame_size(path: str) -> tuple[int, int]:
+    """(height, width) from the container header (PyAV), without decoding."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            context = container.streams.video[0].codec_context
+            return int(context.height or 0), int(context.width or 0)
+    except (av.FFmpegError, IndexError, OSError):
+        return 0, 0
+
+
+def check_clip(
+    path: str,
+    info: VideoInfo,
+    cfg: SamplingConfig,
+    start_s: float | None,
+    end_s: float | None,
+    max_frame_pixels: int | None = None,
+    too_short: str = "repeat",
+) -> None:
+    """Refuse clips a run cannot use: frames too large to hold, or (when asked) fewer frames than sampled."""
+    if max_frame_pixels and info.height * info.width > max_frame_pixels:
+        raise VideoError(f"{path}: {info.width}x{info.height} frames exceed the {max_frame_pixels:,}-pixel limit")
+    if too_short == "drop":
+        first, stop = frame_range(info, start_s, end_s, path)
+        wanted = num_sampled_frames(info, cfg, start_s, end_s)
+        if stop - first < wanted:
+            raise VideoError(f"{path}: too short: {stop - first} frames in the clip, {wanted} to sample")
+
+
 def probe_video(path: str, backend: str = "auto") -> VideoInfo:
     reader = open_video(path, backend)
     try:
-        return reader.info
+        info = reader.info
     finally:
         reader.close()
+    return VideoInfo(info.num_frames, info.fps, *frame_size(path))
 
 
 def load_clip(
@@ -272,13 +315,16 @@ def load_clip(
     start_s: float | None = None,
     end_s: float | None = None,
     rng: np.random.Generator | None = None,
+    decode_timeout_s: float = 120.0,
 ) -> Clip:
-    reader = open_video(path, cfg.backend)
-    try:
-        indices = sample_frame_indices(reader.info, cfg, start_s, end_s, rng, path)
-        frames = reader.read(indices)
-    finally:
-        reader.close()
+    with time_limit(decode_timeout_s, path):
+        faults.before_decode(path)
+        reader = open_video(path, cfg.backend)
+        try:
+            indices = sample_frame_indices(reader.info, cfg, start_s, end_s, rng, path)
+            frames = reader.read(indices)
+        finally:
+            reader.close()
     if frames.dtype != np.uint8 or frames.ndim != 4:
         raise VideoError(f"{path}: decoder returned {frames.dtype} frames of shape {frames.shape}")
     return Clip(frames, indices, timestamps_for(indices, reader.info), reader.info)

@@ -130,3 +130,37 @@ def mixed_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
             )
     (root / "mixed.json").write_text(json.dumps(rows))
     return root / "mixed.json"
+
+
+@pytest.fixture(scope="session")
+def broken_media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One file per fault, generated here: missing, 0-byte, truncated, not a video, too short, zero frame duration,
+    too large, plus a corpus (broken.jsonl) naming them next to good rows and malformed ones."""
+    import json
+    import struct
+
+    from vidtune.train.synthetic import write_color_clip
+
+    root = tmp_path_factory.mktemp("broken")
+    good = [write_color_clip(root / f"good{i}.mp4", ["red", "blue"], seed=i) for i in range(4)]
+    (root / "empty.mp4").write_bytes(b"")
+    whole = good[0].read_bytes()
+    (root / "truncated.mp4").write_bytes(whole[: len(whole) * 2 // 5])
+    (root / "notes.mp4").write_text("these are meeting notes, not a video\n" * 40)
+    write_color_clip(root / "short.mp4", ["red"], seconds_per_segment=0.25)  # 2 frames
+    write_color_clip(root / "huge.mp4", ["red"], seconds_per_segment=0.25, height=736, width=1296)
+    zero = bytearray(whole)  # every sample duration 0 in the MP4's time-to-sample table: a zero frame rate
+    stts = zero.find(b"stts")
+    for entry in range(struct.unpack(">I", zero[stts + 8 : stts + 12])[0]):
+        struct.pack_into(">I", zero, stts + 16 + 8 * entry, 0)
+    (root / "zerofps.mp4").write_bytes(bytes(zero))
+    files = {
+        name: root / f"{name}.mp4" for name in ("missing", "empty", "truncated", "notes", "short", "huge", "zerofps")
+    }
+    rows = [{"video": f"good{i}.mp4", "question": "Which color comes first?", "answer": "red"} for i in range(4)]
+    rows += [{"video": path.name, "question": "Which color comes first?", "answer": "red"} for path in files.values()]
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(2, '{"video": "good1.mp4", "question": "unterminated')  # not JSON
+    lines.insert(5, json.dumps({"video": "good2.mp4", "question": "Q"}))  # no answer
+    (root / "broken.jsonl").write_text("\n".join(lines) + "\n")
+    return {**files, "corpus": root / "broken.jsonl", "good": good[0]}

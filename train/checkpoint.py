@@ -17,13 +17,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from vidtune.data import faults
+
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 PREFIX = "step_"
 
 
 class TrainingState:
-    """Counters saved with every checkpoint (accelerator.register_for_checkpointing)."""
+    """Counters saved with every checkpoint, as JSON (trainer_state.json): Accelerate would pickle a custom
+    object and unpickle it without weights_only, so a crafted checkpoint could run code on resume."""
 
     def __init__(self) -> None:
         self.step = 0  # optimizer steps done
@@ -66,6 +69,30 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
+def check_rng_states(folder: Path, process_index: int) -> None:
+    """Accelerate loads RNG states inside a try/except that swallows every error: a damaged or crafted file would
+    resume silently without them (and the resumed run would no longer match). Load it here first, safely."""
+    import pickle
+
+    import torch
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    path = folder / f"random_states_{process_index}.pkl"
+    try:
+        with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+            torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, FileNotFoundError) as err:
+        raise pickle.UnpicklingError(f"{path.name}: {str(err).splitlines()[0][:160]}") from None
+
+
+def incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Leftovers of saves that never finished (a crash mid-save), or checkpoints whose files no longer verify."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p.name.startswith(".tmp-") or not verify(p)))
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     found = complete_checkpoints(output_dir)
     return found[-1] if found else None
@@ -83,6 +110,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True, **save_kwargs)
+    faults.during_checkpoint_save(step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for name, text in extra_files.items():

@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto")
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--batch-size", type=int, default=8)
+    p = sub.add_parser("check", help="preflight a recipe's data: unreadable files, token lengths, length drops")
+    p.add_argument("recipe", help="recipe YAML file, or a packaged recipe name")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--out", default="vidtune_check.json", help="JSON report path")
+    p.add_argument("--decode", action="store_true", help="also decode the frames training would sample (slower)")
     p = sub.add_parser("export", help="write a run as a Hub-ready folder (model card included), optionally push it")
     p.add_argument("run_dir", help="a finished training output folder")
     p.add_argument("--to", help="export folder (default: RUN_DIR/export)")
@@ -133,6 +138,14 @@ def run_command(args: argparse.Namespace) -> None:
         source = SourceConfig(path=args.data, format=args.format, media_root=args.media_root)
         count = predict(_load(args), source, args.out, args.batch_size, args.max_new_tokens)
         print(f"wrote {count} predictions to {args.out}")
+    elif args.command == "check":
+        from vidtune.train.check import run_check
+        from vidtune.train.config import load_recipe, resolve_recipe_path
+
+        path = resolve_recipe_path(args.recipe)
+        _, ok = run_check(load_recipe(path, args.overrides), str(path), args.out, args.decode)
+        if not ok:
+            sys.exit(1)
     elif args.command == "export":
         run_export(args)
     elif args.command == "demo":
@@ -148,12 +161,19 @@ def run_command(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from vidtune.train.config import RecipeError
+    from vidtune.train.guards import TrainingError, TrainingStopped
 
     try:
         run_command(args)
     except (DataError, RecipeError) as err:
         print(f"vidtune {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as stop:  # preemption: saved, resumable; exit like a process killed by that signal
+        print(f"vidtune {args.command}: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    except TrainingError as err:
+        print(f"vidtune {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
 SCHEDULERS = ("cosine", "linear", "constant")
 REPORT_TO = ("wandb", "none")
+RESUME = ("auto", "force")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
@@ -83,6 +84,8 @@ class TrainConfig:
     eval_every_steps: int = 0  # eval loss on the held-out split every N optimizer steps; 0 = only at the end
     save_every_steps: int = 0  # checkpoint every N optimizer steps; 0 = only the final save
     keep_last_checkpoints: int = 2
+    resume: str = "auto"  # auto: resume the latest checkpoint unless data, world size or adapter changed | force
+    max_nonfinite_steps: int = 5  # a NaN/inf loss skips its step; this many in a row stop the run
 
 
 @dataclass
@@ -238,6 +241,7 @@ def _validate(recipe: Recipe) -> None:
     _choice(t.lr_scheduler, SCHEDULERS, "train.lr_scheduler")
     _choice(t.mixed_precision, MIXED_PRECISION, "train.mixed_precision")
     _choice(lg.report_to, REPORT_TO, "logging.report_to")
+    _choice(t.resume, RESUME, "train.resume")
     if not m.name_or_path:
         raise RecipeError("model.name_or_path is empty: give a hub id or a local checkpoint folder")
     if not t.output_dir:
@@ -251,6 +255,7 @@ def _validate(recipe: Recipe) -> None:
     positive = {
         "train.batch_size": t.batch_size,
         "train.grad_accum_steps": t.grad_accum_steps,
+        "train.max_nonfinite_steps": t.max_nonfinite_steps,
         "train.log_every_steps": t.log_every_steps,
         "train.keep_last_checkpoints": t.keep_last_checkpoints,
     }

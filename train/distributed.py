@@ -62,6 +62,7 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=trains_vision_side(recipe))],
     )
     if is_deepspeed(accelerator):
+        load_deepspeed_checkpoints_safely()
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         # DeepSpeed clips inside its engine; Accelerate would fill "auto" with 1.0 whatever the recipe says.
         ds_config["gradient_clipping"] = t.max_grad_norm
@@ -70,6 +71,31 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         ds_config["train_micro_batch_size_per_gpu"] = t.batch_size
         ds_config["train_batch_size"] = t.batch_size * t.grad_accum_steps * accelerator.num_processes
     return accelerator
+
+
+def load_deepspeed_checkpoints_safely() -> None:
+    """DeepSpeed unpickles its checkpoint files with weights_only=False: a crafted file would run code on resume.
+
+    Its files hold tensors, dicts and three small DeepSpeed types (loss scaler, ZeRO stage, fragment offsets);
+    loading them with weights_only=True and those types allowlisted keeps resuming working and refuses the rest.
+    """
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+    from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, ZeroStageEnum, fragment_address, *TORCH_SAFE_GLOBALS]
+    engine = torch_checkpoint_engine.TorchCheckpointEngine
+    if getattr(engine.load, "vidtune_safe", False):
+        return
+
+    def load(self: Any, path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    load.vidtune_safe = True  # type: ignore[attr-defined]
+    engine.load = load
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:

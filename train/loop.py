@@ -9,13 +9,16 @@ short answer's tokens more than a long one's and change with the batch layout.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import pickle
+import shutil
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from vidtune.data import faults
 from vidtune.data.collator import Collator
 from vidtune.data.dataset import (
     DropReport,
@@ -39,10 +43,27 @@ from vidtune.data.dataset import (
 )
 from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import ModelFamily
-from vidtune.train import faults, outputs, tracking
-from vidtune.train.checkpoint import TrainingState, latest_checkpoint, save_checkpoint
+from vidtune.data.quality import BadSampleConfig
+from vidtune.train import outputs, tracking
+from vidtune.train.checkpoint import (
+    TrainingState,
+    check_rng_states,
+    incomplete_checkpoints,
+    latest_checkpoint,
+    save_checkpoint,
+)
 from vidtune.train.config import Recipe, RecipeError, recipe_to_yaml
-from vidtune.train.distributed import VisionLockstep, make_accelerator, save_state_kwargs
+from vidtune.train.distributed import VisionLockstep, is_deepspeed, make_accelerator, save_state_kwargs
+from vidtune.train.guards import (
+    TRAINER_STATE,
+    BadSampleMonitor,
+    NonFiniteGuard,
+    StopRequest,
+    TrainingError,
+    TrainingStopped,
+    check_resume,
+    fingerprint,
+)
 from vidtune.train.model import (
     apply_finetuning,
     check_audit,
@@ -71,6 +92,10 @@ class Run:
     audit: dict[str, Any]
     drops: DropReport
     lockstep: VisionLockstep
+    fingerprint: dict[str, Any]  # what a checkpoint of this run may only be resumed with
+    stop: StopRequest = field(default_factory=StopRequest)
+    nonfinite: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(5))
+    bad_samples: BadSampleMonitor = field(default_factory=lambda: BadSampleMonitor(BadSampleConfig()))
 
 
 # ------------------------------------------------------------------------------------------------------- setup
@@ -186,8 +211,9 @@ def setup(recipe: Recipe) -> Run:
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     state = TrainingState()
-    accelerator.register_for_checkpointing(state)
     outputs.register_adapter_hooks(accelerator)
+    rows = train_loader.dataset.rows if sampler is not None else None
+    run_fingerprint = fingerprint(recipe, accelerator.num_processes, rows)
     return Run(
         recipe,
         accelerator,
@@ -204,6 +230,9 @@ def setup(recipe: Recipe) -> Run:
         audit,
         drops,
         VisionLockstep(accelerator, processor, model),
+        run_fingerprint,
+        nonfinite=NonFiniteGuard(recipe.train.max_nonfinite_steps),
+        bad_samples=BadSampleMonitor(recipe.data.bad_samples),
     )
 
 
@@ -215,9 +244,11 @@ def label_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != -100).sum()
 
 
-def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """One optimizer step over a window of micro-batches."""
+def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, float]:
+    """One optimizer step over a window of micro-batches; {"skipped": 1} when its loss was not finite."""
     acc, model = run.accelerator, run.model
+    skipped = [reason for batch in window for reason in batch.pop("skipped", [])]
+    run.bad_samples.record(acc, skipped, sum(len(b["input_ids"]) for b in window))
     local_tokens = sum(label_tokens(b) for b in window)
     global_tokens = acc.reduce(torch.as_tensor(local_tokens, device=acc.device).float(), "sum").clamp(min=1)
     scale = run.recipe.train.grad_accum_steps * acc.num_processes / global_tokens
@@ -230,8 +261,14 @@ def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> dict[str, flo
         with acc.no_sync(model) if not acc.sync_gradients else nullcontext():
             run.lockstep.prepare(batch)
             summed = model(**batch, num_items_in_batch=1).loss  # summed token loss of this micro-batch
+            if faults.nan_loss(run.state.step):
+                summed = summed * float("nan")
+            if not run.nonfinite.is_finite(acc, summed):  # before backward: NaN never reaches the gradients
+                run.lockstep.take_term()
+                return skip_step(run)
             acc.backward(summed * scale + run.lockstep.take_term())
         loss_sum += summed.detach().float()
+    run.nonfinite.finite()
     grad_norm = None
     if run.recipe.train.max_grad_norm > 0:
         grad_norm = acc.clip_grad_norm_(model.parameters(), run.recipe.train.max_grad_norm)
@@ -247,7 +284,24 @@ def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> dict[str, flo
         "samples": samples.item(),
         "tokens": tokens.item(),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "skipped_samples": len(skipped),
     }
+
+
+def skip_step(run: Run) -> dict[str, float]:
+    """Drop the window's gradients: no optimizer step, no scheduler step."""
+    acc = run.accelerator
+    if is_deepspeed(acc):
+        # DeepSpeed keeps reduced gradient partitions of the window's earlier micro-batches inside its engine,
+        # with no public way to discard them: stop before its step rather than apply them.
+        raise TrainingError(
+            f"the loss was NaN or infinite at step {run.state.step + 1}; under DeepSpeed vidtune "
+            "stops before the optimizer step (the last checkpoint is intact)"
+        )
+    acc.sync_gradients = True  # Accelerate only zeroes gradients at a sync point
+    run.optimizer.zero_grad(set_to_none=True)
+    run.nonfinite.skipped(run.state.step + 1)
+    return {"skipped": 1.0}
 
 
 @torch.no_grad()
@@ -257,6 +311,7 @@ def evaluate(run: Run) -> float:
     model.eval()
     loss_sum, token_sum = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
     for batch in run.eval_loader:
+        batch.pop("skipped", None)
         run.lockstep.prepare(batch)  # ranks must run the vision paths alike in eval too
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
         run.lockstep.take_term()
@@ -275,13 +330,32 @@ def evaluate(run: Run) -> float:
 
 
 def resume(run: Run) -> None:
-    checkpoint = latest_checkpoint(run.recipe.train.output_dir)
+    """Continue from the latest complete checkpoint of the output folder, if there is one and it fits this run."""
+    acc, output = run.accelerator, run.recipe.train.output_dir
+    if acc.is_main_process:
+        for leftover in incomplete_checkpoints(output):
+            if leftover.name.startswith(".tmp-"):  # a save that crashed midway: never complete, never used
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                acc.print(f"warning: {leftover} does not verify against its manifest; it is kept but not resumed")
+    acc.wait_for_everyone()
+    checkpoint = latest_checkpoint(output)
     if checkpoint is None:
         return
-    run.accelerator.print(f"resuming from {checkpoint}")
-    run.accelerator.load_state(str(checkpoint), **outputs.load_state_kwargs(run.accelerator))
-    if run.accelerator.is_main_process:
-        tracking.truncate_metrics(run.recipe.train.output_dir, run.state.step)
+    saved = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+    changed = check_resume(saved["fingerprint"], run.fingerprint, str(checkpoint), run.recipe.train.resume == "force")
+    acc.print(f"resuming from {checkpoint}" + (f" (forced despite: {'; '.join(changed)})" if changed else ""))
+    try:
+        check_rng_states(checkpoint, acc.process_index)
+        acc.load_state(str(checkpoint), **outputs.load_state_kwargs(acc))
+    except pickle.UnpicklingError as err:
+        raise RecipeError(
+            f"{checkpoint}: refused to load a file that holds code or unknown objects "
+            f"({str(err).splitlines()[0][:160]})"
+        ) from None
+    run.state.load_state_dict(saved["state"])
+    if acc.is_main_process:
+        tracking.truncate_metrics(output, run.state.step)
 
 
 def windows(loader: Any, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
@@ -291,24 +365,13 @@ def windows(loader: Any, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
         yield window
 
 
-def step_report(step: dict[str, float], state: TrainingState, samples: int, tokens: int, elapsed_s: float):
-    return {
-        "train/loss": step["loss"],
-        "train/lr": step["lr"],
-        "train/grad_norm": step["grad_norm"],
-        "train/epoch": state.epoch,
-        "train/samples_per_s": samples / elapsed_s,
-        "train/tokens_per_s": tokens / elapsed_s,
-    }
-
-
 def train_loop(run: Run) -> dict[str, float]:
     acc, t, state = run.accelerator, run.recipe.train, run.state
     # A live bar on a terminal; logs (SLURM, CI, pipes) get the plain per-logging-step lines from tracking.log.
     show_bar = acc.is_local_main_process and sys.stderr.isatty() and not os.environ.get("TQDM_DISABLE")
     bar = tqdm(total=run.total_steps, initial=state.step, disable=not show_bar, desc="training")
     metrics: dict[str, float] = {}
-    started, seen_samples, seen_tokens = time.perf_counter(), 0, 0
+    progress = Progress()
     while state.step < run.total_steps:
         if run.sampler is not None:
             run.sampler.set_epoch(state.epoch)
@@ -317,25 +380,20 @@ def train_loop(run: Run) -> dict[str, float]:
             loader = acc.skip_first_batches(loader, state.batches_in_epoch)
         for window in windows(loader, t.grad_accum_steps):
             step_metrics = train_step(run, window)
-            state.step += 1
             state.batches_in_epoch += len(window)
-            seen_samples += int(step_metrics["samples"])
-            seen_tokens += int(step_metrics["tokens"])
-            metrics = step_report(step_metrics, state, seen_samples, seen_tokens, time.perf_counter() - started)
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{step_metrics['loss']:.4f}",
-                lr=f"{step_metrics['lr']:.2e}",
-                tok_s=f"{metrics['train/tokens_per_s']:.0f}",
-                smp_s=f"{metrics['train/samples_per_s']:.1f}",
-            )
-            if state.step % t.log_every_steps == 0 or state.step == run.total_steps:
-                tracking.log(acc, metrics, state.step, t.output_dir)
-            if run.eval_loader is not None and t.eval_every_steps and state.step % t.eval_every_steps == 0:
-                metrics["eval/loss"] = evaluate(run)
-                tracking.log(acc, {"eval/loss": metrics["eval/loss"]}, state.step, t.output_dir)
-            if t.save_every_steps and (state.step % t.save_every_steps == 0 or state.step == run.total_steps):
-                checkpoint(run)  # the last step too: relaunching a finished run then has nothing left to do
+            if not step_metrics.get("skipped"):  # a skipped (non-finite) step is no optimizer step
+                state.step += 1
+                metrics = progress.update(step_metrics, state, run)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{step_metrics['loss']:.4f}",
+                    lr=f"{step_metrics['lr']:.2e}",
+                    tok_s=f"{metrics['train/tokens_per_s']:.0f}",
+                )
+                after_step(run, metrics)
+            stop = run.stop.requested(acc)
+            if stop:
+                raise TrainingStopped(stop, state.step, str(checkpoint(run)))
             if state.step >= run.total_steps:
                 break
         if state.step < run.total_steps:  # the epoch ran out before the step budget
@@ -345,13 +403,48 @@ def train_loop(run: Run) -> dict[str, float]:
     return metrics
 
 
+class Progress:
+    """Throughput and counters since this process started training."""
+
+    def __init__(self) -> None:
+        self.started, self.samples, self.tokens, self.skipped_samples = time.perf_counter(), 0, 0, 0
+
+    def update(self, step: dict[str, float], state: TrainingState, run: Run) -> dict[str, float]:
+        self.samples += int(step["samples"])
+        self.tokens += int(step["tokens"])
+        elapsed = time.perf_counter() - self.started
+        return {
+            "train/loss": step["loss"],
+            "train/lr": step["lr"],
+            "train/grad_norm": step["grad_norm"],
+            "train/epoch": state.epoch,
+            "train/samples_per_s": self.samples / elapsed,
+            "train/tokens_per_s": self.tokens / elapsed,
+            "train/nonfinite_steps": run.nonfinite.total,
+            "data/failed_samples": run.bad_samples.total_bad,
+        }
+
+
+def after_step(run: Run, metrics: dict[str, float]) -> None:
+    """Logging, periodic eval and checkpoints after an optimizer step."""
+    acc, t, step = run.accelerator, run.recipe.train, run.state.step
+    if step % t.log_every_steps == 0 or step == run.total_steps:
+        tracking.log(acc, metrics, step, t.output_dir)
+    if run.eval_loader is not None and t.eval_every_steps and step % t.eval_every_steps == 0:
+        metrics["eval/loss"] = evaluate(run)
+        tracking.log(acc, {"eval/loss": metrics["eval/loss"]}, step, t.output_dir)
+    if t.save_every_steps and (step % t.save_every_steps == 0 or step == run.total_steps):
+        checkpoint(run)  # the last step too: relaunching a finished run then has nothing left to do
+
+
 def checkpoint(run: Run) -> Path:
+    state = {"state": run.state.state_dict(), "fingerprint": run.fingerprint}
     return save_checkpoint(
         run.accelerator,
         run.recipe.train.output_dir,
         run.state.step,
         run.recipe.train.keep_last_checkpoints,
-        {"recipe.yaml": recipe_to_yaml(run.recipe)},
+        {"recipe.yaml": recipe_to_yaml(run.recipe), TRAINER_STATE: json.dumps(state, indent=1) + "\n"},
         **save_state_kwargs(run.accelerator),
     )
 
@@ -380,6 +473,7 @@ def train(recipe: Recipe) -> Path:
         hub_token()  # no token: say so now, not after hours of training
     run = setup(recipe)
     tracking.start(run.accelerator, recipe)
+    run.stop.install()
     try:
         resume(run)
         metrics = train_loop(run)
@@ -390,5 +484,6 @@ def train(recipe: Recipe) -> Path:
         if recipe.hub.repo_id and run.accelerator.is_main_process:
             push_to_hub(run)
     finally:
+        run.stop.uninstall()
         tracking.finish(run.accelerator)
     return Path(recipe.train.output_dir)

@@ -1,0 +1,168 @@
+"""Bad input, injected: every broken file and malformed row is dropped with its reason within the budget, the
+budget stops a run that is mostly broken, decodes that hang are bounded, files that break during training are
+replaced and counted, and `vidtune check` reports every bad file by name and reason."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.conftest import shared_path
+from vidtune.data.conversation import DataError
+from vidtune.data.dataset import DataConfig, ExampleMaker, SFTDataset, prepare_rows
+from vidtune.data.quality import BadSampleConfig, BadSampleLog, DecodeTimeout
+from vidtune.data.sources import SourceConfig
+from vidtune.data.video import SamplingConfig, load_clip
+
+EXPECTED = {  # file -> the category its reason falls in
+    "missing.mp4": "missing file",
+    "empty.mp4": "empty file",
+    "truncated.mp4": "unreadable",
+    "notes.mp4": "unreadable",
+    "short.mp4": "too short",
+    "huge.mp4": "resolution too large",
+    "zerofps.mp4": "invalid frame rate",
+}
+LIMITS = {"too_short": "drop", "max_frame_pixels": 1280 * 720}
+
+
+def config(corpus, **quality) -> DataConfig:
+    return DataConfig(
+        sources=[SourceConfig(path=str(corpus))],
+        sampling=SamplingConfig(4),
+        num_workers=0,
+        bad_samples=BadSampleConfig(**{**LIMITS, **quality}),
+    )
+
+
+def test_every_broken_file_and_malformed_row_is_dropped_with_its_reason(broken_media, builder):
+    rows, _, report = prepare_rows(config(broken_media["corpus"], max_bad_fraction=0.9), builder, seed=0)
+    assert len(rows) == 4 and all("good" in r["at"] or "line" in r["at"] for r in rows)
+    reasons = {where: reason for where, reason in report.bad.bad}
+    from vidtune.data.quality import kind_of
+
+    for name, kind in EXPECTED.items():
+        matches = [(where, reason) for where, reason in report.bad.bad if name in reason]
+        assert len(matches) == 1, (name, reasons)
+        where, reason = matches[0]
+        assert where.startswith("broken.jsonl line ") and kind_of(reason) == kind, (name, reason)
+    assert any("invalid JSON" in r for r in reasons.values()) and any("missing column" in r for r in reasons.values())
+    assert report.bad.kinds["malformed row"] == 2 and len(report.bad.bad) == 9
+    assert "9 of 13 samples bad" in report.summary()
+
+
+def test_policy_error_stops_at_the_first_bad_sample(broken_media, builder):
+    with pytest.raises(DataError, match=r"broken\.jsonl line 3: invalid JSON"):
+        prepare_rows(config(broken_media["corpus"], policy="error"), builder, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("quality", "message"),
+    [
+        ({"max_bad_fraction": 0.5}, r"69\.2% bad \(max_bad_fraction=0\.5\)"),
+        ({"max_bad_fraction": 0.9, "max_bad_in_a_row": 4}, r"\d+ bad samples in a row \(max_bad_in_a_row=4\)"),
+    ],
+)
+def test_a_corpus_over_its_budget_fails_in_one_line(broken_media, builder, quality, message):
+    with pytest.raises(DataError, match=message) as err:
+        prepare_rows(config(broken_media["corpus"], **quality), builder, seed=0)
+    assert "\n" not in str(err.value) and "e.g. broken.jsonl line" in str(err.value)
+
+
+def test_too_short_clips_repeat_frames_by_default(broken_media, builder):
+    cfg = config(broken_media["corpus"], max_bad_fraction=0.9, too_short="repeat")
+    rows, _, report = prepare_rows(cfg, builder, seed=0)
+    assert any("short.mp4" in r["messages"][0]["content"][0]["path"] for r in rows)
+    example = SFTDataset(rows, ExampleMaker(builder, cfg, 0, train=True))[(0, len(rows) - 1)]
+    assert example["pixel_values_videos"].shape[0] == 4  # 2 decoded frames, repeated to the 4 asked for
+    assert not any("short.mp4" in reason for _, reason in report.bad.bad)
+
+
+def test_a_hanging_decode_is_bounded(broken_media, builder, monkeypatch):
+    monkeypatch.setenv("VIDTUNE_FAULT", f"hang@{broken_media['good'].name}")
+    started = time.perf_counter()
+    with pytest.raises(DecodeTimeout, match="decode timed out after 1s"):
+        load_clip(str(broken_media["good"]), SamplingConfig(4), decode_timeout_s=1.0)
+    assert time.perf_counter() - started < 10
+
+
+def test_a_sample_that_breaks_during_training_is_replaced_and_counted(broken_media, builder, monkeypatch, tmp_path):
+    """A file fine when measured but hanging (or gone) at training time: the next row takes its place, the
+    batch stays full, and the reason travels with the example for the loop's budget."""
+    cfg = config(broken_media["corpus"], max_bad_fraction=0.9, decode_timeout_s=1.0)
+    rows, _, _ = prepare_rows(cfg, builder, seed=0)
+    dataset = SFTDataset(rows, ExampleMaker(builder, cfg, 0, train=True))
+    hanging = rows[0]["messages"][0]["content"][0]["path"]
+    monkeypatch.setenv("VIDTUNE_FAULT", f"hang@{hanging}")
+    example = dataset[(0, 0)]
+    assert len(example["skipped"]) == 1 and "timed out" in example["skipped"][0]
+    assert example["skipped"][0].startswith(rows[0]["at"])
+    assert dataset[(0, 1)]["skipped"] == []
+
+
+def test_training_time_failures_are_budgeted_across_a_window():
+    from vidtune.train.guards import BadSampleMonitor
+
+    class Single:
+        num_processes, device = 1, "cpu"
+
+    monitor = BadSampleMonitor(BadSampleConfig(window=20, max_bad_fraction=0.2))
+    for _ in range(10):
+        monitor.record(Single(), [], 4)  # 40 good samples
+    monitor.record(Single(), ["a.jsonl line 3: x.mp4: video not found"], 3)
+    assert monitor.total_bad == 1
+    with pytest.raises(DataError, match=r"of the last \d+ samples failed to load \(missing file\)"):
+        for _ in range(5):
+            monitor.record(Single(), ["a.jsonl line 9: y.mp4: video not found"] * 2, 2)
+
+
+def test_vidtune_check_reports_every_bad_file_by_name_and_reason(broken_media, tiny_model_dir, tmp_path, capsys):
+    from vidtune.train.cli import main
+
+    corpora = shared_path("corpora")
+    videos = corpora.parent / "videos"
+    sources = [
+        {"path": str(corpora / "llamafactory_demo/mllm_video_demo.json")},
+        {"path": str(corpora / "llamafactory_demo/mllm_demo.json")},
+        {"path": str(corpora / "llava_video_style.json"), "media_root": str(videos)},
+        {"path": str(corpora / "captions.jsonl"), "media_root": str(videos)},
+        {"path": str(corpora / "multiple_choice.jsonl"), "media_root": str(videos)},
+        {"path": str(broken_media["corpus"])},
+    ]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        json.dumps(
+            {
+                "model": {"name_or_path": str(tiny_model_dir)},
+                "train": {"output_dir": str(tmp_path / "out")},
+                "data": {
+                    "sources": sources,
+                    "sampling": {"num_frames": 4},
+                    "max_length": 300,
+                    "bad_samples": {"too_short": "drop", "max_frame_pixels": 1280 * 720},
+                },
+            }
+        )
+    )
+    out = tmp_path / "report.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", str(recipe), "--out", str(out), "--decode"])
+    assert exit_info.value.code == 1  # 9 bad of 31 rows: over the default 5% budget
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    for name in EXPECTED:
+        assert sum(name in item["reason"] for item in report["bad"]) == 1, name
+        assert any(name in line and "broken.jsonl line" in line for line in printed.splitlines()), name
+    assert report["rows"] == 31 and len(report["bad"]) == 9
+    assert report["dropped_for_length"] and report["answer_tokens_lost_to_length"] > 0  # mllm_demo row 5
+    assert report["video_image_tokens"]["max"] >= 32 and report["tokens"]["max"] > 300
+    assert "FAIL" in printed and "length drops" in printed
+
+
+def test_bad_sample_log_counts_runs():
+    log = BadSampleLog(BadSampleConfig(max_bad_in_a_row=3))
+    for outcome in "gbbgbbbg":
+        log.good() if outcome == "g" else log.add("x row 1", "video not found")
+    assert log.longest_run == 3 and log.total == 8 and "in a row" in (log.over_budget() or "")

@@ -1,0 +1,138 @@
+"""`vidtune check RECIPE`: a preflight before any GPU time.
+
+Reads every row of every source, opens every video (its frame index and header; `--decode` also decodes the frames
+training would sample), and reports: unreadable media and malformed rows by name and reason, the token-length
+distribution with video tokens included, the samples max_length would drop and the answer tokens that loses, and
+label-token counts. Prints a table, writes JSON, and fails (exit 1) when the bad samples exceed the recipe's
+budget (data.bad_samples).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vidtune.data.conversation import DataError
+from vidtune.data.dataset import Measurer, load_media
+from vidtune.data.examples import ExampleBuilder
+from vidtune.data.families import family_for
+from vidtune.data.quality import BadSampleLog
+from vidtune.data.sources import iter_conversations
+from vidtune.train.config import Recipe
+from vidtune.train.model import load_model_config, load_processor
+
+
+def distribution(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    array = np.asarray(values)
+    return {
+        "min": int(array.min()),
+        "median": float(np.median(array)),
+        "p95": float(np.percentile(array, 95)),
+        "max": int(array.max()),
+        "mean": float(array.mean()),
+    }
+
+
+def measure_all(recipe: Recipe, builder: ExampleBuilder, bad: BadSampleLog, decode: bool) -> list[dict[str, Any]]:
+    """Every readable row with its counts; bad rows and media go to `bad` (all of them, never stopping early)."""
+    data = recipe.data
+    rows = (  # every row once: the mix's weights and sample counts do not matter here
+        row
+        for source in [*data.sources, *data.eval_sources]
+        for row in iter_conversations(source, data.caption_prompts, recipe.train.seed, keep_bad=True)
+    )
+    measurer, measured = Measurer(builder, data), []
+    for row in rows:
+        counts = measurer(row)
+        problem = counts["problem"]
+        if not problem and decode and not counts["drop_reason"]:
+            try:
+                load_media(row["messages"], data.sampling, False, None, data.bad_samples.decode_timeout_s)
+            except DataError as err:
+                problem = str(err)
+        if problem:
+            bad.add(row["at"], problem)
+            continue
+        bad.good()
+        measured.append({**row, **counts})
+    return measured
+
+
+def build_report(recipe: Recipe, measured: list[dict[str, Any]], bad: BadSampleLog) -> dict[str, Any]:
+    too_long = [m for m in measured if "exceed max_length" in m["drop_reason"]]
+    no_labels = [m for m in measured if m["drop_reason"] and m not in too_long]
+    all_labels = sum(m["num_label_tokens"] for m in measured)
+    lost = sum(m["num_label_tokens"] for m in too_long)
+    over = bad.over_budget()
+    return {
+        "sources": [s.path for s in [*recipe.data.sources, *recipe.data.eval_sources]],
+        "rows": bad.total,
+        "usable": len(measured) - len(too_long) - len(no_labels),
+        "bad": [{"where": where, "reason": reason} for where, reason in bad.bad],
+        "bad_by_kind": dict(bad.kinds),
+        "tokens": distribution([m["num_tokens"] for m in measured]),
+        "video_image_tokens": distribution([m["num_media_tokens"] for m in measured]),
+        "label_tokens": {"total": all_labels, **distribution([m["num_label_tokens"] for m in measured])},
+        "max_length": recipe.data.max_length,
+        "dropped_for_length": [{"where": m["at"], "tokens": m["num_tokens"]} for m in too_long],
+        "answer_tokens_lost_to_length": lost,
+        "answer_tokens_lost_fraction": lost / all_labels if all_labels else 0.0,
+        "dropped_without_labels": [m["at"] for m in no_labels],
+        "budget": {
+            "max_bad_fraction": recipe.data.bad_samples.max_bad_fraction,
+            "max_bad_in_a_row": recipe.data.bad_samples.max_bad_in_a_row,
+            "exceeded": over,
+        },
+    }
+
+
+def format_report(report: dict[str, Any], source: str) -> str:
+    def dist(d: dict[str, float]) -> str:
+        return "  ".join(f"{k} {v:,.0f}" for k, v in d.items() if k != "mean") if d else "-"
+
+    lines = [
+        f"vidtune check: {source}",
+        f"  rows            {report['rows']:,} read, {report['usable']:,} usable, {len(report['bad']):,} bad, "
+        f"{len(report['dropped_for_length']):,} too long for max_length {report['max_length']:,}",
+    ]
+    if report["bad"]:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in report["bad_by_kind"].items())
+        lines.append(f"  bad samples     {kinds}")
+        lines += [f"    {item['where']}: {item['reason']}" for item in report["bad"]]
+    lines += [
+        f"  tokens/sample   {dist(report['tokens'])}   (video/image tokens included)",
+        f"  video/image     {dist(report['video_image_tokens'])}",
+        f"  answer tokens   total {report['label_tokens'].get('total', 0):,}   "
+        f"{dist({k: v for k, v in report['label_tokens'].items() if k != 'total'})}",
+    ]
+    if report["dropped_for_length"]:
+        lines.append(
+            f"  length drops    {len(report['dropped_for_length'])} samples lose "
+            f"{report['answer_tokens_lost_to_length']:,} answer tokens "
+            f"({report['answer_tokens_lost_fraction']:.1%} of all); raise data.max_length or sample fewer "
+            "frames to keep them"
+        )
+    exceeded = report["budget"]["exceeded"]
+    lines.append(f"  verdict         {'FAIL: ' + exceeded if exceeded else 'OK: within the bad-sample budget'}")
+    return "\n".join(lines)
+
+
+def run_check(recipe: Recipe, source: str, out: str | Path, decode: bool = False) -> tuple[dict[str, Any], bool]:
+    """The report (also printed and written to `out`) and whether the corpus is within its budget."""
+    model = recipe.model
+    family = family_for(load_model_config(model.name_or_path, model.trust_remote_code).model_type)
+    processor = load_processor(model.name_or_path, family, model.trust_remote_code)
+    builder = ExampleBuilder(processor, family.chat_template, recipe.data.label_turns)
+    # Collect every problem: the budget decides the verdict, not the first bad file.
+    bad = BadSampleLog(dataclasses.replace(recipe.data.bad_samples, policy="skip"))
+    report = build_report(recipe, measure_all(recipe, builder, bad, decode), bad)
+    print(format_report(report, source))
+    Path(out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"  report          {out}")
+    return report, report["budget"]["exceeded"] is None
