@@ -164,3 +164,12 @@ def broken_media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     lines.insert(5, json.dumps({"video": "good2.mp4", "question": "Q"}))  # no answer
     (root / "broken.jsonl").write_text("\n".join(lines) + "\n")
     return {**files, "corpus": root / "broken.jsonl", "good": good[0]}
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, float]]:
+    """The README's main command, once per session: the demo's folder (corpus, runs) and its accuracy report."""
+    from vidtune.train.demo import run_demo
+
+    root = tmp_path_factory.mktemp("demo") / "demo"
+    return root, run_demo(root)

@@ -8,16 +8,14 @@ import pytest
 
 
 @pytest.mark.slow
-def test_demo_reaches_its_accuracy_targets(tmp_path, capsys):
-    from vidtune.train.demo import run_demo
-
-    report = run_demo(tmp_path / "demo")
+def test_demo_reaches_its_accuracy_targets(demo_run):
+    root, report = demo_run
     assert report["base: caption exact match"] >= 0.9
     assert 0.3 <= report["base: order question, right colour first (chance 50%)"] <= 0.7  # the base is at chance
     assert report["instruct: order question exact match"] >= 0.95
     assert report["chat: second-turn exact match"] >= 0.9
-    assert json.loads((tmp_path / "demo" / "demo_report.json").read_text()) == report
-    out = capsys.readouterr().out
-    assert "== a chat about a held-out clip" in out and out.count("model: ") == 2
+    assert json.loads((root / "demo_report.json").read_text()) == report
+    chat = (root / "demo_chat.txt").read_text()
+    assert chat.count("  model: ") == 2 and "(truth: " in chat
     for stage in ("base", "instruct", "chat"):
-        assert (tmp_path / "demo" / "runs" / stage / "vidtune.json").is_file()
+        assert (root / "runs" / stage / "vidtune.json").is_file()

@@ -6,6 +6,7 @@ Bad input (a recipe typo, a missing video, a malformed row) ends in one line say
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -46,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto")
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--batch-size", type=int, default=8)
+    p = sub.add_parser("eval", help="score a model's answers on a corpus (qa, multiple_choice, caption, recognition)")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="corpus file (any supported format)")
+    p.add_argument("--task", required=True, choices=["qa", "multiple_choice", "caption", "recognition"])
+    p.add_argument("--media-root", help="folder relative media paths resolve against (default: the file's folder)")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--classes", help="recognition: class descriptions separated by ';' (default: the labels)")
+    p.add_argument("--prompt", default="", help="recognition: the question, '{classes}' = the class list")
+    p.add_argument("--mc-scoring", default="generate", choices=["generate", "loglik"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default="eval", help="folder for metrics.json, predictions.jsonl, confusion.png")
     p = sub.add_parser("check", help="preflight a recipe's data: unreadable files, token lengths, length drops")
     p.add_argument("recipe", help="recipe YAML file, or a packaged recipe name")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -89,6 +101,30 @@ def run_train(args: argparse.Namespace) -> None:
     output = train(recipe)
     if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
         print(f"done: {output}")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from vidtune.data.sources import SourceConfig
+    from vidtune.train.config import EvalConfig
+    from vidtune.train.evaluate import evaluate_items, load_items, write_outputs
+
+    classes = [c.strip() for c in args.classes.split(";") if c.strip()] if args.classes else []
+    cfg = EvalConfig(
+        task=args.task,
+        max_new_tokens=args.max_new_tokens,
+        mc_scoring=args.mc_scoring,
+        classes=classes,
+        prompt=args.prompt,
+    )
+    items = load_items([SourceConfig(path=args.data, format=args.format, media_root=args.media_root)], cfg)
+    metrics, records = evaluate_items(_load(args), items, cfg, args.batch_size)
+    folder = write_outputs(args.out, metrics, records)
+    shown = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+    print(json.dumps(shown, indent=2))
+    print(
+        f"wrote {folder}/metrics.json and predictions.jsonl"
+        + (" and confusion.png" if classes or args.task == "recognition" else "")
+    )
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -138,6 +174,8 @@ def run_command(args: argparse.Namespace) -> None:
         source = SourceConfig(path=args.data, format=args.format, media_root=args.media_root)
         count = predict(_load(args), source, args.out, args.batch_size, args.max_new_tokens)
         print(f"wrote {count} predictions to {args.out}")
+    elif args.command == "eval":
+        run_eval(args)
     elif args.command == "check":
         from vidtune.train.check import run_check
         from vidtune.train.config import load_recipe, resolve_recipe_path

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vidtune.data.dataset import DataConfig, validate_data
-from vidtune.data.sources import validate_source
+from vidtune.data.sources import SourceConfig, validate_source
 
 VARIANTS = ("base", "instruct", "chat")
 FINETUNE_MODES = ("lora", "full")
@@ -29,6 +29,8 @@ MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
 SCHEDULERS = ("cosine", "linear", "constant")
 REPORT_TO = ("wandb", "none")
 RESUME = ("auto", "force")
+EVAL_TASKS = ("qa", "multiple_choice", "caption", "recognition")
+MC_SCORING = ("generate", "loglik")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
@@ -96,6 +98,21 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Generation-based evaluation: `vidtune eval`, and every N steps of training on a few held-out rows."""
+
+    task: str = "qa"  # qa | multiple_choice | caption | recognition
+    sources: list[SourceConfig] = field(default_factory=list)  # held-out rows; empty = data.eval_sources
+    every_steps: int = 0  # during training: score generated answers every N optimizer steps (0 = never)
+    max_samples: int = 64  # rows scored during training
+    max_new_tokens: int = 32
+    mc_scoring: str = "generate"  # multiple_choice: generate (parse the answered letter) | loglik (no parsing)
+    classes: list[str] = field(default_factory=list)  # recognition: the class descriptions the model names one of
+    prompt: str = ""  # recognition: the question to ask ("{classes}" = the class list); empty = the rows' own
+    table_rows: int = 8  # samples (frame, question, prediction, reference) in the wandb table
+
+
+@dataclass
 class HubConfig:
     repo_id: str | None = None  # push the exported adapter here when `vidtune train` finishes (needs a token)
     private: bool = True
@@ -113,6 +130,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------------------------------- loading
@@ -242,6 +260,12 @@ def _validate(recipe: Recipe) -> None:
     _choice(t.mixed_precision, MIXED_PRECISION, "train.mixed_precision")
     _choice(lg.report_to, REPORT_TO, "logging.report_to")
     _choice(t.resume, RESUME, "train.resume")
+    _choice(recipe.eval.task, EVAL_TASKS, "eval.task")
+    _choice(recipe.eval.mc_scoring, MC_SCORING, "eval.mc_scoring")
+    if recipe.eval.every_steps and not (recipe.eval.sources or recipe.data.eval_sources):
+        raise RecipeError("eval.every_steps needs held-out rows: set eval.sources or data.eval_sources")
+    if recipe.eval.every_steps < 0 or recipe.eval.max_samples < 1 or recipe.eval.max_new_tokens < 1:
+        raise RecipeError("eval.every_steps must be >= 0, eval.max_samples and eval.max_new_tokens >= 1")
     if not m.name_or_path:
         raise RecipeError("model.name_or_path is empty: give a hub id or a local checkpoint folder")
     if not t.output_dir:
@@ -273,7 +297,7 @@ def _validate(recipe: Recipe) -> None:
     if recipe.data.streaming and (recipe.data.eval_fraction or t.max_steps == 0):
         raise RecipeError("data.streaming needs train.max_steps (the stream's length is unknown) and eval_sources")
     validate_data(recipe.data)
-    for source in [*recipe.data.sources, *recipe.data.eval_sources]:
+    for source in [*recipe.data.sources, *recipe.data.eval_sources, *recipe.eval.sources]:
         validate_source(source)
 
 

@@ -12,58 +12,42 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from pathlib import Path
-from typing import Any
 
 from vidtune.data.conversation import Message, assistant_texts, message, text_part
 from vidtune.data.sources import SourceConfig, iter_conversations
-from vidtune.train.config import load_recipe, packaged_recipe
+from vidtune.train.config import EvalConfig, load_recipe, packaged_recipe
 from vidtune.train.demo_corpus import FIRST_QUESTION, FOLLOW_UP, write_demo_corpus
+from vidtune.train.evaluate import evaluate_items, load_items
 from vidtune.train.infer import InferenceModel, generate, load_for_inference, video_question
+from vidtune.train.metrics import exact_match, normalize_answer
 from vidtune.train.tiny_model import build_tiny_model
 
 STAGES = ("base", "instruct", "chat")
 
 
-def normalise(text: str) -> str:
-    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+QA = EvalConfig(task="qa", max_new_tokens=8)
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    return list(iter_conversations(SourceConfig(path=str(path))))
+def exact_match_on(im: InferenceModel, path: Path) -> tuple[float, list[dict]]:
+    """Exact match (vidtune eval's qa task) of the model's answers on a held-out file, and the scored records."""
+    metrics, records = evaluate_items(im, load_items([SourceConfig(path=str(path))], QA), QA)
+    return metrics["exact_match"], records
 
 
-def _accuracy(predictions: list[str], references: list[str]) -> float:
-    hits = sum(normalise(p) == normalise(r) for p, r in zip(predictions, references, strict=True))
-    return hits / max(1, len(references))
-
-
-def _first_word_accuracy(predictions: list[str], references: list[str]) -> float:
+def right_colour_first(records: list[dict]) -> float:
     """Whether the answer opens with the right colour, whatever follows ("red then blue" answers "first?" right):
     a format-free view of whether the model knows the order (chance is 50%: both colours are in the clip)."""
-    hits = sum((normalise(p).split() or [""])[0] == normalise(r) for p, r in zip(predictions, references, strict=True))
-    return hits / max(1, len(references))
-
-
-def caption_accuracy(im: InferenceModel, corpus: Path) -> float:
-    rows = _rows(corpus / "captions_eval.jsonl")
-    predictions = generate(im, [r["messages"][:-1] for r in rows], max_new_tokens=8)
-    return _accuracy(predictions, [assistant_texts(r["messages"])[-1] for r in rows])
-
-
-def question_accuracy(im: InferenceModel, corpus: Path) -> tuple[float, float]:
-    """(exact match, opens with the right colour) on the held-out first/last questions."""
-    rows = _rows(corpus / "questions_eval.jsonl")
-    predictions = generate(im, [r["messages"][:-1] for r in rows], max_new_tokens=8)
-    references = [assistant_texts(r["messages"])[-1] for r in rows]
-    return _accuracy(predictions, references), _first_word_accuracy(predictions, references)
+    hits = [
+        (normalize_answer(r["prediction"]).split() or [""])[0] == normalize_answer(r["references"][0]) for r in records
+    ]
+    return sum(hits) / max(1, len(hits))
 
 
 def second_turn_accuracy(im: InferenceModel, corpus: Path) -> float:
     """Turn 1 asks for the first colour; the model's own answer stays in the history; turn 2 asks for the last."""
-    rows = _rows(corpus / "chats_eval.json")
+    rows = list(iter_conversations(SourceConfig(path=str(corpus / "chats_eval.json"))))
     first_turns = [r["messages"][:1] for r in rows]
     first_answers = generate(im, first_turns, max_new_tokens=8)
     histories: list[list[Message]] = [
@@ -71,20 +55,23 @@ def second_turn_accuracy(im: InferenceModel, corpus: Path) -> float:
         for turn, reply in zip(first_turns, first_answers, strict=True)
     ]
     predictions = generate(im, histories, max_new_tokens=8)
-    return _accuracy(predictions, [assistant_texts(r["messages"])[-1] for r in rows])
+    truths = [assistant_texts(r["messages"])[-1] for r in rows]
+    return sum(exact_match(p, [t]) for p, t in zip(predictions, truths, strict=True)) / max(1, len(rows))
 
 
-def show_one_chat(im: InferenceModel, video: Path, corpus: Path) -> None:
-    """Two turns about a held-out clip with the chat model, next to the truth."""
+def show_one_chat(im: InferenceModel, video: Path, corpus: Path) -> list[str]:
+    """Two turns about a held-out clip with the chat model, next to the truth (printed, and returned)."""
     truth = json.loads((corpus / "chats_eval.json").read_text())[0]["conversations"]
     history = video_question(str(video), FIRST_QUESTION)
-    print(f"\n== a chat about a held-out clip ({video})")
+    lines = [f"== a chat about a held-out clip ({video})"]
     for question, reference in ((FIRST_QUESTION, truth[1]["value"]), (FOLLOW_UP, truth[3]["value"])):
         if history[-1]["role"] == "assistant":
             history.append(message("user", [text_part(question)]))
         reply = generate(im, [history], max_new_tokens=8)[0]
         history.append(message("assistant", [text_part(reply)]))
-        print(f"  user:  {question}\n  model: {reply}    (truth: {reference})")
+        lines += [f"  user:  {question}", f"  model: {reply}    (truth: {reference})"]
+    print("\n" + "\n".join(lines))
+    return lines
 
 
 def run_stage(name: str) -> Path:
@@ -108,20 +95,21 @@ def run_demo(workdir: str | Path = "vidtune-demo") -> dict[str, float]:
     report: dict[str, float] = {}
 
     base = load_for_inference(str(run_stage("base")))
-    report["base: caption exact match"] = caption_accuracy(base, corpus)
-    exact, first_word = question_accuracy(base, corpus)
+    report["base: caption exact match"], _ = exact_match_on(base, corpus / "captions_eval.jsonl")
+    exact, records = exact_match_on(base, corpus / "questions_eval.jsonl")
     report["base: order question exact match (before instruct)"] = exact
-    report["base: order question, right colour first (chance 50%)"] = first_word
+    report["base: order question, right colour first (chance 50%)"] = right_colour_first(records)
     instruct = load_for_inference(str(run_stage("instruct")))
-    exact, first_word = question_accuracy(instruct, corpus)
+    exact, records = exact_match_on(instruct, corpus / "questions_eval.jsonl")
     report["instruct: order question exact match"] = exact
-    report["instruct: order question, right colour first"] = first_word
+    report["instruct: order question, right colour first"] = right_colour_first(records)
     chat = load_for_inference(str(run_stage("chat")))
     report["chat: second-turn exact match"] = second_turn_accuracy(chat, corpus)
 
     print("\n== held-out accuracy")
     for key, value in report.items():
         print(f"  {key:<56} {100 * value:5.1f}%")
-    show_one_chat(chat, corpus / "videos" / "eval_0000.mp4", corpus)
+    transcript = show_one_chat(chat, corpus / "videos" / "eval_0000.mp4", corpus)
+    (root / "demo_chat.txt").write_text("\n".join(transcript) + "\n", encoding="utf-8")
     (root / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report

@@ -78,8 +78,15 @@ def load_for_inference(
 
 
 @torch.no_grad()
-def generate(im: InferenceModel, conversations: Sequence[list[Message]], max_new_tokens: int = 64) -> list[str]:
-    """Greedy answers to conversations that end with a user turn, batched with left padding."""
+def generate(
+    im: InferenceModel,
+    conversations: Sequence[list[Message]],
+    max_new_tokens: int = 64,
+    before: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    **generate_kwargs: Any,
+) -> list[str]:
+    """Greedy answers to conversations that end with a user turn, batched with left padding. `before` sees each
+    batch first (ZeRO-3 ranks align their vision calls there); extra keywords go to model.generate."""
     examples = []
     for messages in conversations:
         media, instructions = load_media(messages, im.sampling, im.time_instruction, rng=None)
@@ -88,8 +95,14 @@ def generate(im: InferenceModel, conversations: Sequence[list[Message]], max_new
     batch = {k: v.to(im.device) for k, v in batch.items()}
     if "pixel_values_videos" in batch:
         batch["pixel_values_videos"] = batch["pixel_values_videos"].to(im.model.dtype)
+    if before is not None:
+        before(batch)
     output = im.model.generate(
-        **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=im.processor.tokenizer.pad_token_id
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=im.processor.tokenizer.pad_token_id,
+        **generate_kwargs,
     )
     new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [text.strip() for text in im.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

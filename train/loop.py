@@ -27,21 +27,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from vidtune.data import faults
-from vidtune.data.collator import Collator
 from vidtune.data.dataset import (
     DropReport,
     EpochBatchSampler,
-    ExampleMaker,
-    Measurer,
-    SFTDataset,
-    StreamingSFTDataset,
-    prepare_eval_rows,
-    prepare_rows,
 )
-from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import ModelFamily
 from vidtune.data.quality import BadSampleConfig
 from vidtune.train import outputs, tracking
@@ -54,6 +45,7 @@ from vidtune.train.checkpoint import (
 )
 from vidtune.train.config import Recipe, RecipeError, recipe_to_yaml
 from vidtune.train.distributed import VisionLockstep, is_deepspeed, make_accelerator, save_state_kwargs
+from vidtune.train.evaluate import in_training_eval, training_items
 from vidtune.train.guards import (
     TRAINER_STATE,
     BadSampleMonitor,
@@ -65,14 +57,9 @@ from vidtune.train.guards import (
     fingerprint,
 )
 from vidtune.train.model import (
-    apply_finetuning,
-    check_audit,
-    enable_gradient_checkpointing,
     format_audit,
-    load_model,
-    load_processor,
-    trainable_audit,
 )
+from vidtune.train.setup import build_loaders, build_model, build_optimizer, steps_per_epoch
 
 
 @dataclass
@@ -96,97 +83,10 @@ class Run:
     stop: StopRequest = field(default_factory=StopRequest)
     nonfinite: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(5))
     bad_samples: BadSampleMonitor = field(default_factory=lambda: BadSampleMonitor(BadSampleConfig()))
+    eval_items: list = field(default_factory=list)  # held-out rows for generation-based eval during training
 
 
 # ------------------------------------------------------------------------------------------------------- setup
-
-
-def build_model(recipe: Recipe) -> tuple[Any, ModelFamily, Any, dict[str, Any]]:
-    model, family = load_model(recipe.model)
-    processor = load_processor(recipe.model.name_or_path, family, recipe.model.trust_remote_code)
-    # Seed right before the adapter's random init: loading draws from the RNG differently under DeepSpeed ZeRO-3
-    # (and across library versions), and LoRA A must be the same whatever the launch.
-    set_seed(recipe.train.seed)
-    model = apply_finetuning(model, family, recipe.finetune, recipe.model.adapter)
-    if recipe.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    audit = trainable_audit(model, family)
-    check_audit(audit, recipe.finetune, from_adapter=bool(recipe.model.adapter))
-    return model, family, processor, audit
-
-
-def loader_kwargs(recipe: Recipe, collate: Collator) -> dict[str, Any]:
-    return {
-        "collate_fn": collate,
-        "num_workers": recipe.data.num_workers,
-        "persistent_workers": recipe.data.num_workers > 0,
-        "pin_memory": torch.cuda.is_available(),
-        # Every new iterator draws a worker seed from its generator; without one of its own it draws from the
-        # global RNG, so a resumed run (which creates its iterator after restoring RNG states) would get different
-        # dropout masks than the uninterrupted run.
-        "generator": torch.Generator().manual_seed(recipe.train.seed),
-    }
-
-
-def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerator: Accelerator):
-    """Train loader (map-style with a seeded batch sampler, or a per-rank stream), eval loader, sampler, drops."""
-    data, train_cfg = recipe.data, recipe.train
-    builder = ExampleBuilder(processor, family.chat_template, data.label_turns)
-    collate = Collator(processor.tokenizer.pad_token_id, padding_side="right")
-    kwargs = loader_kwargs(recipe, collate)
-    with accelerator.main_process_first():  # rank 0 probes the videos first; the others then hit warm file caches
-        if data.streaming:
-            train_rows, eval_rows, drops = None, prepare_eval_rows(data, builder, train_cfg.seed), DropReport()
-        else:
-            train_rows, eval_rows, drops = prepare_rows(data, builder, train_cfg.seed)
-    maker = ExampleMaker(builder, data, train_cfg.seed, train=True)
-    sampler = None
-    if train_rows is None:
-        stream = StreamingSFTDataset(
-            data,
-            Measurer(builder, data),
-            maker,
-            accelerator.process_index,
-            accelerator.num_processes,
-            train_cfg.seed,
-            repeat=True,
-        )
-        train_loader = torch.utils.data.DataLoader(stream, batch_size=train_cfg.batch_size, **kwargs)
-    else:
-        train_set = SFTDataset(train_rows, maker)
-        sampler = EpochBatchSampler(
-            train_set.lengths, train_cfg.batch_size, train_cfg.seed, group_by_length=train_cfg.group_by_length
-        )
-        train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, **kwargs)
-    eval_loader = None
-    if eval_rows is not None:
-        eval_set = SFTDataset(eval_rows, ExampleMaker(builder, data, train_cfg.seed, train=False))
-        eval_sampler = EpochBatchSampler(eval_set.lengths, train_cfg.batch_size, train_cfg.seed, shuffle=False)
-        eval_loader = torch.utils.data.DataLoader(eval_set, batch_sampler=eval_sampler, **kwargs)
-    return train_loader, eval_loader, sampler, drops
-
-
-def build_optimizer(recipe: Recipe, model: Any, total_steps: int):
-    t = recipe.train
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate)
-    name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
-    scheduler = get_scheduler(
-        name, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps
-    )
-    return optimizer, scheduler
-
-
-def steps_per_epoch(recipe: Recipe, sampler: EpochBatchSampler | None, accelerator: Accelerator) -> int:
-    if sampler is None:
-        raise ValueError("a streamed corpus has no known length: set train.max_steps")
-    micro_per_epoch = math.ceil(len(sampler) / accelerator.num_processes)
-    return max(1, math.ceil(micro_per_epoch / recipe.train.grad_accum_steps))
 
 
 def setup(recipe: Recipe) -> Run:
@@ -232,6 +132,7 @@ def setup(recipe: Recipe) -> Run:
         VisionLockstep(accelerator, processor, model),
         run_fingerprint,
         nonfinite=NonFiniteGuard(recipe.train.max_nonfinite_steps),
+        eval_items=training_items(recipe),
         bad_samples=BadSampleMonitor(recipe.data.bad_samples),
     )
 
@@ -433,6 +334,10 @@ def after_step(run: Run, metrics: dict[str, float]) -> None:
     if run.eval_loader is not None and t.eval_every_steps and step % t.eval_every_steps == 0:
         metrics["eval/loss"] = evaluate(run)
         tracking.log(acc, {"eval/loss": metrics["eval/loss"]}, step, t.output_dir)
+    if run.eval_items and step % run.recipe.eval.every_steps == 0:
+        scores = in_training_eval(run, run.eval_items)
+        metrics.update(scores)
+        tracking.log(acc, scores, step, t.output_dir)
     if t.save_every_steps and (step % t.save_every_steps == 0 or step == run.total_steps):
         checkpoint(run)  # the last step too: relaunching a finished run then has nothing left to do
 
@@ -477,6 +382,10 @@ def train(recipe: Recipe) -> Path:
     try:
         resume(run)
         metrics = train_loop(run)
+        if run.eval_items and run.state.step % run.recipe.eval.every_steps:  # the final model gets scored too
+            scores = in_training_eval(run, run.eval_items)
+            metrics.update(scores)
+            tracking.log(run.accelerator, scores, run.state.step, recipe.train.output_dir)
         if run.eval_loader is not None:
             metrics["eval/loss"] = evaluate(run)
             tracking.log(run.accelerator, {"eval/loss": metrics["eval/loss"]}, run.state.step, recipe.train.output_dir)
