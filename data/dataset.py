@@ -24,7 +24,8 @@ import torch
 from vidtune.data.conversation import DataError, Message, media_parts
 from vidtune.data.examples import LABEL_TURNS, ExampleBuilder, with_time_instructions
 from vidtune.data.formats import DEFAULT_CAPTION_PROMPT
-from vidtune.data.quality import BadSampleConfig, BadSampleLog, validate_bad_samples
+from vidtune.data.frame_cache import FrameCache, FrameCacheConfig
+from vidtune.data.quality import BadSampleConfig, BadSampleLog, time_limit, validate_bad_samples
 from vidtune.data.sources import SourceConfig, load_conversations, stream_conversations
 from vidtune.data.video import (
     SamplingConfig,
@@ -58,6 +59,7 @@ class DataConfig:
     streaming: bool = False  # stream corpora too large to prepare (measured and filtered on the fly)
     num_workers: int = 2  # DataLoader worker processes (decode + processing)
     bad_samples: BadSampleConfig = field(default_factory=BadSampleConfig)  # what to do with unreadable samples
+    frame_cache: FrameCacheConfig = field(default_factory=FrameCacheConfig)  # reuse decoded frames across epochs
 
 
 def validate_data(cfg: DataConfig) -> None:
@@ -244,15 +246,22 @@ def load_media(
     with_time_instruction: bool,
     rng: np.random.Generator | None,
     decode_timeout_s: float = 120.0,
+    shortest_edge: int | None = None,
+    cache: FrameCache | None = None,
 ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-    """Decoded pixels per media index (conversation order), and each video's time instruction when asked for."""
+    """Decoded pixels per media index (conversation order), and each video's time instruction when asked for.
+    Frames are decoded at the model's input size (`shortest_edge`), from the frame cache when there is one."""
     media, instructions = {}, {}
     for index, part in enumerate(media_parts(messages)):
         path = part["path"] or ""
         if part["type"] == "image":
             media[index] = load_image(path)
             continue
-        clip = load_clip(path, sampling, part["start_s"], part["end_s"], rng, decode_timeout_s)
+        with time_limit(decode_timeout_s, path):
+            if cache is not None:
+                clip = cache.load(path, part["start_s"], part["end_s"], rng)
+            else:
+                clip = load_clip(path, sampling, part["start_s"], part["end_s"], rng, decode_timeout_s, shortest_edge)
         media[index] = clip.frames
         if with_time_instruction:
             instructions[index] = time_instruction(clip.info, clip.timestamps_s, part["start_s"], part["end_s"])
@@ -264,6 +273,14 @@ class ExampleMaker:
 
     def __init__(self, builder: ExampleBuilder, cfg: DataConfig, seed: int, train: bool):
         self.builder, self.cfg, self.seed, self.train = builder, cfg, seed, train
+        self._cache: FrameCache | None = None
+
+    @property
+    def cache(self) -> FrameCache | None:
+        """Opened lazily, so each DataLoader worker holds its own."""
+        if self._cache is None and self.cfg.frame_cache.dir:
+            self._cache = FrameCache(self.cfg.frame_cache, self.cfg.sampling, self.builder.frame_px)
+        return self._cache
 
     def make(self, row: dict[str, Any], epoch: int, row_index: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, epoch, row_index]) if self.train else None
@@ -287,6 +304,8 @@ class ExampleMaker:
                 self.cfg.time_instruction,
                 rng,
                 self.cfg.bad_samples.decode_timeout_s,
+                self.builder.frame_px,
+                self.cache,
             )
         except DataError as err:  # unreadable media, decode time limit
             raise DataError(f"{row['at']}: {err}") from None

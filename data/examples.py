@@ -64,6 +64,15 @@ def with_time_instructions(messages: list[Message], instructions: dict[int, str]
     return out
 
 
+def decode_shortest_edge(processor: Any) -> int | None:
+    """The shorter side the video processor resizes frames to: decoders can scale to it directly."""
+    size = processor.video_processor.size
+    edge = getattr(size, "shortest_edge", None)
+    if edge is None and getattr(size, "height", None):
+        edge = min(size.height, size.width)
+    return int(edge) if edge else None
+
+
 class ExampleBuilder:
     """Counts and builds examples for one processor and chat template."""
 
@@ -75,6 +84,7 @@ class ExampleBuilder:
         self.video_token_id = processor.video_token_id
         self.image_token_id = processor.image_token_id
         self.tokens_per_frame = self._count_tokens_per_frame()
+        self.frame_px = decode_shortest_edge(processor)
 
     def _count_tokens_per_frame(self) -> int:
         """Ask the processor itself: one blank frame, count the `<video>` tokens it expands to."""

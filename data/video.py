@@ -105,8 +105,21 @@ def sample_frame_indices(
     """
     first, stop = frame_range(info, start_s, end_s, path)
     count = num_sampled_frames(info, cfg, start_s, end_s)
-    edges = np.linspace(first, stop, count + 1)
-    positions = (edges[:-1] + edges[1:]) / 2 if rng is None else rng.uniform(edges[:-1], edges[1:])
+    return segment_indices(first, stop, count, rng)
+
+
+def segment_indices(first: int, stop: int, count: int, rng: np.random.Generator | None = None) -> list[int]:
+    """One frame per equal segment of [first, stop): the centre, or a seeded random frame inside it.
+
+    Centres are first + (2i+1)(stop-first)/(2 count), one exact division: the centre of segment i on a grid k times
+    finer (k odd) is then the very same number, so a frame cache keeping the finer grid returns the frames uncached
+    sampling would (data/frame_cache.py)."""
+    span = stop - first
+    if rng is None:
+        positions = first + ((2 * np.arange(count) + 1) * span) / (2 * count)
+    else:
+        edges = first + np.arange(count + 1) * span / count
+        positions = rng.uniform(edges[:-1], edges[1:])
     return np.clip(np.floor(positions).astype(np.int64), first, stop - 1).tolist()
 
 
@@ -115,6 +128,15 @@ def timestamps_for(indices: list[int], info: VideoInfo) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------------------------ backends
+
+
+def scaled_size(height: int, width: int, shortest_edge: int | None) -> tuple[int, int] | None:
+    """(height, width) with the shorter side brought down to `shortest_edge` (aspect kept, never upscaled);
+    None when no resize is needed."""
+    if not shortest_edge or not height or not width or min(height, width) <= shortest_edge:
+        return None
+    scale = shortest_edge / min(height, width)
+    return max(shortest_edge, round(height * scale)), max(shortest_edge, round(width * scale))
 
 
 def decord_available() -> bool:
@@ -145,12 +167,15 @@ def _checked_info(num_frames: int, fps: float, path: str) -> VideoInfo:
 class DecordReader:
     name = "decord"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, shortest_edge: int | None = None):
         import decord
 
+        size = scaled_size(*frame_size(path), shortest_edge) if shortest_edge else None
+        height, width = size or (-1, -1)
         try:
-            # One decode thread: DataLoader workers already use the cores.
-            self.reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+            # One decode thread: DataLoader workers already use the cores. The decoder scales frames down to the
+            # model's input size itself: less memory, and the processor's own resize becomes a no-op.
+            self.reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, width=width, height=height)
         except Exception as err:
             raise VideoError(f"{path}: decord cannot open it ({str(err).splitlines()[0][:120]})") from None
         self.path = path
@@ -178,16 +203,18 @@ class PyAVReader:
 
     name = "pyav"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, shortest_edge: int | None = None):
         import av
 
-        self.path = path
+        self.path, self.shortest_edge = path, shortest_edge
         try:
             self.container = av.open(path)
             self.stream = self.container.streams.video[0]
         except (av.FFmpegError, IndexError, OSError) as err:
             raise VideoError(f"{path}: PyAV cannot open it as video ({str(err)[:120]})") from None
         self.stream.thread_count = 1
+        context = self.stream.codec_context
+        self.size = scaled_size(context.height or 0, context.width or 0, shortest_edge)
         self.frame_pts, self.keyframe_pts = self._index()
         rate = self.stream.average_rate or self.stream.guessed_rate
         fps = float(rate) if rate else self._fps_from_pts()
@@ -239,7 +266,7 @@ class PyAVReader:
                 for frame in decoded:
                     last_pts = frame.pts if frame.pts is not None else frame.dts
                     if last_pts is not None and last_pts >= target:
-                        frames[index] = frame.to_ndarray(format="rgb24")
+                        frames[index] = self._rgb(frame)
                         break
                 else:
                     raise VideoError(f"{self.path}: stream ended before frame {index}")
@@ -249,22 +276,30 @@ class PyAVReader:
             raise VideoError(f"{self.path}: PyAV failed to decode frames ({str(err)[:120]})") from None
         return np.stack([frames[i] for i in indices])
 
+    def _rgb(self, frame: Any) -> np.ndarray:
+        """RGB conversion and downscaling in one swscale pass (only the frames kept are converted)."""
+        if self.size is None:
+            return frame.to_ndarray(format="rgb24")
+        height, width = self.size
+        return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BICUBIC")
+
     def close(self) -> None:
         self.container.close()
 
 
-def open_video(path: str, backend: str = "auto") -> Any:
-    """A reader with `.info` and `.read(indices)`; `auto` tries decord and falls back to PyAV on any failure."""
+def open_video(path: str, backend: str = "auto", shortest_edge: int | None = None) -> Any:
+    """A reader with `.info` and `.read(indices)`; `auto` tries decord and falls back to PyAV on any failure.
+    With `shortest_edge`, frames come back scaled down so their shorter side is that long."""
     _check_file(path)
     if backend == "pyav" or (backend == "auto" and not decord_available()):
-        return PyAVReader(path)
+        return PyAVReader(path, shortest_edge)
     if backend == "decord":
-        return DecordReader(path)
+        return DecordReader(path, shortest_edge)
     try:
-        return DecordReader(path)
+        return DecordReader(path, shortest_edge)
     except VideoError as decord_error:
         try:
-            return PyAVReader(path)
+            return PyAVReader(path, shortest_edge)
         except VideoError as pyav_error:
             raise VideoError(f"{pyav_error} (decord: {str(decord_error).split(': ', 1)[-1]})") from None
 
@@ -316,10 +351,11 @@ def load_clip(
     end_s: float | None = None,
     rng: np.random.Generator | None = None,
     decode_timeout_s: float = 120.0,
+    shortest_edge: int | None = None,
 ) -> Clip:
     with time_limit(decode_timeout_s, path):
         faults.before_decode(path)
-        reader = open_video(path, cfg.backend)
+        reader = open_video(path, cfg.backend, shortest_edge)
         try:
             indices = sample_frame_indices(reader.info, cfg, start_s, end_s, rng, path)
             frames = reader.read(indices)

@@ -53,7 +53,9 @@ def measure_all(recipe: Recipe, builder: ExampleBuilder, bad: BadSampleLog, deco
         problem = counts["problem"]
         if not problem and decode and not counts["drop_reason"]:
             try:
-                load_media(row["messages"], data.sampling, False, None, data.bad_samples.decode_timeout_s)
+                load_media(
+                    row["messages"], data.sampling, False, None, data.bad_samples.decode_timeout_s, builder.frame_px
+                )
             except DataError as err:
                 problem = str(err)
         if problem:

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--out", default="vidtune_check.json", help="JSON report path")
     p.add_argument("--decode", action="store_true", help="also decode the frames training would sample (slower)")
+    p = sub.add_parser("cache", help="decode a recipe's clips into its frame cache (data.frame_cache.dir) ahead")
+    p.add_argument("recipe", help="recipe YAML file, or a packaged recipe name")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--workers", type=int, default=2, help="decoding processes")
     p = sub.add_parser("export", help="write a run as a Hub-ready folder (model card included), optionally push it")
     p.add_argument("run_dir", help="a finished training output folder")
     p.add_argument("--to", help="export folder (default: RUN_DIR/export)")
@@ -184,6 +188,17 @@ def run_command(args: argparse.Namespace) -> None:
         _, ok = run_check(load_recipe(path, args.overrides), str(path), args.out, args.decode)
         if not ok:
             sys.exit(1)
+    elif args.command == "cache":
+        from vidtune.train.config import load_recipe, resolve_recipe_path
+        from vidtune.train.fill_cache import fill_cache
+
+        result = fill_cache(load_recipe(resolve_recipe_path(args.recipe), args.overrides), args.workers)
+        print(
+            f"cached {result['clips']} clips in {result['seconds']:.1f}s into {result['dir']} "
+            f"({result['cache_bytes'] / 1e6:.1f} MB)"
+        )
+        for failure in result["failed"]:
+            print(f"  failed: {failure}")
     elif args.command == "export":
         run_export(args)
     elif args.command == "demo":

@@ -89,7 +89,9 @@ def generate(
     batch first (ZeRO-3 ranks align their vision calls there); extra keywords go to model.generate."""
     examples = []
     for messages in conversations:
-        media, instructions = load_media(messages, im.sampling, im.time_instruction, rng=None)
+        media, instructions = load_media(
+            messages, im.sampling, im.time_instruction, rng=None, shortest_edge=im.builder.frame_px
+        )
         examples.append(im.builder.build(with_time_instructions(messages, instructions), media, for_generation=True))
     batch = Collator(im.processor.tokenizer.pad_token_id, padding_side="left")(examples)
     batch = {k: v.to(im.device) for k, v in batch.items()}
