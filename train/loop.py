@@ -84,6 +84,7 @@ class Run:
     nonfinite: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(5))
     bad_samples: BadSampleMonitor = field(default_factory=lambda: BadSampleMonitor(BadSampleConfig()))
     eval_items: list = field(default_factory=list)  # held-out rows for generation-based eval during training
+    trainable: list = field(default_factory=list)  # the trainable weights, listed once (clipping walks them)
 
 
 # ------------------------------------------------------------------------------------------------------- setup
@@ -133,6 +134,7 @@ def setup(recipe: Recipe) -> Run:
         run_fingerprint,
         nonfinite=NonFiniteGuard(recipe.train.max_nonfinite_steps),
         eval_items=training_items(recipe),
+        trainable=[p for p in model.parameters() if p.requires_grad],
         bad_samples=BadSampleMonitor(recipe.data.bad_samples),
     )
 
@@ -154,7 +156,6 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, float]:
     global_tokens = acc.reduce(torch.as_tensor(local_tokens, device=acc.device).float(), "sum").clamp(min=1)
     scale = run.recipe.train.grad_accum_steps * acc.num_processes / global_tokens
     loss_sum = torch.zeros((), device=acc.device)
-    model.train()
     for index, batch in enumerate(window):
         batch = {k: v.to(acc.device) for k, v in batch.items()}  # streamed batches are not placed by Accelerate
         faults.before_micro_batch(run.state.step, index)
@@ -170,9 +171,7 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, float]:
             acc.backward(summed * scale + run.lockstep.take_term())
         loss_sum += summed.detach().float()
     run.nonfinite.finite()
-    grad_norm = None
-    if run.recipe.train.max_grad_norm > 0:
-        grad_norm = acc.clip_grad_norm_(model.parameters(), run.recipe.train.max_grad_norm)
+    grad_norm = clip_gradients(run)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -187,6 +186,18 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, float]:
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "skipped_samples": len(skipped),
     }
+
+
+def clip_gradients(run: Run) -> torch.Tensor | float | None:
+    """Clip to max_grad_norm and return the norm. DeepSpeed clips inside its engine; otherwise torch does it
+    directly on the trainable weights (Accelerate's clip_grad_norm_ probes the GPU driver on every call)."""
+    acc, max_norm = run.accelerator, run.recipe.train.max_grad_norm
+    if max_norm <= 0:
+        return None
+    if is_deepspeed(acc):
+        return acc.clip_grad_norm_(run.model.parameters(), max_norm)
+    acc.unscale_gradients()  # fp16: true gradients before measuring them
+    return torch.nn.utils.clip_grad_norm_(run.trainable, max_norm)
 
 
 def skip_step(run: Run) -> dict[str, float]:
@@ -273,6 +284,7 @@ def train_loop(run: Run) -> dict[str, float]:
     bar = tqdm(total=run.total_steps, initial=state.step, disable=not show_bar, desc="training")
     metrics: dict[str, float] = {}
     progress = Progress()
+    run.model.train()  # once: evaluation puts it back in training mode itself
     while state.step < run.total_steps:
         if run.sampler is not None:
             run.sampler.set_epoch(state.epoch)

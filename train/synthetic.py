@@ -6,7 +6,7 @@ encoder produces real P/B-frames rather than a trivially compressible stream.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,23 +42,24 @@ def segment_frames(
 
 
 def write_video(
-    path: str | Path, frames: np.ndarray, fps: int = 8, codec: str = "libx264", gop_frames: int | None = None
+    path: str | Path, frames: Iterable[np.ndarray], fps: int = 8, codec: str = "libx264", gop_frames: int | None = None
 ) -> Path:
-    """Encode uint8 (T, H, W, 3) frames to a video file (even H and W: yuv420p needs them)."""
+    """Encode uint8 (H, W, 3) frames (an array or any iterable: long clips stream) to a video file; H and W even."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
-        stream: Any = container.add_stream(codec, rate=fps)
-        stream.height, stream.width = frames.shape[1], frames.shape[2]
-        stream.pix_fmt = "yuv420p"
-        if gop_frames:
-            stream.codec_context.gop_size = gop_frames
-        if codec == "libx264":
-            # One thread and fixed options: identical files on every machine, fast to encode.
-            stream.options = {"preset": "ultrafast", "threads": "1"} | (
-                {"keyint": str(gop_frames), "min-keyint": str(gop_frames), "scenecut": "0"} if gop_frames else {}
-            )
+        stream: Any = None
         for array in frames:
+            if stream is None:
+                stream = container.add_stream(codec, rate=fps)
+                stream.height, stream.width = array.shape[0], array.shape[1]
+                stream.pix_fmt = "yuv420p"
+                if gop_frames:
+                    stream.codec_context.gop_size = gop_frames
+                if codec == "libx264":
+                    # One thread and fixed options: identical files on every machine, fast to encode.
+                    keyframes = {"keyint": str(gop_frames), "min-keyint": str(gop_frames), "scenecut": "0"}
+                    stream.options = {"preset": "ultrafast", "threads": "1"} | (keyframes if gop_frames else {})
             container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
         container.mux(stream.encode())
     return path
