@@ -173,3 +173,24 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
 
     root = tmp_path_factory.mktemp("demo") / "demo"
     return root, run_demo(root)
+
+
+def tiny_run_overrides(model: Path, corpus: Path, output: Path, *extra: str) -> list[str]:
+    """A short LoRA run of the tiny model on the demo's questions: what training tests start from (later
+    `key=value` items win)."""
+    return [
+        f"model.name_or_path={model}",
+        f"data.sources=[{{path: {corpus / 'questions_train.jsonl'}}}]",
+        "data.sampling.num_frames=4",
+        "data.max_length=64",
+        "data.num_workers=0",
+        f"train.output_dir={output}",
+        "train.max_steps=6",
+        "train.batch_size=4",
+        "train.learning_rate=1e-2",
+        "train.warmup_ratio=0",
+        "train.log_every_steps=1",
+        "finetune.lora.dropout=0",
+        "logging.report_to=none",
+        *extra,
+    ]

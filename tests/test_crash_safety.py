@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import tiny_run_overrides
 from vidtune.train.config import RecipeError, load_recipe, recipe_to_yaml
 from vidtune.train.tracking import read_metrics
 
@@ -22,23 +23,19 @@ pytestmark = pytest.mark.slow
 
 
 def recipe_overrides(model: Path, corpus: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        f"model.name_or_path={model}",
-        f"data.sources=[{{path: {corpus / 'questions_train.jsonl'}}}]",
-        "data.sampling.num_frames=4",
-        "data.max_length=64",
-        "data.num_workers=0",
-        f"train.output_dir={output}",
+    """Two micro-batches per step (so faults can land mid-accumulation), checkpoints every 2 of 8 steps, dropout on
+    (so RNG restoration shows)."""
+    return tiny_run_overrides(
+        model,
+        corpus,
+        output,
         "train.max_steps=8",
         "train.batch_size=2",
         "train.grad_accum_steps=2",
-        "train.learning_rate=1e-2",
         "train.save_every_steps=2",
-        "train.log_every_steps=1",
         "finetune.lora.dropout=0.1",
-        "logging.report_to=none",
         *extra,
-    ]
+    )
 
 
 def write_recipe(tmp_path: Path, name: str, overrides: list[str]) -> Path:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import tiny_run_overrides
 from vidtune.train.config import RecipeError, load_recipe
 
 CANARY_HF = "hf_CANARY_0123456789abcdefghijklmnop"
@@ -50,26 +51,16 @@ def run_dir(tiny_model_dir, demo_corpus, tmp_path_factory):
         env.setenv("HF_TOKEN", CANARY_HF)
         env.setenv("WANDB_API_KEY", CANARY_WANDB)
         env.setenv("WANDB_MODE", "offline")
-        train(
-            load_recipe(
-                None,
-                [
-                    f"model.name_or_path={tiny_model_dir}",
-                    f"data.sources=[{{path: {demo_corpus / 'questions_train.jsonl'}}}]",
-                    "data.sampling.num_frames=4",
-                    "data.max_length=64",
-                    "data.num_workers=0",
-                    f"train.output_dir={output}",
-                    "train.max_steps=6",
-                    "train.batch_size=4",
-                    "train.learning_rate=1e-2",
-                    "finetune.train_projector=true",
-                    "logging.report_to=wandb",
-                    "hub.license=apache-2.0",
-                    "hub.datasets=[me/colour-clips]",
-                ],
-            )
+        overrides = tiny_run_overrides(
+            tiny_model_dir,
+            demo_corpus,
+            output,
+            "finetune.train_projector=true",
+            "logging.report_to=wandb",
+            "hub.license=apache-2.0",
+            "hub.datasets=[me/colour-clips]",
         )
+        train(load_recipe(None, overrides))
     return output
 
 

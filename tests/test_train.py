@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import tiny_run_overrides
 from vidtune.train.config import Recipe, load_recipe
 from vidtune.train.tracking import read_metrics
 
@@ -20,22 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_recipe(model: Path, corpus: Path, output: Path, *overrides: str) -> Recipe:
-    base = [
-        f"model.name_or_path={model}",
-        f"data.sources=[{{path: {corpus / 'questions_train.jsonl'}}}]",
-        "data.sampling.num_frames=4",
-        "data.max_length=64",
-        "data.num_workers=0",
-        f"train.output_dir={output}",
-        "train.max_steps=6",
-        "train.batch_size=4",
-        "train.learning_rate=1e-2",
-        "train.warmup_ratio=0",
-        "train.log_every_steps=1",
-        "finetune.lora.dropout=0",
-        "logging.report_to=none",
-    ]
-    return load_recipe(None, [*base, *overrides])
+    return load_recipe(None, tiny_run_overrides(model, corpus, output, *overrides))
 
 
 def losses(output: Path) -> dict[int, float]:
