@@ -96,7 +96,7 @@ def build_tokenizer(extra_words: str = "") -> LlamaTokenizer:
     return tokenizer
 
 
-def tiny_config(tokenizer: LlamaTokenizer) -> LlavaNextVideoConfig:
+def tiny_config(tokenizer: LlamaTokenizer, text_layers: int | None = None) -> LlavaNextVideoConfig:
     s = TINY_SIZES
     pinpoints = [[s["image_px"] * h, s["image_px"] * w] for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
     return LlavaNextVideoConfig(
@@ -114,7 +114,7 @@ def tiny_config(tokenizer: LlamaTokenizer) -> LlavaNextVideoConfig:
             "model_type": "llama",
             "hidden_size": s["text_hidden"],
             "intermediate_size": s["text_intermediate"],
-            "num_hidden_layers": s["text_layers"],
+            "num_hidden_layers": text_layers or s["text_layers"],
             "num_attention_heads": s["text_heads"],
             "num_key_value_heads": s["text_heads"],
             "vocab_size": -(-len(tokenizer) // 64) * 64,  # padded to a multiple of 64, as the 7B's 32064
@@ -153,11 +153,12 @@ def tiny_processor(tokenizer: LlamaTokenizer, config: Any) -> LlavaNextVideoProc
     )
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0, extra_words: str = "") -> Path:
-    """Write the tiny model folder (config, safetensors weights, tokenizer, processor, chat template); return it."""
+def build_tiny_model(out_dir: str | Path, seed: int = 0, extra_words: str = "", text_layers: int | None = None) -> Path:
+    """Write the tiny model folder (config, safetensors weights, tokenizer, processor, chat template); return it.
+    `text_layers` deepens the language model (default TINY_SIZES["text_layers"])."""
     out = Path(out_dir)
     tokenizer = build_tokenizer(extra_words)
-    config = tiny_config(tokenizer)
+    config = tiny_config(tokenizer, text_layers)
     torch.manual_seed(seed)
     model = LlavaNextVideoForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
