@@ -116,11 +116,22 @@ def recipe(tiny_model_dir, mixed_corpus, tmp_path_factory) -> tuple[Path, Path]:
     ("config", "distributed_type", "stage"),
     [("ddp.yaml", "MULTI_CPU", 0), ("zero2.yaml", "DEEPSPEED", 2), ("zero3.yaml", "DEEPSPEED", 3)],
 )
-def test_two_processes_match_one_process_losses(reference, recipe, config, distributed_type, stage):
+def test_two_processes_match_one_process_losses_through_a_kill_and_resume(
+    reference, recipe, config, distributed_type, stage
+):
+    """Two processes log the 1-process run's losses at every step (relative 1e-4). On the way, rank 0 is killed
+    (SIGKILL) at the first micro-batch after the step-2 checkpoint; relaunched, the run continues at step 2: steps 1-2
+    come from the first launch, 3-4 from the resumed one, and all four match the uninterrupted 1-process run."""
     path, root = recipe
     output = root / config.replace(".yaml", "")
-    result = launch(path, config, f"train.output_dir={output}", "train.save_every_steps=2")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    overrides = (f"train.output_dir={output}", "train.save_every_steps=2")
+    killed = launch(path, config, *overrides, env={"VIDTUNE_FAULT": "kill@2.0"})
+    assert killed.returncode != 0 and not (output / "vidtune.json").exists()
+    assert [p.name for p in (output / "checkpoints").glob("step_*")] == ["step_00000002"]
+    resumed = launch(path, config, *overrides)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "step_00000002" in resumed.stdout
+    assert "shm_comm" not in killed.stdout + resumed.stdout  # no JIT build of DeepSpeed's CPU all-reduce (~50 s)
     assert engine(output) == {"num_processes": 2, "distributed_type": distributed_type, "zero_stage": stage}
     ours, theirs = losses(output), losses(reference)
     assert len(ours) == len(theirs) == 4
@@ -148,23 +159,6 @@ def test_zero3_adapter_is_gathered_equal_and_generates_the_same_tokens(reference
     assert generate(load_for_inference(str(root / "zero3")), prompts, 6) == generate(
         load_for_inference(str(reference)), prompts, 6
     )
-
-
-@pytest.mark.parametrize("config", ["zero2.yaml", "zero3.yaml", "ddp.yaml"])
-def test_run_killed_after_a_checkpoint_resumes_with_matching_losses(recipe, reference, config):
-    """SIGKILL on rank 0 at the first micro-batch after the step-2 checkpoint; relaunched, the run continues at
-    step 2 and its losses match the uninterrupted run's (the 1-process reference, which every config matches)."""
-    path, root = recipe
-    output = root / f"resumed-{config.replace('.yaml', '')}"
-    overrides = (f"train.output_dir={output}", "train.save_every_steps=2")
-    killed = launch(path, config, *overrides, env={"VIDTUNE_FAULT": "kill@2.0"})
-    assert killed.returncode != 0 and not (output / "vidtune.json").exists()
-    assert [p.name for p in (output / "checkpoints").glob("step_*")] == ["step_00000002"]
-    resumed = launch(path, config, *overrides)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout and "step_00000002" in resumed.stdout
-    assert engine(output)["num_processes"] == 2
-    torch.testing.assert_close(torch.tensor(losses(output)), torch.tensor(losses(reference)), rtol=1e-4, atol=0)
 
 
 def test_streamed_corpus_is_split_across_ranks(recipe):

@@ -37,6 +37,17 @@ def use_cpu_process_group() -> None:
         return
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     PartialState._prepare_backend = _cpu_backend
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        skip_deepspeed_shm_build()
+
+
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (deepspeed_shm_comm) when its process group
+    starts: ~50 s and a C++ toolchain on every fresh machine (each CI run). gloo performs the same reductions, so CPU
+    runs leave it out; DeepSpeed keeps the probed op table in one dict for exactly this kind of edit."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _cpu_backend(self: Any, cpu: bool = False, sagemaker_dp: bool = False, backend: str | None = None) -> Any:
