@@ -94,6 +94,14 @@ def engine(output: Path) -> dict:
     return json.loads((output / "vidtune.json").read_text())["distributed"]
 
 
+def assert_two_processes_matched(output: Path, reference: Path, distributed_type: str, stage: int) -> None:
+    """The run used 2 processes with the engine asked for, and logged the 1-process run's losses (relative 1e-4)."""
+    assert engine(output) == {"num_processes": 2, "distributed_type": distributed_type, "zero_stage": stage}
+    ours, theirs = losses(output), losses(reference)
+    assert len(ours) == len(theirs) == 4
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=0)
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, mixed_corpus, tmp_path_factory):
     """One process, the same global batch (2 samples x 2 micro-batches per step)."""
@@ -132,10 +140,7 @@ def test_two_processes_match_one_process_losses_through_a_kill_and_resume(
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "step_00000002" in resumed.stdout
     assert "shm_comm" not in killed.stdout + resumed.stdout  # no JIT build of DeepSpeed's CPU all-reduce (~50 s)
-    assert engine(output) == {"num_processes": 2, "distributed_type": distributed_type, "zero_stage": stage}
-    ours, theirs = losses(output), losses(reference)
-    assert len(ours) == len(theirs) == 4
-    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=0)
+    assert_two_processes_matched(output, reference, distributed_type, stage)
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -193,8 +198,7 @@ def test_two_nodes_simulated_on_one_machine(recipe, reference):
     ]
     outputs = [node.communicate(timeout=900)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    assert engine(output) == {"num_processes": 2, "distributed_type": "DEEPSPEED", "zero_stage": 2}
-    torch.testing.assert_close(torch.tensor(losses(output)), torch.tensor(losses(reference)), rtol=1e-4, atol=0)
+    assert_two_processes_matched(output, reference, "DEEPSPEED", 2)
 
 
 FAKE_SRUN = """#!/usr/bin/env bash
@@ -247,8 +251,7 @@ def test_slurm_script_on_two_simulated_nodes(recipe, reference, tmp_path):
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert engine(output) == {"num_processes": 2, "distributed_type": "DEEPSPEED", "zero_stage": 3}
-    torch.testing.assert_close(torch.tensor(losses(output)), torch.tensor(losses(reference)), rtol=1e-4, atol=0)
+    assert_two_processes_matched(output, reference, "DEEPSPEED", 3)
 
 
 def test_plain_torchrun_ddp(recipe, reference):
@@ -281,5 +284,4 @@ def test_plain_torchrun_ddp(recipe, reference):
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert engine(output) == {"num_processes": 2, "distributed_type": "MULTI_CPU", "zero_stage": 0}
-    torch.testing.assert_close(torch.tensor(losses(output)), torch.tensor(losses(reference)), rtol=1e-4, atol=0)
+    assert_two_processes_matched(output, reference, "MULTI_CPU", 0)
