@@ -22,7 +22,7 @@ def seven_b_processor(workdir: Path):
     pixel work of the real model; text work is negligible either way."""
     from transformers import LlavaNextImageProcessor, LlavaNextVideoProcessor, LlavaNextVideoVideoProcessor
 
-    from vidtune.train.tiny_model import HUB_STYLE_CHAT_TEMPLATE, build_tokenizer
+    from vidtune.train.demo.tiny_model import HUB_STYLE_CHAT_TEMPLATE, build_tokenizer
 
     size, crop = {"shortest_edge": 336}, {"height": 336, "width": 336}
     return LlavaNextVideoProcessor(
@@ -41,7 +41,7 @@ def generated_clip(
 ) -> Path:
     """An H.264 clip with a keyframe every gop_seconds (encoded once, then reused): a colour gradient that slides
     every frame, so the encoder codes real motion."""
-    from vidtune.train.synthetic import PALETTE, write_video
+    from vidtune.train.demo.clips import PALETTE, write_video
 
     if path.is_file():
         return path

@@ -55,7 +55,7 @@ def samples_per_second(read_frames, path: str, builder: ExampleBuilder, repeats:
         message("user", [media_part("video", path), text_part("What happens in this video?")]),
         message("assistant", [text_part("A colour gradient slides to the right.")]),
     ]
-    collate = Collator(builder.tokenizer.pad_token_id)
+    collate = Collator(builder.tokenizer.pad_token_id, family=builder.family)
     started = time.perf_counter()
     for _ in range(repeats):
         collate([builder.build(conversation, {0: read_frames(path)}) for _ in range(BATCH)])
@@ -87,7 +87,7 @@ def main() -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     processor = seven_b_processor(workdir)
-    builder = ExampleBuilder(processor, LLAVA_NEXT_VIDEO.chat_template)
+    builder = ExampleBuilder(processor, LLAVA_NEXT_VIDEO)
     sampling = SamplingConfig(args.frames)
     with tempfile.TemporaryDirectory() as cache_dir:
         cache = FrameCache(FrameCacheConfig(dir=cache_dir), sampling, builder.frame_px)

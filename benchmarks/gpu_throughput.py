@@ -36,7 +36,7 @@ def build(tiny: bool, device: str, dtype: torch.dtype):
     from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
 
     if tiny:
-        from vidtune.train.tiny_model import build_tokenizer, tiny_config
+        from vidtune.train.demo.tiny_model import build_tokenizer, tiny_config
 
         config = tiny_config(build_tokenizer())
     else:

@@ -24,10 +24,10 @@ from common import machine
 from vidtune.data.collator import Collator
 from vidtune.data.dataset import load_media
 from vidtune.data.examples import ExampleBuilder
-from vidtune.train.config import load_recipe
-from vidtune.train.demo_corpus import write_demo_corpus
-from vidtune.train.loop import setup, train_step
-from vidtune.train.tiny_model import build_tiny_model
+from vidtune.train.demo.corpus import write_demo_corpus
+from vidtune.train.demo.tiny_model import build_tiny_model
+from vidtune.train.training.config import load_recipe
+from vidtune.train.training.loop import setup, train_step
 
 
 def batches(run, corpus: Path, count: int, batch_size: int, frames: int) -> list[dict]:
@@ -36,12 +36,12 @@ def batches(run, corpus: Path, count: int, batch_size: int, frames: int) -> list
     from vidtune.data.video import SamplingConfig
 
     rows = list(iter_conversations(SourceConfig(path=str(corpus / "questions_train.jsonl"))))
-    builder = ExampleBuilder(run.processor, run.family.chat_template)
+    builder = ExampleBuilder(run.processor, run.family)
     examples = []
     for row in rows[: count * batch_size]:
         media, _ = load_media(row["messages"], SamplingConfig(frames), False, None, shortest_edge=builder.frame_px)
         examples.append(builder.build(row["messages"], media))
-    collate = Collator(run.processor.tokenizer.pad_token_id)
+    collate = Collator(run.processor.tokenizer.pad_token_id, family=run.family)
     return [collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
 
 

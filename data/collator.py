@@ -1,10 +1,8 @@
 """Pad examples into a batch.
 
-Text is padded (right for training, left for generation); pixels are never padded into fake frames. The model
-fills `<video>` token positions with frame features in order, so all videos of a batch travel as one
-(1, sum of frames, C, H, W) tensor: clips with different frame counts mix freely, and a text-only sample simply
-adds no frames. Images travel the same way: every image's anyres patches stacked into one (sum of patches, C, H, W)
-tensor, which the model splits back per image from `image_sizes`.
+Text is padded (right for training, left for generation); pixels are never padded into fake frames: the model
+family batches the visual tensors its own way (LLaVA-NeXT-Video: all frames of a batch in one tensor), so clips
+with different frame counts, images and text-only samples mix freely.
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ from typing import Any
 import torch
 
 from vidtune.data.examples import IGNORE_INDEX
+from vidtune.data.families import ModelFamily
 
 PADDING_SIDES = ("right", "left")
 
@@ -37,6 +36,7 @@ class Collator:
     pad_token_id: int
     padding_side: str = "right"  # right for training; left for batched generation
     pad_to_multiple_of: int | None = None
+    family: ModelFamily | None = None  # batches the visual tensors; None for text-only batches
 
     def __post_init__(self) -> None:
         if self.padding_side not in PADDING_SIDES:
@@ -54,14 +54,12 @@ class Collator:
         }
         if all("labels" in ex for ex in examples):
             batch["labels"] = pad_sequences([ex["labels"] for ex in examples], IGNORE_INDEX, self.padding_side, width)
-        videos = [ex["pixel_values_videos"] for ex in examples if "pixel_values_videos" in ex]
-        if videos:
-            batch["pixel_values_videos"] = torch.cat(videos).unsqueeze(0)
+        if self.family is not None:
+            batch.update(self.family.batch_visuals(examples))
+        elif any(key not in ("input_ids", "attention_mask", "labels", "skipped") for ex in examples for key in ex):
+            raise ValueError("these examples carry visual inputs: give the Collator their model family")
         # Samples replaced because they failed to load (reasons), for the loop's bad-sample budget.
         skipped = [reason for ex in examples for reason in ex.get("skipped", [])]
         if skipped:
             batch["skipped"] = skipped
-        if any("pixel_values" in ex for ex in examples):
-            batch["pixel_values"] = torch.cat([ex["pixel_values"] for ex in examples if "pixel_values" in ex])
-            batch["image_sizes"] = torch.cat([ex["image_sizes"] for ex in examples if "image_sizes" in ex])
         return batch

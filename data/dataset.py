@@ -129,7 +129,7 @@ class Measurer:
         for index, part in enumerate(media_parts(messages)):
             path = part["path"] or ""
             if part["type"] == "image":
-                tokens.append(self.builder.image_tokens(*image_size(path)))
+                tokens.append(self.builder.tokens.image_tokens(*image_size(path)))
                 continue
             info = self.video_info(path)
             quality = self.cfg.bad_samples
@@ -142,10 +142,8 @@ class Measurer:
                 quality.max_frame_pixels,
                 quality.too_short,
             )
-            tokens.append(
-                num_sampled_frames(info, self.cfg.sampling, part["start_s"], part["end_s"])
-                * self.builder.tokens_per_frame
-            )
+            num_frames = num_sampled_frames(info, self.cfg.sampling, part["start_s"], part["end_s"])
+            tokens.append(self.builder.tokens.video_tokens(num_frames, info.height, info.width))
             if self.cfg.time_instruction:
                 indices = sample_frame_indices(info, self.cfg.sampling, part["start_s"], part["end_s"], None, path)
                 instructions[index] = time_instruction(

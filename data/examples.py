@@ -1,10 +1,11 @@
 """Conversation + decoded media -> model-ready example (input_ids, labels, pixels), through the model's processor.
 
-The processor renders the family's chat template, expands each `<video>` into frames x tokens-per-frame video
-tokens, and marks the assistant tokens (its `return_assistant_tokens_mask`, which accounts for that expansion).
-Labels are -100 everywhere else. Nothing is ever truncated: a sample longer than max_length is dropped before
-training, with its reason, because cutting inside the video tokens breaks the forward pass ("Video features and
-video tokens do not match") and cutting the answer away silently trains on nothing.
+The processor renders the family's chat template, expands each `<video>` / `<image>` into the visual tokens the
+family's model fills (frames x tokens-per-frame for LLaVA-NeXT-Video), and marks the assistant tokens (its
+`return_assistant_tokens_mask`, which accounts for that expansion). Labels are -100 everywhere else. Nothing is ever
+truncated: a sample longer than max_length is dropped before training, with its reason, because cutting inside the
+video tokens breaks the forward pass ("Video features and video tokens do not match") and cutting the answer away
+silently trains on nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from vidtune.data.conversation import DataError, Message, Part, media_parts, text_part, to_template_messages
+from vidtune.data.families import ModelFamily
 
 IGNORE_INDEX = -100
 LABEL_TURNS = ("all", "last")
@@ -64,37 +66,19 @@ def with_time_instructions(messages: list[Message], instructions: dict[int, str]
     return out
 
 
-def decode_shortest_edge(processor: Any) -> int | None:
-    """The shorter side the video processor resizes frames to: decoders can scale to it directly."""
-    size = processor.video_processor.size
-    edge = getattr(size, "shortest_edge", None)
-    if edge is None and getattr(size, "height", None):
-        edge = min(size.height, size.width)
-    return int(edge) if edge else None
-
-
 class ExampleBuilder:
-    """Counts and builds examples for one processor and chat template."""
+    """Counts and builds examples for one processor, through its model family (template, token costs, tensors)."""
 
-    def __init__(self, processor: Any, chat_template: str, label_turns: str = "all"):
+    def __init__(self, processor: Any, family: ModelFamily, label_turns: str = "all", chat_template: str | None = None):
+        """`chat_template` overrides the family's training template (a trained run's saved one, for inference)."""
         if label_turns not in LABEL_TURNS:
             raise DataError(f"label_turns must be one of {', '.join(LABEL_TURNS)}, got {label_turns!r}")
-        self.processor, self.tokenizer = processor, processor.tokenizer
-        self.chat_template, self.label_turns = chat_template, label_turns
+        self.processor, self.tokenizer, self.family = processor, processor.tokenizer, family
+        self.chat_template, self.label_turns = chat_template or family.chat_template, label_turns
         self.video_token_id = processor.video_token_id
         self.image_token_id = processor.image_token_id
-        self.tokens_per_frame = self._count_tokens_per_frame()
-        self.frame_px = decode_shortest_edge(processor)
-
-    def _count_tokens_per_frame(self) -> int:
-        """Ask the processor itself: one blank frame, count the `<video>` tokens it expands to."""
-        frame = np.zeros((1, 64, 64, 3), dtype=np.uint8)
-        out = self.processor(text=self.processor.video_token, videos=[frame], return_tensors="pt")
-        return int((out["input_ids"] == self.video_token_id).sum())
-
-    def image_tokens(self, height: int, width: int) -> int:
-        counts = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
-        return int(counts["num_image_tokens"][0])
+        self.tokens = family.token_counter(processor)
+        self.frame_px = family.decode_edge_px(processor)
 
     def count(self, messages: list[Message], media_tokens: list[int]) -> TokenCount:
         """Token counts without decoding any pixels: the template is tokenized with one placeholder per media
@@ -117,12 +101,11 @@ class ExampleBuilder:
     def build(
         self, messages: list[Message], media: dict[int, np.ndarray], for_generation: bool = False
     ) -> dict[str, torch.Tensor]:
-        """One example: input_ids, attention_mask, labels (L,); pixel_values_videos (sum of frames, C, H, W) when it
-        has videos; pixel_values (sum of patches, C, H, W) + image_sizes (N, 2) when it has images.
+        """One example: input_ids, attention_mask, labels (L,), plus the family's visual tensors for its media.
 
         With for_generation, `messages` end with a user turn and the prompt ends with the assistant header; no labels.
         Python lists come back from the processor (return_tensors=None) because it cannot stack videos of different
-        lengths; media are concatenated here in conversation order, the order the model fills their placeholders.
+        lengths; the family turns them into tensors in conversation order, the order the model fills placeholders.
         """
         encoded = self.processor.apply_chat_template(
             to_template_messages(messages, media),
@@ -139,9 +122,5 @@ class ExampleBuilder:
         if not for_generation:
             learn = label_mask(torch.tensor(encoded["assistant_masks"][0]), self.label_turns)
             example["labels"] = torch.where(learn, input_ids, IGNORE_INDEX)
-        if encoded.get("pixel_values_videos"):
-            example["pixel_values_videos"] = torch.cat([torch.as_tensor(v) for v in encoded["pixel_values_videos"]])
-        if encoded.get("pixel_values"):
-            example["pixel_values"] = torch.cat([torch.as_tensor(p) for p in encoded["pixel_values"]])
-            example["image_sizes"] = torch.tensor([list(s) for s in encoded["image_sizes"]], dtype=torch.long)
+        example.update(self.family.example_visuals(encoded))
         return example

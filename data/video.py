@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from vidtune.data import faults
 from vidtune.data.conversation import DataError
 from vidtune.data.quality import time_limit
 
@@ -354,7 +353,6 @@ def load_clip(
     shortest_edge: int | None = None,
 ) -> Clip:
     with time_limit(decode_timeout_s, path):
-        faults.before_decode(path)
         reader = open_video(path, cfg.backend, shortest_edge)
         try:
             indices = sample_frame_indices(reader.info, cfg, start_s, end_s, rng, path)

@@ -31,7 +31,7 @@ def shared_path(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vidtune.train.tiny_model import build_tiny_model
+    from vidtune.train.demo.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
@@ -39,7 +39,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def processor(tiny_model_dir: Path):
     from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
-    from vidtune.train.model import load_processor
+    from vidtune.train.training.model import load_processor
 
     return load_processor(str(tiny_model_dir), LLAVA_NEXT_VIDEO)
 
@@ -49,7 +49,7 @@ def builder(processor):
     from vidtune.data.examples import ExampleBuilder
     from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
 
-    return ExampleBuilder(processor, LLAVA_NEXT_VIDEO.chat_template)
+    return ExampleBuilder(processor, LLAVA_NEXT_VIDEO)
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +62,7 @@ def tiny_model(tiny_model_dir: Path):
 @pytest.fixture(scope="session")
 def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Real MP4 clips encoded with PyAV: two segments at 8 fps (16 frames) and three segments (24 frames)."""
-    from vidtune.train.synthetic import write_color_clip
+    from vidtune.train.demo.clips import write_color_clip
 
     root = tmp_path_factory.mktemp("clips")
     return {
@@ -74,7 +74,7 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vidtune.train.demo_corpus import write_demo_corpus
+    from vidtune.train.demo.corpus import write_demo_corpus
 
     return write_demo_corpus(tmp_path_factory.mktemp("demo-corpus"), num_train=24, num_eval=8)
 
@@ -87,7 +87,7 @@ def mixed_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import numpy as np
     from PIL import Image
 
-    from vidtune.train.synthetic import write_color_clip
+    from vidtune.train.demo.clips import write_color_clip
 
     root = tmp_path_factory.mktemp("mixed")
     colors = ["red", "green", "blue", "yellow"]
@@ -139,7 +139,7 @@ def broken_media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import json
     import struct
 
-    from vidtune.train.synthetic import write_color_clip
+    from vidtune.train.demo.clips import write_color_clip
 
     root = tmp_path_factory.mktemp("broken")
     good = [write_color_clip(root / f"good{i}.mp4", ["red", "blue"], seed=i) for i in range(4)]
@@ -169,7 +169,7 @@ def broken_media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, float]]:
     """The README's main command, once per session: the demo's folder (corpus, runs) and its accuracy report."""
-    from vidtune.train.demo import run_demo
+    from vidtune.train.demo.stages import run_demo
 
     root = tmp_path_factory.mktemp("demo") / "demo"
     return root, run_demo(root)

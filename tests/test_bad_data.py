@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.conftest import shared_path
+from tests.faults import inject
 from vidtune.data.conversation import DataError
 from vidtune.data.dataset import DataConfig, ExampleMaker, SFTDataset, prepare_rows
 from vidtune.data.quality import BadSampleConfig, BadSampleLog, DecodeTimeout
@@ -81,7 +82,7 @@ def test_too_short_clips_repeat_frames_by_default(broken_media, builder):
 
 
 def test_a_hanging_decode_is_bounded(broken_media, builder, monkeypatch):
-    monkeypatch.setenv("VIDTUNE_FAULT", f"hang@{broken_media['good'].name}")
+    inject(monkeypatch, f"hang@{broken_media['good'].name}")
     started = time.perf_counter()
     with pytest.raises(DecodeTimeout, match="decode timed out after 1s"):
         load_clip(str(broken_media["good"]), SamplingConfig(4), decode_timeout_s=1.0)
@@ -95,7 +96,7 @@ def test_a_sample_that_breaks_during_training_is_replaced_and_counted(broken_med
     rows, _, _ = prepare_rows(cfg, builder, seed=0)
     dataset = SFTDataset(rows, ExampleMaker(builder, cfg, 0, train=True))
     hanging = rows[0]["messages"][0]["content"][0]["path"]
-    monkeypatch.setenv("VIDTUNE_FAULT", f"hang@{hanging}")
+    inject(monkeypatch, f"hang@{hanging}")
     example = dataset[(0, 0)]
     assert len(example["skipped"]) == 1 and "timed out" in example["skipped"][0]
     assert example["skipped"][0].startswith(rows[0]["at"])
@@ -103,7 +104,7 @@ def test_a_sample_that_breaks_during_training_is_replaced_and_counted(broken_med
 
 
 def test_training_time_failures_are_budgeted_across_a_window():
-    from vidtune.train.guards import BadSampleMonitor
+    from vidtune.train.training.health import BadSampleMonitor
 
     class Single:
         num_processes, device = 1, "cpu"

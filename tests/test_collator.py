@@ -10,6 +10,7 @@ from vidtune.data.collator import Collator
 from vidtune.data.conversation import media_part, message, text_part
 from vidtune.data.dataset import load_media
 from vidtune.data.examples import IGNORE_INDEX
+from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
 from vidtune.data.video import SamplingConfig
 
 
@@ -80,7 +81,7 @@ def test_mixed_batch_runs_forward_and_backward_and_sums_like_single_samples(
     builder, processor, tiny_model, clips, tmp_path
 ):
     examples = mixed_examples(builder, clips, tmp_path)
-    collate = Collator(processor.tokenizer.pad_token_id)
+    collate = Collator(processor.tokenizer.pad_token_id, family=LLAVA_NEXT_VIDEO)
     batch = collate(examples)
     assert batch["pixel_values_videos"].shape[:2] == (1, 10)  # 4 + 6 frames, none padded
     assert batch["pixel_values"].shape[0] == int(examples[2]["pixel_values"].shape[0])
@@ -99,7 +100,7 @@ def test_mixed_batch_runs_forward_and_backward_and_sums_like_single_samples(
 def test_concatenated_frames_give_the_logits_of_separate_forwards(builder, processor, tiny_model, clips, tmp_path):
     """Pins the model internals the collator relies on: video features fill <video> positions in order."""
     examples = mixed_examples(builder, clips, tmp_path)[:2] + mixed_examples(builder, clips, tmp_path)[3:]
-    collate = Collator(processor.tokenizer.pad_token_id)
+    collate = Collator(processor.tokenizer.pad_token_id, family=LLAVA_NEXT_VIDEO)
     with torch.no_grad():
         batch_logits = tiny_model(**collate(examples)).logits
         for row, ex in enumerate(examples):
@@ -110,7 +111,10 @@ def test_concatenated_frames_give_the_logits_of_separate_forwards(builder, proce
 def test_collator_works_in_dataloader_workers(builder, processor, clips, tmp_path):
     examples = mixed_examples(builder, clips, tmp_path)
     loader = torch.utils.data.DataLoader(
-        examples, batch_size=2, num_workers=2, collate_fn=Collator(processor.tokenizer.pad_token_id)
+        examples,
+        batch_size=2,
+        num_workers=2,
+        collate_fn=Collator(processor.tokenizer.pad_token_id, family=LLAVA_NEXT_VIDEO),
     )
     batches = list(loader)
     assert len(batches) == 2 and batches[1]["input_ids"].shape[0] == 2

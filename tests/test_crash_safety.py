@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from tests.conftest import tiny_run_overrides
-from vidtune.train.config import RecipeError, load_recipe, recipe_to_yaml
-from vidtune.train.tracking import read_metrics
+from tests.faults import cli_command, inject
+from vidtune.train.training.config import RecipeError, load_recipe, recipe_to_yaml
+from vidtune.train.training.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -44,9 +45,9 @@ def write_recipe(tmp_path: Path, name: str, overrides: list[str]) -> Path:
     return path
 
 
-def run_cli(recipe: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(recipe: Path, env: dict | None = None, fault: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "vidtune.train.cli", "train", str(recipe)],
+        cli_command("train", str(recipe), fault=fault),
         cwd=REPO,
         text=True,
         capture_output=True,
@@ -61,7 +62,7 @@ def losses(output: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, demo_corpus, tmp_path_factory) -> Path:
-    from vidtune.train.loop import train
+    from vidtune.train.training.loop import train
 
     output = tmp_path_factory.mktemp("whole") / "run"
     train(load_recipe(None, recipe_overrides(tiny_model_dir, demo_corpus, output)))
@@ -73,7 +74,7 @@ def test_a_crash_in_the_middle_of_a_save_leaves_no_checkpoint_resume_would_pick(
 ):
     output = tmp_path / "run"
     recipe = write_recipe(tmp_path, "r", recipe_overrides(tiny_model_dir, demo_corpus, output))
-    crashed = run_cli(recipe, {"VIDTUNE_FAULT": "killsave@4"})
+    crashed = run_cli(recipe, fault="killsave@4")
     assert crashed.returncode == -signal.SIGKILL
     root = output / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == [".tmp-step_00000004", "step_00000002"]  # half-written
@@ -87,14 +88,14 @@ def test_a_crash_in_the_middle_of_a_save_leaves_no_checkpoint_resume_would_pick(
 def test_a_checkpoint_that_does_not_verify_is_kept_but_not_resumed(
     uninterrupted, tiny_model_dir, demo_corpus, tmp_path
 ):
-    from vidtune.train.loop import train
+    from vidtune.train.training.loop import train
 
     output = tmp_path / "run"
     overrides = recipe_overrides(tiny_model_dir, demo_corpus, output, "train.keep_last_checkpoints=5")
     train(load_recipe(None, [*overrides, "train.max_steps=4"]))  # checkpoints at steps 2 and 4 (schedule of 4)
     damaged = output / "checkpoints" / "step_00000004" / "optimizer.bin"
     damaged.write_bytes(damaged.read_bytes()[:100])  # a disk that filled up, a partial copy
-    from vidtune.train.checkpoint import latest_checkpoint
+    from vidtune.train.training.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(output).name == "step_00000002"
     assert damaged.exists()  # finished work is never deleted because it looks wrong
@@ -108,7 +109,7 @@ def test_a_signal_saves_a_checkpoint_and_the_relaunch_resumes_exactly(
     128+signal, and the relaunch continues to the same losses as the uninterrupted run."""
     output = tmp_path / "run"
     recipe = write_recipe(tmp_path, "r", recipe_overrides(tiny_model_dir, demo_corpus, output))
-    stopped = run_cli(recipe, {"VIDTUNE_FAULT": fault})
+    stopped = run_cli(recipe, fault=fault)
     assert stopped.returncode == 128 + signum, stopped.stderr[-2000:]
     assert f"stopped by {signal.Signals(signum).name} after step 4" in stopped.stderr
     assert "Traceback" not in stopped.stderr
@@ -147,9 +148,9 @@ def test_an_external_sigterm_on_a_running_subprocess(tiny_model_dir, demo_corpus
 
 
 def test_a_non_finite_loss_skips_its_step(tiny_model_dir, demo_corpus, tmp_path, monkeypatch):
-    from vidtune.train.loop import setup, train_loop
+    from vidtune.train.training.loop import setup, train_loop
 
-    monkeypatch.setenv("VIDTUNE_FAULT", "nan@2")
+    inject(monkeypatch, "nan@2")
     run = setup(
         load_recipe(
             None,
@@ -159,7 +160,7 @@ def test_a_non_finite_loss_skips_its_step(tiny_model_dir, demo_corpus, tmp_path,
         )
     )
     snapshots = []
-    import vidtune.train.loop as loop
+    import vidtune.train.training.loop as loop
 
     real_step = loop.train_step
 
@@ -185,10 +186,10 @@ def test_a_non_finite_loss_skips_its_step(tiny_model_dir, demo_corpus, tmp_path,
 
 
 def test_non_finite_losses_in_a_row_stop_the_run(tiny_model_dir, demo_corpus, tmp_path, monkeypatch):
-    from vidtune.train.guards import TrainingError
-    from vidtune.train.loop import train
+    from vidtune.train.training.health import TrainingError
+    from vidtune.train.training.loop import train
 
-    monkeypatch.setenv("VIDTUNE_FAULT", "nan@1.9")
+    inject(monkeypatch, "nan@1.9")
     with pytest.raises(TrainingError, match="NaN or infinite 3 times in a row at step 2"):
         train(
             load_recipe(
@@ -199,7 +200,7 @@ def test_non_finite_losses_in_a_row_stop_the_run(tiny_model_dir, demo_corpus, tm
 
 @pytest.mark.parametrize("change", ["data", "targets"])
 def test_resuming_a_changed_run_is_refused_unless_forced(tiny_model_dir, demo_corpus, tmp_path, change):
-    from vidtune.train.loop import train
+    from vidtune.train.training.loop import train
 
     output = tmp_path / "run"
     train(load_recipe(None, recipe_overrides(tiny_model_dir, demo_corpus, output, "train.max_steps=2")))
@@ -224,8 +225,8 @@ class Payload:
 
 @pytest.mark.parametrize("victim", ["optimizer.bin", "random_states_0.pkl", "scheduler.bin"])
 def test_a_crafted_pickle_in_a_checkpoint_does_not_run(tiny_model_dir, demo_corpus, tmp_path, victim):
-    from vidtune.train.checkpoint import write_manifest
-    from vidtune.train.loop import train
+    from vidtune.train.training.checkpoint import write_manifest
+    from vidtune.train.training.loop import train
 
     output = tmp_path / "run"
     train(load_recipe(None, recipe_overrides(tiny_model_dir, demo_corpus, output, "train.max_steps=2")))
@@ -244,7 +245,7 @@ def test_deepspeed_checkpoint_files_load_with_weights_only(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from vidtune.train.distributed import load_deepspeed_checkpoints_safely
+    from vidtune.train.training.distributed import load_deepspeed_checkpoints_safely
 
     load_deepspeed_checkpoints_safely()
     engine = TorchCheckpointEngine.__new__(TorchCheckpointEngine)

@@ -18,6 +18,7 @@ from vidtune.data.dataset import (
     StreamingSFTDataset,
     prepare_rows,
 )
+from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
 from vidtune.data.sources import SourceConfig
 from vidtune.data.video import SamplingConfig
 
@@ -125,6 +126,8 @@ def test_streaming_dataset_filters_on_the_fly_and_shards_by_rank(tmp_path, clips
     shards = [list(StreamingSFTDataset(cfg, Measurer(builder, cfg), make, rank, 2, seed=0)) for rank in (0, 1)]
     assert sum(len(s) for s in shards) == 5  # one dropped for length
     loader = torch.utils.data.DataLoader(
-        StreamingSFTDataset(cfg, Measurer(builder, cfg), make, 0, 1, seed=0), batch_size=2, collate_fn=Collator(0)
+        StreamingSFTDataset(cfg, Measurer(builder, cfg), make, 0, 1, seed=0),
+        batch_size=2,
+        collate_fn=Collator(0, family=LLAVA_NEXT_VIDEO),
     )
     assert sum(b["input_ids"].shape[0] for b in loader) == 5

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vidtune.train.config import recipe_to_yaml
-from vidtune.train.tracking import read_metrics
+from vidtune.train.training.config import recipe_to_yaml
+from vidtune.train.training.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def free_port() -> int:
 
 
 def mixed_recipe(model: Path, corpus: Path, output: Path, path: Path, *overrides: str) -> Path:
-    from vidtune.train.config import load_recipe
+    from vidtune.train.training.config import load_recipe
 
     recipe = load_recipe(
         None,
@@ -59,9 +59,16 @@ def mixed_recipe(model: Path, corpus: Path, output: Path, path: Path, *overrides
 
 
 def launch(
-    recipe: Path, config: str, *overrides: str, env: dict | None = None, processes: int = 2, wait: bool = True
+    recipe: Path,
+    config: str,
+    *overrides: str,
+    env: dict | None = None,
+    processes: int = 2,
+    wait: bool = True,
+    fault: str | None = None,
 ) -> subprocess.CompletedProcess | subprocess.Popen:
-    """The README's multi-process command: launch/train.sh RECIPE CONFIG [overrides]."""
+    """The README's multi-process command: launch/train.sh RECIPE CONFIG [overrides] (with a fault: accelerate
+    launch of tests/faults.py, which train.sh's `accelerate launch` equals but for the module)."""
     environment = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # this venv's python/accelerate, as activated
@@ -72,13 +79,24 @@ def launch(
         "TQDM_DISABLE": "1",
         **(env or {}),
     }
-    command = [
-        "bash",
-        str(REPO / "launch" / "train.sh"),
-        str(recipe),
-        str(REPO / "launch" / "accelerate" / config),
-        *overrides,
-    ]
+    command = ["bash", str(REPO / "launch" / "train.sh"), str(recipe), str(REPO / "launch" / "accelerate" / config)]
+    if fault:  # the same launch with tests/faults.py in place of the CLI module (it patches, then runs the CLI)
+        command = [
+            "accelerate",
+            "launch",
+            "--config_file",
+            str(REPO / "launch" / "accelerate" / config),
+            "--num_processes",
+            str(processes),
+            "--main_process_port",
+            environment["MAIN_PROCESS_PORT"],
+            "-m",
+            "tests.faults",
+            fault,
+            "train",
+            str(recipe),
+        ]
+    command += overrides
     if not wait:
         return subprocess.Popen(
             command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -105,8 +123,8 @@ def assert_two_processes_matched(output: Path, reference: Path, distributed_type
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, mixed_corpus, tmp_path_factory):
     """One process, the same global batch (2 samples x 2 micro-batches per step)."""
-    from vidtune.train.config import load_recipe
-    from vidtune.train.loop import train
+    from vidtune.train.training.config import load_recipe
+    from vidtune.train.training.loop import train
 
     root = tmp_path_factory.mktemp("reference")
     path = mixed_recipe(tiny_model_dir, mixed_corpus, root / "out", root / "recipe.yaml", "train.grad_accum_steps=2")
@@ -133,7 +151,7 @@ def test_two_processes_match_one_process_losses_through_a_kill_and_resume(
     path, root = recipe
     output = root / config.replace(".yaml", "")
     overrides = (f"train.output_dir={output}", "train.save_every_steps=2")
-    killed = launch(path, config, *overrides, env={"VIDTUNE_FAULT": "kill@2.0"})
+    killed = launch(path, config, *overrides, fault="kill@2.0")
     assert killed.returncode != 0 and not (output / "vidtune.json").exists()
     assert [p.name for p in (output / "checkpoints").glob("step_*")] == ["step_00000002"]
     resumed = launch(path, config, *overrides)
@@ -150,7 +168,7 @@ def adapter(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_zero3_adapter_is_gathered_equal_and_generates_the_same_tokens(reference, recipe, tiny_model_dir, mixed_corpus):
-    from vidtune.train.infer import generate, load_for_inference, video_question
+    from vidtune.train.generation.infer import generate, load_for_inference, video_question
 
     _, root = recipe
     sharded, single = adapter(root / "zero3"), adapter(reference)

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vidtune.train.config import EvalConfig, load_recipe
-from vidtune.train.evaluate import EvalItem, score
-from vidtune.train.metrics import (
+from vidtune.train.evaluation.metrics import (
     caption_scores,
     classify,
     confusion_matrix,
@@ -20,6 +18,8 @@ from vidtune.train.metrics import (
     parse_option,
     token_f1,
 )
+from vidtune.train.evaluation.tasks import EvalItem, score
+from vidtune.train.training.config import EvalConfig, load_recipe
 
 # ------------------------------------------------------------------------------------- metrics, by hand
 
@@ -112,7 +112,7 @@ def test_vidtune_eval_on_the_demo_instruct_model_matches_a_recomputation(demo_ru
 def test_recognition_on_the_demo_videos_reaches_the_demo_accuracy(demo_run, tmp_path):
     """Classes are the clips' descriptions ("red then blue", ...); the caption-trained base model names one."""
     from vidtune.train.cli import main
-    from vidtune.train.demo_corpus import color_pairs
+    from vidtune.train.demo.corpus import color_pairs
 
     root, report = demo_run
     classes = [f"{a} then {b}" for a, b in color_pairs()]
@@ -170,8 +170,8 @@ def test_caption_task_on_the_demo_base_model(demo_run, tmp_path):
 @pytest.fixture(scope="module")
 def mc_model(demo_run, tmp_path_factory) -> tuple[Path, Path]:
     """A tiny model fully fine-tuned to answer "which color comes first?" with the option letter."""
-    from vidtune.train.demo_corpus import DEMO_COLORS
-    from vidtune.train.loop import train
+    from vidtune.train.demo.corpus import DEMO_COLORS
+    from vidtune.train.training.loop import train
 
     root, _ = demo_run
     folder = tmp_path_factory.mktemp("mc")
@@ -212,8 +212,8 @@ def mc_model(demo_run, tmp_path_factory) -> tuple[Path, Path]:
 @pytest.mark.slow
 def test_loglik_multiple_choice_agrees_with_the_generated_letter_where_confident(mc_model):
     from vidtune.data.sources import SourceConfig
-    from vidtune.train.evaluate import evaluate_items, load_items, option_logliks
-    from vidtune.train.infer import load_for_inference
+    from vidtune.train.evaluation.tasks import evaluate_items, load_items, option_logliks
+    from vidtune.train.generation.infer import load_for_inference
 
     run, data = mc_model
     im = load_for_inference(str(run))
@@ -234,8 +234,8 @@ def test_loglik_multiple_choice_agrees_with_the_generated_letter_where_confident
 def test_in_training_eval_reaches_the_console_and_wandb_offline_files(
     tiny_model_dir, demo_corpus, tmp_path, capsys, monkeypatch
 ):
-    from vidtune.train.loop import train
-    from vidtune.train.tracking import read_metrics
+    from vidtune.train.training.loop import train
+    from vidtune.train.training.tracking import read_metrics
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     output = tmp_path / "run"

@@ -16,7 +16,7 @@ from vidtune.data.examples import IGNORE_INDEX, ExampleBuilder, TokenCount
 from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
 from vidtune.data.sources import SourceConfig, load_conversations
 from vidtune.data.video import SamplingConfig
-from vidtune.train.tiny_model import HUB_STYLE_CHAT_TEMPLATE
+from vidtune.train.demo.tiny_model import HUB_STYLE_CHAT_TEMPLATE
 
 
 def tokens_per_frame_from_config(config) -> int:
@@ -80,14 +80,14 @@ def test_labels_are_exactly_the_assistant_turns_and_their_eos(builder, processor
     # Every labelled token is the input token itself (no shift here: the model shifts inside its loss).
     labelled = example["labels"] != IGNORE_INDEX
     assert torch.equal(example["labels"][labelled], example["input_ids"][labelled])
-    last_only = ExampleBuilder(processor, LLAVA_NEXT_VIDEO.chat_template, label_turns="last").build(messages, media)
+    last_only = ExampleBuilder(processor, LLAVA_NEXT_VIDEO, label_turns="last").build(messages, media)
     spans = label_spans(last_only["labels"])
     assert [processor.tokenizer.decode(last_only["input_ids"][s]).strip() for s in spans] == ["blue, then nothing</s>"]
 
 
 def test_video_tokens_equal_frames_times_tokens_per_frame(builder, processor, tiny_model, clips):
     per_frame = tokens_per_frame_from_config(tiny_model.config)
-    assert builder.tokens_per_frame == per_frame == 4
+    assert builder.tokens.tokens_per_frame == per_frame == 4
     for num_frames in (1, 4, 7, 16):
         messages = multi_turn(str(clips["three"]))
         media, _ = load_media(messages, SamplingConfig(num_frames), False, None)
@@ -104,7 +104,7 @@ def test_two_videos_of_different_lengths_in_one_sample(builder, processor):
     frames = {0: np.zeros((3, 40, 40, 3), np.uint8), 1: np.zeros((5, 40, 40, 3), np.uint8)}
     example = builder.build(messages, frames)
     assert example["pixel_values_videos"].shape[0] == 8
-    assert int((example["input_ids"] == processor.video_token_id).sum()) == 8 * builder.tokens_per_frame
+    assert int((example["input_ids"] == processor.video_token_id).sum()) == 8 * builder.tokens.tokens_per_frame
 
 
 def shared_rows():

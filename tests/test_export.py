@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from tests.conftest import tiny_run_overrides
-from vidtune.train.config import RecipeError, load_recipe
+from vidtune.train.training.config import RecipeError, load_recipe
 
 CANARY_HF = "hf_CANARY_0123456789abcdefghijklmnop"
 CANARY_WANDB = "CANARYwandb0123456789abcdef0123456789abcd"
@@ -44,7 +44,7 @@ class RecordingApi:
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, demo_corpus, tmp_path_factory):
     """A finished LoRA run (projector trained too), trained with canary secrets in the environment and wandb on."""
-    from vidtune.train.loop import train
+    from vidtune.train.training.loop import train
 
     output = tmp_path_factory.mktemp("export-run") / "run"
     with pytest.MonkeyPatch.context() as env:
@@ -65,7 +65,7 @@ def run_dir(tiny_model_dir, demo_corpus, tmp_path_factory):
 
 
 def test_export_folder_holds_the_allowlisted_files_and_a_model_card(run_dir):
-    from vidtune.train.export import export_folder
+    from vidtune.train.publishing.export import export_folder
 
     result = export_folder(run_dir, card={"repo_id": "me/colours", "license": "apache-2.0"})
     assert result.files == sorted(
@@ -95,8 +95,8 @@ def test_plain_transformers_peft_on_the_export_matches_vidtune_infer(run_dir, ti
 
     from vidtune.data.examples import decode_shortest_edge
     from vidtune.data.video import SamplingConfig, load_clip
-    from vidtune.train.export import export_folder
-    from vidtune.train.infer import generate, load_for_inference, video_question
+    from vidtune.train.generation.infer import generate, load_for_inference, video_question
+    from vidtune.train.publishing.export import export_folder
 
     folder = export_folder(run_dir, to=run_dir.parent / "plain").folder
     video = demo_corpus / "videos" / "eval_0002.mp4"
@@ -125,8 +125,8 @@ def test_plain_transformers_peft_on_the_export_matches_vidtune_infer(run_dir, ti
 def test_merged_model_loads_alone_and_gives_the_same_greedy_tokens(run_dir, demo_corpus):
     from transformers import LlavaNextVideoForConditionalGeneration
 
-    from vidtune.train.export import export_folder
-    from vidtune.train.infer import generate, load_for_inference, video_question
+    from vidtune.train.generation.infer import generate, load_for_inference, video_question
+    from vidtune.train.publishing.export import export_folder
 
     result = export_folder(run_dir, to=run_dir.parent / "merged", merge=True)
     assert "adapter_config.json" not in result.files and "model.safetensors" in result.files
@@ -213,7 +213,7 @@ def test_no_secret_reaches_any_exported_or_saved_file(run_dir):
 
 
 def test_train_refuses_to_start_without_a_token_when_asked_to_push(tiny_model_dir, demo_corpus, tmp_path, monkeypatch):
-    from vidtune.train.loop import train
+    from vidtune.train.training.loop import train
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "no-login"))
@@ -235,7 +235,7 @@ def test_train_refuses_to_start_without_a_token_when_asked_to_push(tiny_model_di
 def test_train_pushes_at_the_end_when_the_recipe_asks(tiny_model_dir, demo_corpus, tmp_path, monkeypatch):
     import huggingface_hub
 
-    from vidtune.train.loop import train
+    from vidtune.train.training.loop import train
 
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
     monkeypatch.setenv("HF_TOKEN", CANARY_HF)

@@ -61,7 +61,7 @@ def test_training_jitter_picks_seeded_frames_of_the_grid(tmp_path):
 def test_an_edited_video_is_decoded_again_and_a_damaged_entry_repaired(clips, tmp_path):
     import shutil
 
-    from vidtune.train.synthetic import write_color_clip
+    from vidtune.train.demo.clips import write_color_clip
 
     video = tmp_path / "clip.mp4"
     shutil.copy(clips["red_blue"], video)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
-from vidtune.train.config import FinetuneConfig, LoraSettings, ModelConfig, RecipeError
-from vidtune.train.model import apply_finetuning, check_audit, load_model, trainable_audit
+from vidtune.train.training.config import FinetuneConfig, LoraSettings, ModelConfig, RecipeError
+from vidtune.train.training.model import apply_finetuning, check_audit, load_model, trainable_audit
 
 MODES = {
     "lora": FinetuneConfig(),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vidtune.train.cli import main
-from vidtune.train.config import RecipeError, load_recipe
+from vidtune.train.training.config import RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
@@ -46,7 +46,7 @@ def test_every_recipe_parses_validates_and_dry_runs(path, seven_b_dir, tiny_mode
 @pytest.mark.parametrize("path", SEVEN_B, ids=lambda p: p.stem)
 def test_7b_recipes_fit_the_real_architecture(path, seven_b_dir):
     """Token budget for the recipe's frames (144 tokens per frame at 336 px), and LoRA exactly where it says."""
-    from vidtune.train.model import apply_finetuning, build_on_meta, check_audit, trainable_audit
+    from vidtune.train.training.model import apply_finetuning, build_on_meta, check_audit, trainable_audit
 
     recipe = load_recipe(path, [f"model.name_or_path={seven_b_dir}"])
     model, family = build_on_meta(recipe.model)
@@ -114,7 +114,7 @@ def test_cli_reports_recipe_errors_in_one_line_with_exit_code_2(tmp_path, capsys
 
 
 def test_overrides_and_packaged_recipe_names(monkeypatch, tmp_path):
-    from vidtune.train.config import resolve_recipe_path
+    from vidtune.train.training.config import resolve_recipe_path
 
     monkeypatch.setenv("VIDTUNE_DEMO_DIR", str(tmp_path))
     path = resolve_recipe_path("demo/instruct")

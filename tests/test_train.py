@@ -7,15 +7,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import tiny_run_overrides
-from vidtune.train.config import Recipe, load_recipe
-from vidtune.train.tracking import read_metrics
+from tests.faults import cli_command
+from vidtune.train.training.config import Recipe, load_recipe
+from vidtune.train.training.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,14 +31,13 @@ def losses(output: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, demo_corpus, tmp_path_factory):
     """One short LoRA run (module-wide): its output folder, and parameters before/after from the same process."""
-    from vidtune.train.loop import setup, train_loop
-    from vidtune.train.outputs import save_final
+    from vidtune.train.training.loop import save_outputs, setup, train_loop
 
     output = tmp_path_factory.mktemp("lora-run")
     run = setup(tiny_recipe(tiny_model_dir, demo_corpus, output))
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     metrics = train_loop(run)
-    save_final(run, metrics)
+    save_outputs(run, metrics)
     after = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     return output, before, after
 
@@ -86,7 +85,7 @@ def test_vidtune_infer_matches_plain_transformers_and_peft(lora_run, tiny_model_
 
     from vidtune.data.examples import decode_shortest_edge
     from vidtune.data.video import SamplingConfig, load_clip
-    from vidtune.train.infer import generate, load_for_inference, video_question
+    from vidtune.train.generation.infer import generate, load_for_inference, video_question
 
     output, _, _ = lora_run
     video = demo_corpus / "videos" / "eval_0001.mp4"
@@ -112,7 +111,7 @@ def test_vidtune_infer_matches_plain_transformers_and_peft(lora_run, tiny_model_
 
 @pytest.mark.slow
 def test_same_seed_gives_identical_losses(tiny_model_dir, demo_corpus, tmp_path):
-    from vidtune.train.loop import train
+    from vidtune.train.training.loop import train
 
     for name in ("a", "b"):
         train(
@@ -133,15 +132,15 @@ def test_same_seed_gives_identical_losses(tiny_model_dir, demo_corpus, tmp_path)
 
 
 def write_recipe(recipe: Recipe, path: Path) -> Path:
-    from vidtune.train.config import recipe_to_yaml
+    from vidtune.train.training.config import recipe_to_yaml
 
     path.write_text(recipe_to_yaml(recipe))
     return path
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, fault: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "vidtune.train.cli", *args],
+        cli_command(*args, fault=fault),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -165,7 +164,7 @@ def test_a_killed_run_resumes_at_its_checkpoint_with_identical_losses(tiny_model
     reference = write_recipe(tiny_recipe(tiny_model_dir, demo_corpus, tmp_path / "whole", *extra), tmp_path / "a.yaml")
     crashed = write_recipe(tiny_recipe(tiny_model_dir, demo_corpus, tmp_path / "cut", *extra), tmp_path / "b.yaml")
     assert run_cli("train", str(reference)).returncode == 0
-    killed = run_cli("train", str(crashed), env={"VIDTUNE_FAULT": "kill@4.1"})
+    killed = run_cli("train", str(crashed), fault="kill@4.1")
     assert killed.returncode == -signal.SIGKILL
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("step_*")) == [
         "step_00000002",
@@ -183,7 +182,8 @@ def test_a_killed_run_resumes_at_its_checkpoint_with_identical_losses(tiny_model
 @pytest.mark.slow
 def test_infer_predict_and_chat_commands(lora_run, demo_corpus, tmp_path, capsys):
     from vidtune.train.cli import main
-    from vidtune.train.infer import chat, load_for_inference
+    from vidtune.train.generation.chat import chat
+    from vidtune.train.generation.infer import load_for_inference
 
     output, _, _ = lora_run
     video = str(demo_corpus / "videos" / "eval_0000.mp4")

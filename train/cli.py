@@ -1,4 +1,5 @@
-"""`vidtune` command line: train | infer | chat | predict | demo | tiny-model.
+"""`vidtune` command line: one table of subcommands (`COMMANDS`), each an argument builder and a runner that calls
+into the package doing the job (training/, generation/, evaluation/, publishing/, datatools/, demo/).
 
 Bad input (a recipe typo, a missing video, a malformed row) ends in one line saying what and where, exit code 2.
 """
@@ -9,13 +10,13 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from vidtune.data.conversation import DataError
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a recipe (resumes when the output folder holds a checkpoint)")
+def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file, or a packaged recipe name such as demo/base")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.learning_rate=1e-4")
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and trainable audit; no training")
@@ -29,45 +30,57 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vidtune", description="Fine-tune video-language models (LLaVA-NeXT-Video).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
-    p = sub.add_parser("infer", help="answer one prompt about a video")
+def _add_infer(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--video", required=True)
     p.add_argument("--prompt", required=True)
-    p = sub.add_parser("chat", help="talk about a video in the terminal (/video PATH, /reset, /quit)")
+
+
+def _add_chat(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--video", required=True)
-    p = sub.add_parser("predict", help="answer every row of a corpus file; writes JSONL predictions")
-    _add_model_args(p)
+
+
+def _add_corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="corpus file (any supported format)")
     p.add_argument("--media-root", help="folder relative media paths resolve against (default: the file's folder)")
     p.add_argument("--format", default="auto")
-    p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--batch-size", type=int, default=8)
-    p = sub.add_parser("eval", help="score a model's answers on a corpus (qa, multiple_choice, caption, recognition)")
+
+
+def _add_predict(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--data", required=True, help="corpus file (any supported format)")
+    _add_corpus_args(p)
+    p.add_argument("--out", required=True, help="output JSONL")
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    _add_corpus_args(p)
     p.add_argument("--task", required=True, choices=["qa", "multiple_choice", "caption", "recognition"])
-    p.add_argument("--media-root", help="folder relative media paths resolve against (default: the file's folder)")
-    p.add_argument("--format", default="auto")
     p.add_argument("--classes", help="recognition: class descriptions separated by ';' (default: the labels)")
     p.add_argument("--prompt", default="", help="recognition: the question, '{classes}' = the class list")
     p.add_argument("--mc-scoring", default="generate", choices=["generate", "loglik"])
-    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default="eval", help="folder for metrics.json, predictions.jsonl, confusion.png")
-    p = sub.add_parser("check", help="preflight a recipe's data: unreadable files, token lengths, length drops")
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file, or a packaged recipe name")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+
+def _add_check(p: argparse.ArgumentParser) -> None:
+    _add_recipe_args(p)
     p.add_argument("--out", default="vidtune_check.json", help="JSON report path")
     p.add_argument("--decode", action="store_true", help="also decode the frames training would sample (slower)")
-    p = sub.add_parser("cache", help="decode a recipe's clips into its frame cache (data.frame_cache.dir) ahead")
-    p.add_argument("recipe", help="recipe YAML file, or a packaged recipe name")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+
+def _add_cache(p: argparse.ArgumentParser) -> None:
+    _add_recipe_args(p)
     p.add_argument("--workers", type=int, default=2, help="decoding processes")
-    p = sub.add_parser("export", help="write a run as a Hub-ready folder (model card included), optionally push it")
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a finished training output folder")
     p.add_argument("--to", help="export folder (default: RUN_DIR/export)")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights (plain model)")
@@ -76,19 +89,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="branch to push to (created when missing)")
     p.add_argument("--message", help="commit message")
     p.add_argument("--dry-run", action="store_true", help="write the folder and list what would be uploaded; no push")
-    p = sub.add_parser("demo", help="generate videos, build a tiny model, train base -> instruct -> chat on CPU")
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="vidtune-demo", help="where the corpus, model and runs go")
-    p = sub.add_parser("tiny-model", help="write a tiny random LLaVA-NeXT-Video folder (for trying things out)")
+
+
+def _add_tiny_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("out")
-    return parser
+
+
+# ------------------------------------------------------------------------------------------------------ runners
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from vidtune.train.config import load_recipe, recipe_to_yaml, resolve_recipe_path
+    from vidtune.train.training.config import load_recipe, recipe_to_yaml, resolve_recipe_path
 
     recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
     if args.dry_run:
-        from vidtune.train.model import apply_finetuning, build_on_meta, check_audit, format_audit, trainable_audit
+        from vidtune.train.training.model import (
+            apply_finetuning,
+            build_on_meta,
+            check_audit,
+            format_audit,
+            trainable_audit,
+        )
 
         print(recipe_to_yaml(recipe))
         model, family = build_on_meta(recipe.model)
@@ -100,7 +125,7 @@ def run_train(args: argparse.Namespace) -> None:
         print(format_audit(audit))
         check_audit(audit, recipe.finetune)
         return
-    from vidtune.train.loop import train
+    from vidtune.train.training.loop import train
 
     output = train(recipe)
     if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
@@ -109,8 +134,8 @@ def run_train(args: argparse.Namespace) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     from vidtune.data.sources import SourceConfig
-    from vidtune.train.config import EvalConfig
-    from vidtune.train.evaluate import evaluate_items, load_items, write_outputs
+    from vidtune.train.evaluation.tasks import evaluate_items, load_items, write_outputs
+    from vidtune.train.training.config import EvalConfig
 
     classes = [c.strip() for c in args.classes.split(";") if c.strip()] if args.classes else []
     cfg = EvalConfig(
@@ -135,8 +160,8 @@ def run_export(args: argparse.Namespace) -> None:
     import dataclasses
     from pathlib import Path
 
-    from vidtune.train.config import load_recipe
-    from vidtune.train.export import export_folder, hub_token, push
+    from vidtune.train.publishing.export import export_folder, hub_token, push
+    from vidtune.train.training.config import load_recipe
 
     saved = Path(args.run_dir) / "recipe.yaml"
     card = dataclasses.asdict(load_recipe(saved).hub) if saved.is_file() else {}
@@ -155,69 +180,115 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from vidtune.train.infer import load_for_inference
+    from vidtune.train.generation.infer import load_for_inference
 
     return load_for_inference(args.model, base=args.base, num_frames=args.num_frames, fps=args.fps)
 
 
-def run_command(args: argparse.Namespace) -> None:
-    if args.command == "train":
-        run_train(args)
-    elif args.command == "infer":
-        from vidtune.train.infer import answer
+def run_infer(args: argparse.Namespace) -> None:
+    from vidtune.train.generation.infer import answer
 
-        print(answer(_load(args), args.video, args.prompt, args.max_new_tokens))
-    elif args.command == "chat":
-        from vidtune.train.infer import chat
+    print(answer(_load(args), args.video, args.prompt, args.max_new_tokens))
 
-        chat(_load(args), args.video, max_new_tokens=args.max_new_tokens)
-    elif args.command == "predict":
-        from vidtune.data.sources import SourceConfig
-        from vidtune.train.infer import predict
 
-        source = SourceConfig(path=args.data, format=args.format, media_root=args.media_root)
-        count = predict(_load(args), source, args.out, args.batch_size, args.max_new_tokens)
-        print(f"wrote {count} predictions to {args.out}")
-    elif args.command == "eval":
-        run_eval(args)
-    elif args.command == "check":
-        from vidtune.train.check import run_check
-        from vidtune.train.config import load_recipe, resolve_recipe_path
+def run_chat(args: argparse.Namespace) -> None:
+    from vidtune.train.generation.chat import chat
 
-        path = resolve_recipe_path(args.recipe)
-        _, ok = run_check(load_recipe(path, args.overrides), str(path), args.out, args.decode)
-        if not ok:
-            sys.exit(1)
-    elif args.command == "cache":
-        from vidtune.train.config import load_recipe, resolve_recipe_path
-        from vidtune.train.fill_cache import fill_cache
+    chat(_load(args), args.video, max_new_tokens=args.max_new_tokens)
 
-        result = fill_cache(load_recipe(resolve_recipe_path(args.recipe), args.overrides), args.workers)
-        print(
-            f"cached {result['clips']} clips in {result['seconds']:.1f}s into {result['dir']} "
-            f"({result['cache_bytes'] / 1e6:.1f} MB)"
-        )
-        for failure in result["failed"]:
-            print(f"  failed: {failure}")
-    elif args.command == "export":
-        run_export(args)
-    elif args.command == "demo":
-        from vidtune.train.demo import run_demo
 
-        run_demo(args.workdir)
-    elif args.command == "tiny-model":
-        from vidtune.train.tiny_model import build_tiny_model
+def run_predict(args: argparse.Namespace) -> None:
+    from vidtune.data.sources import SourceConfig
+    from vidtune.train.generation.predict import predict
 
-        print(build_tiny_model(args.out))
+    source = SourceConfig(path=args.data, format=args.format, media_root=args.media_root)
+    count = predict(_load(args), source, args.out, args.batch_size, args.max_new_tokens)
+    print(f"wrote {count} predictions to {args.out}")
+
+
+def run_check(args: argparse.Namespace) -> None:
+    from vidtune.train.datatools.check import run_check as check
+    from vidtune.train.training.config import load_recipe, resolve_recipe_path
+
+    path = resolve_recipe_path(args.recipe)
+    _, ok = check(load_recipe(path, args.overrides), str(path), args.out, args.decode)
+    if not ok:
+        sys.exit(1)
+
+
+def run_cache(args: argparse.Namespace) -> None:
+    from vidtune.train.datatools.cache import fill_cache
+    from vidtune.train.training.config import load_recipe, resolve_recipe_path
+
+    result = fill_cache(load_recipe(resolve_recipe_path(args.recipe), args.overrides), args.workers)
+    print(
+        f"cached {result['clips']} clips in {result['seconds']:.1f}s into {result['dir']} "
+        f"({result['cache_bytes'] / 1e6:.1f} MB)"
+    )
+    for failure in result["failed"]:
+        print(f"  failed: {failure}")
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from vidtune.train.demo.stages import run_demo as demo
+
+    demo(args.workdir)
+
+
+def run_tiny_model(args: argparse.Namespace) -> None:
+    from vidtune.train.demo.tiny_model import build_tiny_model
+
+    print(build_tiny_model(args.out))
+
+
+# ------------------------------------------------------------------------------------------------------- table
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
+
+
+COMMANDS = {
+    "train": Command("train a recipe (resumes when the output folder holds a checkpoint)", _add_train, run_train),
+    "infer": Command("answer one prompt about a video", _add_infer, run_infer),
+    "chat": Command("talk about a video in the terminal (/video PATH, /reset, /quit)", _add_chat, run_chat),
+    "predict": Command("answer every row of a corpus file; writes JSONL predictions", _add_predict, run_predict),
+    "eval": Command(
+        "score a model's answers on a corpus (qa, multiple_choice, caption, recognition)", _add_eval, run_eval
+    ),
+    "check": Command("preflight a recipe's data: unreadable files, token lengths, length drops", _add_check, run_check),
+    "cache": Command(
+        "decode a recipe's clips into its frame cache (data.frame_cache.dir) ahead", _add_cache, run_cache
+    ),
+    "export": Command(
+        "write a run as a Hub-ready folder (model card included), optionally push it", _add_export, run_export
+    ),
+    "demo": Command("generate videos, build a tiny model, train base -> instruct -> chat on CPU", _add_demo, run_demo),
+    "tiny-model": Command(
+        "write a tiny random LLaVA-NeXT-Video folder (for trying things out)", _add_tiny_model, run_tiny_model
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vidtune", description="Fine-tune video-language models (LLaVA-NeXT-Video).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        command.add_arguments(sub.add_parser(name, help=command.help))
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from vidtune.train.config import RecipeError
-    from vidtune.train.guards import TrainingError, TrainingStopped
+    from vidtune.train.training.config import RecipeError
+    from vidtune.train.training.health import TrainingError
+    from vidtune.train.training.preemption import TrainingStopped
 
     try:
-        run_command(args)
+        COMMANDS[args.command].run(args)
     except (DataError, RecipeError) as err:
         print(f"vidtune {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)

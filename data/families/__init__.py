@@ -1,15 +1,59 @@
-"""Model-family specifics, one small file per family: its training chat template and where its parts live.
+"""Model families: everything model-specific, one module per family, behind the one interface below.
 
-Adding a family (LLaVA-OneVision, Qwen2.5-VL) means adding a file here and registering it below.
+data/ and train/ never look inside a model or its processor directly; they ask its family:
+- its training chat template (generation markers, end-of-turn token) and generation stop tokens;
+- what a clip or an image costs in tokens (`token_counter`), so `max_length` counts visual tokens before decoding;
+- the frame size decoders should scale to (`decode_edge_px`);
+- how one sample's visual tensors come out of the processor (`example_visuals`), how several samples' form a batch
+  (`batch_visuals`) and how they reach the device (`visuals_to_device`);
+- the vision paths of its forward, with a blank input for each, that keep ZeRO-3 ranks in lockstep (`blank_paths`);
+- module prefixes of its parts (for LoRA scoping and the trainable-parameter audit) and default LoRA targets.
+
+Adding a family: a module here with a `ModelFamily` subclass, a line in `FAMILIES`, a tiny-model config
+(train/demo/tiny_model.py) and recipes.
 """
 
 from __future__ import annotations
 
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+# model_type (config.json) -> "module:attribute" of the family instance; modules are imported on first use.
+FAMILIES = {
+    "llava_next_video": "vidtune.data.families.llava_next_video:LLAVA_NEXT_VIDEO",
+}
 
 
-@dataclass(frozen=True)
-class ModelFamily:
+class TokenCounter(Protocol):
+    """Visual token costs without decoding pixels (built once per processor; implementations may cache)."""
+
+    def video_tokens(self, num_frames: int, height: int, width: int) -> int: ...
+
+    def image_tokens(self, height: int, width: int) -> int: ...
+
+
+@dataclass
+class BlankPath:
+    """One vision path of the model's forward (image or video), as ZeRO-3 lockstep needs to know it.
+
+    A rank whose micro-batch lacks `batch_key` runs `run()` (the path on a blank input, returning the sum of its
+    outputs) at the point of the forward where the real path would run: inside a hook on `module`, before its
+    forward (`before=True`, a pre-hook) or right after it."""
+
+    batch_key: str
+    module: torch.nn.Module
+    before: bool
+    run: Callable[[], torch.Tensor]
+
+
+class ModelFamily(ABC):
+    """One family of models (one or more `config.model_type`s), stateless so collators pickle into workers."""
+
     name: str
     model_types: tuple[str, ...]  # config.model_type values this family covers
     model_class: str  # the transformers class that loads it
@@ -22,12 +66,42 @@ class ModelFamily:
     projector_prefix: str
     language_model_lora_targets: tuple[str, ...]  # linear-layer names LoRA wraps inside each part
     vision_tower_lora_targets: tuple[str, ...]
+    visual_keys: tuple[str, ...]  # the batch keys that carry visual inputs
+
+    @abstractmethod
+    def token_counter(self, processor: Any) -> TokenCounter: ...
+
+    @abstractmethod
+    def decode_edge_px(self, processor: Any) -> int | None:
+        """The shorter side the processor resizes frames to (decoders scale to it directly), None to keep it."""
+
+    @abstractmethod
+    def example_visuals(self, encoded: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One sample's visual tensors from the processor's output (return_tensors=None: lists per media item)."""
+
+    @abstractmethod
+    def batch_visuals(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The visual tensors of several samples as the model takes them in one batch (samples may have none)."""
+
+    @abstractmethod
+    def blank_paths(self, model: Any, processor: Any, device: torch.device) -> list[BlankPath]:
+        """The vision paths of `model`'s forward (a PEFT-wrapped or bare model of this family)."""
+
+    def visuals_to_device(self, batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        """Every tensor onto the device; floating-point pixels in the model's dtype."""
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        for key in self.visual_keys:
+            if key in moved and moved[key].is_floating_point():
+                moved[key] = moved[key].to(dtype)
+        return moved
+
+    def stop_token_ids(self, tokenizer: Any) -> list[int]:
+        """Token ids that end an assistant turn in generation (the training template's end-of-turn)."""
+        return [tokenizer.eos_token_id]
 
 
 def family_for(model_type: str) -> ModelFamily:
-    from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
-
-    for family in (LLAVA_NEXT_VIDEO,):
-        if model_type in family.model_types:
-            return family
-    raise ValueError(f"model type {model_type!r} is not supported yet (supported: llava_next_video)")
+    if model_type not in FAMILIES:
+        raise ValueError(f"model type {model_type!r} is not supported yet (supported: {', '.join(sorted(FAMILIES))})")
+    module, attribute = FAMILIES[model_type].split(":")
+    return getattr(importlib.import_module(module), attribute)

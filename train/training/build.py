@@ -23,8 +23,8 @@ from vidtune.data.dataset import (
 )
 from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import ModelFamily
-from vidtune.train.config import Recipe
-from vidtune.train.model import (
+from vidtune.train.training.config import Recipe
+from vidtune.train.training.model import (
     apply_finetuning,
     check_audit,
     enable_gradient_checkpointing,
@@ -64,8 +64,8 @@ def loader_kwargs(recipe: Recipe, collate: Collator) -> dict[str, Any]:
 def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerator: Accelerator):
     """Train loader (map-style with a seeded batch sampler, or a per-rank stream), eval loader, sampler, drops."""
     data, train_cfg = recipe.data, recipe.train
-    builder = ExampleBuilder(processor, family.chat_template, data.label_turns)
-    collate = Collator(processor.tokenizer.pad_token_id, padding_side="right")
+    builder = ExampleBuilder(processor, family, data.label_turns)
+    collate = Collator(processor.tokenizer.pad_token_id, padding_side="right", family=family)
     kwargs = loader_kwargs(recipe, collate)
     with accelerator.main_process_first():  # rank 0 probes the videos first; the others then hit warm file caches
         if data.streaming:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,7 @@ from vidtune.data.conversation import DataError, Message, assistant_texts, media
 from vidtune.data.dataset import load_media
 from vidtune.data.examples import IGNORE_INDEX, with_time_instructions
 from vidtune.data.sources import SourceConfig, iter_conversations
-from vidtune.train.config import EvalConfig
-from vidtune.train.infer import InferenceModel, generate
-from vidtune.train.metrics import (
+from vidtune.train.evaluation.metrics import (
     caption_scores,
     classify,
     confusion_matrix,
@@ -33,6 +31,8 @@ from vidtune.train.metrics import (
     parse_option,
     token_f1,
 )
+from vidtune.train.generation.infer import InferenceModel, generate
+from vidtune.train.training.config import EvalConfig
 
 OPTION_LINE = re.compile(r"^([A-Z])\. (.+)$", re.MULTILINE)
 
@@ -102,10 +102,8 @@ def option_logliks(im: InferenceModel, item: EvalItem, candidates: Sequence[str]
     )
     prompt = with_time_instructions(item.prompt, instructions)
     examples = [im.builder.build([*prompt, message("assistant", [text_part(c)])], media) for c in candidates]
-    batch = {
-        k: v.to(im.device) if isinstance(v, torch.Tensor) else v
-        for k, v in Collator(im.processor.tokenizer.pad_token_id)(examples).items()
-    }
+    batch = Collator(im.processor.tokenizer.pad_token_id, family=im.family)(examples)
+    batch = im.family.visuals_to_device(batch, im.device, im.model.dtype)
     labels = batch.pop("labels")[:, 1:]
     if before is not None:
         before(batch)
@@ -239,62 +237,64 @@ def training_items(recipe: Any) -> list[EvalItem]:
     return load_items(cfg.sources or recipe.data.eval_sources, cfg, limit=cfg.max_samples) if cfg.every_steps else []
 
 
-def in_training_eval(run: Any, items: Sequence[EvalItem]) -> dict[str, Any]:
+def in_training_eval(
+    accelerator: Any,
+    im: InferenceModel,
+    items: Sequence[EvalItem],
+    cfg: EvalConfig,
+    batch_size: int,
+    step: int,
+    wandb_table: bool = False,
+    before: Callable[[dict[str, torch.Tensor]], None] | None = None,
+) -> dict[str, Any]:
     """Score generated answers with the model being trained: rows split across ranks (ZeRO-3 generation keeps every
-    rank stepping until all finish), results gathered on the main process, which logs them. {} elsewhere."""
+    rank stepping until all finish), results gathered on the main process, which logs them. {} elsewhere.
+    Every rank calls this; `before` sees each batch first (ZeRO-3 ranks align their vision calls there)."""
     from accelerate.utils import gather_object
 
-    from vidtune.data.examples import ExampleBuilder
-    from vidtune.train.distributed import zero_stage
+    from vidtune.train.training.distributed import zero_stage
 
-    acc, recipe = run.accelerator, run.recipe
-    rank, world = acc.process_index, acc.num_processes
+    rank, world = accelerator.process_index, accelerator.num_processes
     per_rank = -(-len(items) // world)
     indices = list(range(rank, len(items), world))
     indices += [indices[-1] if indices else 0] * (per_rank - len(indices))  # equal shares: same forward count
-    model = acc.unwrap_model(run.model)
-    model.eval()
-    im = InferenceModel(
-        model,
-        run.processor,
-        run.family,
-        ExampleBuilder(run.processor, run.family.chat_template),
-        recipe.data.sampling,
-        recipe.data.time_instruction,
-    )
-    kwargs = {"synced_gpus": True} if zero_stage(acc) == 3 else {}
+    im.model.eval()
+    kwargs = {"synced_gpus": True} if zero_stage(accelerator) == 3 else {}
     shard = [items[i] for i in indices]
-    _, records = evaluate_items(im, shard, recipe.eval, recipe.train.batch_size, before=run.lockstep.prepare, **kwargs)
-    model.train()
+    _, records = evaluate_items(im, shard, cfg, batch_size, before=before, **kwargs)
+    im.model.train()
     answered = {index: record["prediction"] for index, record in zip(indices, records, strict=True)}
     merged = {k: v for part in gather_object([answered]) for k, v in part.items()}
-    if not acc.is_main_process:
+    if not accelerator.is_main_process:
         return {}
-    metrics, records = score(items, [merged[i] for i in range(len(items))], recipe.eval)
-    log_samples(run, items, records)
-    return {f"eval/{recipe.eval.task}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+    metrics, records = score(items, [merged[i] for i in range(len(items))], cfg)
+    log_samples(items, records, cfg.table_rows)
+    if wandb_table:
+        accelerator.log({"eval/samples": samples_table(items, records, cfg.table_rows)}, step=step)
+    return {f"eval/{cfg.task}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def log_samples(run: Any, items: Sequence[EvalItem], records: Sequence[dict[str, Any]]) -> None:
-    """A few samples on the console and, with wandb, as a table: middle frame, question, prediction, reference."""
+def log_samples(items: Sequence[EvalItem], records: Sequence[dict[str, Any]], rows: int) -> None:
+    """A few samples on the console: question, prediction, reference."""
     from tqdm.auto import tqdm
 
-    shown = list(zip(items, records, strict=True))[: run.recipe.eval.table_rows]
-    for item, record in shown[:3]:
+    for item, record in list(zip(items, records, strict=True))[: min(rows, 3)]:
         tqdm.write(
             f"  eval sample {item.at}: {item.question[:60]!r} -> {record['prediction']!r} "
             f"(reference {record['references'][0]!r})"
         )
-    if run.recipe.logging.report_to != "wandb":
-        return
+
+
+def samples_table(items: Sequence[EvalItem], records: Sequence[dict[str, Any]], rows: int) -> Any:
+    """A wandb table of the first `rows` samples: middle frame, question, prediction, reference."""
     import wandb
 
     from vidtune.data.video import SamplingConfig, load_clip
 
-    rows = []
-    for item, record in shown:
+    data = []
+    for item, record in list(zip(items, records, strict=True))[:rows]:
         frame = load_clip(item.video, SamplingConfig(1)).frames[0] if item.video else None
-        rows.append(
+        data.append(
             [
                 wandb.Image(frame) if frame is not None else None,
                 item.question,
@@ -302,5 +302,4 @@ def log_samples(run: Any, items: Sequence[EvalItem], records: Sequence[dict[str,
                 " | ".join(record["references"]),
             ]
         )
-    table = wandb.Table(columns=["frame", "question", "prediction", "reference"], data=rows)
-    run.accelerator.log({"eval/samples": table}, step=run.state.step)
+    return wandb.Table(columns=["frame", "question", "prediction", "reference"], data=data)

@@ -17,12 +17,12 @@ from pathlib import Path
 
 from vidtune.data.conversation import Message, assistant_texts, message, text_part
 from vidtune.data.sources import SourceConfig, iter_conversations
-from vidtune.train.config import EvalConfig, load_recipe, packaged_recipe
-from vidtune.train.demo_corpus import FIRST_QUESTION, FOLLOW_UP, write_demo_corpus
-from vidtune.train.evaluate import evaluate_items, load_items
-from vidtune.train.infer import InferenceModel, generate, load_for_inference, video_question
-from vidtune.train.metrics import exact_match, normalize_answer
-from vidtune.train.tiny_model import build_tiny_model
+from vidtune.train.demo.corpus import FIRST_QUESTION, FOLLOW_UP, write_demo_corpus
+from vidtune.train.demo.tiny_model import build_tiny_model
+from vidtune.train.evaluation.metrics import exact_match, normalize_answer
+from vidtune.train.evaluation.tasks import evaluate_items, load_items
+from vidtune.train.generation.infer import InferenceModel, generate, load_for_inference, video_question
+from vidtune.train.training.config import EvalConfig, load_recipe, packaged_recipe
 
 STAGES = ("base", "instruct", "chat")
 
@@ -80,7 +80,7 @@ def show_one_chat(im: InferenceModel, video: Path, corpus: Path) -> list[str]:
 
 
 def run_stage(name: str) -> Path:
-    from vidtune.train.loop import train
+    from vidtune.train.training.loop import train
 
     started = time.perf_counter()
     output = train(load_recipe(packaged_recipe(f"demo/{name}")))

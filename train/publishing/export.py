@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vidtune.train.config import RecipeError
-from vidtune.train.outputs import METADATA, read_metadata
+from vidtune.train.training.config import RecipeError
+from vidtune.train.training.outputs import METADATA, read_metadata
 
 ALLOWED_FILES = (
     "adapter_config.json",
@@ -76,7 +76,7 @@ def merge_adapter(run_dir: Path, out: Path, metadata: dict[str, Any]) -> None:
     from transformers import AutoProcessor
 
     from vidtune.data.families import family_for
-    from vidtune.train.model import load_model_config, model_class
+    from vidtune.train.training.model import load_model_config, model_class
 
     base = metadata["base_model"]
     family = family_for(load_model_config(base).model_type)
@@ -105,7 +105,7 @@ def export_folder(
         merge_adapter(run, out, metadata)
     else:
         copy_allowed(run, out)
-    from vidtune.train.model_card import model_card
+    from vidtune.train.publishing.model_card import model_card
 
     card_metadata = read_metadata(out) or metadata
     (out / "README.md").write_text(

@@ -28,38 +28,29 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from vidtune.data import faults
-from vidtune.data.dataset import (
-    DropReport,
-    EpochBatchSampler,
-)
+from vidtune.data.dataset import DropReport, EpochBatchSampler
+from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import ModelFamily
 from vidtune.data.quality import BadSampleConfig
-from vidtune.train import outputs, tracking
-from vidtune.train.checkpoint import (
+from vidtune.train.evaluation.tasks import in_training_eval, training_items
+from vidtune.train.generation.infer import InferenceModel
+from vidtune.train.training import outputs, tracking
+from vidtune.train.training.build import build_loaders, build_model, build_optimizer, steps_per_epoch
+from vidtune.train.training.checkpoint import (
+    TRAINER_STATE,
     TrainingState,
+    check_resume,
     check_rng_states,
+    fingerprint,
     incomplete_checkpoints,
     latest_checkpoint,
     save_checkpoint,
 )
-from vidtune.train.config import Recipe, RecipeError, recipe_to_yaml
-from vidtune.train.distributed import VisionLockstep, is_deepspeed, make_accelerator, save_state_kwargs
-from vidtune.train.evaluate import in_training_eval, training_items
-from vidtune.train.guards import (
-    TRAINER_STATE,
-    BadSampleMonitor,
-    NonFiniteGuard,
-    StopRequest,
-    TrainingError,
-    TrainingStopped,
-    check_resume,
-    fingerprint,
-)
-from vidtune.train.model import (
-    format_audit,
-)
-from vidtune.train.setup import build_loaders, build_model, build_optimizer, steps_per_epoch
+from vidtune.train.training.config import Recipe, RecipeError, recipe_to_yaml
+from vidtune.train.training.distributed import VisionLockstep, is_deepspeed, make_accelerator, save_state_kwargs
+from vidtune.train.training.health import BadSampleMonitor, NonFiniteGuard, TrainingError
+from vidtune.train.training.model import format_audit
+from vidtune.train.training.preemption import StopRequest, TrainingStopped
 
 
 @dataclass
@@ -130,7 +121,7 @@ def setup(recipe: Recipe) -> Run:
         total_steps,
         audit,
         drops,
-        VisionLockstep(accelerator, processor, model),
+        VisionLockstep(accelerator, family, processor, model),
         run_fingerprint,
         nonfinite=NonFiniteGuard(recipe.train.max_nonfinite_steps),
         eval_items=training_items(recipe),
@@ -147,9 +138,30 @@ def label_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != -100).sum()
 
 
+def forward_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+    """The summed token loss of one micro-batch (the model sums; train_step scales)."""
+    run.lockstep.prepare(batch)
+    return run.model(**batch, num_items_in_batch=1).loss
+
+
+def micro_step(run: Run, index: int, batch: dict[str, Any], scale: torch.Tensor, last: bool) -> torch.Tensor | None:
+    """Forward and backward of micro-batch `index` of the window; its summed loss, or None when the loss was not
+    finite on any rank (checked before backward, so NaN never reaches the gradients). The window's last
+    micro-batch reduces the gradients across ranks; the others accumulate locally."""
+    acc = run.accelerator
+    acc.sync_gradients = last
+    with acc.no_sync(run.model) if not acc.sync_gradients else nullcontext():
+        summed = forward_loss(run, batch)
+        if not run.nonfinite.is_finite(acc, summed):
+            run.lockstep.take_term()
+            return None
+        acc.backward(summed * scale + run.lockstep.take_term())
+    return summed.detach().float()
+
+
 def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, float]:
     """One optimizer step over a window of micro-batches; {"skipped": 1} when its loss was not finite."""
-    acc, model = run.accelerator, run.model
+    acc = run.accelerator
     skipped = [reason for batch in window for reason in batch.pop("skipped", [])]
     run.bad_samples.record(acc, skipped, sum(len(b["input_ids"]) for b in window))
     local_tokens = sum(label_tokens(b) for b in window)
@@ -158,18 +170,10 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, float]:
     loss_sum = torch.zeros((), device=acc.device)
     for index, batch in enumerate(window):
         batch = {k: v.to(acc.device) for k, v in batch.items()}  # streamed batches are not placed by Accelerate
-        faults.before_micro_batch(run.state.step, index)
-        acc.sync_gradients = index == len(window) - 1  # the window's last micro-batch reduces and steps
-        with acc.no_sync(model) if not acc.sync_gradients else nullcontext():
-            run.lockstep.prepare(batch)
-            summed = model(**batch, num_items_in_batch=1).loss  # summed token loss of this micro-batch
-            if faults.nan_loss(run.state.step):
-                summed = summed * float("nan")
-            if not run.nonfinite.is_finite(acc, summed):  # before backward: NaN never reaches the gradients
-                run.lockstep.take_term()
-                return skip_step(run)
-            acc.backward(summed * scale + run.lockstep.take_term())
-        loss_sum += summed.detach().float()
+        summed = micro_step(run, index, batch, scale, last=index == len(window) - 1)
+        if summed is None:
+            return skip_step(run)
+        loss_sum += summed
     run.nonfinite.finite()
     grad_norm = clip_gradients(run)
     run.optimizer.step()
@@ -347,7 +351,7 @@ def after_step(run: Run, metrics: dict[str, float]) -> None:
         metrics["eval/loss"] = evaluate(run)
         tracking.log(acc, {"eval/loss": metrics["eval/loss"]}, step, t.output_dir)
     if run.eval_items and step % run.recipe.eval.every_steps == 0:
-        scores = in_training_eval(run, run.eval_items)
+        scores = generation_eval(run)
         metrics.update(scores)
         tracking.log(acc, scores, step, t.output_dir)
     if t.save_every_steps and (step % t.save_every_steps == 0 or step == run.total_steps):
@@ -366,9 +370,35 @@ def checkpoint(run: Run) -> Path:
     )
 
 
+def generation_eval(run: Run) -> dict[str, Any]:
+    """Generated answers to the held-out items, scored (logged to the console and wandb by the main process)."""
+    model = run.accelerator.unwrap_model(run.model)
+    builder = ExampleBuilder(run.processor, run.family)
+    d = run.recipe.data
+    im = InferenceModel(model, run.processor, run.family, builder, d.sampling, d.time_instruction)
+    return in_training_eval(
+        run.accelerator,
+        im,
+        run.eval_items,
+        run.recipe.eval,
+        run.recipe.train.batch_size,
+        run.state.step,
+        wandb_table=run.recipe.logging.report_to == "wandb",
+        before=run.lockstep.prepare,
+    )
+
+
+def save_outputs(run: Run, metrics: dict[str, float]) -> None:
+    """The final model, processor, recipe and vidtune.json into the output folder."""
+    acc, recipe = run.accelerator, run.recipe
+    frame_px = run.family.decode_edge_px(run.processor)
+    metadata = outputs.training_metadata(recipe, frame_px, run.drops, acc, run.state.step, metrics)
+    outputs.save_final(acc, run.model, run.processor, recipe.train.output_dir, recipe, metadata)
+
+
 def push_to_hub(run: Run) -> None:
     """The recipe asked for it: export the finished run and push it (main process). A failed push keeps the run."""
-    from vidtune.train.export import export_folder, push
+    from vidtune.train.publishing.export import export_folder, push
 
     hub, output = run.recipe.hub, run.recipe.train.output_dir
     try:
@@ -385,7 +415,7 @@ def push_to_hub(run: Run) -> None:
 def train(recipe: Recipe) -> Path:
     """Run a recipe end to end; returns the output folder (adapter or model, processor, recipe, metadata)."""
     if recipe.hub.repo_id:
-        from vidtune.train.export import hub_token
+        from vidtune.train.publishing.export import hub_token
 
         hub_token()  # no token: say so now, not after hours of training
     run = setup(recipe)
@@ -395,13 +425,13 @@ def train(recipe: Recipe) -> Path:
         resume(run)
         metrics = train_loop(run)
         if run.eval_items and run.state.step % run.recipe.eval.every_steps:  # the final model gets scored too
-            scores = in_training_eval(run, run.eval_items)
+            scores = generation_eval(run)
             metrics.update(scores)
             tracking.log(run.accelerator, scores, run.state.step, recipe.train.output_dir)
         if run.eval_loader is not None:
             metrics["eval/loss"] = evaluate(run)
             tracking.log(run.accelerator, {"eval/loss": metrics["eval/loss"]}, run.state.step, recipe.train.output_dir)
-        outputs.save_final(run, metrics)
+        save_outputs(run, metrics)
         if recipe.hub.repo_id and run.accelerator.is_main_process:
             push_to_hub(run)
     finally:

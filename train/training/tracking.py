@@ -12,7 +12,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from vidtune.train.config import Recipe, recipe_to_dict
+from vidtune.train.training.config import Recipe, recipe_to_dict
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -14,7 +14,7 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from vidtune.data.families import ModelFamily, family_for
-from vidtune.train.config import FinetuneConfig, ModelConfig, RecipeError
+from vidtune.train.training.config import FinetuneConfig, ModelConfig, RecipeError
 
 PARTS = ("vision_tower", "projector", "language_model", "other")
 

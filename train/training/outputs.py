@@ -18,9 +18,10 @@ from typing import Any
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from vidtune.data.dataset import DropReport
 from vidtune.data.sources import source_name
-from vidtune.train.config import recipe_to_yaml
-from vidtune.train.distributed import is_deepspeed, trainable_state_dict, zero_stage
+from vidtune.train.training.config import Recipe, recipe_to_yaml
+from vidtune.train.training.distributed import is_deepspeed, trainable_state_dict, zero_stage
 
 ADAPTER_SUBDIR = "adapter"
 METADATA = "vidtune.json"
@@ -59,8 +60,17 @@ def write_audit(output_dir: Path, audit: dict[str, Any]) -> None:
     (output_dir / "trainable_parameters.json").write_text(json.dumps(audit, indent=2) + "\n", encoding="utf-8")
 
 
-def training_metadata(run: Any, metrics: dict[str, float]) -> dict[str, Any]:
-    r = run.recipe
+def training_metadata(
+    recipe: Recipe,
+    frame_px: int | None,
+    drops: DropReport,
+    accelerator: Any,
+    steps: int,
+    metrics: dict[str, float],
+) -> dict[str, Any]:
+    """What `vidtune.json` records: the base model, how frames were sampled, the data and its size, the settings,
+    the engine, the steps and the final metrics."""
+    r = recipe
     return {
         "base_model": r.model.name_or_path,
         "variant": r.variant,
@@ -70,19 +80,19 @@ def training_metadata(run: Any, metrics: dict[str, float]) -> dict[str, Any]:
             "fps": r.data.sampling.fps,
             "strategy": "uniform segments (centre at inference)",
         },
-        "frame_px": run.processor.video_processor.crop_size.get("height"),
+        "frame_px": frame_px,
         "time_instruction": r.data.time_instruction,
         "max_length": r.data.max_length,
         "label_turns": r.data.label_turns,
         "datasets": [
-            {"path": s.path, "format": s.format, "num_samples": run.drops.kept_by_source.get(source_name(s))}
+            {"path": s.path, "format": s.format, "num_samples": drops.kept_by_source.get(source_name(s))}
             for s in r.data.sources
         ],
         "hyperparameters": {
             "learning rate": r.train.learning_rate,
             "scheduler": f"{r.train.lr_scheduler}, warmup {r.train.warmup_ratio:g}",
             "batch per device x accumulation": f"{r.train.batch_size} x {r.train.grad_accum_steps}",
-            "processes": run.accelerator.num_processes,
+            "processes": accelerator.num_processes,
             "epochs / max steps": f"{r.train.num_epochs:g} / {r.train.max_steps}",
             "LoRA rank / alpha / dropout": (
                 f"{r.finetune.lora.rank} / {r.finetune.lora.alpha} / {r.finetune.lora.dropout:g}"
@@ -94,36 +104,38 @@ def training_metadata(run: Any, metrics: dict[str, float]) -> dict[str, Any]:
             "mixed precision": r.train.mixed_precision,
             "seed": r.train.seed,
         },
-        "num_train_samples": run.drops.kept,
+        "num_train_samples": drops.kept,
         "distributed": {
-            "num_processes": run.accelerator.num_processes,
-            "distributed_type": str(run.accelerator.distributed_type).split(".")[-1],
-            "zero_stage": zero_stage(run.accelerator),
+            "num_processes": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+            "zero_stage": zero_stage(accelerator),
         },
-        "num_dropped_samples": run.drops.dropped,
-        "steps": run.state.step,
+        "num_dropped_samples": drops.dropped,
+        "steps": steps,
         "metrics": metrics,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
 
-def save_final(run: Any, metrics: dict[str, float]) -> None:
+def save_final(
+    accelerator: Any, model: Any, processor: Any, output_dir: str | Path, recipe: Recipe, metadata: dict[str, Any]
+) -> None:
     """The model (adapter or full weights), processor, recipe and metadata, written by the main process.
 
     Every rank takes part in gathering the state dict (ZeRO-3 shards it across ranks)."""
-    acc, out = run.accelerator, Path(run.recipe.train.output_dir)
+    acc, out = accelerator, Path(output_dir)
     acc.wait_for_everyone()
-    unwrapped = acc.unwrap_model(run.model)
-    if isinstance(unwrapped, PeftModel):
-        state_dict = trainable_state_dict(acc, run.model)  # PEFT keeps the adapter's keys from it
-    else:
-        state_dict = acc.get_state_dict(run.model)  # ZeRO-3 full weights: needs zero3_save_16bit_model
+    unwrapped = acc.unwrap_model(model)
+    # LoRA: the trainable weights, gathered (PEFT keeps the adapter's keys from them); full runs: every weight
+    # (under ZeRO-3 this needs zero3_save_16bit_model).
+    lora = isinstance(unwrapped, PeftModel)
+    state_dict = trainable_state_dict(acc, model) if lora else acc.get_state_dict(model)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        acc.unwrap_model(run.model).save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-        run.processor.save_pretrained(out)
-        (out / "recipe.yaml").write_text(recipe_to_yaml(run.recipe), encoding="utf-8")
-        (out / METADATA).write_text(json.dumps(training_metadata(run, metrics), indent=2) + "\n", encoding="utf-8")
+        unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        processor.save_pretrained(out)
+        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+        (out / METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     acc.wait_for_everyone()
 
 

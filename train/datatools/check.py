@@ -22,8 +22,8 @@ from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import family_for
 from vidtune.data.quality import BadSampleLog
 from vidtune.data.sources import iter_conversations
-from vidtune.train.config import Recipe
-from vidtune.train.model import load_model_config, load_processor
+from vidtune.train.training.config import Recipe
+from vidtune.train.training.model import load_model_config, load_processor
 
 
 def distribution(values: list[int]) -> dict[str, float]:
@@ -130,7 +130,7 @@ def run_check(recipe: Recipe, source: str, out: str | Path, decode: bool = False
     model = recipe.model
     family = family_for(load_model_config(model.name_or_path, model.trust_remote_code).model_type)
     processor = load_processor(model.name_or_path, family, model.trust_remote_code)
-    builder = ExampleBuilder(processor, family.chat_template, recipe.data.label_turns)
+    builder = ExampleBuilder(processor, family, recipe.data.label_turns)
     # Collect every problem: the budget decides the verdict, not the first bad file.
     bad = BadSampleLog(dataclasses.replace(recipe.data.bad_samples, policy="skip"))
     report = build_report(recipe, measure_all(recipe, builder, bad, decode), bad)

@@ -12,8 +12,8 @@ from vidtune.data.dataset import prepare_rows
 from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import family_for
 from vidtune.data.frame_cache import FrameCache
-from vidtune.train.config import Recipe, RecipeError
-from vidtune.train.model import load_model_config, load_processor
+from vidtune.train.training.config import Recipe, RecipeError
+from vidtune.train.training.model import load_model_config, load_processor
 
 _cache: FrameCache | None = None
 
@@ -39,7 +39,7 @@ def fill_cache(recipe: Recipe, workers: int = 2) -> dict[str, Any]:
     model = recipe.model
     family = family_for(load_model_config(model.name_or_path, model.trust_remote_code).model_type)
     builder = ExampleBuilder(
-        load_processor(model.name_or_path, family, model.trust_remote_code), family.chat_template, data.label_turns
+        load_processor(model.name_or_path, family, model.trust_remote_code), family, data.label_turns
     )
     train_rows, eval_rows, _ = prepare_rows(data, builder, recipe.train.seed)
     rows = [*train_rows, *(eval_rows or [])]

@@ -2,24 +2,30 @@
 
     OUTPUT/checkpoints/step_00000100/
         adapter/ (LoRA runs) or model.safetensors (full runs), optimizer.bin, scheduler.bin,
-        random_states_<rank>.pkl, custom_checkpoint_0.pkl (step, epoch, data position), recipe.yaml,
+        random_states_<rank>.pkl, trainer_state.json (step, epoch, data position, fingerprint), recipe.yaml,
         manifest.json (every file and its size, written last)
 
 Accelerate's save_state writes into `.tmp-step_...`; the folder is renamed only after the manifest is written, and
-old checkpoints are deleted only after the new one verifies.
+old checkpoints are deleted only after the new one verifies. Resuming is refused when the run changed (its
+fingerprint: data, world size, batch layout, adapter), and nothing in a checkpoint is unpickled beyond tensors and
+an allowlist of plain types (DeepSpeed's own loader included).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from vidtune.data import faults
+import torch
+
+from vidtune.train.training.config import Recipe, RecipeError
 
 CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 PREFIX = "step_"
 
@@ -74,7 +80,6 @@ def check_rng_states(folder: Path, process_index: int) -> None:
     resume silently without them (and the resumed run would no longer match). Load it here first, safely."""
     import pickle
 
-    import torch
     from accelerate.utils.other import TORCH_SAFE_GLOBALS
 
     path = folder / f"random_states_{process_index}.pkl"
@@ -110,7 +115,6 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True, **save_kwargs)
-    faults.during_checkpoint_save(step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for name, text in extra_files.items():
@@ -124,3 +128,59 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_deepspeed_checkpoints_safely() -> None:
+    """DeepSpeed unpickles its checkpoint files with weights_only=False: a crafted file would run code on resume.
+
+    Its files hold tensors, dicts and three small DeepSpeed types (loss scaler, ZeRO stage, fragment offsets);
+    loading them with weights_only=True and those types allowlisted keeps resuming working and refuses the rest.
+    """
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+    from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, ZeroStageEnum, fragment_address, *TORCH_SAFE_GLOBALS]
+    engine = torch_checkpoint_engine.TorchCheckpointEngine
+    if getattr(engine.load, "vidtune_safe", False):
+        return
+
+    def load(self: Any, path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    load.vidtune_safe = True  # type: ignore[attr-defined]
+    engine.load = load
+
+
+# ---------------------------------------------------------------------------------------------------- resuming
+
+
+def fingerprint(recipe: Recipe, world_size: int, train_rows: Any) -> dict[str, Any]:
+    """What a checkpoint's optimizer state and data position only make sense with."""
+    if train_rows is not None:
+        identity = json.dumps([list(train_rows["source"]), list(train_rows["row"])]).encode()
+        data = f"{len(train_rows)} rows, sha1 {hashlib.sha1(identity).hexdigest()[:12]}"
+    else:
+        data = "stream of " + ", ".join(s.path for s in recipe.data.sources)
+    f, lora = recipe.finetune, recipe.finetune.lora
+    return {
+        "world size": world_size,
+        "dataset": data,
+        "adapter": f"{f.mode}, rank {lora.rank}, alpha {lora.alpha}, targets {sorted(lora.targets) or 'default'}, "
+        f"projector {f.train_projector}, vision tower {f.vision_tower}, continued from {recipe.model.adapter}",
+        "batch": f"{recipe.train.batch_size} per device x {recipe.train.grad_accum_steps} accumulation",
+    }
+
+
+def check_resume(saved: dict[str, Any], current: dict[str, Any], checkpoint: str, force: bool) -> list[str]:
+    """Refuse to resume a checkpoint whose run differed (a flag forces it); return what changed."""
+    changed = [f"{key}: {saved.get(key)} -> {value}" for key, value in current.items() if saved.get(key) != value]
+    if changed and not force:
+        raise RecipeError(
+            f"cannot resume {checkpoint}: {'; '.join(changed)}. Use a new train.output_dir, or "
+            "train.resume=force to continue anyway"
+        )
+    return changed

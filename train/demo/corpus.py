@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from vidtune.train.synthetic import write_color_clip
+from vidtune.train.demo.clips import write_color_clip
 
 DEMO_COLORS = ("red", "green", "blue", "yellow")
 FIRST_QUESTION = "Which color comes first?"

@@ -1,0 +1,120 @@
+"""Fault injection for crash-safety tests: the real process meets a real fault at a chosen point.
+
+The shipped code has no fault checks; these patch its functions in the process under test. In-process tests call
+`inject(monkeypatch, spec)`; subprocess tests run this module in place of the CLI (plain python or `accelerate
+launch -m tests.faults`), which patches, then calls `vidtune.train.cli.main`:
+
+    python -m tests.faults kill@4.1 train RECIPE.yaml [overrides]
+
+A spec holds comma-separated faults:
+  kill@STEP.MICRO    SIGKILL this process just before micro-batch MICRO of optimizer step STEP+1
+  term@STEP.MICRO    SIGTERM (int@: SIGINT) to this process at the same point: a preemption, handled
+  killsave@STEP      SIGKILL this process in the middle of writing the checkpoint of step STEP
+  nan@STEP.N         make the loss NaN for N micro-batches (default 1) while STEP optimizer steps are done
+  hang@TEXT          opening a video whose path contains TEXT never returns (until the decode time limit)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
+
+
+def parse(spec: str) -> list[tuple[str, str]]:
+    faults = [tuple(item.split("@", 1)) for item in spec.split(",") if item]
+    unknown = [f for f in faults if len(f) != 2 or f[0] not in (*SIGNALS, "killsave", "nan", "hang")]
+    if unknown:
+        raise ValueError(f"unknown faults {unknown} in {spec!r}")
+    return faults  # type: ignore[return-value]
+
+
+def patches(spec: str) -> list[tuple[Any, str, Any]]:
+    """(module, attribute, replacement) for every fault in the spec."""
+    from vidtune.data import video
+    from vidtune.train.training import checkpoint, loop
+
+    result: list[tuple[Any, str, Any]] = []
+    for action, where in parse(spec):
+        if action in SIGNALS:
+            result.append((loop, "micro_step", _signal_before_micro_batch(loop.micro_step, action, where)))
+        elif action == "killsave":
+            result.append((checkpoint, "write_manifest", _kill_while_saving(checkpoint.write_manifest, int(where))))
+        elif action == "nan":
+            result.append((loop, "forward_loss", _nan_loss(loop.forward_loss, where)))
+        else:
+            result.append((video, "open_video", _hang_on_open(video.open_video, where)))
+    return result
+
+
+def inject(monkeypatch: Any, spec: str) -> None:
+    for module, name, replacement in patches(spec):
+        monkeypatch.setattr(module, name, replacement)
+
+
+def _signal_before_micro_batch(real: Any, action: str, where: str) -> Any:
+    step, _, micro = where.partition(".")
+
+    def micro_step(run: Any, index: int, *args: Any, **kwargs: Any) -> Any:
+        if run.state.step == int(step) and index == int(micro or 0):
+            os.kill(os.getpid(), SIGNALS[action])
+        return real(run, index, *args, **kwargs)
+
+    return micro_step
+
+
+def _kill_while_saving(real: Any, step: int) -> Any:
+    def write_manifest(folder: Any) -> None:
+        # The checkpoint's files are written, its manifest not yet and its folder not yet renamed.
+        if folder.name == f".tmp-step_{step:08d}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(folder)
+
+    return write_manifest
+
+
+def _nan_loss(real: Any, where: str) -> Any:
+    step, _, times = where.partition(".")
+    fired = [0]
+
+    def forward_loss(run: Any, batch: Any) -> Any:
+        loss = real(run, batch)
+        if run.state.step == int(step) and fired[0] < int(times or 1):
+            fired[0] += 1
+            return loss * float("nan")
+        return loss
+
+    return forward_loss
+
+
+def _hang_on_open(real: Any, text: str) -> Any:
+    def open_video(path: str, *args: Any, **kwargs: Any) -> Any:
+        if text in path:
+            time.sleep(10**6)
+        return real(path, *args, **kwargs)
+
+    return open_video
+
+
+def cli_command(*args: str, fault: str | None = None) -> list[str]:
+    """`python -m vidtune.train.cli ARGS`, or through this module with a fault spec."""
+    if fault:
+        return [sys.executable, "-m", "tests.faults", fault, *args]
+    return [sys.executable, "-m", "vidtune.train.cli", *args]
+
+
+def main(argv: list[str]) -> None:
+    spec, *cli_args = argv
+    for module, name, replacement in patches(spec):
+        setattr(module, name, replacement)
+    from vidtune.train.cli import main as cli_main
+
+    cli_main(cli_args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,45 @@
+"""`vidtune predict`: answer the last user turn of every row of a corpus, batched, into JSONL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vidtune.data.conversation import assistant_texts
+from vidtune.data.sources import SourceConfig, iter_conversations
+from vidtune.train.generation.infer import InferenceModel, generate
+
+
+def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def predict(
+    im: InferenceModel, source: SourceConfig, out_path: str, batch_size: int = 8, max_new_tokens: int = 64
+) -> int:
+    """Answer the last user turn of every row of a corpus; JSONL of prompt, prediction and reference per row.
+
+    Rows ending with an assistant turn use it as the reference and are answered without it."""
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with out.open("w", encoding="utf-8") as sink:
+        for rows in _batched(iter_conversations(source), batch_size):
+            prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in rows]
+            predictions = generate(im, prompts, max_new_tokens)
+            for row, prompt, prediction in zip(rows, prompts, predictions, strict=True):
+                reference = assistant_texts(row["messages"])[-1] if row["messages"][-1]["role"] == "assistant" else None
+                question = " ".join(p["text"] or "" for p in prompt[-1]["content"] if p["type"] == "text")
+                record = {"at": row["at"], "question": question, "prediction": prediction, "reference": reference}
+                sink.write(json.dumps(record) + "\n")
+                count += 1
+    return count

@@ -1,0 +1,77 @@
+"""What the loop watches every step: samples that failed to load (against the bad-sample budget) and non-finite
+losses (skipped steps). Every decision that must be the same on every rank is all-reduced first."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import torch
+
+from vidtune.data.conversation import DataError
+from vidtune.data.quality import BadSampleConfig, kind_of
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (too many non-finite losses, ...); the last checkpoint is intact."""
+
+
+def agree(accelerator: Any, flag: bool) -> bool:
+    """True on every rank when it is true on any (one all-reduce; free in single-process runs)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "max").item() > 0)
+
+
+class BadSampleMonitor:
+    """Samples replaced at training time (they failed to load), counted against the bad-sample budget over a
+    sliding window of samples, summed over ranks so every rank stops together. (Too many failures in a row are
+    caught where they happen: the dataset gives up after max_bad_in_a_row consecutive replacements.)"""
+
+    def __init__(self, cfg: BadSampleConfig):
+        self.cfg = cfg
+        self.window: deque[tuple[int, int]] = deque()  # (samples seen, bad) per step
+        self.total_bad = 0
+        self.examples: list[str] = []
+
+    def record(self, accelerator: Any, skipped: list[str], samples: int) -> int:
+        counts = torch.tensor([len(skipped), samples], device=accelerator.device, dtype=torch.float64)
+        if accelerator.num_processes > 1:
+            counts = accelerator.reduce(counts, "sum")
+        bad, good = int(counts[0].item()), int(counts[1].item())
+        self.total_bad += bad
+        self.examples = (self.examples + skipped)[-5:]
+        self.window.append((good + bad, bad))
+        while len(self.window) > 1 and sum(n for n, _ in self.window) - self.window[0][0] >= self.cfg.window:
+            self.window.popleft()
+        seen, bad_in_window = sum(n for n, _ in self.window), sum(b for _, b in self.window)
+        if seen >= self.cfg.window and bad_in_window / seen > self.cfg.max_bad_fraction:
+            kinds = ", ".join(sorted({kind_of(e) for e in self.examples}))
+            raise DataError(
+                f"{bad_in_window} of the last {seen} samples failed to load ({kinds}), e.g. "
+                f"{self.examples[-1] if self.examples else '?'}; data.bad_samples sets the budget"
+            )
+        return bad
+
+
+class NonFiniteGuard:
+    """A NaN/inf loss skips its optimizer step (no update, no scheduler step); K in a row stop the run."""
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row, self.in_a_row, self.total = max_in_a_row, 0, 0
+
+    def is_finite(self, accelerator: Any, loss: torch.Tensor) -> bool:
+        return not agree(accelerator, not bool(torch.isfinite(loss.detach()).all()))
+
+    def skipped(self, step: int) -> None:
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.max_in_a_row:
+            raise TrainingError(
+                f"the loss was NaN or infinite {self.in_a_row} times in a row at step {step}; "
+                "stopped (the last checkpoint is intact). Lower train.learning_rate or look for bad "
+                "samples; train.max_nonfinite_steps sets the limit"
+            )
+
+    def finite(self) -> None:
+        self.in_a_row = 0
