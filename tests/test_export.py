@@ -93,7 +93,7 @@ def test_plain_transformers_peft_on_the_export_matches_vidtune_infer(run_dir, ti
     from peft import PeftModel
     from transformers import AutoProcessor, LlavaNextVideoForConditionalGeneration
 
-    from vidtune.data.examples import decode_shortest_edge
+    from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
     from vidtune.data.video import SamplingConfig, load_clip
     from vidtune.train.generation.infer import generate, load_for_inference, video_question
     from vidtune.train.publishing.export import export_folder
@@ -112,9 +112,10 @@ def test_plain_transformers_peft_on_the_export_matches_vidtune_infer(run_dir, ti
     conversation = [
         {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Which color comes first?"}]}
     ]
+    edge = LLAVA_NEXT_VIDEO.decode_edge_px(processor)
     inputs = processor(
         text=processor.apply_chat_template(conversation, add_generation_prompt=True),
-        videos=[load_clip(str(video), SamplingConfig(4), shortest_edge=decode_shortest_edge(processor)).frames],
+        videos=[load_clip(str(video), SamplingConfig(4), shortest_edge=edge).frames],
         return_tensors="pt",
     )
     with torch.no_grad():

@@ -83,7 +83,7 @@ def test_vidtune_infer_matches_plain_transformers_and_peft(lora_run, tiny_model_
     from peft import PeftModel
     from transformers import AutoProcessor, LlavaNextVideoForConditionalGeneration
 
-    from vidtune.data.examples import decode_shortest_edge
+    from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
     from vidtune.data.video import SamplingConfig, load_clip
     from vidtune.train.generation.infer import generate, load_for_inference, video_question
 
@@ -96,7 +96,7 @@ def test_vidtune_infer_matches_plain_transformers_and_peft(lora_run, tiny_model_
     processor = AutoProcessor.from_pretrained(output)
     model = PeftModel.from_pretrained(LlavaNextVideoForConditionalGeneration.from_pretrained(tiny_model_dir), output)
     # The run's sampling (from its vidtune.json), decoded as vidtune decodes: scaled to the processor's input size.
-    frames = load_clip(str(video), SamplingConfig(4), shortest_edge=decode_shortest_edge(processor)).frames
+    frames = load_clip(str(video), SamplingConfig(4), shortest_edge=LLAVA_NEXT_VIDEO.decode_edge_px(processor)).frames
     conversation = [
         {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Which color comes first?"}]}
     ]
