@@ -11,6 +11,8 @@ A spec holds comma-separated faults:
   term@STEP.MICRO    SIGTERM (int@: SIGINT) to this process at the same point: a preemption, handled
   killsave@STEP      SIGKILL this process in the middle of writing the checkpoint of step STEP
   nan@STEP.N         make the loss NaN for N micro-batches (default 1) while STEP optimizer steps are done
+  infgrad@STEP       an infinite gradient (finite loss) in the last micro-batch of optimizer step STEP+1 (once)
+  pgterm@STEP.MICRO  SIGTERM to this process's whole process group (DataLoader workers too), as clusters send it
   hang@TEXT          opening a video whose path contains TEXT never returns (until the decode time limit)
 """
 
@@ -22,12 +24,13 @@ import sys
 import time
 from typing import Any
 
-SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
+SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT, "pgterm": signal.SIGTERM}
+FAULTS = (*SIGNALS, "killsave", "nan", "infgrad", "hang")
 
 
 def parse(spec: str) -> list[tuple[str, str]]:
     faults = [tuple(item.split("@", 1)) for item in spec.split(",") if item]
-    unknown = [f for f in faults if len(f) != 2 or f[0] not in (*SIGNALS, "killsave", "nan", "hang")]
+    unknown = [f for f in faults if len(f) != 2 or f[0] not in FAULTS]
     if unknown:
         raise ValueError(f"unknown faults {unknown} in {spec!r}")
     return faults  # type: ignore[return-value]
@@ -46,6 +49,8 @@ def patches(spec: str) -> list[tuple[Any, str, Any]]:
             result.append((checkpoint, "write_manifest", _kill_while_saving(checkpoint.write_manifest, int(where))))
         elif action == "nan":
             result.append((loop, "forward_loss", _nan_loss(loop.forward_loss, where)))
+        elif action == "infgrad":
+            result.append((loop, "micro_step", _infinite_gradient(loop.micro_step, int(where))))
         else:
             result.append((video, "open_video", _hang_on_open(video.open_video, where)))
     return result
@@ -61,7 +66,10 @@ def _signal_before_micro_batch(real: Any, action: str, where: str) -> Any:
 
     def micro_step(run: Any, index: int, *args: Any, **kwargs: Any) -> Any:
         if run.state.step == int(step) and index == int(micro or 0):
-            os.kill(os.getpid(), SIGNALS[action])
+            if action == "pgterm":
+                os.killpg(os.getpgrp(), signal.SIGTERM)
+            else:
+                os.kill(os.getpid(), SIGNALS[action])
         return real(run, index, *args, **kwargs)
 
     return micro_step
@@ -89,6 +97,19 @@ def _nan_loss(real: Any, where: str) -> Any:
         return loss
 
     return forward_loss
+
+
+def _infinite_gradient(real: Any, step: int) -> Any:
+    fired = [False]
+
+    def micro_step(run: Any, index: int, batch: Any, scale: Any, last: bool) -> Any:
+        loss = real(run, index, batch, scale, last)
+        if run.state.step == step and last and not fired[0]:
+            fired[0] = True
+            run.trainable[0].grad.view(-1)[0] = float("inf")
+        return loss
+
+    return micro_step
 
 
 def _hang_on_open(real: Any, text: str) -> Any:

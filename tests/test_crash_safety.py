@@ -48,6 +48,7 @@ def write_recipe(tmp_path: Path, name: str, overrides: list[str]) -> Path:
 def run_cli(recipe: Path, env: dict | None = None, fault: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         cli_command("train", str(recipe), fault=fault),
+        start_new_session=True,  # its own process group: a process-group signal stays inside it
         cwd=REPO,
         text=True,
         capture_output=True,
@@ -119,6 +120,23 @@ def test_a_signal_saves_a_checkpoint_and_the_relaunch_resumes_exactly(
     assert losses(output) == losses(uninterrupted)
 
 
+def test_sigterm_to_the_whole_process_group_with_dataloader_workers_saves_and_resumes(
+    uninterrupted, tiny_model_dir, demo_corpus, tmp_path
+):
+    """As SLURM, `timeout` and Kubernetes send it: SIGTERM to the run's process group, DataLoader workers included,
+    mid-accumulation in step 4. The run checkpoints step 4 and exits 143; the relaunch ends with the uninterrupted
+    run's losses."""
+    output = tmp_path / "run"
+    recipe = write_recipe(tmp_path, "r", recipe_overrides(tiny_model_dir, demo_corpus, output, "data.num_workers=1"))
+    stopped = run_cli(recipe, fault="pgterm@3.1")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert "stopped by SIGTERM after step 4" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert (output / "checkpoints" / "step_00000004" / "manifest.json").is_file()
+    resumed = run_cli(recipe)
+    assert resumed.returncode == 0 and "step_00000004" in resumed.stdout, resumed.stderr[-2000:]
+    assert losses(output) == losses(uninterrupted)
+
+
 def test_an_external_sigterm_on_a_running_subprocess(tiny_model_dir, demo_corpus, tmp_path):
     """As a scheduler would: SIGTERM from outside while the run trains; it checkpoints, exits 143, and resumes."""
     output = tmp_path / "run"
@@ -183,6 +201,41 @@ def test_a_non_finite_loss_skips_its_step(tiny_model_dir, demo_corpus, tmp_path,
     skipped = [(unchanged, same_lr) for result, unchanged, same_lr in snapshots if result.get("skipped")]
     assert skipped == [(True, True)]  # exactly one skipped window: no update, no scheduler step
     assert run.state.step == 4 and len(snapshots) == 5 and metrics["train/nonfinite_steps"] == 1
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_skips_its_step(tiny_model_dir, demo_corpus, tmp_path, monkeypatch):
+    """The loss is finite, one gradient is not (an overflow in backward): the step is skipped and counted, the
+    weights and the schedule stay where they were."""
+    from vidtune.train.training.loop import setup, train_loop
+
+    inject(monkeypatch, "infgrad@1")
+    run = setup(
+        load_recipe(
+            None,
+            recipe_overrides(
+                tiny_model_dir, demo_corpus, tmp_path / "run", "train.max_steps=3", "train.save_every_steps=0"
+            ),
+        )
+    )
+    weights: list[dict] = []
+    import vidtune.train.training.loop as loop
+
+    real_step = loop.train_step
+
+    def recording_step(run_, window):
+        before = {n: p.detach().clone() for n, p in run_.model.named_parameters() if p.requires_grad}
+        lr_before = run_.scheduler.get_last_lr()[0]
+        result = real_step(run_, window)
+        unchanged = all(torch.equal(before[n], p) for n, p in run_.model.named_parameters() if p.requires_grad)
+        weights.append((result, unchanged, lr_before == run_.scheduler.get_last_lr()[0]))
+        return result
+
+    monkeypatch.setattr(loop, "train_step", recording_step)
+    metrics = train_loop(run)
+    assert [(unchanged, same_lr) for result, unchanged, same_lr in weights if result.get("skipped")] == [(True, True)]
+    assert [r.get("skipped", 0) for r, _, _ in weights] == [0, 1, 0, 0]  # step 2's first attempt was skipped
+    assert run.state.step == 3 and metrics["train/nonfinite_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
 
 
 def test_non_finite_losses_in_a_row_stop_the_run(tiny_model_dir, demo_corpus, tmp_path, monkeypatch):

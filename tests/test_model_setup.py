@@ -75,3 +75,32 @@ def test_missing_model_is_a_one_line_error(tmp_path):
     with pytest.raises(RecipeError, match="cannot load model"):
         load_model(ModelConfig(name_or_path=str(tmp_path / "nowhere")))
     assert LLAVA_NEXT_VIDEO.model_types == ("llava_next_video",)
+
+
+def test_vision_lora_wraps_only_layers_the_model_reads_and_each_gets_a_gradient(tiny_model_dir, builder, clips):
+    """Features come from CLIP's second-to-last layer (vision_feature_layer -2): LoRA in the last layer would never
+    get a gradient. It is not wrapped (nor counted), and every wrapped vision layer does get one."""
+    from vidtune.data.conversation import media_part, message, text_part
+    from vidtune.data.video import SamplingConfig, load_clip
+
+    model, family = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    last = model.config.vision_config.num_hidden_layers - 1
+    model = apply_finetuning(model, family, FinetuneConfig(vision_tower="lora"))
+    vision = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and ".vision_tower." in n]
+    assert vision and not [n for n in vision if f".layers.{last}." in n]
+    assert {n.split(".layers.")[1].split(".")[0] for n in vision} == {str(i) for i in range(last)}
+    frames = load_clip(str(clips["red_blue"]), SamplingConfig(4)).frames
+    messages = [
+        message("user", [media_part("video", str(clips["red_blue"])), text_part("Colours?")]),
+        message("assistant", [text_part("red then blue")]),
+    ]
+    example = builder.build(messages, {0: frames})
+    batch = {k: v.unsqueeze(0) for k, v in example.items() if k != "pixel_values_videos"}
+    model(**batch, pixel_values_videos=example["pixel_values_videos"].unsqueeze(0)).loss.backward()
+    # (lora_A's gradient is exactly 0 while lora_B is still 0, its initial value; it must exist all the same)
+    no_gradient = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or ("lora_B" in n and not p.grad.abs().sum()))
+    ]
+    assert no_gradient == []

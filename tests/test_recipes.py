@@ -43,6 +43,20 @@ def test_every_recipe_parses_validates_and_dry_runs(path, seven_b_dir, tiny_mode
     assert "variant: " + recipe.variant in out and "trainable" in out and "language_model" in out
 
 
+def test_overrides_and_options_mix_in_any_order(tiny_model_dir, capsys):
+    from vidtune.train.cli import parse_args
+
+    args = parse_args(["check", "r.yaml", "--decode", "data.max_length=99", "--out", "x.json", "train.seed=3"])
+    assert (args.recipe, args.overrides, args.decode, args.out) == (
+        "r.yaml",
+        ["data.max_length=99", "train.seed=3"],
+        True,
+        "x.json",
+    )
+    main(["train", "demo/instruct", "--dry-run", f"model.name_or_path={tiny_model_dir}", "train.learning_rate=0.0123"])
+    assert "learning_rate: 0.0123" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("path", SEVEN_B, ids=lambda p: p.stem)
 def test_7b_recipes_fit_the_real_architecture(path, seven_b_dir):
     """Token budget for the recipe's frames (144 tokens per frame at 336 px), and LoRA exactly where it says."""

@@ -78,6 +78,46 @@ def test_output_folder_is_a_peft_adapter_with_processor_recipe_and_metadata(lora
 
 
 @pytest.mark.slow
+def test_the_logged_learning_rate_is_the_one_each_step_used(lora_run):
+    """Read before the scheduler moves on: step 1 logs the peak rate (no warmup), the last step a non-zero one."""
+    output, _, _ = lora_run
+    rates = {m["step"]: m["train/lr"] for m in read_metrics(output) if "train/lr" in m}
+    assert sorted(rates) == list(range(1, 7))
+    assert rates[1] == pytest.approx(1e-2) and 0 < rates[6] < rates[5] < rates[1]
+
+
+@pytest.mark.slow
+def test_the_saved_processor_pads_on_the_side_it_came_with(lora_run, tiny_model_dir):
+    """Users batch with the saved processor and call generate: it must pad left like the base's (the hub's) does;
+    training batches are right-padded by the collator, not by changing the tokenizer."""
+    from transformers import AutoProcessor
+
+    output, _, _ = lora_run
+    base_side = AutoProcessor.from_pretrained(tiny_model_dir).tokenizer.padding_side
+    assert base_side == "left"
+    assert AutoProcessor.from_pretrained(output).tokenizer.padding_side == base_side
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_not_trained_again_unless_restarted(tiny_model_dir, demo_corpus, tmp_path, capsys):
+    """No intermediate checkpoints (save_every_steps 0): a relaunch must not start over from step 1 and append the
+    same steps again; train.resume=restart does start over, once."""
+    from vidtune.train.training.loop import train
+
+    output = tmp_path / "run"
+    train(tiny_recipe(tiny_model_dir, demo_corpus, output, "train.max_steps=2"))
+    finished_at = json.loads((output / "vidtune.json").read_text())["finished_at"]
+    capsys.readouterr()
+    train(tiny_recipe(tiny_model_dir, demo_corpus, output, "train.max_steps=2"))
+    assert "already holds this run, finished after 2 steps" in capsys.readouterr().out
+    assert [m["step"] for m in read_metrics(output) if "train/loss" in m] == [1, 2]
+    assert json.loads((output / "vidtune.json").read_text())["finished_at"] == finished_at
+    train(tiny_recipe(tiny_model_dir, demo_corpus, output, "train.max_steps=2", "train.resume=restart"))
+    assert [m["step"] for m in read_metrics(output) if "train/loss" in m] == [1, 2]
+    assert "already holds" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_vidtune_infer_matches_plain_transformers_and_peft(lora_run, tiny_model_dir, demo_corpus):
     """The folder needs no vidtune: processor, template and adapter load with transformers + peft alone."""
     from peft import PeftModel
@@ -177,6 +217,8 @@ def test_a_killed_run_resumes_at_its_checkpoint_with_identical_losses(tiny_model
     assert sorted(losses(tmp_path / "cut")) == list(range(1, 9))
     rerun = run_cli("train", str(crashed))  # a finished run has nothing left to do
     assert rerun.returncode == 0 and "step_00000008" in rerun.stdout
+    assert "already holds this run, finished after 8 steps" in rerun.stdout and "resuming" not in rerun.stdout
+    assert sorted(losses(tmp_path / "cut")) == list(range(1, 9))
 
 
 @pytest.mark.slow

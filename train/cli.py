@@ -281,8 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Options may come anywhere, before or after `key=value` overrides (`train R --dry-run a.b=1`). argparse's
+    intermixed parsing does not support subparsers, so the command's own parser does it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        return build_parser().parse_args(argv)  # --help, or argparse's message for an unknown command
+    name, command = argv[0], COMMANDS[argv[0]]
+    parser = argparse.ArgumentParser(prog=f"vidtune {name}", description=command.help)
+    command.add_arguments(parser)
+    args = parser.parse_intermixed_args(argv[1:])
+    args.command = name
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from vidtune.train.training.config import RecipeError
     from vidtune.train.training.health import TrainingError
     from vidtune.train.training.preemption import TrainingStopped

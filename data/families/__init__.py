@@ -7,7 +7,8 @@ data/ and train/ never look inside a model or its processor directly; they ask i
 - how one sample's visual tensors come out of the processor (`example_visuals`), how several samples' form a batch
   (`batch_visuals`) and how they reach the device (`visuals_to_device`);
 - the vision paths of its forward, with a blank input for each, that keep ZeRO-3 ranks in lockstep (`blank_paths`);
-- module prefixes of its parts (for LoRA scoping and the trainable-parameter audit) and default LoRA targets.
+- module prefixes of its parts (for LoRA scoping and the trainable-parameter audit), default LoRA targets, and the
+  layers its forward never reads (`unused_module_prefixes`), which must not train.
 
 Adding a family: a module here with a `ModelFamily` subclass, a line in `FAMILIES`, a tiny-model config
 (train/demo/tiny_model.py) and recipes.
@@ -94,6 +95,11 @@ class ModelFamily(ABC):
             if key in moved and moved[key].is_floating_point():
                 moved[key] = moved[key].to(dtype)
         return moved
+
+    def unused_module_prefixes(self, config: Any) -> tuple[str, ...]:
+        """Module-name prefixes of layers the forward computes but never reads (no gradient ever reaches them):
+        LoRA never wraps them."""
+        return ()
 
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         """Token ids that end an assistant turn in generation (the training template's end-of-turn)."""

@@ -105,6 +105,18 @@ class LlavaNextVideo(ModelFamily):
             batch["image_sizes"] = torch.cat([ex["image_sizes"] for ex in examples if "image_sizes" in ex])
         return batch
 
+    def unused_module_prefixes(self, config: Any) -> tuple[str, ...]:
+        """Image features come from hidden state `vision_feature_layer` (-2 for the 7B: the output of CLIP's
+        second-to-last layer), so the layers after it run but never reach the loss."""
+        num_layers = config.vision_config.num_hidden_layers
+        feature_layers = config.vision_feature_layer
+        feature_layers = feature_layers if isinstance(feature_layers, list) else [feature_layers]
+        # hidden_states[k] is the output after k layers (hidden_states[0]: the embeddings)
+        layers_read = max(k if k >= 0 else num_layers + 1 + k for k in feature_layers)
+        encoder = f"{self.vision_tower_prefix}encoder.layers."
+        unused = tuple(f"{encoder}{i}." for i in range(layers_read, num_layers))
+        return (*unused, f"{self.vision_tower_prefix}post_layernorm") if unused else ()
+
     def blank_paths(self, model: Any, processor: Any, device: torch.device) -> list[BlankPath]:
         """The forward embeds the tokens, runs the image path (vision tower -> projector), the video path (vision
         tower -> pooling -> projector), then the language model."""

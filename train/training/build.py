@@ -32,6 +32,7 @@ from vidtune.train.training.model import (
     load_processor,
     trainable_audit,
 )
+from vidtune.train.training.preemption import WorkerSignals
 
 
 def build_model(recipe: Recipe) -> tuple[Any, ModelFamily, Any, dict[str, Any]]:
@@ -54,6 +55,7 @@ def loader_kwargs(recipe: Recipe, collate: Collator) -> dict[str, Any]:
         "num_workers": recipe.data.num_workers,
         "persistent_workers": recipe.data.num_workers > 0,
         "pin_memory": torch.cuda.is_available(),
+        "worker_init_fn": WorkerSignals(),
         # Every new iterator draws a worker seed from its generator; without one of its own it draws from the
         # global RNG, so a resumed run (which creates its iterator after restoring RNG states) would get different
         # dropout masks than the uninterrupted run.

@@ -28,7 +28,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
 SCHEDULERS = ("cosine", "linear", "constant")
 REPORT_TO = ("wandb", "none")
-RESUME = ("auto", "force")
+RESUME = ("auto", "force", "restart")
 EVAL_TASKS = ("qa", "multiple_choice", "caption", "recognition")
 MC_SCORING = ("generate", "loglik")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -86,7 +86,9 @@ class TrainConfig:
     eval_every_steps: int = 0  # eval loss on the held-out split every N optimizer steps; 0 = only at the end
     save_every_steps: int = 0  # checkpoint every N optimizer steps; 0 = only the final save
     keep_last_checkpoints: int = 2
-    resume: str = "auto"  # auto: resume the latest checkpoint unless data, world size or adapter changed | force
+    # auto: resume the latest checkpoint unless data, world size or adapter changed; a finished run is not trained
+    # again | force: resume despite such changes | restart: delete the folder's checkpoints and train from step 1
+    resume: str = "auto"
     max_nonfinite_steps: int = 5  # a NaN/inf loss skips its step; this many in a row stop the run
 
 

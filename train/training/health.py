@@ -55,7 +55,8 @@ class BadSampleMonitor:
 
 
 class NonFiniteGuard:
-    """A NaN/inf loss skips its optimizer step (no update, no scheduler step); K in a row stop the run."""
+    """A NaN/inf loss or gradient norm skips its optimizer step (no update, no scheduler step); K in a row stop
+    the run."""
 
     def __init__(self, max_in_a_row: int):
         self.max_in_a_row, self.in_a_row, self.total = max_in_a_row, 0, 0
@@ -63,12 +64,12 @@ class NonFiniteGuard:
     def is_finite(self, accelerator: Any, loss: torch.Tensor) -> bool:
         return not agree(accelerator, not bool(torch.isfinite(loss.detach()).all()))
 
-    def skipped(self, step: int) -> None:
+    def skipped(self, step: int, what: str = "loss") -> None:
         self.in_a_row += 1
         self.total += 1
         if self.in_a_row >= self.max_in_a_row:
             raise TrainingError(
-                f"the loss was NaN or infinite {self.in_a_row} times in a row at step {step}; "
+                f"the {what} was NaN or infinite {self.in_a_row} times in a row at step {step}; "
                 "stopped (the last checkpoint is intact). Lower train.learning_rate or look for bad "
                 "samples; train.max_nonfinite_steps sets the limit"
             )

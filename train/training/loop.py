@@ -172,11 +172,17 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, float]:
         batch = {k: v.to(acc.device) for k, v in batch.items()}  # streamed batches are not placed by Accelerate
         summed = micro_step(run, index, batch, scale, last=index == len(window) - 1)
         if summed is None:
-            return skip_step(run)
+            return skip_step(run, "loss")
         loss_sum += summed
-    run.nonfinite.finite()
     grad_norm = clip_gradients(run)
+    if grad_norm is not None and not math.isfinite(float(grad_norm)):  # a finite loss can still overflow backward
+        return skip_step(run, "gradient norm")
+    run.nonfinite.finite()
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (read before the scheduler moves on)
     run.optimizer.step()
+    if acc.optimizer_step_was_skipped:  # fp16: the loss scaler found inf/NaN gradients and skipped the update
+        run.optimizer.zero_grad(set_to_none=True)
+        return {"skipped": 1.0}
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     loss = acc.reduce(loss_sum, "sum") / global_tokens
@@ -184,7 +190,7 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, float]:
     tokens = acc.reduce(torch.stack([b["attention_mask"].sum() for b in window]).sum().to(acc.device), "sum")
     return {
         "loss": loss.item(),
-        "lr": run.scheduler.get_last_lr()[0],
+        "lr": lr,
         "samples": samples.item(),
         "tokens": tokens.item(),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -196,27 +202,27 @@ def clip_gradients(run: Run) -> torch.Tensor | float | None:
     """Clip to max_grad_norm and return the norm. DeepSpeed clips inside its engine; otherwise torch does it
     directly on the trainable weights (Accelerate's clip_grad_norm_ probes the GPU driver on every call)."""
     acc, max_norm = run.accelerator, run.recipe.train.max_grad_norm
-    if max_norm <= 0:
-        return None
     if is_deepspeed(acc):
-        return acc.clip_grad_norm_(run.model.parameters(), max_norm)
+        return acc.clip_grad_norm_(run.model.parameters(), max_norm) if max_norm > 0 else None
     acc.unscale_gradients()  # fp16: true gradients before measuring them
-    return torch.nn.utils.clip_grad_norm_(run.trainable, max_norm)
+    # Without clipping the norm is still measured: a non-finite one must skip the step.
+    return torch.nn.utils.clip_grad_norm_(run.trainable, max_norm if max_norm > 0 else math.inf)
 
 
-def skip_step(run: Run) -> dict[str, float]:
-    """Drop the window's gradients: no optimizer step, no scheduler step."""
+def skip_step(run: Run, what: str) -> dict[str, float]:
+    """Drop the window's gradients (its `what`, loss or gradient norm, was not finite): no optimizer step, no
+    scheduler step."""
     acc = run.accelerator
     if is_deepspeed(acc):
         # DeepSpeed keeps reduced gradient partitions of the window's earlier micro-batches inside its engine,
         # with no public way to discard them: stop before its step rather than apply them.
         raise TrainingError(
-            f"the loss was NaN or infinite at step {run.state.step + 1}; under DeepSpeed vidtune "
+            f"the {what} was NaN or infinite at step {run.state.step + 1}; under DeepSpeed vidtune "
             "stops before the optimizer step (the last checkpoint is intact)"
         )
     acc.sync_gradients = True  # Accelerate only zeroes gradients at a sync point
     run.optimizer.zero_grad(set_to_none=True)
-    run.nonfinite.skipped(run.state.step + 1)
+    run.nonfinite.skipped(run.state.step + 1, what)
     return {"skipped": 1.0}
 
 
@@ -248,6 +254,10 @@ def evaluate(run: Run) -> float:
 def resume(run: Run) -> None:
     """Continue from the latest complete checkpoint of the output folder, if there is one and it fits this run."""
     acc, output = run.accelerator, run.recipe.train.output_dir
+    if acc.is_main_process and run.recipe.train.resume == "restart":  # asked for explicitly: start over
+        shutil.rmtree(Path(output) / "checkpoints", ignore_errors=True)
+        (Path(output) / outputs.METADATA).unlink(missing_ok=True)  # no longer finished until it finishes again
+        tracking.truncate_metrics(output, 0)
     if acc.is_main_process:
         for leftover in incomplete_checkpoints(output):
             if leftover.name.startswith(".tmp-"):  # a save that crashed midway: never complete, never used
@@ -413,7 +423,13 @@ def push_to_hub(run: Run) -> None:
 
 
 def train(recipe: Recipe) -> Path:
-    """Run a recipe end to end; returns the output folder (adapter or model, processor, recipe, metadata)."""
+    """Run a recipe end to end; returns the output folder (adapter or model, processor, recipe, metadata).
+    A run that already finished in that folder is not trained again (train.resume=restart says to)."""
+    finished = outputs.finished_message(recipe) if recipe.train.resume != "restart" else None
+    if finished:
+        if os.environ.get("RANK", "0") == "0":
+            print(finished)
+        return Path(recipe.train.output_dir)
     if recipe.hub.repo_id:
         from vidtune.train.publishing.export import hub_token
 

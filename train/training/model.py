@@ -64,8 +64,9 @@ def load_processor(name_or_path: str, family: ModelFamily, trust_remote_code: bo
     # The family's training template (generation markers, end-of-turn token) replaces the hub's; it is saved with
     # the outputs so inference renders prompts exactly as training did.
     processor.chat_template = family.chat_template
-    # Hub LLaVA tokenizers pad left (for generation); our collators pad explicitly on the side each use needs.
-    processor.tokenizer.padding_side = "right"
+    # The tokenizer keeps its own padding side (hub LLaVA tokenizers pad left, for batched generation), so the saved
+    # processor works for users who batch with it; vidtune's collators pad explicitly on the side each use needs
+    # (right for training, left for generation).
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.unk_token or processor.tokenizer.eos_token
     return processor
@@ -99,7 +100,17 @@ def lora_target_pattern(model: Any, family: ModelFamily, cfg: FinetuneConfig) ->
             )
         names = "|".join(re.escape(t) for t in targets)
         patterns.append(rf"{re.escape(prefix)}(?:.*\.)?(?:{names})")
-    return "|".join(f"(?:{p})" for p in patterns)
+    pattern = "|".join(f"(?:{p})" for p in patterns)
+    unused = family.unused_module_prefixes(model.config)
+    if not unused:
+        return pattern
+    names = [name for name, _ in model.named_modules()]
+    renamed = [u for u in unused if not any(n.startswith(u) for n in names)]
+    if renamed:  # a transformers upgrade moved the modules: fail rather than silently wrap them again
+        raise RuntimeError(f"{family.name}: no modules named {renamed} in this model; the family needs updating")
+    # Layers whose output the model never reads (e.g. CLIP's last layer, when features come from the one before)
+    # would get no gradient: leave them unwrapped.
+    return rf"(?!{'|'.join(re.escape(u) for u in unused)})(?:{pattern})"
 
 
 def apply_finetuning(model: Any, family: ModelFamily, cfg: FinetuneConfig, adapter: str | None = None) -> Any:

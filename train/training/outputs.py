@@ -142,3 +142,23 @@ def save_final(
 def read_metadata(folder: str | Path) -> dict[str, Any] | None:
     path = Path(folder) / METADATA
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def finished_message(recipe: Recipe) -> str | None:
+    """A message when the recipe's output folder already holds this run, finished (its final save is there and
+    its step budget is the recipe's); None when there is training left to do."""
+    out = Path(recipe.train.output_dir)
+    metadata, saved_recipe = read_metadata(out), out / "recipe.yaml"
+    if metadata is None or not saved_recipe.is_file():
+        return None
+    from vidtune.train.training.config import load_recipe
+
+    saved = load_recipe(saved_recipe).train
+    if (saved.max_steps, saved.num_epochs) != (recipe.train.max_steps, recipe.train.num_epochs):
+        return None  # a longer (or shorter) schedule: continue from the latest checkpoint
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    last = f"; last checkpoint {checkpoints[-1]}" if checkpoints else ""
+    return (
+        f"{out} already holds this run, finished after {metadata.get('steps')} steps{last}: nothing to train. "
+        "Use a new train.output_dir, or train.resume=restart to train it again from step 1"
+    )

@@ -3,6 +3,9 @@ exit with 128+signal; relaunching the same command resumes. Every rank stops at 
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import os
 import signal
 from typing import Any
 
@@ -45,3 +48,30 @@ class StopRequest:
         if accelerator.num_processes > 1:
             signum = int(accelerator.reduce(torch.tensor(signum, device=accelerator.device), "max").item())
         return signum or None
+
+
+class WorkerSignals:
+    """DataLoader worker_init_fn that leaves preemption to the main process.
+
+    Clusters (SLURM, `timeout`) send SIGTERM to every process of a job, DataLoader workers included; a worker killed
+    by it makes the main process fail at once ("DataLoader worker ... is killed by signal: Terminated") instead of
+    finishing its step and checkpointing. So workers ignore SIGTERM and SIGINT while the main process runs. When the
+    main process exits, multiprocessing terminates its workers with SIGTERM: a flag shared with them (set by an exit
+    hook that runs before multiprocessing's) makes that SIGTERM end them as usual.
+    """
+
+    def __init__(self) -> None:
+        self.main_exiting = multiprocessing.Value("b", 0, lock=False)
+        atexit.register(self._main_exits)  # registered after multiprocessing's own hook, so it runs before it
+
+    def _main_exits(self) -> None:
+        self.main_exiting.value = 1
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        if self.main_exiting.value:  # the main process is shutting its workers down: die as by default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
