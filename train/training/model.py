@@ -104,8 +104,8 @@ def lora_target_pattern(model: Any, family: ModelFamily, cfg: FinetuneConfig) ->
     unused = family.unused_module_prefixes(model.config)
     if not unused:
         return pattern
-    names = [name for name, _ in model.named_modules()]
-    renamed = [u for u in unused if not any(n.startswith(u) for n in names)]
+    module_names = [name for name, _ in model.named_modules()]
+    renamed = [u for u in unused if not any(n.startswith(u) for n in module_names)]
     if renamed:  # a transformers upgrade moved the modules: fail rather than silently wrap them again
         raise RuntimeError(f"{family.name}: no modules named {renamed} in this model; the family needs updating")
     # Layers whose output the model never reads (e.g. CLIP's last layer, when features come from the one before)
