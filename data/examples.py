@@ -122,5 +122,5 @@ class ExampleBuilder:
         if not for_generation:
             learn = label_mask(torch.tensor(encoded["assistant_masks"][0]), self.label_turns)
             example["labels"] = torch.where(learn, input_ids, IGNORE_INDEX)
-        example.update(self.family.example_visuals(encoded))
+        example.update(self.family.example_visuals(encoded, self.processor))
         return example

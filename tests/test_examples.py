@@ -10,11 +10,18 @@ import pytest
 import torch
 
 from tests.conftest import shared_path
-from vidtune.data.conversation import assistant_texts, media_part, media_parts, message, text_part
+from vidtune.data.conversation import (
+    assistant_texts,
+    media_part,
+    media_parts,
+    message,
+    text_part,
+    to_template_messages,
+)
 from vidtune.data.dataset import load_media
 from vidtune.data.examples import IGNORE_INDEX, ExampleBuilder, TokenCount
 from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
-from vidtune.data.sources import SourceConfig, load_conversations
+from vidtune.data.sources import SourceConfig, iter_conversations, load_conversations
 from vidtune.data.video import SamplingConfig
 from vidtune.train.demo.tiny_model import HUB_STYLE_CHAT_TEMPLATE
 
@@ -158,3 +165,65 @@ def test_counting_without_pixels_matches_the_built_length(builder):
 def test_drop_reasons(count, reason):
     assert reason in count.drop_reason(max_length=50)
     assert TokenCount(40, 16, 2).drop_reason(max_length=50) is None
+
+
+def test_media_stay_where_their_placeholders_are(builder, processor, clips, tmp_path):
+    """Two clips introduced in the text: each `<video>` is rendered where the row put it, not moved ahead of the
+    text (which would read "<video> <video> First clip: Second clip: ...")."""
+    import json
+
+    (tmp_path / "rows.json").write_text(
+        json.dumps(
+            [
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": "First clip: <video> Second clip: <video> Which has three colours?",
+                        },
+                        {"role": "assistant", "content": "the second"},
+                    ],
+                    "videos": [str(clips["red_blue"]), str(clips["three"])],
+                }
+            ]
+        )
+    )
+    source = SourceConfig(path=str(tmp_path / "rows.json"), media_root=str(clips["red_blue"].parent))
+    messages = next(iter_conversations(source))["messages"]
+    rendered = processor.apply_chat_template(
+        to_template_messages(messages), chat_template=LLAVA_NEXT_VIDEO.chat_template
+    )
+    assert (
+        rendered
+        == "USER: First clip: <video>\nSecond clip: <video>\nWhich has three colours? ASSISTANT: the second</s>"
+    )
+    media, _ = load_media(messages, SamplingConfig(4), False, rng=None)
+    example = builder.build(messages, media)
+    text = processor.tokenizer.decode(example["input_ids"])
+    assert re.sub(r"(<video>)+", "<video>", text).count("First clip: <video>") == 1
+    assert text.index("First clip") < text.index("<video>") < text.index("Second clip") < text.rindex("<video>")
+
+
+def test_images_of_different_shapes_in_one_row_train(builder, processor, tiny_model, tmp_path):
+    """The processor pads every image's anyres patches to the largest count of the row; only each image's own
+    patches may reach the model, or the forward fails (split_with_sizes ... got [4, 5])."""
+    from PIL import Image
+
+    from vidtune.data.collator import Collator
+
+    paths = []
+    for name, (height, width) in {"wide": (40, 120), "square": (48, 48)}.items():
+        Image.fromarray(np.full((height, width, 3), 90, dtype=np.uint8)).save(tmp_path / f"{name}.png")
+        paths.append(str(tmp_path / f"{name}.png"))
+    messages = [
+        message("user", [media_part("image", paths[0]), media_part("image", paths[1]), text_part("Same colour?")]),
+        message("assistant", [text_part("yes")]),
+    ]
+    media, _ = load_media(messages, SamplingConfig(4), False, rng=None)
+    example = builder.build(messages, media)
+    counts = [builder.tokens.image_tokens(*media[i].shape[:2]) for i in range(2)]
+    assert int((example["input_ids"] == processor.image_token_id).sum()) == sum(counts)
+    batch = Collator(processor.tokenizer.pad_token_id, family=LLAVA_NEXT_VIDEO)([example])
+    with torch.no_grad():
+        loss = tiny_model(**batch).loss
+    assert torch.isfinite(loss)

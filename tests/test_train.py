@@ -267,3 +267,36 @@ def test_infer_predict_and_chat_commands(lora_run, demo_corpus, tmp_path, capsys
     replies = [line for line in said if line.startswith("model> ")]
     assert len(replies) == 3 and replies[0] == replies[2] == f"model> {answer}"  # reset: same first answer again
     assert any("no video at" in line for line in said) and "(conversation reset)" in said
+
+
+@pytest.mark.slow
+def test_a_bf16_model_trains_its_weights_in_fp32(tiny_model_dir, demo_corpus, tmp_path):
+    """model.dtype bfloat16 (every 7B recipe): the trainable projector and LoRA weights, and their Adam states, are
+    fp32, so an lr-sized step moves every weight (in bf16 most would not move at lr 1e-5); frozen weights stay bf16.
+    Without autocast the combination is refused in one line."""
+    from vidtune.train.training.config import RecipeError
+    from vidtune.train.training.loop import setup, train_loop
+
+    overrides = ("model.dtype=bfloat16", "finetune.train_projector=true", "train.max_steps=1")
+    run = setup(
+        tiny_recipe(
+            tiny_model_dir,
+            demo_corpus,
+            tmp_path / "a",
+            *overrides,
+            "train.mixed_precision=bf16",
+            "train.learning_rate=1e-5",
+        )
+    )
+    trainable = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
+    assert trainable and {p.dtype for p in trainable.values()} == {torch.float32}
+    assert {p.dtype for p in run.model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    projector = {n: p.detach().clone() for n, p in trainable.items() if "multi_modal_projector" in n}
+    assert projector
+    train_loop(run)
+    moved = [(trainable[n] != before).float().mean().item() for n, before in projector.items()]
+    assert min(moved) > 0.99, moved
+    states = [t for state in run.optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.ndim]
+    assert states and {t.dtype for t in states} == {torch.float32}
+    with pytest.raises(RecipeError, match="would train without an fp32 copy"):
+        setup(tiny_recipe(tiny_model_dir, demo_corpus, tmp_path / "b", *overrides, "train.mixed_precision=no"))

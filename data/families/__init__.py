@@ -77,7 +77,7 @@ class ModelFamily(ABC):
         """The shorter side the processor resizes frames to (decoders scale to it directly), None to keep it."""
 
     @abstractmethod
-    def example_visuals(self, encoded: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def example_visuals(self, encoded: dict[str, Any], processor: Any) -> dict[str, torch.Tensor]:
         """One sample's visual tensors from the processor's output (return_tensors=None: lists per media item)."""
 
     @abstractmethod

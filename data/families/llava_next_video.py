@@ -2,7 +2,8 @@
 
 Prompt format (vicuna v1): `{system} USER: <video>\\n{prompt} ASSISTANT: {answer}</s>USER: ...`.
 The hub model's own template renders the same prompt, but ends assistant turns with a space instead of `</s>`:
-trained on it a model never learns to stop, and its assistant mask swallows the next `USER:` token.
+trained on it a model never learns to stop, and its assistant mask swallows the next `USER:` token. It also moves
+every image and video of a turn ahead of its text; ours keeps each where its placeholder was.
 (The 7B-32K variant is Mistral `[INST]`, the 34B is Yi `<|im_start|>`: they would be families of their own.)
 
 Visual tensors: every frame is resized and cropped to the processor's crop size, so a clip costs frames x a fixed
@@ -26,15 +27,18 @@ from vidtune.data.families import BlankPath, ModelFamily
 VICUNA_TRAINING_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] != 'system' -%}{{ message['role'].upper() + ': ' }}{%- endif -%}"
-    "{%- for content in message['content'] | selectattr('type', 'equalto', 'image') -%}{{ '<image>\\n' }}{%- endfor -%}"
-    "{%- for content in message['content'] | selectattr('type', 'equalto', 'video') -%}{{ '<video>\\n' }}{%- endfor -%}"
     "{%- if message['role'] == 'assistant' -%}"
     "{% generation %}"
     "{{- message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -}}"
     "{{- eos_token -}}"
     "{% endgeneration %}"
     "{%- else -%}"
-    "{%- for content in message['content'] | selectattr('type', 'equalto', 'text') -%}{{ content['text'] + ' ' }}"
+    # In order: media go where their placeholders were ("First clip: <video> Second clip: <video> Which ...").
+    "{%- for content in message['content'] -%}"
+    "{%- if content['type'] == 'image' -%}{{ '<image>\\n' }}"
+    "{%- elif content['type'] == 'video' -%}{{ '<video>\\n' }}"
+    "{%- elif content['type'] == 'text' -%}{{ content['text'] + ' ' }}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
@@ -84,15 +88,28 @@ class LlavaNextVideo(ModelFamily):
             edge = min(size.height, size.width)
         return int(edge) if edge else None
 
-    def example_visuals(self, encoded: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def example_visuals(self, encoded: dict[str, Any], processor: Any) -> dict[str, torch.Tensor]:
         """pixel_values_videos (frames of all clips, C, H, W); pixel_values (patches of all images, C, H, W) and
-        image_sizes (images, 2), media concatenated in conversation order, the order the model fills them."""
+        image_sizes (images, 2), media concatenated in conversation order, the order the model fills them.
+
+        The image processor pads every image's anyres patches to the largest count among the sample's images; the
+        model trims that padding only from a 5-D per-image tensor, so patches are trimmed here before they are
+        concatenated (else two images of different shapes fail: "split_with_sizes ... got [4, 5]")."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
         visuals = {}
         if encoded.get("pixel_values_videos"):
             visuals["pixel_values_videos"] = torch.cat([torch.as_tensor(v) for v in encoded["pixel_values_videos"]])
         if encoded.get("pixel_values"):
-            visuals["pixel_values"] = torch.cat([torch.as_tensor(p) for p in encoded["pixel_values"]])
-            visuals["image_sizes"] = torch.tensor([list(s) for s in encoded["image_sizes"]], dtype=torch.long)
+            grid = processor.image_processor.image_grid_pinpoints
+            px = processor.image_processor.crop_size["height"]
+            sizes = [list(s) for s in encoded["image_sizes"]]
+            patches = [
+                torch.as_tensor(p)[: image_size_to_num_patches(size, grid, px)]
+                for p, size in zip(encoded["pixel_values"], sizes, strict=True)
+            ]
+            visuals["pixel_values"] = torch.cat(patches)
+            visuals["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
         return visuals
 
     def batch_visuals(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:

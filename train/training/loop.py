@@ -85,7 +85,7 @@ def setup(recipe: Recipe) -> Run:
     accelerator = make_accelerator(recipe)
     set_seed(recipe.train.seed)
     output_dir = Path(recipe.train.output_dir)
-    model, family, processor, audit = build_model(recipe)
+    model, family, processor, audit = build_model(recipe, accelerator)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         outputs.write_audit(output_dir, audit)
