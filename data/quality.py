@@ -43,11 +43,15 @@ def validate_bad_samples(cfg: BadSampleConfig) -> None:
 
 
 KINDS = (  # substring of a reason -> its category, first match wins
+    ("outside the media root", "path outside media_root"),
+    ("is a URL", "URL refused"),
+    ("is relative", "relative path without media_root"),
     ("video not found", "missing file"),
     ("image not found", "missing file"),
     ("empty file", "empty file"),
     ("too short", "too short"),
     ("invalid frame", "invalid frame rate"),
+    ("timestamps", "broken timestamps"),
     ("exceed the", "resolution too large"),
     ("timed out", "decode timed out"),
     ("invalid JSON", "malformed row"),

@@ -3,13 +3,17 @@ losses (skipped steps). Every decision that must be the same on every rank is al
 
 from __future__ import annotations
 
+import json
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from vidtune.data.conversation import DataError
 from vidtune.data.quality import BadSampleConfig, kind_of
+
+BAD_SAMPLES_FILE = "bad_samples.jsonl"
 
 
 class TrainingError(RuntimeError):
@@ -25,21 +29,26 @@ def agree(accelerator: Any, flag: bool) -> bool:
 
 class BadSampleMonitor:
     """Samples replaced at training time (they failed to load), counted against the bad-sample budget over a
-    sliding window of samples, summed over ranks so every rank stops together. (Too many failures in a row are
-    caught where they happen: the dataset gives up after max_bad_in_a_row consecutive replacements.)"""
+    sliding window of samples and over the whole run, summed over ranks so every rank stops together. Every failed
+    file is named on the console and in OUTPUT/bad_samples.jsonl. (Too many failures in a row are caught where they
+    happen: the dataset gives up after max_bad_in_a_row consecutive replacements.)"""
 
-    def __init__(self, cfg: BadSampleConfig):
+    def __init__(self, cfg: BadSampleConfig, output_dir: str | Path | None = None):
         self.cfg = cfg
+        self.log_path = Path(output_dir) / BAD_SAMPLES_FILE if output_dir is not None else None
         self.window: deque[tuple[int, int]] = deque()  # (samples seen, bad) per step
-        self.total_bad = 0
+        self.total_bad = self.total_seen = 0
         self.examples: list[str] = []
 
-    def record(self, accelerator: Any, skipped: list[str], samples: int) -> int:
+    def record(self, accelerator: Any, skipped: list[str], samples: int, step: int = 0) -> int:
         counts = torch.tensor([len(skipped), samples], device=accelerator.device, dtype=torch.float64)
         if accelerator.num_processes > 1:
             counts = accelerator.reduce(counts, "sum")
         bad, good = int(counts[0].item()), int(counts[1].item())
+        if bad:  # every rank knows (the counts were summed), so every rank takes part in the gather
+            self.name(accelerator, skipped, step)
         self.total_bad += bad
+        self.total_seen += good + bad
         self.examples = (self.examples + skipped)[-5:]
         self.window.append((good + bad, bad))
         while len(self.window) > 1 and sum(n for n, _ in self.window) - self.window[0][0] >= self.cfg.window:
@@ -52,6 +61,33 @@ class BadSampleMonitor:
                 f"{self.examples[-1] if self.examples else '?'}; data.bad_samples sets the budget"
             )
         return bad
+
+    def name(self, accelerator: Any, skipped: list[str], step: int) -> None:
+        """Each failed sample on the console and in bad_samples.jsonl (main process; reasons from every rank)."""
+        from accelerate.utils import gather_object
+        from tqdm.auto import tqdm
+
+        reasons = gather_object(list(skipped)) if accelerator.num_processes > 1 else list(skipped)
+        if not accelerator.is_main_process:
+            return
+        for reason in reasons:
+            tqdm.write(f"step {step + 1}: sample replaced: {reason}")
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.log_path.open("a", encoding="utf-8") as log:
+                for reason in reasons:
+                    log.write(json.dumps({"step": step + 1, "kind": kind_of(reason), "reason": reason}) + "\n")
+
+    def check_run(self) -> None:
+        """At the end of a run: a short run never finishes "successfully" over its budget (the window rule needs
+        `window` samples first)."""
+        if self.total_seen and self.total_bad / self.total_seen > self.cfg.max_bad_fraction:
+            where = f"; they are listed in {self.log_path}" if self.log_path else ""
+            raise DataError(
+                f"{self.total_bad} of {self.total_seen} samples ({self.total_bad / self.total_seen:.1%}) failed to "
+                f"load during training, over data.bad_samples.max_bad_fraction={self.cfg.max_bad_fraction:g}; the "
+                f"trained model is saved, but fix or remove those files{where}"
+            )
 
 
 class NonFiniteGuard:

@@ -126,7 +126,7 @@ def setup(recipe: Recipe) -> Run:
         nonfinite=NonFiniteGuard(recipe.train.max_nonfinite_steps),
         eval_items=training_items(recipe),
         trainable=[p for p in model.parameters() if p.requires_grad],
-        bad_samples=BadSampleMonitor(recipe.data.bad_samples),
+        bad_samples=BadSampleMonitor(recipe.data.bad_samples, recipe.train.output_dir),
     )
 
 
@@ -163,7 +163,7 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, float]:
     """One optimizer step over a window of micro-batches; {"skipped": 1} when its loss was not finite."""
     acc = run.accelerator
     skipped = [reason for batch in window for reason in batch.pop("skipped", [])]
-    run.bad_samples.record(acc, skipped, sum(len(b["input_ids"]) for b in window))
+    run.bad_samples.record(acc, skipped, sum(len(b["input_ids"]) for b in window), run.state.step)
     local_tokens = sum(label_tokens(b) for b in window)
     global_tokens = acc.reduce(torch.as_tensor(local_tokens, device=acc.device).float(), "sum").clamp(min=1)
     scale = run.recipe.train.grad_accum_steps * acc.num_processes / global_tokens
@@ -448,6 +448,7 @@ def train(recipe: Recipe) -> Path:
             metrics["eval/loss"] = evaluate(run)
             tracking.log(run.accelerator, {"eval/loss": metrics["eval/loss"]}, run.state.step, recipe.train.output_dir)
         save_outputs(run, metrics)
+        run.bad_samples.check_run()  # after saving: the trained model is kept, but the run does not "succeed"
         if recipe.hub.repo_id and run.accelerator.is_main_process:
             push_to_hub(run)
     finally:
