@@ -130,7 +130,7 @@ def test_qa_and_multiple_choice_rows():
 
 @pytest.mark.parametrize(("answer", "letter"), [("B", "B"), ("b", "B"), ("B.", "B"), (1, "B"), ("0", "A")])
 def test_answer_letter_accepts_letters_and_indices(answer, letter):
-    assert answer_letter(answer, 4, "x") == letter
+    assert answer_letter(answer, ["w", "x", "y", "z"], "x") == letter
 
 
 @pytest.mark.parametrize(
