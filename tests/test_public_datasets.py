@@ -181,6 +181,39 @@ def published(tmp_path_factory) -> dict[str, Path]:
     for k in range(4):
         place(root / "activitynetqa/videos" / f"v_clip{k}.mp4", k)
         place(root / "msvdqa/videos" / f"vid{k + 1}.mp4", k)
+    # Instruction corpora in LLaVA / VideoChatGPT layouts: LLaVA-Video-178K (`<image>` stands for the video),
+    # ShareGPT4Video's SFT mix, VideoChatGPT's VideoInstruct-100K (q / a / video_id, ActivityNet videos).
+    llava_video = [
+        {
+            "id": f"academic_{k}",
+            "data_source": "0_30_s_academic_v0_1",
+            "video": f"Charades/{k}.mp4",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhich color comes first?"},
+                {"from": "gpt", "value": COLORS[k]},
+            ],
+        }
+        for k in range(4)
+    ]
+    write_json(root / "llava_video/0_30_s_academic_v0_1/0_30_s_academic_mc_v0_1_qa_processed.json", llava_video)
+    sharegpt4video = [
+        {
+            "id": f"mixkit-{k}",
+            "video": f"mixkit/{k}.mp4",
+            "conversations": [
+                {"from": "human", "value": "<video>\nDescribe the video."},
+                {"from": "gpt", "value": f"{COLORS[k]}, then {COLORS[(k + 1) % 4]}."},
+            ],
+        }
+        for k in range(4)
+    ]
+    write_json(root / "sharegpt4video/sharegpt4video_mix181k_vqa-153k_share-cap-28k.json", sharegpt4video)
+    videochatgpt = [{"q": "Which color comes first?", "a": COLORS[k], "video_id": f"v_clip{k}"} for k in range(4)]
+    write_json(root / "videochatgpt/VideoInstruct100K.json", videochatgpt)
+    for k in range(4):
+        place(root / "llava_video/0_30_s_academic_v0_1/Charades" / f"{k}.mp4", k)
+        place(root / "sharegpt4video/videos/mixkit" / f"{k}.mp4", k)
+        place(root / "videochatgpt/videos" / f"v_clip{k}.mp4", k)
     return {"root": root}
 
 
@@ -215,6 +248,19 @@ def sources(root: Path) -> dict[str, SourceConfig]:
             path=str(root / "activitynetqa/activitynetqa_test.json"),
             media_root=str(root / "activitynetqa/videos"),
             media_template="v_{video_name}.mp4",
+        ),
+        "llava_video": SourceConfig(
+            path=str(root / "llava_video/0_30_s_academic_v0_1/0_30_s_academic_mc_v0_1_qa_processed.json")
+        ),
+        "sharegpt4video": SourceConfig(
+            path=str(root / "sharegpt4video/sharegpt4video_mix181k_vqa-153k_share-cap-28k.json"),
+            media_root=str(root / "sharegpt4video/videos"),
+        ),
+        "videochatgpt": SourceConfig(
+            path=str(root / "videochatgpt/VideoInstruct100K.json"),
+            media_root=str(root / "videochatgpt/videos"),
+            columns={"question": "q", "answer": "a"},
+            media_template="{video_id}.mp4",
         ),
         "msvdqa": SourceConfig(
             path=str(root / "msvdqa/test_qa.json"),
@@ -327,6 +373,18 @@ def test_activitynet_qa_and_msvd_qa_by_path_template(published):
         good, _ = rows_of(sources(published["root"])[name])
         assert [Path(media_parts(r["messages"])[0]["path"]).name for r in good[:4]] == files
         assert [assistant_texts(r["messages"])[0] for r in good[:4]] == COLORS
+
+
+def test_instruction_corpora_llava_video_sharegpt4video_videochatgpt(published):
+    chosen = sources(published["root"])
+    for name, folder in [("llava_video", "Charades"), ("sharegpt4video", "mixkit"), ("videochatgpt", "videos")]:
+        good, bad = rows_of(chosen[name])
+        assert len(good) == 4 and not bad
+        for k, row in enumerate(good):
+            assert [p["type"] for p in row["messages"][0]["content"]] == ["video", "text"]  # the video, once
+            path = Path(media_parts(row["messages"])[0]["path"])
+            assert path.is_file() and path.parent.name == folder
+            assert assistant_texts(row["messages"])[0].startswith(COLORS[k])
 
 
 def test_inconsistent_rows_are_bad_samples_with_reasons_within_the_budget(published, builder):

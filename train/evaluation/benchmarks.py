@@ -207,6 +207,8 @@ def benchmark_item(bench: Benchmark, row: dict[str, Any], source: SourceConfig, 
     texts = option_texts(options, at)
     truth = answer_index(row["answer"], options, at)
     video = ctx.resolve_media(str(row["video"]))
+    if Path(video).is_dir():  # MVBench's episodic_reasoning ships TVQA frames (3 fps JPEGs), not a video file
+        raise DataError(f"{at}: {video} is a folder of frames; vidtune reads video files (encode the frames first)")
     if not Path(video).is_file():
         raise DataError(f"{at}: video not found: {video}")
     prompt = [
