@@ -455,6 +455,11 @@ def test_a_tiny_model_trains_on_every_dataset(published, tiny_model_dir, tmp_pat
 # ------------------------------------------------------------------------------------------------- benchmarks
 
 
+def benchmark_args(model: Path, name: str, data: Path, media: Path, out: Path, *extra: str) -> list[str]:
+    """`vidtune eval MODEL --benchmark NAME --data DATA --media-root MEDIA --out OUT [extra]`."""
+    return [str(model), "--benchmark", name, "--data", str(data), "--media-root", str(media), "--out", str(out), *extra]
+
+
 def run_benchmark(args: list[str], capsys) -> tuple[dict, list[dict], str]:
     from vidtune.train.cli import main
 
@@ -493,17 +498,7 @@ def test_mvbench_scored_by_task_with_hand_computed_accuracy(published, tiny_mode
     spellings = ["{}", "({})", "{}. it", "The answer is {}", "{}", "{}", "{}"]
     sequence_answers = [s.format(t) for s, t in zip(spellings, truth, strict=False)] + wrong[7:]
     scripted["answers"] = count_answers + sequence_answers
-    args = [
-        str(tiny_model_dir),
-        "--benchmark",
-        "mvbench",
-        "--data",
-        str(root / "mvbench/json"),
-        "--media-root",
-        str(root / "mvbench/video"),
-        "--out",
-        str(tmp_path / "out"),
-    ]
+    args = benchmark_args(tiny_model_dir, "mvbench", root / "mvbench/json", root / "mvbench/video", tmp_path / "out")
     metrics, records, printed = run_benchmark(args, capsys)
     assert metrics["by_task"] == {
         "action_count": {"num_samples": 10, "accuracy": 4 / 10},
@@ -539,17 +534,9 @@ def test_videomme_and_nextqa_scored_by_category_with_hand_computed_accuracy(
         "it is the red one that comes first in this video clip as shown",
         wrong[7],
     ]
-    args = [
-        str(tiny_model_dir),
-        "--benchmark",
-        "videomme",
-        "--data",
-        str(root / "videomme/videomme"),
-        "--media-root",
-        str(root / "videomme/data"),
-        "--out",
-        str(tmp_path / "mme"),
-    ]
+    args = benchmark_args(
+        tiny_model_dir, "videomme", root / "videomme/videomme", root / "videomme/data", tmp_path / "mme"
+    )
     metrics, _, _ = run_benchmark(args, capsys)
     assert metrics["accuracy"] == 4 / 8 and metrics["num_frames"] == 32
     assert metrics["by_task_type"] == {
@@ -577,17 +564,8 @@ def test_videomme_and_nextqa_scored_by_category_with_hand_computed_accuracy(
         "E",
         "no idea",
     ]
-    args = [
-        str(tiny_model_dir),
-        "--benchmark",
-        "nextqa",
-        "--data",
-        str(root / "nextqa/val.csv"),
-        "--media-root",
-        str(root / "nextqa/NExTVideo"),
-        "--out",
-        str(tmp_path / "nqa"),
-    ]
+    nextqa = root / "nextqa/val.csv", root / "nextqa/NExTVideo"
+    args = benchmark_args(tiny_model_dir, "nextqa", *nextqa, tmp_path / "nqa", "--media-template", "{video}.mp4")
     metrics, _, printed = run_benchmark(args, capsys)
     assert metrics["accuracy"] == 4 / 8
     assert metrics["by_group"] == {
@@ -615,19 +593,7 @@ def test_vidtune_eval_benchmark_with_the_tiny_model_matches_a_recomputation(
 
     root = published["root"]
     data, media = BENCHMARK_FILES[benchmark]
-    args = [
-        str(tiny_model_dir),
-        "--benchmark",
-        benchmark,
-        "--data",
-        str(root / data),
-        "--media-root",
-        str(root / media),
-        "--num-frames",
-        "4",
-        "--out",
-        str(tmp_path / "out"),
-    ]
+    args = benchmark_args(tiny_model_dir, benchmark, root / data, root / media, tmp_path / "out", "--num-frames", "4")
     metrics, records, _ = run_benchmark(args, capsys)
     assert metrics["num_samples"] == len(records) == {"mvbench": 20, "videomme": 8, "nextqa": 8}[benchmark]
     assert metrics["num_frames"] == 4
