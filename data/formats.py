@@ -71,7 +71,7 @@ def detect_format(columns: Sequence[str], at: str) -> str:
         return "qa"
     raise DataError(
         f"{at}: cannot tell the corpus format from its columns {sorted(cols)}; expected `conversations` (llava), "
-        "`messages` (openai), `caption`, `question`+`answer` (qa) or `options` (multiple_choice), "
+        "`messages` (openai), `caption`, `question`+`answer` (qa) or `options`/`candidates` (multiple_choice), "
         "or set the source's `format` and `columns`"
     )
 
@@ -323,10 +323,11 @@ def answer_index(answer: Any, options: Sequence[Any], at: str) -> int:
     if isinstance(answer, bool) or answer is None:
         raise DataError(f"{at}: answer {answer!r} is not an option letter, index or text")
     if isinstance(answer, (int, float)):
-        index = int(answer)
-        if index != answer or not 0 <= index < len(texts):
+        if isinstance(answer, float) and not answer.is_integer():  # 1.5, NaN (an empty cell of a number column)
+            raise DataError(f"{at}: answer {answer!r} is not a 0-based option index")
+        if not 0 <= answer < len(texts):
             raise DataError(f"{at}: answer {answer!r} points outside the {len(texts)} options")
-        return index
+        return int(answer)
     text = str(answer).strip()
     raw = [str(o).strip() for o in options]
     exact = sorted(set(_matching(text, texts, str.strip) + _matching(text, raw, str.strip)))

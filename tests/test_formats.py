@@ -211,6 +211,7 @@ def test_answer_index_reads_letters_indices_and_option_text(answer, options, ind
         ("purple", ["red", "blue"], "answer 'purple' is no option letter, index or option text"),
         (3, ["red", "blue"], "answer 3 points outside the 2 options"),
         (True, ["red", "blue"], "is not an option letter, index or text"),
+        (float("nan"), ["red", "blue"], "answer nan is not a 0-based option index"),
     ],
 )
 def test_answers_that_mean_no_single_option_are_refused_naming_the_row(answer, options, message):

@@ -600,3 +600,16 @@ def test_vidtune_eval_benchmark_with_the_tiny_model_matches_a_recomputation(
     parse = BENCHMARKS[benchmark].parse
     by_hand = [parse(r["prediction"], ["x"] * (3 if "count" in r["at"] else 5)) == r["answer"] for r in records]
     assert metrics["accuracy"] == sum(by_hand) / len(records)
+
+
+def test_a_benchmark_with_a_wrong_media_root_fails_naming_rows_instead_of_scoring_a_subset(published, tmp_path):
+    from vidtune.data.conversation import DataError
+    from vidtune.train.evaluation.benchmarks import BENCHMARKS, benchmark_sources, load_benchmark
+
+    bench, root = BENCHMARKS["videomme"], published["root"]
+    items, bad = load_benchmark(
+        bench, benchmark_sources(bench, str(root / "videomme/videomme"), str(root / "videomme/data"))
+    )
+    assert len(items) == 8 and not bad.bad
+    with pytest.raises(DataError, match=r"videomme \(test-00000-of-00001\.parquet\): 100\.0% bad .*video not found"):
+        load_benchmark(bench, benchmark_sources(bench, str(root / "videomme/videomme"), str(tmp_path)))

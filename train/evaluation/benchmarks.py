@@ -221,12 +221,10 @@ def benchmark_item(bench: Benchmark, row: dict[str, Any], source: SourceConfig, 
     return EvalItem(at, prompt, [OPTION_LETTERS[truth]], options=texts, video=video, categories=categories)
 
 
-def load_benchmark(
-    bench: Benchmark, sources: Sequence[SourceConfig], budget: BadSampleConfig | None = None
-) -> tuple[list[EvalItem], BadSampleLog]:
+def load_benchmark(bench: Benchmark, sources: Sequence[SourceConfig]) -> tuple[list[EvalItem], BadSampleLog]:
     """Items of every source; bad rows (ambiguous answers, missing videos, ...) are skipped with their reason and
     counted against the bad-sample budget, so a wrong media root fails loudly instead of scoring a subset."""
-    bad = BadSampleLog(budget or BadSampleConfig())
+    bad = BadSampleLog(BadSampleConfig())  # the training default: at most 5% of the rows bad
     items = []
     for source in sources:
         for at, _, raw in iter_raw_rows(source):
