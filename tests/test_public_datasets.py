@@ -613,3 +613,22 @@ def test_a_benchmark_with_a_wrong_media_root_fails_naming_rows_instead_of_scorin
     assert len(items) == 8 and not bad.bad
     with pytest.raises(DataError, match=r"videomme \(test-00000-of-00001\.parquet\): 100\.0% bad .*video not found"):
         load_benchmark(bench, benchmark_sources(bench, str(root / "videomme/videomme"), str(tmp_path)))
+
+
+def test_every_dataset_tokenises_to_its_meaning(published, builder, processor):
+    """Through the model's processor: the labels decode to the dataset's answer (the right letter, the segment's
+    caption) and its end of turn, and no option letter is doubled in the prompt."""
+    import re
+
+    from vidtune.data.dataset import load_media
+    from vidtune.data.examples import IGNORE_INDEX
+    from vidtune.data.video import SamplingConfig
+
+    for name, source in sources(published["root"]).items():
+        row = rows_of(source)[0][1]
+        media, _ = load_media(row["messages"], SamplingConfig(4), False, None)
+        example = builder.build(row["messages"], media)
+        labelled = example["input_ids"][example["labels"] != IGNORE_INDEX]
+        assert processor.tokenizer.decode(labelled).strip() == f"{assistant_texts(row['messages'])[0]}</s>", name
+        prompt = processor.tokenizer.decode(example["input_ids"][example["labels"] == IGNORE_INDEX])
+        assert not re.search(r"\b([A-Z])[.)] \(?\1[.)]", prompt), (name, prompt)
