@@ -1,6 +1,7 @@
 """vidtune.data: corpora in, model-ready batches out. Pure CPU code: no model loop, no Accelerate.
 
 sources.py       corpus files and Hub datasets -> rows (columns, media roots, mixing weights, streaming)
+caption_files.py caption corpora shipped as one JSON object (MSR-VTT, ActivityNet Captions) -> caption rows
 formats.py       row formats (llava, openai, caption, qa, multiple_choice) -> conversations
 conversation.py  the Conversation shape every stage shares (messages with roles, media parts in place)
 video.py         probing, frame sampling and decoding (decord, PyAV) -> uint8 frames with timestamps

@@ -7,7 +7,9 @@ Formats, as peers and public datasets write them:
   as a list of typed parts (LLaMA-Factory, ms-swift).
 - caption: `video`, `caption`, optional `start`/`end` seconds -> a describe-style prompt (base variant).
 - qa: `video`, `question`, `answer`.
-- multiple_choice: `video`, `question`, `options` list, `answer` as a letter or a 0-based index.
+- multiple_choice: `video`, `question`, `options` list (or `candidates`, MVBench; or `a0`..`a4` columns, NExT-QA;
+  or a column map listing several columns), `answer` as a letter, a 0-based index or the option's own text
+  (MVBench, Perception Test). Options already lettered ("A. red", Video-MME) are recognised and lettered once.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ ROLE_ALIASES = {
 }
 PLACEHOLDER = re.compile(r"<(image|video)>")
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LETTERED = re.compile(r"^\(?([A-Z])(?:[.:]|\))\s*(.*)$", re.DOTALL)  # "A. red", "(B) blue", "C) green", "D: red"
 
 
 @dataclass(frozen=True)
@@ -62,13 +65,13 @@ def detect_format(columns: Sequence[str], at: str) -> str:
         return "openai"
     if "caption" in cols:
         return "caption"
-    if "options" in cols:
+    if cols & {"options", "candidates"} or {"a0", "a1"} <= cols:
         return "multiple_choice"
     if {"question", "answer"} <= cols:
         return "qa"
     raise DataError(
         f"{at}: cannot tell the corpus format from its columns {sorted(cols)}; expected `conversations` (llava), "
-        "`messages` (openai), `caption`, `question`+`answer` (qa) or `options` (multiple_choice), "
+        "`messages` (openai), `caption`, `question`+`answer` (qa) or `options`/`candidates` (multiple_choice), "
         "or set the source's `format` and `columns`"
     )
 
@@ -104,7 +107,7 @@ def _require(row: dict[str, Any], keys: Sequence[str], ctx: RowContext) -> None:
         raise DataError(f"{ctx.at}: missing column(s) {missing}; the row has {present}")
 
 
-def _clip_bounds(row: dict[str, Any], ctx: RowContext) -> tuple[float | None, float | None]:
+def clip_bounds(row: dict[str, Any], ctx: RowContext) -> tuple[float | None, float | None]:
     start, end = row.get("start"), row.get("end")
     try:
         start_s = None if start is None else float(start)
@@ -211,7 +214,7 @@ def from_llava(row: dict[str, Any], ctx: RowContext) -> list[Message]:
         raise DataError(f"{ctx.at}: `conversations` must be a list of {{from, value}} turns")
     videos = _as_list(row.get("video")) + _as_list(row.get("videos"))
     images = _as_list(row.get("image")) + _as_list(row.get("images"))
-    media = _MediaQueue(videos, images, ctx, _clip_bounds(row, ctx))
+    media = _MediaQueue(videos, images, ctx, clip_bounds(row, ctx))
     pairs = []
     for turn in turns:
         if not isinstance(turn, dict) or "value" not in turn:
@@ -249,7 +252,7 @@ def from_openai(row: dict[str, Any], ctx: RowContext) -> list[Message]:
     raw_messages = row["messages"]
     if not isinstance(raw_messages, list):
         raise DataError(f"{ctx.at}: `messages` must be a list of {{role, content}}")
-    media = _MediaQueue(_as_list(row.get("videos")), _as_list(row.get("images")), ctx, _clip_bounds(row, ctx))
+    media = _MediaQueue(_as_list(row.get("videos")), _as_list(row.get("images")), ctx, clip_bounds(row, ctx))
     if all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in raw_messages):
         pairs = [(_role(m.get("role"), ctx), m["content"]) for m in raw_messages]
         return _prepend_system(row, ctx) + _conversation_from_texts(pairs, media, ctx)
@@ -270,7 +273,7 @@ def from_caption(row: dict[str, Any], ctx: RowContext) -> list[Message]:
     prompts = list(ctx.caption_prompts)
     # Seeded per row, so the normalised corpus (and the datasets cache of it) is the same on every run and rank.
     prompt = prompts[0] if len(prompts) == 1 else random.Random(f"{ctx.seed}:{ctx.row}").choice(prompts)
-    video = media_part("video", ctx.resolve_media(str(row["video"])), *_clip_bounds(row, ctx))
+    video = media_part("video", ctx.resolve_media(str(row["video"])), *clip_bounds(row, ctx))
     return [
         message("user", [video, text_part(prompt)]),
         message("assistant", [text_part(str(row["caption"]).strip())]),
@@ -279,7 +282,7 @@ def from_caption(row: dict[str, Any], ctx: RowContext) -> list[Message]:
 
 def from_qa(row: dict[str, Any], ctx: RowContext) -> list[Message]:
     _require(row, ["video", "question", "answer"], ctx)
-    video = media_part("video", ctx.resolve_media(str(row["video"])), *_clip_bounds(row, ctx))
+    video = media_part("video", ctx.resolve_media(str(row["video"])), *clip_bounds(row, ctx))
     return [
         message("user", [video, text_part(str(row["question"]).strip())]),
         message("assistant", [text_part(str(row["answer"]).strip())]),
@@ -291,27 +294,87 @@ def multiple_choice_prompt(question: str, options: Sequence[str]) -> str:
     return "\n".join([*lines, MULTIPLE_CHOICE_INSTRUCTION])
 
 
-def answer_letter(answer: Any, num_options: int, at: str) -> str:
-    """The option letter for an answer given as a letter ("B", "b", "B.") or a 0-based index (1, "1")."""
-    text = str(answer).strip().rstrip(".").strip()
-    if text.isdigit():
+def option_texts(options: Sequence[Any], at: str) -> list[str]:
+    """Options without their letters: ["A. red", "B. blue"] (Video-MME) -> ["red", "blue"], so a prompt letters
+    them once. Only a list lettered A, B, C... in order counts as lettered; "A cat" is an option, not a letter."""
+    texts = [str(o).strip() for o in options]
+    matches = [LETTERED.match(t) for t in texts]
+    if not all(matches):
+        return texts
+    letters = "".join(m.group(1) for m in matches if m)
+    if letters != OPTION_LETTERS[: len(texts)]:
+        raise DataError(f"{at}: options are lettered {', '.join(letters)}, not A, B, C... in order: {texts}")
+    return [m.group(2).strip() for m in matches if m]
+
+
+def _matching(answer: str, texts: Sequence[str], key: Callable[[str], str]) -> list[int]:
+    return [i for i, text in enumerate(texts) if key(text) == key(answer)]
+
+
+def _normalised(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def answer_index(answer: Any, options: Sequence[Any], at: str) -> int:
+    """The 0-based option an answer means: a number is an index (NExT-QA); a string is the option's text
+    (MVBench, exact, before any guess: counting tasks have options "3", "4", "5"), else a letter ("B", "b", "B.",
+    "(B)"), else a 0-based index ("1"), else the option's text normalised (case, punctuation, spaces)."""
+    texts = option_texts(options, at)
+    if isinstance(answer, bool) or answer is None:
+        raise DataError(f"{at}: answer {answer!r} is not an option letter, index or text")
+    if isinstance(answer, (int, float)):
+        if isinstance(answer, float) and not answer.is_integer():  # 1.5, NaN (an empty cell of a number column)
+            raise DataError(f"{at}: answer {answer!r} is not a 0-based option index")
+        if not 0 <= answer < len(texts):
+            raise DataError(f"{at}: answer {answer!r} points outside the {len(texts)} options")
+        return int(answer)
+    text = str(answer).strip()
+    raw = [str(o).strip() for o in options]
+    exact = sorted(set(_matching(text, texts, str.strip) + _matching(text, raw, str.strip)))
+    if len(exact) == 1:
+        return exact[0]
+    if len(exact) > 1:
+        raise DataError(f"{at}: answer {text!r} matches options {_letters(exact)}; cannot tell which is meant")
+    letter = re.fullmatch(r"\(?([A-Za-z])[.)]?", text)
+    if letter:
+        index = OPTION_LETTERS.index(letter.group(1).upper())
+    elif text.isdigit():
         index = int(text)
-    elif len(text) == 1 and text.upper() in OPTION_LETTERS:
-        index = OPTION_LETTERS.index(text.upper())
     else:
-        raise DataError(f"{at}: answer {answer!r} is neither an option letter nor a 0-based option index")
-    if not 0 <= index < num_options:
-        raise DataError(f"{at}: answer {answer!r} points outside the {num_options} options")
-    return OPTION_LETTERS[index]
+        loose = _matching(text, texts, _normalised)
+        if len(loose) != 1:
+            found = f"matches options {_letters(loose)}" if loose else "is no option letter, index or option text"
+            raise DataError(f"{at}: answer {text!r} {found} (options: {texts})")
+        return loose[0]
+    if not 0 <= index < len(texts):
+        raise DataError(f"{at}: answer {answer!r} points outside the {len(texts)} options")
+    return index
+
+
+def _letters(indices: Sequence[int]) -> str:
+    return " and ".join(OPTION_LETTERS[i] for i in indices)
+
+
+def answer_letter(answer: Any, options: Sequence[Any], at: str) -> str:
+    return OPTION_LETTERS[answer_index(answer, options, at)]
+
+
+def row_options(row: dict[str, Any], ctx: RowContext) -> list[Any]:
+    """The row's option list: `options`, `candidates` (MVBench) or the columns a0, a1, ... (NExT-QA)."""
+    options = row.get("options", row.get("candidates"))
+    if options is None:
+        options = [row[f"a{i}"] for i in range(len(OPTION_LETTERS)) if row.get(f"a{i}") is not None]
+    if not isinstance(options, (list, tuple)) or not 2 <= len(options) <= len(OPTION_LETTERS):
+        raise DataError(f"{ctx.at}: `options` must be a list of 2 to 26 choices, got {options!r}")
+    return list(options)
 
 
 def from_multiple_choice(row: dict[str, Any], ctx: RowContext) -> list[Message]:
-    _require(row, ["video", "question", "options", "answer"], ctx)
-    options = row["options"]
-    if not isinstance(options, (list, tuple)) or not 2 <= len(options) <= len(OPTION_LETTERS):
-        raise DataError(f"{ctx.at}: `options` must be a list of 2 to 26 choices, got {options!r}")
-    video = media_part("video", ctx.resolve_media(str(row["video"])), *_clip_bounds(row, ctx))
+    _require(row, ["video", "question", "answer"], ctx)
+    options = row_options(row, ctx)
+    video = media_part("video", ctx.resolve_media(str(row["video"])), *clip_bounds(row, ctx))
+    prompt = multiple_choice_prompt(str(row["question"]), option_texts(options, ctx.at))
     return [
-        message("user", [video, text_part(multiple_choice_prompt(str(row["question"]), options))]),
-        message("assistant", [text_part(answer_letter(row["answer"], len(options), ctx.at))]),
+        message("user", [video, text_part(prompt)]),
+        message("assistant", [text_part(answer_letter(row["answer"], options, ctx.at))]),
     ]

@@ -17,12 +17,13 @@ from typing import Any
 
 import datasets
 
+from vidtune.data.caption_files import caption_layout, dense_rows, msrvtt_rows
 from vidtune.data.conversation import DataError
 from vidtune.data.formats import DEFAULT_CAPTION_PROMPT, FORMATS, RowContext, detect_format, normalise_row
 
 FILE_LOADERS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 # Columns that hold lists or dicts; CSV stores them as JSON text.
-STRUCTURED_COLUMNS = ("conversations", "messages", "videos", "images", "options")
+STRUCTURED_COLUMNS = ("conversations", "messages", "videos", "images", "options", "candidates")
 URL_PREFIXES = ("http://", "https://", "s3://", "gs://", "hf://", "ftp://")
 
 PART_FEATURES = {
@@ -50,7 +51,12 @@ class SourceConfig:
     path: str = ""  # a .json/.jsonl/.csv/.parquet file, or a Hugging Face dataset name or folder
     format: str = "auto"  # auto | llava | openai | caption | qa | multiple_choice
     media_root: str | None = None  # relative media paths resolve here; default: the annotation file's folder
-    columns: dict[str, str] = field(default_factory=dict)  # our field name -> the column name in this corpus
+    # our field name -> the column name in this corpus, or a list of columns gathered into one list
+    # (NExT-QA: `options: [a0, a1, a2, a3, a4]`)
+    columns: dict[str, Any] = field(default_factory=dict)
+    # the media path built from any columns, relative to media_root (ActivityNet-QA: "v_{video_name}.mp4")
+    media_template: str | None = None
+    one_caption_per_clip: bool = False  # MSR-VTT-style collections: one row per clip, a caption drawn (seeded)
     split: str = "train"  # split of a Hugging Face dataset
     weight: float = 1.0  # rows are repeated (>1) or subsampled (<1) by this factor, seeded
     num_samples: int | None = None  # exact number of rows to take (repeating if needed); overrides weight
@@ -69,6 +75,13 @@ def validate_source(cfg: SourceConfig) -> None:
         raise DataError(f"{cfg.path}: weight must be > 0, got {cfg.weight}")
     if cfg.num_samples is not None and cfg.num_samples <= 0:
         raise DataError(f"{cfg.path}: num_samples must be > 0, got {cfg.num_samples}")
+    for ours, theirs in cfg.columns.items():
+        if not isinstance(theirs, str) and not (
+            isinstance(theirs, (list, tuple)) and theirs and all(isinstance(c, str) for c in theirs)
+        ):
+            raise DataError(f"{cfg.path}: columns.{ours} must be a column name or a list of them, got {theirs!r}")
+    if cfg.media_template is not None and "{" not in cfg.media_template:
+        raise DataError(f"{cfg.path}: media_template {cfg.media_template!r} names no column (write e.g. '{{id}}.mp4')")
 
 
 # ------------------------------------------------------------------------------------------------ media paths
@@ -123,7 +136,17 @@ class InvalidRow(dict):
         self.problem = problem
 
 
-def iter_raw_rows(cfg: SourceConfig) -> Iterator[tuple[str, int, dict[str, Any]]]:
+def _caption_file_rows(data: dict[str, Any], cfg: SourceConfig, seed: int) -> Iterator[tuple[str, int, Any]]:
+    name = source_name(cfg)
+    if caption_layout(data) == "msrvtt":
+        rows = msrvtt_rows(data, name, cfg.split, cfg.one_caption_per_clip, seed)
+    else:
+        rows = dense_rows(data, name)
+    for i, (at, row) in enumerate(rows):
+        yield at, i, InvalidRow(row["problem"]) if "problem" in row else row
+
+
+def iter_raw_rows(cfg: SourceConfig, seed: int = 0) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """(where, row index, row) for every row of a source; `where` is what errors print ("a.jsonl line 3")."""
     path, name = Path(cfg.path), source_name(cfg)
     loader = FILE_LOADERS.get(path.suffix.lower())
@@ -134,8 +157,14 @@ def iter_raw_rows(cfg: SourceConfig) -> Iterator[tuple[str, int, dict[str, Any]]
             rows = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise DataError(f"{name} line {err.lineno}: invalid JSON ({err.msg})") from None
+        if isinstance(rows, dict) and caption_layout(rows):
+            yield from _caption_file_rows(rows, cfg, seed)
+            return
         if not isinstance(rows, list):
-            raise DataError(f"{name}: expected a JSON list of rows, got {type(rows).__name__}")
+            raise DataError(
+                f"{name}: expected a JSON list of rows, an MSR-VTT-style {{videos, sentences}} object or "
+                f"ActivityNet-Captions-style {{id: {{duration, timestamps, sentences}}}}, got {type(rows).__name__}"
+            )
         for i, row in enumerate(rows):
             yield f"{name} row {i}", i, row
     elif loader == "jsonl":
@@ -159,17 +188,44 @@ def iter_raw_rows(cfg: SourceConfig) -> Iterator[tuple[str, int, dict[str, Any]]
             yield f"{name} row {i}", i, _decode_structured(dict(row))
 
 
-def apply_column_map(row: Any, columns: dict[str, str], at: str) -> dict[str, Any]:
+def apply_column_map(row: Any, columns: dict[str, Any], at: str) -> dict[str, Any]:
+    """Our field names over the corpus's; a field mapped to a list of columns gets their values as a list."""
     if not isinstance(row, dict):
         raise DataError(f"{at}: a row must be an object, got {type(row).__name__}")
     if not columns:
         return row
-    missing = [source for source in columns.values() if source not in row]
+    named = {ours: [theirs] if isinstance(theirs, str) else list(theirs) for ours, theirs in columns.items()}
+    used = {column for sources in named.values() for column in sources}
+    missing = [column for sources in named.values() for column in sources if column not in row]
     if missing:
         raise DataError(f"{at}: column map names column(s) {missing} that the row lacks; it has {sorted(row)}")
-    renamed = {k: v for k, v in row.items() if k not in columns.values()}
-    renamed.update({ours: row[theirs] for ours, theirs in columns.items()})
+    renamed = {k: v for k, v in row.items() if k not in used}
+    for ours, sources in named.items():
+        renamed[ours] = row[sources[0]] if isinstance(columns[ours], str) else [row[c] for c in sources]
     return renamed
+
+
+def apply_media_template(fields: dict[str, Any], raw: dict[str, Any], template: str | None, at: str) -> None:
+    """Set `video` from the source's media_template, filled from the row's columns (its own names or ours)."""
+    if template is None:
+        return
+    try:
+        fields["video"] = template.format_map({**raw, **fields})
+    except KeyError as err:
+        raise DataError(
+            f"{at}: media_template {template!r} names column {err.args[0]!r}, which the row lacks"
+        ) from None
+    except (ValueError, IndexError, AttributeError) as err:
+        raise DataError(f"{at}: media_template {template!r} cannot be filled: {err}") from None
+
+
+def row_fields(raw: Any, cfg: SourceConfig, at: str) -> dict[str, Any]:
+    """A raw row under our field names (column map, media template); a row unreadable as such raises."""
+    if isinstance(raw, InvalidRow):
+        raise DataError(f"{at}: {raw.problem}")
+    fields = apply_column_map(raw, dict(cfg.columns), at)
+    apply_media_template(fields, raw, cfg.media_template, at)
+    return fields
 
 
 def iter_conversations(
@@ -183,12 +239,10 @@ def iter_conversations(
     validate_source(cfg)
     root = media_root_for(cfg)
     fmt = None if cfg.format == "auto" else cfg.format
-    for at, index, raw in iter_raw_rows(cfg):
+    for at, index, raw in iter_raw_rows(cfg, seed):
         row = {"source": source_name(cfg), "row": index, "at": at}
         try:
-            if isinstance(raw, InvalidRow):
-                raise DataError(f"{at}: {raw.problem}")
-            fields = apply_column_map(raw, dict(cfg.columns), at)
+            fields = row_fields(raw, cfg, at)
             if fmt is None:  # a first row in an unknown shape is a wrong format or column map, not a bad row
                 fmt = detect_format(list(fields), at)
             ctx = RowContext(at, make_media_resolver(root, at), tuple(caption_prompts), seed, index)

@@ -270,3 +270,21 @@ def test_in_training_eval_reaches_the_console_and_wandb_offline_files(
     assert table["columns"] == ["frame", "question", "prediction", "reference"] and len(table["data"]) == 6
     records = b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
     assert b"eval/qa/exact_match" in records
+
+
+# ------------------------------------------------------------------------------------- benchmark parsers, by hand
+
+
+def test_benchmark_answer_parsers_follow_lmms_eval_by_hand():
+    from vidtune.train.evaluation.benchmarks import parse_mvbench, parse_nextqa, parse_videomme
+
+    options = ["red", "green", "blue", "yellow"]
+    # MVBench (mcq_acc): "X. text" first; else the first standalone letter, any case, once punctuation is gone.
+    mvbench = ["B", "(C)", "d. yellow", "Answer: B", "a red one", "none", "E", ""]
+    assert [parse_mvbench(p, options) for p in mvbench] == [1, 2, 3, 1, 0, None, None, None]
+    # Video-MME: answer prefixes dropped, then the first capital option letter anywhere ("Based" reads as B).
+    videomme = ["The best answer is C", "(A)", "D.", "Based on it", "the red one", "E"]
+    assert [parse_videomme(p, options) for p in videomme] == [2, 0, 3, 1, None, None]
+    # NExT-QA (MMMU): "(X)", then "X ", then "X."; several -> the last; long answers may name the option's text.
+    nextqa = ["(B)", "C", "A.", "A or B", "I am sure it is blue, the third", "blue", "x"]
+    assert [parse_nextqa(p, options) for p in nextqa] == [1, 2, 0, 1, 2, None, None]

@@ -130,7 +130,7 @@ def test_qa_and_multiple_choice_rows():
 
 @pytest.mark.parametrize(("answer", "letter"), [("B", "B"), ("b", "B"), ("B.", "B"), (1, "B"), ("0", "A")])
 def test_answer_letter_accepts_letters_and_indices(answer, letter):
-    assert answer_letter(answer, 4, "x") == letter
+    assert answer_letter(answer, ["w", "x", "y", "z"], "x") == letter
 
 
 @pytest.mark.parametrize(
@@ -179,3 +179,58 @@ def test_detect_format_from_columns():
     assert detect_format(["video", "question", "answer"], "x") == "qa"
     with pytest.raises(DataError, match="cannot tell the corpus format"):
         detect_format(["clip", "text"], "x")
+
+
+@pytest.mark.parametrize(
+    ("answer", "options", "index"),
+    [
+        ("sitting", ["standing", "sitting", "lying"], 1),  # MVBench: the option's own text
+        ("Sitting.", ["standing", "sitting", "lying"], 1),  # ... normalised when not exact
+        ("4", ["3", "4", "5"], 1),  # a number that is an option's text means that option, not index 4
+        ("2", ["cat", "dog", "bird"], 2),  # otherwise a digit string is a 0-based index
+        (2, ["3", "4", "5"], 2),  # and a number is always an index (NExT-QA)
+        (1.0, ["x", "y"], 1),  # parquet floats of a nullable integer column
+        ("(C)", ["x", "y", "z"], 2),
+        ("B", ["A. red", "B. blue"], 1),  # Video-MME
+        ("B. blue", ["A. red", "B. blue"], 1),
+        ("blue", ["A. red", "B. blue"], 1),
+        ("A", ["A", "B"], 0),  # an option literally named "A" wins over nothing else
+    ],
+)
+def test_answer_index_reads_letters_indices_and_option_text(answer, options, index):
+    from vidtune.data.formats import answer_index
+
+    assert answer_index(answer, options, "x") == index
+
+
+@pytest.mark.parametrize(
+    ("answer", "options", "message"),
+    [
+        ("red", ["red", "red", "blue"], "answer 'red' matches options A and B; cannot tell which is meant"),
+        ("a red car", ["A red car.", "a red car!", "a van"], "answer 'a red car' matches options A and B"),
+        ("purple", ["red", "blue"], "answer 'purple' is no option letter, index or option text"),
+        (3, ["red", "blue"], "answer 3 points outside the 2 options"),
+        (True, ["red", "blue"], "is not an option letter, index or text"),
+        (float("nan"), ["red", "blue"], "answer nan is not a 0-based option index"),
+    ],
+)
+def test_answers_that_mean_no_single_option_are_refused_naming_the_row(answer, options, message):
+    from vidtune.data.formats import answer_index
+
+    with pytest.raises(DataError) as err:
+        answer_index(answer, options, "corpus.json row 7")
+    assert str(err.value).startswith("corpus.json row 7: answer ") and message in str(err.value)
+
+
+def test_lettered_options_are_recognised_only_as_a_whole_list_in_order():
+    from vidtune.data.formats import option_texts
+
+    assert option_texts(["A. red", "(B) blue", "C) green", "D: gray"], "x") == ["red", "blue", "green", "gray"]
+    assert option_texts(["A cat", "A dog"], "x") == ["A cat", "A dog"]  # articles, not letters
+    assert option_texts(["A. Lincoln", "Washington"], "x") == ["A. Lincoln", "Washington"]  # not all lettered
+    with pytest.raises(DataError, match=r"options are lettered B, A, not A, B, C\.\.\. in order"):
+        option_texts(["B. red", "A. blue"], "x")
+    mc = normalise_row(
+        {"video": "a.mp4", "question": "Q?", "options": ["A. red", "B. blue"], "answer": "B"}, "multiple_choice", ctx()
+    )
+    assert texts(mc, "user")[0].split("\n")[1:3] == ["A. red", "B. blue"] and texts(mc, "assistant") == ["B"]

@@ -123,3 +123,18 @@ def test_shared_corpora_load_as_they_are():
     assert by_source["mllm_video_demo.json"] == 3 and by_source["multiple_choice.jsonl"] == 3
     bunny = next(r for r in rows if r["source"] == "captions.jsonl" and r["row"] == 1)
     assert media_parts(bunny["messages"])[0]["end_s"] == 4.0
+
+
+def test_a_field_from_several_columns_and_a_media_path_from_an_id(tmp_path):
+    rows = [{"vid": 7, "question": "Q?", "a0": "x", "a1": "y", "a2": "z", "answer": 2}]
+    path = write(tmp_path, "nextqa.jsonl", rows)
+    source = SourceConfig(path=str(path), columns={"options": ["a0", "a1", "a2"]}, media_template="clips/{vid}.mp4")
+    row = next(iter_conversations(source))
+    assert media_parts(row["messages"])[0]["path"] == str(tmp_path / "clips" / "7.mp4")
+    assert row["messages"][1]["content"][0]["text"] == "C"
+    with pytest.raises(DataError, match=r"nextqa\.jsonl line 1: media_template 'v_\{video_id\}\.mp4' names column "):
+        next(iter_conversations(SourceConfig(path=str(path), media_template="v_{video_id}.mp4")))
+    with pytest.raises(DataError, match=r"nextqa\.jsonl line 1: media path '\.\./7\.mp4' lies outside the media root"):
+        next(iter_conversations(SourceConfig(path=str(path), media_template="../{vid}.mp4")))
+    with pytest.raises(DataError, match=r"columns\.options must be a column name or a list of them"):
+        next(iter_conversations(SourceConfig(path=str(path), columns={"options": []})))

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from vidtune.data.conversation import DataError
 
+MAX_NEW_TOKENS = 128
+
 
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file, or a packaged recipe name such as demo/base")
@@ -27,7 +29,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="base model for an adapter (default: the one it was trained on)")
     p.add_argument("--num-frames", type=int, help="frames per video (default: as in training)")
     p.add_argument("--fps", type=float, help="sample at this rate instead, capped at --num-frames")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, help=f"default {MAX_NEW_TOKENS}; benchmarks: their own (16)")
 
 
 def _add_infer(p: argparse.ArgumentParser) -> None:
@@ -57,7 +59,14 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 def _add_eval(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     _add_corpus_args(p)
-    p.add_argument("--task", required=True, choices=["qa", "multiple_choice", "caption", "recognition"])
+    p.add_argument("--task", choices=["qa", "multiple_choice", "caption", "recognition"])
+    p.add_argument(
+        "--benchmark",
+        choices=["mvbench", "videomme", "nextqa"],
+        help="score a benchmark its own way (prompt, answer parsing, frames; accuracy by task/category); --data is "
+        "its annotation file or folder, --media-root its videos",
+    )
+    p.add_argument("--media-template", help="benchmark video file from row columns (default: the benchmark's own)")
     p.add_argument("--classes", help="recognition: class descriptions separated by ';' (default: the labels)")
     p.add_argument("--prompt", default="", help="recognition: the question, '{classes}' = the class list")
     p.add_argument("--mc-scoring", default="generate", choices=["generate", "loglik"])
@@ -133,6 +142,11 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    if (args.task is None) == (args.benchmark is None):
+        raise DataError("give either --task (your own corpus) or --benchmark (mvbench, videomme, nextqa)")
+    if args.benchmark:
+        run_benchmark(args)
+        return
     from vidtune.data.sources import SourceConfig
     from vidtune.train.evaluation.tasks import evaluate_items, load_items, write_outputs
     from vidtune.train.training.config import EvalConfig
@@ -140,7 +154,7 @@ def run_eval(args: argparse.Namespace) -> None:
     classes = [c.strip() for c in args.classes.split(";") if c.strip()] if args.classes else []
     cfg = EvalConfig(
         task=args.task,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS,
         mc_scoring=args.mc_scoring,
         classes=classes,
         prompt=args.prompt,
@@ -154,6 +168,33 @@ def run_eval(args: argparse.Namespace) -> None:
         f"wrote {folder}/metrics.json and predictions.jsonl"
         + (" and confusion.png" if classes or args.task == "recognition" else "")
     )
+
+
+def run_benchmark(args: argparse.Namespace) -> None:
+    from vidtune.train.evaluation.benchmarks import (
+        BENCHMARKS,
+        accuracy_table,
+        benchmark_sources,
+        load_benchmark,
+        score_benchmark,
+    )
+    from vidtune.train.evaluation.tasks import predict, write_outputs
+    from vidtune.train.generation.infer import load_for_inference
+    from vidtune.train.training.config import EvalConfig
+
+    bench = BENCHMARKS[args.benchmark]
+    items, bad = load_benchmark(bench, benchmark_sources(bench, args.data, args.media_root, args.media_template))
+    num_frames = args.num_frames or bench.num_frames
+    im = load_for_inference(args.model, base=args.base, num_frames=num_frames, fps=args.fps)
+    max_new_tokens = args.max_new_tokens or bench.max_new_tokens
+    predictions = predict(im, items, EvalConfig(task="multiple_choice", max_new_tokens=max_new_tokens), args.batch_size)
+    metrics, records = score_benchmark(bench, items, predictions)
+    metrics.update(num_frames=num_frames, bad_rows=len(bad.bad), bad_row_reasons=[f"{w}: {r}" for w, r in bad.bad])
+    folder = write_outputs(args.out, metrics, records)
+    print(accuracy_table(metrics))
+    if bad.bad:
+        print(f"skipped {bad.summary()}")
+    print(f"wrote {folder}/metrics.json and predictions.jsonl")
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -188,13 +229,13 @@ def _load(args: argparse.Namespace):
 def run_infer(args: argparse.Namespace) -> None:
     from vidtune.train.generation.infer import answer
 
-    print(answer(_load(args), args.video, args.prompt, args.max_new_tokens))
+    print(answer(_load(args), args.video, args.prompt, args.max_new_tokens or MAX_NEW_TOKENS))
 
 
 def run_chat(args: argparse.Namespace) -> None:
     from vidtune.train.generation.chat import chat
 
-    chat(_load(args), args.video, max_new_tokens=args.max_new_tokens)
+    chat(_load(args), args.video, max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS)
 
 
 def run_predict(args: argparse.Namespace) -> None:
@@ -202,7 +243,7 @@ def run_predict(args: argparse.Namespace) -> None:
     from vidtune.train.generation.predict import predict
 
     source = SourceConfig(path=args.data, format=args.format, media_root=args.media_root)
-    count = predict(_load(args), source, args.out, args.batch_size, args.max_new_tokens)
+    count = predict(_load(args), source, args.out, args.batch_size, args.max_new_tokens or MAX_NEW_TOKENS)
     print(f"wrote {count} predictions to {args.out}")
 
 
@@ -257,7 +298,10 @@ COMMANDS = {
     "chat": Command("talk about a video in the terminal (/video PATH, /reset, /quit)", _add_chat, run_chat),
     "predict": Command("answer every row of a corpus file; writes JSONL predictions", _add_predict, run_predict),
     "eval": Command(
-        "score a model's answers on a corpus (qa, multiple_choice, caption, recognition)", _add_eval, run_eval
+        "score a model on a corpus (qa, multiple_choice, caption, recognition) or a benchmark (mvbench, videomme, "
+        "nextqa)",
+        _add_eval,
+        run_eval,
     ),
     "check": Command("preflight a recipe's data: unreadable files, token lengths, length drops", _add_check, run_check),
     "cache": Command(

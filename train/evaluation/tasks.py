@@ -44,6 +44,7 @@ class EvalItem:
     references: list[str]
     options: list[str] = field(default_factory=list)  # multiple choice
     video: str | None = None
+    categories: dict[str, str] = field(default_factory=dict)  # benchmarks: task, duration, question type, ...
 
     @property
     def question(self) -> str:
