@@ -46,6 +46,10 @@ OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 LETTERED = re.compile(r"^\(?([A-Z])(?:[.:]|\))\s*(.*)$", re.DOTALL)  # "A. red", "(B) blue", "C) green", "D: red"
 
 
+class UnknownFormat(DataError):
+    """No format fits the corpus's columns: a configuration error of the whole source, not a bad row."""
+
+
 @dataclass(frozen=True)
 class RowContext:
     """What a normaliser needs besides the row: where it is (for errors) and how to resolve media paths."""
@@ -69,7 +73,7 @@ def detect_format(columns: Sequence[str], at: str) -> str:
         return "multiple_choice"
     if {"question", "answer"} <= cols:
         return "qa"
-    raise DataError(
+    raise UnknownFormat(
         f"{at}: cannot tell the corpus format from its columns {sorted(cols)}; expected `conversations` (llava), "
         "`messages` (openai), `caption`, `question`+`answer` (qa) or `options`/`candidates` (multiple_choice), "
         "or set the source's `format` and `columns`"

@@ -19,7 +19,14 @@ import datasets
 
 from vidtune.data.caption_files import caption_layout, dense_rows, msrvtt_rows
 from vidtune.data.conversation import DataError
-from vidtune.data.formats import DEFAULT_CAPTION_PROMPT, FORMATS, RowContext, detect_format, normalise_row
+from vidtune.data.formats import (
+    DEFAULT_CAPTION_PROMPT,
+    FORMATS,
+    RowContext,
+    UnknownFormat,
+    detect_format,
+    normalise_row,
+)
 
 FILE_LOADERS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 # Columns that hold lists or dicts; CSV stores them as JSON text.
@@ -248,7 +255,7 @@ def iter_conversations(
             ctx = RowContext(at, make_media_resolver(root, at), tuple(caption_prompts), seed, index)
             yield {**row, "messages": normalise_row(fields, fmt, ctx), "problem": ""}
         except DataError as err:
-            if not keep_bad:
+            if not keep_bad or isinstance(err, UnknownFormat):  # one configuration error, said once
                 raise
             yield {**row, "messages": [], "problem": str(err).removeprefix(f"{at}: ")}
 

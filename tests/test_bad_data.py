@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -107,7 +108,7 @@ def test_training_time_failures_are_budgeted_across_a_window():
     from vidtune.train.training.health import BadSampleMonitor
 
     class Single:
-        num_processes, device = 1, "cpu"
+        num_processes, device, is_main_process = 1, "cpu", True
 
     monitor = BadSampleMonitor(BadSampleConfig(window=20, max_bad_fraction=0.2))
     for _ in range(10):
@@ -167,3 +168,69 @@ def test_bad_sample_log_counts_runs():
     for outcome in "gbbgbbbg":
         log.good() if outcome == "g" else log.add("x row 1", "video not found")
     assert log.longest_run == 3 and log.total == 8 and "in a row" in (log.over_budget() or "")
+
+
+@pytest.mark.slow
+def test_files_that_break_during_training_are_named_and_a_run_over_budget_does_not_succeed(
+    tiny_model_dir, demo_corpus, tmp_path, monkeypatch
+):
+    """3 of 24 clips (12.5% of the samples) vanish after measuring, in a run far shorter than the budget's window:
+    each is named in bad_samples.jsonl, the model is still saved, and the run ends in a one-line error, not 0."""
+    import shutil
+
+    from tests.conftest import tiny_run_overrides
+    from vidtune.train.training import loop
+    from vidtune.train.training.config import load_recipe
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(demo_corpus, corpus)
+    vanished = [corpus / "videos" / f"train_{i:04d}.mp4" for i in (1, 5, 9)]
+    real_setup = loop.setup
+
+    def setup_then_lose_files(recipe):
+        run = real_setup(recipe)  # measured: every file was fine
+        for path in vanished:
+            path.unlink()
+        return run
+
+    monkeypatch.setattr(loop, "setup", setup_then_lose_files)
+    output = tmp_path / "run"
+    recipe = load_recipe(
+        None, tiny_run_overrides(tiny_model_dir, corpus, output, "train.num_epochs=1", "train.max_steps=0")
+    )
+    with pytest.raises(DataError, match=r"failed to load during training") as err:
+        loop.train(recipe)
+    assert "\n" not in str(err.value) and "bad_samples.jsonl" in str(err.value)
+    logged = [json.loads(line) for line in (output / "bad_samples.jsonl").read_text().splitlines()]
+    assert str(err.value).startswith(f"{len(logged)} of ") and len(logged) >= 6  # each failed attempt, named
+    assert {r["kind"] for r in logged} == {"missing file"}
+    assert all(sum(p.name in r["reason"] for p in vanished) == 1 for r in logged)  # each names its file
+    assert all(any(p.name in r["reason"] for r in logged) for p in vanished)
+    assert (output / "vidtune.json").is_file()  # the trained model is not lost
+
+
+def test_a_corpus_whose_format_cannot_be_told_is_one_error_said_once(tmp_path, builder):
+    rows = [{"clip": f"c{i}.mp4", "text": "hello"} for i in range(5)]
+    (tmp_path / "odd.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match="cannot tell the corpus format") as err:
+        prepare_rows(config(tmp_path / "odd.jsonl", max_bad_fraction=0.9), builder, seed=0)
+    assert str(err.value).count("cannot tell") == 1 and "\n" not in str(err.value)
+
+
+def test_paths_outside_the_media_root_and_broken_timestamps_have_kinds_of_their_own():
+    from vidtune.data.quality import kind_of
+
+    assert kind_of("rows.jsonl row 2: media path '../x.mp4' lies outside the media root /data") == (
+        "path outside media_root"
+    )
+    assert kind_of("a.avi: decord's frame index has invalid timestamps, so its seeks are unreliable") == (
+        "broken timestamps"
+    )
+
+
+def test_the_readme_states_the_too_short_default():
+    from vidtune.data.quality import BadSampleConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"too_short: {BadSampleConfig().too_short}`, the default" in readme
+    assert "shorter than the frames asked for" not in readme  # the old claim that they are dropped

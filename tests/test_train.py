@@ -300,3 +300,24 @@ def test_a_bf16_model_trains_its_weights_in_fp32(tiny_model_dir, demo_corpus, tm
     assert states and {t.dtype for t in states} == {torch.float32}
     with pytest.raises(RecipeError, match="would train without an fp32 copy"):
         setup(tiny_recipe(tiny_model_dir, demo_corpus, tmp_path / "b", *overrides, "train.mixed_precision=no"))
+
+
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_a_cli_media_path_outside_its_root_names_the_flag_before_any_model_loads(
+    command, clips, tmp_path, monkeypatch, capsys
+):
+    from vidtune.train import cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model loaded before the data was checked")
+
+    monkeypatch.setattr("vidtune.train.generation.infer.load_for_inference", never)
+    (tmp_path / "data").mkdir()
+    rows = tmp_path / "data" / "rows.jsonl"
+    rows.write_text(json.dumps({"video": str(clips["red_blue"]), "question": "Q?", "answer": "red"}) + "\n")
+    extra = ["--out", str(tmp_path / "out.jsonl")] if command == "predict" else ["--task", "qa"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, str(tmp_path / "no-model"), "--data", str(rows), *extra])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "lies outside the media root" in error and "(set --media-root)" in error
+    assert "source's media_root" not in error and error.count("\n") == 1

@@ -7,10 +7,11 @@ Bad input (a recipe typo, a missing video, a malformed row) ends in one line say
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from vidtune.data.conversation import DataError
@@ -159,7 +160,8 @@ def run_eval(args: argparse.Namespace) -> None:
         classes=classes,
         prompt=args.prompt,
     )
-    items = load_items([SourceConfig(path=args.data, format=args.format, media_root=args.media_root)], cfg)
+    with _named_as_cli_flags():  # rows read and media paths checked before the model loads
+        items = load_items([SourceConfig(path=args.data, format=args.format, media_root=args.media_root)], cfg)
     metrics, records = evaluate_items(_load(args), items, cfg, args.batch_size)
     folder = write_outputs(args.out, metrics, records)
     shown = {k: v for k, v in metrics.items() if not isinstance(v, list)}
@@ -238,11 +240,23 @@ def run_chat(args: argparse.Namespace) -> None:
     chat(_load(args), args.video, max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS)
 
 
+@contextlib.contextmanager
+def _named_as_cli_flags() -> Iterator[None]:
+    """Errors about a --data file name the flag that fixes them, not the recipe key (`--media-root`)."""
+    try:
+        yield
+    except DataError as err:
+        raise DataError(str(err).replace("the source's media_root", "--media-root")) from None
+
+
 def run_predict(args: argparse.Namespace) -> None:
-    from vidtune.data.sources import SourceConfig
+    from vidtune.data.sources import SourceConfig, iter_conversations
     from vidtune.train.generation.predict import predict
 
     source = SourceConfig(path=args.data, format=args.format, media_root=args.media_root)
+    with _named_as_cli_flags():  # every row read and its media paths checked before the model loads
+        for _ in iter_conversations(source):
+            pass
     count = predict(_load(args), source, args.out, args.batch_size, args.max_new_tokens or MAX_NEW_TOKENS)
     print(f"wrote {count} predictions to {args.out}")
 
