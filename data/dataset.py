@@ -57,6 +57,7 @@ class DataConfig:
     time_instruction: bool = False  # prepend "The video lasts 9.7 seconds; 8 frames were sampled at ..." per video
     caption_prompts: list[str] = field(default_factory=lambda: [DEFAULT_CAPTION_PROMPT])  # sampled per row
     streaming: bool = False  # stream corpora too large to prepare (measured and filtered on the fly)
+    stream_shuffle_buffer: int = 1000  # streaming: rows held in the seeded shuffle buffer (1 = file order)
     num_workers: int = 2  # DataLoader worker processes (decode + processing)
     bad_samples: BadSampleConfig = field(default_factory=BadSampleConfig)  # what to do with unreadable samples
     frame_cache: FrameCacheConfig = field(default_factory=FrameCacheConfig)  # reuse decoded frames across epochs
@@ -75,6 +76,8 @@ def validate_data(cfg: DataConfig) -> None:
         raise DataError(f"data.label_turns must be one of {', '.join(LABEL_TURNS)}, got {cfg.label_turns!r}")
     if not cfg.caption_prompts:
         raise DataError("data.caption_prompts is empty")
+    if cfg.stream_shuffle_buffer < 1:
+        raise DataError(f"data.stream_shuffle_buffer must be >= 1, got {cfg.stream_shuffle_buffer}")
     validate_sampling(cfg.sampling)
     validate_bad_samples(cfg.bad_samples)
 
@@ -347,10 +350,15 @@ class SFTDataset(torch.utils.data.Dataset):
 
 
 class StreamingSFTDataset(torch.utils.data.IterableDataset):
-    """For corpora too large to prepare: rows are measured and filtered as they stream; each rank reads its own
-    shard (datasets.distributed.split_dataset_by_node). With repeat, the shard is read again and again (epoch after
-    epoch), so every rank always has a next batch: shards that lose different numbers of rows to filtering can
-    never leave one rank waiting for another at the end of an epoch."""
+    """For corpora too large to prepare: rows are measured and filtered as they stream.
+
+    The stream is shuffled through a seeded buffer (`data.stream_shuffle_buffer` rows, reshuffled every pass) and
+    split per rank *and* DataLoader worker (every N-th row, N = ranks x workers), so a one-file stream feeds every
+    worker. With repeat, it is read again and again (pass after pass), so every rank always has a next batch:
+    shards that lose different numbers of rows to filtering never leave one rank waiting for another.
+    `skip_batches(n)` resumes after n batches: the skipped rows are measured (to know which are kept) but never
+    decoded.
+    """
 
     def __init__(
         self,
@@ -361,21 +369,43 @@ class StreamingSFTDataset(torch.utils.data.IterableDataset):
         world_size: int,
         seed: int,
         repeat: bool = False,
+        batch_size: int = 1,
     ):
-        from datasets.distributed import split_dataset_by_node
-
         stream = stream_conversations(cfg.sources, cfg.caption_prompts, seed)
-        self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
-        self.measurer, self.maker, self.repeat, self.rank = measurer, maker, repeat, rank
+        if cfg.stream_shuffle_buffer > 1:
+            stream = stream.shuffle(seed=seed, buffer_size=cfg.stream_shuffle_buffer)
+        self.stream, self.measurer, self.maker, self.repeat = stream, measurer, maker, repeat
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.batches_to_skip = 0
         self.dropped: Counter = Counter()
         self.bad = BadSampleLog(cfg.bad_samples)
 
+    def skip_batches(self, num_batches: int) -> None:
+        """Resume after `num_batches` batches of this rank's loader (set before its workers start)."""
+        self.batches_to_skip = num_batches
+
+    def _rows(self, shard: int, num_shards: int, epoch: int) -> Iterator[dict[str, Any]]:
+        from datasets.distributed import split_dataset_by_node
+
+        part = split_dataset_by_node(self.stream, rank=shard, world_size=num_shards)
+        part.set_epoch(epoch)
+        # .iter() rather than plain iteration: inside a DataLoader worker, `datasets` would hand out whole shards
+        # to workers itself, and a one-file stream (one shard) would leave every worker but the first with nothing.
+        for batch in part.iter(batch_size=64):
+            columns = list(batch)
+            for values in zip(*(batch[c] for c in columns), strict=True):
+                yield dict(zip(columns, values, strict=True))
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = torch.utils.data.get_worker_info()
+        num_workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        shard, num_shards = self.rank * num_workers + worker_id, self.world_size * num_workers
+        # The DataLoader takes batches from its workers in turn: this worker made batches id, id + W, id + 2W, ...
+        to_skip = len(range(worker_id, self.batches_to_skip, num_workers)) * self.batch_size
         epoch = 0
         while True:
-            self.stream.set_epoch(epoch)
             kept = 0
-            for index, row in enumerate(self.stream):
+            for index, row in enumerate(self._rows(shard, num_shards, epoch)):
                 measured = self.measurer(row)
                 if measured["problem"]:
                     self.bad.add(row["at"], measured["problem"])
@@ -386,13 +416,19 @@ class StreamingSFTDataset(torch.utils.data.IterableDataset):
                     self.dropped[measured["drop_reason"].split(" (")[0]] += 1
                     continue
                 kept += 1
+                if to_skip:  # trained on before the resume: not decoded again
+                    to_skip -= 1
+                    continue
                 example = self.maker.make({**row, **measured}, epoch, index)
                 example["skipped"] = []
                 yield example
             if not self.repeat:
                 return
             if kept == 0:
-                raise DataError(f"rank {self.rank}'s share of the stream holds no sample that fits")
+                raise DataError(
+                    f"rank {self.rank}, DataLoader worker {worker_id}: its share of the stream holds no sample "
+                    "that fits"
+                )
             epoch += 1
 
 

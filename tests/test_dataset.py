@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -131,3 +132,52 @@ def test_streaming_dataset_filters_on_the_fly_and_shards_by_rank(tmp_path, clips
         collate_fn=Collator(0, family=LLAVA_NEXT_VIDEO),
     )
     assert sum(b["input_ids"].shape[0] for b in loader) == 5
+
+
+class RowNames:
+    """A stand-in ExampleMaker (picklable into DataLoader workers): which row, in which pass; counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def make(self, row, epoch, index):
+        self.calls += 1
+        return {"at": row["at"], "pass": epoch}
+
+
+def test_a_one_file_stream_feeds_every_dataloader_worker_shuffled(tmp_path, clips, builder):
+    """One file is one `datasets` shard: split per worker by row, every row comes out exactly once per pass, in a
+    seeded shuffled order (the same for the same seed, another for the next pass)."""
+    path = corpus(tmp_path, clips, ["red", "green", "blue", "yellow", "red", "green", "blue", "yellow"])
+    cfg = config(path, stream_shuffle_buffer=100)
+
+    def one_pass(seed: int, workers: int, repeat: bool = False, batches: int | None = None) -> list[str]:
+        stream = StreamingSFTDataset(cfg, Measurer(builder, cfg), RowNames(), 0, 1, seed=seed, repeat=repeat)
+        loader = torch.utils.data.DataLoader(stream, batch_size=2, num_workers=workers, collate_fn=list)
+        return [ex["at"] for batch in itertools.islice(loader, batches) for ex in batch]
+
+    file_order = [f"qa.jsonl line {i}" for i in range(1, 9)]
+    # Repeating, as training reads it: a worker left without rows would stop the run ("holds no sample").
+    with_workers = one_pass(seed=0, workers=2, repeat=True, batches=4)
+    assert sorted(with_workers) == sorted(file_order)  # each row once: the two workers share the one file
+    in_process = one_pass(seed=0, workers=0)
+    assert sorted(in_process) == sorted(file_order) and in_process != file_order  # shuffled
+    assert one_pass(seed=0, workers=0) == in_process and one_pass(seed=1, workers=0) != in_process
+    two_passes = one_pass(seed=0, workers=0, repeat=True, batches=8)
+    assert two_passes[:8] == in_process and sorted(two_passes[8:]) == sorted(file_order)
+    assert two_passes[8:] != in_process  # reshuffled for the next pass
+
+
+def test_a_resumed_stream_continues_where_it_stopped_without_decoding_what_it_skips(tmp_path, clips, builder):
+    path = corpus(tmp_path, clips, ["red", "green", "blue", "yellow", "red", "green"])
+    cfg = config(path)
+
+    def stream(maker):
+        return StreamingSFTDataset(cfg, Measurer(builder, cfg), maker, 0, 1, seed=0, repeat=True, batch_size=2)
+
+    whole = list(itertools.islice(iter(stream(RowNames())), 10))
+    maker = RowNames()
+    resumed = stream(maker)
+    resumed.skip_batches(3)  # 6 samples: one whole pass
+    assert list(itertools.islice(iter(resumed), 4)) == whole[6:10]
+    assert maker.calls == 4  # the 6 skipped samples were never built (decoded)

@@ -321,3 +321,21 @@ def test_a_cli_media_path_outside_its_root_names_the_flag_before_any_model_loads
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and "lies outside the media root" in error and "(set --media-root)" in error
     assert "source's media_root" not in error and error.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_streamed_run_with_dataloader_workers_trains_and_counts_its_samples(
+    tiny_model_dir, demo_corpus, tmp_path, capsys
+):
+    from vidtune.train.training.loop import train
+
+    output = tmp_path / "run"
+    train(
+        tiny_recipe(
+            tiny_model_dir, demo_corpus, output, "data.streaming=true", "data.num_workers=2", "train.max_steps=2"
+        )
+    )
+    printed = capsys.readouterr().out
+    assert "data: streamed" in printed and "0 samples kept" not in printed
+    assert json.loads((output / "vidtune.json").read_text())["num_train_samples"] == 2 * 4
+    assert len(losses(output)) == 2

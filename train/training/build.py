@@ -107,6 +107,7 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
             accelerator.num_processes,
             train_cfg.seed,
             repeat=True,
+            batch_size=train_cfg.batch_size,
         )
         train_loader = torch.utils.data.DataLoader(stream, batch_size=train_cfg.batch_size, **kwargs)
     else:

@@ -37,13 +37,20 @@ class TrainingState:
     def __init__(self) -> None:
         self.step = 0  # optimizer steps done
         self.epoch = 0
-        self.batches_in_epoch = 0  # micro-batches this rank consumed in the current epoch
+        self.batches_in_epoch = 0  # micro-batches this rank consumed in the current epoch (all of them, streamed)
+        self.samples = 0  # samples trained on, all ranks
 
     def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "samples": self.samples,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
+        self.samples = state.get("samples", 0)  # absent from checkpoints written before it was counted
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:

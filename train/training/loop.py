@@ -91,7 +91,10 @@ def setup(recipe: Recipe) -> Run:
         outputs.write_audit(output_dir, audit)
         accelerator.print(format_audit(audit))
     train_loader, eval_loader, sampler, drops = build_loaders(recipe, processor, family, accelerator)
-    accelerator.print(f"data: {drops.summary()}")
+    if sampler is None:  # a stream has no length known up front
+        accelerator.print("data: streamed; rows are measured and filtered as training reads them")
+    else:
+        accelerator.print(f"data: {drops.summary()}")
     total_steps = recipe.train.max_steps or math.ceil(
         recipe.train.num_epochs * steps_per_epoch(recipe, sampler, accelerator)
     )
@@ -303,13 +306,16 @@ def train_loop(run: Run) -> dict[str, float]:
         if run.sampler is not None:
             run.sampler.set_epoch(state.epoch)
         loader = run.train_loader
-        if state.batches_in_epoch:  # resume mid-epoch: same order (seeded by epoch), skip what was consumed
+        if state.batches_in_epoch and run.sampler is None:  # a resumed stream skips rows without decoding them
+            loader.dataset.skip_batches(state.batches_in_epoch)
+        elif state.batches_in_epoch:  # resume mid-epoch: same order (seeded by epoch), skip what was consumed
             loader = acc.skip_first_batches(loader, state.batches_in_epoch)
         for window in windows(loader, t.grad_accum_steps):
             step_metrics = train_step(run, window)
             state.batches_in_epoch += len(window)
             if not step_metrics.get("skipped"):  # a skipped (non-finite) step is no optimizer step
                 state.step += 1
+                state.samples += int(step_metrics["samples"])
                 metrics = progress.update(step_metrics, state, run)
                 bar.update(1)
                 bar.set_postfix(
@@ -402,6 +408,8 @@ def save_outputs(run: Run, metrics: dict[str, float]) -> None:
     """The final model, processor, recipe and vidtune.json into the output folder."""
     acc, recipe = run.accelerator, run.recipe
     frame_px = run.family.decode_edge_px(run.processor)
+    if run.sampler is None:  # a stream's kept samples are the ones training read
+        run.drops.kept = run.state.samples
     metadata = outputs.training_metadata(recipe, frame_px, run.drops, acc, run.state.step, metrics)
     outputs.save_final(acc, run.model, run.processor, recipe.train.output_dir, recipe, metadata)
 
