@@ -165,39 +165,32 @@ def test_an_external_sigterm_on_a_running_subprocess(tiny_model_dir, demo_corpus
     assert state["state"]["step"] == int(saved[0].name[5:])
 
 
-def test_a_non_finite_loss_skips_its_step(tiny_model_dir, demo_corpus, tmp_path, monkeypatch):
-    from vidtune.train.training.loop import setup, train_loop
-
-    inject(monkeypatch, "nan@2")
-    run = setup(
-        load_recipe(
-            None,
-            recipe_overrides(
-                tiny_model_dir, demo_corpus, tmp_path / "run", "train.max_steps=4", "train.save_every_steps=0"
-            ),
-        )
-    )
-    snapshots = []
+def train_recording_steps(model, corpus, tmp_path, max_steps: int, monkeypatch) -> tuple:
+    """A short run, recording per window: its result, whether the trainable weights stayed, whether the lr stayed.
+    Returns the run, its final metrics and the records."""
     import vidtune.train.training.loop as loop
 
+    overrides = recipe_overrides(model, corpus, tmp_path / "run", f"train.max_steps={max_steps}")
+    run = loop.setup(load_recipe(None, [*overrides, "train.save_every_steps=0"]))
+
+    snapshots = []
     real_step = loop.train_step
 
     def recording_step(run_, window):
         before = {n: p.detach().clone() for n, p in run_.model.named_parameters() if p.requires_grad}
         lr_before = run_.scheduler.get_last_lr()[0]
         result = real_step(run_, window)
-        after = {n: p.detach().clone() for n, p in run_.model.named_parameters() if p.requires_grad}
-        snapshots.append(
-            (
-                result,
-                all(torch.equal(before[n], after[n]) for n in before),
-                lr_before == run_.scheduler.get_last_lr()[0],
-            )
-        )
+        unchanged = all(torch.equal(before[n], p) for n, p in run_.model.named_parameters() if p.requires_grad)
+        snapshots.append((result, unchanged, lr_before == run_.scheduler.get_last_lr()[0]))
         return result
 
     monkeypatch.setattr(loop, "train_step", recording_step)
-    metrics = train_loop(run)
+    return run, loop.train_loop(run), snapshots
+
+
+def test_a_non_finite_loss_skips_its_step(tiny_model_dir, demo_corpus, tmp_path, monkeypatch):
+    inject(monkeypatch, "nan@2")
+    run, metrics, snapshots = train_recording_steps(tiny_model_dir, demo_corpus, tmp_path, 4, monkeypatch)
     skipped = [(unchanged, same_lr) for result, unchanged, same_lr in snapshots if result.get("skipped")]
     assert skipped == [(True, True)]  # exactly one skipped window: no update, no scheduler step
     assert run.state.step == 4 and len(snapshots) == 5 and metrics["train/nonfinite_steps"] == 1
@@ -206,34 +199,10 @@ def test_a_non_finite_loss_skips_its_step(tiny_model_dir, demo_corpus, tmp_path,
 def test_a_non_finite_gradient_with_a_finite_loss_skips_its_step(tiny_model_dir, demo_corpus, tmp_path, monkeypatch):
     """The loss is finite, one gradient is not (an overflow in backward): the step is skipped and counted, the
     weights and the schedule stay where they were."""
-    from vidtune.train.training.loop import setup, train_loop
-
     inject(monkeypatch, "infgrad@1")
-    run = setup(
-        load_recipe(
-            None,
-            recipe_overrides(
-                tiny_model_dir, demo_corpus, tmp_path / "run", "train.max_steps=3", "train.save_every_steps=0"
-            ),
-        )
-    )
-    weights: list[dict] = []
-    import vidtune.train.training.loop as loop
-
-    real_step = loop.train_step
-
-    def recording_step(run_, window):
-        before = {n: p.detach().clone() for n, p in run_.model.named_parameters() if p.requires_grad}
-        lr_before = run_.scheduler.get_last_lr()[0]
-        result = real_step(run_, window)
-        unchanged = all(torch.equal(before[n], p) for n, p in run_.model.named_parameters() if p.requires_grad)
-        weights.append((result, unchanged, lr_before == run_.scheduler.get_last_lr()[0]))
-        return result
-
-    monkeypatch.setattr(loop, "train_step", recording_step)
-    metrics = train_loop(run)
-    assert [(unchanged, same_lr) for result, unchanged, same_lr in weights if result.get("skipped")] == [(True, True)]
-    assert [r.get("skipped", 0) for r, _, _ in weights] == [0, 1, 0, 0]  # step 2's first attempt was skipped
+    run, metrics, snapshots = train_recording_steps(tiny_model_dir, demo_corpus, tmp_path, 3, monkeypatch)
+    assert [(unchanged, same_lr) for result, unchanged, same_lr in snapshots if result.get("skipped")] == [(True, True)]
+    assert [r.get("skipped", 0) for r, _, _ in snapshots] == [0, 1, 0, 0]  # step 2's first attempt was skipped
     assert run.state.step == 3 and metrics["train/nonfinite_steps"] == 1
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
 

@@ -43,6 +43,12 @@ def test_every_recipe_parses_validates_and_dry_runs(path, seven_b_dir, tiny_mode
     assert "variant: " + recipe.variant in out and "trainable" in out and "language_model" in out
 
 
+def test_an_override_of_no_is_the_word_not_a_boolean():
+    """YAML 1.1 reads `no` as False: `train.mixed_precision=no` must still mean "no" (and `true` a boolean)."""
+    recipe = load_recipe(None, ["train.mixed_precision=no", "finetune.train_projector=true"])
+    assert recipe.train.mixed_precision == "no" and recipe.finetune.train_projector is True
+
+
 def test_overrides_and_options_mix_in_any_order(tiny_model_dir, capsys):
     from vidtune.train.cli import parse_args
 

@@ -274,9 +274,13 @@ def test_a_bf16_model_trains_its_weights_in_fp32(tiny_model_dir, demo_corpus, tm
     """model.dtype bfloat16 (every 7B recipe): the trainable projector and LoRA weights, and their Adam states, are
     fp32, so an lr-sized step moves every weight (in bf16 most would not move at lr 1e-5); frozen weights stay bf16.
     Without autocast the combination is refused in one line."""
+    from accelerate.state import AcceleratorState
+
     from vidtune.train.training.config import RecipeError
     from vidtune.train.training.loop import setup, train_loop
 
+    # Accelerate keeps one mixed-precision setting per process: this test changes it, twice.
+    AcceleratorState._reset_state(reset_partial_state=True)
     overrides = ("model.dtype=bfloat16", "finetune.train_projector=true", "train.max_steps=1")
     run = setup(
         tiny_recipe(
@@ -298,8 +302,10 @@ def test_a_bf16_model_trains_its_weights_in_fp32(tiny_model_dir, demo_corpus, tm
     assert min(moved) > 0.99, moved
     states = [t for state in run.optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.ndim]
     assert states and {t.dtype for t in states} == {torch.float32}
+    AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.raises(RecipeError, match="would train without an fp32 copy"):
         setup(tiny_recipe(tiny_model_dir, demo_corpus, tmp_path / "b", *overrides, "train.mixed_precision=no"))
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.mark.parametrize("command", ["predict", "eval"])

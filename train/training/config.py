@@ -174,6 +174,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise RecipeError(f"override {text!r} is not key.sub=value")
     key, raw = text.split("=", 1)
     value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()  # YAML 1.1 reads no/yes/off/on as booleans: `train.mixed_precision=no` means "no"
     return key.strip(), value
 
 
