@@ -45,7 +45,8 @@ def test_every_recipe_parses_validates_and_dry_runs(path, seven_b_dir, tiny_mode
 
 def test_an_override_of_no_is_the_word_not_a_boolean():
     """YAML 1.1 reads `no` as False: `train.mixed_precision=no` must still mean "no" (and `true` a boolean)."""
-    recipe = load_recipe(None, ["train.mixed_precision=no", "finetune.train_projector=true"])
+    base = ["model.name_or_path=m", "data.sources=[{path: rows.jsonl}]", "train.output_dir=out"]
+    recipe = load_recipe(None, [*base, "train.mixed_precision=no", "finetune.train_projector=true"])
     assert recipe.train.mixed_precision == "no" and recipe.finetune.train_projector is True
 
 
