@@ -1,13 +1,13 @@
 """vidtune.data: corpora in, model-ready batches out. Pure CPU code: no model loop, no Accelerate.
 
-    sources.py       corpus files and Hub datasets -> rows (columns, media roots, mixing weights, streaming)
-    formats.py       row formats (llava, openai, caption, qa, multiple_choice) -> conversations
-    conversation.py  the Conversation shape every stage shares (messages with roles, media parts in place)
-    video.py         probing, frame sampling and decoding (decord, PyAV) -> uint8 frames with timestamps
-    frame_cache.py   decoded frames kept across epochs and runs
-    quality.py       the bad-sample budget, decode time limits
-    examples.py      conversation + frames -> input_ids, labels, pixels (the family's template and processor)
-    dataset.py       measuring, length drops, map-style and streamed datasets, the epoch batch sampler
-    collator.py      pad examples into a batch (visual tensors batched by the family)
-    families/        one module per model family: everything model-specific
+sources.py       corpus files and Hub datasets -> rows (columns, media roots, mixing weights, streaming)
+formats.py       row formats (llava, openai, caption, qa, multiple_choice) -> conversations
+conversation.py  the Conversation shape every stage shares (messages with roles, media parts in place)
+video.py         probing, frame sampling and decoding (decord, PyAV) -> uint8 frames with timestamps
+frame_cache.py   decoded frames kept across epochs and runs
+quality.py       the bad-sample budget, decode time limits
+examples.py      conversation + frames -> input_ids, labels, pixels (the family's template and processor)
+dataset.py       measuring, length drops, map-style and streamed datasets, the epoch batch sampler
+collator.py      pad examples into a batch (visual tensors batched by the family)
+families/        one module per model family: everything model-specific
 """

@@ -75,6 +75,8 @@ def validate_data(cfg: DataConfig) -> None:
         raise DataError(f"data.label_turns must be one of {', '.join(LABEL_TURNS)}, got {cfg.label_turns!r}")
     if not cfg.caption_prompts:
         raise DataError("data.caption_prompts is empty")
+    if cfg.num_workers < 0:
+        raise DataError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
     validate_sampling(cfg.sampling)
     validate_bad_samples(cfg.bad_samples)
 

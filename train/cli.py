@@ -157,14 +157,14 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    import dataclasses
     from pathlib import Path
 
     from vidtune.train.publishing.export import export_folder, hub_token, push
-    from vidtune.train.training.config import load_recipe
+    from vidtune.train.training.config import load_recipe, recipe_to_dict
 
     saved = Path(args.run_dir) / "recipe.yaml"
-    card = dataclasses.asdict(load_recipe(saved).hub) if saved.is_file() else {}
+    # The card shows `${oc.env:...}` values as written, never what the environment holds.
+    card = recipe_to_dict(load_recipe(saved))["hub"] if saved.is_file() else {}
     card["repo_id"] = args.push or card.get("repo_id")
     if args.push and not args.dry_run:
         hub_token()  # before the (possibly long) merge

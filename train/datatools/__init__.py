@@ -1,5 +1,5 @@
 """A recipe's data, before any GPU time.
 
-    check.py  `vidtune check`: every unreadable file and malformed row, token lengths, drops, label counts
-    cache.py  `vidtune cache`: decode a recipe's clips into its frame cache ahead of training
+check.py  `vidtune check`: every unreadable file and malformed row, token lengths, drops, label counts
+cache.py  `vidtune cache`: decode a recipe's clips into its frame cache ahead of training
 """

@@ -1,7 +1,7 @@
 """`vidtune demo` and the fixtures tests share with it.
 
-    stages.py      the demo: corpus -> tiny model -> base -> instruct -> chat, scored after each stage
-    corpus.py      the demo corpus: captions, order questions and two-turn chats about generated clips
-    clips.py       MP4 clips of coloured segments, encoded with PyAV
-    tiny_model.py  a tiny random LLaVA-NeXT-Video built from a config, saved as a normal model folder
+stages.py      the demo: corpus -> tiny model -> base -> instruct -> chat, scored after each stage
+corpus.py      the demo corpus: captions, order questions and two-turn chats about generated clips
+clips.py       MP4 clips of coloured segments, encoded with PyAV
+tiny_model.py  a tiny random LLaVA-NeXT-Video built from a config, saved as a normal model folder
 """

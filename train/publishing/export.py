@@ -44,6 +44,9 @@ ALLOWED_FILES = (
 )
 
 
+EXPORT_MARKER = ".vidtune_export.json"  # what an export wrote; the only files a later export into it deletes
+
+
 def allowed(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in ALLOWED_FILES)
 
@@ -97,10 +100,7 @@ def export_folder(
     if merge and not is_adapter:
         raise RecipeError(f"{run}: --merge needs a LoRA run; this one already holds full weights")
     out = Path(to) if to else run / "export"
-    if out.resolve() == run.resolve():
-        raise RecipeError("--to must be a different folder from the run itself")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    prepare_export_folder(out, run)
     if merge:
         merge_adapter(run, out, metadata)
     else:
@@ -112,7 +112,29 @@ def export_folder(
         model_card(card_metadata, card or {}, merged=merge or not is_adapter), encoding="utf-8"
     )
     files = sorted(p.name for p in out.iterdir() if p.is_file() and allowed(p.name))
+    (out / EXPORT_MARKER).write_text(json.dumps({"files": files}, indent=1) + "\n", encoding="utf-8")
     return ExportResult(out, files)
+
+
+def prepare_export_folder(out: Path, run: Path) -> None:
+    """An empty folder to export into. vidtune deletes only what an earlier export of its own wrote (the files its
+    marker lists): never a folder the user pointed --to by mistake, and never the run being exported."""
+    target, source = out.resolve(), run.resolve()
+    if target == source or source.is_relative_to(target):
+        raise RecipeError(f"--to {out} holds the run {run} itself; export to a new folder")
+    if target.exists() and not target.is_dir():
+        raise RecipeError(f"--to {out} is a file; export to a new folder")
+    marker = out / EXPORT_MARKER
+    if target.is_dir() and any(target.iterdir()):
+        if not marker.is_file():
+            raise RecipeError(
+                f"--to {out} is not empty and holds no earlier vidtune export; vidtune deletes nothing it did not "
+                "write: export to a new or empty folder"
+            )
+        for name in [*json.loads(marker.read_text(encoding="utf-8")).get("files", []), EXPORT_MARKER]:
+            if allowed(name) or name == EXPORT_MARKER:  # a name from the marker, never a path elsewhere
+                (out / Path(name).name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def hub_token() -> str:

@@ -1,14 +1,14 @@
 """The training run, read top to bottom in loop.py: setup -> (resume) -> train -> save -> cleanup.
 
-    config.py       typed, strict recipes (defaults, YAML, `key.sub=value` overrides, validation)
-    model.py        load a checkpoint, choose what trains (LoRA / full, projector, vision tower), audit it
-    build.py        a run's parts from its recipe: model + processor, data loaders, optimizer and scheduler
-    loop.py         the Accelerate loop: micro-batches, loss scaling, steps, eval, checkpoints, final save
-    checkpoint.py   checkpoints written atomically, verified, resumed only when the run matches, loaded safely
-    distributed.py  the Accelerator, DeepSpeed settings, ZeRO-3 vision lockstep, gathering sharded weights
-    cpu_launch.py   GPU launch configs on machines without CUDA (the only private-API patches, asserted)
-    preemption.py   SIGTERM / SIGINT: finish the step, checkpoint, exit 128+signal
-    health.py       bad samples met while training, non-finite losses
-    outputs.py      what a finished run leaves: adapter or model, processor, recipe, vidtune.json
-    tracking.py     metrics.jsonl, console lines and wandb
+config.py       typed, strict recipes (defaults, YAML, `key.sub=value` overrides, validation)
+model.py        load a checkpoint, choose what trains (LoRA / full, projector, vision tower), audit it
+build.py        a run's parts from its recipe: model + processor, data loaders, optimizer and scheduler
+loop.py         the Accelerate loop: micro-batches, loss scaling, steps, eval, checkpoints, final save
+checkpoint.py   checkpoints written atomically, verified, resumed only when the run matches, loaded safely
+distributed.py  the Accelerator, DeepSpeed settings, ZeRO-3 vision lockstep, gathering sharded weights
+cpu_launch.py   GPU launch configs on machines without CUDA (the only private-API patches, asserted)
+preemption.py   SIGTERM / SIGINT: finish the step, checkpoint, exit 128+signal
+health.py       bad samples met while training, non-finite losses
+outputs.py      what a finished run leaves: adapter or model, processor, recipe, vidtune.json
+tracking.py     metrics.jsonl, console lines and wandb
 """

@@ -8,12 +8,10 @@ short answer's tokens more than a long one's and change with the batch layout.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import pickle
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -41,12 +39,16 @@ from vidtune.train.training.checkpoint import (
     TrainingState,
     check_resume,
     check_rng_states,
+    checkpoint_problem,
+    checkpoint_root,
+    clean_leftovers,
     fingerprint,
-    incomplete_checkpoints,
-    latest_checkpoint,
+    retry_when_disk_full,
+    run_settings,
     save_checkpoint,
+    step_folders,
 )
-from vidtune.train.training.config import Recipe, RecipeError, recipe_to_yaml
+from vidtune.train.training.config import Recipe, RecipeError, recipe_to_dict, recipe_to_yaml
 from vidtune.train.training.distributed import VisionLockstep, is_deepspeed, make_accelerator, save_state_kwargs
 from vidtune.train.training.health import BadSampleMonitor, NonFiniteGuard, TrainingError
 from vidtune.train.training.model import format_audit
@@ -76,6 +78,7 @@ class Run:
     bad_samples: BadSampleMonitor = field(default_factory=lambda: BadSampleMonitor(BadSampleConfig()))
     eval_items: list = field(default_factory=list)  # held-out rows for generation-based eval during training
     trainable: list = field(default_factory=list)  # the trainable weights, listed once (clipping walks them)
+    lock: Any = None  # the output folder's lock (main process), released when the run ends
 
 
 # ------------------------------------------------------------------------------------------------------- setup
@@ -83,11 +86,21 @@ class Run:
 
 def setup(recipe: Recipe) -> Run:
     accelerator = make_accelerator(recipe)
+    # The output folder is locked before anything is written to it, and released if setup fails.
+    lock = outputs.lock_output_dir(Path(recipe.train.output_dir)) if accelerator.is_main_process else None
+    try:
+        return build_run(recipe, accelerator, lock)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+
+
+def build_run(recipe: Recipe, accelerator: Accelerator, lock: Any) -> Run:
     set_seed(recipe.train.seed)
     output_dir = Path(recipe.train.output_dir)
     model, family, processor, audit = build_model(recipe)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         outputs.write_audit(output_dir, audit)
         accelerator.print(format_audit(audit))
     train_loader, eval_loader, sampler, drops = build_loaders(recipe, processor, family, accelerator)
@@ -105,7 +118,9 @@ def setup(recipe: Recipe) -> Run:
     state = TrainingState()
     outputs.register_adapter_hooks(accelerator)
     rows = train_loader.dataset.rows if sampler is not None else None
-    run_fingerprint = fingerprint(recipe, accelerator.num_processes, rows)
+    run_fingerprint = fingerprint(
+        recipe, accelerator.num_processes, rows, getattr(processor, "chat_template", "") or ""
+    )
     return Run(
         recipe,
         accelerator,
@@ -127,6 +142,7 @@ def setup(recipe: Recipe) -> Run:
         eval_items=training_items(recipe),
         trainable=[p for p in model.parameters() if p.requires_grad],
         bad_samples=BadSampleMonitor(recipe.data.bad_samples),
+        lock=lock,
     )
 
 
@@ -221,12 +237,17 @@ def skip_step(run: Run) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(run: Run) -> float:
-    """Token-mean loss over the held-out split (per-sample sums, so padding and duplicates do not bias it)."""
+def evaluate(run: Run) -> float | None:
+    """Token-mean loss over the held-out split (per-sample sums, so padding and duplicates do not bias it); None
+    when SIGTERM/SIGINT arrived: checked between batches, since a long evaluation outlasts a preemption's grace
+    period (the caller then checkpoints and stops)."""
     acc, model = run.accelerator, run.model
     model.eval()
     loss_sum, token_sum = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
     for batch in run.eval_loader:
+        if run.stop.requested(acc):  # every rank has the same number of eval batches (Accelerate evens them)
+            model.train()
+            return None
         batch.pop("skipped", None)
         run.lockstep.prepare(batch)  # ranks must run the vision paths alike in eval too
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
@@ -246,21 +267,50 @@ def evaluate(run: Run) -> float:
 
 
 def resume(run: Run) -> None:
-    """Continue from the latest complete checkpoint of the output folder, if there is one and it fits this run."""
+    """Continue from the newest checkpoint of the output folder that verifies (sha256 of every file) and loads,
+    saying which newer ones were skipped and why; refused when it does not fit this run (its fingerprint)."""
     acc, output = run.accelerator, run.recipe.train.output_dir
     if acc.is_main_process:
-        for leftover in incomplete_checkpoints(output):
-            if leftover.name.startswith(".tmp-"):  # a save that crashed midway: never complete, never used
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                acc.print(f"warning: {leftover} does not verify against its manifest; it is kept but not resumed")
+        clean_leftovers(output, acc.print)
     acc.wait_for_everyone()
-    checkpoint = latest_checkpoint(output)
-    if checkpoint is None:
-        return
-    saved = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
-    changed = check_resume(saved["fingerprint"], run.fingerprint, str(checkpoint), run.recipe.train.resume == "force")
-    acc.print(f"resuming from {checkpoint}" + (f" (forced despite: {'; '.join(changed)})" if changed else ""))
+    tried = []
+    for checkpoint in reversed(step_folders(output)):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            saved = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+            check_fingerprint(run, saved, checkpoint)
+            problem = load_checkpoint(run, checkpoint)
+            if problem is None:
+                run.state.load_state_dict(saved["state"])
+                if acc.is_main_process:
+                    tracking.truncate_metrics(output, run.state.step)
+                return
+            tried.append(checkpoint)
+        acc.print(f"skipping {checkpoint}: {problem}")
+    if tried:  # a failed load may have changed some weights: never train on from a half-loaded state
+        raise TrainingError(
+            f"no checkpoint in {checkpoint_root(output)} verifies and loads; move them away to start afresh"
+        )
+
+
+def check_fingerprint(run: Run, saved: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse what changes the math (unless forced); print the deliberate changes (learning rate, max_steps)."""
+    force = run.recipe.train.resume == "force"
+    changed = check_resume(saved["fingerprint"], run.fingerprint, str(checkpoint), force)
+    settings = [
+        f"{key} {saved.get('settings', {}).get(key)} -> {value}"
+        for key, value in run_settings(run.recipe).items()
+        if saved.get("settings", {}).get(key) != value
+    ]
+    note = (f" (forced despite: {'; '.join(changed)})" if changed else "") + (
+        f" (changed: {', '.join(settings)})" if settings else ""
+    )
+    run.accelerator.print(f"resuming from {checkpoint}{note}")
+
+
+def load_checkpoint(run: Run, checkpoint: Path) -> str | None:
+    """Load a verified checkpoint into the run; None, or why it did not load. A file holding code is refused."""
+    acc = run.accelerator
     try:
         check_rng_states(checkpoint, acc.process_index)
         acc.load_state(str(checkpoint), **outputs.load_state_kwargs(acc))
@@ -269,9 +319,9 @@ def resume(run: Run) -> None:
             f"{checkpoint}: refused to load a file that holds code or unknown objects "
             f"({str(err).splitlines()[0][:160]})"
         ) from None
-    run.state.load_state_dict(saved["state"])
-    if acc.is_main_process:
-        tracking.truncate_metrics(output, run.state.step)
+    except Exception as err:  # damaged inside although its hashes match (a manifest written over it)
+        return f"it does not load ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
+    return None
 
 
 def windows(loader: Any, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
@@ -348,8 +398,11 @@ def after_step(run: Run, metrics: dict[str, float]) -> None:
     if step % t.log_every_steps == 0 or step == run.total_steps:
         tracking.log(acc, metrics, step, t.output_dir)
     if run.eval_loader is not None and t.eval_every_steps and step % t.eval_every_steps == 0:
-        metrics["eval/loss"] = evaluate(run)
-        tracking.log(acc, {"eval/loss": metrics["eval/loss"]}, step, t.output_dir)
+        eval_loss = evaluate(run)
+        if eval_loss is None:  # stopped: the loop checkpoints right after this
+            return
+        metrics["eval/loss"] = eval_loss
+        tracking.log(acc, {"eval/loss": eval_loss}, step, t.output_dir)
     if run.eval_items and step % run.recipe.eval.every_steps == 0:
         scores = generation_eval(run)
         metrics.update(scores)
@@ -359,15 +412,36 @@ def after_step(run: Run, metrics: dict[str, float]) -> None:
 
 
 def checkpoint(run: Run) -> Path:
-    state = {"state": run.state.state_dict(), "fingerprint": run.fingerprint}
+    check_finite_weights(run)
+    state = {"state": run.state.state_dict(), "fingerprint": run.fingerprint, "settings": run_settings(run.recipe)}
     return save_checkpoint(
         run.accelerator,
         run.recipe.train.output_dir,
         run.state.step,
         run.recipe.train.keep_last_checkpoints,
         {"recipe.yaml": recipe_to_yaml(run.recipe), TRAINER_STATE: json.dumps(state, indent=1) + "\n"},
+        retry_s=run.recipe.train.save_retry_s,
+        needed_bytes=state_bytes(run),
         **save_state_kwargs(run.accelerator),
     )
+
+
+def state_bytes(run: Run) -> int:
+    """About what a checkpoint takes: the trainable weights and AdamW's two moments per weight."""
+    return 3 * sum(p.numel() * p.element_size() for p in run.trainable)
+
+
+def check_finite_weights(run: Run) -> None:
+    """Never save (and so never call intact) weights that are NaN or infinite: they would replace good ones."""
+    acc = run.accelerator
+    bad = torch.tensor(int(any(not torch.isfinite(p.detach()).all() for p in run.trainable)), device=acc.device)
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, "max")
+    if bad.item():
+        raise TrainingError(
+            f"the trainable weights hold NaN or infinite values after step {run.state.step}; nothing was saved "
+            "(earlier checkpoints are intact): lower train.learning_rate or set train.max_grad_norm"
+        )
 
 
 def generation_eval(run: Run) -> dict[str, Any]:
@@ -393,7 +467,14 @@ def save_outputs(run: Run, metrics: dict[str, float]) -> None:
     acc, recipe = run.accelerator, run.recipe
     frame_px = run.family.decode_edge_px(run.processor)
     metadata = outputs.training_metadata(recipe, frame_px, run.drops, acc, run.state.step, metrics)
-    outputs.save_final(acc, run.model, run.processor, recipe.train.output_dir, recipe, metadata)
+    check_finite_weights(run)
+
+    def save() -> None:
+        outputs.save_final(acc, run.model, run.processor, recipe.train.output_dir, recipe, metadata)
+
+    # The final save is often the only one (save_every_steps 0): a full disk must not lose the finished run.
+    output = Path(recipe.train.output_dir)
+    retry_when_disk_full(acc, save, output, state_bytes(run), recipe.train.save_retry_s)
 
 
 def push_to_hub(run: Run) -> None:
@@ -402,7 +483,7 @@ def push_to_hub(run: Run) -> None:
 
     hub, output = run.recipe.hub, run.recipe.train.output_dir
     try:
-        result = export_folder(output, card=dataclasses.asdict(hub))
+        result = export_folder(output, card=recipe_to_dict(run.recipe)["hub"])  # env values stay masked
         url = push(result, hub.repo_id or "", private=hub.private, revision=hub.revision)
     except Exception as err:
         raise RecipeError(
@@ -429,12 +510,18 @@ def train(recipe: Recipe) -> Path:
             metrics.update(scores)
             tracking.log(run.accelerator, scores, run.state.step, recipe.train.output_dir)
         if run.eval_loader is not None:
-            metrics["eval/loss"] = evaluate(run)
-            tracking.log(run.accelerator, {"eval/loss": metrics["eval/loss"]}, run.state.step, recipe.train.output_dir)
+            eval_loss = evaluate(run)
+            if eval_loss is None:
+                signum = run.stop.requested(run.accelerator) or 15
+                raise TrainingStopped(signum, run.state.step, str(checkpoint(run)))
+            metrics["eval/loss"] = eval_loss
+            tracking.log(run.accelerator, {"eval/loss": eval_loss}, run.state.step, recipe.train.output_dir)
         save_outputs(run, metrics)
         if recipe.hub.repo_id and run.accelerator.is_main_process:
             push_to_hub(run)
     finally:
         run.stop.uninstall()
         tracking.finish(run.accelerator)
+        if run.lock is not None:
+            run.lock.close()
     return Path(recipe.train.output_dir)
