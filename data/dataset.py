@@ -26,7 +26,7 @@ from vidtune.data.examples import LABEL_TURNS, ExampleBuilder, with_time_instruc
 from vidtune.data.formats import DEFAULT_CAPTION_PROMPT
 from vidtune.data.frame_cache import FrameCache, FrameCacheConfig
 from vidtune.data.quality import BadSampleConfig, BadSampleLog, time_limit, validate_bad_samples
-from vidtune.data.sources import SourceConfig, load_conversations, stream_conversations
+from vidtune.data.sources import MAX_ROW_BYTES, SourceConfig, load_conversations, stream_conversations
 from vidtune.data.video import (
     SamplingConfig,
     VideoError,
@@ -58,6 +58,7 @@ class DataConfig:
     caption_prompts: list[str] = field(default_factory=lambda: [DEFAULT_CAPTION_PROMPT])  # sampled per row
     streaming: bool = False  # stream corpora too large to prepare (measured and filtered on the fly)
     num_workers: int = 2  # DataLoader worker processes (decode + processing)
+    max_row_bytes: int = MAX_ROW_BYTES  # larger annotation rows are bad rows, dropped before any parsing
     bad_samples: BadSampleConfig = field(default_factory=BadSampleConfig)  # what to do with unreadable samples
     frame_cache: FrameCacheConfig = field(default_factory=FrameCacheConfig)  # reuse decoded frames across epochs
 
@@ -75,8 +76,10 @@ def validate_data(cfg: DataConfig) -> None:
         raise DataError(f"data.label_turns must be one of {', '.join(LABEL_TURNS)}, got {cfg.label_turns!r}")
     if not cfg.caption_prompts:
         raise DataError("data.caption_prompts is empty")
-    if cfg.num_workers < 0:
-        raise DataError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
+    if cfg.num_workers < 0 or cfg.max_row_bytes < 1:
+        raise DataError(
+            f"data.num_workers must be >= 0 and max_row_bytes >= 1, got {cfg.num_workers}, {cfg.max_row_bytes}"
+        )
     validate_sampling(cfg.sampling)
     validate_bad_samples(cfg.bad_samples)
 
@@ -130,11 +133,16 @@ class Measurer:
         tokens, instructions = [], {}
         for index, part in enumerate(media_parts(messages)):
             path = part["path"] or ""
+            quality = self.cfg.bad_samples
             if part["type"] == "image":
-                tokens.append(self.builder.tokens.image_tokens(*image_size(path)))
+                height, width = image_size(path)
+                if height * width > quality.max_frame_pixels:  # the header alone: pixels are never decoded
+                    raise VideoError(
+                        f"{path}: {width}x{height} image exceeds the {quality.max_frame_pixels:,}-pixel limit"
+                    )
+                tokens.append(self.builder.tokens.image_tokens(height, width))
                 continue
             info = self.video_info(path)
-            quality = self.cfg.bad_samples
             check_clip(
                 path,
                 info,
@@ -215,7 +223,9 @@ def prepare_eval_rows(
     if not cfg.eval_sources:
         return None
     bad = BadSampleLog(cfg.bad_samples)
-    rows = load_conversations(cfg.eval_sources, cfg.caption_prompts, seed, keep_bad=True)
+    rows = load_conversations(
+        cfg.eval_sources, cfg.caption_prompts, seed, keep_bad=True, max_row_bytes=cfg.max_row_bytes
+    )
     if not measured:
         return rows
     return measure_and_filter(rows, Measurer(builder, cfg), bad)[0]
@@ -227,7 +237,9 @@ def prepare_rows(
     """Training rows, evaluation rows (or None) and the training drop report (length drops and bad samples)."""
     measurer = Measurer(builder, cfg)
     bad = BadSampleLog(cfg.bad_samples)
-    train_rows = load_conversations(cfg.sources, cfg.caption_prompts, seed, keep_bad=True)
+    train_rows = load_conversations(
+        cfg.sources, cfg.caption_prompts, seed, keep_bad=True, max_row_bytes=cfg.max_row_bytes
+    )
     eval_rows = prepare_eval_rows(cfg, builder, seed, measured=False)
     if cfg.eval_fraction:
         train_rows, eval_rows = split_eval(train_rows, cfg.eval_fraction, seed)
@@ -366,7 +378,7 @@ class StreamingSFTDataset(torch.utils.data.IterableDataset):
     ):
         from datasets.distributed import split_dataset_by_node
 
-        stream = stream_conversations(cfg.sources, cfg.caption_prompts, seed)
+        stream = stream_conversations(cfg.sources, cfg.caption_prompts, seed, cfg.max_row_bytes)
         self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
         self.measurer, self.maker, self.repeat, self.rank = measurer, maker, repeat, rank
         self.dropped: Counter = Counter()

@@ -45,7 +45,7 @@ def measure_all(recipe: Recipe, builder: ExampleBuilder, bad: BadSampleLog, deco
     rows = (  # every row once: the mix's weights and sample counts do not matter here
         row
         for source in [*data.sources, *data.eval_sources]
-        for row in iter_conversations(source, data.caption_prompts, recipe.train.seed, keep_bad=True)
+        for row in iter_conversations(source, data.caption_prompts, recipe.train.seed, True, data.max_row_bytes)
     )
     measurer, measured = Measurer(builder, data), []
     for row in rows:

@@ -79,12 +79,13 @@ def merge_adapter(run_dir: Path, out: Path, metadata: dict[str, Any]) -> None:
     from transformers import AutoProcessor
 
     from vidtune.data.families import family_for
-    from vidtune.train.training.model import load_model_config, model_class
+    from vidtune.train.training.model import load_model_config, model_class, refusing_pickles
 
     base = metadata["base_model"]
     family = family_for(load_model_config(base).model_type)
-    model = model_class(family).from_pretrained(base, dtype="auto")  # the base's own dtype (bf16 for the 7B)
-    merged = PeftModel.from_pretrained(model, str(run_dir)).merge_and_unload()
+    with refusing_pickles(base, run_dir):
+        model = model_class(family).from_pretrained(base, dtype="auto")  # the base's own dtype (bf16 for the 7B)
+        merged = PeftModel.from_pretrained(model, str(run_dir)).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
     AutoProcessor.from_pretrained(str(run_dir)).save_pretrained(out)
     (out / METADATA).write_text(json.dumps({**metadata, "merged": True}, indent=2) + "\n", encoding="utf-8")
