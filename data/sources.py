@@ -141,11 +141,7 @@ def iter_raw_rows(cfg: SourceConfig, max_row_bytes: int = MAX_ROW_BYTES) -> Iter
     elif loader == "jsonl":
         yield from _jsonl_rows(path, name, max_row_bytes)
     else:
-        if loader:  # csv / parquet through datasets' own readers
-            rows_ds = datasets.load_dataset(loader, data_files=str(path), split="train", streaming=True)
-        else:  # a Hugging Face dataset name, or a local folder laid out as one
-            rows_ds = datasets.load_dataset(cfg.path, split=cfg.split, streaming=True)
-        rows = iter(rows_ds)
+        rows = _library_rows(cfg, loader)
         for i in itertools.count():
             try:
                 row = next(rows)
@@ -159,6 +155,15 @@ def iter_raw_rows(cfg: SourceConfig, max_row_bytes: int = MAX_ROW_BYTES) -> Iter
                 i,
                 _decode_structured(dict(row)) if size <= max_row_bytes else _too_large(size, max_row_bytes),
             )
+
+
+def _library_rows(cfg: SourceConfig, loader: str | None) -> Iterator[dict[str, Any]]:
+    """Rows of a csv / parquet file through datasets' own readers, or of a Hugging Face dataset (name or folder);
+    a generator, so that opening the file fails where reading it does."""
+    if loader:
+        yield from datasets.load_dataset(loader, data_files=cfg.path, split="train", streaming=True)
+    else:
+        yield from datasets.load_dataset(cfg.path, split=cfg.split, streaming=True)
 
 
 def _too_large(size: int, max_row_bytes: int) -> InvalidRow:

@@ -12,10 +12,16 @@ A spec holds comma-separated faults:
   killsave@STEP      SIGKILL this process in the middle of writing the checkpoint of step STEP
   nan@STEP.N         make the loss NaN for N micro-batches (default 1) while STEP optimizer steps are done
   hang@TEXT          opening a video whose path contains TEXT never returns (until the decode time limit)
+  enospc@WHAT.N      the first N writes of WHAT (`checkpoint`: a checkpoint's manifest; `final`: the final save)
+                     fail with ENOSPC, as on a full disk (N=0: every write fails)
+  crashpublish@STEP  the save of step STEP raises just before its rename (as a kill there would leave it)
+  nanweights@STEP    the trainable weights turn NaN in optimizer step STEP
+  termeval@STEP      SIGTERM to this process as the evaluation after step STEP starts
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -27,7 +33,8 @@ SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
 
 def parse(spec: str) -> list[tuple[str, str]]:
     faults = [tuple(item.split("@", 1)) for item in spec.split(",") if item]
-    unknown = [f for f in faults if len(f) != 2 or f[0] not in (*SIGNALS, "killsave", "nan", "hang")]
+    known = (*SIGNALS, "killsave", "nan", "hang", "enospc", "crashpublish", "nanweights", "termeval")
+    unknown = [f for f in faults if len(f) != 2 or f[0] not in known]
     if unknown:
         raise ValueError(f"unknown faults {unknown} in {spec!r}")
     return faults  # type: ignore[return-value]
@@ -36,7 +43,7 @@ def parse(spec: str) -> list[tuple[str, str]]:
 def patches(spec: str) -> list[tuple[Any, str, Any]]:
     """(module, attribute, replacement) for every fault in the spec."""
     from vidtune.data import video
-    from vidtune.train.training import checkpoint, loop
+    from vidtune.train.training import checkpoint, loop, outputs
 
     result: list[tuple[Any, str, Any]] = []
     for action, where in parse(spec):
@@ -46,6 +53,16 @@ def patches(spec: str) -> list[tuple[Any, str, Any]]:
             result.append((checkpoint, "write_manifest", _kill_while_saving(checkpoint.write_manifest, int(where))))
         elif action == "nan":
             result.append((loop, "forward_loss", _nan_loss(loop.forward_loss, where)))
+        elif action == "enospc":
+            what, _, times = where.partition(".")
+            module, name = (checkpoint, "write_manifest") if what == "checkpoint" else (outputs, "save_final")
+            result.append((module, name, _disk_full(getattr(module, name), int(times or 0))))
+        elif action == "crashpublish":
+            result.append((checkpoint, "publish", _crash_before_publish(checkpoint.publish, int(where))))
+        elif action == "nanweights":
+            result.append((loop, "train_step", _nan_weights(loop.train_step, int(where))))
+        elif action == "termeval":
+            result.append((loop, "evaluate", _term_at_eval(loop.evaluate, int(where))))
         else:
             result.append((video, "open_video", _hang_on_open(video.open_video, where)))
     return result
@@ -89,6 +106,53 @@ def _nan_loss(real: Any, where: str) -> Any:
         return loss
 
     return forward_loss
+
+
+class InjectedCrash(RuntimeError):
+    """Stands for a process killed at the injection point (in-process tests then relaunch)."""
+
+
+def _disk_full(real: Any, times: int) -> Any:
+    failed = [0]
+
+    def write(*args: Any, **kwargs: Any) -> Any:
+        if not times or failed[0] < times:
+            failed[0] += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    return write
+
+
+def _crash_before_publish(real: Any, step: int) -> Any:
+    fired = [False]
+
+    def publish(tmp: Any, final: Any) -> None:
+        if final.name == f"step_{step:08d}" and not fired[0]:
+            fired[0] = True
+            raise InjectedCrash(f"crashed before publishing {final.name}")
+        real(tmp, final)
+
+    return publish
+
+
+def _nan_weights(real: Any, step: int) -> Any:
+    def train_step(run: Any, window: Any) -> Any:
+        result = real(run, window)
+        if run.state.step + 1 == step and not result.get("skipped"):
+            run.trainable[0].data.fill_(float("nan"))
+        return result
+
+    return train_step
+
+
+def _term_at_eval(real: Any, step: int) -> Any:
+    def evaluate(run: Any) -> Any:
+        if run.state.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(run)
+
+    return evaluate
 
 
 def _hang_on_open(real: Any, text: str) -> Any:
