@@ -160,11 +160,12 @@ def run_export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from vidtune.train.publishing.export import export_folder, hub_token, push
-    from vidtune.train.training.config import load_recipe, recipe_to_dict
+    from vidtune.train.training.config import read_recipe_yaml
 
     saved = Path(args.run_dir) / "recipe.yaml"
-    # The card shows `${oc.env:...}` values as written, never what the environment holds.
-    card = recipe_to_dict(load_recipe(saved))["hub"] if saved.is_file() else {}
+    # The saved recipe as written, unresolved: the card shows `${oc.env:...}` values as that text, never what the
+    # environment holds (and exporting does not need the training environment's variables).
+    card = dict(read_recipe_yaml(saved).get("hub") or {}) if saved.is_file() else {}
     card["repo_id"] = args.push or card.get("repo_id")
     if args.push and not args.dry_run:
         hub_token()  # before the (possibly long) merge

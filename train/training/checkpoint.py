@@ -161,14 +161,6 @@ def check_rng_states(folder: Path, process_index: int) -> None:
         raise pickle.UnpicklingError(f"{path.name}: {str(err).splitlines()[0][:160]}") from None
 
 
-def incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Leftovers of saves that never finished (a crash mid-save), or checkpoints whose files no longer verify."""
-    root = checkpoint_root(output_dir)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p.name.startswith(".tmp-") or not verify(p, False)))
-
-
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     found = complete_checkpoints(output_dir, hashes=True)
     return found[-1] if found else None
@@ -177,7 +169,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 def clean_leftovers(output_dir: str | Path, say: Any = print) -> None:
     """At start (main process): finish what a killed process left. A `.tmp-` save whose manifest verifies was
     complete and only missed its rename: publish it. Other `.tmp-` folders never completed: delete them. `.del-`
-    folders are rotations killed mid-delete: finish deleting them. Step folders that do not verify are kept."""
+    folders are rotations killed mid-delete: finish deleting them. Step folders that do not verify are kept (resume
+    names them as it skips them)."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return
@@ -191,8 +184,6 @@ def clean_leftovers(output_dir: str | Path, say: Any = print) -> None:
                 say(f"published {final.name}: its save was complete but not yet renamed")
             else:
                 shutil.rmtree(folder, ignore_errors=True)
-        elif folder.name.startswith(PREFIX) and (problem := checkpoint_problem(folder, hashes=False)):
-            say(f"warning: {folder} is kept but not resumed: {problem}")
 
 
 def publish(tmp: Path, final: Path) -> None:
