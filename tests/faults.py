@@ -12,8 +12,8 @@ A spec holds comma-separated faults:
   killsave@STEP      SIGKILL this process in the middle of writing the checkpoint of step STEP
   nan@STEP.N         make the loss NaN for N micro-batches (default 1) while STEP optimizer steps are done
   hang@TEXT          opening a video whose path contains TEXT never returns (until the decode time limit)
-  enospc@WHAT.N      the first N writes of WHAT (`checkpoint`: a checkpoint's manifest; `final`: the final save)
-                     fail with ENOSPC, as on a full disk (N=0: every write fails)
+  enospc@final.N     the first N final saves fail with ENOSPC, as on a full disk (N=0: every one)
+  enospc@step.STEP   every save of the checkpoint of step STEP fails with ENOSPC (the disk stays full)
   crashpublish@STEP  the save of step STEP raises just before its rename (as a kill there would leave it)
   nanweights@STEP    the trainable weights turn NaN in optimizer step STEP
   termeval@STEP      SIGTERM to this process as the evaluation after step STEP starts
@@ -53,10 +53,10 @@ def patches(spec: str) -> list[tuple[Any, str, Any]]:
             result.append((checkpoint, "write_manifest", _kill_while_saving(checkpoint.write_manifest, int(where))))
         elif action == "nan":
             result.append((loop, "forward_loss", _nan_loss(loop.forward_loss, where)))
+        elif action == "enospc" and where.startswith("step."):
+            result.append((checkpoint, "write_manifest", _disk_full_at_step(checkpoint.write_manifest, int(where[5:]))))
         elif action == "enospc":
-            what, _, times = where.partition(".")
-            module, name = (checkpoint, "write_manifest") if what == "checkpoint" else (outputs, "save_final")
-            result.append((module, name, _disk_full(getattr(module, name), int(times or 0))))
+            result.append((outputs, "save_final", _disk_full(outputs.save_final, int(where.partition(".")[2] or 0))))
         elif action == "crashpublish":
             result.append((checkpoint, "publish", _crash_before_publish(checkpoint.publish, int(where))))
         elif action == "nanweights":
@@ -122,6 +122,15 @@ def _disk_full(real: Any, times: int) -> Any:
         return real(*args, **kwargs)
 
     return write
+
+
+def _disk_full_at_step(real: Any, step: int) -> Any:
+    def write_manifest(folder: Any) -> None:
+        if folder.name == f".tmp-step_{step:08d}":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(folder)
+
+    return write_manifest
 
 
 def _crash_before_publish(real: Any, step: int) -> Any:

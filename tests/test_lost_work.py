@@ -5,7 +5,6 @@ whose data, base model, seed, order or sampling changed."""
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 import signal
@@ -212,14 +211,7 @@ def test_4_a_disk_that_stays_full_fails_in_one_line_and_keeps_older_checkpoints(
     tiny_model_dir, demo_corpus, tmp_path, monkeypatch
 ):
     monkeypatch.setattr(ckpt, "RETRY_INTERVAL_S", 0.05)
-    real = ckpt.write_manifest
-
-    def write_manifest(folder: Path) -> None:  # the disk fills up after the checkpoint of step 2
-        if folder.name == ".tmp-step_00000004":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(folder)
-
-    monkeypatch.setattr(ckpt, "write_manifest", write_manifest)
+    inject(monkeypatch, "enospc@step.4")  # the disk fills up after the checkpoint of step 2
     output = tmp_path / "run"
     with pytest.raises(TrainingError, match=r"gave up after train\.save_retry_s=0\.2s") as err:
         train(

@@ -222,16 +222,18 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}"
 
     def attempt() -> None:
+        # A full disk on one rank must not skip a barrier the others wait at: each phase's error is held until
+        # every rank has passed the barrier, then raised (retry_when_disk_full agrees on it across ranks).
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True, **save_kwargs)
+        error = _disk_full_error(lambda: accelerator.save_state(str(tmp), safe_serialization=True, **save_kwargs))
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            for name, text in extra_files.items():
-                (tmp / name).write_text(text, encoding="utf-8")
-            write_manifest(tmp)
+        if accelerator.is_main_process and error is None:
+            error = _disk_full_error(lambda: _finish(tmp, extra_files))
+        if error is not None:
+            raise error
 
     needed = needed_bytes or max((folder_bytes(p) for p in complete_checkpoints(output_dir)[-1:]), default=0)
     retry_when_disk_full(accelerator, attempt, root, needed, retry_s, cleanup=lambda: shutil.rmtree(tmp, True))
@@ -247,6 +249,22 @@ def save_checkpoint(
     return final
 
 
+def _finish(tmp: Path, extra_files: dict[str, str]) -> None:
+    for name, text in extra_files.items():
+        (tmp / name).write_text(text, encoding="utf-8")
+    write_manifest(tmp)
+
+
+def _disk_full_error(action: Any) -> OSError | None:
+    try:
+        action()
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        return err
+    return None
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -259,13 +277,7 @@ def retry_when_disk_full(
     operator can free space. Nothing older is deleted to make room."""
     deadline = time.monotonic() + retry_s
     while True:
-        error: OSError | None = None
-        try:
-            action()
-        except OSError as err:
-            if err.errno != errno.ENOSPC:
-                raise
-            error = err
+        error = _disk_full_error(action)
         if not _any_rank(accelerator, error is not None):
             return
         if cleanup is not None and accelerator.is_main_process:

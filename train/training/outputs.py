@@ -159,13 +159,19 @@ def save_final(
     # (under ZeRO-3 this needs zero3_save_16bit_model).
     lora = isinstance(unwrapped, PeftModel)
     state_dict = trainable_state_dict(acc, model) if lora else acc.get_state_dict(model)
+    error: OSError | None = None
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-        processor.save_pretrained(out)
-        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
-        (out / METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+            processor.save_pretrained(out)
+            (out / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+            (out / METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        except OSError as err:  # a full disk: raised after the barrier, so the other ranks are not left waiting
+            error = err
     acc.wait_for_everyone()
+    if error is not None:
+        raise error
 
 
 def read_metadata(folder: str | Path) -> dict[str, Any] | None:
