@@ -111,8 +111,10 @@ def test_1_export_never_deletes_what_vidtune_did_not_write(finished, tmp_path, c
     assert (finished / "adapter_model.safetensors").is_file() and (finished / "vidtune.json").is_file()
     again = tmp_path / "export"
     main(["export", str(finished), "--to", str(again)])
-    (again / "notes.txt").write_text("mine")  # a user's file beside an earlier export
-    main(["export", str(finished), "--to", str(again)])  # re-exporting replaces only what the export wrote
+    main(["export", str(finished), "--to", str(again)])  # an earlier export is replaced
+    (again / "notes.txt").write_text("mine")  # a user's file beside an earlier export: no longer only ours
+    with pytest.raises(SystemExit):
+        main(["export", str(finished), "--to", str(again)])
     assert (again / "notes.txt").read_text() == "mine" and (again / "README.md").is_file()
 
 

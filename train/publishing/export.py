@@ -44,9 +44,6 @@ ALLOWED_FILES = (
 )
 
 
-EXPORT_MARKER = ".vidtune_export.json"  # what an export wrote; the only files a later export into it deletes
-
-
 def allowed(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in ALLOWED_FILES)
 
@@ -113,68 +110,25 @@ def export_folder(
         model_card(card_metadata, card or {}, merged=merge or not is_adapter), encoding="utf-8"
     )
     files = sorted(p.name for p in out.iterdir() if p.is_file() and allowed(p.name))
-    (out / EXPORT_MARKER).write_text(json.dumps({"files": files}, indent=1) + "\n", encoding="utf-8")
     return ExportResult(out, files)
 
 
 def prepare_export_folder(out: Path, run: Path) -> None:
-    """An empty folder to export into. vidtune deletes only what an earlier export of its own wrote (the files its
-    marker lists): never a folder the user pointed --to by mistake, and never the run being exported."""
+    """An empty folder to export into. vidtune deletes only an earlier export of its own (a folder holding nothing
+    but export files, vidtune.json among them): never a folder the user pointed --to by mistake, and never the
+    run being exported."""
     target, source = out.resolve(), run.resolve()
     if target == source or source.is_relative_to(target):
         raise RecipeError(f"--to {out} holds the run {run} itself; export to a new folder")
     if target.exists() and not target.is_dir():
         raise RecipeError(f"--to {out} is a file; export to a new folder")
-    marker = out / EXPORT_MARKER
-    if target.is_dir() and any(target.iterdir()):
-        if not marker.is_file():
-            raise RecipeError(
-                f"--to {out} is not empty and holds no earlier vidtune export; vidtune deletes nothing it did not "
-                "write: export to a new or empty folder"
-            )
-        for name in [*json.loads(marker.read_text(encoding="utf-8")).get("files", []), EXPORT_MARKER]:
-            if allowed(name) or name == EXPORT_MARKER:  # a name from the marker, never a path elsewhere
-                (out / Path(name).name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def hub_token() -> str:
-    from huggingface_hub import get_token
-
-    token = get_token()
-    if not token:
+    entries = sorted(target.iterdir()) if target.is_dir() else []
+    earlier_export = (target / METADATA).is_file() and all(p.is_file() and allowed(p.name) for p in entries)
+    if entries and not earlier_export:
         raise RecipeError(
-            "no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again "
-            "(`vidtune export RUN_DIR --push REPO_ID`)"
+            f"--to {out} is not empty and is not an earlier vidtune export; vidtune deletes nothing it did not "
+            "write: export to a new or empty folder"
         )
-    return token
-
-
-def push(
-    result: ExportResult,
-    repo_id: str,
-    private: bool = True,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    api: Any = None,
-) -> str:
-    """Upload exactly `result.files` (one commit); the repo and branch are created when missing."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    if api is None:
-        api = HfApi(token=hub_token())
-    url = api.create_repo(repo_id=repo_id, private=private, repo_type="model", exist_ok=True)
-    if revision:
-        api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True, repo_type="model")
-    operations = [
-        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(result.folder / name)) for name in result.files
-    ]
-    api.create_commit(
-        repo_id=repo_id,
-        operations=operations,
-        revision=revision,
-        repo_type="model",
-        commit_message=commit_message or f"Upload {result.folder.name} with vidtune",
-    )
-    result.pushed_to = str(url)
-    return str(url)
+    for path in entries:
+        path.unlink()
+    out.mkdir(parents=True, exist_ok=True)

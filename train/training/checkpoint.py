@@ -161,6 +161,24 @@ def check_rng_states(folder: Path, process_index: int) -> None:
         raise pickle.UnpicklingError(f"{path.name}: {str(err).splitlines()[0][:160]}") from None
 
 
+def load_checkpoint(accelerator: Any, checkpoint: Path, load_kwargs: dict[str, Any]) -> str | None:
+    """Load a verified checkpoint into the prepared objects; None, or why it did not load. A file that holds code
+    is refused outright (RecipeError), never skipped."""
+    import pickle
+
+    try:
+        check_rng_states(checkpoint, accelerator.process_index)
+        accelerator.load_state(str(checkpoint), **load_kwargs)
+    except pickle.UnpicklingError as err:
+        raise RecipeError(
+            f"{checkpoint}: refused to load a file that holds code or unknown objects "
+            f"({str(err).splitlines()[0][:160]})"
+        ) from None
+    except Exception as err:  # damaged inside although its hashes match (a manifest written over it)
+        return f"it does not load ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
+    return None
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     found = complete_checkpoints(output_dir, hashes=True)
     return found[-1] if found else None
@@ -370,6 +388,17 @@ def run_settings(recipe: Recipe) -> dict[str, Any]:
         "weight_decay": t.weight_decay,
         "max_grad_norm": t.max_grad_norm,
     }
+
+
+def changed_settings(saved: dict[str, Any], recipe: Recipe) -> list[str]:
+    return [
+        f"{key} {saved.get(key)} -> {value}" for key, value in run_settings(recipe).items() if saved.get(key) != value
+    ]
+
+
+def state_bytes(trainable: list[Any]) -> int:
+    """About what a checkpoint takes: the trainable weights and AdamW's two moments per weight."""
+    return 3 * sum(p.numel() * p.element_size() for p in trainable)
 
 
 def content_hash(path: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import sys
 import time
 from collections.abc import Iterator
@@ -37,20 +36,22 @@ from vidtune.train.training.build import build_loaders, build_model, build_optim
 from vidtune.train.training.checkpoint import (
     TRAINER_STATE,
     TrainingState,
+    changed_settings,
     check_resume,
-    check_rng_states,
     checkpoint_problem,
     checkpoint_root,
     clean_leftovers,
     fingerprint,
+    load_checkpoint,
     retry_when_disk_full,
     run_settings,
     save_checkpoint,
+    state_bytes,
     step_folders,
 )
 from vidtune.train.training.config import Recipe, RecipeError, recipe_to_dict, recipe_to_yaml
 from vidtune.train.training.distributed import VisionLockstep, is_deepspeed, make_accelerator, save_state_kwargs
-from vidtune.train.training.health import BadSampleMonitor, NonFiniteGuard, TrainingError
+from vidtune.train.training.health import BadSampleMonitor, NonFiniteGuard, TrainingError, check_finite_weights
 from vidtune.train.training.model import format_audit
 from vidtune.train.training.preemption import StopRequest, TrainingStopped
 
@@ -279,7 +280,7 @@ def resume(run: Run) -> None:
         if problem is None:
             saved = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
             check_fingerprint(run, saved, checkpoint)
-            problem = load_checkpoint(run, checkpoint)
+            problem = load_checkpoint(acc, checkpoint, outputs.load_state_kwargs(acc))
             if problem is None:
                 run.state.load_state_dict(saved["state"])
                 if acc.is_main_process:
@@ -297,31 +298,11 @@ def check_fingerprint(run: Run, saved: dict[str, Any], checkpoint: Path) -> None
     """Refuse what changes the math (unless forced); print the deliberate changes (learning rate, max_steps)."""
     force = run.recipe.train.resume == "force"
     changed = check_resume(saved["fingerprint"], run.fingerprint, str(checkpoint), force)
-    settings = [
-        f"{key} {saved.get('settings', {}).get(key)} -> {value}"
-        for key, value in run_settings(run.recipe).items()
-        if saved.get("settings", {}).get(key) != value
-    ]
+    settings = changed_settings(saved.get("settings", {}), run.recipe)
     note = (f" (forced despite: {'; '.join(changed)})" if changed else "") + (
         f" (changed: {', '.join(settings)})" if settings else ""
     )
     run.accelerator.print(f"resuming from {checkpoint}{note}")
-
-
-def load_checkpoint(run: Run, checkpoint: Path) -> str | None:
-    """Load a verified checkpoint into the run; None, or why it did not load. A file holding code is refused."""
-    acc = run.accelerator
-    try:
-        check_rng_states(checkpoint, acc.process_index)
-        acc.load_state(str(checkpoint), **outputs.load_state_kwargs(acc))
-    except pickle.UnpicklingError as err:
-        raise RecipeError(
-            f"{checkpoint}: refused to load a file that holds code or unknown objects "
-            f"({str(err).splitlines()[0][:160]})"
-        ) from None
-    except Exception as err:  # damaged inside although its hashes match (a manifest written over it)
-        return f"it does not load ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
-    return None
 
 
 def windows(loader: Any, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
@@ -412,7 +393,7 @@ def after_step(run: Run, metrics: dict[str, float]) -> None:
 
 
 def checkpoint(run: Run) -> Path:
-    check_finite_weights(run)
+    check_finite_weights(run.accelerator, run.trainable, run.state.step)
     state = {"state": run.state.state_dict(), "fingerprint": run.fingerprint, "settings": run_settings(run.recipe)}
     return save_checkpoint(
         run.accelerator,
@@ -421,27 +402,9 @@ def checkpoint(run: Run) -> Path:
         run.recipe.train.keep_last_checkpoints,
         {"recipe.yaml": recipe_to_yaml(run.recipe), TRAINER_STATE: json.dumps(state, indent=1) + "\n"},
         retry_s=run.recipe.train.save_retry_s,
-        needed_bytes=state_bytes(run),
+        needed_bytes=state_bytes(run.trainable),
         **save_state_kwargs(run.accelerator),
     )
-
-
-def state_bytes(run: Run) -> int:
-    """About what a checkpoint takes: the trainable weights and AdamW's two moments per weight."""
-    return 3 * sum(p.numel() * p.element_size() for p in run.trainable)
-
-
-def check_finite_weights(run: Run) -> None:
-    """Never save (and so never call intact) weights that are NaN or infinite: they would replace good ones."""
-    acc = run.accelerator
-    bad = torch.tensor(int(any(not torch.isfinite(p.detach()).all() for p in run.trainable)), device=acc.device)
-    if acc.num_processes > 1:
-        bad = acc.reduce(bad, "max")
-    if bad.item():
-        raise TrainingError(
-            f"the trainable weights hold NaN or infinite values after step {run.state.step}; nothing was saved "
-            "(earlier checkpoints are intact): lower train.learning_rate or set train.max_grad_norm"
-        )
 
 
 def generation_eval(run: Run) -> dict[str, Any]:
@@ -467,14 +430,14 @@ def save_outputs(run: Run, metrics: dict[str, float]) -> None:
     acc, recipe = run.accelerator, run.recipe
     frame_px = run.family.decode_edge_px(run.processor)
     metadata = outputs.training_metadata(recipe, frame_px, run.drops, acc, run.state.step, metrics)
-    check_finite_weights(run)
+    check_finite_weights(acc, run.trainable, run.state.step)
 
     def save() -> None:
         outputs.save_final(acc, run.model, run.processor, recipe.train.output_dir, recipe, metadata)
 
     # The final save is often the only one (save_every_steps 0): a full disk must not lose the finished run.
     output = Path(recipe.train.output_dir)
-    retry_when_disk_full(acc, save, output, state_bytes(run), recipe.train.save_retry_s)
+    retry_when_disk_full(acc, save, output, state_bytes(run.trainable), recipe.train.save_retry_s)
 
 
 def push_to_hub(run: Run) -> None:
