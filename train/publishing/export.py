@@ -132,3 +132,45 @@ def prepare_export_folder(out: Path, run: Path) -> None:
     for path in entries:
         path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+
+def hub_token() -> str:
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise RecipeError(
+            "no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again "
+            "(`vidtune export RUN_DIR --push REPO_ID`)"
+        )
+    return token
+
+
+def push(
+    result: ExportResult,
+    repo_id: str,
+    private: bool = True,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    api: Any = None,
+) -> str:
+    """Upload exactly `result.files` (one commit); the repo and branch are created when missing."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    if api is None:
+        api = HfApi(token=hub_token())
+    url = api.create_repo(repo_id=repo_id, private=private, repo_type="model", exist_ok=True)
+    if revision:
+        api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True, repo_type="model")
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(result.folder / name)) for name in result.files
+    ]
+    api.create_commit(
+        repo_id=repo_id,
+        operations=operations,
+        revision=revision,
+        repo_type="model",
+        commit_message=commit_message or f"Upload {result.folder.name} with vidtune",
+    )
+    result.pushed_to = str(url)
+    return str(url)
