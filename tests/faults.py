@@ -16,7 +16,8 @@ A spec holds comma-separated faults:
   enospc@step.STEP   every save of the checkpoint of step STEP fails with ENOSPC (the disk stays full)
   crashpublish@STEP  the save of step STEP raises just before its rename (as a kill there would leave it)
   nanweights@STEP    the trainable weights turn NaN in optimizer step STEP
-  termeval@STEP      SIGTERM to this process as the evaluation after step STEP starts
+  termeval@STEP      SIGTERM to this process as the eval-loss evaluation after step STEP starts
+  termgen@STEP       the same as the generation-based evaluation after step STEP starts
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
 
 def parse(spec: str) -> list[tuple[str, str]]:
     faults = [tuple(item.split("@", 1)) for item in spec.split(",") if item]
-    known = (*SIGNALS, "killsave", "nan", "hang", "enospc", "crashpublish", "nanweights", "termeval")
+    known = (*SIGNALS, "killsave", "nan", "hang", "enospc", "crashpublish", "nanweights", "termeval", "termgen")
     unknown = [f for f in faults if len(f) != 2 or f[0] not in known]
     if unknown:
         raise ValueError(f"unknown faults {unknown} in {spec!r}")
@@ -61,8 +62,9 @@ def patches(spec: str) -> list[tuple[Any, str, Any]]:
             result.append((checkpoint, "publish", _crash_before_publish(checkpoint.publish, int(where))))
         elif action == "nanweights":
             result.append((loop, "train_step", _nan_weights(loop.train_step, int(where))))
-        elif action == "termeval":
-            result.append((loop, "evaluate", _term_at_eval(loop.evaluate, int(where))))
+        elif action in ("termeval", "termgen"):
+            name = "evaluate" if action == "termeval" else "generation_eval"
+            result.append((loop, name, _term_at_eval(getattr(loop, name), int(where))))
         else:
             result.append((video, "open_video", _hang_on_open(video.open_video, where)))
     return result

@@ -261,18 +261,27 @@ def test_5_a_crash_between_save_and_rename_is_published_and_half_deletes_are_fin
 # ----------------------------------------------------------------------------------- 6: SIGTERM in eval
 
 
-def test_6_sigterm_during_evaluation_stops_between_eval_batches(tiny_model_dir, demo_corpus, tmp_path, monkeypatch):
-    inject(monkeypatch, "termeval@2")
+@pytest.mark.parametrize(
+    ("fault", "evaluation", "logged"),
+    [
+        ("termeval@2", "train.eval_every_steps=2", "eval/loss"),
+        ("termgen@2", "eval.every_steps=2", "eval/qa/"),
+    ],
+)
+def test_6_sigterm_during_evaluation_stops_between_eval_batches(
+    tiny_model_dir, demo_corpus, tmp_path, monkeypatch, fault, evaluation, logged
+):
+    inject(monkeypatch, fault)
     output = tmp_path / "run"
-    eval_source = f"data.eval_sources=[{{path: {demo_corpus / 'questions_eval.jsonl'}}}]"
+    held_out = f"[{{path: {demo_corpus / 'questions_eval.jsonl'}}}]"
     with pytest.raises(TrainingStopped) as stopped:
         train(
-            *overrides(
-                tiny_model_dir, demo_corpus, output, eval_source, "train.eval_every_steps=2", "train.save_every_steps=0"
-            )
+            *overrides(tiny_model_dir, demo_corpus, output, "train.save_every_steps=0", "eval.max_samples=4"),
+            f"data.eval_sources={held_out}",
+            evaluation,
         )
     assert stopped.value.signum == signal.SIGTERM and stopped.value.step == 2
-    assert not any("eval/loss" in m for m in read_metrics(output))  # evaluation was abandoned, not finished
+    assert not any(logged in key for m in read_metrics(output) for key in m)  # abandoned, not finished
     assert step_names(output) == ["step_00000002"]
 
 

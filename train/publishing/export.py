@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vidtune.train.training.config import RecipeError
+from vidtune.train.training.config import Recipe, RecipeError, recipe_to_dict
 from vidtune.train.training.outputs import METADATA, read_metadata
 
 ALLOWED_FILES = (
@@ -174,3 +174,17 @@ def push(
     )
     result.pushed_to = str(url)
     return str(url)
+
+
+def push_finished_run(recipe: Recipe) -> str:
+    """The recipe asked for it (hub.repo_id): export the finished run and push it; returns the URL. A failed push
+    keeps the run and says how to retry."""
+    hub, output = recipe.hub, recipe.train.output_dir
+    try:
+        result = export_folder(output, card=recipe_to_dict(recipe)["hub"])  # env values stay `${oc.env:...}`
+        return push(result, hub.repo_id or "", private=hub.private, revision=hub.revision)
+    except Exception as err:
+        raise RecipeError(
+            f"training finished and is saved in {output}, but the push to {hub.repo_id} failed "
+            f"({str(err).splitlines()[0]}); retry with `vidtune export {output} --push {hub.repo_id}`"
+        ) from None

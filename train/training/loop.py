@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -49,7 +50,7 @@ from vidtune.train.training.checkpoint import (
     state_bytes,
     step_folders,
 )
-from vidtune.train.training.config import Recipe, RecipeError, recipe_to_dict, recipe_to_yaml
+from vidtune.train.training.config import Recipe, recipe_to_yaml
 from vidtune.train.training.distributed import VisionLockstep, is_deepspeed, make_accelerator, save_state_kwargs
 from vidtune.train.training.health import BadSampleMonitor, NonFiniteGuard, TrainingError, check_finite_weights
 from vidtune.train.training.model import format_audit
@@ -386,6 +387,8 @@ def after_step(run: Run, metrics: dict[str, float]) -> None:
         tracking.log(acc, {"eval/loss": eval_loss}, step, t.output_dir)
     if run.eval_items and step % run.recipe.eval.every_steps == 0:
         scores = generation_eval(run)
+        if scores is None:  # stopped, as above
+            return
         metrics.update(scores)
         tracking.log(acc, scores, step, t.output_dir)
     if t.save_every_steps and (step % t.save_every_steps == 0 or step == run.total_steps):
@@ -407,22 +410,54 @@ def checkpoint(run: Run) -> Path:
     )
 
 
-def generation_eval(run: Run) -> dict[str, Any]:
-    """Generated answers to the held-out items, scored (logged to the console and wandb by the main process)."""
+class EvalAbandoned(Exception):
+    """SIGTERM/SIGINT arrived during generation-based evaluation."""
+
+
+def generation_eval(run: Run) -> dict[str, Any] | None:
+    """Generated answers to the held-out items, scored (logged to the console and wandb by the main process); None
+    when a stop was requested, checked before each batch (every rank runs the same number of batches)."""
     model = run.accelerator.unwrap_model(run.model)
     builder = ExampleBuilder(run.processor, run.family)
     d = run.recipe.data
     im = InferenceModel(model, run.processor, run.family, builder, d.sampling, d.time_instruction)
-    return in_training_eval(
-        run.accelerator,
-        im,
-        run.eval_items,
-        run.recipe.eval,
-        run.recipe.train.batch_size,
-        run.state.step,
-        wandb_table=run.recipe.logging.report_to == "wandb",
-        before=run.lockstep.prepare,
-    )
+
+    def before(batch: dict[str, Any]) -> None:
+        if run.stop.requested(run.accelerator):
+            raise EvalAbandoned
+        run.lockstep.prepare(batch)
+
+    try:
+        return in_training_eval(
+            run.accelerator,
+            im,
+            run.eval_items,
+            run.recipe.eval,
+            run.recipe.train.batch_size,
+            run.state.step,
+            wandb_table=run.recipe.logging.report_to == "wandb",
+            before=before,
+        )
+    except EvalAbandoned:
+        model.train()
+        return None
+
+
+def final_evaluation(run: Run, metrics: dict[str, Any]) -> None:
+    """The final model gets scored too; a stop requested meanwhile checkpoints and stops (TrainingStopped)."""
+    acc, step, output = run.accelerator, run.state.step, run.recipe.train.output_dir
+    if run.eval_items and step % run.recipe.eval.every_steps:  # (otherwise scored at this very step already)
+        scores = generation_eval(run)
+        if scores is None:
+            raise TrainingStopped(run.stop.requested(acc) or signal.SIGTERM, step, str(checkpoint(run)))
+        metrics.update(scores)
+        tracking.log(acc, scores, step, output)
+    if run.eval_loader is not None:
+        eval_loss = evaluate(run)
+        if eval_loss is None:
+            raise TrainingStopped(run.stop.requested(acc) or signal.SIGTERM, step, str(checkpoint(run)))
+        metrics["eval/loss"] = eval_loss
+        tracking.log(acc, {"eval/loss": eval_loss}, step, output)
 
 
 def save_outputs(run: Run, metrics: dict[str, float]) -> None:
@@ -440,22 +475,6 @@ def save_outputs(run: Run, metrics: dict[str, float]) -> None:
     retry_when_disk_full(acc, save, output, state_bytes(run.trainable), recipe.train.save_retry_s)
 
 
-def push_to_hub(run: Run) -> None:
-    """The recipe asked for it: export the finished run and push it (main process). A failed push keeps the run."""
-    from vidtune.train.publishing.export import export_folder, push
-
-    hub, output = run.recipe.hub, run.recipe.train.output_dir
-    try:
-        result = export_folder(output, card=recipe_to_dict(run.recipe)["hub"])  # env values stay masked
-        url = push(result, hub.repo_id or "", private=hub.private, revision=hub.revision)
-    except Exception as err:
-        raise RecipeError(
-            f"training finished and is saved in {output}, but the push to {hub.repo_id} failed "
-            f"({str(err).splitlines()[0]}); retry with `vidtune export {output} --push {hub.repo_id}`"
-        ) from None
-    run.accelerator.print(f"pushed to {url}")
-
-
 def train(recipe: Recipe) -> Path:
     """Run a recipe end to end; returns the output folder (adapter or model, processor, recipe, metadata)."""
     if recipe.hub.repo_id:
@@ -468,20 +487,12 @@ def train(recipe: Recipe) -> Path:
     try:
         resume(run)
         metrics = train_loop(run)
-        if run.eval_items and run.state.step % run.recipe.eval.every_steps:  # the final model gets scored too
-            scores = generation_eval(run)
-            metrics.update(scores)
-            tracking.log(run.accelerator, scores, run.state.step, recipe.train.output_dir)
-        if run.eval_loader is not None:
-            eval_loss = evaluate(run)
-            if eval_loss is None:
-                signum = run.stop.requested(run.accelerator) or 15
-                raise TrainingStopped(signum, run.state.step, str(checkpoint(run)))
-            metrics["eval/loss"] = eval_loss
-            tracking.log(run.accelerator, {"eval/loss": eval_loss}, run.state.step, recipe.train.output_dir)
+        final_evaluation(run, metrics)
         save_outputs(run, metrics)
         if recipe.hub.repo_id and run.accelerator.is_main_process:
-            push_to_hub(run)
+            from vidtune.train.publishing.export import push_finished_run
+
+            run.accelerator.print(f"pushed to {push_finished_run(recipe)}")
     finally:
         run.stop.uninstall()
         tracking.finish(run.accelerator)
