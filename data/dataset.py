@@ -26,7 +26,7 @@ from vidtune.data.examples import LABEL_TURNS, ExampleBuilder, with_time_instruc
 from vidtune.data.formats import DEFAULT_CAPTION_PROMPT
 from vidtune.data.frame_cache import FrameCache, FrameCacheConfig
 from vidtune.data.quality import BadSampleConfig, BadSampleLog, time_limit, validate_bad_samples
-from vidtune.data.sources import SourceConfig, load_conversations, stream_conversations
+from vidtune.data.sources import MAX_ROW_BYTES, SourceConfig, load_conversations, stream_conversations
 from vidtune.data.video import (
     SamplingConfig,
     VideoError,
@@ -59,6 +59,7 @@ class DataConfig:
     streaming: bool = False  # stream corpora too large to prepare (measured and filtered on the fly)
     stream_shuffle_buffer: int = 1000  # streaming: rows held in the seeded shuffle buffer (1 = file order)
     num_workers: int = 2  # DataLoader worker processes (decode + processing)
+    max_row_bytes: int = MAX_ROW_BYTES  # larger annotation rows are bad rows, dropped before any parsing
     bad_samples: BadSampleConfig = field(default_factory=BadSampleConfig)  # what to do with unreadable samples
     frame_cache: FrameCacheConfig = field(default_factory=FrameCacheConfig)  # reuse decoded frames across epochs
 
@@ -78,6 +79,10 @@ def validate_data(cfg: DataConfig) -> None:
         raise DataError("data.caption_prompts is empty")
     if cfg.stream_shuffle_buffer < 1:
         raise DataError(f"data.stream_shuffle_buffer must be >= 1, got {cfg.stream_shuffle_buffer}")
+    if cfg.num_workers < 0 or cfg.max_row_bytes < 1:
+        raise DataError(
+            f"data.num_workers must be >= 0 and max_row_bytes >= 1, got {cfg.num_workers}, {cfg.max_row_bytes}"
+        )
     validate_sampling(cfg.sampling)
     validate_bad_samples(cfg.bad_samples)
 
@@ -131,11 +136,16 @@ class Measurer:
         tokens, instructions = [], {}
         for index, part in enumerate(media_parts(messages)):
             path = part["path"] or ""
+            quality = self.cfg.bad_samples
             if part["type"] == "image":
-                tokens.append(self.builder.tokens.image_tokens(*image_size(path)))
+                height, width = image_size(path)
+                if height * width > quality.max_frame_pixels:  # the header alone: pixels are never decoded
+                    raise VideoError(
+                        f"{path}: {width}x{height} image exceeds the {quality.max_frame_pixels:,}-pixel limit"
+                    )
+                tokens.append(self.builder.tokens.image_tokens(height, width))
                 continue
             info = self.video_info(path)
-            quality = self.cfg.bad_samples
             check_clip(
                 path,
                 info,
@@ -216,7 +226,9 @@ def prepare_eval_rows(
     if not cfg.eval_sources:
         return None
     bad = BadSampleLog(cfg.bad_samples)
-    rows = load_conversations(cfg.eval_sources, cfg.caption_prompts, seed, keep_bad=True)
+    rows = load_conversations(
+        cfg.eval_sources, cfg.caption_prompts, seed, keep_bad=True, max_row_bytes=cfg.max_row_bytes
+    )
     if not measured:
         return rows
     return measure_and_filter(rows, Measurer(builder, cfg), bad)[0]
@@ -228,7 +240,9 @@ def prepare_rows(
     """Training rows, evaluation rows (or None) and the training drop report (length drops and bad samples)."""
     measurer = Measurer(builder, cfg)
     bad = BadSampleLog(cfg.bad_samples)
-    train_rows = load_conversations(cfg.sources, cfg.caption_prompts, seed, keep_bad=True)
+    train_rows = load_conversations(
+        cfg.sources, cfg.caption_prompts, seed, keep_bad=True, max_row_bytes=cfg.max_row_bytes
+    )
     eval_rows = prepare_eval_rows(cfg, builder, seed, measured=False)
     if cfg.eval_fraction:
         train_rows, eval_rows = split_eval(train_rows, cfg.eval_fraction, seed)
@@ -371,7 +385,7 @@ class StreamingSFTDataset(torch.utils.data.IterableDataset):
         repeat: bool = False,
         batch_size: int = 1,
     ):
-        stream = stream_conversations(cfg.sources, cfg.caption_prompts, seed)
+        stream = stream_conversations(cfg.sources, cfg.caption_prompts, seed, cfg.max_row_bytes)
         if cfg.stream_shuffle_buffer > 1:
             stream = stream.shuffle(seed=seed, buffer_size=cfg.stream_shuffle_buffer)
         self.stream, self.measurer, self.maker, self.repeat = stream, measurer, maker, repeat

@@ -7,6 +7,7 @@ handed to `datasets`, with an explicit schema: corpora in the wild mix types ins
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -32,6 +33,7 @@ FILE_LOADERS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "
 # Columns that hold lists or dicts; CSV stores them as JSON text.
 STRUCTURED_COLUMNS = ("conversations", "messages", "videos", "images", "options", "candidates")
 URL_PREFIXES = ("http://", "https://", "s3://", "gs://", "hf://", "ftp://")
+MAX_ROW_BYTES = 1_000_000  # default of data.max_row_bytes: larger rows are bad rows, never parsed or tokenised
 
 PART_FEATURES = {
     "type": datasets.Value("string"),
@@ -108,6 +110,8 @@ def make_media_resolver(root: Path | None, at: str):
     """
 
     def resolve(raw: str) -> str:
+        if "\x00" in raw:  # the OS refuses such a path with a ValueError, which no bad-row handler expects
+            raise DataError(f"{at}: media path {raw!r} holds a NUL byte")
         if raw.lower().startswith(URL_PREFIXES):
             raise DataError(f"{at}: media {raw!r} is a URL; download it and point the source's media_root at it")
         if root is None:
@@ -153,46 +157,101 @@ def _caption_file_rows(data: dict[str, Any], cfg: SourceConfig, seed: int) -> It
         yield at, i, InvalidRow(row["problem"]) if "problem" in row else row
 
 
-def iter_raw_rows(cfg: SourceConfig, seed: int = 0) -> Iterator[tuple[str, int, dict[str, Any]]]:
-    """(where, row index, row) for every row of a source; `where` is what errors print ("a.jsonl line 3")."""
+def iter_raw_rows(
+    cfg: SourceConfig, seed: int = 0, max_row_bytes: int = MAX_ROW_BYTES
+) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """(where, row index, row) for every row of a source; `where` is what errors print ("a.jsonl line 3").
+
+    A row that is not JSON, not UTF-8, or larger than `max_row_bytes` comes through as an InvalidRow (a bad row,
+    counted like any other) before anything parses or tokenises it: one 50 MB row once took 17 GB to measure."""
     path, name = Path(cfg.path), source_name(cfg)
     loader = FILE_LOADERS.get(path.suffix.lower())
     if loader and not path.is_file():
         raise DataError(f"{cfg.path}: annotation file not found")
     if loader == "json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{name} line {err.lineno}: invalid JSON ({err.msg})") from None
-        if isinstance(rows, dict) and caption_layout(rows):
-            yield from _caption_file_rows(rows, cfg, seed)
-            return
-        if not isinstance(rows, list):
-            raise DataError(
-                f"{name}: expected a JSON list of rows, an MSR-VTT-style {{videos, sentences}} object or "
-                f"ActivityNet-Captions-style {{id: {{duration, timestamps, sentences}}}}, got {type(rows).__name__}"
-            )
-        for i, row in enumerate(rows):
-            yield f"{name} row {i}", i, row
+        yield from _json_rows(path, name, max_row_bytes, cfg, seed)
     elif loader == "jsonl":
-        with path.open(encoding="utf-8") as lines:
-            row_index = 0
-            for line_no, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
+        yield from _jsonl_rows(path, name, max_row_bytes)
+    else:
+        rows = _library_rows(cfg, loader)
+        for i in itertools.count():
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except Exception as err:  # a corrupt parquet, an undecodable CSV: the file, not a row, is unreadable
+                raise DataError(f"{name}: cannot read the file ({' '.join(str(err).split())[:160]})") from None
+            size = len(json.dumps(row, default=str))
+            yield (
+                f"{name} row {i}",
+                i,
+                _decode_structured(dict(row)) if size <= max_row_bytes else _too_large(size, max_row_bytes),
+            )
+
+
+def _library_rows(cfg: SourceConfig, loader: str | None) -> Iterator[dict[str, Any]]:
+    """Rows of a csv / parquet file through datasets' own readers, or of a Hugging Face dataset (name or folder);
+    a generator, so that opening the file fails where reading it does."""
+    if loader:
+        yield from datasets.load_dataset(loader, data_files=cfg.path, split="train", streaming=True)
+    else:
+        yield from datasets.load_dataset(cfg.path, split=cfg.split, streaming=True)
+
+
+def _too_large(size: int, max_row_bytes: int) -> InvalidRow:
+    return InvalidRow(f"row of {size:,} bytes exceeds data.max_row_bytes={max_row_bytes:,}")
+
+
+def _json_rows(
+    path: Path, name: str, max_row_bytes: int, cfg: SourceConfig, seed: int
+) -> Iterator[tuple[str, int, Any]]:
+    # utf-8-sig reads a BOM as what it is; surrogateescape keeps a stray non-UTF-8 byte inside its row, which is
+    # then refused alone instead of failing the whole file.
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{name} line {err.lineno}: invalid JSON ({err.msg})") from None
+    if isinstance(rows, dict) and caption_layout(rows):  # MSR-VTT / ActivityNet Captions: one object, not rows
+        yield from _caption_file_rows(rows, cfg, seed)
+        return
+    if not isinstance(rows, list):
+        raise DataError(
+            f"{name}: expected a JSON list of rows, an MSR-VTT-style {{videos, sentences}} object or "
+            f"ActivityNet-Captions-style {{id: {{duration, timestamps, sentences}}}}, got {type(rows).__name__}"
+        )
+    for i, row in enumerate(rows):
+        encoded = json.dumps(row, ensure_ascii=False).encode("utf-8", errors="surrogateescape")
+        if len(encoded) > max_row_bytes:
+            row = _too_large(len(encoded), max_row_bytes)
+        else:
+            try:
+                encoded.decode("utf-8")
+            except UnicodeDecodeError as err:
+                row = InvalidRow(f"not UTF-8 text (byte 0x{encoded[err.start]:02x})")
+        yield f"{name} row {i}", i, row
+
+
+def _jsonl_rows(path: Path, name: str, max_row_bytes: int) -> Iterator[tuple[str, int, Any]]:
+    with path.open("rb") as lines:
+        row_index = 0
+        for line_no, raw in enumerate(lines, start=1):
+            if line_no == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a BOM: read, not a bad first row
+            if not raw.strip():
+                continue
+            row: Any
+            if len(raw) > max_row_bytes:
+                row = _too_large(len(raw), max_row_bytes)
+            else:
                 try:
-                    row = json.loads(line)
+                    row = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as err:
+                    row = InvalidRow(f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
                 except json.JSONDecodeError as err:
                     row = InvalidRow(f"invalid JSON ({err.msg})")
-                yield f"{name} line {line_no}", row_index, row
-                row_index += 1
-    else:
-        if loader:  # csv / parquet through datasets' own readers
-            rows_ds = datasets.load_dataset(loader, data_files=str(path), split="train", streaming=True)
-        else:  # a Hugging Face dataset name, or a local folder laid out as one
-            rows_ds = datasets.load_dataset(cfg.path, split=cfg.split, streaming=True)
-        for i, row in enumerate(rows_ds):
-            yield f"{name} row {i}", i, _decode_structured(dict(row))
+            yield f"{name} line {line_no}", row_index, row
+            row_index += 1
 
 
 def apply_column_map(row: Any, columns: dict[str, Any], at: str) -> dict[str, Any]:
@@ -240,13 +299,14 @@ def iter_conversations(
     caption_prompts: Sequence[str] = (DEFAULT_CAPTION_PROMPT,),
     seed: int = 0,
     keep_bad: bool = False,
+    max_row_bytes: int = MAX_ROW_BYTES,
 ) -> Iterator[dict[str, Any]]:
     """Normalised rows of one source: {messages, source, row, at, problem}. A malformed row raises, or with
     keep_bad comes through with empty messages and its `problem`, for the bad-sample policy to count in order."""
     validate_source(cfg)
     root = media_root_for(cfg)
     fmt = None if cfg.format == "auto" else cfg.format
-    for at, index, raw in iter_raw_rows(cfg, seed):
+    for at, index, raw in iter_raw_rows(cfg, seed, max_row_bytes):
         row = {"source": source_name(cfg), "row": index, "at": at}
         try:
             fields = row_fields(raw, cfg, at)
@@ -275,9 +335,11 @@ def resample_indices(num_rows: int, cfg: SourceConfig, seed: int) -> list[int] |
     return sorted(indices[:target])
 
 
-def _generate(sources: list[SourceConfig], caption_prompts: list[str], seed: int) -> Iterator[dict[str, Any]]:
+def _generate(
+    sources: list[SourceConfig], caption_prompts: list[str], seed: int, max_row_bytes: int = MAX_ROW_BYTES
+) -> Iterator[dict[str, Any]]:
     for cfg in sources:
-        yield from iter_conversations(cfg, caption_prompts, seed, keep_bad=True)
+        yield from iter_conversations(cfg, caption_prompts, seed, keep_bad=True, max_row_bytes=max_row_bytes)
 
 
 def load_conversations(
@@ -285,11 +347,12 @@ def load_conversations(
     caption_prompts: Sequence[str] = (DEFAULT_CAPTION_PROMPT,),
     seed: int = 0,
     keep_bad: bool = False,
+    max_row_bytes: int = MAX_ROW_BYTES,
 ) -> datasets.Dataset:
     """All sources normalised and mixed into one in-memory `datasets.Dataset` (text only: cheap to rebuild)."""
     parts = []
     for cfg in sources:
-        rows = list(iter_conversations(cfg, caption_prompts, seed, keep_bad))
+        rows = list(iter_conversations(cfg, caption_prompts, seed, keep_bad, max_row_bytes))
         if not rows:
             raise DataError(f"{cfg.path}: the source has no rows")
         ds = datasets.Dataset.from_list(rows, features=CONVERSATION_FEATURES)
@@ -304,6 +367,7 @@ def stream_conversations(
     sources: Sequence[SourceConfig],
     caption_prompts: Sequence[str] = (DEFAULT_CAPTION_PROMPT,),
     seed: int = 0,
+    max_row_bytes: int = MAX_ROW_BYTES,
 ) -> datasets.IterableDataset:
     """The same rows as a streaming dataset, for corpora too large to prepare on disk.
 
@@ -315,7 +379,12 @@ def stream_conversations(
     streams = [
         datasets.IterableDataset.from_generator(
             _generate,
-            gen_kwargs={"sources": [cfg], "caption_prompts": list(caption_prompts), "seed": seed},
+            gen_kwargs={
+                "sources": [cfg],
+                "caption_prompts": list(caption_prompts),
+                "seed": seed,
+                "max_row_bytes": max_row_bytes,
+            },
             features=CONVERSATION_FEATURES,
         )
         for cfg in sources

@@ -146,6 +146,23 @@ def decord_available() -> bool:
     return True
 
 
+# FFmpeg picks a demuxer from the file's content, whatever its name: an HLS playlist or a concat list saved as
+# `.mp4` inside media_root makes it read files (or URLs) the playlist names, outside the media root. Only files
+# whose first bytes are a real video container are opened, in every backend; PyAV is also held to these demuxers.
+CONTAINER_DEMUXERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,flv,ogg,asf"
+_ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot")
+
+
+def is_video_container(head: bytes) -> bool:
+    """MP4/MOV/3GP, Matroska/WebM, AVI, MPEG-TS, MPEG-PS, FLV, Ogg or ASF, by their first bytes."""
+    return (
+        head[4:8] in _ISO_BOXES
+        or head.startswith((b"\x1a\x45\xdf\xa3", b"FLV", b"OggS", b"\x00\x00\x01\xba", b"\x30\x26\xb2\x75"))
+        or (head.startswith(b"RIFF") and head[8:12] == b"AVI ")
+        or (len(head) > 188 and head[0] == 0x47 and head[188] == 0x47)  # TS packets: a sync byte every 188
+    )
+
+
 def _check_file(path: str) -> None:
     if not os.path.exists(path):
         raise VideoError(f"{path}: video not found")
@@ -153,6 +170,14 @@ def _check_file(path: str) -> None:
         raise VideoError(f"{path}: not a file")
     if os.path.getsize(path) == 0:
         raise VideoError(f"{path}: empty file (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(192)
+    if not is_video_container(head):
+        kind = "a playlist" if head.lstrip().startswith((b"#EXTM3U", b"ffconcat", b"<?xml", b"[playlist]")) else ""
+        raise VideoError(
+            f"{path}: cannot open it: {kind or 'not'} a video container file (only MP4/MOV, MKV/WebM, AVI, "
+            "MPEG-TS/PS, FLV, Ogg and ASF files are opened)"
+        )
 
 
 def _checked_info(num_frames: int, fps: float, path: str) -> VideoInfo:
@@ -207,7 +232,7 @@ class PyAVReader:
 
         self.path, self.shortest_edge = path, shortest_edge
         try:
-            self.container = av.open(path)
+            self.container = av.open(path, options={"format_whitelist": CONTAINER_DEMUXERS})
             self.stream = self.container.streams.video[0]
         except (av.FFmpegError, IndexError, OSError) as err:
             raise VideoError(f"{path}: PyAV cannot open it as video ({str(err)[:120]})") from None
@@ -308,7 +333,7 @@ def frame_size(path: str) -> tuple[int, int]:
     import av
 
     try:
-        with av.open(path) as container:
+        with av.open(path, options={"format_whitelist": CONTAINER_DEMUXERS}) as container:
             context = container.streams.video[0].codec_context
             return int(context.height or 0), int(context.width or 0)
     except (av.FFmpegError, IndexError, OSError):
@@ -373,7 +398,7 @@ def load_image(path: str) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return np.array(image.convert("RGB"))  # a writable copy (torch refuses read-only arrays)
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
         raise VideoError(f"{path}: cannot read image ({str(err)[:120]})") from None
 
 
@@ -386,7 +411,7 @@ def image_size(path: str) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             return image.height, image.width
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
         raise VideoError(f"{path}: cannot read image ({str(err)[:120]})") from None
 
 

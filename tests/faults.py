@@ -14,10 +14,17 @@ A spec holds comma-separated faults:
   infgrad@STEP       an infinite gradient (finite loss) in the last micro-batch of optimizer step STEP+1 (once)
   pgterm@STEP.MICRO  SIGTERM to this process's whole process group (DataLoader workers too), as clusters send it
   hang@TEXT          opening a video whose path contains TEXT never returns (until the decode time limit)
+  enospc@final.N     the first N final saves fail with ENOSPC, as on a full disk (N=0: every one)
+  enospc@step.STEP   every save of the checkpoint of step STEP fails with ENOSPC (the disk stays full)
+  crashpublish@STEP  the save of step STEP raises just before its rename (as a kill there would leave it)
+  nanweights@STEP    the trainable weights turn NaN in optimizer step STEP
+  termeval@STEP      SIGTERM to this process as the eval-loss evaluation after step STEP starts
+  termgen@STEP       the same as the generation-based evaluation after step STEP starts
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -25,7 +32,7 @@ import time
 from typing import Any
 
 SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT, "pgterm": signal.SIGTERM}
-FAULTS = (*SIGNALS, "killsave", "nan", "infgrad", "hang")
+FAULTS = (*SIGNALS, "killsave", "nan", "infgrad", "hang", "enospc", "crashpublish", "nanweights", "termeval", "termgen")
 
 
 def parse(spec: str) -> list[tuple[str, str]]:
@@ -39,7 +46,7 @@ def parse(spec: str) -> list[tuple[str, str]]:
 def patches(spec: str) -> list[tuple[Any, str, Any]]:
     """(module, attribute, replacement) for every fault in the spec."""
     from vidtune.data import video
-    from vidtune.train.training import checkpoint, loop
+    from vidtune.train.training import checkpoint, loop, outputs
 
     result: list[tuple[Any, str, Any]] = []
     for action, where in parse(spec):
@@ -51,6 +58,17 @@ def patches(spec: str) -> list[tuple[Any, str, Any]]:
             result.append((loop, "forward_loss", _nan_loss(loop.forward_loss, where)))
         elif action == "infgrad":
             result.append((loop, "micro_step", _infinite_gradient(loop.micro_step, int(where))))
+        elif action == "enospc" and where.startswith("step."):
+            result.append((checkpoint, "write_manifest", _disk_full_at_step(checkpoint.write_manifest, int(where[5:]))))
+        elif action == "enospc":
+            result.append((outputs, "save_final", _disk_full(outputs.save_final, int(where.partition(".")[2] or 0))))
+        elif action == "crashpublish":
+            result.append((checkpoint, "publish", _crash_before_publish(checkpoint.publish, int(where))))
+        elif action == "nanweights":
+            result.append((loop, "train_step", _nan_weights(loop.train_step, int(where))))
+        elif action in ("termeval", "termgen"):
+            name = "evaluate" if action == "termeval" else "generation_eval"
+            result.append((loop, name, _term_at_eval(getattr(loop, name), int(where))))
         else:
             result.append((video, "open_video", _hang_on_open(video.open_video, where)))
     return result
@@ -110,6 +128,62 @@ def _infinite_gradient(real: Any, step: int) -> Any:
         return loss
 
     return micro_step
+
+
+class InjectedCrash(RuntimeError):
+    """Stands for a process killed at the injection point (in-process tests then relaunch)."""
+
+
+def _disk_full(real: Any, times: int) -> Any:
+    failed = [0]
+
+    def write(*args: Any, **kwargs: Any) -> Any:
+        if not times or failed[0] < times:
+            failed[0] += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    return write
+
+
+def _disk_full_at_step(real: Any, step: int) -> Any:
+    def write_manifest(folder: Any) -> None:
+        if folder.name == f".tmp-step_{step:08d}":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(folder)
+
+    return write_manifest
+
+
+def _crash_before_publish(real: Any, step: int) -> Any:
+    fired = [False]
+
+    def publish(tmp: Any, final: Any) -> None:
+        if final.name == f"step_{step:08d}" and not fired[0]:
+            fired[0] = True
+            raise InjectedCrash(f"crashed before publishing {final.name}")
+        real(tmp, final)
+
+    return publish
+
+
+def _nan_weights(real: Any, step: int) -> Any:
+    def train_step(run: Any, window: Any) -> Any:
+        result = real(run, window)
+        if run.state.step + 1 == step and not result.get("skipped"):
+            run.trainable[0].data.fill_(float("nan"))
+        return result
+
+    return train_step
+
+
+def _term_at_eval(real: Any, step: int) -> Any:
+    def evaluate(run: Any) -> Any:
+        if run.state.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(run)
+
+    return evaluate
 
 
 def _hang_on_open(real: Any, text: str) -> Any:

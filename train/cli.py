@@ -200,14 +200,15 @@ def run_benchmark(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    import dataclasses
     from pathlib import Path
 
     from vidtune.train.publishing.export import export_folder, hub_token, push
-    from vidtune.train.training.config import load_recipe
+    from vidtune.train.training.config import read_recipe_yaml
 
     saved = Path(args.run_dir) / "recipe.yaml"
-    card = dataclasses.asdict(load_recipe(saved).hub) if saved.is_file() else {}
+    # The saved recipe as written, unresolved: the card shows `${oc.env:...}` values as that text, never what the
+    # environment holds (and exporting does not need the training environment's variables).
+    card = dict(read_recipe_yaml(saved).get("hub") or {}) if saved.is_file() else {}
     card["repo_id"] = args.push or card.get("repo_id")
     if args.push and not args.dry_run:
         hub_token()  # before the (possibly long) merge

@@ -45,7 +45,7 @@ def measure_all(recipe: Recipe, builder: ExampleBuilder, bad: BadSampleLog, deco
     rows = (  # every row once: the mix's weights and sample counts do not matter here
         row
         for source in [*data.sources, *data.eval_sources]
-        for row in iter_conversations(source, data.caption_prompts, recipe.train.seed, keep_bad=True)
+        for row in iter_conversations(source, data.caption_prompts, recipe.train.seed, True, data.max_row_bytes)
     )
     measurer, measured = Measurer(builder, data), []
     for row in rows:
@@ -71,11 +71,13 @@ def build_report(recipe: Recipe, measured: list[dict[str, Any]], bad: BadSampleL
     no_labels = [m for m in measured if m["drop_reason"] and m not in too_long]
     all_labels = sum(m["num_label_tokens"] for m in measured)
     lost = sum(m["num_label_tokens"] for m in too_long)
-    over = bad.over_budget()
+    usable = len(measured) - len(too_long) - len(no_labels)
+    # A budget is a fraction of the rows read; a corpus with nothing to train on fails whatever the fractions say.
+    over = bad.over_budget() or (None if usable else f"none of the {bad.total:,} rows is usable")
     return {
         "sources": [s.path for s in [*recipe.data.sources, *recipe.data.eval_sources]],
         "rows": bad.total,
-        "usable": len(measured) - len(too_long) - len(no_labels),
+        "usable": usable,
         "bad": [{"where": where, "reason": reason} for where, reason in bad.bad],
         "bad_by_kind": dict(bad.kinds),
         "tokens": distribution([m["num_tokens"] for m in measured]),

@@ -20,7 +20,7 @@ from vidtune.data.dataset import load_media
 from vidtune.data.examples import ExampleBuilder, with_time_instructions
 from vidtune.data.families import ModelFamily, family_for
 from vidtune.data.video import SamplingConfig
-from vidtune.train.training.model import load_model_config, model_class, resolve_dtype
+from vidtune.train.training.model import load_model_config, model_class, refusing_pickles, resolve_dtype
 from vidtune.train.training.outputs import read_metadata
 
 
@@ -61,9 +61,10 @@ def load_for_inference(
     adapter_base = _adapter_base(folder) if folder.is_dir() else None
     base_path = base or adapter_base or path
     family = family_for(load_model_config(base_path).model_type)
-    model = model_class(family).from_pretrained(base_path, dtype=resolve_dtype(dtype))
-    if adapter_base is not None:
-        model = PeftModel.from_pretrained(model, str(folder))
+    with refusing_pickles(base_path, folder):
+        model = model_class(family).from_pretrained(base_path, dtype=resolve_dtype(dtype))
+        if adapter_base is not None:
+            model = PeftModel.from_pretrained(model, str(folder))
     has_processor = folder.is_dir() and (folder / "processor_config.json").is_file()
     processor = transformers.AutoProcessor.from_pretrained(str(folder) if has_processor else base_path)
     metadata = read_metadata(folder) if folder.is_dir() else None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vidtune.train.training.config import RecipeError
+from vidtune.train.training.config import Recipe, RecipeError, recipe_to_dict
 from vidtune.train.training.outputs import METADATA, read_metadata
 
 ALLOWED_FILES = (
@@ -76,12 +76,13 @@ def merge_adapter(run_dir: Path, out: Path, metadata: dict[str, Any]) -> None:
     from transformers import AutoProcessor
 
     from vidtune.data.families import family_for
-    from vidtune.train.training.model import load_model_config, model_class
+    from vidtune.train.training.model import load_model_config, model_class, refusing_pickles
 
     base = metadata["base_model"]
     family = family_for(load_model_config(base).model_type)
-    model = model_class(family).from_pretrained(base, dtype="auto")  # the base's own dtype (bf16 for the 7B)
-    merged = PeftModel.from_pretrained(model, str(run_dir)).merge_and_unload()
+    with refusing_pickles(base, run_dir):
+        model = model_class(family).from_pretrained(base, dtype="auto")  # the base's own dtype (bf16 for the 7B)
+        merged = PeftModel.from_pretrained(model, str(run_dir)).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
     AutoProcessor.from_pretrained(str(run_dir)).save_pretrained(out)
     (out / METADATA).write_text(json.dumps({**metadata, "merged": True}, indent=2) + "\n", encoding="utf-8")
@@ -97,10 +98,7 @@ def export_folder(
     if merge and not is_adapter:
         raise RecipeError(f"{run}: --merge needs a LoRA run; this one already holds full weights")
     out = Path(to) if to else run / "export"
-    if out.resolve() == run.resolve():
-        raise RecipeError("--to must be a different folder from the run itself")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    prepare_export_folder(out, run)
     if merge:
         merge_adapter(run, out, metadata)
     else:
@@ -113,6 +111,27 @@ def export_folder(
     )
     files = sorted(p.name for p in out.iterdir() if p.is_file() and allowed(p.name))
     return ExportResult(out, files)
+
+
+def prepare_export_folder(out: Path, run: Path) -> None:
+    """An empty folder to export into. vidtune deletes only an earlier export of its own (a folder holding nothing
+    but export files, vidtune.json among them): never a folder the user pointed --to by mistake, and never the
+    run being exported."""
+    target, source = out.resolve(), run.resolve()
+    if target == source or source.is_relative_to(target):
+        raise RecipeError(f"--to {out} holds the run {run} itself; export to a new folder")
+    if target.exists() and not target.is_dir():
+        raise RecipeError(f"--to {out} is a file; export to a new folder")
+    entries = sorted(target.iterdir()) if target.is_dir() else []
+    earlier_export = (target / METADATA).is_file() and all(p.is_file() and allowed(p.name) for p in entries)
+    if entries and not earlier_export:
+        raise RecipeError(
+            f"--to {out} is not empty and is not an earlier vidtune export; vidtune deletes nothing it did not "
+            "write: export to a new or empty folder"
+        )
+    for path in entries:
+        path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def hub_token() -> str:
@@ -155,3 +174,17 @@ def push(
     )
     result.pushed_to = str(url)
     return str(url)
+
+
+def push_finished_run(recipe: Recipe) -> str:
+    """The recipe asked for it (hub.repo_id): export the finished run and push it; returns the URL. A failed push
+    keeps the run and says how to retry."""
+    hub, output = recipe.hub, recipe.train.output_dir
+    try:
+        result = export_folder(output, card=recipe_to_dict(recipe)["hub"])  # env values stay `${oc.env:...}`
+        return push(result, hub.repo_id or "", private=hub.private, revision=hub.revision)
+    except Exception as err:
+        raise RecipeError(
+            f"training finished and is saved in {output}, but the push to {hub.repo_id} failed "
+            f"({str(err).splitlines()[0]}); retry with `vidtune export {output} --push {hub.repo_id}`"
+        ) from None

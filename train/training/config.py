@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,11 @@ RESUME = ("auto", "force", "restart")
 EVAL_TASKS = ("qa", "multiple_choice", "caption", "recognition")
 MC_SCORING = ("generate", "loglik")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
+
+MAX_RECIPE_BYTES = 1_000_000  # a recipe is a page of YAML; anything larger is a mistake or an attack
+MAX_RECIPE_VALUES = 100_000  # values after YAML aliases expand: a 523-byte alias bomb expands to billions
+ENV_RESOLVER = "oc.env"  # `${oc.env:HF_TOKEN}`: kept unresolved in everything vidtune saves or logs
 
 
 class RecipeError(ValueError):
@@ -85,6 +93,7 @@ class TrainConfig:
     log_every_steps: int = 10
     eval_every_steps: int = 0  # eval loss on the held-out split every N optimizer steps; 0 = only at the end
     save_every_steps: int = 0  # checkpoint every N optimizer steps; 0 = only the final save
+    save_retry_s: float = 600.0  # a save that meets a full disk is retried this long (free space meanwhile)
     keep_last_checkpoints: int = 2
     # auto: resume the latest checkpoint unless data, world size or adapter changed; a finished run is not trained
     # again | force: resume despite such changes | restart: delete the folder's checkpoints and train from step 1
@@ -173,9 +182,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise RecipeError(f"override {text!r} is not key.sub=value")
     key, raw = text.split("=", 1)
-    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise RecipeError(f"override {key.strip()}: invalid YAML value ({' '.join(str(err).split())[:160]})") from None
     if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
         value = raw.strip()  # YAML 1.1 reads no/yes/off/on as booleans: `train.mixed_precision=no` means "no"
+    count_values(value)
     return key.strip(), value
 
 
@@ -183,28 +196,120 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Defaults <- YAML recipe <- `key.sub=value` overrides, checked and validated."""
     source = str(path) if path else "defaults"
     raw: dict[str, Any] = {}
-    if path:
-        if not Path(path).is_file():
-            raise RecipeError(f"recipe {path} not found")
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(raw, dict):
-            raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
     try:
+        if path:
+            raw = read_recipe_yaml(Path(path))
         check_keys(raw, Recipe)
         config = OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.create(raw))
         for text in overrides:
             key, value = parse_override(text)
             check_override_key(key)
             OmegaConf.update(config, key, value, merge=True)
+        unresolved = env_interpolations(OmegaConf.to_container(config, resolve=False))
         recipe = OmegaConf.to_object(config)
+        assert isinstance(recipe, Recipe)
+        check_types(recipe, Recipe, "")
     except RecipeError as err:
         raise RecipeError(f"{source}: {err}") from None
     except OmegaConfBaseException as err:
         at = getattr(err, "full_key", None)
         raise RecipeError(f"{source}: {str(err).splitlines()[0]}" + (f" (at {at})" if at else "")) from None
-    assert isinstance(recipe, Recipe)
+    # Where the recipe took a value from the environment (a token, a path): saved and logged copies keep the
+    # `${oc.env:...}` text, never the value (recipe_to_yaml / recipe_to_dict).
+    object.__setattr__(recipe, "_env_interpolations", unresolved)
     validate_recipe(recipe, source)
     return recipe
+
+
+def read_recipe_yaml(path: Path) -> dict[str, Any]:
+    """The YAML mapping of a recipe file, bounded: size, alias expansion, and safe tags only, each a one-line error."""
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} not found")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"the recipe is {path.stat().st_size:,} bytes; recipes are limited to {MAX_RECIPE_BYTES:,}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+    except yaml.YAMLError as err:  # !!python/... tags (safe_load refuses them), syntax errors
+        raise RecipeError(f"invalid YAML: {' '.join(str(err).split())[:200]}") from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"a recipe is a YAML mapping, got {type(raw).__name__}")
+    count_values(raw)
+    return raw
+
+
+def count_values(raw: Any) -> None:
+    """Refuse a recipe whose aliases expand to more than MAX_RECIPE_VALUES values. safe_load shares aliased nodes
+    (cheap), but everything downstream copies them: a 523-byte alias bomb took minutes and gigabytes there. The walk
+    stops at the limit, so counting costs at most MAX_RECIPE_VALUES visits."""
+    pending, seen = [raw], 0
+    while pending:
+        value = pending.pop()
+        seen += 1
+        if seen > MAX_RECIPE_VALUES:
+            raise RecipeError(
+                f"the recipe expands to more than {MAX_RECIPE_VALUES:,} values (YAML aliases); write it out plainly"
+            )
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+
+
+def env_interpolations(container: Any, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], str]:
+    """{key path: raw text} of every value that reads the environment (`${oc.env:...}`)."""
+    found: dict[tuple[Any, ...], str] = {}
+    items = (
+        container.items()
+        if isinstance(container, dict)
+        else enumerate(container)
+        if isinstance(container, list)
+        else ()
+    )
+    for key, value in items:
+        if isinstance(value, str) and ENV_RESOLVER in value and "${" in value:
+            found[(*path, key)] = value
+        else:
+            found.update(env_interpolations(value, (*path, key)))
+    return found
+
+
+def check_types(value: Any, hint: Any, where: str) -> None:
+    """Every value of the recipe against its declared type, list elements and dict values included, and every
+    number finite: OmegaConf lets a nested list into a list[str] (`hub.datasets: [[x]]`), which then failed only
+    when the run was saved, after training."""
+    name = where or "recipe"
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        hints = typing.get_type_hints(hint)
+        for f in dataclasses.fields(hint):
+            check_types(getattr(value, f.name), hints[f.name], f"{where}.{f.name}" if where else f.name)
+    elif origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return
+        check_types(value, next(o for o in options if o is not type(None)), where)
+    elif origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{name} must be a list, got {type(value).__name__}")
+        for i, element in enumerate(value):
+            check_types(element, typing.get_args(hint)[0], f"{where}[{i}]")
+    elif origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{name} must be a mapping, got {type(value).__name__}")
+        for key, element in value.items():
+            check_types(key, typing.get_args(hint)[0], f"{where} key {key!r}")
+            check_types(element, typing.get_args(hint)[1], f"{where}.{key}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise RecipeError(f"{name} must be a finite number, got {value!r}")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{name} must be an integer, got {value!r}")
+    elif hint in (str, bool) and not isinstance(value, hint):
+        raise RecipeError(f"{name} must be a {hint.__name__}, got {type(value).__name__} {value!r}")
 
 
 def check_override_key(key: str) -> None:
@@ -226,11 +331,22 @@ def check_override_key(key: str) -> None:
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+    """The recipe as saved with checkpoints and runs: values read from the environment stay `${oc.env:...}`."""
+    return OmegaConf.to_yaml(OmegaConf.create(recipe_to_dict(recipe)))
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    return dataclasses.asdict(recipe)
+    """The resolved recipe as a plain dict (what wandb logs), environment values put back as `${oc.env:...}`."""
+    plain = dataclasses.asdict(recipe)
+    for path, text in getattr(recipe, "_env_interpolations", {}).items():
+        node: Any = plain
+        try:
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = text
+        except (KeyError, IndexError, TypeError):
+            continue  # an override replaced the structure the interpolation sat in
+    return plain
 
 
 # -------------------------------------------------------------------------------------------------- validation
@@ -290,6 +406,10 @@ def _validate(recipe: Recipe) -> None:
     for key, value in positive.items():
         if value < 1:
             raise RecipeError(f"{key} must be >= 1, got {value}")
+    if not 0 <= t.seed < 2**32:
+        raise RecipeError(f"train.seed must be in [0, 2**32), got {t.seed}")
+    if t.max_grad_norm < 0 or t.weight_decay < 0 or t.num_epochs < 0 or t.save_retry_s < 0:
+        raise RecipeError("train.max_grad_norm, weight_decay, num_epochs and save_retry_s must be >= 0")
     if t.max_steps < 0 or t.eval_every_steps < 0 or t.save_every_steps < 0:
         raise RecipeError("train.max_steps, eval_every_steps and save_every_steps must be >= 0")
     if t.max_steps == 0 and t.num_epochs <= 0:

@@ -112,3 +112,15 @@ class NonFiniteGuard:
 
     def finite(self) -> None:
         self.in_a_row = 0
+
+
+def check_finite_weights(accelerator: Any, trainable: list[torch.Tensor], step: int) -> None:
+    """Never save (and so never call intact) weights that are NaN or infinite: they would replace good ones."""
+    bad = torch.tensor(int(any(not torch.isfinite(p.detach()).all() for p in trainable)), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, "max")
+    if bad.item():
+        raise TrainingError(
+            f"the trainable weights hold NaN or infinite values after step {step}; nothing was saved "
+            "(earlier checkpoints are intact): lower train.learning_rate or set train.max_grad_norm"
+        )

@@ -8,12 +8,11 @@ short answer's tokens more than a long one's and change with the batch layout.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import pickle
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -39,16 +38,22 @@ from vidtune.train.training.build import build_loaders, build_model, build_optim
 from vidtune.train.training.checkpoint import (
     TRAINER_STATE,
     TrainingState,
+    changed_settings,
     check_resume,
-    check_rng_states,
+    checkpoint_problem,
+    checkpoint_root,
+    clean_leftovers,
     fingerprint,
-    incomplete_checkpoints,
-    latest_checkpoint,
+    load_checkpoint,
+    retry_when_disk_full,
+    run_settings,
     save_checkpoint,
+    state_bytes,
+    step_folders,
 )
-from vidtune.train.training.config import Recipe, RecipeError, recipe_to_yaml
+from vidtune.train.training.config import Recipe, recipe_to_yaml
 from vidtune.train.training.distributed import VisionLockstep, is_deepspeed, make_accelerator, save_state_kwargs
-from vidtune.train.training.health import BadSampleMonitor, NonFiniteGuard, TrainingError
+from vidtune.train.training.health import BadSampleMonitor, NonFiniteGuard, TrainingError, check_finite_weights
 from vidtune.train.training.model import format_audit
 from vidtune.train.training.preemption import StopRequest, TrainingStopped
 
@@ -76,6 +81,7 @@ class Run:
     bad_samples: BadSampleMonitor = field(default_factory=lambda: BadSampleMonitor(BadSampleConfig()))
     eval_items: list = field(default_factory=list)  # held-out rows for generation-based eval during training
     trainable: list = field(default_factory=list)  # the trainable weights, listed once (clipping walks them)
+    lock: Any = None  # the output folder's lock (main process), released when the run ends
 
 
 # ------------------------------------------------------------------------------------------------------- setup
@@ -83,11 +89,21 @@ class Run:
 
 def setup(recipe: Recipe) -> Run:
     accelerator = make_accelerator(recipe)
+    # The output folder is locked before anything is written to it, and released if setup fails.
+    lock = outputs.lock_output_dir(Path(recipe.train.output_dir)) if accelerator.is_main_process else None
+    try:
+        return build_run(recipe, accelerator, lock)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+
+
+def build_run(recipe: Recipe, accelerator: Accelerator, lock: Any) -> Run:
     set_seed(recipe.train.seed)
     output_dir = Path(recipe.train.output_dir)
     model, family, processor, audit = build_model(recipe, accelerator)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         outputs.write_audit(output_dir, audit)
         accelerator.print(format_audit(audit))
     train_loader, eval_loader, sampler, drops = build_loaders(recipe, processor, family, accelerator)
@@ -108,7 +124,9 @@ def setup(recipe: Recipe) -> Run:
     state = TrainingState()
     outputs.register_adapter_hooks(accelerator)
     rows = train_loader.dataset.rows if sampler is not None else None
-    run_fingerprint = fingerprint(recipe, accelerator.num_processes, rows)
+    run_fingerprint = fingerprint(
+        recipe, accelerator.num_processes, rows, getattr(processor, "chat_template", "") or ""
+    )
     return Run(
         recipe,
         accelerator,
@@ -130,6 +148,7 @@ def setup(recipe: Recipe) -> Run:
         eval_items=training_items(recipe),
         trainable=[p for p in model.parameters() if p.requires_grad],
         bad_samples=BadSampleMonitor(recipe.data.bad_samples, recipe.train.output_dir),
+        lock=lock,
     )
 
 
@@ -230,12 +249,17 @@ def skip_step(run: Run, what: str) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(run: Run) -> float:
-    """Token-mean loss over the held-out split (per-sample sums, so padding and duplicates do not bias it)."""
+def evaluate(run: Run) -> float | None:
+    """Token-mean loss over the held-out split (per-sample sums, so padding and duplicates do not bias it); None
+    when SIGTERM/SIGINT arrived: checked between batches, since a long evaluation outlasts a preemption's grace
+    period (the caller then checkpoints and stops)."""
     acc, model = run.accelerator, run.model
     model.eval()
     loss_sum, token_sum = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
     for batch in run.eval_loader:
+        if run.stop.requested(acc):  # every rank has the same number of eval batches (Accelerate evens them)
+            model.train()
+            return None
         batch.pop("skipped", None)
         run.lockstep.prepare(batch)  # ranks must run the vision paths alike in eval too
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
@@ -255,36 +279,45 @@ def evaluate(run: Run) -> float:
 
 
 def resume(run: Run) -> None:
-    """Continue from the latest complete checkpoint of the output folder, if there is one and it fits this run."""
+    """Continue from the newest checkpoint of the output folder that verifies (sha256 of every file) and loads,
+    saying which newer ones were skipped and why; refused when it does not fit this run (its fingerprint)."""
     acc, output = run.accelerator, run.recipe.train.output_dir
     if acc.is_main_process and run.recipe.train.resume == "restart":  # asked for explicitly: start over
         shutil.rmtree(Path(output) / "checkpoints", ignore_errors=True)
         (Path(output) / outputs.METADATA).unlink(missing_ok=True)  # no longer finished until it finishes again
         tracking.truncate_metrics(output, 0)
     if acc.is_main_process:
-        for leftover in incomplete_checkpoints(output):
-            if leftover.name.startswith(".tmp-"):  # a save that crashed midway: never complete, never used
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                acc.print(f"warning: {leftover} does not verify against its manifest; it is kept but not resumed")
+        clean_leftovers(output, acc.print)
     acc.wait_for_everyone()
-    checkpoint = latest_checkpoint(output)
-    if checkpoint is None:
-        return
-    saved = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
-    changed = check_resume(saved["fingerprint"], run.fingerprint, str(checkpoint), run.recipe.train.resume == "force")
-    acc.print(f"resuming from {checkpoint}" + (f" (forced despite: {'; '.join(changed)})" if changed else ""))
-    try:
-        check_rng_states(checkpoint, acc.process_index)
-        acc.load_state(str(checkpoint), **outputs.load_state_kwargs(acc))
-    except pickle.UnpicklingError as err:
-        raise RecipeError(
-            f"{checkpoint}: refused to load a file that holds code or unknown objects "
-            f"({str(err).splitlines()[0][:160]})"
-        ) from None
-    run.state.load_state_dict(saved["state"])
-    if acc.is_main_process:
-        tracking.truncate_metrics(output, run.state.step)
+    tried = []
+    for checkpoint in reversed(step_folders(output)):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            saved = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+            check_fingerprint(run, saved, checkpoint)
+            problem = load_checkpoint(acc, checkpoint, outputs.load_state_kwargs(acc))
+            if problem is None:
+                run.state.load_state_dict(saved["state"])
+                if acc.is_main_process:
+                    tracking.truncate_metrics(output, run.state.step)
+                return
+            tried.append(checkpoint)
+        acc.print(f"skipping {checkpoint}: {problem}")
+    if tried:  # a failed load may have changed some weights: never train on from a half-loaded state
+        raise TrainingError(
+            f"no checkpoint in {checkpoint_root(output)} verifies and loads; move them away to start afresh"
+        )
+
+
+def check_fingerprint(run: Run, saved: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse what changes the math (unless forced); print the deliberate changes (learning rate, max_steps)."""
+    force = run.recipe.train.resume == "force"
+    changed = check_resume(saved["fingerprint"], run.fingerprint, str(checkpoint), force)
+    settings = changed_settings(saved.get("settings", {}), run.recipe)
+    note = (f" (forced despite: {'; '.join(changed)})" if changed else "") + (
+        f" (changed: {', '.join(settings)})" if settings else ""
+    )
+    run.accelerator.print(f"resuming from {checkpoint}{note}")
 
 
 def windows(loader: Any, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
@@ -364,10 +397,15 @@ def after_step(run: Run, metrics: dict[str, float]) -> None:
     if step % t.log_every_steps == 0 or step == run.total_steps:
         tracking.log(acc, metrics, step, t.output_dir)
     if run.eval_loader is not None and t.eval_every_steps and step % t.eval_every_steps == 0:
-        metrics["eval/loss"] = evaluate(run)
-        tracking.log(acc, {"eval/loss": metrics["eval/loss"]}, step, t.output_dir)
+        eval_loss = evaluate(run)
+        if eval_loss is None:  # stopped: the loop checkpoints right after this
+            return
+        metrics["eval/loss"] = eval_loss
+        tracking.log(acc, {"eval/loss": eval_loss}, step, t.output_dir)
     if run.eval_items and step % run.recipe.eval.every_steps == 0:
         scores = generation_eval(run)
+        if scores is None:  # stopped, as above
+            return
         metrics.update(scores)
         tracking.log(acc, scores, step, t.output_dir)
     if t.save_every_steps and (step % t.save_every_steps == 0 or step == run.total_steps):
@@ -375,33 +413,68 @@ def after_step(run: Run, metrics: dict[str, float]) -> None:
 
 
 def checkpoint(run: Run) -> Path:
-    state = {"state": run.state.state_dict(), "fingerprint": run.fingerprint}
+    check_finite_weights(run.accelerator, run.trainable, run.state.step)
+    state = {"state": run.state.state_dict(), "fingerprint": run.fingerprint, "settings": run_settings(run.recipe)}
     return save_checkpoint(
         run.accelerator,
         run.recipe.train.output_dir,
         run.state.step,
         run.recipe.train.keep_last_checkpoints,
         {"recipe.yaml": recipe_to_yaml(run.recipe), TRAINER_STATE: json.dumps(state, indent=1) + "\n"},
+        retry_s=run.recipe.train.save_retry_s,
+        needed_bytes=state_bytes(run.trainable),
         **save_state_kwargs(run.accelerator),
     )
 
 
-def generation_eval(run: Run) -> dict[str, Any]:
-    """Generated answers to the held-out items, scored (logged to the console and wandb by the main process)."""
+class EvalAbandoned(Exception):
+    """SIGTERM/SIGINT arrived during generation-based evaluation."""
+
+
+def generation_eval(run: Run) -> dict[str, Any] | None:
+    """Generated answers to the held-out items, scored (logged to the console and wandb by the main process); None
+    when a stop was requested, checked before each batch (every rank runs the same number of batches)."""
     model = run.accelerator.unwrap_model(run.model)
     builder = ExampleBuilder(run.processor, run.family)
     d = run.recipe.data
     im = InferenceModel(model, run.processor, run.family, builder, d.sampling, d.time_instruction)
-    return in_training_eval(
-        run.accelerator,
-        im,
-        run.eval_items,
-        run.recipe.eval,
-        run.recipe.train.batch_size,
-        run.state.step,
-        wandb_table=run.recipe.logging.report_to == "wandb",
-        before=run.lockstep.prepare,
-    )
+
+    def before(batch: dict[str, Any]) -> None:
+        if run.stop.requested(run.accelerator):
+            raise EvalAbandoned
+        run.lockstep.prepare(batch)
+
+    try:
+        return in_training_eval(
+            run.accelerator,
+            im,
+            run.eval_items,
+            run.recipe.eval,
+            run.recipe.train.batch_size,
+            run.state.step,
+            wandb_table=run.recipe.logging.report_to == "wandb",
+            before=before,
+        )
+    except EvalAbandoned:
+        model.train()
+        return None
+
+
+def final_evaluation(run: Run, metrics: dict[str, Any]) -> None:
+    """The final model gets scored too; a stop requested meanwhile checkpoints and stops (TrainingStopped)."""
+    acc, step, output = run.accelerator, run.state.step, run.recipe.train.output_dir
+    if run.eval_items and step % run.recipe.eval.every_steps:  # (otherwise scored at this very step already)
+        scores = generation_eval(run)
+        if scores is None:
+            raise TrainingStopped(run.stop.requested(acc) or signal.SIGTERM, step, str(checkpoint(run)))
+        metrics.update(scores)
+        tracking.log(acc, scores, step, output)
+    if run.eval_loader is not None:
+        eval_loss = evaluate(run)
+        if eval_loss is None:
+            raise TrainingStopped(run.stop.requested(acc) or signal.SIGTERM, step, str(checkpoint(run)))
+        metrics["eval/loss"] = eval_loss
+        tracking.log(acc, {"eval/loss": eval_loss}, step, output)
 
 
 def save_outputs(run: Run, metrics: dict[str, float]) -> None:
@@ -411,23 +484,14 @@ def save_outputs(run: Run, metrics: dict[str, float]) -> None:
     if run.sampler is None:  # a stream's kept samples are the ones training read
         run.drops.kept = run.state.samples
     metadata = outputs.training_metadata(recipe, frame_px, run.drops, acc, run.state.step, metrics)
-    outputs.save_final(acc, run.model, run.processor, recipe.train.output_dir, recipe, metadata)
+    check_finite_weights(acc, run.trainable, run.state.step)
 
+    def save() -> None:
+        outputs.save_final(acc, run.model, run.processor, recipe.train.output_dir, recipe, metadata)
 
-def push_to_hub(run: Run) -> None:
-    """The recipe asked for it: export the finished run and push it (main process). A failed push keeps the run."""
-    from vidtune.train.publishing.export import export_folder, push
-
-    hub, output = run.recipe.hub, run.recipe.train.output_dir
-    try:
-        result = export_folder(output, card=dataclasses.asdict(hub))
-        url = push(result, hub.repo_id or "", private=hub.private, revision=hub.revision)
-    except Exception as err:
-        raise RecipeError(
-            f"training finished and is saved in {output}, but the push to {hub.repo_id} failed "
-            f"({str(err).splitlines()[0]}); retry with `vidtune export {output} --push {hub.repo_id}`"
-        ) from None
-    run.accelerator.print(f"pushed to {url}")
+    # The final save is often the only one (save_every_steps 0): a full disk must not lose the finished run.
+    output = Path(recipe.train.output_dir)
+    retry_when_disk_full(acc, save, output, state_bytes(run.trainable), recipe.train.save_retry_s)
 
 
 def train(recipe: Recipe) -> Path:
@@ -448,18 +512,16 @@ def train(recipe: Recipe) -> Path:
     try:
         resume(run)
         metrics = train_loop(run)
-        if run.eval_items and run.state.step % run.recipe.eval.every_steps:  # the final model gets scored too
-            scores = generation_eval(run)
-            metrics.update(scores)
-            tracking.log(run.accelerator, scores, run.state.step, recipe.train.output_dir)
-        if run.eval_loader is not None:
-            metrics["eval/loss"] = evaluate(run)
-            tracking.log(run.accelerator, {"eval/loss": metrics["eval/loss"]}, run.state.step, recipe.train.output_dir)
+        final_evaluation(run, metrics)
         save_outputs(run, metrics)
         run.bad_samples.check_run()  # after saving: the trained model is kept, but the run does not "succeed"
         if recipe.hub.repo_id and run.accelerator.is_main_process:
-            push_to_hub(run)
+            from vidtune.train.publishing.export import push_finished_run
+
+            run.accelerator.print(f"pushed to {push_finished_run(recipe)}")
     finally:
         run.stop.uninstall()
         tracking.finish(run.accelerator)
+        if run.lock is not None:
+            run.lock.close()
     return Path(recipe.train.output_dir)

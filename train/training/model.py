@@ -4,8 +4,11 @@ audit the trainable set before any step runs."""
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,31 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> Any
         return transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as err:  # a missing folder, an unknown or unreachable hub id
         raise RecipeError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from None
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+@contextmanager
+def refusing_pickles(*folders: str | Path) -> Iterator[None]:
+    """Loads inside refuse a crafted pickle (torch loads with weights_only) in one line naming the file, not with
+    an UnpicklingError traceback that names none."""
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        files = [
+            str(p)
+            for folder in map(Path, folders)
+            if folder.is_dir()
+            for p in sorted(folder.iterdir())
+            if p.suffix in PICKLE_SUFFIXES
+        ]
+        lines = str(err).splitlines()
+        detail = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        raise RecipeError(
+            f"{', '.join(files) or ', '.join(map(str, folders))}: refused to load a pickled file that holds code "
+            f"or unknown objects ({detail.strip()[:160]})"
+        ) from None
 
 
 def model_class(family: ModelFamily) -> Any:

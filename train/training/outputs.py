@@ -11,6 +11,7 @@ OUTPUT/adapter_config.json, adapter_model.safetensors   (LoRA runs; PEFT format)
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,38 @@ from safetensors.torch import load_file
 
 from vidtune.data.dataset import DropReport
 from vidtune.data.sources import source_name
-from vidtune.train.training.config import Recipe, recipe_to_yaml
+from vidtune.train.training.config import Recipe, RecipeError, recipe_to_dict, recipe_to_yaml
 from vidtune.train.training.distributed import is_deepspeed, trainable_state_dict, zero_stage
 
 ADAPTER_SUBDIR = "adapter"
 METADATA = "vidtune.json"
+LOCK = ".vidtune.lock"  # held (flock) by the `vidtune train` writing into the folder; holds its pid
+
+
+def lock_output_dir(output_dir: Path) -> Any:
+    """Lock the output folder for this run (main process); the open file holds the lock until the process ends.
+
+    Two runs into one folder once deleted each other's files mid-save and published a checkpoint with no adapter.
+    flock is released by the kernel however the process dies, so a killed run never leaves a stale lock."""
+    import fcntl
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = (output_dir / LOCK).open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RecipeError(
+            f"{output_dir} is in use by another vidtune train (pid {holder}); wait for it or use another "
+            "train.output_dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def register_adapter_hooks(accelerator: Any) -> None:
@@ -71,6 +99,7 @@ def training_metadata(
     """What `vidtune.json` records: the base model, how frames were sampled, the data and its size, the settings,
     the engine, the steps and the final metrics."""
     r = recipe
+    shown = recipe_to_dict(recipe)["data"]["sources"]  # paths as written: `${oc.env:...}` stays unresolved
     return {
         "base_model": r.model.name_or_path,
         "variant": r.variant,
@@ -85,8 +114,8 @@ def training_metadata(
         "max_length": r.data.max_length,
         "label_turns": r.data.label_turns,
         "datasets": [
-            {"path": s.path, "format": s.format, "num_samples": drops.kept_by_source.get(source_name(s))}
-            for s in r.data.sources
+            {"path": text["path"], "format": s.format, "num_samples": drops.kept_by_source.get(source_name(s))}
+            for s, text in zip(r.data.sources, shown, strict=True)
         ],
         "hyperparameters": {
             "learning rate": r.train.learning_rate,
@@ -130,13 +159,19 @@ def save_final(
     # (under ZeRO-3 this needs zero3_save_16bit_model).
     lora = isinstance(unwrapped, PeftModel)
     state_dict = trainable_state_dict(acc, model) if lora else acc.get_state_dict(model)
+    error: OSError | None = None
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-        processor.save_pretrained(out)
-        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
-        (out / METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+            processor.save_pretrained(out)
+            (out / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+            (out / METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        except OSError as err:  # a full disk: raised after the barrier, so the other ranks are not left waiting
+            error = err
     acc.wait_for_everyone()
+    if error is not None:
+        raise error
 
 
 def read_metadata(folder: str | Path) -> dict[str, Any] | None:
