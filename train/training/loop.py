@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -333,7 +332,7 @@ def train_loop(run: Run) -> dict[str, float]:
     show_bar = acc.is_local_main_process and sys.stderr.isatty() and not os.environ.get("TQDM_DISABLE")
     bar = tqdm(total=run.total_steps, initial=state.step, disable=not show_bar, desc="training")
     metrics: dict[str, float] = {}
-    progress = Progress()
+    progress = tracking.Progress()
     run.model.train()  # once: evaluation puts it back in training mode itself
     while state.step < run.total_steps:
         if run.sampler is not None:
@@ -349,7 +348,7 @@ def train_loop(run: Run) -> dict[str, float]:
             if not step_metrics.get("skipped"):  # a skipped (non-finite) step is no optimizer step
                 state.step += 1
                 state.samples += int(step_metrics["samples"])
-                metrics = progress.update(step_metrics, state, run)
+                metrics = progress.update(step_metrics, state.epoch, run.nonfinite.total, run.bad_samples.total_bad)
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{step_metrics['loss']:.4f}",
@@ -367,28 +366,6 @@ def train_loop(run: Run) -> dict[str, float]:
             state.batches_in_epoch = 0
     bar.close()
     return metrics
-
-
-class Progress:
-    """Throughput and counters since this process started training."""
-
-    def __init__(self) -> None:
-        self.started, self.samples, self.tokens, self.skipped_samples = time.perf_counter(), 0, 0, 0
-
-    def update(self, step: dict[str, float], state: TrainingState, run: Run) -> dict[str, float]:
-        self.samples += int(step["samples"])
-        self.tokens += int(step["tokens"])
-        elapsed = time.perf_counter() - self.started
-        return {
-            "train/loss": step["loss"],
-            "train/lr": step["lr"],
-            "train/grad_norm": step["grad_norm"],
-            "train/epoch": state.epoch,
-            "train/samples_per_s": self.samples / elapsed,
-            "train/tokens_per_s": self.tokens / elapsed,
-            "train/nonfinite_steps": run.nonfinite.total,
-            "data/failed_samples": run.bad_samples.total_bad,
-        }
 
 
 def after_step(run: Run, metrics: dict[str, float]) -> None:

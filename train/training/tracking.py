@@ -7,6 +7,7 @@ import hashlib
 import json
 import netrc
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +77,25 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, float]]:
 
 def finish(accelerator: Any) -> None:
     accelerator.end_training()
+
+
+class Progress:
+    """The per-step metrics: the step's own, throughput since this process started training, and counters."""
+
+    def __init__(self) -> None:
+        self.started, self.samples, self.tokens = time.perf_counter(), 0, 0
+
+    def update(self, step: dict[str, float], epoch: int, nonfinite_steps: int, failed_samples: int) -> dict[str, float]:
+        self.samples += int(step["samples"])
+        self.tokens += int(step["tokens"])
+        elapsed = time.perf_counter() - self.started
+        return {
+            "train/loss": step["loss"],
+            "train/lr": step["lr"],
+            "train/grad_norm": step["grad_norm"],
+            "train/epoch": epoch,
+            "train/samples_per_s": self.samples / elapsed,
+            "train/tokens_per_s": self.tokens / elapsed,
+            "train/nonfinite_steps": nonfinite_steps,
+            "data/failed_samples": failed_samples,
+        }
