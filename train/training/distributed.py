@@ -76,12 +76,15 @@ class VisionLockstep:
 
     Per micro-batch, ranks agree (one tiny all-reduce) on which paths any of them needs; a rank short of one runs
     the family's blank input through that path at the same point of the forward (hooks on the model), weighted 0 in
-    the loss: same modules, same order, no effect on values or gradients. Single-process runs skip all of it.
+    the loss: same modules, same order, no effect on values or gradients. Single-process runs skip all of it, and so
+    does DDP: it runs no collective inside the forward, and its find_unused_parameters covers a rank whose batch
+    skips a path. (Blank paths would even break DDP: a weight reached only by a blank path is marked unused when the
+    forward ends, then gets its 0 gradient in backward: "marked as ready twice".)
     """
 
     def __init__(self, accelerator: Accelerator, family: ModelFamily, processor: Any, model: Any):
         self.accelerator = accelerator
-        self.enabled = accelerator.num_processes > 1
+        self.enabled = accelerator.num_processes > 1 and is_deepspeed(accelerator)
         self.paths: list[BlankPath] = []
         self.pending: list[bool] = []
         self.term: torch.Tensor | float = 0.0
