@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -186,10 +187,9 @@ def finished_message(recipe: Recipe) -> str | None:
     metadata, saved_recipe = read_metadata(out), out / "recipe.yaml"
     if metadata is None or not saved_recipe.is_file():
         return None
-    from vidtune.train.training.config import load_recipe
-
-    saved = load_recipe(saved_recipe).train
-    if (saved.max_steps, saved.num_epochs) != (recipe.train.max_steps, recipe.train.num_epochs):
+    # Read as saved, not resolved: its `${oc.env:...}` values need not be set any more.
+    saved = (yaml.safe_load(saved_recipe.read_text(encoding="utf-8")) or {}).get("train", {})
+    if (saved.get("max_steps"), saved.get("num_epochs")) != (recipe.train.max_steps, recipe.train.num_epochs):
         return None  # a longer (or shorter) schedule: continue from the latest checkpoint
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     last = f"; last checkpoint {checkpoints[-1]}" if checkpoints else ""
