@@ -1,0 +1,57 @@
+"""decord: fast batched seeks, trusted only where it is right. It is refused for files it decodes wrong: rotated
+ones (it turns them but scales on the unrotated shape and adds a fourth channel), files without presentation
+times (AVI with inter frames), and any file whose frame index disagrees with the probe's."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vidtune.data.video.base import StreamIndex, VideoError, check_returned, scaled_size
+
+
+def _quiet() -> None:
+    import decord
+
+    decord.logging.set_level(decord.logging.QUIET)
+
+
+class DecordReader:
+    name = "decord"
+
+    def __init__(self, path: str, index: StreamIndex, shortest_edge: int | None = None):
+        import decord
+
+        _quiet()
+        self.path, self.index, self.info = path, index, index.info
+        if index.rotation:
+            raise VideoError(
+                f"{path}: decord cannot read rotated video right (turned {index.rotation} degrees for display)"
+            )
+        if index.order_only:
+            raise VideoError(f"{path}: decord cannot guarantee frames in {index.container} without timestamps")
+        height, width = scaled_size(self.info.height, self.info.width, shortest_edge) or (-1, -1)
+        try:
+            # One decode thread: DataLoader workers already use the cores. The decoder scales frames down to the
+            # model's input size itself: less memory, and the processor's own resize becomes a no-op.
+            self.reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, width=width, height=height)
+        except Exception as err:
+            raise VideoError(f"{path}: decord cannot open it ({str(err).splitlines()[0][:120]})") from None
+        if len(self.reader) != self.info.num_frames:
+            raise VideoError(f"{path}: decord finds {len(self.reader)} frames, the stream has {self.info.num_frames}")
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        try:
+            frames = self.reader.get_batch(indices).asnumpy()
+            stamps = self.reader.get_frame_timestamp(indices)[:, 0]
+        except Exception as err:
+            raise VideoError(
+                f"{self.path}: decord failed to decode frames ({str(err).splitlines()[0][:120]})"
+            ) from None
+        first = float(self.reader.get_frame_timestamp(0)[0])
+        check_returned(self.path, self.name, self.index, indices, [float(s) - first for s in stamps])
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise VideoError(f"{self.path}: decord returned frames of shape {frames.shape}")
+        return frames
+
+    def close(self) -> None:
+        del self.reader
