@@ -263,9 +263,11 @@ def load_media(
     decode_timeout_s: float = 120.0,
     shortest_edge: int | None = None,
     cache: FrameCache | None = None,
+    backends: dict[str, str] | None = None,
 ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
     """Decoded pixels per media index (conversation order), and each video's time instruction when asked for.
-    Frames are decoded at the model's input size (`shortest_edge`), from the frame cache when there is one."""
+    Frames are decoded at the model's input size (`shortest_edge`), from the frame cache when there is one;
+    `backends` (when given) records which decoder served each video."""
     media, instructions = {}, {}
     for index, part in enumerate(media_parts(messages)):
         path = part["path"] or ""
@@ -278,6 +280,8 @@ def load_media(
             else:
                 clip = load_clip(path, sampling, part["start_s"], part["end_s"], rng, decode_timeout_s, shortest_edge)
         media[index] = clip.frames
+        if backends is not None:
+            backends[path] = clip.backend
         if with_time_instruction:
             instructions[index] = time_instruction(clip.info, clip.timestamps_s, part["start_s"], part["end_s"])
     return media, instructions

@@ -4,6 +4,8 @@ clips come out upright with the displayed aspect, and unreadable files are refus
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -103,3 +105,62 @@ def test_unreadable_files_are_refused_with_the_right_reason(battery, backend):
             open_video(str(clip.path), backend).read([0])
         message = str(err.value)
         assert message.startswith(f"{clip.path}: ") and clip.unreadable in message and "\n" not in message
+
+
+def test_vidtune_check_decode_flags_only_the_unreadable_files_and_names_the_backend(
+    battery, tiny_model_dir, tmp_path, capsys
+):
+    import json
+
+    from vidtune.train.cli import main
+
+    corpus = tmp_path / "captions.jsonl"
+    corpus.write_text("".join(json.dumps({"video": c.name, "caption": "coded frames"}) + "\n" for c in battery))
+    recipe = tmp_path / "recipe.yaml"
+    data = {
+        "sources": [{"path": str(corpus), "media_root": str(battery[0].path.parent)}],
+        "sampling": {"num_frames": 4},
+        "bad_samples": {"max_bad_fraction": 0.5},
+    }
+    recipe.write_text(json.dumps({"model": {"name_or_path": str(tiny_model_dir)}, "data": data}))
+    out = tmp_path / "report.json"
+    main(["check", str(recipe), "--out", str(out), "--decode", f"train.output_dir={tmp_path / 'run'}"])
+    report = json.loads(out.read_text())
+    unreadable = {c.name: c.unreadable for c in battery if c.unreadable}
+    assert len(report["bad"]) == len(unreadable)
+    for name, reason in unreadable.items():
+        assert any(name in item["reason"] and reason in item["reason"] for item in report["bad"]), name
+    decoded = {Path(path).name: backend for path, backend in report["decoded_by"].items()}
+    assert set(decoded) == {c.name for c in battery if not c.unreadable}
+    assert decoded["h264_bframes.avi"] == "pyav" and set(decoded.values()) <= set(available_backends())
+    assert report["bad_by_kind"] == {"no video stream": 1, "truncated data": 1}
+    assert "decoded by" in capsys.readouterr().out
+
+
+def test_vidtune_frames_prints_json_writes_pngs_and_refuses_in_one_line(battery, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from vidtune.train.cli import main
+
+    clip = next(c for c in battery if c.name == "h264_rotated_270.mp4")
+    main(["frames", str(clip.path), "--num-frames", "5", "--json", "--out", str(tmp_path / "out")])
+    report = json.loads(capsys.readouterr().out)
+    assert report["path"] == str(clip.path) and report["backend"] in available_backends()
+    assert (report["width"], report["height"]) == (clip.width, clip.height)  # as displayed: portrait
+    assert abs(report["duration_s"] - 3.0) < 0.01
+    assert [f["index"] for f in report["frames"]] == [3, 9, 15, 21, 27]
+    assert [f["pts_s"] for f in report["frames"]] == pytest.approx([0.3, 0.9, 1.5, 2.1, 2.7], abs=0.01)
+    for position, frame in enumerate(report["frames"]):
+        png = np.array(Image.open(tmp_path / "out" / f"frame_{position:02d}.png"))
+        assert png.shape[:2] == (clip.height, clip.width) and read_code(png) == frame["index"]
+    assert (tmp_path / "out" / "sheet.png").is_file()
+    main(["frames", str(clip.path), "--fps", "2", "--start", "1", "--end", "2", "--backend", "pyav"])
+    printed = capsys.readouterr().out
+    assert "decoded by pyav" in printed and "2 frames: #12@1.20s  #17@1.70s" in printed
+    audio = next(c for c in battery if c.name == "audio_only.m4a")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frames", str(audio.path)])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == f"{audio.path}: no video stream (the file holds 1 audio)\n"

@@ -2,4 +2,5 @@
 
 check.py  `vidtune check`: every unreadable file and malformed row, token lengths, drops, label counts
 cache.py  `vidtune cache`: decode a recipe's clips into its frame cache ahead of training
+frames.py `vidtune frames`: the frames sampling picks from one video (backend, times, PNGs, contact sheet)
 """
