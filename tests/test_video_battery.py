@@ -164,3 +164,39 @@ def test_vidtune_frames_prints_json_writes_pngs_and_refuses_in_one_line(battery,
         main(["frames", str(audio.path)])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == f"{audio.path}: no video stream (the file holds 1 audio)\n"
+
+
+def test_auto_moves_on_when_a_backend_opens_a_file_but_cannot_read_it(battery, monkeypatch):
+    """decord opens the 16x16 clip, then its get_batch fails: auto reads it with the next backend."""
+    from vidtune.data.video import loading
+
+    if "decord" not in available_backends():
+        pytest.skip("decord is not installed")
+    monkeypatch.setattr(loading, "available_backends", lambda: ["decord", "pyav"])
+    clip = next(c for c in battery if c.name == "h264_16x16.mp4")
+    with pytest.raises(VideoError, match="decord failed to decode"):
+        load_clip(str(clip.path), SamplingConfig(4, backend="decord"))
+    result = load_clip(str(clip.path), SamplingConfig(4))
+    assert result.backend == "pyav"
+    check_frames(clip, result)
+
+
+def test_vidtune_show_writes_a_page_of_frames_prompt_and_label_span(battery, tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from vidtune.train.cli import main
+
+    names = ["h264_rotated_90.mp4", "h264_vfr_extreme.mp4", "audio_only.m4a"]
+    corpus = tmp_path / "captions.jsonl"
+    corpus.write_text("".join(json.dumps({"video": n, "caption": f"clip {n}"}) + "\n" for n in names))
+    data = {"sources": [{"path": str(corpus), "media_root": str(battery[0].path.parent)}], "time_instruction": True}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": {"name_or_path": str(tiny_model_dir)}, "data": data}))
+    main(["show", str(recipe), "--rows", "3", "--out", str(tmp_path / "show"), f"train.output_dir={tmp_path}/run"])
+    page = (tmp_path / "show" / "index.html").read_text()
+    assert str(tmp_path / "show" / "index.html") in capsys.readouterr().out
+    assert page.count("<img ") == 2 and page.count("data:image/png;base64,") == 2
+    assert page.count("&lt;video x") == 2 and "8 frames" in page and "decoded by" in page
+    assert "<mark>clip h264_rotated_90.mp4&lt;/s&gt;</mark>" in page.replace("<mark> ", "<mark>")
+    assert "The video lasts 11.8 seconds" in page  # the real duration of the variable-rate clip
+    assert "no video stream" in page

@@ -97,6 +97,12 @@ def _add_frames(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="write the frames (frame_00.png, ...) and a contact sheet (sheet.png) here")
 
 
+def _add_show(p: argparse.ArgumentParser) -> None:
+    _add_recipe_args(p)
+    p.add_argument("--rows", type=int, default=8, help="how many rows of the training data (default 8)")
+    p.add_argument("--out", default="vidtune_show", help="folder for index.html")
+
+
 def _add_cache(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p)
     p.add_argument("--workers", type=int, default=2, help="decoding processes")
@@ -302,6 +308,15 @@ def run_frames(args: argparse.Namespace) -> None:
             print(f"  wrote {len(clip.frames)} frames and sheet.png to {args.out}")
 
 
+def run_show(args: argparse.Namespace) -> None:
+    from vidtune.train.datatools.show import run_show as show
+    from vidtune.train.training.config import load_recipe, resolve_recipe_path
+
+    path = resolve_recipe_path(args.recipe)
+    page = show(load_recipe(path, args.overrides), str(path), args.rows, args.out)
+    print(f"vidtune show: {page} (open it in a browser)")
+
+
 def run_cache(args: argparse.Namespace) -> None:
     from vidtune.train.datatools.cache import fill_cache
     from vidtune.train.training.config import load_recipe, resolve_recipe_path
@@ -354,6 +369,7 @@ COMMANDS = {
         _add_frames,
         run_frames,
     ),
+    "show": Command("an HTML page of what training feeds the model: frames, prompt, label span", _add_show, run_show),
     "cache": Command(
         "decode a recipe's clips into its frame cache (data.frame_cache.dir) ahead", _add_cache, run_cache
     ),

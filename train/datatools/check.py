@@ -23,6 +23,7 @@ from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import family_for
 from vidtune.data.quality import BadSampleLog
 from vidtune.data.sources import iter_conversations
+from vidtune.data.video import Clip
 from vidtune.train.training.config import Recipe
 from vidtune.train.training.model import load_model_config, load_processor
 
@@ -53,7 +54,7 @@ def measure_all(
     )
     measurer, measured = Measurer(builder, data), []
     for row in rows:
-        counts = measurer(row)
+        counts, decoded = measurer(row), list[tuple[str, Clip]]()
         problem = counts["problem"]
         if not problem and decode and not counts["drop_reason"]:
             try:
@@ -64,8 +65,10 @@ def measure_all(
                     None,
                     data.bad_samples.decode_timeout_s,
                     builder.frame_px,
-                    backends=backends,
+                    record=decoded,
                 )
+                if backends is not None:
+                    backends.update((path, clip.backend) for path, clip in decoded)
             except DataError as err:
                 problem = str(err)
         if problem:

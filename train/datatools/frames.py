@@ -53,7 +53,7 @@ def contact_sheet(frames: np.ndarray, labels: list[str], columns: int = 4, cell_
         image = Image.fromarray(frame)
         image.thumbnail((cell_px, cell_px)) if max(image.size) > cell_px else None
         if max(image.size) < cell_px // 2:  # tiny frames: enlarge so a person can see them
-            scale = (cell_px // 2) // max(image.size)
+            scale = (cell_px * 3 // 4) // max(image.size)
             image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
         left, top = (position % columns) * cell_px, (position // columns) * (cell_px + label_px)
         sheet.paste(image, (left + (cell_px - image.width) // 2, top + (cell_px - image.height) // 2))
