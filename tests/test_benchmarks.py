@@ -61,9 +61,12 @@ def bench(*args: str) -> str:
 
 
 @pytest.mark.slow
-def test_data_throughput_benchmark_prints_all_three_paths(tmp_path):
-    out = bench("benchmarks/data_throughput.py", "--quick", "--repeats", "1", "--workdir", str(tmp_path))
-    assert re.search(rf"generated 2 s 320x240\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x\s+{NUMBER}x", out), out
+def test_data_throughput_benchmark_prints_both_baselines_with_spreads(tmp_path):
+    out = bench("benchmarks/data_throughput.py", "--quick", "--rounds", "1", "--workdir", str(tmp_path))
+    spread = rf"{NUMBER}/{NUMBER}/{NUMBER}"
+    for way in ("seed", "decode-all", "vidtune", "cached"):  # samples/s, then x seed and x decode-all
+        assert re.search(rf"^\s+{way}\s+{spread}\s+{spread}x\s+{spread}x$", out, re.M), out
+    assert re.search(r"^\s+cache fill\s+\d+/\d+/\d+ ms per clip$", out, re.M), out
 
 
 @pytest.mark.slow
