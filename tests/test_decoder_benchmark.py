@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from vidtune.data.video import available_backends
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_decoder_benchmark_prints_every_installed_backend_side_by_side(tmp_path):
     command = [sys.executable, "benchmarks/decoder_backends.py", "--quick", "--rounds", "1", "--frames", "4"]
     result = subprocess.run(
