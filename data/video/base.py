@@ -4,7 +4,7 @@ the sampling settings, sizes as displayed, and the check that a file is a video 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -76,7 +76,6 @@ class StreamIndex:
     container: str
     stored_size: tuple[int, int] = (0, 0)  # (height, width) as coded, before rotation
     order_only: bool = False  # no presentation timestamps (AVI with inter frames): only decode order tells frames
-    notes: list[str] = field(default_factory=list, compare=False)
 
 
 @dataclass

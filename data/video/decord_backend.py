@@ -4,9 +4,17 @@ times (AVI with inter frames), and any file whose frame index disagrees with the
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from vidtune.data.video.base import StreamIndex, VideoError, check_returned, scaled_size
+
+
+def _reason(err: Exception) -> str:
+    """decord's C++ message without its '[hh:mm:ss] /path/file.cc:123: ' prefix, one line."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", first)[:120]
 
 
 def _quiet() -> None:
@@ -35,7 +43,7 @@ class DecordReader:
             # model's input size itself: less memory, and the processor's own resize becomes a no-op.
             self.reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, width=width, height=height)
         except Exception as err:
-            raise VideoError(f"{path}: decord cannot open it ({str(err).splitlines()[0][:120]})") from None
+            raise VideoError(f"{path}: decord cannot open it ({_reason(err)})") from None
         if len(self.reader) != self.info.num_frames:
             raise VideoError(f"{path}: decord finds {len(self.reader)} frames, the stream has {self.info.num_frames}")
 
@@ -44,9 +52,7 @@ class DecordReader:
             frames = self.reader.get_batch(indices).asnumpy()
             stamps = self.reader.get_frame_timestamp(indices)[:, 0]
         except Exception as err:
-            raise VideoError(
-                f"{self.path}: decord failed to decode frames ({str(err).splitlines()[0][:120]})"
-            ) from None
+            raise VideoError(f"{self.path}: decord failed to decode frames ({_reason(err)})") from None
         first = float(self.reader.get_frame_timestamp(0)[0])
         check_returned(self.path, self.name, self.index, indices, [float(s) - first for s in stamps])
         if frames.ndim != 4 or frames.shape[-1] != 3:

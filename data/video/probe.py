@@ -7,7 +7,9 @@ Durations and timestamps come from the stream's real pts, the first frame at 0 s
 
 from __future__ import annotations
 
+import functools
 import itertools
+import os
 from typing import Any
 
 from vidtune.data.video.base import CONTAINER_DEMUXERS, StreamIndex, VideoError, VideoInfo, check_file
@@ -23,7 +25,14 @@ def open_container(path: str) -> Any:
 
 
 def probe_stream(path: str) -> StreamIndex:
+    """The stream's index; kept per file version in each process (a DataLoader worker reads a video every epoch)."""
     check_file(path)
+    stat = os.stat(path)
+    return _probe(os.path.realpath(path), stat.st_size, stat.st_mtime_ns, path)
+
+
+@functools.lru_cache(maxsize=1024)
+def _probe(real_path: str, size: int, mtime_ns: int, path: str) -> StreamIndex:
     container = open_container(path)
     try:
         if not container.streams.video:

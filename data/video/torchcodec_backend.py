@@ -22,6 +22,11 @@ def torchcodec_available() -> bool:
     return True
 
 
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:120]
+
+
 class TorchCodecReader:
     name = "torchcodec"
 
@@ -36,7 +41,7 @@ class TorchCodecReader:
         try:
             self.decoder = VideoDecoder(path, seek_mode="exact", dimension_order="NCHW", num_ffmpeg_threads=1)
         except Exception as err:
-            raise VideoError(f"{path}: torchcodec cannot open it ({str(err).splitlines()[0][:120]})") from None
+            raise VideoError(f"{path}: torchcodec cannot open it ({_first_line(err)})") from None
         if len(self.decoder) != self.info.num_frames:
             raise VideoError(
                 f"{path}: torchcodec finds {len(self.decoder)} frames, the stream has {self.info.num_frames}"
@@ -48,9 +53,7 @@ class TorchCodecReader:
         try:
             batch = self.decoder.get_frames_at(indices)
         except Exception as err:
-            raise VideoError(
-                f"{self.path}: torchcodec failed to decode frames ({str(err).splitlines()[0][:120]})"
-            ) from None
+            raise VideoError(f"{self.path}: torchcodec failed to decode frames ({_first_line(err)})") from None
         check_returned(self.path, self.name, self.index, indices, [float(t) - self.begin_s for t in batch.pts_seconds])
         frames = batch.data  # uint8 (T, C, H, W)
         if tuple(frames.shape[2:]) != (self.info.height, self.info.width):
