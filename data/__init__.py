@@ -4,7 +4,7 @@ sources.py       corpus files and Hub datasets -> rows (columns, media roots, mi
 caption_files.py caption corpora shipped as one JSON object (MSR-VTT, ActivityNet Captions) -> caption rows
 formats.py       row formats (llava, openai, caption, qa, multiple_choice) -> conversations
 conversation.py  the Conversation shape every stage shares (messages with roles, media parts in place)
-video.py         probing, frame sampling and decoding (decord, PyAV) -> uint8 frames with timestamps
+video/           decoding behind one interface (TorchCodec, decord, PyAV), sampling by presentation time
 frame_cache.py   decoded frames kept across epochs and runs
 quality.py       the bad-sample budget, decode time limits
 examples.py      conversation + frames -> input_ids, labels, pixels (the family's template and processor)

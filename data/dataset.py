@@ -28,6 +28,7 @@ from vidtune.data.frame_cache import FrameCache, FrameCacheConfig
 from vidtune.data.quality import BadSampleConfig, BadSampleLog, time_limit, validate_bad_samples
 from vidtune.data.sources import MAX_ROW_BYTES, SourceConfig, load_conversations, stream_conversations
 from vidtune.data.video import (
+    Clip,
     SamplingConfig,
     VideoError,
     VideoInfo,
@@ -263,9 +264,11 @@ def load_media(
     decode_timeout_s: float = 120.0,
     shortest_edge: int | None = None,
     cache: FrameCache | None = None,
+    record: list[tuple[str, Clip]] | None = None,
 ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
     """Decoded pixels per media index (conversation order), and each video's time instruction when asked for.
-    Frames are decoded at the model's input size (`shortest_edge`), from the frame cache when there is one."""
+    Frames are decoded at the model's input size (`shortest_edge`), from the frame cache when there is one;
+    `record` (when given) collects each video's (path, clip): its times and the decoder that served it."""
     media, instructions = {}, {}
     for index, part in enumerate(media_parts(messages)):
         path = part["path"] or ""
@@ -278,6 +281,8 @@ def load_media(
             else:
                 clip = load_clip(path, sampling, part["start_s"], part["end_s"], rng, decode_timeout_s, shortest_edge)
         media[index] = clip.frames
+        if record is not None:
+            record.append((path, clip))
         if with_time_instruction:
             instructions[index] = time_instruction(clip.info, clip.timestamps_s, part["start_s"], part["end_s"])
     return media, instructions

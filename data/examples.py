@@ -115,7 +115,7 @@ class ExampleBuilder:
             return_assistant_tokens_mask=not for_generation,
             add_generation_prompt=for_generation,
             return_tensors=None,
-            processor_kwargs={"do_sample_frames": False},  # frames were sampled by data/video.py
+            processor_kwargs={"do_sample_frames": False},  # frames were sampled by data/video/
         )
         input_ids = torch.tensor(encoded["input_ids"][0], dtype=torch.long)
         example = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}

@@ -3,9 +3,9 @@ epochs and runs.
 
 Training jitter and a cache coexist by caching a grid `grid` times finer than the sampling (grid odd): segment i of
 the clip owns grid frames; training picks one at random (seeded as usual), evaluation the middle one, which is
-exactly the frame uncached sampling would decode (same exact centre, data/video.py). A clip's key covers the file's
-identity (path, size, modification time), its bounds, the sampling, the grid and the decode size, so an edited
-video or a changed recipe never reads stale frames.
+exactly the frame uncached sampling would decode (same exact centre time, data/video/sampling.py). A clip's key
+covers the file's identity (path, size, modification time), its bounds, the sampling, the grid and the decode size,
+so an edited video or a changed recipe never reads stale frames.
 
 Files are written to a temporary name and renamed (atomic), so concurrent DataLoader workers and ranks may fill
 the same clip at once and readers only ever see whole files; a damaged file is re-decoded. Least recently used
@@ -25,16 +25,7 @@ from typing import IO
 
 import numpy as np
 
-from vidtune.data.video import (
-    Clip,
-    SamplingConfig,
-    VideoInfo,
-    frame_range,
-    num_sampled_frames,
-    open_video,
-    segment_indices,
-    timestamps_for,
-)
+from vidtune.data.video import Clip, SamplingConfig, VideoInfo, open_video, sample_frame_indices, timestamps_for
 
 FORMAT_VERSION = 1
 
@@ -95,9 +86,12 @@ class FrameCache:
         count, k = len(meta["indices"]) // self.cfg.grid, self.cfg.grid
         picks = np.full(count, (k - 1) // 2) if rng is None else rng.integers(0, k, size=count)
         rows = (np.arange(count) * k + picks).tolist()
-        info = VideoInfo(meta["num_frames"], meta["fps"], *meta["size"])
+        # Entries written before timestamps were kept are constant-rate clips' (index / fps: the same times).
+        info = VideoInfo(meta["num_frames"], meta["fps"], *meta["size"], end_s=meta.get("duration_s"))
         indices = [meta["indices"][r] for r in rows]
-        return Clip(np.ascontiguousarray(grid_frames[rows]), indices, timestamps_for(indices, info), info)
+        times = meta.get("timestamps_s") or timestamps_for(meta["indices"], info)
+        clip = Clip(np.ascontiguousarray(grid_frames[rows]), indices, [times[r] for r in rows], info, "cache")
+        return clip
 
     def fill(
         self, path: str, start_s: float | None, end_s: float | None, frames_path: Path, meta_path: Path
@@ -106,9 +100,7 @@ class FrameCache:
         reader = open_video(path, self.sampling.backend, self.shortest_edge)
         try:
             info = reader.info
-            first, stop = frame_range(info, start_s, end_s, path)
-            count = num_sampled_frames(info, self.sampling, start_s, end_s)
-            indices = segment_indices(first, stop, count * self.cfg.grid)
+            indices = sample_frame_indices(info, self.sampling, start_s, end_s, None, path, self.cfg.grid)
             frames = reader.read(indices)
         finally:
             reader.close()
@@ -117,6 +109,8 @@ class FrameCache:
             "num_frames": info.num_frames,
             "fps": info.fps,
             "size": [info.height, info.width],
+            "duration_s": info.duration_s,
+            "timestamps_s": timestamps_for(indices, info),
             "source": os.path.realpath(path),
         }
         frames_path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ def parse(spec: str) -> list[tuple[str, str]]:
 
 def patches(spec: str) -> list[tuple[Any, str, Any]]:
     """(module, attribute, replacement) for every fault in the spec."""
-    from vidtune.data import video
+    from vidtune.data.video import loading as video
     from vidtune.train.training import checkpoint, loop, outputs
 
     result: list[tuple[Any, str, Any]] = []

@@ -15,6 +15,37 @@ REPO = Path(__file__).resolve().parents[1]
 NUMBER = r"\d+\.\d+"
 
 
+@pytest.fixture(scope="module")
+def common():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return common
+
+
+def test_methods_run_interleaved_and_ratios_pair_rounds(common, monkeypatch):
+    calls = []
+    clock = iter(range(100))
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    seconds = common.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2)
+    assert calls == ["a", "b"] * 3  # one warm-up round, then A B A B
+    assert seconds == {"a": [1, 1], "b": [1, 1]}
+    paired = common.speedup({"fast": [1.0, 4.0], "slow": [2.0, 4.0]}, "fast", "slow")
+    assert (paired.min, paired.median, paired.max) == (1.0, 1.5, 2.0)  # per round, not median over median
+    assert common.rates([0.5, 2.0], work=4).format(1, " /s") == "2.0/5.0/8.0 /s"
+
+
+def test_a_missing_shared_clip_is_said(common, tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "here.mp4").write_bytes(b"")
+    found = common.shared_clips(["here.mp4", "gone.mp4"], str(tmp_path))
+    assert found == {"here.mp4": tmp_path / "videos" / "here.mp4"}
+    out, err = capsys.readouterr()
+    assert f"MISSING shared clip gone.mp4: not in {tmp_path / 'videos'}" in out and "gone.mp4" in err
+
+
 def bench(*args: str) -> str:
     result = subprocess.run(
         [sys.executable, *args],
@@ -30,9 +61,12 @@ def bench(*args: str) -> str:
 
 
 @pytest.mark.slow
-def test_data_throughput_benchmark_prints_all_three_paths(tmp_path):
-    out = bench("benchmarks/data_throughput.py", "--quick", "--repeats", "1", "--workdir", str(tmp_path))
-    assert re.search(rf"generated 2 s 320x240\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x\s+{NUMBER}x", out), out
+def test_data_throughput_benchmark_prints_both_baselines_with_spreads(tmp_path):
+    out = bench("benchmarks/data_throughput.py", "--quick", "--rounds", "1", "--workdir", str(tmp_path))
+    spread = rf"{NUMBER}/{NUMBER}/{NUMBER}"
+    for way in ("seed", "decode-all", "vidtune", "cached"):  # samples/s, then x seed and x decode-all
+        assert re.search(rf"^\s+{way}\s+{spread}\s+{spread}x\s+{spread}x$", out, re.M), out
+    assert re.search(r"^\s+cache fill\s+\d+/\d+/\d+ ms per clip$", out, re.M), out
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Frame sampling on real encoded video: decord and PyAV agree, sampling rules hold, bad files fail in one line."""
+"""Frame sampling on real encoded video: backends agree, constant-rate clips keep the frames index sampling picked,
+sampling rules hold, bad files fail in one line."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from vidtune.data.video import (
     SamplingConfig,
     VideoError,
     VideoInfo,
+    available_backends,
     load_clip,
     open_video,
     probe_video,
@@ -31,35 +33,52 @@ SHARED_CLIPS = [
 CONFIGS = [SamplingConfig(8), SamplingConfig(32), SamplingConfig(16, fps=1.0), SamplingConfig(4, fps=2.0)]
 
 
-@pytest.mark.parametrize("clip", SHARED_CLIPS)
-def test_decord_and_pyav_find_the_same_frames_and_pick_the_same_indices(clip):
-    path = str(shared_path(*clip.split("/")))
-    pyav = probe_video(path, "pyav")
-    try:
-        decord = probe_video(path, "decord")
-    except VideoError as err:  # decord refuses files whose frame index it cannot seek by (the AVI)
-        assert "invalid timestamps" in str(err)
-        decord = None
-    for cfg in CONFIGS:
-        for bounds in [(None, None), (1.0, 3.5)]:
-            indices = sample_frame_indices(pyav, cfg, *bounds, path=path)
-            if decord is not None:
-                assert decord == pyav
-                assert sample_frame_indices(decord, cfg, *bounds, path=path) == indices
+def index_sampling(path: str, cfg: SamplingConfig, start_s, end_s, grid: int = 1) -> list[int]:
+    """Sampling as it was before it moved onto presentation time: segment centres in frame indices, bounds as
+    round(seconds x average fps) (the frames every existing frame cache and the demo were built from)."""
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        num_frames = sum(1 for packet in container.demux(stream) if packet.size)
+        fps = float(stream.average_rate)
+    first = 0 if start_s is None else min(num_frames, round(start_s * fps))
+    stop = num_frames if end_s is None else min(num_frames, round(end_s * fps))
+    count = cfg.num_frames if cfg.fps is None else max(1, min(cfg.num_frames, int((stop - first) / fps * cfg.fps)))
+    count *= grid
+    positions = first + ((2 * np.arange(count) + 1) * (stop - first)) / (2 * count)
+    return np.clip(np.floor(positions).astype(int), first, stop - 1).tolist()
+
+
+def test_constant_rate_clips_sample_the_frames_index_sampling_picked(clips):
+    """Time-based sampling keeps every cache and the demo valid: on the shared clips (MP4 and AVI) and the demo's
+    generated clips, uncached and cached (grid 3) sampling choose exactly the indices index-based sampling chose."""
+    paths = [str(shared_path(*clip.split("/"))) for clip in SHARED_CLIPS] + [str(p) for p in clips.values()]
+    for path in paths:
+        info = probe_video(path)
+        for cfg in CONFIGS:
+            for bounds in [(None, None), (1.0, 3.5), (0.5, None)]:
+                if bounds[0] is not None and bounds[0] * 2 >= info.duration_s:
+                    continue
+                for grid in (1, 3):
+                    chosen = sample_frame_indices(info, cfg, *bounds, path=path, grid=grid)
+                    assert chosen == index_sampling(path, cfg, *bounds, grid), (path, cfg, bounds, grid)
 
 
 @pytest.mark.parametrize("clip", ["videos/bikes.mp4", "corpora/llamafactory_demo/mllm_demo_data/3.mp4"])
-def test_decord_and_pyav_decode_identical_pixels(clip):
+def test_every_backend_decodes_the_same_pixels(clip):
     path = str(shared_path(*clip.split("/")))
-    cfg = SamplingConfig(6)
-    a = load_clip(path, SamplingConfig(cfg.num_frames, backend="decord")).frames
-    b = load_clip(path, SamplingConfig(cfg.num_frames, backend="pyav")).frames
-    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
-    assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0
+    clips = [load_clip(path, SamplingConfig(6, backend=backend)) for backend in available_backends()]
+    assert len(clips) >= 2
+    for other in clips[1:]:
+        assert other.indices == clips[0].indices and other.timestamps_s == clips[0].timestamps_s
+        a, b = clips[0].frames, other.frames
+        assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0, other.backend
 
 
 def test_auto_backend_reads_the_avi_right():
-    """decord returns wrong frames for this AVI (its timestamps are broken); auto must use PyAV, which is right."""
+    """This AVI has no presentation times (decord and TorchCodec would return wrong frames): auto uses PyAV."""
     import av
 
     path = str(shared_path("corpora", "llamafactory_demo", "mllm_demo_data", "2.avi"))
@@ -74,7 +93,7 @@ def test_auto_backend_reads_the_avi_right():
 def test_frames_are_uint8_thwc_with_timestamps(clips):
     clip = load_clip(str(clips["red_blue"]), SamplingConfig(4))
     assert clip.frames.shape == (4, 48, 64, 3) and clip.frames.dtype == np.uint8
-    assert clip.info == VideoInfo(16, 8.0)
+    assert (clip.info.num_frames, clip.info.fps, clip.info.duration_s) == (16, 8.0, 2.0)
     assert clip.indices == [2, 6, 10, 14]  # segment centres
     assert clip.timestamps_s == [0.25, 0.75, 1.25, 1.75]
     red, blue = clip.frames[0].mean((0, 1)), clip.frames[-1].mean((0, 1))
@@ -113,7 +132,7 @@ def test_time_instruction_text():
     assert "lasts 2.0 seconds" in time_instruction(VideoInfo(97, 10.0), [2.5], 2.0, 4.0)
 
 
-@pytest.mark.parametrize("backend", ["auto", "pyav", "decord"])
+@pytest.mark.parametrize("backend", ["auto", "torchcodec", "pyav", "decord"])
 def test_unreadable_files_fail_in_one_line_naming_the_file(tmp_path: Path, backend):
     empty = tmp_path / "empty.mp4"
     empty.write_bytes(b"")

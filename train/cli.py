@@ -85,6 +85,24 @@ def _add_check(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", action="store_true", help="also decode the frames training would sample (slower)")
 
 
+def _add_frames(p: argparse.ArgumentParser) -> None:
+    p.add_argument("video", help="a video file")
+    p.add_argument("--num-frames", type=int, default=8, help="uniform sampling: this many frames (default 8)")
+    p.add_argument("--fps", type=float, help="sample at this rate instead, capped at --num-frames")
+    p.add_argument("--start", type=float, help="clip start, seconds")
+    p.add_argument("--end", type=float, help="clip end, seconds")
+    p.add_argument("--backend", default="auto", choices=["auto", "torchcodec", "decord", "pyav"])
+    p.add_argument("--shortest-edge", type=int, help="scale frames down so their shorter side is this many px")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", help="write the frames (frame_00.png, ...) and a contact sheet (sheet.png) here")
+
+
+def _add_show(p: argparse.ArgumentParser) -> None:
+    _add_recipe_args(p)
+    p.add_argument("--rows", type=int, default=8, help="how many rows of the training data (default 8)")
+    p.add_argument("--out", default="vidtune_show", help="folder for index.html")
+
+
 def _add_cache(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p)
     p.add_argument("--workers", type=int, default=2, help="decoding processes")
@@ -272,6 +290,33 @@ def run_check(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def run_frames(args: argparse.Namespace) -> None:
+    from vidtune.data.video import VideoError
+    from vidtune.train.datatools.frames import describe, print_report, sample_video, write_frames
+
+    try:
+        clip = sample_video(
+            args.video, args.num_frames, args.fps, args.start, args.end, args.backend, args.shortest_edge
+        )
+    except VideoError as err:  # one line, PATH: reason
+        print(err, file=sys.stderr)
+        sys.exit(1)
+    print_report(describe(args.video, clip), args.json)
+    if args.out:
+        write_frames(clip, args.out)
+        if not args.json:
+            print(f"  wrote {len(clip.frames)} frames and sheet.png to {args.out}")
+
+
+def run_show(args: argparse.Namespace) -> None:
+    from vidtune.train.datatools.show import run_show as show
+    from vidtune.train.training.config import load_recipe, resolve_recipe_path
+
+    path = resolve_recipe_path(args.recipe)
+    page = show(load_recipe(path, args.overrides), str(path), args.rows, args.out)
+    print(f"vidtune show: {page} (open it in a browser)")
+
+
 def run_cache(args: argparse.Namespace) -> None:
     from vidtune.train.datatools.cache import fill_cache
     from vidtune.train.training.config import load_recipe, resolve_recipe_path
@@ -319,6 +364,12 @@ COMMANDS = {
         run_eval,
     ),
     "check": Command("preflight a recipe's data: unreadable files, token lengths, length drops", _add_check, run_check),
+    "frames": Command(
+        "the frames sampling picks from a video (backend, times; --out writes PNGs and a sheet)",
+        _add_frames,
+        run_frames,
+    ),
+    "show": Command("an HTML page of what training feeds the model: frames, prompt, label span", _add_show, run_show),
     "cache": Command(
         "decode a recipe's clips into its frame cache (data.frame_cache.dir) ahead", _add_cache, run_cache
     ),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import family_for
 from vidtune.data.quality import BadSampleLog
 from vidtune.data.sources import iter_conversations
+from vidtune.data.video import Clip
 from vidtune.train.training.config import Recipe
 from vidtune.train.training.model import load_model_config, load_processor
 
@@ -39,8 +41,11 @@ def distribution(values: list[int]) -> dict[str, float]:
     }
 
 
-def measure_all(recipe: Recipe, builder: ExampleBuilder, bad: BadSampleLog, decode: bool) -> list[dict[str, Any]]:
-    """Every readable row with its counts; bad rows and media go to `bad` (all of them, never stopping early)."""
+def measure_all(
+    recipe: Recipe, builder: ExampleBuilder, bad: BadSampleLog, decode: bool, backends: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Every readable row with its counts; bad rows and media go to `bad` (all of them, never stopping early);
+    with `decode`, `backends` records the decoder that served each video."""
     data = recipe.data
     rows = (  # every row once: the mix's weights and sample counts do not matter here
         row
@@ -49,13 +54,21 @@ def measure_all(recipe: Recipe, builder: ExampleBuilder, bad: BadSampleLog, deco
     )
     measurer, measured = Measurer(builder, data), []
     for row in rows:
-        counts = measurer(row)
+        counts, decoded = measurer(row), list[tuple[str, Clip]]()
         problem = counts["problem"]
         if not problem and decode and not counts["drop_reason"]:
             try:
                 load_media(
-                    row["messages"], data.sampling, False, None, data.bad_samples.decode_timeout_s, builder.frame_px
+                    row["messages"],
+                    data.sampling,
+                    False,
+                    None,
+                    data.bad_samples.decode_timeout_s,
+                    builder.frame_px,
+                    record=decoded,
                 )
+                if backends is not None:
+                    backends.update((path, clip.backend) for path, clip in decoded)
             except DataError as err:
                 problem = str(err)
         if problem:
@@ -66,7 +79,9 @@ def measure_all(recipe: Recipe, builder: ExampleBuilder, bad: BadSampleLog, deco
     return measured
 
 
-def build_report(recipe: Recipe, measured: list[dict[str, Any]], bad: BadSampleLog) -> dict[str, Any]:
+def build_report(
+    recipe: Recipe, measured: list[dict[str, Any]], bad: BadSampleLog, backends: dict[str, str] | None = None
+) -> dict[str, Any]:
     too_long = [m for m in measured if "exceed max_length" in m["drop_reason"]]
     no_labels = [m for m in measured if m["drop_reason"] and m not in too_long]
     all_labels = sum(m["num_label_tokens"] for m in measured)
@@ -88,6 +103,7 @@ def build_report(recipe: Recipe, measured: list[dict[str, Any]], bad: BadSampleL
         "answer_tokens_lost_to_length": lost,
         "answer_tokens_lost_fraction": lost / all_labels if all_labels else 0.0,
         "dropped_without_labels": [m["at"] for m in no_labels],
+        "decoded_by": backends or {},  # --decode: video path -> the backend that served it
         "budget": {
             "max_bad_fraction": recipe.data.bad_samples.max_bad_fraction,
             "max_bad_in_a_row": recipe.data.bad_samples.max_bad_in_a_row,
@@ -122,6 +138,9 @@ def format_report(report: dict[str, Any], source: str) -> str:
             f"({report['answer_tokens_lost_fraction']:.1%} of all); raise data.max_length or sample fewer "
             "frames to keep them"
         )
+    if report.get("decoded_by"):
+        counts = Counter(report["decoded_by"].values())
+        lines.append("  decoded by      " + ", ".join(f"{name} {n:,} videos" for name, n in counts.most_common()))
     exceeded = report["budget"]["exceeded"]
     lines.append(f"  verdict         {'FAIL: ' + exceeded if exceeded else 'OK: within the bad-sample budget'}")
     return "\n".join(lines)
@@ -135,7 +154,8 @@ def run_check(recipe: Recipe, source: str, out: str | Path, decode: bool = False
     builder = ExampleBuilder(processor, family, recipe.data.label_turns)
     # Collect every problem: the budget decides the verdict, not the first bad file.
     bad = BadSampleLog(dataclasses.replace(recipe.data.bad_samples, policy="skip"))
-    report = build_report(recipe, measure_all(recipe, builder, bad, decode), bad)
+    backends: dict[str, str] = {}
+    report = build_report(recipe, measure_all(recipe, builder, bad, decode, backends), bad, backends)
     print(format_report(report, source))
     Path(out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"  report          {out}")

@@ -42,9 +42,15 @@ def segment_frames(
 
 
 def write_video(
-    path: str | Path, frames: Iterable[np.ndarray], fps: int = 8, codec: str = "libx264", gop_frames: int | None = None
+    path: str | Path,
+    frames: Iterable[np.ndarray],
+    fps: int = 8,
+    codec: str = "libx264",
+    gop_frames: int | None = None,
+    x264_options: dict[str, str] | None = None,
 ) -> Path:
-    """Encode uint8 (H, W, 3) frames (an array or any iterable: long clips stream) to a video file; H and W even."""
+    """Encode uint8 (H, W, 3) frames (an array or any iterable: long clips stream) to a video file; H and W even.
+    x264_options override the defaults (preset ultrafast, one thread), e.g. a slower preset with B-frames."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
@@ -59,7 +65,8 @@ def write_video(
                 if codec == "libx264":
                     # One thread and fixed options: identical files on every machine, fast to encode.
                     keyframes = {"keyint": str(gop_frames), "min-keyint": str(gop_frames), "scenecut": "0"}
-                    stream.options = {"preset": "ultrafast", "threads": "1"} | (keyframes if gop_frames else {})
+                    defaults = {"preset": "ultrafast", "threads": "1"}
+                    stream.options = defaults | (keyframes if gop_frames else {}) | (x264_options or {})
             container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
         container.mux(stream.encode())
     return path

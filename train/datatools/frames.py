@@ -1,0 +1,89 @@
+"""`vidtune frames VIDEO`: the frames evaluation sampling picks from one video, as a user can check them: which
+backend decoded it, its duration and displayed size, each frame's index (presentation order) and time; `--out`
+writes the frames as PNGs and a contact sheet with their times."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vidtune.data.video import Clip, SamplingConfig, load_clip, validate_sampling
+
+
+def sample_video(
+    path: str,
+    num_frames: int = 8,
+    fps: float | None = None,
+    start_s: float | None = None,
+    end_s: float | None = None,
+    backend: str = "auto",
+    shortest_edge: int | None = None,
+) -> Clip:
+    """Deterministic (evaluation) sampling: the frame on screen at each segment's centre."""
+    sampling = SamplingConfig(num_frames, fps, backend)
+    validate_sampling(sampling)
+    return load_clip(path, sampling, start_s, end_s, None, shortest_edge=shortest_edge)
+
+
+def describe(path: str, clip: Clip) -> dict[str, Any]:
+    return {
+        "path": path,
+        "backend": clip.backend,
+        "duration_s": round(clip.info.duration_s, 6),
+        "width": clip.info.width,
+        "height": clip.info.height,
+        "frames": [
+            {"index": index, "pts_s": round(t, 6)} for index, t in zip(clip.indices, clip.timestamps_s, strict=True)
+        ],
+    }
+
+
+def contact_sheet(frames: np.ndarray, labels: list[str], columns: int = 4, cell_px: int = 240) -> Any:
+    """A PIL image: frames in rows of `columns`, each scaled to fit `cell_px` (aspect kept) above its label."""
+    from PIL import Image, ImageDraw
+
+    label_px = 16
+    rows = max(1, -(-len(frames) // columns))
+    sheet = Image.new("RGB", (columns * cell_px, rows * (cell_px + label_px)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for position, (frame, label) in enumerate(zip(frames, labels, strict=True)):
+        image = Image.fromarray(frame)
+        image.thumbnail((cell_px, cell_px)) if max(image.size) > cell_px else None
+        if max(image.size) < cell_px // 2:  # tiny frames: enlarge so a person can see them
+            scale = (cell_px * 3 // 4) // max(image.size)
+            image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+        left, top = (position % columns) * cell_px, (position // columns) * (cell_px + label_px)
+        sheet.paste(image, (left + (cell_px - image.width) // 2, top + (cell_px - image.height) // 2))
+        draw.text((left + 4, top + cell_px + 2), label, fill="black")
+    return sheet
+
+
+def write_frames(clip: Clip, out: str | Path) -> list[Path]:
+    """frame_00.png, ... in sampling order, and sheet.png; returns the paths written."""
+    from PIL import Image
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for position, frame in enumerate(clip.frames):
+        path = folder / f"frame_{position:02d}.png"
+        Image.fromarray(frame).save(path)
+        written.append(path)
+    labels = [f"#{i}  {t:.2f}s" for i, t in zip(clip.indices, clip.timestamps_s, strict=True)]
+    contact_sheet(clip.frames, labels).save(folder / "sheet.png")
+    return [*written, folder / "sheet.png"]
+
+
+def format_text(report: dict[str, Any]) -> str:
+    frames = "  ".join(f"#{f['index']}@{f['pts_s']:.2f}s" for f in report["frames"])
+    return (
+        f"{report['path']}: {report['width']}x{report['height']}, {report['duration_s']:.2f}s, "
+        f"decoded by {report['backend']}\n  {len(report['frames'])} frames: {frames}"
+    )
+
+
+def print_report(report: dict[str, Any], as_json: bool) -> None:
+    print(json.dumps(report) if as_json else format_text(report))
