@@ -124,7 +124,9 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
     return train_loader, eval_loader, sampler, drops
 
 
-def build_optimizer(recipe: Recipe, model: Any, total_steps: int):
+def build_optimizer(recipe: Recipe, model: Any, total_steps: int, fused: bool = False):
+    """AdamW (fused: one kernel per step, and a non-finite step's update can be dropped on the device through its
+    found_inf flag; DeepSpeed brings its own step) and the lr schedule."""
     t = recipe.train
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
@@ -132,7 +134,7 @@ def build_optimizer(recipe: Recipe, model: Any, total_steps: int):
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate, fused=fused or None)
     name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
     scheduler = get_scheduler(
         name, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps
