@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -344,10 +345,16 @@ def check_fingerprint(run: Run, saved: dict[str, Any], checkpoint: Path) -> None
     run.accelerator.print(f"resuming from {checkpoint}{note}")
 
 
-def windows(loader: Any, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """Micro-batches grouped per optimizer step (the last window of an epoch may be shorter)."""
+def windows(loader: Any, size: int, progress: tracking.Progress) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Micro-batches grouped per optimizer step (the last window of an epoch may be shorter); the time the main
+    process waits for them is added to progress.data_wait_s (a data-bound run shows it)."""
     batches = iter(loader)
-    while window := list(islice(batches, size)):
+    while True:
+        started = time.perf_counter()
+        window = list(islice(batches, size))
+        progress.data_wait_s += time.perf_counter() - started
+        if not window:
+            return
         yield window
 
 
@@ -368,7 +375,7 @@ def train_loop(run: Run) -> dict[str, float]:
             loader.dataset.skip_batches(state.batches_in_epoch)
         elif state.batches_in_epoch:  # resume mid-epoch: same order (seeded by epoch), skip what was consumed
             loader = acc.skip_first_batches(loader, state.batches_in_epoch)
-        for window in windows(loader, t.grad_accum_steps):
+        for window in windows(loader, t.grad_accum_steps, progress):
             step_metrics = train_step(run, window)
             state.batches_in_epoch += len(window)
             if not step_metrics.get("skipped"):  # a step the host skipped is no optimizer step
