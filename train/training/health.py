@@ -172,6 +172,33 @@ class NonFiniteGuard:
         self.in_a_row = 0
 
 
+def guard_update(
+    optimizer: Any,
+    guard: NonFiniteGuard,
+    loss: torch.Tensor,
+    grad_norm: torch.Tensor | float | None,
+    step: int,
+    drop_on_device: bool,
+) -> bool:
+    """Make a non-finite loss or gradient norm drop this step's update, without a host sync: the fused optimizer's
+    found_inf flag (as torch's GradScaler uses it) leaves the weights, Adam's moments and its step count as they
+    were, on the device; the step still counts as a step (its slot of the lr schedule passes unused), and the
+    guard counts it there. False when the host must skip the step instead (DeepSpeed, an optimizer without
+    found_inf: the host reads the flag, one sync)."""
+    finite = torch.isfinite(loss)
+    if grad_norm is not None:  # a finite loss can still overflow backward
+        finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's
+    if drop_on_device and getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = (~finite).float()  # fp16: the loss scaler replaces it with its own (it also checks)
+        guard.note(finite, step)
+        return True
+    if not bool(finite):
+        return False
+    guard.finite()
+    return True
+
+
 def check_finite_weights(accelerator: Any, trainable: list[torch.Tensor], step: int) -> None:
     """Never save (and so never call intact) weights that are NaN or infinite: they would replace good ones."""
     bad = torch.tensor(int(any(not torch.isfinite(p.detach()).all() for p in trainable)), device=accelerator.device)

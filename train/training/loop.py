@@ -53,7 +53,13 @@ from vidtune.train.training.checkpoint import (
 )
 from vidtune.train.training.config import Recipe, recipe_to_yaml
 from vidtune.train.training.distributed import VisionLockstep, is_deepspeed, make_accelerator, save_state_kwargs
-from vidtune.train.training.health import BadSampleMonitor, NonFiniteGuard, TrainingError, check_finite_weights
+from vidtune.train.training.health import (
+    BadSampleMonitor,
+    NonFiniteGuard,
+    TrainingError,
+    check_finite_weights,
+    guard_update,
+)
 from vidtune.train.training.model import format_audit
 from vidtune.train.training.preemption import StopRequest, TrainingStopped
 
@@ -202,7 +208,8 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, Any]:
         loss_sum += summed
     grad_norm = clip_gradients(run)
     loss = acc.reduce(loss_sum, "sum") / global_tokens  # every rank's: not finite on all ranks when on any
-    if not guard_update(run, loss, grad_norm):
+    drop_on_device = not is_deepspeed(acc)  # DeepSpeed's engine owns the optimizer step
+    if not guard_update(run.optimizer, run.nonfinite, loss, grad_norm, run.state.step + 1, drop_on_device):
         return skip_step(run, "loss or gradient norm")
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (read before the scheduler moves on)
     run.optimizer.step()
@@ -223,26 +230,6 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, Any]:
         "grad_norm": grad_norm if grad_norm is not None else float("nan"),
         "skipped_samples": len(skipped),
     }
-
-
-def guard_update(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor | float | None) -> bool:
-    """Make a non-finite loss or gradient norm drop this step's update, without a host sync: the fused optimizer's
-    found_inf flag (as torch's GradScaler uses it) leaves the weights, Adam's moments and its step count as they
-    were, on the device; the step still counts as a step (its slot of the lr schedule passes unused), and
-    NonFiniteGuard counts it there. False when the host must skip the step instead (an optimizer without
-    found_inf: the host reads the flag, one sync)."""
-    finite = torch.isfinite(loss)
-    if grad_norm is not None:  # a finite loss can still overflow backward
-        finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))
-    optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # the torch optimizer inside Accelerate's
-    if getattr(optimizer, "_step_supports_amp_scaling", False) and not is_deepspeed(run.accelerator):
-        optimizer.found_inf = (~finite).float()  # fp16: the loss scaler replaces it with its own (it also checks)
-        run.nonfinite.note(finite, run.state.step + 1)
-        return True
-    if not bool(finite):
-        return False
-    run.nonfinite.finite()
-    return True
 
 
 def clip_gradients(run: Run) -> torch.Tensor | float | None:
