@@ -11,6 +11,7 @@ sample that cannot fit max_length is dropped before any GPU time, never truncate
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -59,10 +60,21 @@ class DataConfig:
     caption_prompts: list[str] = field(default_factory=lambda: [DEFAULT_CAPTION_PROMPT])  # sampled per row
     streaming: bool = False  # stream corpora too large to prepare (measured and filtered on the fly)
     stream_shuffle_buffer: int = 1000  # streaming: rows held in the seeded shuffle buffer (1 = file order)
-    num_workers: int = 2  # DataLoader worker processes (decode + processing)
+    # DataLoader worker processes per training process (decode + processing); unset: sized to the machine
+    # (default_num_workers)
+    num_workers: int | None = None
     max_row_bytes: int = MAX_ROW_BYTES  # larger annotation rows are bad rows, dropped before any parsing
     bad_samples: BadSampleConfig = field(default_factory=BadSampleConfig)  # what to do with unreadable samples
     frame_cache: FrameCacheConfig = field(default_factory=FrameCacheConfig)  # reuse decoded frames across epochs
+
+
+def default_num_workers(processes_per_node: int) -> int:
+    """DataLoader workers per training process when data.num_workers is unset: the cores this process may run on
+    (its CPU affinity, which schedulers such as SLURM set, not the machine's count), shared by the training
+    processes of the node, one core kept for each main process; at least one, so decoding never runs in the
+    main process between steps."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, processes_per_node) - 1)
 
 
 def validate_data(cfg: DataConfig) -> None:
@@ -80,7 +92,7 @@ def validate_data(cfg: DataConfig) -> None:
         raise DataError("data.caption_prompts is empty")
     if cfg.stream_shuffle_buffer < 1:
         raise DataError(f"data.stream_shuffle_buffer must be >= 1, got {cfg.stream_shuffle_buffer}")
-    if cfg.num_workers < 0 or cfg.max_row_bytes < 1:
+    if (cfg.num_workers is not None and cfg.num_workers < 0) or cfg.max_row_bytes < 1:
         raise DataError(
             f"data.num_workers must be >= 0 and max_row_bytes >= 1, got {cfg.num_workers}, {cfg.max_row_bytes}"
         )

@@ -10,7 +10,7 @@ A spec holds comma-separated faults:
   kill@STEP.MICRO    SIGKILL this process just before micro-batch MICRO of optimizer step STEP+1
   term@STEP.MICRO    SIGTERM (int@: SIGINT) to this process at the same point: a preemption, handled
   killsave@STEP      SIGKILL this process in the middle of writing the checkpoint of step STEP
-  nan@STEP.N         make the loss NaN for N micro-batches (default 1) while STEP optimizer steps are done
+  nan@STEP.N         make the loss NaN for N micro-batches (default 1) once STEP optimizer steps are done
   infgrad@STEP       an infinite gradient (finite loss) in the last micro-batch of optimizer step STEP+1 (once)
   pgterm@STEP.MICRO  SIGTERM to this process's whole process group (DataLoader workers too), as clusters send it
   hang@TEXT          opening a video whose path contains TEXT never returns (until the decode time limit)
@@ -109,7 +109,7 @@ def _nan_loss(real: Any, where: str) -> Any:
 
     def forward_loss(run: Any, batch: Any) -> Any:
         loss = real(run, batch)
-        if run.state.step == int(step) and fired[0] < int(times or 1):
+        if run.state.step >= int(step) and fired[0] < int(times or 1):
             fired[0] += 1
             return loss * float("nan")
         return loss

@@ -62,7 +62,9 @@ def bench(*args: str) -> str:
 
 @pytest.mark.slow
 def test_data_throughput_benchmark_prints_both_baselines_with_spreads(tmp_path):
-    out = bench("benchmarks/data_throughput.py", "--quick", "--rounds", "1", "--workdir", str(tmp_path))
+    out = bench(
+        "benchmarks/data_throughput.py", "--quick", "--rounds", "1", "--warmup-rounds", "0", "--workdir", str(tmp_path)
+    )
     spread = rf"{NUMBER}/{NUMBER}/{NUMBER}"
     for way in ("seed", "decode-all", "vidtune", "cached"):  # samples/s, then x seed and x decode-all
         assert re.search(rf"^\s+{way}\s+{spread}\s+{spread}x\s+{spread}x$", out, re.M), out

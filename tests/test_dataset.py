@@ -181,3 +181,13 @@ def test_a_resumed_stream_continues_where_it_stopped_without_decoding_what_it_sk
     resumed.skip_batches(3)  # 6 samples: one whole pass
     assert list(itertools.islice(iter(resumed), 4)) == whole[6:10]
     assert maker.calls == 4  # the 6 skipped samples were never built (decoded)
+
+
+def test_workers_default_to_the_cores_this_process_may_use(monkeypatch):
+    from vidtune.data import dataset
+
+    monkeypatch.setattr(dataset.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert dataset.default_num_workers(processes_per_node=1) == 15  # one core kept for the main process
+    assert dataset.default_num_workers(processes_per_node=8) == 1  # 8 GPUs' processes share the 16 cores
+    monkeypatch.setattr(dataset.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert dataset.default_num_workers(processes_per_node=1) == 1  # never decoding in the main process

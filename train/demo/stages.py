@@ -23,6 +23,7 @@ from vidtune.train.evaluation.metrics import exact_match, normalize_answer
 from vidtune.train.evaluation.tasks import evaluate_items, load_items
 from vidtune.train.generation.infer import InferenceModel, generate, load_for_inference, video_question
 from vidtune.train.training.config import EvalConfig, load_recipe, packaged_recipe
+from vidtune.train.training.tracking import read_metrics
 
 STAGES = ("base", "instruct", "chat")
 
@@ -84,7 +85,15 @@ def run_stage(name: str) -> Path:
 
     started = time.perf_counter()
     output = train(load_recipe(packaged_recipe(f"demo/{name}")))
-    print(f"== stage {name}: trained in {time.perf_counter() - started:.0f}s -> {output}")
+    seconds = time.perf_counter() - started
+    figures = [m for m in read_metrics(output) if "train/samples_per_s" in m]
+    if figures:  # (a stage that had finished before this launch logged nothing new)
+        fed = figures[-1]
+        print(
+            f"== stage {name}: {fed['train/samples_per_s']:.0f} samples/s, the main process waited for batches "
+            f"{fed.get('train/data_wait_fraction', 0):.0%} of the time"
+        )
+    print(f"== stage {name}: trained in {seconds:.0f}s -> {output}")
     return output
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from vidtune.data.dataset import (
     Measurer,
     SFTDataset,
     StreamingSFTDataset,
+    default_num_workers,
     prepare_eval_rows,
     prepare_rows,
 )
@@ -71,11 +73,17 @@ def keep_trainable_weights_in_fp32(model: Any, accelerator: Accelerator) -> None
         param.data = param.data.float()
 
 
-def loader_kwargs(recipe: Recipe, collate: Collator) -> dict[str, Any]:
+def loader_kwargs(recipe: Recipe, collate: Collator, processes_per_node: int) -> dict[str, Any]:
+    workers = recipe.data.num_workers
+    if workers is None:
+        workers = default_num_workers(processes_per_node)
     return {
         "collate_fn": collate,
-        "num_workers": recipe.data.num_workers,
-        "persistent_workers": recipe.data.num_workers > 0,
+        "num_workers": workers,
+        "persistent_workers": workers > 0,
+        # Batches ready ahead per worker: a slow sample (a long clip, a cold file) is absorbed by the queue instead
+        # of stalling the step that needs it.
+        "prefetch_factor": 4 if workers > 0 else None,
         "pin_memory": torch.cuda.is_available(),
         "worker_init_fn": WorkerSignals(),
         # Every new iterator draws a worker seed from its generator; without one of its own it draws from the
@@ -90,7 +98,7 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
     data, train_cfg = recipe.data, recipe.train
     builder = ExampleBuilder(processor, family, data.label_turns)
     collate = Collator(processor.tokenizer.pad_token_id, padding_side="right", family=family)
-    kwargs = loader_kwargs(recipe, collate)
+    kwargs = loader_kwargs(recipe, collate, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     with accelerator.main_process_first():  # rank 0 probes the videos first; the others then hit warm file caches
         if data.streaming:
             train_rows, eval_rows, drops = None, prepare_eval_rows(data, builder, train_cfg.seed), DropReport()
@@ -124,7 +132,9 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
     return train_loader, eval_loader, sampler, drops
 
 
-def build_optimizer(recipe: Recipe, model: Any, total_steps: int):
+def build_optimizer(recipe: Recipe, model: Any, total_steps: int, fused: bool = False):
+    """AdamW (fused: one kernel per step, and a non-finite step's update can be dropped on the device through its
+    found_inf flag; DeepSpeed brings its own step) and the lr schedule."""
     t = recipe.train
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
@@ -132,7 +142,7 @@ def build_optimizer(recipe: Recipe, model: Any, total_steps: int):
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate, fused=fused or None)
     name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
     scheduler = get_scheduler(
         name, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps

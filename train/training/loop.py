@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -52,7 +53,13 @@ from vidtune.train.training.checkpoint import (
 )
 from vidtune.train.training.config import Recipe, recipe_to_yaml
 from vidtune.train.training.distributed import VisionLockstep, is_deepspeed, make_accelerator, save_state_kwargs
-from vidtune.train.training.health import BadSampleMonitor, NonFiniteGuard, TrainingError, check_finite_weights
+from vidtune.train.training.health import (
+    BadSampleMonitor,
+    NonFiniteGuard,
+    TrainingError,
+    check_finite_weights,
+    guard_update,
+)
 from vidtune.train.training.model import format_audit
 from vidtune.train.training.preemption import StopRequest, TrainingStopped
 
@@ -113,7 +120,7 @@ def build_run(recipe: Recipe, accelerator: Accelerator, lock: Any) -> Run:
     total_steps = recipe.train.max_steps or math.ceil(
         recipe.train.num_epochs * steps_per_epoch(recipe, sampler, accelerator)
     )
-    optimizer, scheduler = build_optimizer(recipe, model, total_steps)
+    optimizer, scheduler = build_optimizer(recipe, model, total_steps, fused=not is_deepspeed(accelerator))
     if sampler is not None:  # map-style: Accelerate shards the batches across ranks
         model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     else:  # a stream is already split per rank (datasets' split_dataset_by_node)
@@ -166,39 +173,44 @@ def forward_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
 
 
 def micro_step(run: Run, index: int, batch: dict[str, Any], scale: torch.Tensor, last: bool) -> torch.Tensor | None:
-    """Forward and backward of micro-batch `index` of the window; its summed loss, or None when the loss was not
-    finite on any rank (checked before backward, so NaN never reaches the gradients). The window's last
-    micro-batch reduces the gradients across ranks; the others accumulate locally."""
+    """Forward and backward of micro-batch `index` of the window; its summed loss. The window's last micro-batch
+    reduces the gradients across ranks; the others accumulate locally. A non-finite loss goes through backward: the
+    step's update is dropped on the device (guard_update), so the host never waits for the loss. Under DeepSpeed,
+    whose engine steps inside backward, the loss is checked on the host first: None when it was not finite."""
     acc = run.accelerator
     acc.sync_gradients = last
     with acc.no_sync(run.model) if not acc.sync_gradients else nullcontext():
         summed = forward_loss(run, batch)
-        if not run.nonfinite.is_finite(acc, summed):
+        if is_deepspeed(acc) and not run.nonfinite.is_finite(acc, summed):
             run.lockstep.take_term()
             return None
         acc.backward(summed * scale + run.lockstep.take_term())
     return summed.detach().float()
 
 
-def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, float]:
-    """One optimizer step over a window of micro-batches; {"skipped": 1} when its loss was not finite."""
+def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, Any]:
+    """One optimizer step over a window of micro-batches. Its figures (loss, samples, tokens, gradient norm) stay
+    on the device until the loop's next read point; {"skipped": 1} when the host skipped the step (DeepSpeed's
+    non-finite loss, fp16's loss scaler, an optimizer that cannot drop an update on the device)."""
     acc = run.accelerator
     skipped = [reason for batch in window for reason in batch.pop("skipped", [])]
-    run.bad_samples.record(acc, skipped, sum(len(b["input_ids"]) for b in window), run.state.step)
+    run.bad_samples.note(skipped, sum(len(b["input_ids"]) for b in window), run.state.step)
     local_tokens = sum(label_tokens(b) for b in window)
     global_tokens = acc.reduce(torch.as_tensor(local_tokens, device=acc.device).float(), "sum").clamp(min=1)
     scale = run.recipe.train.grad_accum_steps * acc.num_processes / global_tokens
     loss_sum = torch.zeros((), device=acc.device)
     for index, batch in enumerate(window):
-        batch = {k: v.to(acc.device) for k, v in batch.items()}  # streamed batches are not placed by Accelerate
+        # Streamed batches are not placed by Accelerate (pinned when a GPU is there: the copy does not block).
+        batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
         summed = micro_step(run, index, batch, scale, last=index == len(window) - 1)
         if summed is None:
             return skip_step(run, "loss")
         loss_sum += summed
     grad_norm = clip_gradients(run)
-    if grad_norm is not None and not math.isfinite(float(grad_norm)):  # a finite loss can still overflow backward
-        return skip_step(run, "gradient norm")
-    run.nonfinite.finite()
+    loss = acc.reduce(loss_sum, "sum") / global_tokens  # every rank's: not finite on all ranks when on any
+    drop_on_device = not is_deepspeed(acc)  # DeepSpeed's engine owns the optimizer step
+    if not guard_update(run.optimizer, run.nonfinite, loss, grad_norm, run.state.step + 1, drop_on_device):
+        return skip_step(run, "loss or gradient norm")
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (read before the scheduler moves on)
     run.optimizer.step()
     if acc.optimizer_step_was_skipped:  # fp16: the loss scaler found inf/NaN gradients and skipped the update
@@ -206,15 +218,16 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, float]:
         return {"skipped": 1.0}
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    loss = acc.reduce(loss_sum, "sum") / global_tokens
-    samples = acc.reduce(torch.tensor(sum(len(b["input_ids"]) for b in window), device=acc.device), "sum")
+    # torch.full writes the count on the device (a kernel argument); torch.tensor(count, device=) would copy it
+    # from host memory, which waits for the device's queue.
+    local_samples = torch.full((), sum(len(b["input_ids"]) for b in window), device=acc.device)
     tokens = acc.reduce(torch.stack([b["attention_mask"].sum() for b in window]).sum().to(acc.device), "sum")
     return {
-        "loss": loss.item(),
+        "loss": loss,
         "lr": lr,
-        "samples": samples.item(),
-        "tokens": tokens.item(),
-        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "samples": acc.reduce(local_samples, "sum"),
+        "tokens": tokens,
+        "grad_norm": grad_norm if grad_norm is not None else float("nan"),
         "skipped_samples": len(skipped),
     }
 
@@ -230,7 +243,7 @@ def clip_gradients(run: Run) -> torch.Tensor | float | None:
     return torch.nn.utils.clip_grad_norm_(run.trainable, max_norm if max_norm > 0 else math.inf)
 
 
-def skip_step(run: Run, what: str) -> dict[str, float]:
+def skip_step(run: Run, what: str) -> dict[str, Any]:
     """Drop the window's gradients (its `what`, loss or gradient norm, was not finite): no optimizer step, no
     scheduler step."""
     acc = run.accelerator
@@ -319,10 +332,16 @@ def check_fingerprint(run: Run, saved: dict[str, Any], checkpoint: Path) -> None
     run.accelerator.print(f"resuming from {checkpoint}{note}")
 
 
-def windows(loader: Any, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """Micro-batches grouped per optimizer step (the last window of an epoch may be shorter)."""
+def windows(loader: Any, size: int, progress: tracking.Progress) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Micro-batches grouped per optimizer step (the last window of an epoch may be shorter); the time the main
+    process waits for them is added to progress.data_wait_s (a data-bound run shows it)."""
     batches = iter(loader)
-    while window := list(islice(batches, size)):
+    while True:
+        started = time.perf_counter()
+        window = list(islice(batches, size))
+        progress.data_wait_s += time.perf_counter() - started
+        if not window:
+            return
         yield window
 
 
@@ -333,6 +352,7 @@ def train_loop(run: Run) -> dict[str, float]:
     bar = tqdm(total=run.total_steps, initial=state.step, disable=not show_bar, desc="training")
     metrics: dict[str, float] = {}
     progress = tracking.Progress()
+    unread: dict[str, Any] = {}  # the steps' figures since the last read point, still on the device
     run.model.train()  # once: evaluation puts it back in training mode itself
     while state.step < run.total_steps:
         if run.sampler is not None:
@@ -342,22 +362,20 @@ def train_loop(run: Run) -> dict[str, float]:
             loader.dataset.skip_batches(state.batches_in_epoch)
         elif state.batches_in_epoch:  # resume mid-epoch: same order (seeded by epoch), skip what was consumed
             loader = acc.skip_first_batches(loader, state.batches_in_epoch)
-        for window in windows(loader, t.grad_accum_steps):
+        for window in windows(loader, t.grad_accum_steps, progress):
             step_metrics = train_step(run, window)
             state.batches_in_epoch += len(window)
-            if not step_metrics.get("skipped"):  # a skipped (non-finite) step is no optimizer step
+            if not step_metrics.get("skipped"):  # a step the host skipped is no optimizer step
                 state.step += 1
-                state.samples += int(step_metrics["samples"])
-                metrics = progress.update(step_metrics, state.epoch, run.nonfinite.total, run.bad_samples.total_bad)
+                add_unread(unread, step_metrics)
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{step_metrics['loss']:.4f}",
-                    lr=f"{step_metrics['lr']:.2e}",
-                    tok_s=f"{metrics['train/tokens_per_s']:.0f}",
-                )
+                if is_read_point(run, state.step):
+                    metrics = read_figures(run, unread, progress)
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
                 after_step(run, metrics)
             stop = run.stop.requested(acc)
             if stop:
+                read_figures(run, unread, progress)  # the checkpoint records every sample trained on
                 raise TrainingStopped(stop, state.step, str(checkpoint(run)))
             if state.step >= run.total_steps:
                 break
@@ -366,6 +384,41 @@ def train_loop(run: Run) -> dict[str, float]:
             state.batches_in_epoch = 0
     bar.close()
     return metrics
+
+
+def add_unread(unread: dict[str, Any], step: dict[str, Any]) -> None:
+    """Sum samples, tokens and failed samples over the unread steps; keep the latest step's loss, lr and norm."""
+    for key in ("samples", "tokens", "skipped_samples"):
+        step[key] = step[key] + unread.get(key, 0)
+    unread.update(step)
+
+
+def is_read_point(run: Run, step: int) -> bool:
+    """Steps at which the host reads the device's figures: logging, evaluation, checkpoints, the last step.
+    Every rank computes the same answer (the counts they read are summed over ranks)."""
+    t, evals = run.recipe.train, run.recipe.eval
+    periods = (
+        t.log_every_steps,
+        t.eval_every_steps if run.eval_loader is not None else 0,
+        evals.every_steps if run.eval_items else 0,
+        t.save_every_steps,
+    )
+    return step == run.total_steps or any(every and step % every == 0 for every in periods)
+
+
+def read_figures(run: Run, unread: dict[str, Any], progress: tracking.Progress) -> dict[str, float]:
+    """The figures since the last read point, to the host (one sync): the run stops here if too many steps were
+    not finite in a row or too many samples failed to load; the metrics of the latest step."""
+    run.nonfinite.read()
+    run.bad_samples.check(run.accelerator)
+    if not unread:
+        return {}
+    keys = [k for k, v in unread.items() if isinstance(v, torch.Tensor)]
+    values = torch.stack([unread[k].detach().to(run.accelerator.device, torch.float64) for k in keys]).tolist()
+    figures = {**unread, **dict(zip(keys, values, strict=True))}
+    unread.clear()
+    run.state.samples += int(figures["samples"])
+    return progress.update(figures, run.state.epoch, run.nonfinite.total, run.bad_samples.total_bad)
 
 
 def after_step(run: Run, metrics: dict[str, float]) -> None:

@@ -84,6 +84,7 @@ class Progress:
 
     def __init__(self) -> None:
         self.started, self.samples, self.tokens = time.perf_counter(), 0, 0
+        self.data_wait_s = 0.0  # the main process waiting for batches (added by the loop)
 
     def update(self, step: dict[str, float], epoch: int, nonfinite_steps: int, failed_samples: int) -> dict[str, float]:
         self.samples += int(step["samples"])
@@ -96,6 +97,7 @@ class Progress:
             "train/epoch": epoch,
             "train/samples_per_s": self.samples / elapsed,
             "train/tokens_per_s": self.tokens / elapsed,
+            "train/data_wait_fraction": self.data_wait_s / elapsed,
             "train/nonfinite_steps": nonfinite_steps,
             "data/failed_samples": failed_samples,
         }
