@@ -27,13 +27,20 @@ import torch
 # model_type (config.json) -> "module:attribute" of the family instance; modules are imported on first use.
 FAMILIES = {
     "llava_next_video": "vidtune.data.families.llava_next_video:LLAVA_NEXT_VIDEO",
+    "qwen2_5_vl": "vidtune.data.families.qwen2_5_vl:QWEN2_5_VL",
+    "qwen3_vl": "vidtune.data.families.qwen3_vl:QWEN3_VL",
 }
 
 
 class TokenCounter(Protocol):
     """Visual token costs without decoding pixels (built once per processor; implementations may cache)."""
 
-    def video_tokens(self, num_frames: int, height: int, width: int) -> int: ...
+    def video_tokens(
+        self, num_frames: int, height: int, width: int, timestamps_s: Sequence[float] | None = None
+    ) -> int:
+        """Tokens a clip's placeholder expands into; `timestamps_s` (the sampled frames' times) for families that
+        write time into the prompt (Qwen3-VL's `<1.5 seconds>` per temporal patch)."""
+        ...
 
     def image_tokens(self, height: int, width: int) -> int: ...
 
@@ -68,6 +75,7 @@ class ModelFamily(ABC):
     language_model_lora_targets: tuple[str, ...]  # linear-layer names LoRA wraps inside each part
     vision_tower_lora_targets: tuple[str, ...]
     visual_keys: tuple[str, ...]  # the batch keys that carry visual inputs
+    token_keys: tuple[str, ...] = ()  # per-token tensors of an example (L,), padded by the collator like input_ids
 
     @abstractmethod
     def token_counter(self, processor: Any) -> TokenCounter: ...
@@ -87,6 +95,12 @@ class ModelFamily(ABC):
     @abstractmethod
     def blank_paths(self, model: Any, processor: Any, device: torch.device) -> list[BlankPath]:
         """The vision paths of `model`'s forward (a PEFT-wrapped or bare model of this family)."""
+
+    def video_processor_kwargs(self, timings: Sequence[tuple[Sequence[float], float] | None]) -> dict[str, Any]:
+        """Keyword arguments for the processor call, from each video's (frame timestamps in seconds, clip duration in
+        seconds), in conversation order (None where only frames were given): how the family's time information
+        reaches the processor. Families without time information take none."""
+        return {}
 
     def visuals_to_device(self, batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         """Every tensor onto the device; floating-point pixels in the model's dtype."""

@@ -189,9 +189,9 @@ def enable_gradient_checkpointing(model: Any) -> None:
 def part_of(name: str, family: ModelFamily) -> str:
     name = name.removeprefix("base_model.model.")
     name = re.sub(r"\.(modules_to_save\.default|original_module)\.", ".", name)
-    for part, prefix in (
-        ("vision_tower", family.vision_tower_prefix),
+    for part, prefix in (  # the projector first: Qwen's merger sits inside its vision tower's module
         ("projector", family.projector_prefix),
+        ("vision_tower", family.vision_tower_prefix),
         ("language_model", family.language_model_prefix),
     ):
         if name.startswith(prefix):
