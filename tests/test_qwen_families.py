@@ -19,7 +19,7 @@ from vidtune.data.collator import Collator
 from vidtune.data.conversation import media_part, message, text_part
 from vidtune.data.dataset import DataConfig, Measurer, load_media
 from vidtune.data.examples import IGNORE_INDEX, ExampleBuilder
-from vidtune.data.families import family_for
+from vidtune.data.families import FrameLimits, family_for
 from vidtune.data.video import Clip, SamplingConfig, VideoInfo
 
 FAMILY_NAMES = ("qwen2_5_vl", "qwen3_vl")
@@ -42,6 +42,7 @@ def qwen(request, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     return {
         "name": name,
+        "folder": folder,
         "family": family,
         "processor": processor,
         "builder": ExampleBuilder(processor, family),
@@ -211,3 +212,43 @@ def test_the_blank_vision_paths_run_the_vision_tower(qwen):
         output.backward()
         assert any(p.grad is not None for p in model.model.visual.parameters())
     model.zero_grad()
+
+
+@pytest.mark.parametrize(
+    ("limits", "max_tokens_per_patch", "max_tokens"),
+    [({"min_pixels_per_frame": 1, "max_pixels_per_frame": 2}, 2, None), ({"min_pixels_per_frame": 1}, None, 8)],
+    ids=["pixels-per-frame", "tokens-per-video"],
+)
+def test_frame_limits_bound_a_clips_tokens_and_travel_with_the_saved_processor(
+    qwen, qwen_media, tmp_path, limits, max_tokens_per_patch, max_tokens
+):
+    """Limits in units of one token's pixels (28x28 for Qwen2.5-VL, 32x32 for Qwen3-VL): counted = built, within
+    the bound, and the processor saved with a run's outputs resizes the same way when loaded back."""
+    from vidtune.train.training.model import load_processor
+
+    video = qwen["processor"].video_processor
+    token_pixels = (video.patch_size * video.merge_size) ** 2
+    frame_limits = FrameLimits(**{k: v * token_pixels for k, v in limits.items()}, max_tokens_per_video=max_tokens)
+    processor = load_processor(str(qwen["folder"]), qwen["family"], frame_limits=frame_limits)
+    builder = ExampleBuilder(processor, qwen["family"])
+    messages = video_chat(qwen_media["wide"], "What color comes first?", "green")
+    media, _ = load_media(messages, SamplingConfig(6), False, None)
+    example = builder.build(messages, media)
+    measured = Measurer(builder, DataConfig(sampling=SamplingConfig(6)))({"messages": messages, "problem": ""})
+    assert measured["num_tokens"] == len(example["input_ids"])
+    unlimited = built(qwen, messages, 6)
+    num_tokens = int((example["input_ids"] == processor.video_token_id).sum())
+    assert num_tokens < int((unlimited["input_ids"] == processor.video_token_id).sum())
+    if max_tokens_per_patch:
+        assert num_tokens <= max_tokens_per_patch * len(example["video_grid_thw"]) * 3
+    if max_tokens:
+        assert num_tokens <= max_tokens
+    processor.save_pretrained(tmp_path)
+    reloaded = ExampleBuilder(load_processor(str(tmp_path), qwen["family"]), qwen["family"]).build(messages, media)
+    assert torch.equal(reloaded["input_ids"], example["input_ids"])
+    assert torch.equal(reloaded["video_grid_thw"], example["video_grid_thw"])
+
+
+def test_a_fixed_size_family_refuses_frame_limits():
+    with pytest.raises(ValueError, match="fixed size"):
+        family_for("llava_next_video").apply_frame_limits(None, FrameLimits(max_pixels_per_frame=1000))

@@ -59,6 +59,24 @@ class BlankPath:
     run: Callable[[], torch.Tensor]
 
 
+@dataclass
+class FrameLimits:
+    """How large the processor may make each video frame, for families with dynamic resolution (Qwen); None keeps
+    the checkpoint's own setting. Applied to the processor, which is saved with the run's outputs, so inference and
+    exported models resize (and count tokens) exactly as training did."""
+
+    min_pixels_per_frame: int | None = None  # frames smaller than this are upscaled to it
+    max_pixels_per_frame: int | None = None  # frames larger than this are downscaled to it
+    # A clip's visual-token budget: frames shrink (down to min_pixels_per_frame) so that the whole clip fits, so a
+    # long clip costs about what a short one does (qwen-vl-utils' total-pixel cap).
+    max_tokens_per_video: int | None = None
+
+    def is_set(self) -> bool:
+        return any(
+            v is not None for v in (self.min_pixels_per_frame, self.max_pixels_per_frame, self.max_tokens_per_video)
+        )
+
+
 class ModelFamily(ABC):
     """One family of models (one or more `config.model_type`s), stateless so collators pickle into workers."""
 
@@ -95,6 +113,13 @@ class ModelFamily(ABC):
     @abstractmethod
     def blank_paths(self, model: Any, processor: Any, device: torch.device) -> list[BlankPath]:
         """The vision paths of `model`'s forward (a PEFT-wrapped or bare model of this family)."""
+
+    def apply_frame_limits(self, processor: Any, limits: FrameLimits) -> None:
+        """Set the processor's frame-size limits (families whose frames all resize to one fixed size have none)."""
+        if limits.is_set():
+            raise ValueError(
+                f"model.frame_limits: {self.name} resizes every frame to one fixed size; leave the limits unset"
+            )
 
     def video_processor_kwargs(self, timings: Sequence[tuple[Sequence[float], float] | None]) -> dict[str, Any]:
         """Keyword arguments for the processor call, from each video's (frame timestamps in seconds, clip duration in

@@ -19,14 +19,16 @@ It comes from the frames' real presentation times (2 x their mean spacing), hand
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
+from transformers.image_utils import SizeDict
 
-from vidtune.data.families import BlankPath, ModelFamily
+from vidtune.data.families import BlankPath, FrameLimits, ModelFamily
 
 # Milliseconds as the metadata's "frame rate": frame `indices` are then presentation times in ms, which both Qwen
 # processors turn back into seconds (index / fps) for their time information.
@@ -83,6 +85,15 @@ def video_metadata(timestamps_s: Sequence[float], duration_s: float) -> dict[str
     }
 
 
+def set_pixel_bounds(video_processor: Any, limits: FrameLimits) -> None:
+    """Per-frame min/max pixels into the processor's `size` (shortest_edge / longest_edge hold pixel counts)."""
+    size = video_processor.size
+    video_processor.size = SizeDict(
+        shortest_edge=limits.min_pixels_per_frame or size["shortest_edge"],
+        longest_edge=limits.max_pixels_per_frame or size["longest_edge"],
+    )
+
+
 class QwenTokenCounter:
     """Visual token costs from the processors' own size arithmetic (public `get_num_of_video_patches` /
     `get_number_of_image_patches`): frames and images are resized by min/max pixels, then merged 2x2 (and 2 frames
@@ -96,7 +107,21 @@ class QwenTokenCounter:
         self.video_patches = lru_cache(maxsize=4096)(self._video_patches)
 
     def _video_patches(self, num_frames: int, height: int, width: int) -> int:
-        return int(self.processor.video_processor.get_num_of_video_patches(num_frames, height, width, {}))
+        video = self.processor.video_processor
+        return int(video.get_num_of_video_patches(num_frames, height, width, self.videos_kwargs(num_frames)))
+
+    def videos_kwargs(self, num_frames: int) -> dict[str, Any]:
+        """Qwen2VLVideoProcessor's count ignores its own per-frame cap (transformers 5.24: `resize` applies it,
+        `get_num_of_video_patches` does not), so the capped per-frame maximum is handed to it, computed as `resize`
+        does."""
+        video = self.processor.video_processor
+        if not video.cap_pixels_per_frame:
+            return {}
+        factor = video.patch_size * video.merge_size
+        total_pixels = int(video.max_video_tokens * factor * factor * 0.9)
+        share = total_pixels * video.temporal_patch_size // num_frames
+        max_pixels = max(min(video.size["longest_edge"], share), int(video.size["shortest_edge"] * 1.05))
+        return {"size": {"shortest_edge": video.size["shortest_edge"], "longest_edge": max_pixels}}
 
     def video_tokens(
         self, num_frames: int, height: int, width: int, timestamps_s: Sequence[float] | None = None
@@ -139,6 +164,15 @@ class Qwen2_5_VL(ModelFamily):
         # The resize depends on both sides and the frame count (min/max pixels); a decoder scaling to a fixed
         # shorter side would change the size the token count was measured on. Frames keep their size.
         return None
+
+    def apply_frame_limits(self, processor: Any, limits: FrameLimits) -> None:
+        """Qwen2.5-VL's video processor: `size` bounds each frame; with `cap_pixels_per_frame` each frame also gets
+        at most an even share of `max_video_tokens` (of which it spends 90%)."""
+        video = processor.video_processor
+        set_pixel_bounds(video, limits)
+        if limits.max_tokens_per_video is not None:
+            video.cap_pixels_per_frame = True
+            video.max_video_tokens = math.ceil(limits.max_tokens_per_video / 0.9)
 
     def video_processor_kwargs(self, timings: Sequence[tuple[Sequence[float], float] | None]) -> dict[str, Any]:
         """Each video's real frame times as the processor's metadata (it would otherwise assume 24 fps)."""

@@ -19,8 +19,10 @@ from functools import lru_cache
 from typing import Any
 
 import torch
+from transformers.image_utils import SizeDict
 from transformers.video_utils import VideoMetadata
 
+from vidtune.data.families import FrameLimits
 from vidtune.data.families.qwen2_5_vl import Qwen2_5_VL, QwenTokenCounter, chatml_training_template, video_metadata
 
 
@@ -30,6 +32,9 @@ class Qwen3TokenCounter(QwenTokenCounter):
     def __init__(self, processor: Any):
         super().__init__(processor)
         self.text_tokens = lru_cache(maxsize=65536)(self._text_tokens)
+
+    def videos_kwargs(self, num_frames: int) -> dict[str, Any]:
+        return {}  # Qwen3VLVideoProcessor's count applies its per-frame cap itself
 
     def _text_tokens(self, text: str) -> int:
         return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -61,6 +66,20 @@ class Qwen3_VL(Qwen2_5_VL):
     chat_template = chatml_training_template(None, video_placeholder="<|video_pad|>")
     vision_tower_lora_targets = ("qkv", "proj", "linear_fc1", "linear_fc2")
     time_key = None  # time is in the text
+
+    def apply_frame_limits(self, processor: Any, limits: FrameLimits) -> None:
+        """Qwen3-VL's video processor: `size.longest_edge` is the whole clip's pixel budget (over its frames rounded
+        up to an even count) and `max_video_tokens` the per-frame ceiling of its per-frame cap."""
+        video = processor.video_processor
+        token_px = video.patch_size * video.merge_size
+        if limits.min_pixels_per_frame is not None:
+            video.size = SizeDict(shortest_edge=limits.min_pixels_per_frame, longest_edge=video.size["longest_edge"])
+        if limits.max_tokens_per_video is not None:
+            budget_px = limits.max_tokens_per_video * token_px * token_px * video.temporal_patch_size
+            video.size = SizeDict(shortest_edge=video.size["shortest_edge"], longest_edge=budget_px)
+        if limits.max_pixels_per_frame is not None:
+            video.cap_pixels_per_frame = True
+            video.max_video_tokens = limits.max_pixels_per_frame // (token_px * token_px)
 
     def token_counter(self, processor: Any) -> Qwen3TokenCounter:
         return Qwen3TokenCounter(processor)

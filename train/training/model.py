@@ -16,7 +16,7 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from vidtune.data.families import ModelFamily, family_for
+from vidtune.data.families import FrameLimits, ModelFamily, family_for
 from vidtune.train.training.config import FinetuneConfig, ModelConfig, RecipeError
 
 PARTS = ("vision_tower", "projector", "language_model", "other")
@@ -87,8 +87,12 @@ def build_on_meta(cfg: ModelConfig) -> tuple[Any, ModelFamily]:
     return model, family
 
 
-def load_processor(name_or_path: str, family: ModelFamily, trust_remote_code: bool = False) -> Any:
+def load_processor(
+    name_or_path: str, family: ModelFamily, trust_remote_code: bool = False, frame_limits: FrameLimits | None = None
+) -> Any:
     processor = transformers.AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    # The recipe's frame-size limits live in the processor, which the outputs save: inference resizes as training.
+    family.apply_frame_limits(processor, frame_limits or FrameLimits())
     # The family's training template (generation markers, end-of-turn token) replaces the hub's; it is saved with
     # the outputs so inference renders prompts exactly as training did.
     processor.chat_template = family.chat_template
