@@ -252,3 +252,68 @@ def test_frame_limits_bound_a_clips_tokens_and_travel_with_the_saved_processor(
 def test_a_fixed_size_family_refuses_frame_limits():
     with pytest.raises(ValueError, match="fixed size"):
         family_for("llava_next_video").apply_frame_limits(None, FrameLimits(max_pixels_per_frame=1000))
+
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_SIZES = {  # checkpoint config (tests/assets) and its hub video processor's settings
+    "qwen2_5_vl_7b": ("Qwen2VLVideoProcessor", {"shortest_edge": 3136, "longest_edge": 12845056}, 14),
+    "qwen3_vl_8b": ("Qwen3VLVideoProcessor", {"shortest_edge": 4096, "longest_edge": 25165824}, 16),
+}
+QWEN_RECIPES = sorted(p for name in REAL_SIZES for p in (REPO / "recipes" / name).glob("*.yaml"))
+
+
+def checkpoint_folder(name: str, folder: Path) -> Path:
+    """A folder holding only the checkpoint's config.json: enough to build the architecture on the meta device."""
+    config = json.loads((REPO / "tests" / "assets" / f"{name}_config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "_comment"}))
+    return folder
+
+
+@pytest.mark.parametrize("path", QWEN_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_qwen_recipes_token_budget_fits_max_length(path, tmp_path):
+    """The most video tokens any common frame size costs under the recipe's frame limits (the hub processor's
+    settings, the family's own arithmetic), plus time text and prompt, fit max_length and the model's positions."""
+    import types
+
+    import transformers
+
+    from vidtune.train.training.config import load_recipe
+
+    processor_class, size, patch_px = REAL_SIZES[path.parent.name]
+    folder = checkpoint_folder(path.parent.name, tmp_path)
+    recipe = load_recipe(path, [f"model.name_or_path={folder}"])
+    config = transformers.AutoConfig.from_pretrained(folder)
+    family = family_for(config.model_type)
+    video = getattr(transformers, processor_class)(size=size, patch_size=patch_px, temporal_patch_size=2)
+    processor = types.SimpleNamespace(video_processor=video, image_processor=video)
+    family.apply_frame_limits(processor, recipe.model.frame_limits)
+    counter = family.token_counter(processor)
+    num_frames, num_patches = recipe.data.sampling.num_frames, -(-recipe.data.sampling.num_frames // 2)
+    sizes = [(1080, 1920), (1920, 1080), (2160, 3840), (480, 640), (240, 320), (480, 854)]
+    most = max(counter.video_patches(num_frames, h, w) // 4 for h, w in sizes)
+    assert most <= num_patches * recipe.model.frame_limits.max_pixels_per_frame // (patch_px * 2) ** 2
+    time_text = num_patches * 8 if family.name == "qwen3_vl" else 0  # "<12.3 seconds>" per temporal patch
+    positions = config.get_text_config().max_position_embeddings
+    assert most + time_text + 256 <= recipe.data.max_length <= positions, (most, recipe.data.max_length)
+
+
+@pytest.mark.parametrize("name", list(REAL_SIZES))
+def test_qwen_recipes_put_lora_in_the_real_language_model(name, tmp_path):
+    """On the meta device (no weights): LoRA in every decoder layer of the language model only, the projector
+    trained as the base recipe says, the vision tower frozen, the frozen size of the real checkpoint."""
+    from vidtune.train.training.config import load_recipe
+    from vidtune.train.training.model import apply_finetuning, build_on_meta, check_audit, trainable_audit
+
+    folder = checkpoint_folder(name, tmp_path)
+    recipe = load_recipe(REPO / "recipes" / name / "base.yaml", [f"model.name_or_path={folder}"])
+    assert recipe.finetune.train_projector
+    model, family = build_on_meta(recipe.model)
+    model = apply_finetuning(model, family, recipe.finetune)
+    wrapped = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+    assert len(wrapped) == model.config.get_text_config().num_hidden_layers * 7
+    assert all(name.startswith(f"base_model.model.{family.language_model_prefix}") for name in wrapped)
+    audit = trainable_audit(model, family)
+    check_audit(audit, recipe.finetune)
+    assert audit["parts"]["vision_tower"]["trainable"] == 0
+    assert audit["parts"]["projector"]["trainable"] == audit["parts"]["projector"]["total"] > 0
+    assert 8.2e9 < audit["total"] - audit["trainable"] < 8.8e9  # the frozen 8.3B (Qwen2.5-VL) / 8.8B (Qwen3-VL)
