@@ -73,6 +73,7 @@ def family_kits(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Fam
             model_dir = build_tiny_model(tmp_path_factory.mktemp(f"tiny-{name}"), family=name)
             processor = load_processor(str(model_dir), family)
             model = model_class(family).from_pretrained(model_dir).eval()
+            family.prepare_model(model)
             kits[name] = FamilyKit(name, family, model_dir, processor, ExampleBuilder(processor, family), model)
         return kits[name]
 

@@ -174,6 +174,7 @@ def build(out_dir: str | Path, seed: int = 0, extra_words: str = "", text_layers
 # `build(out_dir, seed=0, extra_words="", text_layers=None) -> Path`; modules are imported on first use.
 TINY_MODELS: dict[str, str] = {
     "llava_next_video": "vidtune.train.demo.tiny_model:build",
+    "llava_onevision": "vidtune.train.demo.tiny_llava_onevision:build",
 }
 DEFAULT_FAMILY = "llava_next_video"
 
