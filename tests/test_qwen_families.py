@@ -26,27 +26,16 @@ FAMILY_NAMES = ("qwen2_5_vl", "qwen3_vl")
 
 
 @pytest.fixture(scope="session", params=FAMILY_NAMES)
-def qwen(request, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One tiny model per family per session: its folder, family, processor, builder and model (eval, float32)."""
-    import importlib
-
-    from transformers import AutoModelForImageTextToText
-
-    from vidtune.train.training.model import load_processor
-
-    name = request.param
-    builder_module = importlib.import_module(f"vidtune.train.demo.tiny_{name}")
-    folder = builder_module.build(tmp_path_factory.mktemp(f"tiny-{name}"))
-    family = family_for(json.loads((folder / "config.json").read_text())["model_type"])
-    processor = load_processor(str(folder), family)
-    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+def qwen(request, family_kits) -> dict[str, Any]:
+    """The family's tiny model (shared by the session's tests, conftest's family_kits), as this file uses it."""
+    kit = family_kits(request.param)
     return {
-        "name": name,
-        "folder": folder,
-        "family": family,
-        "processor": processor,
-        "builder": ExampleBuilder(processor, family),
-        "model": model,
+        "name": kit.name,
+        "folder": kit.model_dir,
+        "family": kit.family,
+        "processor": kit.processor,
+        "builder": kit.builder,
+        "model": kit.model,
     }
 
 

@@ -7,6 +7,7 @@ data/ and train/ never look inside a model or its processor directly; they ask i
 - how one sample's visual tensors come out of the processor (`example_visuals`), how several samples' form a batch
   (`batch_visuals`) and how they reach the device (`visuals_to_device`);
 - the vision paths of its forward, with a blank input for each, that keep ZeRO-3 ranks in lockstep (`blank_paths`);
+- anything the loaded model needs to take those batches (`prepare_model`);
 - module prefixes of its parts (for LoRA scoping and the trainable-parameter audit), default LoRA targets, and the
   layers its forward never reads (`unused_module_prefixes`), which must not train.
 
@@ -27,6 +28,7 @@ import torch
 # model_type (config.json) -> "module:attribute" of the family instance; modules are imported on first use.
 FAMILIES = {
     "llava_next_video": "vidtune.data.families.llava_next_video:LLAVA_NEXT_VIDEO",
+    "llava_onevision": "vidtune.data.families.llava_onevision:LLAVA_ONEVISION",
     "qwen2_5_vl": "vidtune.data.families.qwen2_5_vl:QWEN2_5_VL",
     "qwen3_vl": "vidtune.data.families.qwen3_vl:QWEN3_VL",
 }
@@ -134,6 +136,11 @@ class ModelFamily(ABC):
             if key in moved and moved[key].is_floating_point():
                 moved[key] = moved[key].to(dtype)
         return moved
+
+    def prepare_model(self, model: Any) -> None:
+        """Adapt a freshly loaded model (bare or PEFT-wrapped) to the batches `batch_visuals` builds, where the
+        model's own forward cannot take them as they are; most families need nothing."""
+        return None
 
     def unused_module_prefixes(self, config: Any) -> tuple[str, ...]:
         """Module-name prefixes of layers the forward computes but never reads (no gradient ever reaches them):

@@ -75,6 +75,7 @@ def load_model(cfg: ModelConfig, device_map: Any = None) -> tuple[Any, ModelFami
         trust_remote_code=cfg.trust_remote_code,
         device_map=device_map,
     )
+    family.prepare_model(model)
     return model, family
 
 
