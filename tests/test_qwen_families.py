@@ -129,6 +129,15 @@ def test_a_video_without_timestamps_is_refused_with_a_clear_error(qwen, qwen_med
         qwen["builder"].build(video_chat(qwen_media["small"], "Q", "A"), {0: frames})
 
 
+def test_a_one_frame_clip_is_a_bad_sample_for_qwen3_vl_with_its_reason(qwen, qwen_media):
+    messages = video_chat(qwen_media["small"], "What color?", "red")
+    measured = Measurer(qwen["builder"], DataConfig(sampling=SamplingConfig(1)))({"messages": messages, "problem": ""})
+    if qwen["name"] == "qwen3_vl":  # its processor refuses 1 frame: measured as a bad sample, before any decoding
+        assert "Qwen3-VL needs >= 2 frames per video" in measured["problem"]
+    else:  # Qwen2.5-VL pads the temporal patch with a copy of the frame
+        assert measured["problem"] == "" and measured["num_tokens"] == len(built(qwen, messages, 1)["input_ids"])
+
+
 def test_labels_cover_exactly_the_assistant_turns_and_their_im_end(qwen, qwen_media):
     tokenizer = qwen["processor"].tokenizer
     messages = [

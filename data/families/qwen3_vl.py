@@ -24,6 +24,16 @@ from transformers.video_utils import VideoMetadata
 
 from vidtune.data.families import FrameLimits
 from vidtune.data.families.qwen2_5_vl import Qwen2_5_VL, QwenTokenCounter, chatml_training_template, video_metadata
+from vidtune.data.video import VideoError
+
+
+def check_frame_count(num_frames: int) -> None:
+    # Its video processor refuses a 1-frame clip ("t:1 must be larger than temporal_factor:2"); qwen-vl-utils never
+    # samples fewer than 4 frames. A too-short clip is then a bad sample, with this reason.
+    if num_frames < 2:
+        raise VideoError(
+            f"{num_frames} frame sampled: Qwen3-VL needs >= 2 frames per video (raise sampling.num_frames)"
+        )
 
 
 class Qwen3TokenCounter(QwenTokenCounter):
@@ -44,6 +54,7 @@ class Qwen3TokenCounter(QwenTokenCounter):
     ) -> int:
         if timestamps_s is None:
             raise ValueError("Qwen3-VL's video token count depends on the frame timestamps; none were given")
+        check_frame_count(num_frames)
         temporal = self.processor.video_processor.temporal_patch_size
         num_patches = -(-num_frames // temporal)
         per_patch = self.video_patches(num_frames, height, width) // num_patches // self.video_merge
@@ -66,6 +77,11 @@ class Qwen3_VL(Qwen2_5_VL):
     chat_template = chatml_training_template(None, video_placeholder="<|video_pad|>")
     vision_tower_lora_targets = ("qkv", "proj", "linear_fc1", "linear_fc2")
     time_key = None  # time is in the text
+
+    def video_processor_kwargs(self, timings: Sequence[tuple[Sequence[float], float] | None]) -> dict[str, Any]:
+        for timing in timings:
+            check_frame_count(len(timing[0]) if timing else 2)
+        return super().video_processor_kwargs(timings)
 
     def apply_frame_limits(self, processor: Any, limits: FrameLimits) -> None:
         """Qwen3-VL's video processor: `size.longest_edge` is the whole clip's pixel budget (over its frames rounded
