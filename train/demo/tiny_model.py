@@ -1,7 +1,8 @@
-"""A tiny random LLaVA-NeXT-Video, written as a normal Hugging Face model folder.
+"""Tiny random models, one builder per family (`TINY_MODELS`), and the tiny LLaVA-NeXT-Video's own builder.
 
-Used by the tests, the demo and the benchmarks: no model can be downloaded here, and a user's 7B checkpoint takes
-the same `from_pretrained(path)` road. The folder mirrors llava-hf/LLaVA-NeXT-Video-7B-hf's layout at toy size:
+Each writes a normal Hugging Face model folder. Used by the tests, the demo and the benchmarks: no model can be
+downloaded here, and a user's 7B checkpoint takes the same `from_pretrained(path)` road. The LLaVA-NeXT-Video folder
+mirrors llava-hf/LLaVA-NeXT-Video-7B-hf's layout at toy size:
 
     7B:   CLIP-L/14 @ 336 px -> 24x24 patches -> 2x2 pooled = 144 tokens/frame; vicuna-7b-v1.5 (linear RoPE x2)
     tiny: CLIP 8 px patches @ 32 px -> 4x4 patches -> 2x2 pooled =   4 tokens/frame; 2-layer llama (linear RoPE x2)
