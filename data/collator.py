@@ -55,6 +55,9 @@ class Collator:
         if all("labels" in ex for ex in examples):
             batch["labels"] = pad_sequences([ex["labels"] for ex in examples], IGNORE_INDEX, self.padding_side, width)
         if self.family is not None:
+            for key in self.family.token_keys:  # per-token tensors (Qwen's mm_token_type_ids) line up with the text
+                if all(key in ex for ex in examples):
+                    batch[key] = pad_sequences([ex[key] for ex in examples], 0, self.padding_side, width)
             batch.update(self.family.batch_visuals(examples))
         elif any(key not in ("input_ids", "attention_mask", "labels", "skipped") for ex in examples for key in ex):
             raise ValueError("these examples carry visual inputs: give the Collator their model family")

@@ -37,7 +37,6 @@ from vidtune.data.video import (
     image_size,
     load_clip,
     load_image,
-    num_sampled_frames,
     probe_video,
     sample_frame_indices,
     time_instruction,
@@ -168,13 +167,11 @@ class Measurer:
                 quality.max_frame_pixels,
                 quality.too_short,
             )
-            num_frames = num_sampled_frames(info, self.cfg.sampling, part["start_s"], part["end_s"])
-            tokens.append(self.builder.tokens.video_tokens(num_frames, info.height, info.width))
+            indices = sample_frame_indices(info, self.cfg.sampling, part["start_s"], part["end_s"], None, path)
+            timestamps = timestamps_for(indices, info)
+            tokens.append(self.builder.tokens.video_tokens(len(indices), info.height, info.width, timestamps))
             if self.cfg.time_instruction:
-                indices = sample_frame_indices(info, self.cfg.sampling, part["start_s"], part["end_s"], None, path)
-                instructions[index] = time_instruction(
-                    info, timestamps_for(indices, info), part["start_s"], part["end_s"]
-                )
+                instructions[index] = time_instruction(info, timestamps, part["start_s"], part["end_s"])
         return tokens, instructions
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -277,7 +274,7 @@ def load_media(
     shortest_edge: int | None = None,
     cache: FrameCache | None = None,
     record: list[tuple[str, Clip]] | None = None,
-) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+) -> tuple[dict[int, np.ndarray | Clip], dict[int, str]]:
     """Decoded pixels per media index (conversation order), and each video's time instruction when asked for.
     Frames are decoded at the model's input size (`shortest_edge`), from the frame cache when there is one;
     `record` (when given) collects each video's (path, clip): its times and the decoder that served it."""
@@ -292,9 +289,8 @@ def load_media(
                 clip = cache.load(path, part["start_s"], part["end_s"], rng)
             else:
                 clip = load_clip(path, sampling, part["start_s"], part["end_s"], rng, decode_timeout_s, shortest_edge)
-        media[index] = clip.frames
-        if record is not None:
-            record.append((path, clip))
+    record: list[tuple[str, Clip]] | None = None,
+) -> tuple[dict[int, np.ndarray | Clip], dict[int, str]]:
         if with_time_instruction:
             instructions[index] = time_instruction(clip.info, clip.timestamps_s, part["start_s"], part["end_s"])
     return media, instructions

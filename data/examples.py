@@ -18,6 +18,7 @@ import torch
 
 from vidtune.data.conversation import DataError, Message, Part, media_parts, text_part, to_template_messages
 from vidtune.data.families import ModelFamily
+from vidtune.data.video import Clip
 
 IGNORE_INDEX = -100
 LABEL_TURNS = ("all", "last")
@@ -99,23 +100,32 @@ class ExampleBuilder:
         return TokenCount(len(encoded["input_ids"]) + specials - num_placeholders + media, media, labels)
 
     def build(
-        self, messages: list[Message], media: dict[int, np.ndarray], for_generation: bool = False
+        self, messages: list[Message], media: dict[int, np.ndarray | Clip], for_generation: bool = False
     ) -> dict[str, torch.Tensor]:
         """One example: input_ids, attention_mask, labels (L,), plus the family's visual tensors for its media.
 
         With for_generation, `messages` end with a user turn and the prompt ends with the assistant header; no labels.
         Python lists come back from the processor (return_tensors=None) because it cannot stack videos of different
         lengths; the family turns them into tensors in conversation order, the order the model fills placeholders.
+        A video given as a decoded `Clip` brings its frames' real timestamps, which the family hands the processor
+        (time-aware models); bare frames (T, H, W, C) carry none.
         """
+        pixels = {i: m.frames if isinstance(m, Clip) else m for i, m in media.items()}
+        timings = [
+            (m.timestamps_s, m.info.duration_s) if isinstance(m, Clip) else None
+            for _, m in sorted(media.items())
+            if isinstance(m, Clip) or m.ndim == 4
+        ]
         encoded = self.processor.apply_chat_template(
-            to_template_messages(messages, media),
+            to_template_messages(messages, pixels),
             chat_template=self.chat_template,
             tokenize=True,
             return_dict=True,
             return_assistant_tokens_mask=not for_generation,
             add_generation_prompt=for_generation,
             return_tensors=None,
-            processor_kwargs={"do_sample_frames": False},  # frames were sampled by data/video/
+            # frames were sampled by data/video/
+            processor_kwargs={"do_sample_frames": False, **self.family.video_processor_kwargs(timings)},
         )
         input_ids = torch.tensor(encoded["input_ids"][0], dtype=torch.long)
         example = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,34 +32,78 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def families_with_tiny_models() -> list[str]:
+    """The registry's families (data/families FAMILIES) that have a tiny model (train/demo TINY_MODELS): what the
+    core-guarantee tests run on. A family joins by adding both entries."""
+    from vidtune.data.families import FAMILIES
+    from vidtune.train.demo.tiny_model import TINY_MODELS
+
+    return [name for name in FAMILIES if name in TINY_MODELS]
+
+
+FAMILY_NAMES = families_with_tiny_models()
+
+
+@dataclass
+class FamilyKit:
+    """One family's tiny model as the tests use it, built and loaded once per session."""
+
+    name: str
+    family: Any  # its ModelFamily
+    model_dir: Path
+    processor: Any
+    builder: Any  # an ExampleBuilder
+    model: Any  # the loaded model, in eval mode (tests that train it put it back)
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vidtune.train.demo.tiny_model import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture(scope="session")
-def processor(tiny_model_dir: Path):
-    from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
-    from vidtune.train.training.model import load_processor
-
-    return load_processor(str(tiny_model_dir), LLAVA_NEXT_VIDEO)
-
-
-@pytest.fixture(scope="session")
-def builder(processor):
+def family_kits(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], FamilyKit]:
+    """`family_kits(name)`: that family's tiny model folder, processor, example builder and model, built on first
+    use and shared by the whole session."""
     from vidtune.data.examples import ExampleBuilder
-    from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
+    from vidtune.data.families import family_for
+    from vidtune.train.demo.tiny_model import build_tiny_model
+    from vidtune.train.training.model import load_processor, model_class
 
-    return ExampleBuilder(processor, LLAVA_NEXT_VIDEO)
+    kits: dict[str, FamilyKit] = {}
+
+    def kit(name: str) -> FamilyKit:
+        if name not in kits:
+            family = family_for(name)
+            model_dir = build_tiny_model(tmp_path_factory.mktemp(f"tiny-{name}"), family=name)
+            processor = load_processor(str(model_dir), family)
+            model = model_class(family).from_pretrained(model_dir).eval()
+            family.prepare_model(model)
+            kits[name] = FamilyKit(name, family, model_dir, processor, ExampleBuilder(processor, family), model)
+        return kits[name]
+
+    return kit
+
+
+@pytest.fixture(scope="session", params=FAMILY_NAMES)
+def family_kit(request: pytest.FixtureRequest, family_kits: Callable[[str], FamilyKit]) -> FamilyKit:
+    """Parametrises a test over every family with a tiny model."""
+    return family_kits(request.param)
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_model_dir: Path):
-    from transformers import LlavaNextVideoForConditionalGeneration
+def tiny_model_dir(family_kits: Callable[[str], FamilyKit]) -> Path:
+    return family_kits("llava_next_video").model_dir
 
-    return LlavaNextVideoForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+
+@pytest.fixture(scope="session")
+def processor(family_kits: Callable[[str], FamilyKit]):
+    return family_kits("llava_next_video").processor
+
+
+@pytest.fixture(scope="session")
+def builder(family_kits: Callable[[str], FamilyKit]):
+    return family_kits("llava_next_video").builder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(family_kits: Callable[[str], FamilyKit]):
+    return family_kits("llava_next_video").model
 
 
 @pytest.fixture(scope="session")

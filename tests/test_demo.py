@@ -33,3 +33,34 @@ def test_demo_model_is_tiny_and_deeper_than_the_test_model(demo_run):
     with safe_open(str(root / "tiny-model" / "model.safetensors"), "pt") as weights:
         total = sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())  # noqa: SIM118
     assert 100_000 < total < 1_000_000
+
+
+def test_every_tiny_model_loads_like_a_hub_checkpoint(family_kit):
+    """Config, weights and the family's real processor classes come back through from_pretrained, as a hub id's do."""
+    import transformers
+    from safetensors import safe_open
+
+    config = transformers.AutoConfig.from_pretrained(family_kit.model_dir)
+    assert config.model_type == family_kit.name and family_kit.name in family_kit.family.model_types
+    processor = transformers.AutoProcessor.from_pretrained(family_kit.model_dir)
+    expected = family_kit.family.model_class.replace("ForConditionalGeneration", "Processor")
+    assert type(processor).__name__ == expected  # e.g. LlavaOnevisionProcessor, not a generic stand-in
+    assert processor.chat_template  # the hub-style template, saved with the folder
+    tokenizer = processor.tokenizer
+    assert tokenizer.decode(tokenizer("Which color comes first?")["input_ids"], skip_special_tokens=True).strip() == (
+        "Which color comes first?"
+    )
+    with safe_open(str(family_kit.model_dir / "model.safetensors"), "pt") as weights:
+        total = sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())  # noqa: SIM118
+    assert 100_000 < total < 1_000_000
+
+
+def test_an_unknown_family_or_a_workdir_of_another_family_is_one_line(tiny_model_dir):
+    from vidtune.train.demo.stages import ensure_tiny_model
+    from vidtune.train.demo.tiny_model import build_tiny_model
+    from vidtune.train.training.config import RecipeError
+
+    with pytest.raises(RecipeError, match="no tiny model for family 'qwen9'"):
+        build_tiny_model(tiny_model_dir.parent / "never", family="qwen9")
+    with pytest.raises(RecipeError, match="holds a llava_next_video model, not llava_onevision"):
+        ensure_tiny_model(tiny_model_dir, "llava_onevision")

@@ -23,7 +23,7 @@ def test_each_package_docstring_names_exactly_its_modules_and_subpackages(packag
     assert docstring, f"{package} has no opening docstring"
     if package.name == "families":  # documents the interface; its modules are the registry's entries
         return
-    named = set(re.findall(r"\b([a-z_]+(?:\.py|/))", docstring))
+    named = set(re.findall(r"\b([a-z_][a-z0-9_]*(?:\.py|/))", docstring))
     present = {p.name for p in package.glob("*.py") if p.name != "__init__.py"}
     present |= {f"{p.name}/" for p in package.iterdir() if (p / "__init__.py").is_file()}
     assert present <= named, f"{package}: not described: {sorted(present - named)}"

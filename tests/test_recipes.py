@@ -15,14 +15,24 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 SEVEN_B = sorted((REPO / "recipes" / "llava_next_video_7b").glob("*.yaml"))
 SEVEN_B_CONFIG = json.loads((REPO / "tests" / "assets" / "llava_next_video_7b_config.json").read_text())
+ONEVISION_7B = sorted((REPO / "recipes" / "llava_onevision_qwen2_7b").glob("*.yaml"))
+
+
+def config_only_folder(folder: Path, asset: str) -> Path:
+    """A folder holding only a real model's config.json: enough to build the architecture on the meta device."""
+    config = json.loads((REPO / "tests" / "assets" / asset).read_text())
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "_comment"}))
+    return folder
 
 
 @pytest.fixture(scope="module")
 def seven_b_dir(tmp_path_factory) -> Path:
-    """A folder holding only the 7B's config.json: enough to build the architecture on the meta device."""
-    folder = tmp_path_factory.mktemp("llava-next-video-7b")
-    (folder / "config.json").write_text(json.dumps({k: v for k, v in SEVEN_B_CONFIG.items() if k != "_comment"}))
-    return folder
+    return config_only_folder(tmp_path_factory.mktemp("llava-next-video-7b"), "llava_next_video_7b_config.json")
+
+
+@pytest.fixture(scope="module")
+def onevision_7b_dir(tmp_path_factory) -> Path:
+    return config_only_folder(tmp_path_factory.mktemp("llava-onevision-7b"), "llava_onevision_qwen2_7b_config.json")
 
 
 def test_every_recipe_opens_with_its_command():
@@ -33,9 +43,16 @@ def test_every_recipe_opens_with_its_command():
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
-def test_every_recipe_parses_validates_and_dry_runs(path, seven_b_dir, tiny_model_dir, capsys, monkeypatch):
+def test_every_recipe_parses_validates_and_dry_runs(
+    path, seven_b_dir, family_kits, tiny_model_dir, capsys, monkeypatch
+):
     monkeypatch.setenv("VIDTUNE_DEMO_DIR", str(tiny_model_dir.parent))
+    # OneVision's 7B architecture is checked on the meta device below; its dry runs use its tiny model (seconds).
     model = seven_b_dir if path in SEVEN_B else tiny_model_dir
+    model = family_kits("llava_onevision").model_dir if path in ONEVISION_7B else model
+    # The Qwen recipes' real architectures are checked in test_qwen_families.py; dry runs on their tiny models.
+    qwen = {"qwen2_5_vl_7b": "qwen2_5_vl", "qwen3_vl_8b": "qwen3_vl"}.get(path.parent.name)
+    model = family_kits(qwen).model_dir if qwen else model
     recipe = load_recipe(path)
     assert recipe.model.name_or_path and recipe.train.output_dir
     main(["train", str(path), f"model.name_or_path={model}", "--dry-run"])
@@ -89,6 +106,35 @@ def test_7b_recipes_fit_the_real_architecture(path, seven_b_dir):
         audit["parts"]["projector"]["total"] if recipe.finetune.train_projector else 0
     )
     assert 6.9e9 < audit["total"] - audit["trainable"] < 7.3e9  # the frozen 7B
+
+
+@pytest.mark.parametrize("path", ONEVISION_7B, ids=lambda p: p.stem)
+def test_onevision_7b_recipes_fit_the_real_architecture(path, onevision_7b_dir):
+    """Token budget for the recipe's frames (196 tokens per frame at 384 px, + 1 newline per video), and LoRA
+    exactly where it says."""
+    import math
+
+    from vidtune.train.training.model import apply_finetuning, build_on_meta, check_audit, trainable_audit
+
+    recipe = load_recipe(path, [f"model.name_or_path={onevision_7b_dir}"])
+    model, family = build_on_meta(recipe.model)
+    vision, text = model.config.vision_config, model.config.text_config
+    tokens_per_frame = math.ceil(vision.image_size // vision.patch_size / 2) ** 2  # 27x27 patches pooled to 14x14
+    assert tokens_per_frame == 196
+    video_tokens = recipe.data.sampling.num_frames * tokens_per_frame + 1
+    assert video_tokens + 256 <= recipe.data.max_length <= text.max_position_embeddings, video_tokens
+
+    model = apply_finetuning(model, family, recipe.finetune)
+    wrapped = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+    assert len(wrapped) == text.num_hidden_layers * 7  # q k v o gate up down in every decoder layer
+    assert all(".language_model.layers." in name for name in wrapped)
+    audit = trainable_audit(model, family)
+    check_audit(audit, recipe.finetune)
+    assert audit["parts"]["vision_tower"]["trainable"] == 0
+    assert audit["parts"]["projector"]["trainable"] == (
+        audit["parts"]["projector"]["total"] if recipe.finetune.train_projector else 0
+    )
+    assert 7.9e9 < audit["total"] - audit["trainable"] < 8.2e9  # the frozen 8.0B (Qwen2-7B + SigLIP so400m)
 
 
 VALID = {"model": {"name_or_path": "m"}, "train": {"output_dir": "out"}, "data": {"sources": [{"path": "a.jsonl"}]}}

@@ -117,26 +117,44 @@ def test_a_finished_run_is_not_trained_again_unless_restarted(tiny_model_dir, de
     assert "already holds" not in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_vidtune_infer_matches_plain_transformers_and_peft(lora_run, tiny_model_dir, demo_corpus):
-    """The folder needs no vidtune: processor, template and adapter load with transformers + peft alone."""
-    from peft import PeftModel
-    from transformers import AutoProcessor, LlavaNextVideoForConditionalGeneration
+@pytest.fixture(scope="module")
+def onevision_lora_run(family_kits, demo_corpus, tmp_path_factory) -> tuple[Path, Path]:
+    """The same short LoRA run on the tiny LLaVA-OneVision (the one extra family case among the training tests)."""
+    from vidtune.train.training.loop import train
 
-    from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
+    model_dir = family_kits("llava_onevision").model_dir
+    output = tmp_path_factory.mktemp("lora-run-onevision")
+    train(tiny_recipe(model_dir, demo_corpus, output))
+    return output, model_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava_next_video", "llava_onevision"])
+def test_vidtune_infer_matches_plain_transformers_and_peft(family, request, demo_corpus):
+    """The folder needs no vidtune: processor, template and adapter load with transformers + peft alone."""
+    import transformers
+    from peft import PeftModel
+    from transformers import AutoProcessor
+
+    from vidtune.data.families import family_for
     from vidtune.data.video import SamplingConfig, load_clip
     from vidtune.train.generation.infer import generate, load_for_inference, video_question
 
-    output, _, _ = lora_run
+    if family == "llava_next_video":
+        output, model_dir = request.getfixturevalue("lora_run")[0], request.getfixturevalue("tiny_model_dir")
+    else:
+        output, model_dir = request.getfixturevalue("onevision_lora_run")
     video = demo_corpus / "videos" / "eval_0001.mp4"
     # Six tokens forced (a 6-step adapter might stop at once): the comparison is on real text.
     question = video_question(str(video), "Which color comes first?")
     ours = generate(load_for_inference(str(output)), [question], 6, min_new_tokens=6)[0]
 
     processor = AutoProcessor.from_pretrained(output)
-    model = PeftModel.from_pretrained(LlavaNextVideoForConditionalGeneration.from_pretrained(tiny_model_dir), output)
+    model_class = getattr(transformers, family_for(family).model_class)  # e.g. LlavaNextVideoForConditionalGeneration
+    model = PeftModel.from_pretrained(model_class.from_pretrained(model_dir), output)
     # The run's sampling (from its vidtune.json), decoded as vidtune decodes: scaled to the processor's input size.
-    frames = load_clip(str(video), SamplingConfig(4), shortest_edge=LLAVA_NEXT_VIDEO.decode_edge_px(processor)).frames
+    edge = family_for(family).decode_edge_px(processor)
+    frames = load_clip(str(video), SamplingConfig(4), shortest_edge=edge).frames
     conversation = [
         {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Which color comes first?"}]}
     ]

@@ -119,12 +119,21 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="write the folder and list what would be uploaded; no push")
 
 
+FAMILY_HELP = "model family of the tiny model (default llava_next_video; see `vidtune tiny-model --help`)"
+
+
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", default="vidtune-demo", help="where the corpus, model and runs go")
+    p.add_argument("--family", default="llava_next_video", help=FAMILY_HELP)
+    p.add_argument(
+        "--workdir", help="where the corpus, model and runs go (default vidtune-demo, vidtune-demo-FAMILY for others)"
+    )
 
 
 def _add_tiny_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("out")
+    p.add_argument(
+        "--family", default="llava_next_video", help="llava_next_video (default), or another family with a tiny model"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ runners
@@ -333,13 +342,13 @@ def run_cache(args: argparse.Namespace) -> None:
 def run_demo(args: argparse.Namespace) -> None:
     from vidtune.train.demo.stages import run_demo as demo
 
-    demo(args.workdir)
+    demo(args.workdir, family=args.family)
 
 
 def run_tiny_model(args: argparse.Namespace) -> None:
     from vidtune.train.demo.tiny_model import build_tiny_model
 
-    print(build_tiny_model(args.out))
+    print(build_tiny_model(args.out, family=args.family))
 
 
 # ------------------------------------------------------------------------------------------------------- table
@@ -378,7 +387,7 @@ COMMANDS = {
     ),
     "demo": Command("generate videos, build a tiny model, train base -> instruct -> chat on CPU", _add_demo, run_demo),
     "tiny-model": Command(
-        "write a tiny random LLaVA-NeXT-Video folder (for trying things out)", _add_tiny_model, run_tiny_model
+        "write a tiny random model folder of a family (for trying things out)", _add_tiny_model, run_tiny_model
     ),
 }
 

@@ -7,6 +7,7 @@ data/ and train/ never look inside a model or its processor directly; they ask i
 - how one sample's visual tensors come out of the processor (`example_visuals`), how several samples' form a batch
   (`batch_visuals`) and how they reach the device (`visuals_to_device`);
 - the vision paths of its forward, with a blank input for each, that keep ZeRO-3 ranks in lockstep (`blank_paths`);
+- anything the loaded model needs to take those batches (`prepare_model`);
 - module prefixes of its parts (for LoRA scoping and the trainable-parameter audit), default LoRA targets, and the
   layers its forward never reads (`unused_module_prefixes`), which must not train.
 
@@ -27,13 +28,21 @@ import torch
 # model_type (config.json) -> "module:attribute" of the family instance; modules are imported on first use.
 FAMILIES = {
     "llava_next_video": "vidtune.data.families.llava_next_video:LLAVA_NEXT_VIDEO",
+    "llava_onevision": "vidtune.data.families.llava_onevision:LLAVA_ONEVISION",
+    "qwen2_5_vl": "vidtune.data.families.qwen2_5_vl:QWEN2_5_VL",
+    "qwen3_vl": "vidtune.data.families.qwen3_vl:QWEN3_VL",
 }
 
 
 class TokenCounter(Protocol):
     """Visual token costs without decoding pixels (built once per processor; implementations may cache)."""
 
-    def video_tokens(self, num_frames: int, height: int, width: int) -> int: ...
+    def video_tokens(
+        self, num_frames: int, height: int, width: int, timestamps_s: Sequence[float] | None = None
+    ) -> int:
+        """Tokens a clip's placeholder expands into; `timestamps_s` (the sampled frames' times) for families that
+        write time into the prompt (Qwen3-VL's `<1.5 seconds>` per temporal patch)."""
+        ...
 
     def image_tokens(self, height: int, width: int) -> int: ...
 
@@ -52,6 +61,24 @@ class BlankPath:
     run: Callable[[], torch.Tensor]
 
 
+@dataclass
+class FrameLimits:
+    """How large the processor may make each video frame, for families with dynamic resolution (Qwen); None keeps
+    the checkpoint's own setting. Applied to the processor, which is saved with the run's outputs, so inference and
+    exported models resize (and count tokens) exactly as training did."""
+
+    min_pixels_per_frame: int | None = None  # frames smaller than this are upscaled to it
+    max_pixels_per_frame: int | None = None  # frames larger than this are downscaled to it
+    # A clip's visual-token budget: frames shrink (down to min_pixels_per_frame) so that the whole clip fits, so a
+    # long clip costs about what a short one does (qwen-vl-utils' total-pixel cap).
+    max_tokens_per_video: int | None = None
+
+    def is_set(self) -> bool:
+        return any(
+            v is not None for v in (self.min_pixels_per_frame, self.max_pixels_per_frame, self.max_tokens_per_video)
+        )
+
+
 class ModelFamily(ABC):
     """One family of models (one or more `config.model_type`s), stateless so collators pickle into workers."""
 
@@ -68,6 +95,7 @@ class ModelFamily(ABC):
     language_model_lora_targets: tuple[str, ...]  # linear-layer names LoRA wraps inside each part
     vision_tower_lora_targets: tuple[str, ...]
     visual_keys: tuple[str, ...]  # the batch keys that carry visual inputs
+    token_keys: tuple[str, ...] = ()  # per-token tensors of an example (L,), padded by the collator like input_ids
 
     @abstractmethod
     def token_counter(self, processor: Any) -> TokenCounter: ...
@@ -88,6 +116,19 @@ class ModelFamily(ABC):
     def blank_paths(self, model: Any, processor: Any, device: torch.device) -> list[BlankPath]:
         """The vision paths of `model`'s forward (a PEFT-wrapped or bare model of this family)."""
 
+    def apply_frame_limits(self, processor: Any, limits: FrameLimits) -> None:
+        """Set the processor's frame-size limits (families whose frames all resize to one fixed size have none)."""
+        if limits.is_set():
+            raise ValueError(
+                f"model.frame_limits: {self.name} resizes every frame to one fixed size; leave the limits unset"
+            )
+
+    def video_processor_kwargs(self, timings: Sequence[tuple[Sequence[float], float] | None]) -> dict[str, Any]:
+        """Keyword arguments for the processor call, from each video's (frame timestamps in seconds, clip duration in
+        seconds), in conversation order (None where only frames were given): how the family's time information
+        reaches the processor. Families without time information take none."""
+        return {}
+
     def visuals_to_device(self, batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         """Every tensor onto the device; floating-point pixels in the model's dtype."""
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -95,6 +136,11 @@ class ModelFamily(ABC):
             if key in moved and moved[key].is_floating_point():
                 moved[key] = moved[key].to(dtype)
         return moved
+
+    def prepare_model(self, model: Any) -> None:
+        """Adapt a freshly loaded model (bare or PEFT-wrapped) to the batches `batch_visuals` builds, where the
+        model's own forward cannot take them as they are; most families need nothing."""
+        return None
 
     def unused_module_prefixes(self, config: Any) -> tuple[str, ...]:
         """Module-name prefixes of layers the forward computes but never reads (no gradient ever reaches them):

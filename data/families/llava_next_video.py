@@ -56,7 +56,9 @@ class LlavaTokenCounter:
         self.tokens_per_frame = int((out["input_ids"] == processor.video_token_id).sum())
         self.image_tokens = lru_cache(maxsize=4096)(self._image_tokens)
 
-    def video_tokens(self, num_frames: int, height: int, width: int) -> int:
+    def video_tokens(
+        self, num_frames: int, height: int, width: int, timestamps_s: Sequence[float] | None = None
+    ) -> int:
         return num_frames * self.tokens_per_frame
 
     def _image_tokens(self, height: int, width: int) -> int:

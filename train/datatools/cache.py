@@ -39,7 +39,9 @@ def fill_cache(recipe: Recipe, workers: int = 2) -> dict[str, Any]:
     model = recipe.model
     family = family_for(load_model_config(model.name_or_path, model.trust_remote_code).model_type)
     builder = ExampleBuilder(
-        load_processor(model.name_or_path, family, model.trust_remote_code), family, data.label_turns
+        load_processor(model.name_or_path, family, model.trust_remote_code, model.frame_limits),
+        family,
+        data.label_turns,
     )
     train_rows, eval_rows, _ = prepare_rows(data, builder, recipe.train.seed)
     rows = [*train_rows, *(eval_rows or [])]

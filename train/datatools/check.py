@@ -150,7 +150,7 @@ def run_check(recipe: Recipe, source: str, out: str | Path, decode: bool = False
     """The report (also printed and written to `out`) and whether the corpus is within its budget."""
     model = recipe.model
     family = family_for(load_model_config(model.name_or_path, model.trust_remote_code).model_type)
-    processor = load_processor(model.name_or_path, family, model.trust_remote_code)
+    processor = load_processor(model.name_or_path, family, model.trust_remote_code, model.frame_limits)
     builder = ExampleBuilder(processor, family, recipe.data.label_turns)
     # Collect every problem: the budget decides the verdict, not the first bad file.
     bad = BadSampleLog(dataclasses.replace(recipe.data.bad_samples, policy="skip"))

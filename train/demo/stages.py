@@ -1,7 +1,8 @@
 """`vidtune demo`: the whole product on a laptop CPU, in a few minutes.
 
 1. Generate short clips of two coloured segments, encoded as real MP4, with captions, order questions and chats.
-2. Build a tiny random LLaVA-NeXT-Video folder (the same from_pretrained road a 7B checkpoint takes).
+2. Build a tiny random model folder of the chosen family (LLaVA-NeXT-Video by default; the same from_pretrained road
+   a 7B checkpoint takes). Nothing here is family-specific: the recipes find the family in the model's config.
 3. Train through the packaged recipes, exactly as a user would run them:
    base (full fine-tuning on captions) -> instruct (LoRA on "which color comes first/last?") -> chat (the adapter
    keeps training on two-turn chats).
@@ -18,11 +19,12 @@ from pathlib import Path
 from vidtune.data.conversation import Message, assistant_texts, message, text_part
 from vidtune.data.sources import SourceConfig, iter_conversations
 from vidtune.train.demo.corpus import FIRST_QUESTION, FOLLOW_UP, write_demo_corpus
-from vidtune.train.demo.tiny_model import build_tiny_model
+from vidtune.train.demo.tiny_model import DEFAULT_FAMILY, build_tiny_model
 from vidtune.train.evaluation.metrics import exact_match, normalize_answer
 from vidtune.train.evaluation.tasks import evaluate_items, load_items
 from vidtune.train.generation.infer import InferenceModel, generate, load_for_inference, video_question
-from vidtune.train.training.config import EvalConfig, load_recipe, packaged_recipe
+from vidtune.train.training.config import EvalConfig, RecipeError, load_recipe, packaged_recipe
+from vidtune.train.training.model import load_model_config
 from vidtune.train.training.tracking import read_metrics
 
 STAGES = ("base", "instruct", "chat")
@@ -97,15 +99,28 @@ def run_stage(name: str) -> Path:
     return output
 
 
-def run_demo(workdir: str | Path = "vidtune-demo") -> dict[str, float]:
-    root = Path(workdir).resolve()
+def default_workdir(family: str) -> str:
+    return "vidtune-demo" if family == DEFAULT_FAMILY else f"vidtune-demo-{family}"
+
+
+def ensure_tiny_model(model_dir: Path, family: str) -> None:
+    """Build the family's tiny model once; a folder left by another family's demo is an error, not a silent reuse."""
+    if not (model_dir / "config.json").is_file():
+        build_tiny_model(model_dir, text_layers=DEMO_TEXT_LAYERS, family=family)
+        return
+    found = load_model_config(str(model_dir)).model_type
+    if found != family:
+        raise RecipeError(f"{model_dir} holds a {found} model, not {family}: choose another --workdir")
+
+
+def run_demo(workdir: str | Path | None = None, family: str = DEFAULT_FAMILY) -> dict[str, float]:
+    root = Path(workdir or default_workdir(family)).resolve()
     os.environ["VIDTUNE_DEMO_DIR"] = str(root)  # the packaged demo recipes resolve their paths under it
     corpus, model_dir = root / "corpus", root / "tiny-model"
+    ensure_tiny_model(model_dir, family)
     if not (corpus / "chats_eval.json").is_file():
         write_demo_corpus(corpus)
-    if not (model_dir / "config.json").is_file():
-        build_tiny_model(model_dir, text_layers=DEMO_TEXT_LAYERS)
-    print(f"== demo in {root}: corpus {corpus}, tiny model {model_dir}")
+    print(f"== demo in {root}: corpus {corpus}, tiny {family} model {model_dir}")
     report: dict[str, float] = {}
 
     base = load_for_inference(str(run_stage("base")))

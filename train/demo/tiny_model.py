@@ -1,7 +1,8 @@
-"""A tiny random LLaVA-NeXT-Video, written as a normal Hugging Face model folder.
+"""Tiny random models, one builder per family (`TINY_MODELS`), and the tiny LLaVA-NeXT-Video's own builder.
 
-Used by the tests, the demo and the benchmarks: no model can be downloaded here, and a user's 7B checkpoint takes
-the same `from_pretrained(path)` road. The folder mirrors llava-hf/LLaVA-NeXT-Video-7B-hf's layout at toy size:
+Each writes a normal Hugging Face model folder. Used by the tests, the demo and the benchmarks: no model can be
+downloaded here, and a user's 7B checkpoint takes the same `from_pretrained(path)` road. The LLaVA-NeXT-Video folder
+mirrors llava-hf/LLaVA-NeXT-Video-7B-hf's layout at toy size:
 
     7B:   CLIP-L/14 @ 336 px -> 24x24 patches -> 2x2 pooled = 144 tokens/frame; vicuna-7b-v1.5 (linear RoPE x2)
     tiny: CLIP 8 px patches @ 32 px -> 4x4 patches -> 2x2 pooled =   4 tokens/frame; 2-layer llama (linear RoPE x2)
@@ -14,6 +15,7 @@ hub's `USER: ... ASSISTANT:` one.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ from transformers import (
     LlavaNextVideoProcessor,
     LlavaNextVideoVideoProcessor,
 )
+
+from vidtune.train.training.config import RecipeError
 
 # The hub model's own chat template, verbatim in shape: assistant turns end with a space and no </s>.
 HUB_STYLE_CHAT_TEMPLATE = (
@@ -153,9 +157,9 @@ def tiny_processor(tokenizer: LlamaTokenizer, config: Any) -> LlavaNextVideoProc
     )
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0, extra_words: str = "", text_layers: int | None = None) -> Path:
-    """Write the tiny model folder (config, safetensors weights, tokenizer, processor, chat template); return it.
-    `text_layers` deepens the language model (default TINY_SIZES["text_layers"])."""
+def build(out_dir: str | Path, seed: int = 0, extra_words: str = "", text_layers: int | None = None) -> Path:
+    """Write the tiny LLaVA-NeXT-Video folder (config, safetensors weights, tokenizer, processor, chat template);
+    return it. `text_layers` deepens the language model (default TINY_SIZES["text_layers"])."""
     out = Path(out_dir)
     tokenizer = build_tokenizer(extra_words)
     config = tiny_config(tokenizer, text_layers)
@@ -165,3 +169,29 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, extra_words: str = "", 
     model.save_pretrained(out)
     tiny_processor(tokenizer, config).save_pretrained(out)
     return out
+
+
+# family name (data/families FAMILIES) -> "module:function" writing its tiny model folder, each function
+# `build(out_dir, seed=0, extra_words="", text_layers=None) -> Path`; modules are imported on first use.
+TINY_MODELS: dict[str, str] = {
+    "llava_next_video": "vidtune.train.demo.tiny_model:build",
+    "llava_onevision": "vidtune.train.demo.tiny_llava_onevision:build",
+    "qwen2_5_vl": "vidtune.train.demo.tiny_qwen2_5_vl:build",
+    "qwen3_vl": "vidtune.train.demo.tiny_qwen3_vl:build",
+}
+DEFAULT_FAMILY = "llava_next_video"
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    seed: int = 0,
+    extra_words: str = "",
+    text_layers: int | None = None,
+    family: str = DEFAULT_FAMILY,
+) -> Path:
+    """Write a tiny random model folder of `family` (a key of TINY_MODELS); return it."""
+    if family not in TINY_MODELS:
+        raise RecipeError(f"no tiny model for family {family!r} (families: {', '.join(sorted(TINY_MODELS))})")
+    module, function = TINY_MODELS[family].split(":")
+    build_family = getattr(importlib.import_module(module), function)
+    return build_family(out_dir, seed=seed, extra_words=extra_words, text_layers=text_layers)

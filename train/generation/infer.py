@@ -63,6 +63,7 @@ def load_for_inference(
     family = family_for(load_model_config(base_path).model_type)
     with refusing_pickles(base_path, folder):
         model = model_class(family).from_pretrained(base_path, dtype=resolve_dtype(dtype))
+        family.prepare_model(model)
         if adapter_base is not None:
             model = PeftModel.from_pretrained(model, str(folder))
     has_processor = folder.is_dir() and (folder / "processor_config.json").is_file()

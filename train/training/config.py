@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vidtune.data.dataset import DataConfig, validate_data
+from vidtune.data.families import FrameLimits
 from vidtune.data.sources import SourceConfig, validate_source
 
 VARIANTS = ("base", "instruct", "chat")
@@ -54,6 +55,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     gradient_checkpointing: bool = False  # recompute activations in backward: far less memory, ~30% slower
     trust_remote_code: bool = False  # run code shipped with the checkpoint (only for checkpoints you trust)
+    frame_limits: FrameLimits = field(default_factory=FrameLimits)  # Qwen: per-frame pixels, tokens per video
 
 
 @dataclass
@@ -396,6 +398,9 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError("model.adapter continues a LoRA adapter: set finetune.mode=lora")
     if f.lora.rank < 1 or f.lora.alpha <= 0 or not 0 <= f.lora.dropout < 1:
         raise RecipeError("finetune.lora needs rank >= 1, alpha > 0 and 0 <= dropout < 1")
+    limits = [(f"model.frame_limits.{k}", v) for k, v in dataclasses.asdict(m.frame_limits).items()]
+    if any(v is not None and v < 1 for _, v in limits):
+        raise RecipeError(f"{', '.join(k for k, v in limits if v is not None and v < 1)} must be >= 1 (or unset)")
     positive = {
         "train.batch_size": t.batch_size,
         "train.grad_accum_steps": t.grad_accum_steps,

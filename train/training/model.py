@@ -16,7 +16,7 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from vidtune.data.families import ModelFamily, family_for
+from vidtune.data.families import FrameLimits, ModelFamily, family_for
 from vidtune.train.training.config import FinetuneConfig, ModelConfig, RecipeError
 
 PARTS = ("vision_tower", "projector", "language_model", "other")
@@ -75,6 +75,7 @@ def load_model(cfg: ModelConfig, device_map: Any = None) -> tuple[Any, ModelFami
         trust_remote_code=cfg.trust_remote_code,
         device_map=device_map,
     )
+    family.prepare_model(model)
     return model, family
 
 
@@ -87,8 +88,12 @@ def build_on_meta(cfg: ModelConfig) -> tuple[Any, ModelFamily]:
     return model, family
 
 
-def load_processor(name_or_path: str, family: ModelFamily, trust_remote_code: bool = False) -> Any:
+def load_processor(
+    name_or_path: str, family: ModelFamily, trust_remote_code: bool = False, frame_limits: FrameLimits | None = None
+) -> Any:
     processor = transformers.AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    # The recipe's frame-size limits live in the processor, which the outputs save: inference resizes as training.
+    family.apply_frame_limits(processor, frame_limits or FrameLimits())
     # The family's training template (generation markers, end-of-turn token) replaces the hub's; it is saved with
     # the outputs so inference renders prompts exactly as training did.
     processor.chat_template = family.chat_template
@@ -189,9 +194,9 @@ def enable_gradient_checkpointing(model: Any) -> None:
 def part_of(name: str, family: ModelFamily) -> str:
     name = name.removeprefix("base_model.model.")
     name = re.sub(r"\.(modules_to_save\.default|original_module)\.", ".", name)
-    for part, prefix in (
-        ("vision_tower", family.vision_tower_prefix),
+    for part, prefix in (  # the projector first: Qwen's merger sits inside its vision tower's module
         ("projector", family.projector_prefix),
+        ("vision_tower", family.vision_tower_prefix),
         ("language_model", family.language_model_prefix),
     ):
         if name.startswith(prefix):

@@ -10,6 +10,7 @@ OUTPUT/adapter_config.json, adapter_model.safetensors   (LoRA runs; PEFT format)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -111,6 +112,8 @@ def training_metadata(
             "strategy": "uniform segments (centre at inference)",
         },
         "frame_px": frame_px,
+        # the processor saved beside this file carries them; recorded here for people and the model card
+        "frame_limits": dataclasses.asdict(r.model.frame_limits),
         "time_instruction": r.data.time_instruction,
         "max_length": r.data.max_length,
         "label_turns": r.data.label_turns,
