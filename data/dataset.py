@@ -289,8 +289,9 @@ def load_media(
                 clip = cache.load(path, part["start_s"], part["end_s"], rng)
             else:
                 clip = load_clip(path, sampling, part["start_s"], part["end_s"], rng, decode_timeout_s, shortest_edge)
-    record: list[tuple[str, Clip]] | None = None,
-) -> tuple[dict[int, np.ndarray | Clip], dict[int, str]]:
+        media[index] = clip  # frames with their timestamps (time-aware families hand these to the processor)
+        if record is not None:
+            record.append((path, clip))
         if with_time_instruction:
             instructions[index] = time_instruction(clip.info, clip.timestamps_s, part["start_s"], part["end_s"])
     return media, instructions
