@@ -51,8 +51,15 @@ from vidtune.train.training.checkpoint import (
     step_folders,
 )
 from vidtune.train.training.config import Recipe, recipe_to_yaml
-from vidtune.train.training.distributed import VisionLockstep, is_deepspeed, make_accelerator, save_state_kwargs
+from vidtune.train.training.distributed import (
+    VisionLockstep,
+    is_deepspeed,
+    make_accelerator,
+    save_state_kwargs,
+    zero_stage,
+)
 from vidtune.train.training.health import BadSampleMonitor, NonFiniteGuard, TrainingError, check_finite_weights
+from vidtune.train.training.loss import LossFunction, model_loss, training_loss
 from vidtune.train.training.model import format_audit
 from vidtune.train.training.preemption import StopRequest, TrainingStopped
 
@@ -81,6 +88,7 @@ class Run:
     eval_items: list = field(default_factory=list)  # held-out rows for generation-based eval during training
     trainable: list = field(default_factory=list)  # the trainable weights, listed once (clipping walks them)
     lock: Any = None  # the output folder's lock (main process), released when the run ends
+    loss: LossFunction = model_loss  # (model, micro-batch) -> summed token loss; see loss.py
 
 
 # ------------------------------------------------------------------------------------------------------- setup
@@ -148,6 +156,7 @@ def build_run(recipe: Recipe, accelerator: Accelerator, lock: Any) -> Run:
         trainable=[p for p in model.parameters() if p.requires_grad],
         bad_samples=BadSampleMonitor(recipe.data.bad_samples, recipe.train.output_dir),
         lock=lock,
+        loss=training_loss(model, accelerator.autocast, zero3=zero_stage(accelerator) == 3),
     )
 
 
@@ -160,9 +169,9 @@ def label_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def forward_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
-    """The summed token loss of one micro-batch (the model sums; train_step scales)."""
+    """The summed token loss of one micro-batch (train_step scales), never building full logits (loss.py)."""
     run.lockstep.prepare(batch)
-    return run.model(**batch, num_items_in_batch=1).loss
+    return run.loss(run.model, batch)
 
 
 def micro_step(run: Run, index: int, batch: dict[str, Any], scale: torch.Tensor, last: bool) -> torch.Tensor | None:
