@@ -11,10 +11,11 @@ sample that cannot fit max_length is dropped before any GPU time, never truncate
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import datasets
@@ -25,6 +26,7 @@ from vidtune.data.conversation import DataError, Message, media_parts
 from vidtune.data.examples import LABEL_TURNS, ExampleBuilder, with_time_instructions
 from vidtune.data.formats import DEFAULT_CAPTION_PROMPT
 from vidtune.data.frame_cache import FrameCache, FrameCacheConfig
+from vidtune.data.measure_cache import MeasureCache, settings_fingerprint
 from vidtune.data.quality import BadSampleConfig, BadSampleLog, time_limit, validate_bad_samples
 from vidtune.data.sources import MAX_ROW_BYTES, SourceConfig, load_conversations, stream_conversations
 from vidtune.data.video import (
@@ -122,8 +124,8 @@ class DropReport:
 class Measurer:
     """Token counts of a row without decoding pixels (videos indexed once per path, images read for size)."""
 
-    def __init__(self, builder: ExampleBuilder, cfg: DataConfig):
-        self.builder, self.cfg = builder, cfg
+    def __init__(self, builder: ExampleBuilder, cfg: DataConfig, cache: MeasureCache | None = None):
+        self.builder, self.cfg, self.cache = builder, cfg, cache
         self._video_info: dict[str, VideoInfo] = {}
 
     def video_info(self, path: str) -> VideoInfo:
@@ -174,6 +176,16 @@ class Measurer:
                 "drop_reason": "",
                 "problem": row["problem"],
             }
+        if self.cache is None:
+            return self.measure(row)
+        key = self.cache.key(row, [part["path"] or "" for part in media_parts(row["messages"])])
+        measured = self.cache.get(key)
+        if measured is None:
+            measured = self.measure(row)
+            self.cache.put(key, measured)
+        return measured
+
+    def measure(self, row: dict[str, Any]) -> dict[str, Any]:
         try:
             tokens, instructions = self.media_tokens(row["messages"])
         except VideoError as err:
@@ -190,11 +202,33 @@ class Measurer:
         }
 
 
+ROWS_PER_MEASURING_PROCESS = 1000  # fewer: one process (starting more costs seconds)
+
+
+def measuring_processes(num_rows: int) -> int | None:
+    """Parallel measuring processes for a corpus: one per CPU core, each with enough rows to pay for its start."""
+    processes = min(len(os.sched_getaffinity(0)), num_rows // ROWS_PER_MEASURING_PROCESS)
+    return processes if processes > 1 else None
+
+
+def cached_measurer(builder: ExampleBuilder, cfg: DataConfig) -> Measurer:
+    """A Measurer whose results are kept on disk (data/measure_cache.py), keyed by all they depend on."""
+    quality = cfg.bad_samples
+    data_settings = {
+        "sampling": asdict(cfg.sampling),
+        "max_length": cfg.max_length,
+        "time_instruction": cfg.time_instruction,
+        "limits": [quality.max_frame_pixels, quality.too_short],
+    }
+    settings = settings_fingerprint(builder.processor, builder.chat_template, builder.label_turns, data_settings)
+    return Measurer(builder, cfg, MeasureCache(settings))
+
+
 def measure_and_filter(
     rows: datasets.Dataset, measurer: Measurer, bad: BadSampleLog | None = None, num_proc: int | None = None
 ) -> tuple[datasets.Dataset, DropReport]:
     """Measure every row; drop over-long ones (counted by reason) and bad ones (within the bad-sample budget)."""
-    measured = rows.map(measurer, num_proc=num_proc, desc="measuring samples")
+    measured = rows.map(measurer, num_proc=num_proc or measuring_processes(len(rows)), desc="measuring samples")
     report = DropReport(bad=bad if bad is not None else BadSampleLog(measurer.cfg.bad_samples))
     for reason, problem, at in zip(measured["drop_reason"], measured["problem"], measured["at"], strict=True):
         if problem:
@@ -231,14 +265,14 @@ def prepare_eval_rows(
     )
     if not measured:
         return rows
-    return measure_and_filter(rows, Measurer(builder, cfg), bad)[0]
+    return measure_and_filter(rows, cached_measurer(builder, cfg), bad)[0]
 
 
 def prepare_rows(
     cfg: DataConfig, builder: ExampleBuilder, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, DropReport]:
     """Training rows, evaluation rows (or None) and the training drop report (length drops and bad samples)."""
-    measurer = Measurer(builder, cfg)
+    measurer = cached_measurer(builder, cfg)
     bad = BadSampleLog(cfg.bad_samples)
     train_rows = load_conversations(
         cfg.sources, cfg.caption_prompts, seed, keep_bad=True, max_row_bytes=cfg.max_row_bytes

@@ -88,7 +88,8 @@ def loader_kwargs(recipe: Recipe, collate: Collator) -> dict[str, Any]:
 def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerator: Accelerator):
     """Train loader (map-style with a seeded batch sampler, or a per-rank stream), eval loader, sampler, drops."""
     data, train_cfg = recipe.data, recipe.train
-    builder = ExampleBuilder(processor, family, data.label_turns)
+    # Pixels leave the workers uint8 (1/4 of the bytes); the loop normalises them on the device.
+    builder = ExampleBuilder(processor, family, data.label_turns, raw_pixels=True)
     collate = Collator(processor.tokenizer.pad_token_id, padding_side="right", family=family)
     kwargs = loader_kwargs(recipe, collate)
     with accelerator.main_process_first():  # rank 0 probes the videos first; the others then hit warm file caches

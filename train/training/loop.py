@@ -168,6 +168,13 @@ def label_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != -100).sum()
 
 
+def to_device(run: Run, batch: dict[str, Any]) -> dict[str, Any]:
+    """Streamed batches are not placed by Accelerate; uint8 pixels are normalised once there (family)."""
+    device = run.accelerator.device
+    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # from pinned memory on a GPU
+    return run.family.normalize_pixels(moved, run.processor)
+
+
 def forward_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     """The summed token loss of one micro-batch (train_step scales), never building full logits (loss.py)."""
     run.lockstep.prepare(batch)
@@ -199,7 +206,7 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, float]:
     scale = run.recipe.train.grad_accum_steps * acc.num_processes / global_tokens
     loss_sum = torch.zeros((), device=acc.device)
     for index, batch in enumerate(window):
-        batch = {k: v.to(acc.device) for k, v in batch.items()}  # streamed batches are not placed by Accelerate
+        batch = to_device(run, batch)
         summed = micro_step(run, index, batch, scale, last=index == len(window) - 1)
         if summed is None:
             return skip_step(run, "loss")
@@ -269,6 +276,7 @@ def evaluate(run: Run) -> float | None:
             model.train()
             return None
         batch.pop("skipped", None)
+        batch = to_device(run, batch)
         run.lockstep.prepare(batch)  # ranks must run the vision paths alike in eval too
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
         run.lockstep.take_term()
