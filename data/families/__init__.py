@@ -73,6 +73,8 @@ class ModelFamily(ABC):
     # Batch keys whose pixels can travel uint8 (resized and cropped, not yet rescaled or normalised) -> the
     # processor attribute that normalises them; empty: they travel as the processor makes them.
     raw_pixel_processors: ClassVar[dict[str, str]] = {}
+    # train.packing (data/packing.py): 1-D position ids restarting per sample are all the model needs
+    supports_packing: bool = False
 
     @abstractmethod
     def token_counter(self, processor: Any) -> TokenCounter: ...

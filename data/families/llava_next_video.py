@@ -80,6 +80,7 @@ class LlavaNextVideo(ModelFamily):
     # Video frames are resized and cropped to one size, so they can stay uint8 until the device. (Images keep the
     # processor's float pixels: anyres pads patches after normalising.)
     raw_pixel_processors: ClassVar[dict[str, str]] = {"pixel_values_videos": "video_processor"}
+    supports_packing = True  # plain 1-D RoPE positions
 
     def token_counter(self, processor: Any) -> LlavaTokenCounter:
         return LlavaTokenCounter(processor)

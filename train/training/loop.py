@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from vidtune.data.dataset import DropReport, EpochBatchSampler
 from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import ModelFamily
+from vidtune.data.packing import pop_counts
 from vidtune.data.quality import BadSampleConfig
 from vidtune.train.evaluation.tasks import in_training_eval, training_items
 from vidtune.train.generation.infer import InferenceModel
@@ -200,7 +201,8 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, float]:
     """One optimizer step over a window of micro-batches; {"skipped": 1} when its loss was not finite."""
     acc = run.accelerator
     skipped = [reason for batch in window for reason in batch.pop("skipped", [])]
-    run.bad_samples.record(acc, skipped, sum(len(b["input_ids"]) for b in window), run.state.step)
+    local_samples, local_real_tokens = (sum(c) for c in zip(*(pop_counts(b) for b in window), strict=True))
+    run.bad_samples.record(acc, skipped, local_samples, run.state.step)
     local_tokens = sum(label_tokens(b) for b in window)
     global_tokens = acc.reduce(torch.as_tensor(local_tokens, device=acc.device).float(), "sum").clamp(min=1)
     scale = run.recipe.train.grad_accum_steps * acc.num_processes / global_tokens
@@ -223,8 +225,8 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, float]:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     loss = acc.reduce(loss_sum, "sum") / global_tokens
-    samples = acc.reduce(torch.tensor(sum(len(b["input_ids"]) for b in window), device=acc.device), "sum")
-    tokens = acc.reduce(torch.stack([b["attention_mask"].sum() for b in window]).sum().to(acc.device), "sum")
+    samples = acc.reduce(torch.tensor(local_samples, device=acc.device), "sum")
+    tokens = acc.reduce(torch.tensor(local_real_tokens, device=acc.device), "sum")
     return {
         "loss": loss.item(),
         "lr": lr,

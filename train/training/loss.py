@@ -113,7 +113,7 @@ class ChunkedLoss:
 
 def model_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """The model's own summed token loss (full logits): the reference, and the path under ZeRO-3."""
-    return model(**batch, num_items_in_batch=1).loss
+    return model(**batch, num_items_in_batch=1, use_cache=False).loss  # a cache hides packing from the masks
 
 
 def training_loss(model: Any, autocast: Callable[[], AbstractContextManager[Any]], zero3: bool) -> LossFunction:
