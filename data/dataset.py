@@ -183,12 +183,23 @@ class Measurer:
         measured = self.cache.get(key)
         if measured is None:
             measured = self.measure(row)
-            self.cache.put(key, measured)
+            self.cache.put_many([(key, measured)])
         return measured
 
     def measure_batch(self, columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
         """`__call__` over a batch of rows (datasets' batched map: columns in, columns out)."""
-        results = [self(dict(zip(columns, values, strict=True))) for values in zip(*columns.values(), strict=True)]
+        rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        if self.cache is None:
+            results = [self(row) for row in rows]
+        else:  # one write transaction per batch, after measuring it: parallel processes never wait on each other
+            keys = [self.cache.key(row, [part["path"] or "" for part in media_parts(row["messages"])]) for row in rows]
+            results = [self.cache.get(key) or {} for key in keys]
+            missing = [
+                (key, self.measure(row)) for key, row, found in zip(keys, rows, results, strict=True) if not found
+            ]
+            self.cache.put_many(missing)
+            fresh = iter(measured for _, measured in missing)
+            results = [found or next(fresh) for found in results]
         return {key: [result[key] for result in results] for key in results[0]} if results else {}
 
     def measure(self, row: dict[str, Any]) -> dict[str, Any]:

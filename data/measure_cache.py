@@ -76,5 +76,14 @@ class MeasureCache:
         found = self.connection.execute("SELECT value FROM measured WHERE key = ?", (key,)).fetchone()
         return json.loads(found[0]) if found else None
 
-    def put(self, key: str, value: dict[str, Any]) -> None:
-        self.connection.execute("INSERT OR REPLACE INTO measured VALUES (?, ?)", (key, json.dumps(value)))
+    def put_many(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
+        if not entries:
+            return
+        rows = [(key, json.dumps(value)) for key, value in entries]
+        self.connection.execute("BEGIN")  # one transaction (the connection autocommits otherwise)
+        try:
+            self.connection.executemany("INSERT OR REPLACE INTO measured VALUES (?, ?)", rows)
+        except BaseException:
+            self.connection.execute("ROLLBACK")
+            raise
+        self.connection.execute("COMMIT")

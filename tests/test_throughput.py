@@ -89,6 +89,8 @@ def test_measurements_are_reused_on_a_relaunch_and_redone_for_a_changed_file(bui
     assert len(probed) == 2 and shorter["num_media_tokens"] == first["num_media_tokens"] // 2
     os.utime(clip, ns=(clip.stat().st_atime_ns, clip.stat().st_mtime_ns + 10**9))  # the file changed
     assert dataset.cached_measurer(builder, cfg)(row) == first and len(probed) == 3
+    batched = dataset.cached_measurer(builder, cfg).measure_batch({key: [value] * 2 for key, value in row.items()})
+    assert batched == {key: [value] * 2 for key, value in first.items()} and len(probed) == 3  # (datasets' map)
 
 
 def test_packed_batches_give_the_padded_loss_and_gradients(tiny_model, builder, clips, tmp_path, processor):
