@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine
 
 from vidtune.data.dataset import EpochBatchSampler
+from vidtune.data.packing import first_fit_decreasing
 
 
 def length_mix(count: int, seed: int) -> list[int]:
@@ -39,11 +40,23 @@ def efficiency(lengths: list[int], sampler: EpochBatchSampler) -> float:
     return sum(map(sum, batches)) / sum(max(b) * len(b) for b in batches)
 
 
+def packed_efficiency(lengths: list[int], sampler: EpochBatchSampler, max_length: int) -> tuple[float, float]:
+    """Real / padded tokens with each micro-batch packed (train.packing) into rows of up to max_length tokens, and
+    the mean rows per micro-batch."""
+    real = padded = rows = 0
+    for batch in sampler:
+        sizes = [lengths[row] for _, row in batch]
+        fills = [sum(sizes[i] for i in b) for b in first_fit_decreasing(sizes, max_length)]
+        real, padded, rows = real + sum(sizes), padded + max(fills) * len(fills), rows + len(fills)
+    return real / padded, rows / len(sampler)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-length", type=int, default=8192, help="packed row length (data.max_length)")
     args = parser.parse_args()
     lengths = length_mix(args.samples, args.seed)
     plain = efficiency(lengths, EpochBatchSampler(lengths, args.batch_size, args.seed))
@@ -52,11 +65,16 @@ def main() -> None:
         f"padding efficiency (real / padded tokens), {args.samples} samples, batch {args.batch_size}, "
         f"lengths {min(lengths)}-{max(lengths)} (median {int(np.median(lengths))}), {machine()}"
     )
-    print(f"  shuffled batches        {plain:.3f}")
-    print(f"  length-grouped batches  {grouped:.3f}   (train.group_by_length, on by default)")
+    print(f"  shuffled batches               {plain:.3f}")
+    print(f"  length-grouped batches         {grouped:.3f}   (train.group_by_length, on by default)")
+    for name, group in (("shuffled", False), ("length-grouped", True)):
+        sampler = EpochBatchSampler(lengths, args.batch_size, args.seed, group_by_length=group)
+        packed, rows = packed_efficiency(lengths, sampler, args.max_length)
+        label = f"packed {name} batches"
+        print(f"  {label:<31}{packed:.3f}   (train.packing, rows of {args.max_length}; {rows:.2f} rows per batch)")
     print(
         f"re-run: python benchmarks/padding_efficiency.py --batch-size {args.batch_size} --samples {args.samples} "
-        f"--seed {args.seed}"
+        f"--seed {args.seed} --max-length {args.max_length}"
     )
 
 

@@ -9,6 +9,8 @@ frame_cache.py   decoded frames kept across epochs and runs
 quality.py       the bad-sample budget, decode time limits
 examples.py      conversation + frames -> input_ids, labels, pixels (the family's template and processor)
 dataset.py       measuring, length drops, map-style and streamed datasets, the epoch batch sampler
+measure_cache.py the start-up measurements cached on disk by row, media file identity and settings
 collator.py      pad examples into a batch (visual tensors batched by the family)
+packing.py       pack a micro-batch's samples into rows (first-fit decreasing), positions restarting per sample
 families/        one module per model family: everything model-specific
 """

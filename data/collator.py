@@ -15,6 +15,7 @@ import torch
 
 from vidtune.data.examples import IGNORE_INDEX
 from vidtune.data.families import ModelFamily
+from vidtune.data.packing import pack
 
 PADDING_SIDES = ("right", "left")
 
@@ -37,12 +38,25 @@ class Collator:
     padding_side: str = "right"  # right for training; left for batched generation
     pad_to_multiple_of: int | None = None
     family: ModelFamily | None = None  # batches the visual tensors; None for text-only batches
+    pack_max_length: int | None = None  # pack training samples into rows of up to this many tokens (packing.py)
 
     def __post_init__(self) -> None:
         if self.padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side must be right or left, got {self.padding_side!r}")
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.packed(examples) if self.pack_max_length else self.padded(examples)
+        # Samples replaced because they failed to load (reasons), for the loop's bad-sample budget.
+        skipped = [reason for ex in examples for reason in ex.get("skipped", [])]
+        if skipped:
+            batch["skipped"] = skipped
+        return batch
+
+    def packed(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        assert self.pack_max_length is not None
+        return pack(examples, self.pack_max_length, self.pad_token_id, self.family)
+
+    def padded(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         input_ids = [ex["input_ids"] for ex in examples]
         width = max(len(ids) for ids in input_ids)
         if self.pad_to_multiple_of:
@@ -61,8 +75,4 @@ class Collator:
             batch.update(self.family.batch_visuals(examples))
         elif any(key not in ("input_ids", "attention_mask", "labels", "skipped") for ex in examples for key in ex):
             raise ValueError("these examples carry visual inputs: give the Collator their model family")
-        # Samples replaced because they failed to load (reasons), for the loop's bad-sample budget.
-        skipped = [reason for ex in examples for reason in ex.get("skipped", [])]
-        if skipped:
-            batch["skipped"] = skipped
         return batch

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import random
+import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import datasets
@@ -26,6 +27,7 @@ from vidtune.data.conversation import DataError, Message, media_parts
 from vidtune.data.examples import LABEL_TURNS, ExampleBuilder, with_time_instructions
 from vidtune.data.formats import DEFAULT_CAPTION_PROMPT
 from vidtune.data.frame_cache import FrameCache, FrameCacheConfig
+from vidtune.data.measure_cache import MeasureCache, settings_fingerprint
 from vidtune.data.quality import BadSampleConfig, BadSampleLog, time_limit, validate_bad_samples
 from vidtune.data.sources import MAX_ROW_BYTES, SourceConfig, load_conversations, stream_conversations
 from vidtune.data.video import (
@@ -134,8 +136,8 @@ class DropReport:
 class Measurer:
     """Token counts of a row without decoding pixels (videos indexed once per path, images read for size)."""
 
-    def __init__(self, builder: ExampleBuilder, cfg: DataConfig):
-        self.builder, self.cfg = builder, cfg
+    def __init__(self, builder: ExampleBuilder, cfg: DataConfig, cache: MeasureCache | None = None):
+        self.builder, self.cfg, self.cache = builder, cfg, cache
         self._video_info: dict[str, VideoInfo] = {}
 
     def video_info(self, path: str) -> VideoInfo:
@@ -184,6 +186,32 @@ class Measurer:
                 "drop_reason": "",
                 "problem": row["problem"],
             }
+        if self.cache is None:
+            return self.measure(row)
+        key = self.cache.key(row, [part["path"] or "" for part in media_parts(row["messages"])])
+        measured = self.cache.get(key)
+        if measured is None:
+            measured = self.measure(row)
+            self.cache.put_many([(key, measured)])
+        return measured
+
+    def measure_batch(self, columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """`__call__` over a batch of rows (datasets' batched map: columns in, columns out)."""
+        rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        if self.cache is None:
+            results = [self(row) for row in rows]
+        else:  # one write transaction per batch, after measuring it: parallel processes never wait on each other
+            keys = [self.cache.key(row, [part["path"] or "" for part in media_parts(row["messages"])]) for row in rows]
+            results = [self.cache.get(key) or {} for key in keys]
+            missing = [
+                (key, self.measure(row)) for key, row, found in zip(keys, rows, results, strict=True) if not found
+            ]
+            self.cache.put_many(missing)
+            fresh = iter(measured for _, measured in missing)
+            results = [found or next(fresh) for found in results]
+        return {key: [result[key] for result in results] for key in results[0]} if results else {}
+
+    def measure(self, row: dict[str, Any]) -> dict[str, Any]:
         try:
             tokens, instructions = self.media_tokens(row["messages"])
         except VideoError as err:
@@ -200,11 +228,47 @@ class Measurer:
         }
 
 
+ROWS_PER_MEASURING_PROCESS = 1000  # fewer: one process (starting more costs seconds)
+
+
+def measuring_processes(num_rows: int) -> int | None:
+    """Parallel measuring processes for a corpus: one per CPU core, each with enough rows to pay for its start."""
+    processes = min(len(os.sched_getaffinity(0)), num_rows // ROWS_PER_MEASURING_PROCESS)
+    return processes if processes > 1 else None
+
+
+def cached_measurer(builder: ExampleBuilder, cfg: DataConfig) -> Measurer:
+    """A Measurer whose results are kept on disk (data/measure_cache.py), keyed by all they depend on."""
+    quality = cfg.bad_samples
+    data_settings = {
+        "sampling": asdict(cfg.sampling),
+        "max_length": cfg.max_length,
+        "time_instruction": cfg.time_instruction,
+        "limits": [quality.max_frame_pixels, quality.too_short],
+    }
+    settings = settings_fingerprint(builder.processor, builder.chat_template, builder.label_turns, data_settings)
+    return Measurer(builder, cfg, MeasureCache(settings))
+
+
 def measure_and_filter(
     rows: datasets.Dataset, measurer: Measurer, bad: BadSampleLog | None = None, num_proc: int | None = None
 ) -> tuple[datasets.Dataset, DropReport]:
     """Measure every row; drop over-long ones (counted by reason) and bad ones (within the bad-sample budget)."""
-    measured = rows.map(measurer, num_proc=num_proc, desc="measuring samples")
+    processes = num_proc or measuring_processes(len(rows))
+    if measurer.cache is None:
+        measured = rows.map(measurer, num_proc=processes, desc="measuring samples")
+    else:
+        # Batched: on a relaunch the per-row cost is a cache lookup, so datasets' per-row overhead would dominate.
+        # The measure cache, not datasets' own, decides what is reused (it checks the files): a fresh fingerprint
+        # also spares hashing the measurer (its tokenizer), which took most of a relaunch's fixed cost.
+        measured = rows.map(
+            measurer.measure_batch,
+            batched=True,
+            batch_size=500,
+            num_proc=processes,
+            desc="measuring samples",
+            new_fingerprint=uuid.uuid4().hex,
+        )
     report = DropReport(bad=bad if bad is not None else BadSampleLog(measurer.cfg.bad_samples))
     for reason, problem, at in zip(measured["drop_reason"], measured["problem"], measured["at"], strict=True):
         if problem:
@@ -241,14 +305,14 @@ def prepare_eval_rows(
     )
     if not measured:
         return rows
-    return measure_and_filter(rows, Measurer(builder, cfg), bad)[0]
+    return measure_and_filter(rows, cached_measurer(builder, cfg), bad)[0]
 
 
 def prepare_rows(
     cfg: DataConfig, builder: ExampleBuilder, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, DropReport]:
     """Training rows, evaluation rows (or None) and the training drop report (length drops and bad samples)."""
-    measurer = Measurer(builder, cfg)
+    measurer = cached_measurer(builder, cfg)
     bad = BadSampleLog(cfg.bad_samples)
     train_rows = load_conversations(
         cfg.sources, cfg.caption_prompts, seed, keep_bad=True, max_row_bytes=cfg.max_row_bytes

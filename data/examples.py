@@ -70,8 +70,16 @@ def with_time_instructions(messages: list[Message], instructions: dict[int, str]
 class ExampleBuilder:
     """Counts and builds examples for one processor, through its model family (template, token costs, tensors)."""
 
-    def __init__(self, processor: Any, family: ModelFamily, label_turns: str = "all", chat_template: str | None = None):
-        """`chat_template` overrides the family's training template (a trained run's saved one, for inference)."""
+    def __init__(
+        self,
+        processor: Any,
+        family: ModelFamily,
+        label_turns: str = "all",
+        chat_template: str | None = None,
+        raw_pixels: bool = False,
+    ):
+        """`chat_template` overrides the family's training template (a trained run's saved one, for inference).
+        `raw_pixels`: the family's raw pixels stay uint8 (the training loop normalises them on the device)."""
         if label_turns not in LABEL_TURNS:
             raise DataError(f"label_turns must be one of {', '.join(LABEL_TURNS)}, got {label_turns!r}")
         self.processor, self.tokenizer, self.family = processor, processor.tokenizer, family
@@ -80,6 +88,7 @@ class ExampleBuilder:
         self.image_token_id = processor.image_token_id
         self.tokens = family.token_counter(processor)
         self.frame_px = family.decode_edge_px(processor)
+        self.raw_pixels = raw_pixels
 
     def count(self, messages: list[Message], media_tokens: list[int]) -> TokenCount:
         """Token counts without decoding any pixels: the template is tokenized with one placeholder per media
@@ -125,7 +134,11 @@ class ExampleBuilder:
             add_generation_prompt=for_generation,
             return_tensors=None,
             # frames were sampled by data/video/
-            processor_kwargs={"do_sample_frames": False, **self.family.video_processor_kwargs(timings)},
+            processor_kwargs={
+                "do_sample_frames": False,
+                **self.family.video_processor_kwargs(timings),
+                **(self.family.raw_pixel_kwargs() if self.raw_pixels else {}),
+            },
         )
         input_ids = torch.tensor(encoded["input_ids"][0], dtype=torch.long)
         example = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}

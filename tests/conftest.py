@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Measurements cached on disk (data/measure_cache.py) stay within this session.
+os.environ.setdefault("VIDTUNE_CACHE_DIR", tempfile.mkdtemp(prefix="vidtune-cache-"))
 
 import torch
 

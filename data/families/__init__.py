@@ -6,6 +6,8 @@ data/ and train/ never look inside a model or its processor directly; they ask i
 - the frame size decoders should scale to (`decode_edge_px`);
 - how one sample's visual tensors come out of the processor (`example_visuals`), how several samples' form a batch
   (`batch_visuals`) and how they reach the device (`visuals_to_device`);
+- which pixels may leave the processor uint8 (`raw_pixel_processors`, `raw_pixel_kwargs`), to be normalised on the
+  device by the processor's own rescale and normalisation (`normalize_pixels`): 1/4 of float32's bytes per sample;
 - the vision paths of its forward, with a blank input for each, that keep ZeRO-3 ranks in lockstep (`blank_paths`);
 - anything the loaded model needs to take those batches (`prepare_model`);
 - module prefixes of its parts (for LoRA scoping and the trainable-parameter audit), default LoRA targets, and the
@@ -21,7 +23,7 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -96,6 +98,11 @@ class ModelFamily(ABC):
     vision_tower_lora_targets: tuple[str, ...]
     visual_keys: tuple[str, ...]  # the batch keys that carry visual inputs
     token_keys: tuple[str, ...] = ()  # per-token tensors of an example (L,), padded by the collator like input_ids
+    # Batch keys whose pixels can travel uint8 (resized and cropped, not yet rescaled or normalised) -> the
+    # processor attribute that normalises them; empty: they travel as the processor makes them.
+    raw_pixel_processors: ClassVar[dict[str, str]] = {}
+    # train.packing (data/packing.py): 1-D position ids restarting per sample are all the model needs
+    supports_packing: bool = False
 
     @abstractmethod
     def token_counter(self, processor: Any) -> TokenCounter: ...
@@ -141,6 +148,29 @@ class ModelFamily(ABC):
         """Adapt a freshly loaded model (bare or PEFT-wrapped) to the batches `batch_visuals` builds, where the
         model's own forward cannot take them as they are; most families need nothing."""
         return None
+
+    def raw_pixel_kwargs(self) -> dict[str, Any]:
+        """Processor kwargs that keep the pixels of `raw_pixel_processors` uint8 (a fresh dict: the processor
+        writes into it)."""
+        return {}
+
+    def normalize_pixels(self, batch: dict[str, Any], processor: Any) -> dict[str, Any]:
+        """uint8 pixels of `raw_pixel_processors` rescaled and normalised where they are (the device), by the
+        processor's own fused rescale + normalisation: the float32 inputs the processor would have made."""
+        for key, attribute in self.raw_pixel_processors.items():
+            pixels = batch.get(key)
+            if pixels is None or pixels.dtype != torch.uint8:
+                continue
+            pixel_processor = getattr(processor, attribute)
+            batch[key] = pixel_processor.rescale_and_normalize(
+                pixels,
+                pixel_processor.do_rescale,
+                pixel_processor.rescale_factor,
+                pixel_processor.do_normalize,
+                tuple(pixel_processor.image_mean),  # hashable: the processor caches the fused constants
+                tuple(pixel_processor.image_std),
+            )
+        return batch
 
     def unused_module_prefixes(self, config: Any) -> tuple[str, ...]:
         """Module-name prefixes of layers the forward computes but never reads (no gradient ever reaches them):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -79,6 +79,10 @@ class LlavaNextVideo(ModelFamily):
     language_model_lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     vision_tower_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
     visual_keys = ("pixel_values_videos", "pixel_values", "image_sizes")
+    # Video frames are resized and cropped to one size, so they can stay uint8 until the device. (Images keep the
+    # processor's float pixels: anyres pads patches after normalising.)
+    raw_pixel_processors: ClassVar[dict[str, str]] = {"pixel_values_videos": "video_processor"}
+    supports_packing = True  # plain 1-D RoPE positions
 
     def token_counter(self, processor: Any) -> LlavaTokenCounter:
         return LlavaTokenCounter(processor)
@@ -113,6 +117,9 @@ class LlavaNextVideo(ModelFamily):
             visuals["pixel_values"] = torch.cat(patches)
             visuals["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
         return visuals
+
+    def raw_pixel_kwargs(self) -> dict[str, Any]:
+        return {"videos_kwargs": {"do_rescale": False, "do_normalize": False}}
 
     def batch_visuals(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = {}

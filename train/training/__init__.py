@@ -4,6 +4,7 @@ config.py       typed, strict recipes (defaults, YAML, `key.sub=value` overrides
 model.py        load a checkpoint, choose what trains (LoRA / full, projector, vision tower), audit it
 build.py        a run's parts from its recipe: model + processor, data loaders, optimizer and scheduler
 loop.py         the Accelerate loop: micro-batches, loss scaling, steps, eval, checkpoints, final save
+loss.py         the summed token loss from hidden states in chunks (or Liger), never the full logits
 checkpoint.py   checkpoints written atomically, verified, resumed only when the run matches, loaded safely
 distributed.py  the Accelerator, DeepSpeed settings, ZeRO-3 vision lockstep, gathering sharded weights
 cpu_launch.py   GPU launch configs on machines without CUDA (the only private-API patches, asserted)

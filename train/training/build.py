@@ -97,10 +97,21 @@ def loader_kwargs(recipe: Recipe, collate: Collator, processes_per_node: int) ->
 def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerator: Accelerator):
     """Train loader (map-style with a seeded batch sampler, or a per-rank stream), eval loader, sampler, drops."""
     data, train_cfg = recipe.data, recipe.train
-    builder = ExampleBuilder(processor, family, data.label_turns)
+    # Pixels leave the workers uint8 (1/4 of the bytes); the loop normalises them on the device.
+    builder = ExampleBuilder(processor, family, data.label_turns, raw_pixels=True)
     collate = Collator(processor.tokenizer.pad_token_id, padding_side="right", family=family)
-    kwargs = loader_kwargs(recipe, collate, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
-    with accelerator.main_process_first():  # rank 0 probes the videos first; the others then hit warm file caches
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    kwargs = loader_kwargs(recipe, collate, local_world)
+    if train_cfg.packing:  # training batches only: evaluation scores per padded sample
+        if not family.supports_packing:
+            raise RecipeError(f"train.packing: the {family.name} family does not pack yet; set train.packing=false")
+        train_kwargs = loader_kwargs(
+            recipe, Collator(collate.pad_token_id, family=family, pack_max_length=data.max_length), local_world
+        )
+    else:
+        train_kwargs = kwargs
+    # Rank 0 measures first (data/measure_cache.py: parallel processes, kept on disk); the others read its results.
+    with accelerator.main_process_first():
         if data.streaming:
             train_rows, eval_rows, drops = None, prepare_eval_rows(data, builder, train_cfg.seed), DropReport()
         else:
@@ -118,13 +129,13 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
             repeat=True,
             batch_size=train_cfg.batch_size,
         )
-        train_loader = torch.utils.data.DataLoader(stream, batch_size=train_cfg.batch_size, **kwargs)
+        train_loader = torch.utils.data.DataLoader(stream, batch_size=train_cfg.batch_size, **train_kwargs)
     else:
         train_set = SFTDataset(train_rows, maker)
         sampler = EpochBatchSampler(
             train_set.lengths, train_cfg.batch_size, train_cfg.seed, group_by_length=train_cfg.group_by_length
         )
-        train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, **kwargs)
+        train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, **train_kwargs)
     eval_loader = None
     if eval_rows is not None:
         eval_set = SFTDataset(eval_rows, ExampleMaker(builder, data, train_cfg.seed, train=False))

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType
 
 from vidtune.data.families import BlankPath, ModelFamily
 from vidtune.train.training.checkpoint import load_deepspeed_checkpoints_safely
@@ -38,6 +38,8 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         # DDP wants every trainable weight to get a gradient each step; a text-only micro-batch gives the vision
         # side none, so let DDP look for unused weights when any of it trains.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=trains_vision_side(recipe))],
+        # Batches come from pinned memory on a GPU (build.loader_kwargs): copy them without stalling the host.
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     if is_deepspeed(accelerator):
         load_deepspeed_checkpoints_safely()

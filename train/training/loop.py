@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from vidtune.data.dataset import DropReport, EpochBatchSampler
 from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import ModelFamily
+from vidtune.data.packing import pop_counts
 from vidtune.data.quality import BadSampleConfig
 from vidtune.train.evaluation.tasks import in_training_eval, training_items
 from vidtune.train.generation.infer import InferenceModel
@@ -52,7 +53,13 @@ from vidtune.train.training.checkpoint import (
     step_folders,
 )
 from vidtune.train.training.config import Recipe, recipe_to_yaml
-from vidtune.train.training.distributed import VisionLockstep, is_deepspeed, make_accelerator, save_state_kwargs
+from vidtune.train.training.distributed import (
+    VisionLockstep,
+    is_deepspeed,
+    make_accelerator,
+    save_state_kwargs,
+    zero_stage,
+)
 from vidtune.train.training.health import (
     BadSampleMonitor,
     NonFiniteGuard,
@@ -60,6 +67,7 @@ from vidtune.train.training.health import (
     check_finite_weights,
     guard_update,
 )
+from vidtune.train.training.loss import LossFunction, model_loss, training_loss
 from vidtune.train.training.model import format_audit
 from vidtune.train.training.preemption import StopRequest, TrainingStopped
 
@@ -88,6 +96,7 @@ class Run:
     eval_items: list = field(default_factory=list)  # held-out rows for generation-based eval during training
     trainable: list = field(default_factory=list)  # the trainable weights, listed once (clipping walks them)
     lock: Any = None  # the output folder's lock (main process), released when the run ends
+    loss: LossFunction = model_loss  # (model, micro-batch) -> summed token loss; see loss.py
 
 
 # ------------------------------------------------------------------------------------------------------- setup
@@ -155,6 +164,7 @@ def build_run(recipe: Recipe, accelerator: Accelerator, lock: Any) -> Run:
         trainable=[p for p in model.parameters() if p.requires_grad],
         bad_samples=BadSampleMonitor(recipe.data.bad_samples, recipe.train.output_dir),
         lock=lock,
+        loss=training_loss(model, accelerator.autocast, zero3=zero_stage(accelerator) == 3),
     )
 
 
@@ -166,10 +176,22 @@ def label_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != -100).sum()
 
 
+def on_device(count: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A count as a 0-d device tensor without a host round trip (a tensor moves; an int becomes a kernel argument)."""
+    return count.to(device) if isinstance(count, torch.Tensor) else torch.full((), count, device=device)
+
+
+def to_device(run: Run, batch: dict[str, Any]) -> dict[str, Any]:
+    """Streamed batches are not placed by Accelerate; uint8 pixels are normalised once there (family)."""
+    device = run.accelerator.device
+    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # from pinned memory on a GPU
+    return run.family.normalize_pixels(moved, run.processor)
+
+
 def forward_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
-    """The summed token loss of one micro-batch (the model sums; train_step scales)."""
+    """The summed token loss of one micro-batch (train_step scales), never building full logits (loss.py)."""
     run.lockstep.prepare(batch)
-    return run.model(**batch, num_items_in_batch=1).loss
+    return run.loss(run.model, batch)
 
 
 def micro_step(run: Run, index: int, batch: dict[str, Any], scale: torch.Tensor, last: bool) -> torch.Tensor | None:
@@ -194,14 +216,14 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, Any]:
     non-finite loss, fp16's loss scaler, an optimizer that cannot drop an update on the device)."""
     acc = run.accelerator
     skipped = [reason for batch in window for reason in batch.pop("skipped", [])]
-    run.bad_samples.note(skipped, sum(len(b["input_ids"]) for b in window), run.state.step)
+    counts = [pop_counts(b) for b in window]  # (samples, real tokens): packed rows are not samples
+    run.bad_samples.note(skipped, sum(samples for samples, _ in counts), run.state.step)
     local_tokens = sum(label_tokens(b) for b in window)
     global_tokens = acc.reduce(torch.as_tensor(local_tokens, device=acc.device).float(), "sum").clamp(min=1)
     scale = run.recipe.train.grad_accum_steps * acc.num_processes / global_tokens
     loss_sum = torch.zeros((), device=acc.device)
     for index, batch in enumerate(window):
-        # Streamed batches are not placed by Accelerate (pinned when a GPU is there: the copy does not block).
-        batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(run, batch)
         summed = micro_step(run, index, batch, scale, last=index == len(window) - 1)
         if summed is None:
             return skip_step(run, "loss")
@@ -218,10 +240,11 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, Any]:
         return {"skipped": 1.0}
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    # torch.full writes the count on the device (a kernel argument); torch.tensor(count, device=) would copy it
+    # torch.full writes a count on the device (a kernel argument); torch.tensor(count, device=) would copy it
     # from host memory, which waits for the device's queue.
-    local_samples = torch.full((), sum(len(b["input_ids"]) for b in window), device=acc.device)
-    tokens = acc.reduce(torch.stack([b["attention_mask"].sum() for b in window]).sum().to(acc.device), "sum")
+    local_samples = torch.full((), sum(samples for samples, _ in counts), device=acc.device)
+    local_tokens_real = torch.stack([on_device(real, acc.device) for _, real in counts]).sum()
+    tokens = acc.reduce(local_tokens_real, "sum")
     return {
         "loss": loss,
         "lr": lr,
@@ -273,6 +296,7 @@ def evaluate(run: Run) -> float | None:
             model.train()
             return None
         batch.pop("skipped", None)
+        batch = to_device(run, batch)
         run.lockstep.prepare(batch)  # ranks must run the vision paths alike in eval too
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
         run.lockstep.take_term()

@@ -1,0 +1,89 @@
+"""The start-up measuring pass (token counts, drop reasons) cached on disk, so a relaunch or resume skips it.
+
+Probing a clip reads its whole file (~10 ms for a real one): 100k clips cost ~17 min at every launch, and ranks
+1..N used to repeat it after rank 0. A row's measurement is stored under a key made of the row itself, the identity
+of every media file it names (absolute path, size, mtime in ns: an edited or replaced file is measured again), and
+the settings the measurement depends on (processor, chat template, sampling, length and quality limits). Rank 0
+measures first (in parallel processes); the other ranks then read its entries.
+
+One SQLite file (WAL: readers never wait for a writer; parallel measuring processes each open their own
+connection), under $VIDTUNE_CACHE_DIR or ~/.cache/vidtune.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1  # bump when what a measurement holds changes
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VIDTUNE_CACHE_DIR") or Path.home() / ".cache" / "vidtune")
+
+
+def file_identity(path: str) -> list[Any]:
+    """Absolute path, size and mtime (ns) of a media file; a missing file has none (measured, and reported, anew)."""
+    absolute = os.path.abspath(path)
+    try:
+        stat = os.stat(absolute)
+    except OSError:
+        return [absolute, None, None]
+    return [absolute, stat.st_size, stat.st_mtime_ns]
+
+
+def settings_fingerprint(processor: Any, chat_template: str, label_turns: str, data_settings: dict[str, Any]) -> str:
+    """A digest of everything besides the row and its files that a measurement depends on."""
+    processor_settings = {
+        "video": processor.video_processor.to_dict() if getattr(processor, "video_processor", None) else None,
+        "image": processor.image_processor.to_dict() if getattr(processor, "image_processor", None) else None,
+        "tokenizer": [type(processor.tokenizer).__name__, len(processor.tokenizer), processor.tokenizer.name_or_path],
+    }
+    settings = [SCHEMA_VERSION, processor_settings, chat_template, label_turns, data_settings]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class MeasureCache:
+    """Row measurements by (row, media file identities, settings); a connection per process, opened on first use."""
+
+    def __init__(self, settings: str, path: Path | None = None):
+        self.settings = settings
+        self.path = path or cache_dir() / "measure.sqlite"
+        self._connection: sqlite3.Connection | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled into measuring processes without the connection
+        return {**self.__dict__, "_connection": None}
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        if self._connection is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._connection = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute("PRAGMA synchronous=NORMAL")  # WAL: no fsync per entry, still never corrupt
+            self._connection.execute("CREATE TABLE IF NOT EXISTS measured (key TEXT PRIMARY KEY, value TEXT)")
+        return self._connection
+
+    def key(self, row: dict[str, Any], media_paths: list[str]) -> str:
+        identity = [self.settings, row, [file_identity(path) for path in media_paths]]
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        found = self.connection.execute("SELECT value FROM measured WHERE key = ?", (key,)).fetchone()
+        return json.loads(found[0]) if found else None
+
+    def put_many(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
+        if not entries:
+            return
+        rows = [(key, json.dumps(value)) for key, value in entries]
+        self.connection.execute("BEGIN")  # one transaction (the connection autocommits otherwise)
+        try:
+            self.connection.executemany("INSERT OR REPLACE INTO measured VALUES (?, ?)", rows)
+        except BaseException:
+            self.connection.execute("ROLLBACK")
+            raise
+        self.connection.execute("COMMIT")
