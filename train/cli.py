@@ -44,6 +44,17 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video", required=True)
 
 
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--media-root", help="folder whose videos and images requests may name by path (default: none)")
+    p.add_argument("--allow-urls", action="store_true", help="let requests name http(s) media URLs (fetched here)")
+    p.add_argument("--max-body-mb", type=float, default=64, help="largest request body in MiB (413 above; default 64)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="queued requests generated together (default 8)")
+    p.add_argument("--served-model-name", help="the model id /v1/models lists (default: the folder's name)")
+
+
 def _add_corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="corpus file (any supported format)")
     p.add_argument("--media-root", help="folder relative media paths resolve against (default: the file's folder)")
@@ -223,9 +234,24 @@ def run_export(args: argparse.Namespace) -> None:
         print(f"pushed: {url}")
 
 
+def _check_model_path(path: str) -> None:
+    """A local-looking path that does not exist is "no such folder" at once, not a Hub lookup that retries for half
+    a minute: it starts with . / ~ or its first folder exists here (`runs/nope`)."""
+    from pathlib import Path
+
+    if Path(path).exists():
+        return
+    first = Path(path).parts[0] if Path(path).parts else path
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or (path.count("/") == 1 and Path(first).is_dir()):
+        raise DataError(f"{path}: no such folder (give a trained output folder, a model folder or a Hub id)")
+
+
 def _load(args: argparse.Namespace):
     from vidtune.train.generation.infer import load_for_inference
 
+    _check_model_path(args.model)
+    if args.base:
+        _check_model_path(args.base)
     return load_for_inference(args.model, base=args.base, num_frames=args.num_frames, fps=args.fps)
 
 
@@ -233,6 +259,25 @@ def run_infer(args: argparse.Namespace) -> None:
     from vidtune.train.generation.infer import answer
 
     print(answer(_load(args), args.video, args.prompt, args.max_new_tokens or MAX_NEW_TOKENS))
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from vidtune.train.serving.app import ServeSettings, serve
+    from vidtune.train.serving.media import MediaPolicy
+
+    if args.media_root and not Path(args.media_root).is_dir():
+        raise DataError(f"--media-root {args.media_root}: no such folder")
+    max_body_bytes = int(args.max_body_mb * (1 << 20))
+    settings = ServeSettings(
+        model_name=args.served_model_name or Path(args.model.rstrip("/")).name,
+        policy=MediaPolicy(Path(args.media_root) if args.media_root else None, args.allow_urls, max_body_bytes),
+        max_body_bytes=max_body_bytes,
+        default_max_tokens=args.max_new_tokens or MAX_NEW_TOKENS,
+        max_batch_size=args.max_batch_size,
+    )
+    serve(_load(args), settings, args.host, args.port)
 
 
 def run_chat(args: argparse.Namespace) -> None:
@@ -311,6 +356,11 @@ COMMANDS = {
     "train": Command("train a recipe (resumes when the output folder holds a checkpoint)", _add_train, run_train),
     "infer": Command("answer one prompt about a video", _add_infer, run_infer),
     "chat": Command("talk about a video in the terminal (/video PATH, /reset, /quit)", _add_chat, run_chat),
+    "serve": Command(
+        "OpenAI-compatible API (/v1/chat/completions) and a web chat page (/) for a trained model",
+        _add_serve,
+        run_serve,
+    ),
     "predict": Command("answer every row of a corpus file; writes JSONL predictions", _add_predict, run_predict),
     "eval": Command(
         "score a model on a corpus (qa, multiple_choice, caption, recognition) or a benchmark (mvbench, videomme, "

@@ -77,7 +77,46 @@ def load_for_inference(
     return InferenceModel(model, processor, family, builder, sampling, bool((metadata or {}).get("time_instruction")))
 
 
+def prompt_example(im: InferenceModel, messages: list[Message]) -> dict[str, torch.Tensor]:
+    """One conversation that ends with a user turn, its media decoded and templated as in training (ready to batch).
+    Bad media raise DataError here, before any generation."""
+    media, instructions = load_media(
+        messages, im.sampling, im.time_instruction, rng=None, shortest_edge=im.builder.frame_px
+    )
+    return im.builder.build(with_time_instructions(messages, instructions), media, for_generation=True)
+
+
 @torch.no_grad()
+def generate_tokens(
+    im: InferenceModel,
+    examples: Sequence[dict[str, torch.Tensor]],
+    max_new_tokens: int = 64,
+    before: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    **generate_kwargs: Any,
+) -> torch.Tensor:
+    """The new tokens (B, new) for prompt examples, batched with left padding; greedy unless `do_sample=True` is
+    given. `before` sees each batch first (ZeRO-3 ranks align their vision calls there); extra keywords (a
+    `streamer`, temperature, top_p) go to model.generate."""
+    batch = Collator(im.processor.tokenizer.pad_token_id, padding_side="left", family=im.family)(examples)
+    batch = im.family.visuals_to_device(batch, im.device, im.model.dtype)
+    if before is not None:
+        before(batch)
+    generate_kwargs.setdefault("do_sample", False)
+    output = im.model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=im.processor.tokenizer.pad_token_id,
+        eos_token_id=im.family.stop_token_ids(im.processor.tokenizer),
+        **generate_kwargs,
+    )
+    return output[:, batch["input_ids"].shape[1] :]
+
+
+def decode_answer(im: InferenceModel, token_ids: Sequence[int]) -> str:
+    """The answer text of one row of new tokens (special tokens, padding and surrounding spaces removed)."""
+    return im.processor.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
+
+
 def generate(
     im: InferenceModel,
     conversations: Sequence[list[Message]],
@@ -85,28 +124,10 @@ def generate(
     before: Callable[[dict[str, torch.Tensor]], None] | None = None,
     **generate_kwargs: Any,
 ) -> list[str]:
-    """Greedy answers to conversations that end with a user turn, batched with left padding. `before` sees each
-    batch first (ZeRO-3 ranks align their vision calls there); extra keywords go to model.generate."""
-    examples = []
-    for messages in conversations:
-        media, instructions = load_media(
-            messages, im.sampling, im.time_instruction, rng=None, shortest_edge=im.builder.frame_px
-        )
-        examples.append(im.builder.build(with_time_instructions(messages, instructions), media, for_generation=True))
-    batch = Collator(im.processor.tokenizer.pad_token_id, padding_side="left", family=im.family)(examples)
-    batch = im.family.visuals_to_device(batch, im.device, im.model.dtype)
-    if before is not None:
-        before(batch)
-    output = im.model.generate(
-        **batch,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=im.processor.tokenizer.pad_token_id,
-        eos_token_id=im.family.stop_token_ids(im.processor.tokenizer),
-        **generate_kwargs,
-    )
-    new_tokens = output[:, batch["input_ids"].shape[1] :]
-    return [text.strip() for text in im.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    """Greedy answers to conversations that end with a user turn, batched with left padding."""
+    examples = [prompt_example(im, messages) for messages in conversations]
+    new_tokens = generate_tokens(im, examples, max_new_tokens, before, **generate_kwargs)
+    return [decode_answer(im, row.tolist()) for row in new_tokens]
 
 
 def video_question(video: str, prompt: str) -> list[Message]:
