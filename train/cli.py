@@ -35,13 +35,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_infer(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--video", required=True)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--video", required=True, help="the video file to ask about")
+    p.add_argument("--prompt", required=True, help="the question or instruction, e.g. 'Describe this video.'")
 
 
 def _add_chat(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--video", required=True)
+    p.add_argument("--video", required=True, help="the video file to talk about (/video PATH switches)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy, as infer; > 0: sampled")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when --temperature > 0")
+    p.add_argument("--no-stream", action="store_true", help="print each reply whole instead of as it is generated")
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
@@ -58,8 +61,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 def _add_corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="corpus file (any supported format)")
     p.add_argument("--media-root", help="folder relative media paths resolve against (default: the file's folder)")
-    p.add_argument("--format", default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--format",
+        default="auto",
+        help="corpus format: auto (told from the columns), llava, openai, caption, qa or multiple_choice",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
@@ -71,7 +78,9 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 def _add_eval(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     _add_corpus_args(p)
-    p.add_argument("--task", choices=["qa", "multiple_choice", "caption", "recognition"])
+    p.add_argument(
+        "--task", choices=["qa", "multiple_choice", "caption", "recognition"], help="score your own corpus as this task"
+    )
     p.add_argument(
         "--benchmark",
         choices=["mvbench", "videomme", "nextqa"],
@@ -81,7 +90,12 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--media-template", help="benchmark video file from row columns (default: the benchmark's own)")
     p.add_argument("--classes", help="recognition: class descriptions separated by ';' (default: the labels)")
     p.add_argument("--prompt", default="", help="recognition: the question, '{classes}' = the class list")
-    p.add_argument("--mc-scoring", default="generate", choices=["generate", "loglik"])
+    p.add_argument(
+        "--mc-scoring",
+        default="generate",
+        choices=["generate", "loglik"],
+        help="multiple choice: parse the generated letter (default), or pick the option of highest log-likelihood",
+    )
     p.add_argument("--out", default="eval", help="folder for metrics.json, predictions.jsonl, confusion.png")
 
 
@@ -117,16 +131,19 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def _add_tiny_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out")
+    p.add_argument("out", help="folder to write the model into")
 
 
 # ------------------------------------------------------------------------------------------------------ runners
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from vidtune.train.datatools.inputs import check_recipe_inputs
     from vidtune.train.training.config import load_recipe, recipe_to_yaml, resolve_recipe_path
 
     recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    if not args.dry_run:  # (a dry run reads no data: it shows a recipe before its files exist)
+        check_recipe_inputs(recipe)  # a missing data file is a one-line error in a second, not after the model loads
     if args.dry_run:
         from vidtune.train.training.model import (
             apply_finetuning,
@@ -234,29 +251,21 @@ def run_export(args: argparse.Namespace) -> None:
         print(f"pushed: {url}")
 
 
-def _check_model_path(path: str) -> None:
-    """A local-looking path that does not exist is "no such folder" at once, not a Hub lookup that retries for half
-    a minute: it starts with . / ~ or its first folder exists here (`runs/nope`)."""
-    from pathlib import Path
-
-    if Path(path).exists():
-        return
-    first = Path(path).parts[0] if Path(path).parts else path
-    if path.startswith((".", "/", "~")) or path.count("/") > 1 or (path.count("/") == 1 and Path(first).is_dir()):
-        raise DataError(f"{path}: no such folder (give a trained output folder, a model folder or a Hub id)")
-
-
 def _load(args: argparse.Namespace):
+    from vidtune.train.datatools.inputs import check_model_path
     from vidtune.train.generation.infer import load_for_inference
 
-    _check_model_path(args.model)
+    check_model_path(args.model)
     if args.base:
-        _check_model_path(args.base)
+        check_model_path(args.base, "--base")
     return load_for_inference(args.model, base=args.base, num_frames=args.num_frames, fps=args.fps)
 
 
 def run_infer(args: argparse.Namespace) -> None:
+    from vidtune.train.datatools.inputs import check_video
     from vidtune.train.generation.infer import answer
+
+    check_video(args.video)
 
     print(answer(_load(args), args.video, args.prompt, args.max_new_tokens or MAX_NEW_TOKENS))
 
@@ -281,9 +290,21 @@ def run_serve(args: argparse.Namespace) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> None:
+    from vidtune.train.datatools.inputs import check_video
     from vidtune.train.generation.chat import chat
 
-    chat(_load(args), args.video, max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS)
+    check_video(args.video)
+
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise DataError("--temperature must be >= 0 and --top-p in (0, 1]")
+    chat(
+        _load(args),
+        args.video,
+        max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS,
+        stream=None if args.no_stream else lambda text: print(text, end="", flush=True),
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
 
 
 @contextlib.contextmanager
@@ -421,6 +442,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except TrainingError as err:
         print(f"vidtune {args.command}: error: {err}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves and stops on its own): no traceback
+        print(f"\nvidtune {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -2,4 +2,5 @@
 
 check.py  `vidtune check`: every unreadable file and malformed row, token lengths, drops, label counts
 cache.py  `vidtune cache`: decode a recipe's clips into its frame cache ahead of training
+inputs.py what a command reads, checked before any model loads (model paths, data files, media roots, videos)
 """

@@ -20,14 +20,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vidtune.data.conversation import DataError, media_part, message, text_part
 from vidtune.data.conversation import Message as Turn
-from vidtune.train.generation.infer import InferenceModel, prompt_example
+from vidtune.train.generation.infer import AnswerText, InferenceModel, prompt_example
 from vidtune.train.serving.engine import Engine, Job, Result, Settings
 from vidtune.train.serving.media import MediaPolicy, RequestFiles, resolve_media
 from vidtune.train.serving.protocol import (
@@ -180,7 +180,7 @@ def _queue_job(engine: Engine, example: dict[str, Any], settings: Settings) -> a
     def emit(kind: str, value: Any) -> None:
         loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
-    engine.submit(Job(example, settings, emit))
+    engine.submit(Job(example, settings, emit, AnswerText(engine.im)))
     return events
 
 
@@ -201,6 +201,10 @@ def create_app(im: InferenceModel, settings: ServeSettings) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "requests_answered": engine.answered, "batches": engine.batches}
+
+    @app.get("/favicon.ico")
+    async def favicon() -> Response:
+        return Response(status_code=204)  # browsers ask; a 404 would be noise in their consoles
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

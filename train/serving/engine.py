@@ -11,13 +11,13 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from vidtune.train.generation.infer import InferenceModel, decode_answer, generate_tokens
+from vidtune.train.generation.infer import AnswerText, InferenceModel, generate_tokens
 
 log = logging.getLogger("vidtune.serve")
 
@@ -48,8 +48,7 @@ class Job:
     example: dict[str, torch.Tensor]
     settings: Settings
     emit: Callable[[str, Any], None]
-    tokens: list[int] = field(default_factory=list)
-    sent: str = ""
+    answer: AnswerText
     finished: bool = False
 
 
@@ -65,7 +64,7 @@ class JobsStreamer(BaseStreamer):
     """Receives each generation step's tokens (B,) for a batch of jobs and hands every job its new text."""
 
     def __init__(self, im: InferenceModel, jobs: list[Job]):
-        self.im, self.jobs = im, jobs
+        self.jobs = jobs
         self.stop_ids = set(im.family.stop_token_ids(im.processor.tokenizer))
         self.prompt_seen = False
 
@@ -79,19 +78,10 @@ class JobsStreamer(BaseStreamer):
             if token in self.stop_ids:
                 job.finished = True
                 continue
-            job.tokens.append(token)
-            job.finished = len(job.tokens) >= job.settings.max_new_tokens
-            self._send_new_text(job)
-
-    def _send_new_text(self, job: Job) -> None:
-        # Decoding the whole answer each step keeps multi-token characters and word spaces right; text is sent only
-        # once it is a settled prefix (no half character, no trailing space the final answer strips).
-        text = decode_answer(self.im, job.tokens)
-        if text.endswith("\ufffd") or not text.startswith(job.sent):
-            return
-        if len(text) > len(job.sent):
-            job.emit("delta", text[len(job.sent) :])
-            job.sent = text
+            text = job.answer.add(token)
+            job.finished = len(job.answer.tokens) >= job.settings.max_new_tokens
+            if text:
+                job.emit("delta", text)
 
     def end(self) -> None:
         pass
@@ -160,9 +150,9 @@ class Engine:
         self.batches += 1
         self.answered += len(jobs)
         for job in jobs:
-            text = decode_answer(self.im, job.tokens)
-            if text.startswith(job.sent) and len(text) > len(job.sent):
-                job.emit("delta", text[len(job.sent) :])
-            stopped = len(job.tokens) < job.settings.max_new_tokens
-            result = Result(text, len(job.example["input_ids"]), len(job.tokens), "stop" if stopped else "length")
+            if rest := job.answer.rest():
+                job.emit("delta", rest)
+            tokens = len(job.answer.tokens)
+            stopped = tokens < job.settings.max_new_tokens
+            result = Result(job.answer.sent, len(job.example["input_ids"]), tokens, "stop" if stopped else "length")
             job.emit("done", result)
