@@ -262,9 +262,10 @@ def _load(args: argparse.Namespace):
 
 
 def run_infer(args: argparse.Namespace) -> None:
-    from vidtune.train.datatools.inputs import check_video
+    from vidtune.train.datatools.inputs import check_model_path, check_video
     from vidtune.train.generation.infer import answer
 
+    check_model_path(args.model)
     check_video(args.video)
 
     print(answer(_load(args), args.video, args.prompt, args.max_new_tokens or MAX_NEW_TOKENS))
@@ -290,9 +291,10 @@ def run_serve(args: argparse.Namespace) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> None:
-    from vidtune.train.datatools.inputs import check_video
+    from vidtune.train.datatools.inputs import check_model_path, check_video
     from vidtune.train.generation.chat import chat
 
+    check_model_path(args.model)
     check_video(args.video)
 
     if args.temperature < 0 or not 0 < args.top_p <= 1:

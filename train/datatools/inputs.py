@@ -17,7 +17,13 @@ ANNOTATION_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 def check_model_path(path: str, what: str = "model") -> None:
     """A local-looking path that does not exist is "no such folder" at once, not a Hub lookup that retries for half
     a minute: it starts with . / ~, has more than one folder level, or its first folder exists here (`runs/nope`)."""
-    if not path or Path(path).expanduser().exists():
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
+        raise DataError(
+            f"{what} {path}: not a trained output folder or a model folder (no config.json or adapter_config.json;"
+            " a run that has not finished keeps its checkpoints inside)"
+        )
+    if not path or folder.exists():
         return
     parts = Path(path).parts
     looks_local = path.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())

@@ -1,0 +1,133 @@
+"""What a newcomer hit trying every command (issue 16): each case failed before its fix. Errors are one line that
+says what and where, before any model loads; chat commands never reach the model; chat streams."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.test_hostile_input import cli_error
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Loading a model fails the test: the checks under test must come first."""
+    from vidtune.train.generation import infer
+    from vidtune.train.training import loop
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(infer, "load_for_inference", loaded)
+    monkeypatch.setattr(loop, "train", loaded)
+
+
+def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  learning_rate: 1e-4\n   max_steps: 3\n")  # one space too many
+    error = cli_error(capsys, "train", str(recipe))
+    assert f"{recipe}: line 3, column 13: invalid YAML: mapping values are not allowed here" in error
+
+
+def test_an_override_typo_is_blamed_on_the_override_not_the_recipe(capsys):
+    error = cli_error(capsys, "train", "demo/base", "train.lerning_rate=1e-3")
+    assert "command-line override 'train.lerning_rate=1e-3': unknown key" in error and "base.yaml" not in error
+
+
+def test_a_missing_local_model_folder_is_no_such_folder_at_once(tmp_path, capsys, monkeypatch, no_model_loads):
+    """Before: `infer runs/nope` retried the Hub for 29 s, then blamed the connection."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    video = tmp_path / "clip.mp4"
+    started = time.perf_counter()
+    for model in ("runs/nope", "./nope", str(tmp_path / "a" / "b")):
+        error = cli_error(capsys, "infer", model, "--video", str(video), "--prompt", "q")
+        assert f"model {model}: no such folder" in error
+    assert time.perf_counter() - started < 5
+
+
+def test_a_folder_that_is_not_a_run_says_so(tmp_path, capsys, no_model_loads):
+    (tmp_path / "notes.txt").write_text("not a model")
+    error = cli_error(capsys, "chat", str(tmp_path), "--video", "v.mp4")
+    assert "not a trained output folder or a model folder" in error
+
+
+def test_a_missing_or_unreadable_video_is_refused_before_the_model_loads(
+    tiny_model_dir, broken_media, capsys, no_model_loads
+):
+    missing = cli_error(capsys, "chat", str(tiny_model_dir), "--video", "nope.mp4")
+    assert "--video nope.mp4: no such file" in missing
+    notes = cli_error(capsys, "infer", str(tiny_model_dir), "--video", str(broken_media["notes"]), "--prompt", "q")
+    assert notes.startswith("vidtune infer: error: --video") and "notes.mp4" in notes
+
+
+def test_a_missing_data_file_is_reported_before_the_model_loads(tiny_model_dir, tmp_path, capsys, no_model_loads):
+    overrides = [
+        f"model.name_or_path={tiny_model_dir}",
+        f"data.sources=[{{path: {tmp_path / 'nope.jsonl'}}}]",
+        f"train.output_dir={tmp_path / 'run'}",
+    ]
+    error = cli_error(capsys, "train", "demo/instruct", *overrides)
+    assert f"data.sources[0].path {tmp_path / 'nope.jsonl'}: annotation file not found" in error
+    (tmp_path / "q.jsonl").write_text("")
+    overrides[1] = f"data.sources=[{{path: {tmp_path / 'q.jsonl'}, media_root: {tmp_path / 'x'}}}]"
+    media = cli_error(capsys, "train", "demo/instruct", *overrides)
+    assert "media_root" in media and "no such folder" in media
+
+
+def test_ctrl_c_and_commands_in_chat_never_reach_the_model(capsys):
+    """No model at all: /help and an unknown command must not be sent to it, Ctrl-C must leave quietly."""
+    from vidtune.train.generation.chat import CHAT_HELP, chat
+
+    said: list[str] = []
+    script = iter(["/help", "/frobnicate", "/quit"])
+    chat(None, "clip.mp4", read=lambda _: next(script), write=said.append)  # type: ignore[arg-type]
+    assert said == [CHAT_HELP, CHAT_HELP, "(unknown command /frobnicate; /help lists them)"]
+
+    def interrupted(prompt: str) -> str:
+        raise KeyboardInterrupt
+
+    chat(None, "clip.mp4", read=interrupted, write=said.append)  # type: ignore[arg-type]  (returns: no traceback)
+
+
+def test_chat_streams_the_same_reply_it_would_print_whole(tiny_model_dir, clips):
+    from vidtune.train.generation.chat import chat
+    from vidtune.train.generation.infer import load_for_inference
+
+    im = load_for_inference(str(tiny_model_dir), num_frames=2)
+    whole: list[str] = []
+    chat(im, str(clips["red_blue"]), read=_script(), write=whole.append, max_new_tokens=6)
+    pieces: list[str] = []
+    chat(im, str(clips["red_blue"]), read=_script(), write=lambda _: None, max_new_tokens=6, stream=pieces.append)
+    reply = whole[-1].removeprefix("model> ")
+    assert len(reply) > 3 and "".join(pieces) == f"model> {reply}\n"
+    assert len(pieces) > 3  # piece by piece, not whole
+
+
+def _script():
+    lines = iter(["Which color comes first?", "/quit"])
+    return lambda _: next(lines)
+
+
+def test_frames_sampled_unlike_training_are_warned_about():
+    from vidtune.data.video import SamplingConfig
+    from vidtune.train.generation.infer import sampling_mismatch
+
+    trained = {"num_frames": 4, "fps": None}
+    assert sampling_mismatch(SamplingConfig(num_frames=4), trained, "runs/a") is None
+    warning = sampling_mismatch(SamplingConfig(num_frames=16), trained, "runs/a")
+    assert warning and "sampling 16 frames per video, but runs/a was trained on 4 frames" in warning
+    assert sampling_mismatch(SamplingConfig(num_frames=16), {}, "a-base-model") is None  # nothing to compare
+
+
+def test_every_cli_option_has_help_text():
+    import argparse
+
+    from vidtune.train.cli import COMMANDS
+
+    for name, command in COMMANDS.items():
+        parser = argparse.ArgumentParser()
+        command.add_arguments(parser)
+        missing = [a.dest for a in parser._actions if not a.help and not isinstance(a, argparse._HelpAction)]
+        assert not missing, f"vidtune {name}: options without help: {missing}"
