@@ -131,3 +131,45 @@ def test_every_cli_option_has_help_text():
         command.add_arguments(parser)
         missing = [a.dest for a in parser._actions if not a.help and not isinstance(a, argparse._HelpAction)]
         assert not missing, f"vidtune {name}: options without help: {missing}"
+
+
+def card_metadata(base: str) -> dict:
+    return {
+        "base_model": base,
+        "variant": "instruct",
+        "finetune_mode": "lora",
+        "sampling": {"num_frames": 4, "fps": None},
+        "datasets": [
+            {"path": "/home/me/private/clips/questions_train.jsonl", "num_samples": 40},
+            {"path": "lmms-lab/VideoChatGPT", "num_samples": 10},
+        ],
+        "hyperparameters": {
+            "batch per device x accumulation": "4 x 1",
+            "processes": 1,
+            "epochs / max steps": "1 / 190",
+        },
+        "num_train_samples": 40,
+        "steps": 190,
+        "metrics": {"train/lr": 0.0, "train/tokens_per_s": 812.5, "train/loss": 0.01, "eval/loss": 0.02},
+    }
+
+
+def test_the_model_card_publishes_no_local_path_and_tells_the_truth():
+    import yaml
+
+    from vidtune.train.publishing.model_card import model_card
+
+    card = model_card(card_metadata("/tmp/tiny-model"), {}, name="my-run")
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert "# my-run\n" in card and "PATH_OR_REPO_ID" not in card
+    assert "An instruct LoRA adapter" in card
+    assert "/tmp/tiny-model" not in card and "huggingface.co//" not in card and "base_model" not in front
+    assert "/home/me" not in card and "`questions_train.jsonl` (40 samples)" in card and "lmms-lab/VideoChatGPT" in card
+    assert "| epochs | 19 |" in card and "1 / 190" not in card  # true epochs, not the configured 1
+    assert "| eval/loss | 0.02 |" in card and "tokens_per_s" not in card and "train/lr" not in card
+    assert front["library_name"] == "peft" and front["pipeline_tag"] == "video-text-to-text"
+
+    hub = model_card(card_metadata("llava-hf/LLaVA-NeXT-Video-7B-hf"), {"repo_id": "me/colours"}, name="my-run")
+    front = yaml.safe_load(hub.split("---\n")[1])
+    assert front["base_model"] == "llava-hf/LLaVA-NeXT-Video-7B-hf" and front["base_model_relation"] == "adapter"
+    assert "# colours\n" in hub and "(https://huggingface.co/llava-hf/LLaVA-NeXT-Video-7B-hf)" in hub

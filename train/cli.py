@@ -245,7 +245,11 @@ def run_export(args: argparse.Namespace) -> None:
     for name in result.files:
         print(f"  {name}  ({(result.folder / name).stat().st_size:,} bytes)")
     if args.push and args.dry_run:
-        print(f"dry run: these {len(result.files)} files would be uploaded to {args.push}; nothing was uploaded")
+        privacy = "private" if args.private else "public (unless the repo exists and is private)"
+        print(
+            f"dry run: these {len(result.files)} files would be uploaded to {args.push} ({privacy}, revision "
+            f"{args.revision or 'main'}); nothing was uploaded"
+        )
     elif args.push:
         url = push(result, args.push, private=args.private, revision=args.revision, commit_message=args.message)
         print(f"pushed: {url}")
