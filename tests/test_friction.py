@@ -173,3 +173,25 @@ def test_the_model_card_publishes_no_local_path_and_tells_the_truth():
     front = yaml.safe_load(hub.split("---\n")[1])
     assert front["base_model"] == "llava-hf/LLaVA-NeXT-Video-7B-hf" and front["base_model_relation"] == "adapter"
     assert "# colours\n" in hub and "(https://huggingface.co/llava-hf/LLaVA-NeXT-Video-7B-hf)" in hub
+
+
+@pytest.mark.slow
+def test_a_run_folder_gets_a_loss_plot_each_metric_once_and_a_closing_hint(
+    tiny_model_dir, demo_corpus, tmp_path, capsys
+):
+    from tests.conftest import tiny_run_overrides
+    from vidtune.train.cli import main
+    from vidtune.train.training.tracking import read_metrics
+
+    output = tmp_path / "run"
+    extra = (
+        f"data.eval_sources=[{{path: {demo_corpus / 'questions_eval.jsonl'}}}]",
+        "train.max_steps=2",
+        "train.eval_every_steps=2",  # the last step is evaluated in the loop: the final evaluation must not repeat it
+        "train.save_every_steps=1",
+    )
+    main(["train", "demo/instruct", *tiny_run_overrides(tiny_model_dir, demo_corpus, output, *extra)])
+    out = capsys.readouterr().out
+    assert [m["step"] for m in read_metrics(output) if "eval/loss" in m] == [2]
+    assert (output / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"next: vidtune infer {output} --video" in out and f"vidtune serve {output}" in out

@@ -167,7 +167,11 @@ def run_train(args: argparse.Namespace) -> None:
 
     output = train(recipe)
     if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
-        print(f"done: {output}")
+        print(f"done: {output}  (loss curves: {output}/loss.png)")
+        print(
+            f"next: vidtune infer {output} --video CLIP.mp4 --prompt 'Describe this video.'\n"
+            f"      vidtune chat {output} --video CLIP.mp4     vidtune serve {output}     vidtune export {output}"
+        )
 
 
 def run_eval(args: argparse.Namespace) -> None:
