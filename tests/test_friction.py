@@ -195,3 +195,16 @@ def test_a_run_folder_gets_a_loss_plot_each_metric_once_and_a_closing_hint(
     assert [m["step"] for m in read_metrics(output) if "eval/loss" in m] == [2]
     assert (output / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"next: vidtune infer {output} --video" in out and f"vidtune serve {output}" in out
+
+
+def test_version_and_env_say_what_a_bug_report_needs(capsys):
+    from vidtune.train.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("vidtune ")
+    main(["env"])
+    out = capsys.readouterr().out
+    for name in ("torch", "transformers", "peft", "accelerate", "deepspeed", "cuda", "ffmpeg"):
+        assert f"\n{name} " in out
+    assert "decoder       pyav: works" in out  # tried on a real clip, not just imported

@@ -130,6 +130,10 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="vidtune-demo", help="where the corpus, model and runs go")
 
 
+def _add_env(p: argparse.ArgumentParser) -> None:
+    pass  # no options
+
+
 def _add_tiny_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="folder to write the model into")
 
@@ -367,6 +371,12 @@ def run_demo(args: argparse.Namespace) -> None:
     demo(args.workdir)
 
 
+def run_env(args: argparse.Namespace) -> None:
+    from vidtune.train.environment import environment_lines
+
+    print("\n".join(environment_lines()))
+
+
 def run_tiny_model(args: argparse.Namespace) -> None:
     from vidtune.train.demo.tiny_model import build_tiny_model
 
@@ -407,14 +417,25 @@ COMMANDS = {
         "write a run as a Hub-ready folder (model card included), optionally push it", _add_export, run_export
     ),
     "demo": Command("generate videos, build a tiny model, train base -> instruct -> chat on CPU", _add_demo, run_demo),
+    "env": Command("versions, CUDA and GPUs, FFmpeg, and which video decoders work here", _add_env, run_env),
     "tiny-model": Command(
         "write a tiny random LLaVA-NeXT-Video folder (for trying things out)", _add_tiny_model, run_tiny_model
     ),
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vidtune")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidtune", description="Fine-tune video-language models (LLaVA-NeXT-Video).")
+    parser.add_argument("--version", action="version", version=f"vidtune {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
         command.add_arguments(sub.add_parser(name, help=command.help))
