@@ -208,3 +208,14 @@ def test_version_and_env_say_what_a_bug_report_needs(capsys):
     for name in ("torch", "transformers", "peft", "accelerate", "deepspeed", "cuda", "ffmpeg"):
         assert f"\n{name} " in out
     assert "decoder       pyav: works" in out  # tried on a real clip, not just imported
+
+
+def test_caption_metrics_warn_when_references_are_too_short_for_bleu4():
+    from vidtune.train.evaluation.metrics import caption_metric_warning, caption_scores
+
+    short = [["red then blue"], ["green then yellow"]]
+    perfect = caption_scores(["red then blue", "green then yellow"], short)
+    assert perfect["bleu4"] < 0.1 and perfect["rouge_l"] == 1.0  # the misleading pair the warning explains
+    warning = caption_metric_warning(short)
+    assert warning and "median of 3 words" in warning and "BLEU-4" in warning
+    assert caption_metric_warning([["a man slices a red onion on a board"]]) is None
