@@ -88,3 +88,9 @@ def test_padding_benchmark_shows_grouping_helps():
 def test_gpu_benchmark_runs_its_code_path_on_the_tiny_model():
     out = bench("benchmarks/gpu_throughput.py", "--tiny", "--frames", "2", "4", "--steps", "1")
     assert re.search(rf"^\s+4\s+\d+\s+{NUMBER}\s+\d+\s+{NUMBER}\s+n/a", out, re.M), out
+
+
+@pytest.mark.slow
+def test_serve_latency_benchmark_prints_rate_and_latencies():
+    out = bench("benchmarks/serve_latency.py", "--clients", "2", "--requests", "1", "--max-tokens", "4")
+    assert re.search(rf"^\s+2\s+2\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}$", out, re.M), out

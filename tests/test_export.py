@@ -82,7 +82,10 @@ def test_export_folder_holds_the_allowlisted_files_and_a_model_card(run_dir):
     )
     card = (result.folder / "README.md").read_text()
     front = yaml.safe_load(card.split("---\n")[1])
-    assert front["base_model"] == json.loads((run_dir / "vidtune.json").read_text())["base_model"]
+    run_card = (run_dir / "README.md").read_text()  # the run folder's card is vidtune's, not PEFT's boilerplate
+    assert "More Information Needed" not in run_card and f"# {run_dir.name}\n" in run_card
+    base = json.loads((run_dir / "vidtune.json").read_text())["base_model"]
+    assert "base_model" not in front and base not in card  # a local base folder is never published (issue 16)
     assert front["library_name"] == "peft" and front["pipeline_tag"] == "video-text-to-text"
     assert front["license"] == "apache-2.0"
     assert "PeftModel.from_pretrained" in card and "vidtune infer me/colours" in card
@@ -190,8 +193,11 @@ def test_dry_run_uploads_nothing_and_a_missing_token_is_one_line(run_dir, monkey
 
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
     RecordingApi.instances.clear()
-    main(["export", str(run_dir), "--to", str(tmp_path / "dry"), "--push", "me/colours", "--dry-run"])
-    assert RecordingApi.instances == [] and "nothing was uploaded" in capsys.readouterr().out
+    dry = ["--push", "me/colours", "--private", "--revision", "v2", "--dry-run"]
+    main(["export", str(run_dir), "--to", str(tmp_path / "dry"), *dry])
+    out = capsys.readouterr().out
+    assert RecordingApi.instances == [] and "nothing was uploaded" in out
+    assert "to me/colours (private, revision v2)" in out  # what would happen, echoed whole (issue 16)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "no-login"))
     with pytest.raises(SystemExit) as exit_info:

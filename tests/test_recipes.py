@@ -167,7 +167,11 @@ def test_recipe_errors_are_one_line(tmp_path, fragment, overrides, message):
     path.write_text(yaml.safe_dump(merged(VALID, fragment)))
     with pytest.raises(RecipeError) as err:
         load_recipe(path, overrides)
-    assert message in str(err.value) and "\n" not in str(err.value) and str(err.value).startswith(str(path))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    # A bad command-line item is named as such, not blamed on the recipe file (issue 16).
+    override_error = message.startswith("unknown key 'data.sampling") or "converted" in message
+    blamed = f"command-line override {overrides[0]!r}: " if override_error else f"{path}: "
+    assert str(err.value).startswith(blamed)
 
 
 def test_cli_reports_recipe_errors_in_one_line_with_exit_code_2(tmp_path, capsys):

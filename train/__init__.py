@@ -7,7 +7,9 @@
     evaluation/  scored answers: tasks (qa, multiple choice, caption, recognition) and their metrics
     publishing/  a run made shareable: export folder, model card, Hub push
     datatools/   a recipe's data before training: `vidtune check` (preflight) and `vidtune cache` (frame cache)
+    serving/     `vidtune serve`: OpenAI-compatible chat API and web chat page (FastAPI + uvicorn)
     demo/        `vidtune demo` and its fixtures: tiny models built from config, synthetic clips, the demo corpus
+    environment.py  `vidtune env`: versions, CUDA and GPUs, FFmpeg, which video decoders work
     cli.py       the `vidtune` command: one table of subcommands calling into the packages above
 
 Model-specific code lives in vidtune.data.families, never here.

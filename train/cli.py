@@ -35,20 +35,38 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_infer(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--video", required=True)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--video", required=True, help="the video file to ask about")
+    p.add_argument("--prompt", required=True, help="the question or instruction, e.g. 'Describe this video.'")
 
 
 def _add_chat(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--video", required=True)
+    p.add_argument("--video", required=True, help="the video file to talk about (/video PATH switches)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy, as infer; > 0: sampled")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when --temperature > 0")
+    p.add_argument("--no-stream", action="store_true", help="print each reply whole instead of as it is generated")
+
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--media-root", help="folder whose videos and images requests may name by path (default: none)")
+    p.add_argument("--allow-urls", action="store_true", help="let requests name http(s) media URLs (fetched here)")
+    p.add_argument("--max-body-mb", type=float, default=64, help="largest request body in MiB (413 above; default 64)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="queued requests generated together (default 8)")
+    p.add_argument("--served-model-name", help="the model id /v1/models lists (default: the folder's name)")
 
 
 def _add_corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="corpus file (any supported format)")
     p.add_argument("--media-root", help="folder relative media paths resolve against (default: the file's folder)")
-    p.add_argument("--format", default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--format",
+        default="auto",
+        help="corpus format: auto (told from the columns), llava, openai, caption, qa or multiple_choice",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
@@ -60,7 +78,9 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 def _add_eval(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     _add_corpus_args(p)
-    p.add_argument("--task", choices=["qa", "multiple_choice", "caption", "recognition"])
+    p.add_argument(
+        "--task", choices=["qa", "multiple_choice", "caption", "recognition"], help="score your own corpus as this task"
+    )
     p.add_argument(
         "--benchmark",
         choices=["mvbench", "videomme", "nextqa"],
@@ -70,7 +90,12 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--media-template", help="benchmark video file from row columns (default: the benchmark's own)")
     p.add_argument("--classes", help="recognition: class descriptions separated by ';' (default: the labels)")
     p.add_argument("--prompt", default="", help="recognition: the question, '{classes}' = the class list")
-    p.add_argument("--mc-scoring", default="generate", choices=["generate", "loglik"])
+    p.add_argument(
+        "--mc-scoring",
+        default="generate",
+        choices=["generate", "loglik"],
+        help="multiple choice: parse the generated letter (default), or pick the option of highest log-likelihood",
+    )
     p.add_argument("--out", default="eval", help="folder for metrics.json, predictions.jsonl, confusion.png")
 
 
@@ -129,8 +154,12 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_env(p: argparse.ArgumentParser) -> None:
+    pass  # no options
+
+
 def _add_tiny_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out")
+    p.add_argument("out", help="folder to write the model into")
     p.add_argument(
         "--family", default="llava_next_video", help="llava_next_video (default), or another family with a tiny model"
     )
@@ -140,9 +169,12 @@ def _add_tiny_model(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from vidtune.train.datatools.inputs import check_recipe_inputs
     from vidtune.train.training.config import load_recipe, recipe_to_yaml, resolve_recipe_path
 
     recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    if not args.dry_run:  # (a dry run reads no data: it shows a recipe before its files exist)
+        check_recipe_inputs(recipe)  # a missing data file is a one-line error in a second, not after the model loads
     if args.dry_run:
         from vidtune.train.training.model import (
             apply_finetuning,
@@ -166,7 +198,11 @@ def run_train(args: argparse.Namespace) -> None:
 
     output = train(recipe)
     if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
-        print(f"done: {output}")
+        print(f"done: {output}  (loss curves: {output}/loss.png)")
+        print(
+            f"next: vidtune infer {output} --video CLIP.mp4 --prompt 'Describe this video.'\n"
+            f"      vidtune chat {output} --video CLIP.mp4     vidtune serve {output}     vidtune export {output}"
+        )
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -244,28 +280,72 @@ def run_export(args: argparse.Namespace) -> None:
     for name in result.files:
         print(f"  {name}  ({(result.folder / name).stat().st_size:,} bytes)")
     if args.push and args.dry_run:
-        print(f"dry run: these {len(result.files)} files would be uploaded to {args.push}; nothing was uploaded")
+        privacy = "private" if args.private else "public (unless the repo exists and is private)"
+        print(
+            f"dry run: these {len(result.files)} files would be uploaded to {args.push} ({privacy}, revision "
+            f"{args.revision or 'main'}); nothing was uploaded"
+        )
     elif args.push:
         url = push(result, args.push, private=args.private, revision=args.revision, commit_message=args.message)
         print(f"pushed: {url}")
 
 
 def _load(args: argparse.Namespace):
+    from vidtune.train.datatools.inputs import check_model_path
     from vidtune.train.generation.infer import load_for_inference
 
+    check_model_path(args.model)
+    if args.base:
+        check_model_path(args.base, "--base")
     return load_for_inference(args.model, base=args.base, num_frames=args.num_frames, fps=args.fps)
 
 
 def run_infer(args: argparse.Namespace) -> None:
+    from vidtune.train.datatools.inputs import check_model_path, check_video
     from vidtune.train.generation.infer import answer
+
+    check_model_path(args.model)
+    check_video(args.video)
 
     print(answer(_load(args), args.video, args.prompt, args.max_new_tokens or MAX_NEW_TOKENS))
 
 
+def run_serve(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from vidtune.train.serving.app import ServeSettings, serve
+    from vidtune.train.serving.media import MediaPolicy
+
+    if args.media_root and not Path(args.media_root).is_dir():
+        raise DataError(f"--media-root {args.media_root}: no such folder")
+    max_body_bytes = int(args.max_body_mb * (1 << 20))
+    settings = ServeSettings(
+        model_name=args.served_model_name or Path(args.model.rstrip("/")).name,
+        policy=MediaPolicy(Path(args.media_root) if args.media_root else None, args.allow_urls, max_body_bytes),
+        max_body_bytes=max_body_bytes,
+        default_max_tokens=args.max_new_tokens or MAX_NEW_TOKENS,
+        max_batch_size=args.max_batch_size,
+    )
+    serve(_load(args), settings, args.host, args.port)
+
+
 def run_chat(args: argparse.Namespace) -> None:
+    from vidtune.train.datatools.inputs import check_model_path, check_video
     from vidtune.train.generation.chat import chat
 
-    chat(_load(args), args.video, max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS)
+    check_model_path(args.model)
+    check_video(args.video)
+
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise DataError("--temperature must be >= 0 and --top-p in (0, 1]")
+    chat(
+        _load(args),
+        args.video,
+        max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS,
+        stream=None if args.no_stream else lambda text: print(text, end="", flush=True),
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
 
 
 @contextlib.contextmanager
@@ -345,6 +425,12 @@ def run_demo(args: argparse.Namespace) -> None:
     demo(args.workdir, family=args.family)
 
 
+def run_env(args: argparse.Namespace) -> None:
+    from vidtune.train.environment import environment_lines
+
+    print("\n".join(environment_lines()))
+
+
 def run_tiny_model(args: argparse.Namespace) -> None:
     from vidtune.train.demo.tiny_model import build_tiny_model
 
@@ -365,6 +451,11 @@ COMMANDS = {
     "train": Command("train a recipe (resumes when the output folder holds a checkpoint)", _add_train, run_train),
     "infer": Command("answer one prompt about a video", _add_infer, run_infer),
     "chat": Command("talk about a video in the terminal (/video PATH, /reset, /quit)", _add_chat, run_chat),
+    "serve": Command(
+        "OpenAI-compatible API (/v1/chat/completions) and a web chat page (/) for a trained model",
+        _add_serve,
+        run_serve,
+    ),
     "predict": Command("answer every row of a corpus file; writes JSONL predictions", _add_predict, run_predict),
     "eval": Command(
         "score a model on a corpus (qa, multiple_choice, caption, recognition) or a benchmark (mvbench, videomme, "
@@ -386,14 +477,25 @@ COMMANDS = {
         "write a run as a Hub-ready folder (model card included), optionally push it", _add_export, run_export
     ),
     "demo": Command("generate videos, build a tiny model, train base -> instruct -> chat on CPU", _add_demo, run_demo),
+    "env": Command("versions, CUDA and GPUs, FFmpeg, and which video decoders work here", _add_env, run_env),
     "tiny-model": Command(
         "write a tiny random model folder of a family (for trying things out)", _add_tiny_model, run_tiny_model
     ),
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vidtune")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidtune", description="Fine-tune video-language models (LLaVA-NeXT-Video).")
+    parser.add_argument("--version", action="version", version=f"vidtune {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
         command.add_arguments(sub.add_parser(name, help=command.help))
@@ -431,6 +533,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except TrainingError as err:
         print(f"vidtune {args.command}: error: {err}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves and stops on its own): no traceback
+        print(f"\nvidtune {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,21 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
     return {"bleu4": float(bleu[3]), "rouge_l": float(rouge), "cider": float(cider)}
 
 
+BLEU_ORDER = 4
+
+
+def caption_metric_warning(references: Sequence[Sequence[str]]) -> str | None:
+    """A warning when references are too short for BLEU-4 to mean anything: with fewer than 4 words it has no
+    4-grams to match, so even perfect captions score near 0 (while ROUGE-L says 1.0)."""
+    lengths = sorted(len(ref.split()) for refs in references for ref in refs)
+    if not lengths or lengths[len(lengths) // 2] >= BLEU_ORDER:
+        return None
+    return (
+        f"caption references have a median of {lengths[len(lengths) // 2]} words: BLEU-4 needs {BLEU_ORDER}-word "
+        "n-grams and is near 0 even for perfect captions here; read ROUGE-L, CIDEr or exact match instead"
+    )
+
+
 def classify(prediction: str, classes: Sequence[str]) -> int | None:
     """The class a recognition answer names: the class whose text equals it, else the only class it contains."""
     normalized = normalize_answer(prediction)

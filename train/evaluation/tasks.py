@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from vidtune.data.dataset import load_media
 from vidtune.data.examples import IGNORE_INDEX, with_time_instructions
 from vidtune.data.sources import SourceConfig, iter_conversations
 from vidtune.train.evaluation.metrics import (
+    caption_metric_warning,
     caption_scores,
     classify,
     confusion_matrix,
@@ -150,6 +152,8 @@ def score(
         metrics["unparsed"] = sum(r["choice"] is None for r in records)
     elif cfg.task == "caption":
         metrics.update(caption_scores(predictions, [i.references for i in items]))
+        if warning := caption_metric_warning([i.references for i in items]):
+            print(f"warning: {warning}", file=sys.stderr)
     else:
         metrics.update(recognition_metrics(items, predictions, cfg, records))
     return metrics, records

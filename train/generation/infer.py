@@ -7,12 +7,14 @@ frames are sampled as in training unless the caller says otherwise (deterministi
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from vidtune.data.collator import Collator
 from vidtune.data.conversation import Message, media_part, message, text_part
@@ -45,6 +47,25 @@ def _adapter_base(folder: Path) -> str | None:
     return json.loads(config.read_text(encoding="utf-8"))["base_model_name_or_path"]
 
 
+def sampling_mismatch(sampling: SamplingConfig, trained: dict[str, Any], path: str) -> str | None:
+    """A warning when frames are sampled unlike training (a 4-frame adapter asked about 16 frames answers, but
+    silently worse)."""
+    if not trained.get("num_frames") or (sampling.num_frames, sampling.fps) == (
+        trained["num_frames"],
+        trained.get("fps"),
+    ):
+        return None
+
+    def described(num_frames: int, fps: float | None) -> str:
+        return f"{num_frames} frames" + (f" at {fps:g} fps" if fps else "")
+
+    return (
+        f"warning: sampling {described(sampling.num_frames, sampling.fps)} per video, but {path} was trained on "
+        f"{described(trained['num_frames'], trained.get('fps'))}; answers may be worse (leave out --num-frames/--fps "
+        "to sample as in training)"
+    )
+
+
 def load_for_inference(
     path: str,
     base: str | None = None,
@@ -73,12 +94,100 @@ def load_for_inference(
     sampling = SamplingConfig(
         num_frames=num_frames or trained.get("num_frames") or 8, fps=fps if fps is not None else trained.get("fps")
     )
+    if warning := sampling_mismatch(sampling, trained, path):
+        print(warning, file=sys.stderr)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     builder = ExampleBuilder(processor, family, chat_template=processor.chat_template)
     return InferenceModel(model, processor, family, builder, sampling, bool((metadata or {}).get("time_instruction")))
 
 
+def prompt_example(im: InferenceModel, messages: list[Message]) -> dict[str, torch.Tensor]:
+    """One conversation that ends with a user turn, its media decoded and templated as in training (ready to batch).
+    Bad media raise DataError here, before any generation."""
+    media, instructions = load_media(
+        messages, im.sampling, im.time_instruction, rng=None, shortest_edge=im.builder.frame_px
+    )
+    return im.builder.build(with_time_instructions(messages, instructions), media, for_generation=True)
+
+
 @torch.no_grad()
+def generate_tokens(
+    im: InferenceModel,
+    examples: Sequence[dict[str, torch.Tensor]],
+    max_new_tokens: int = 64,
+    before: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    **generate_kwargs: Any,
+) -> torch.Tensor:
+    """The new tokens (B, new) for prompt examples, batched with left padding; greedy unless `do_sample=True` is
+    given. `before` sees each batch first (ZeRO-3 ranks align their vision calls there); extra keywords (a
+    `streamer`, temperature, top_p) go to model.generate."""
+    batch = Collator(im.processor.tokenizer.pad_token_id, padding_side="left", family=im.family)(examples)
+    batch = im.family.visuals_to_device(batch, im.device, im.model.dtype)
+    if before is not None:
+        before(batch)
+    generate_kwargs.setdefault("do_sample", False)
+    output = im.model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=im.processor.tokenizer.pad_token_id,
+        eos_token_id=im.family.stop_token_ids(im.processor.tokenizer),
+        **generate_kwargs,
+    )
+    return output[:, batch["input_ids"].shape[1] :]
+
+
+def decode_answer(im: InferenceModel, token_ids: Sequence[int]) -> str:
+    """The answer text of one row of new tokens (special tokens, padding and surrounding spaces removed)."""
+    return im.processor.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
+
+
+class AnswerText:
+    """One answer as it is generated, token by token: `add` returns the text that became settled. Decoding the
+    whole answer each step keeps multi-token characters and word spaces right; text is released only as a settled
+    prefix (no half character, no trailing space the final answer strips), so the pieces concatenate to
+    `decode_answer` of all tokens."""
+
+    def __init__(self, im: InferenceModel):
+        self.im, self.tokens, self.sent = im, list[int](), ""
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        text = decode_answer(self.im, self.tokens)
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""
+        new, self.sent = text[len(self.sent) :], text
+        return new
+
+    def rest(self) -> str:
+        """What is left to release once generation ended (the final answer is decode_answer of all tokens)."""
+        text = decode_answer(self.im, self.tokens)
+        new = text[len(self.sent) :] if text.startswith(self.sent) else ""
+        self.sent = text
+        return new
+
+
+class TextStreamer(BaseStreamer):
+    """Streams one answer (batch of 1) to `on_text` as it is generated; stops listening at an end-of-turn token."""
+
+    def __init__(self, im: InferenceModel, on_text: Callable[[str], None]):
+        self.answer, self.on_text = AnswerText(im), on_text
+        self.stop_ids = set(im.family.stop_token_ids(im.processor.tokenizer))
+        self.prompt_seen = self.stopped = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt ids
+            self.prompt_seen = True
+            return
+        token = int(value.reshape(-1)[-1])
+        self.stopped = self.stopped or token in self.stop_ids
+        if not self.stopped and (text := self.answer.add(token)):
+            self.on_text(text)
+
+    def end(self) -> None:
+        if text := self.answer.rest():
+            self.on_text(text)
+
+
 def generate(
     im: InferenceModel,
     conversations: Sequence[list[Message]],
@@ -86,28 +195,10 @@ def generate(
     before: Callable[[dict[str, torch.Tensor]], None] | None = None,
     **generate_kwargs: Any,
 ) -> list[str]:
-    """Greedy answers to conversations that end with a user turn, batched with left padding. `before` sees each
-    batch first (ZeRO-3 ranks align their vision calls there); extra keywords go to model.generate."""
-    examples = []
-    for messages in conversations:
-        media, instructions = load_media(
-            messages, im.sampling, im.time_instruction, rng=None, shortest_edge=im.builder.frame_px
-        )
-        examples.append(im.builder.build(with_time_instructions(messages, instructions), media, for_generation=True))
-    batch = Collator(im.processor.tokenizer.pad_token_id, padding_side="left", family=im.family)(examples)
-    batch = im.family.visuals_to_device(batch, im.device, im.model.dtype)
-    if before is not None:
-        before(batch)
-    output = im.model.generate(
-        **batch,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=im.processor.tokenizer.pad_token_id,
-        eos_token_id=im.family.stop_token_ids(im.processor.tokenizer),
-        **generate_kwargs,
-    )
-    new_tokens = output[:, batch["input_ids"].shape[1] :]
-    return [text.strip() for text in im.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    """Greedy answers to conversations that end with a user turn, batched with left padding."""
+    examples = [prompt_example(im, messages) for messages in conversations]
+    new_tokens = generate_tokens(im, examples, max_new_tokens, before, **generate_kwargs)
+    return [decode_answer(im, row.tolist()) for row in new_tokens]
 
 
 def video_question(video: str, prompt: str) -> list[Message]:

@@ -107,7 +107,7 @@ def export_folder(
 
     card_metadata = read_metadata(out) or metadata
     (out / "README.md").write_text(
-        model_card(card_metadata, card or {}, merged=merge or not is_adapter), encoding="utf-8"
+        model_card(card_metadata, card or {}, merged=merge or not is_adapter, name=run.resolve().name), encoding="utf-8"
     )
     files = sorted(p.name for p in out.iterdir() if p.is_file() and allowed(p.name))
     return ExportResult(out, files)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -12,15 +13,30 @@ FRAMES_NOTE = (
 )
 
 
+def is_hub_id(name: str) -> bool:
+    """`org/name` (or a bare name), not a local path: what a Hub link or `base_model` may name."""
+    return bool(name) and not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not Path(name).exists()
+
+
+def dataset_name(path: str) -> str:
+    """A source as the card shows it: a Hub dataset by its id, a local file by its file name (never its path)."""
+    return path if is_hub_id(path) and not Path(path).suffix else Path(path).name
+
+
 def front_matter(metadata: dict[str, Any], card: dict[str, Any], merged: bool) -> str:
-    fields: dict[str, Any] = {
-        "base_model": metadata["base_model"],
-        "library_name": "transformers" if merged else "peft",
-        "pipeline_tag": "video-text-to-text",
-        "license": card.get("license") or "other",
-        "tags": ["vidtune", "llava-next-video", "video", metadata.get("variant", "instruct")]
-        + ([] if merged else ["lora"]),
-    }
+    fields: dict[str, Any] = {}
+    if is_hub_id(metadata["base_model"]):  # a local base folder is not published
+        fields["base_model"] = metadata["base_model"]
+        fields["base_model_relation"] = "finetune" if merged else "adapter"
+    fields.update(
+        {
+            "library_name": "transformers" if merged else "peft",
+            "pipeline_tag": "video-text-to-text",
+            "license": card.get("license") or "other",
+            "tags": ["vidtune", "llava-next-video", "video", metadata.get("variant", "instruct")]
+            + ([] if merged else ["lora"]),
+        }
+    )
     if card.get("datasets"):
         fields["datasets"] = list(card["datasets"])
     return "---\n" + yaml.safe_dump(fields, sort_keys=False) + "---\n"
@@ -28,10 +44,13 @@ def front_matter(metadata: dict[str, Any], card: dict[str, Any], merged: bool) -
 
 def usage(metadata: dict[str, Any], repo: str, merged: bool) -> str:
     frames = metadata["sampling"]["num_frames"]
+    base = (
+        metadata["base_model"] if is_hub_id(metadata["base_model"]) else f"PATH/TO/{Path(metadata['base_model']).name}"
+    )
     load = (
         f'model = LlavaNextVideoForConditionalGeneration.from_pretrained("{repo}")'
         if merged
-        else f'base = LlavaNextVideoForConditionalGeneration.from_pretrained("{metadata["base_model"]}")\n'
+        else f'base = LlavaNextVideoForConditionalGeneration.from_pretrained("{base}")\n'
         f'model = PeftModel.from_pretrained(base, "{repo}")'
     )
     imports = "from transformers import AutoProcessor, LlavaNextVideoForConditionalGeneration"
@@ -76,18 +95,46 @@ def _table(rows: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def model_card(metadata: dict[str, Any], card: dict[str, Any], merged: bool = False) -> str:
-    repo = card.get("repo_id") or "PATH_OR_REPO_ID"
+def epochs_trained(metadata: dict[str, Any]) -> float | None:
+    """Passes over the training samples, from the steps actually taken (a max_steps run can take many epochs)."""
+    hyper, samples = metadata.get("hyperparameters", {}), metadata.get("num_train_samples")
+    try:
+        per_device, accumulation = (int(x) for x in hyper["batch per device x accumulation"].split(" x "))
+        seen = metadata["steps"] * per_device * accumulation * int(hyper.get("processes", 1))
+    except (KeyError, ValueError, TypeError):
+        return None
+    return seen / samples if samples else None
+
+
+def eval_metrics(metadata: dict[str, Any]) -> dict[str, float]:
+    """The held-out metrics only: throughput, the learning rate and step counters say nothing about the model."""
+    metrics = metadata.get("metrics") or {}
+    return {k: v for k, v in metrics.items() if k.startswith("eval/") and isinstance(v, int | float)}
+
+
+def model_card(metadata: dict[str, Any], card: dict[str, Any], merged: bool = False, name: str = "") -> str:
+    """`card`: the recipe's `hub` section (+ repo_id when pushing); `name`: the run's folder name, the title when
+    there is no repo."""
+    title = (card.get("repo_id") or name or "vidtune-model").split("/")[-1]
+    repo = card.get("repo_id") or f"./{name or 'this-folder'}"
     sampling = metadata["sampling"]
     kind = "model (adapter merged into the base)" if merged else "LoRA adapter"
-    hyper = metadata.get("hyperparameters", {})
-    sources = ", ".join(f"`{d['path']}` ({d.get('num_samples', '?')} samples)" for d in metadata.get("datasets", []))
-    metrics = metadata.get("metrics") or {}
+    variant = metadata.get("variant", "instruct")
+    base = metadata["base_model"]
+    base_text = (
+        f"[{base}](https://huggingface.co/{base})" if is_hub_id(base) else f"`{Path(base).name}` (a local model)"
+    )
+    sources = ", ".join(
+        f"`{dataset_name(d['path'])}` ({d.get('num_samples', '?')} samples)" for d in metadata.get("datasets", [])
+    )
+    hyper = {k: v for k, v in metadata.get("hyperparameters", {}).items() if k != "epochs / max steps"}
+    epochs = epochs_trained(metadata)
+    metrics = eval_metrics(metadata)
     sections = [
         front_matter(metadata, card, merged),
-        f"# {repo.split('/')[-1]}\n",
-        f"A {metadata.get('variant', 'instruct')} {kind} for [{metadata['base_model']}]"
-        f"(https://huggingface.co/{metadata['base_model']}), fine-tuned with vidtune on {sources or 'private data'}.\n",
+        f"# {title}\n",
+        f"{'An' if variant[:1] in 'aeiou' else 'A'} {variant} {kind} for {base_text}, fine-tuned with vidtune on "
+        f"{sources or 'private data'}.\n",
         usage(metadata, repo, merged),
         "## Frame sampling\n\n"
         + FRAMES_NOTE
@@ -109,11 +156,12 @@ def model_card(metadata: dict[str, Any], card: dict[str, Any], merged: bool = Fa
                 "fine-tuning": metadata.get("finetune_mode"),
                 "training samples": metadata.get("num_train_samples"),
                 "optimizer steps": metadata.get("steps"),
+                "epochs": f"{epochs:.3g}" if epochs is not None else None,
                 **hyper,
             }
         )
         + "\n",
     ]
     if metrics:
-        sections.append("## Metrics\n\n" + _table({k: f"{v:.4g}" for k, v in metrics.items()}) + "\n")
+        sections.append("## Evaluation (held-out)\n\n" + _table({k: f"{v:.4g}" for k, v in metrics.items()}) + "\n")
     return "\n".join(sections)

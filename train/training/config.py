@@ -185,12 +185,12 @@ def _type_hints(schema: Any) -> dict[str, Any]:
 
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise RecipeError(f"override {text!r} is not key.sub=value")
+        raise RecipeError("not key.sub=value")
     key, raw = text.split("=", 1)
     try:
         value: Any = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise RecipeError(f"override {key.strip()}: invalid YAML value ({' '.join(str(err).split())[:160]})") from None
+        raise RecipeError(f"invalid YAML value ({' '.join(str(err).split())[:160]})") from None
     if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
         value = raw.strip()  # YAML 1.1 reads no/yes/off/on as booleans: `train.mixed_precision=no` means "no"
     count_values(value)
@@ -207,23 +207,42 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         check_keys(raw, Recipe)
         config = OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.create(raw))
         for text in overrides:
-            key, value = parse_override(text)
-            check_override_key(key)
-            OmegaConf.update(config, key, value, merge=True)
+            apply_override(config, text)
         unresolved = env_interpolations(OmegaConf.to_container(config, resolve=False))
         recipe = OmegaConf.to_object(config)
         assert isinstance(recipe, Recipe)
         check_types(recipe, Recipe, "")
+    except OverrideError:
+        raise  # names the command-line item, not the recipe file
     except RecipeError as err:
         raise RecipeError(f"{source}: {err}") from None
     except OmegaConfBaseException as err:
-        at = getattr(err, "full_key", None)
-        raise RecipeError(f"{source}: {str(err).splitlines()[0]}" + (f" (at {at})" if at else "")) from None
+        raise RecipeError(f"{source}: {_omegaconf_message(err)}") from None
     # Where the recipe took a value from the environment (a token, a path): saved and logged copies keep the
     # `${oc.env:...}` text, never the value (recipe_to_yaml / recipe_to_dict).
     object.__setattr__(recipe, "_env_interpolations", unresolved)
     validate_recipe(recipe, source)
     return recipe
+
+
+class OverrideError(RecipeError):
+    """A bad `key.sub=value` command-line item: the message names it, never the recipe file."""
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    at = getattr(err, "full_key", None)
+    return str(err).splitlines()[0] + (f" (at {at})" if at else "")
+
+
+def apply_override(config: Any, text: str) -> None:
+    try:
+        key, value = parse_override(text)
+        check_override_key(key)
+        OmegaConf.update(config, key, value, merge=True)
+    except RecipeError as err:
+        raise OverrideError(f"command-line override {text!r}: {err}") from None
+    except OmegaConfBaseException as err:
+        raise OverrideError(f"command-line override {text!r}: {_omegaconf_message(err)}") from None
 
 
 def read_recipe_yaml(path: Path) -> dict[str, Any]:
@@ -234,7 +253,12 @@ def read_recipe_yaml(path: Path) -> dict[str, Any]:
         raise RecipeError(f"the recipe is {path.stat().st_size:,} bytes; recipes are limited to {MAX_RECIPE_BYTES:,}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
-    except yaml.YAMLError as err:  # !!python/... tags (safe_load refuses them), syntax errors
+    except yaml.MarkedYAMLError as err:  # syntax errors, !!python/... tags (safe_load refuses them): where first
+        mark = err.problem_mark or err.context_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = " ".join(f"{err.context or ''} {err.problem or ''}".split())
+        raise RecipeError(f"{at}invalid YAML: {problem[:200]}") from None
+    except yaml.YAMLError as err:
         raise RecipeError(f"invalid YAML: {' '.join(str(err).split())[:200]}") from None
     except UnicodeDecodeError as err:
         raise RecipeError(f"not UTF-8 text ({err.reason} at byte {err.start})") from None

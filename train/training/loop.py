@@ -469,6 +469,8 @@ def after_step(run: Run, metrics: dict[str, float]) -> None:
 def checkpoint(run: Run) -> Path:
     check_finite_weights(run.accelerator, run.trainable, run.state.step)
     state = {"state": run.state.state_dict(), "fingerprint": run.fingerprint, "settings": run_settings(run.recipe)}
+    if run.accelerator.is_main_process:
+        tracking.write_loss_plot(run.recipe.train.output_dir)
     return save_checkpoint(
         run.accelerator,
         run.recipe.train.output_dir,
@@ -523,7 +525,8 @@ def final_evaluation(run: Run, metrics: dict[str, Any]) -> None:
             raise TrainingStopped(run.stop.requested(acc) or signal.SIGTERM, step, str(checkpoint(run)))
         metrics.update(scores)
         tracking.log(acc, scores, step, output)
-    if run.eval_loader is not None:
+    every = run.recipe.train.eval_every_steps
+    if run.eval_loader is not None and not (every and step % every == 0):  # (else evaluated at this step already)
         eval_loss = evaluate(run)
         if eval_loss is None:
             raise TrainingStopped(run.stop.requested(acc) or signal.SIGTERM, step, str(checkpoint(run)))
@@ -568,6 +571,8 @@ def train(recipe: Recipe) -> Path:
         metrics = train_loop(run)
         final_evaluation(run, metrics)
         save_outputs(run, metrics)
+        if run.accelerator.is_main_process:
+            tracking.write_loss_plot(recipe.train.output_dir)
         run.bad_samples.check_run()  # after saving: the trained model is kept, but the run does not "succeed"
         if recipe.hub.repo_id and run.accelerator.is_main_process:
             from vidtune.train.publishing.export import push_finished_run

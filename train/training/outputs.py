@@ -168,6 +168,7 @@ def save_final(
         try:
             out.mkdir(parents=True, exist_ok=True)
             unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+            write_model_card(out, metadata, merged=not lora)  # replaces PEFT's "More Information Needed" README
             processor.save_pretrained(out)
             (out / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
             (out / METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
@@ -176,6 +177,12 @@ def save_final(
     acc.wait_for_everyone()
     if error is not None:
         raise error
+
+
+def write_model_card(out: Path, metadata: dict[str, Any], merged: bool) -> None:
+    from vidtune.train.publishing.model_card import model_card
+
+    (out / "README.md").write_text(model_card(metadata, {}, merged=merged, name=out.resolve().name), encoding="utf-8")
 
 
 def read_metadata(folder: str | Path) -> dict[str, Any] | None:

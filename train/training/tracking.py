@@ -75,6 +75,40 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+LOSS_PLOT = "loss.png"
+
+
+def write_loss_plot(output_dir: str | Path) -> Path | None:
+    """OUTPUT/loss.png from metrics.jsonl: train and eval loss over steps, the learning rate on its own axis below
+    (written at each checkpoint and at the end, so a run in progress can be glanced at)."""
+    metrics = read_metrics(output_dir)
+    train = [(m["step"], m["train/loss"]) for m in metrics if "train/loss" in m]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    evals = [(m["step"], m["eval/loss"]) for m in metrics if "eval/loss" in m]
+    rates = [(m["step"], m["train/lr"]) for m in metrics if "train/lr" in m]
+    figure, (loss_axis, lr_axis) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=[3, 1])
+    loss_axis.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        loss_axis.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    loss_axis.set_ylabel("loss")
+    loss_axis.legend()
+    loss_axis.set_title(Path(output_dir).resolve().name)
+    lr_axis.plot(*zip(*rates, strict=True), color="tab:gray")
+    lr_axis.set_ylabel("learning rate")
+    lr_axis.set_xlabel("optimizer step")
+    figure.tight_layout()
+    path = Path(output_dir) / LOSS_PLOT
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 def finish(accelerator: Any) -> None:
     accelerator.end_training()
 

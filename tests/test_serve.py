@@ -1,0 +1,278 @@
+"""`vidtune serve` as a user runs it: a real uvicorn process on 127.0.0.1 and a free port, spoken to over HTTP
+(httpx), and its web page driven in a real headless Chromium (Playwright on Debian's chromium)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, tiny_run_overrides
+
+httpx = pytest.importorskip("httpx")
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "Which color comes first?"
+VIDEO = "videos/eval_0001.mp4"  # relative to the demo corpus, the servers' --media-root
+MAX_TOKENS = 12
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(args: list[str], log: Path) -> Iterator[Server]:
+    """`vidtune serve ARGS` in its own process, once /health answers; stopped with SIGINT (Ctrl-C) at the end."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / ".shim"), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "vidtune.train.cli", "serve", *args, "--port", str(port)]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert process.poll() is None, f"the server exited:\n{log.read_text()}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, f"the server did not come up:\n{log.read_text()}"
+            time.sleep(0.5)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture(scope="module")
+def served_run(tiny_model_dir, demo_corpus, tmp_path_factory) -> Path:
+    """A real run folder (adapter, processor, training settings) from one step at a negligible learning rate, so it
+    still answers with the random base's long text: many tokens to stream and compare (the trained answer is
+    checked on the demo's instruct run, in the browser test)."""
+    from vidtune.train.training.config import load_recipe
+    from vidtune.train.training.loop import train
+
+    output = tmp_path_factory.mktemp("serve") / "run"
+    extra = ("train.max_steps=1", "train.batch_size=1", "train.learning_rate=1e-6")
+    return train(load_recipe(None, tiny_run_overrides(tiny_model_dir, demo_corpus, output, *extra)))
+
+
+@pytest.fixture(scope="module")
+def server(served_run, demo_corpus, tmp_path_factory) -> Iterator[Server]:
+    args = [str(served_run), "--media-root", str(demo_corpus), "--max-new-tokens", str(MAX_TOKENS)]
+    with running_server([*args, "--max-body-mb", "1"], tmp_path_factory.mktemp("serve-log") / "serve.log") as s:
+        yield s
+
+
+def video_request(url: str, **fields) -> dict:
+    content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": QUESTION}]
+    return {"model": "run", "messages": [{"role": "user", "content": content}], "temperature": 0, **fields}
+
+
+def streamed_text(server: Server, body: dict) -> tuple[str, list[dict]]:
+    chunks = []
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks), chunks
+
+
+@pytest.fixture(scope="module")
+def infer_answer(served_run, demo_corpus) -> str:
+    """What `vidtune infer` prints for the question (in this process, as the command runs it)."""
+    import io
+
+    from vidtune.train import cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cli.main(
+            [
+                "infer",
+                str(served_run),
+                "--video",
+                str(demo_corpus / VIDEO),
+                "--prompt",
+                QUESTION,
+                "--max-new-tokens",
+                str(MAX_TOKENS),
+            ]
+        )
+    answer = out.getvalue().strip()
+    assert len(answer) > 5  # real text to compare, not an empty answer
+    return answer
+
+
+def test_models_and_health(server):
+    models = httpx.get(f"{server.url}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["run"]
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_a_chat_completion_equals_vidtune_infer_for_a_path_a_file_url_and_an_upload(server, demo_corpus, infer_answer):
+    upload = "data:video/mp4;base64," + base64.b64encode((demo_corpus / VIDEO).read_bytes()).decode()
+    for url in (VIDEO, f"file://{demo_corpus / VIDEO}", upload):
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=video_request(url), timeout=120)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["choices"][0]["message"] == {"role": "assistant", "content": infer_answer}
+        assert body["choices"][0]["finish_reason"] == "length"  # the random text never stops on its own
+        assert body["usage"]["completion_tokens"] == MAX_TOKENS
+
+
+def test_streamed_chunks_concatenate_to_the_same_answer(server, infer_answer):
+    text, chunks = streamed_text(server, video_request(VIDEO, stream=True))
+    assert text == infer_answer
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert len(chunks) > 4  # streamed piece by piece, not sent at the end
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+
+
+def _post_raw(server: Server, content: bytes | Iterator[bytes]) -> httpx.Response:
+    headers = {"Content-Type": "application/json"}
+    return httpx.post(f"{server.url}/v1/chat/completions", content=content, headers=headers, timeout=60)
+
+
+def _body(**fields) -> bytes:
+    return json.dumps(fields).encode()
+
+
+NOT_A_VIDEO = "data:video/mp4;base64," + base64.b64encode(b"these are meeting notes, not a video\n" * 20).decode()
+BAD_REQUESTS = {
+    # name: (raw body, status, error code, words the message must hold)
+    "bad JSON": (b'{"messages": [', 400, "invalid_request", "not valid JSON"),
+    "no messages": (_body(messages=[]), 400, "invalid_request", "messages"),
+    "unknown part type": (
+        _body(messages=[{"role": "user", "content": [{"type": "audio_url"}]}]),
+        400,
+        "invalid_request",
+        "messages.0.content.0",
+    ),
+    "missing video": (_body(**video_request("videos/nope.mp4")), 400, "media_not_found", "videos/nope.mp4"),
+    "non-video upload": (_body(**video_request(NOT_A_VIDEO)), 400, "unreadable_media", "not a video"),
+    "http URL": (_body(**video_request("http://example.com/clip.mp4")), 400, "url_not_allowed", "--allow-urls"),
+    "path outside the media root": (_body(**video_request("../../../etc/passwd")), 400, "media_outside_root", ""),
+    "unknown model": (_body(**{**video_request(VIDEO), "model": "gpt-9"}), 404, "model_not_found", "gpt-9"),
+    "assistant last": (
+        _body(messages=[{"role": "assistant", "content": "hi"}]),
+        400,
+        "last_message_not_user",
+        "user",
+    ),
+    "oversized body": (_body(**video_request(VIDEO), padding="x" * (2 << 20)), 413, "body_too_large", "1,048,576"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_a_bad_request_gets_its_openai_style_error_and_the_server_stays_up(server, case):
+    body, status, code, words = BAD_REQUESTS[case]
+    response = _post_raw(server, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["type"] == "invalid_request_error"
+    assert words in error["message"] and "\n" not in error["message"]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_an_oversized_chunked_body_is_cut_off_with_413(server):
+    """No Content-Length to refuse up front: the body is counted as it streams in."""
+    response = _post_raw(server, iter([b"x" * (256 << 10)] * 8))
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+
+
+def test_twenty_concurrent_requests_are_all_answered_in_shared_batches(server, infer_answer):
+    before = httpx.get(f"{server.url}/health").json()
+
+    def ask(index: int) -> tuple[int, str]:
+        body = video_request(VIDEO, stream=index % 2 == 1)  # half of them streamed
+        if body["stream"]:
+            return 200, streamed_text(server, body)[0]
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=300)
+        return response.status_code, response.json()["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(ask, range(20)))
+    assert [status for status, _ in results] == [200] * 20
+    assert {text for _, text in results} == {infer_answer}  # identical prompts: batching changes no answer
+    after = httpx.get(f"{server.url}/health").json()
+    assert after["requests_answered"] - before["requests_answered"] == 20
+    assert after["batches"] - before["batches"] < 20  # queued requests were generated together
+
+
+def test_ctrl_c_stops_the_server_cleanly(server):
+    """(Runs last: it stops the module's server.)"""
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(30) == 0
+    assert "Traceback" not in server.log.read_text()
+
+
+# ------------------------------------------------------------------------------------------------- the web page
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.skip("no chromium on PATH (the test command installs Debian's chromium when it can)")
+    pytest.importorskip("playwright")
+    return found
+
+
+def test_the_web_page_answers_the_order_question_about_an_uploaded_clip(demo_run, tmp_path):
+    """Upload a held-out demo clip, see its sampled frames, ask the order question, read the trained answer."""
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium()
+    root, _ = demo_run
+    corpus = root / "corpus"
+    row = json.loads((corpus / "questions_eval.jsonl").read_text().splitlines()[0])
+    assert row["question"] == QUESTION
+    args = [str(root / "runs" / "instruct"), "--media-root", str(corpus)]
+    with running_server(args, tmp_path / "serve.log") as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(server.url)
+            page.set_input_files("#video-file", str(corpus / row["video"]))
+            page.wait_for_selector("#frames .frame img", timeout=60_000)
+            num_frames = json.loads((root / "runs" / "instruct" / "vidtune.json").read_text())["sampling"]["num_frames"]
+            assert page.locator("#frames .frame").count() == num_frames
+            page.fill("#prompt", QUESTION)
+            page.click("#send")
+            page.wait_for_selector(".message.assistant.done", timeout=120_000)
+            assert page.locator(".message.assistant").inner_text().strip() == row["answer"]
+            assert page.locator(".message.error").count() == 0
+            page.click("#reset")
+            assert page.locator(".message").count() == 0
+        finally:
+            browser.close()
