@@ -133,6 +133,11 @@ def test_two_videos_of_different_lengths_in_one_sample(family_kit):
     expected = sum(processor_video_tokens(processor, f) for f in frames.values())
     assert int((example["input_ids"] == processor.video_token_id).sum()) == expected
     assert expected == builder.tokens.video_tokens(3, 40, 40) + builder.tokens.video_tokens(5, 40, 40)
+    from vidtune.data.collator import Collator
+
+    with torch.no_grad():  # each video's features land on its own tokens (OneVision: a newline after each)
+        loss = family_kit.model(**Collator(0, family=family_kit.family)([example])).loss
+    assert torch.isfinite(loss)
 
 
 def shared_rows():
