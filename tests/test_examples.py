@@ -141,6 +141,11 @@ def test_two_videos_of_different_lengths_in_one_sample(family_kit):
     assert int((example["input_ids"] == processor.video_token_id).sum()) == expected
     counted = [builder.tokens.video_tokens(len(c.frames), 40, 40, c.timestamps_s) for c in clips.values()]
     assert len(example["input_ids"]) == builder.count(messages, counted).total
+    from vidtune.data.collator import Collator
+
+    with torch.no_grad():  # each video's features land on its own tokens (OneVision: a newline after each)
+        loss = family_kit.model(**Collator(0, family=family_kit.family)([example])).loss
+    assert torch.isfinite(loss)
 
 
 def decoded_clip(frames: np.ndarray, fps: float = 2.0) -> Clip:

@@ -3,8 +3,9 @@
 Prompt format (the hub template): `<|im_start|>user <video>\\n{prompt}<|im_end|><|im_start|>assistant\\n{answer}
 <|im_end|>` -- media after `user `, each text after a newline, nothing between turns. Ours renders prompts exactly
 as the hub's does (media first, the usual case) and differs where training needs it: media stay where their
-placeholders were, and an assistant turn in the history opens like the generation prompt (`assistant\\n`; the hub
-renders `assistant \\n` there, a prefix generation never sees), its answer and `<|im_end|>` marked for labels.
+placeholders were (two media in a row get a newline between them), and an assistant turn in the history opens
+like the generation prompt (`assistant\\n`; the hub renders `assistant \\n` there, a prefix generation never sees),
+its answer and `<|im_end|>` marked for labels.
 
 Visual tokens: every frame is resized to the processor's square size (384 px: 27x27 SigLIP patches), pooled
 bilinearly to ceil(27/2)^2 = 196 tokens, and each video ends with one newline token: frames x 196 + 1. Images are
@@ -12,9 +13,11 @@ anyres (a base tile plus up to 9 tiles, unpadded, a newline per row), or one bas
 holds several images (`batch_num_images` tells the model which).
 
 Batching: the model runs a (videos, frames, C, H, W) tensor and appends one newline per row, so videos of equal
-length stack natively. Videos of different lengths cannot stack: they travel as one (1, sum of frames, C, H, W) row
-with `video_num_frames`, and `prepare_model` teaches the loaded model to put each video's newline after its own
-frames (one vision-tower call either way, so ZeRO-3 ranks stay in lockstep).
+length stack natively. Videos of different lengths cannot stack: they travel as one (1, sum of frames, C, H, W) row,
+and `prepare_model` teaches the loaded model to put each video's newline after its own frames, found from each
+video's token run (one vision-tower call either way, so ZeRO-3 ranks stay in lockstep; no extra batch key).
+Limitation: `generate` encodes pixels before the forward, without input_ids, so a generation batch must hold clips
+of one length (vidtune's inference samples a fixed frame count; with `fps` sampling, generate one clip at a time).
 """
 
 from __future__ import annotations
@@ -42,9 +45,12 @@ ONEVISION_TRAINING_TEMPLATE = (
     "{%- else -%}"
     "{{- ' ' -}}"
     "{%- for content in message['content'] -%}"
+    # A newline before every text (as the hub's) and between two media (so two videos never form one token run).
+    "{%- if content['type'] == 'text' or (not loop.first and loop.previtem['type'] != 'text') -%}{{ '\\n' }}"
+    "{%- endif -%}"
     "{%- if content['type'] == 'image' -%}{{ '<image>' }}"
     "{%- elif content['type'] == 'video' -%}{{ '<video>' }}"
-    "{%- elif content['type'] == 'text' -%}{{ '\\n' + content['text'] }}"
+    "{%- elif content['type'] == 'text' -%}{{ content['text'] }}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{{- '<|im_end|>' -}}"
@@ -93,7 +99,7 @@ class LlavaOnevision(ModelFamily):
     projector_prefix = "model.multi_modal_projector."
     language_model_lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     vision_tower_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-    visual_keys = ("pixel_values_videos", "video_num_frames", "pixel_values", "image_sizes", "batch_num_images")
+    visual_keys = ("pixel_values_videos", "pixel_values", "image_sizes", "batch_num_images")
 
     def token_counter(self, processor: Any) -> OnevisionTokenCounter:
         return OnevisionTokenCounter(processor)
@@ -138,7 +144,6 @@ class LlavaOnevision(ModelFamily):
                 batch["pixel_values_videos"] = frames.view(len(num_frames), int(num_frames[0]), *frames.shape[1:])
             else:  # one row of all frames; prepare_model's hook splits it back per video
                 batch["pixel_values_videos"] = frames.unsqueeze(0)
-                batch["video_num_frames"] = num_frames
         images = [ex for ex in examples if "pixel_values" in ex]
         if images:
             batch["pixel_values"] = torch.cat([ex["pixel_values"] for ex in images])
@@ -147,33 +152,36 @@ class LlavaOnevision(ModelFamily):
         return batch
 
     def prepare_model(self, model: Any) -> None:
-        """Let the loaded model take videos of different lengths in one batch (`video_num_frames`)."""
+        """Let the loaded model take videos of different lengths as one row of frames: each video's token run in
+        `input_ids` (frames x tokens per frame + its newline) says where its frames end."""
         core = _core(model)
-        if getattr(core, "_vidtune_video_lengths", False):
+        if getattr(core, "_vidtune_video_runs", False):
             return
-        pending: dict[str, torch.Tensor | None] = {"num_frames": None}
+        pending: dict[str, list[int] | None] = {"runs": None}
         plain_video_features = core.get_video_features
 
-        def take_num_frames(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-            pending["num_frames"] = kwargs.pop("video_num_frames", None)
-            return args, kwargs
+        def find_runs(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+            videos, input_ids = kwargs.get("pixel_values_videos"), kwargs.get("input_ids")
+            runs = None
+            if videos is not None and input_ids is not None and videos.shape[0] == 1:
+                runs = video_token_runs(input_ids, core.config.video_token_id)
+            pending["runs"] = runs if runs and len(runs) > 1 else None
 
         def video_features(pixel_values_videos: torch.Tensor, **kwargs: Any) -> Any:
-            """All frames through the tower at once (one row), then each video's frames followed by the newline,
-            as separate rows would give."""
-            num_frames, pending["num_frames"] = pending["num_frames"], None
+            """All frames through the tower at once (one call, as on every rank), then each video's frames
+            followed by the newline, as separate rows would give."""
+            runs, pending["runs"] = pending["runs"], None
             out = plain_video_features(pixel_values_videos, **kwargs)
-            if num_frames is None:
-                return out
             features, newline = out.pooler_output[0, :-1], out.pooler_output[0, -1:]
-            per_frame = features.shape[0] // int(num_frames.sum())
-            pieces = [part for video in features.split((num_frames * per_frame).tolist()) for part in (video, newline)]
+            if runs is None or sum(runs) - len(runs) != features.shape[0]:
+                return out  # one video, or a count the model's own check will report
+            pieces = [part for video in features.split([n - 1 for n in runs]) for part in (video, newline)]
             out.pooler_output = torch.cat(pieces)[None]
             return out
 
-        core.register_forward_pre_hook(take_num_frames, with_kwargs=True)
+        core.register_forward_pre_hook(find_runs, with_kwargs=True)
         core.get_video_features = video_features
-        core._vidtune_video_lengths = True
+        core._vidtune_video_runs = True
 
     def unused_module_prefixes(self, config: Any) -> tuple[str, ...]:
         """Features come from hidden state `vision_feature_layer` (-1 for the 7B: the last kept SigLIP layer's
@@ -218,6 +226,17 @@ class LlavaOnevision(ModelFamily):
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
         return list(dict.fromkeys([end_of_turn, tokenizer.eos_token_id]))
+
+
+def video_token_runs(input_ids: torch.Tensor, video_token_id: int) -> list[int]:
+    """Lengths of the runs of video tokens in (batch, length) ids, in the order the model fills them."""
+    lengths: list[int] = []
+    for row in input_ids == video_token_id:
+        positions = row.nonzero().flatten()
+        if len(positions):
+            breaks = ((positions[1:] - positions[:-1]) > 1).nonzero().flatten() + 1
+            lengths += [len(run) for run in positions.tensor_split(breaks.tolist())]
+    return lengths
 
 
 def _core(model: Any) -> Any:
