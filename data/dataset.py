@@ -178,14 +178,6 @@ class Measurer:
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         """Token counts, a drop reason (too long, nothing to learn) or a problem (unreadable media: a bad sample)."""
-        if row.get("problem"):  # malformed when it was read
-            return {
-                "num_tokens": 0,
-                "num_media_tokens": 0,
-                "num_label_tokens": 0,
-                "drop_reason": "",
-                "problem": row["problem"],
-            }
         if self.cache is None:
             return self.measure(row)
         key = self.cache.key(row, [part["path"] or "" for part in media_parts(row["messages"])])
@@ -212,6 +204,14 @@ class Measurer:
         return {key: [result[key] for result in results] for key in results[0]} if results else {}
 
     def measure(self, row: dict[str, Any]) -> dict[str, Any]:
+        if row.get("problem"):  # malformed when it was read
+            return {
+                "num_tokens": 0,
+                "num_media_tokens": 0,
+                "num_label_tokens": 0,
+                "drop_reason": "",
+                "problem": row["problem"],
+            }
         try:
             tokens, instructions = self.media_tokens(row["messages"])
         except VideoError as err:
