@@ -116,7 +116,12 @@ def _add_frames(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, help="sample at this rate instead, capped at --num-frames")
     p.add_argument("--start", type=float, help="clip start, seconds")
     p.add_argument("--end", type=float, help="clip end, seconds")
-    p.add_argument("--backend", default="auto", choices=["auto", "torchcodec", "decord", "pyav"])
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torchcodec", "decord", "pyav"],
+        help="decoder (auto: TorchCodec, then decord, then PyAV, moving on when one cannot read the file right)",
+    )
     p.add_argument("--shortest-edge", type=int, help="scale frames down so their shorter side is this many px")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="write the frames (frame_00.png, ...) and a contact sheet (sheet.png) here")
