@@ -234,3 +234,43 @@ def test_the_readme_states_the_too_short_default():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"too_short: {BadSampleConfig().too_short}`, the default" in readme
     assert "shorter than the frames asked for" not in readme  # the old claim that they are dropped
+
+
+def test_vidtune_check_applies_the_budget_to_each_source(broken_media, tiny_model_dir, tmp_path, capsys):
+    """9 of 31 rows bad is within a 50% budget overall, but 9 of the broken source's 13 is not: check fails naming
+    that source (a mostly broken source must not hide inside good ones)."""
+    from vidtune.train.cli import main
+
+    corpora = shared_path("corpora")
+    videos = corpora.parent / "videos"
+    sources = [
+        {"path": str(corpora / "llamafactory_demo/mllm_video_demo.json")},
+        {"path": str(corpora / "llamafactory_demo/mllm_demo.json")},
+        {"path": str(corpora / "llava_video_style.json"), "media_root": str(videos)},
+        {"path": str(corpora / "captions.jsonl"), "media_root": str(videos)},
+        {"path": str(corpora / "multiple_choice.jsonl"), "media_root": str(videos)},
+        {"path": str(broken_media["corpus"])},
+    ]
+    budget = {**LIMITS, "max_bad_fraction": 0.5, "max_bad_in_a_row": 100}
+    recipe = tmp_path / "recipe.yaml"
+    data = {"sources": sources, "sampling": {"num_frames": 4}, "max_length": 300, "bad_samples": budget}
+    recipe.write_text(
+        json.dumps({"model": {"name_or_path": str(tiny_model_dir)}, "train": {"output_dir": "o"}, "data": data})
+    )
+    out = tmp_path / "report.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", str(recipe), "--out", str(out)])
+    assert exit_info.value.code == 1
+    report = json.loads(out.read_text())
+    assert report["rows"] == 31 and len(report["bad"]) == 9  # 29% overall: within the corpus-wide 50%
+    broken = str(broken_media["corpus"])
+    assert report["bad_by_source"][broken] == {"rows": 13, "bad": 9}
+    assert report["budget"]["exceeded"] == f"{broken}: 69.2% bad (max_bad_fraction=0.5)"
+    assert f"FAIL: {broken}: 69.2% bad" in capsys.readouterr().out
+
+    sources.pop()  # without the broken source every source is within its budget
+    recipe.write_text(
+        json.dumps({"model": {"name_or_path": str(tiny_model_dir)}, "train": {"output_dir": "o"}, "data": data})
+    )
+    main(["check", str(recipe), "--out", str(out)])
+    assert json.loads(out.read_text())["budget"]["exceeded"] is None

@@ -176,7 +176,7 @@ def test_the_model_card_publishes_no_local_path_and_tells_the_truth():
 
 
 @pytest.mark.slow
-def test_a_run_folder_gets_a_loss_plot_each_metric_once_and_a_closing_hint(
+def test_a_run_folder_gets_a_loss_plot_each_metric_once_tensorboard_events_and_a_closing_hint(
     tiny_model_dir, demo_corpus, tmp_path, capsys
 ):
     from tests.conftest import tiny_run_overrides
@@ -189,12 +189,33 @@ def test_a_run_folder_gets_a_loss_plot_each_metric_once_and_a_closing_hint(
         "train.max_steps=2",
         "train.eval_every_steps=2",  # the last step is evaluated in the loop: the final evaluation must not repeat it
         "train.save_every_steps=1",
+        "logging.report_to=tensorboard",
     )
     main(["train", "demo/instruct", *tiny_run_overrides(tiny_model_dir, demo_corpus, output, *extra)])
     out = capsys.readouterr().out
     assert [m["step"] for m in read_metrics(output) if "eval/loss" in m] == [2]
     assert (output / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"next: vidtune infer {output} --video" in out and f"vidtune serve {output}" in out
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events_dir,) = {p.parent for p in (output / "tensorboard").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(events_dir)).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    assert [e.step for e in events.Scalars("eval/loss")] == [2]
+
+
+def test_tensorboard_without_its_package_is_one_line_before_anything_loads(monkeypatch):
+    import importlib.util
+
+    from vidtune.train.training.config import RecipeError, load_recipe
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name.startswith("tensorboard") else real_find_spec(name)
+    )
+    with pytest.raises(RecipeError, match=r"logging.report_to: tensorboard needs the tensorboard package") as err:
+        load_recipe(None, ["logging.report_to=tensorboard"])
+    assert "\n" not in str(err.value)
 
 
 def test_version_and_env_say_what_a_bug_report_needs(capsys):

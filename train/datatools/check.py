@@ -42,18 +42,24 @@ def distribution(values: list[int]) -> dict[str, float]:
 
 
 def measure_all(
-    recipe: Recipe, builder: ExampleBuilder, bad: BadSampleLog, decode: bool, backends: dict[str, str] | None = None
+    recipe: Recipe,
+    builder: ExampleBuilder,
+    bad: BadSampleLog,
+    decode: bool,
+    backends: dict[str, str] | None = None,
+    by_source: dict[str, BadSampleLog] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every readable row with its counts; bad rows and media go to `bad` (all of them, never stopping early);
-    with `decode`, `backends` records the decoder that served each video."""
+    """Every readable row with its counts; bad rows and media go to `bad` (all of them, never stopping early) and
+    to their source's log in `by_source`; with `decode`, `backends` records the decoder that served each video."""
     data = recipe.data
     rows = (  # every row once: the mix's weights and sample counts do not matter here
-        row
+        (source.path, row)
         for source in [*data.sources, *data.eval_sources]
         for row in iter_conversations(source, data.caption_prompts, recipe.train.seed, True, data.max_row_bytes)
     )
     measurer, measured = Measurer(builder, data), []
-    for row in rows:
+    for source_path, row in rows:
+        logs = [bad] if by_source is None else [bad, by_source.setdefault(source_path, BadSampleLog(bad.cfg))]
         counts, decoded = measurer(row), list[tuple[str, Clip]]()
         problem = counts["problem"]
         if not problem and decode and not counts["drop_reason"]:
@@ -72,15 +78,29 @@ def measure_all(
             except DataError as err:
                 problem = str(err)
         if problem:
-            bad.add(row["at"], problem)
+            for log in logs:
+                log.add(row["at"], problem)
             continue
-        bad.good()
+        for log in logs:
+            log.good()
         measured.append({**row, **counts})
     return measured
 
 
+def over_budget(bad: BadSampleLog, by_source: dict[str, BadSampleLog]) -> str | None:
+    """The whole corpus's budget, then each source's: a small source that is mostly broken (a wrong media_root, a
+    mangled export) must not hide inside a large good one."""
+    if bad.over_budget() or len(by_source) < 2:
+        return bad.over_budget()
+    return next((f"{path}: {log.over_budget()}" for path, log in by_source.items() if log.over_budget()), None)
+
+
 def build_report(
-    recipe: Recipe, measured: list[dict[str, Any]], bad: BadSampleLog, backends: dict[str, str] | None = None
+    recipe: Recipe,
+    measured: list[dict[str, Any]],
+    bad: BadSampleLog,
+    backends: dict[str, str] | None = None,
+    by_source: dict[str, BadSampleLog] | None = None,
 ) -> dict[str, Any]:
     too_long = [m for m in measured if "exceed max_length" in m["drop_reason"]]
     no_labels = [m for m in measured if m["drop_reason"] and m not in too_long]
@@ -88,13 +108,15 @@ def build_report(
     lost = sum(m["num_label_tokens"] for m in too_long)
     usable = len(measured) - len(too_long) - len(no_labels)
     # A budget is a fraction of the rows read; a corpus with nothing to train on fails whatever the fractions say.
-    over = bad.over_budget() or (None if usable else f"none of the {bad.total:,} rows is usable")
+    by_source = by_source or {}
+    over = over_budget(bad, by_source) or (None if usable else f"none of the {bad.total:,} rows is usable")
     return {
         "sources": [s.path for s in [*recipe.data.sources, *recipe.data.eval_sources]],
         "rows": bad.total,
         "usable": usable,
         "bad": [{"where": where, "reason": reason} for where, reason in bad.bad],
         "bad_by_kind": dict(bad.kinds),
+        "bad_by_source": {path: {"rows": log.total, "bad": len(log.bad)} for path, log in by_source.items()},
         "tokens": distribution([m["num_tokens"] for m in measured]),
         "video_image_tokens": distribution([m["num_media_tokens"] for m in measured]),
         "label_tokens": {"total": all_labels, **distribution([m["num_label_tokens"] for m in measured])},
@@ -124,6 +146,12 @@ def format_report(report: dict[str, Any], source: str) -> str:
     if report["bad"]:
         kinds = ", ".join(f"{n} {kind}" for kind, n in report["bad_by_kind"].items())
         lines.append(f"  bad samples     {kinds}")
+        if len(report["bad_by_source"]) > 1:
+            lines += [
+                f"    {path}: {n['bad']:,} of {n['rows']:,} rows bad"
+                for path, n in report["bad_by_source"].items()
+                if n["bad"]
+            ]
         lines += [f"    {item['where']}: {item['reason']}" for item in report["bad"]]
     lines += [
         f"  tokens/sample   {dist(report['tokens'])}   (video/image tokens included)",
@@ -155,7 +183,9 @@ def run_check(recipe: Recipe, source: str, out: str | Path, decode: bool = False
     # Collect every problem: the budget decides the verdict, not the first bad file.
     bad = BadSampleLog(dataclasses.replace(recipe.data.bad_samples, policy="skip"))
     backends: dict[str, str] = {}
-    report = build_report(recipe, measure_all(recipe, builder, bad, decode, backends), bad, backends)
+    by_source: dict[str, BadSampleLog] = {}
+    measured = measure_all(recipe, builder, bad, decode, backends, by_source)
+    report = build_report(recipe, measured, bad, backends, by_source)
     print(format_report(report, source))
     Path(out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"  report          {out}")

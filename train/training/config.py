@@ -31,7 +31,7 @@ VISION_TOWER_MODES = ("frozen", "lora", "full")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
 SCHEDULERS = ("cosine", "linear", "constant")
-REPORT_TO = ("wandb", "none")
+REPORT_TO = ("wandb", "tensorboard", "none")
 RESUME = ("auto", "force", "restart")
 EVAL_TASKS = ("qa", "multiple_choice", "caption", "recognition")
 MC_SCORING = ("generate", "loglik")
@@ -108,7 +108,8 @@ class TrainConfig:
 
 @dataclass
 class LoggingConfig:
-    report_to: str = "wandb"  # wandb (offline when no API key is configured; never prompts) | none
+    # wandb (offline when no API key is configured; never prompts) | tensorboard (OUTPUT/tensorboard/) | none
+    report_to: str = "wandb"
     project: str = "vidtune"
     run_name: str | None = None  # default: the output folder's name
 
@@ -381,6 +382,14 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------------- validation
 
 
+def tensorboard_installed() -> bool:
+    """Accelerate's TensorBoard tracker writes through torch.utils.tensorboard (the tensorboard package) or
+    tensorboardX; checked with the recipe, before any model loads."""
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+
+
 def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
     if value not in choices:
         hint = difflib.get_close_matches(value, choices, n=1)
@@ -408,6 +417,8 @@ def _validate(recipe: Recipe) -> None:
     _choice(t.lr_scheduler, SCHEDULERS, "train.lr_scheduler")
     _choice(t.mixed_precision, MIXED_PRECISION, "train.mixed_precision")
     _choice(lg.report_to, REPORT_TO, "logging.report_to")
+    if lg.report_to == "tensorboard" and not tensorboard_installed():
+        raise RecipeError("logging.report_to: tensorboard needs the tensorboard package (pip install tensorboard)")
     _choice(t.resume, RESUME, "train.resume")
     _choice(recipe.eval.task, EVAL_TASKS, "eval.task")
     _choice(recipe.eval.mc_scoring, MC_SCORING, "eval.mc_scoring")

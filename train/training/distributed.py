@@ -3,6 +3,7 @@ ZeRO-3 ranks in lockstep, and gathering sharded trainable weights. (GPU configs 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +32,9 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     accelerator = Accelerator(
         gradient_accumulation_steps=t.grad_accum_steps,
         mixed_precision=resolve_mixed_precision(t.mixed_precision),
-        log_with="wandb" if recipe.logging.report_to == "wandb" else None,
+        log_with=None if recipe.logging.report_to == "none" else recipe.logging.report_to,
+        # Where the TensorBoard tracker writes its events (nothing else of Accelerate's reads it here).
+        project_dir=str(Path(t.output_dir) / "tensorboard") if recipe.logging.report_to == "tensorboard" else None,
         # The scheduler is stepped once per optimizer step, over exactly the steps the run makes (Accelerate would
         # otherwise step it once per process).
         step_scheduler_with_optimizer=False,

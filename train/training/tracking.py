@@ -33,6 +33,9 @@ def wandb_mode() -> str:
 
 
 def start(accelerator: Any, recipe: Recipe) -> None:
+    if recipe.logging.report_to == "tensorboard":  # OUTPUT/tensorboard/PROJECT: `tensorboard --logdir OUTPUT`
+        accelerator.init_trackers(project_name=recipe.logging.project)  # the recipe is saved in the run folder
+        return
     if recipe.logging.report_to != "wandb":
         return
     output_dir = Path(recipe.train.output_dir).resolve()
