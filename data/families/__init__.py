@@ -182,6 +182,16 @@ class ModelFamily(ABC):
         return [tokenizer.eos_token_id]
 
 
+def processor_image_tokens(processor: Any, height: int, width: int) -> int:
+    """How many image tokens the processor expands one image of this size into (anyres families: the count depends
+    on the size, so ask the processor itself with a blank image rather than redoing its arithmetic)."""
+    import numpy as np
+
+    blank = np.zeros((height, width, 3), dtype=np.uint8)
+    out = processor(text=processor.image_token, images=[blank], return_tensors="pt")
+    return int((out["input_ids"] == processor.image_token_id).sum())
+
+
 def family_for(model_type: str) -> ModelFamily:
     if model_type not in FAMILIES:
         raise ValueError(f"model type {model_type!r} is not supported yet (supported: {', '.join(sorted(FAMILIES))})")

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from vidtune.data.families import BlankPath, ModelFamily
+from vidtune.data.families import BlankPath, ModelFamily, processor_image_tokens
 
 VICUNA_TRAINING_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -63,9 +63,7 @@ class LlavaTokenCounter:
 
     def _image_tokens(self, height: int, width: int) -> int:
         # anyres: the count depends on the image's size (grid pinpoint, unpadding), so ask once per size.
-        blank = np.zeros((height, width, 3), dtype=np.uint8)
-        out = self.processor(text=self.processor.image_token, images=[blank], return_tensors="pt")
-        return int((out["input_ids"] == self.processor.image_token_id).sum())
+        return processor_image_tokens(self.processor, height, width)
 
 
 class LlavaNextVideo(ModelFamily):

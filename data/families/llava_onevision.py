@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vidtune.data.families import BlankPath, ModelFamily
+from vidtune.data.families import BlankPath, ModelFamily, processor_image_tokens
 
 END_OF_TURN = "<|im_end|>"
 
@@ -84,9 +84,7 @@ class OnevisionTokenCounter:
         """An image alone in its sample (anyres: the count depends on its size). In a sample with several images
         each costs only a base tile + newline, fewer: counting the anyres cost there overestimates, which may drop
         a sample that would fit but never lets one through that does not."""
-        blank = np.zeros((height, width, 3), dtype=np.uint8)
-        out = self.processor(text=self.processor.image_token, images=[blank], return_tensors="pt")
-        return int((out["input_ids"] == self.processor.image_token_id).sum())
+        return processor_image_tokens(self.processor, height, width)
 
 
 class LlavaOnevision(ModelFamily):

@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     LlavaOnevisionConfig,
@@ -31,7 +30,7 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from vidtune.train.demo.tiny_model import VOCABULARY
+from vidtune.train.demo.tiny_model import VOCABULARY, save_tiny_model
 
 # llava-hf/llava-onevision-qwen2-7b-ov-hf's chat template, verbatim: images, then videos, then texts (each after a
 # newline); `<|im_end|>` closes every turn with nothing after it; the generation prompt is `<|im_start|>assistant\n`.
@@ -147,13 +146,8 @@ def tiny_processor(tokenizer: Qwen2Tokenizer, config: Any) -> LlavaOnevisionProc
 def build(out_dir: str | Path, seed: int = 0, extra_words: str = "", text_layers: int | None = None) -> Path:
     """Write the tiny LLaVA-OneVision folder (config, safetensors weights, tokenizer, processor, chat template);
     return it. `text_layers` deepens the language model (default TINY_SIZES["text_layers"])."""
-    out = Path(out_dir)
     tokenizer = build_tokenizer(extra_words)
     config = tiny_config(tokenizer, text_layers)
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out)
-    tiny_processor(tokenizer, config).save_pretrained(out)
-    return out
+    processor = tiny_processor(tokenizer, config)
+    model_class = LlavaOnevisionForConditionalGeneration
+    return save_tiny_model(out_dir, model_class, config, processor, seed, eos_token_ids=tokenizer.eos_token_id)

@@ -160,14 +160,26 @@ def tiny_processor(tokenizer: LlamaTokenizer, config: Any) -> LlavaNextVideoProc
 def build(out_dir: str | Path, seed: int = 0, extra_words: str = "", text_layers: int | None = None) -> Path:
     """Write the tiny LLaVA-NeXT-Video folder (config, safetensors weights, tokenizer, processor, chat template);
     return it. `text_layers` deepens the language model (default TINY_SIZES["text_layers"])."""
-    out = Path(out_dir)
     tokenizer = build_tokenizer(extra_words)
     config = tiny_config(tokenizer, text_layers)
+    return save_tiny_model(
+        out_dir, LlavaNextVideoForConditionalGeneration, config, tiny_processor(tokenizer, config), seed
+    )
+
+
+def save_tiny_model(
+    out_dir: str | Path, model_class: Any, config: Any, processor: Any, seed: int, eos_token_ids: Any = None
+) -> Path:
+    """Every family's tiny folder the same way: random weights from `seed`, the tokenizer's pad token (and the
+    family's end tokens) in the generation config, then the weights and the processor saved like a hub model."""
+    out = Path(out_dir)
     torch.manual_seed(seed)
-    model = LlavaNextVideoForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = model_class(config)
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    if eos_token_ids is not None:
+        model.generation_config.eos_token_id = eos_token_ids
     model.save_pretrained(out)
-    tiny_processor(tokenizer, config).save_pretrained(out)
+    processor.save_pretrained(out)
     return out
 
 

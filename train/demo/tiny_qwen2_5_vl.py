@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     Qwen2_5_VLConfig,
@@ -26,7 +25,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from vidtune.train.demo.tiny_model import VOCABULARY
+from vidtune.train.demo.tiny_model import VOCABULARY, save_tiny_model
 
 # Qwen/Qwen2.5-VL-7B-Instruct's chat template, verbatim: a default system prompt, <|im_start|>/<|im_end|> turns,
 # each image or video as <|vision_start|><|image_pad|>/<|video_pad|><|vision_end|> where it appears.
@@ -143,13 +142,9 @@ def tiny_processor(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLProcessor:
 
 def build(out_dir: str | Path, seed: int = 0, extra_words: str = "", text_layers: int | None = None) -> Path:
     """Write the tiny model folder (config, safetensors weights, tokenizer, processor, chat template); return it."""
-    out = Path(out_dir)
     tokenizer = build_qwen_tokenizer(extra_words)
     config = tiny_config(tokenizer, text_layers)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-    model.save_pretrained(out)
-    tiny_processor(tokenizer).save_pretrained(out)
-    return out
+    end_tokens = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    return save_tiny_model(
+        out_dir, Qwen2_5_VLForConditionalGeneration, config, tiny_processor(tokenizer), seed, eos_token_ids=end_tokens
+    )

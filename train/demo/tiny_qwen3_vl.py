@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from transformers import (
     Qwen2Tokenizer,
     Qwen2VLImageProcessor,
@@ -23,6 +22,7 @@ from transformers import (
     Qwen3VLVideoProcessor,
 )
 
+from vidtune.train.demo.tiny_model import save_tiny_model
 from vidtune.train.demo.tiny_qwen2_5_vl import TINY_SIZES, build_qwen_tokenizer, token_ids
 
 # Qwen/Qwen3-VL-8B-Instruct's chat template without its tool-calling branches: an optional system turn first,
@@ -101,13 +101,9 @@ def tiny_processor(tokenizer: Qwen2Tokenizer) -> Qwen3VLProcessor:
 
 def build(out_dir: str | Path, seed: int = 0, extra_words: str = "", text_layers: int | None = None) -> Path:
     """Write the tiny model folder (config, safetensors weights, tokenizer, processor, chat template); return it."""
-    out = Path(out_dir)
     tokenizer = build_qwen_tokenizer(extra_words)
     config = tiny_config(tokenizer, text_layers)
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-    model.save_pretrained(out)
-    tiny_processor(tokenizer).save_pretrained(out)
-    return out
+    end_tokens = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    return save_tiny_model(
+        out_dir, Qwen3VLForConditionalGeneration, config, tiny_processor(tokenizer), seed, eos_token_ids=end_tokens
+    )
