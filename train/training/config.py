@@ -56,6 +56,9 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: far less memory, ~30% slower
     trust_remote_code: bool = False  # run code shipped with the checkpoint (only for checkpoints you trust)
     frame_limits: FrameLimits = field(default_factory=FrameLimits)  # Qwen: per-frame pixels, tokens per video
+    # build the architecture from name_or_path's config.json with random weights (no weights read or downloaded):
+    # throughput benchmarks of the real architecture; name_or_path still supplies the processor files
+    from_config: bool = False
 
 
 @dataclass
@@ -104,6 +107,9 @@ class TrainConfig:
     # again | force: resume despite such changes | restart: delete the folder's checkpoints and train from step 1
     resume: str = "auto"
     max_nonfinite_steps: int = 5  # a NaN/inf loss skips its step; this many in a row stop the run
+    # the GPU's dense bf16 peak TFLOPs for train/mfu; 0 = looked up by GPU name (train/training/flops.py); on a
+    # CPU or an unknown GPU without it, TFLOPs are logged but no MFU
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -453,6 +459,8 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError(f"train.seed must be in [0, 2**32), got {t.seed}")
     if t.max_grad_norm < 0 or t.weight_decay < 0 or t.num_epochs < 0 or t.save_retry_s < 0:
         raise RecipeError("train.max_grad_norm, weight_decay, num_epochs and save_retry_s must be >= 0")
+    if t.peak_tflops < 0:
+        raise RecipeError(f"train.peak_tflops must be >= 0 (0 = look the GPU up), got {t.peak_tflops}")
     if t.max_steps < 0 or t.eval_every_steps < 0 or t.save_every_steps < 0:
         raise RecipeError("train.max_steps, eval_every_steps and save_every_steps must be >= 0")
     if t.max_steps == 0 and t.num_epochs <= 0:

@@ -60,6 +60,7 @@ from vidtune.train.training.distributed import (
     save_state_kwargs,
     zero_stage,
 )
+from vidtune.train.training.flops import FlopCounter, flop_counter, peak_tflops, squared_lengths
 from vidtune.train.training.health import (
     BadSampleMonitor,
     NonFiniteGuard,
@@ -90,6 +91,7 @@ class Run:
     drops: DropReport
     lockstep: VisionLockstep
     fingerprint: dict[str, Any]  # what a checkpoint of this run may only be resumed with
+    flops: FlopCounter  # a step's model FLOPs, for TFLOPs and MFU (flops.py)
     stop: StopRequest = field(default_factory=StopRequest)
     nonfinite: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(5))
     bad_samples: BadSampleMonitor = field(default_factory=lambda: BadSampleMonitor(BadSampleConfig()))
@@ -130,6 +132,8 @@ def build_run(recipe: Recipe, accelerator: Accelerator, lock: Any) -> Run:
         recipe.train.num_epochs * steps_per_epoch(recipe, sampler, accelerator)
     )
     optimizer, scheduler = build_optimizer(recipe, model, total_steps, fused=not is_deepspeed(accelerator))
+    zero3 = zero_stage(accelerator) == 3
+    flops = flop_counter(model, family, head_everywhere=zero3)  # the bare model's parts, hooks before wrapping
     if sampler is not None:  # map-style: Accelerate shards the batches across ranks
         model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     else:  # a stream is already split per rank (datasets' split_dataset_by_node)
@@ -159,12 +163,13 @@ def build_run(recipe: Recipe, accelerator: Accelerator, lock: Any) -> Run:
         drops,
         VisionLockstep(accelerator, family, processor, model),
         run_fingerprint,
+        flops,
         nonfinite=NonFiniteGuard(recipe.train.max_nonfinite_steps),
         eval_items=training_items(recipe),
         trainable=[p for p in model.parameters() if p.requires_grad],
         bad_samples=BadSampleMonitor(recipe.data.bad_samples, recipe.train.output_dir),
         lock=lock,
-        loss=training_loss(model, accelerator.autocast, zero3=zero_stage(accelerator) == 3),
+        loss=training_loss(model, accelerator.autocast, zero3=zero3),
     )
 
 
@@ -215,6 +220,7 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, Any]:
     on the device until the loop's next read point; {"skipped": 1} when the host skipped the step (DeepSpeed's
     non-finite loss, fp16's loss scaler, an optimizer that cannot drop an update on the device)."""
     acc = run.accelerator
+    run.flops.seen.take()  # forget the vision work of evaluation since the last step
     skipped = [reason for batch in window for reason in batch.pop("skipped", [])]
     counts = [pop_counts(b) for b in window]  # (samples, real tokens): packed rows are not samples
     run.bad_samples.note(skipped, sum(samples for samples, _ in counts), run.state.step)
@@ -245,11 +251,14 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, Any]:
     local_samples = torch.full((), sum(samples for samples, _ in counts), device=acc.device)
     local_tokens_real = torch.stack([on_device(real, acc.device) for _, real in counts]).sum()
     tokens = acc.reduce(local_tokens_real, "sum")
+    pairs = torch.stack([on_device(squared_lengths(b), acc.device) for b in window]).sum()
+    local_flops = run.flops.language_flops(local_tokens_real, on_device(local_tokens, acc.device), pairs)
     return {
         "loss": loss,
         "lr": lr,
         "samples": acc.reduce(local_samples, "sum"),
         "tokens": tokens,
+        "flops": acc.reduce(local_flops + run.flops.vision_flops(), "sum"),
         "grad_norm": grad_norm if grad_norm is not None else float("nan"),
         "skipped_samples": len(skipped),
     }
@@ -375,7 +384,7 @@ def train_loop(run: Run) -> dict[str, float]:
     show_bar = acc.is_local_main_process and sys.stderr.isatty() and not os.environ.get("TQDM_DISABLE")
     bar = tqdm(total=run.total_steps, initial=state.step, disable=not show_bar, desc="training")
     metrics: dict[str, float] = {}
-    progress = tracking.Progress()
+    progress = tracking.Progress(acc.num_processes, peak_tflops(t.peak_tflops))
     unread: dict[str, Any] = {}  # the steps' figures since the last read point, still on the device
     run.model.train()  # once: evaluation puts it back in training mode itself
     while state.step < run.total_steps:
@@ -411,8 +420,8 @@ def train_loop(run: Run) -> dict[str, float]:
 
 
 def add_unread(unread: dict[str, Any], step: dict[str, Any]) -> None:
-    """Sum samples, tokens and failed samples over the unread steps; keep the latest step's loss, lr and norm."""
-    for key in ("samples", "tokens", "skipped_samples"):
+    """Sum samples, tokens, FLOPs and failed samples over the unread steps; keep the latest step's loss, lr and norm."""
+    for key in ("samples", "tokens", "flops", "skipped_samples"):
         step[key] = step[key] + unread.get(key, 0)
     unread.update(step)
 

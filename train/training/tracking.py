@@ -117,16 +117,23 @@ def finish(accelerator: Any) -> None:
 
 
 class Progress:
-    """The per-step metrics: the step's own, throughput since this process started training, and counters."""
+    """The per-step metrics: the step's own, throughput since this process started training (samples, tokens,
+    model TFLOPs per GPU and, with a known peak, MFU: flops.py), and counters."""
 
-    def __init__(self) -> None:
-        self.started, self.samples, self.tokens = time.perf_counter(), 0, 0
+    def __init__(self, processes: int = 1, peak_tflops: float | None = None) -> None:
+        self.started, self.samples, self.tokens, self.flops = time.perf_counter(), 0, 0, 0.0
         self.data_wait_s = 0.0  # the main process waiting for batches (added by the loop)
+        self.processes, self.peak_tflops = processes, peak_tflops
 
     def update(self, step: dict[str, float], epoch: int, nonfinite_steps: int, failed_samples: int) -> dict[str, float]:
         self.samples += int(step["samples"])
         self.tokens += int(step["tokens"])
+        self.flops += float(step.get("flops", 0.0))  # summed over ranks
         elapsed = time.perf_counter() - self.started
+        tflops = self.flops / elapsed / self.processes / 1e12
+        figures = {"train/tflops_per_gpu": tflops}
+        if self.peak_tflops:
+            figures["train/mfu"] = tflops / self.peak_tflops
         return {
             "train/loss": step["loss"],
             "train/lr": step["lr"],
@@ -137,4 +144,5 @@ class Progress:
             "train/data_wait_fraction": self.data_wait_s / elapsed,
             "train/nonfinite_steps": nonfinite_steps,
             "data/failed_samples": failed_samples,
+            **figures,
         }

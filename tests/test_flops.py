@@ -1,0 +1,128 @@
+"""The model-FLOP count behind the loop's TFLOPs and MFU (train/training/flops.py): against a hand calculation on
+the tiny config, against torch's own FLOP counter on a real forward and backward, and the MFU's peak."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vidtune.data.packing import pack
+from vidtune.train.training import flops as F
+from vidtune.train.training.config import FinetuneConfig
+from vidtune.train.training.model import apply_finetuning, model_class
+from vidtune.train.training.tracking import Progress
+
+
+def lora_model(model_dir, family, train_projector: bool, device: str = "cpu"):
+    """The tiny LLaVA-NeXT-Video with LoRA rank 16 on every language-model projection (the recipes' default)."""
+    from vidtune.train.training.model import load_model_config
+
+    if device == "meta":
+        with torch.device("meta"):
+            model = model_class(family)._from_config(load_model_config(str(model_dir)))
+    else:  # eager attention: torch's FLOP counter has no formula for CPU's fused sdpa kernel
+        model = model_class(family).from_pretrained(model_dir, attn_implementation="eager")
+    cfg = FinetuneConfig(train_projector=train_projector)
+    cfg.lora.dropout = 0.0
+    return apply_finetuning(model, family, cfg)
+
+
+def test_coefficients_match_a_hand_count_of_the_tiny_config(family_kits):
+    kit = family_kits("llava_next_video")
+    model = lora_model(kit.model_dir, kit.family, train_projector=False, device="meta")
+    text, vision = model.config.text_config, model.config.vision_config
+    h, i, layers, r = text.hidden_size, text.intermediate_size, text.num_hidden_layers, 16
+    assert (h, i, layers, vision.hidden_size, vision.intermediate_size) == (64, 128, 2, 32, 64)  # the tiny sizes
+    counter = F.flop_counter(model, kit.family)
+    # q k v o (h x h), gate up (h -> i), down (i -> h); LoRA r x (in + out) on each: r x (4 x 2h + 3 x (h + i))
+    lora = layers * r * (11 * h + 3 * i)
+    assert counter.language == F.PartWeights(frozen=layers * (4 * h * h + 3 * h * i), lora=lora)
+    assert counter.head == F.PartWeights(frozen=text.vocab_size * h)
+    # CLIP: q k v out (32 x 32), fc1 fc2 (32 <-> 64) per layer, the 8x8x3 -> 32 patch convolution
+    assert counter.vision == F.PartWeights(frozen=2 * (4 * 32 * 32 + 2 * 32 * 64) + 3 * 8 * 8 * 32)
+    assert counter.projector == F.PartWeights(frozen=32 * 64 + 64 * 64)
+    assert counter.attention_per_pair == 12 * layers * h
+    assert counter.vision_attention_per_pair == 4 * 2 * 32
+    # 100 tokens in two samples of 60 and 40, 10 scored: frozen weights 4 per token (forward and the activations'
+    # gradient), LoRA 6, the frozen head 4 at the scored positions, attention 12 L d per pair
+    tokens, labels, pairs = torch.tensor(100), torch.tensor(10), torch.tensor(60.0**2 + 40.0**2)
+    by_hand = 100 * (4 * 81_920 + 6 * 34_816) + 10 * 4 * text.vocab_size * 64 + 5_200 * 1_536
+    assert counter.language_flops(tokens, labels, pairs).item() == by_hand
+
+
+def video_batch(config, frames: int, text_tokens: int, rows: int) -> dict[str, torch.Tensor]:
+    per_frame = config.video_seq_length
+    video = torch.full((frames * per_frame,), config.video_token_index)
+    text = torch.randint(3, 200, (text_tokens,))
+    input_ids = torch.cat([text[:4], video, text[4:]]).repeat(rows, 1)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -8:] = input_ids[:, -8:]
+    px = config.vision_config.image_size
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "pixel_values_videos": torch.randn(rows, frames, 3, px, px),
+    }
+
+
+def test_count_matches_torch_flop_counter_on_a_forward_and_backward(family_kits):
+    """torch.utils.flop_counter counts every matmul, convolution and attention product that actually runs. The
+    count differs by exactly two terms of work it charges but that does not run: the gradient of the projector's
+    first layer's input (the frozen tower's features, which nothing needs) and the class token through the patch
+    convolution (it is no patch). 0.19% here; far less on a 7B (a 4,096-wide first projector layer against 32
+    decoder layers)."""
+    from vidtune.train.training.loss import model_loss
+
+    kit = family_kits("llava_next_video")
+    model = lora_model(kit.model_dir, kit.family, train_projector=True)
+    counter = F.flop_counter(model, kit.family, head_everywhere=True)  # the model's own loss: logits everywhere
+    rows, frames = 2, 4
+    batch = video_batch(model.config, frames, text_tokens=40, rows=rows)
+    tokens = batch["attention_mask"].sum()
+    label_tokens = (batch["labels"][:, 1:] != -100).sum()
+    with FlopCounterMode(display=False) as measured:
+        model_loss(model, batch).backward()
+    ours = counter.language_flops(tokens, label_tokens, F.squared_lengths(batch)).item() + counter.vision_flops()
+    assert counter.seen.take() == (0, 0, 0)  # vision_flops took the step's counts
+    projector_rows = rows * frames * model.config.video_seq_length
+    first_projector_layer, patch_convolution = 32 * 64, 3 * 8 * 8 * 32
+    not_run = 2 * projector_rows * first_projector_layer + 2 * rows * frames * patch_convolution
+    assert ours - measured.get_total_flops() == not_run
+    assert ours == pytest.approx(measured.get_total_flops(), rel=0.002)
+
+
+def test_squared_lengths_of_padded_and_packed_batches():
+    def sample(length: int, scored: int) -> dict[str, torch.Tensor]:
+        labels = torch.full((length,), -100)
+        labels[-scored:] = 7
+        return {"input_ids": torch.full((length,), 5), "labels": labels}
+
+    samples = [sample(6, 2), sample(3, 1), sample(4, 1)]
+    padded = {
+        "attention_mask": torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 4 + [0] * 2]),
+    }
+    assert F.squared_lengths(padded).item() == 36 + 9 + 16
+    packed = pack(samples, max_length=7, pad_token_id=0, family=None)  # rows [6], [4, 3]: the first padded by 1
+    assert packed["input_ids"].shape == (2, 7)
+    assert F.squared_lengths(packed).item() == 36 + 9 + 16  # the padding segment holds no label: left out
+
+
+def test_mfu_needs_a_peak(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100 PCIe")
+    assert F.peak_tflops() == 756.0  # the PCIe variant, not the SXM figure its name also contains
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100 80GB HBM3")
+    assert F.peak_tflops() == 989.0
+    assert F.peak_tflops(500.0) == 500.0  # the recipe's train.peak_tflops wins
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Some Future GPU")
+    assert F.peak_tflops() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert F.peak_tflops() is None  # a CPU: no MFU unless the recipe gives a peak
+
+    step = {"loss": 1.0, "lr": 1e-4, "grad_norm": 1.0, "samples": 2, "tokens": 100, "flops": 4e12}
+    without = Progress(processes=2).update(step, 0, 0, 0)
+    assert without["train/tflops_per_gpu"] > 0 and "train/mfu" not in without
+    with_peak = Progress(processes=2, peak_tflops=1e-3).update(step, 0, 0, 0)
+    assert with_peak["train/mfu"] == pytest.approx(with_peak["train/tflops_per_gpu"] / 1e-3)

@@ -1,0 +1,271 @@
+"""Model FLOPs of a training step and the GPU's peak, for the loop's TFLOPs and MFU (model FLOPs utilisation).
+
+What is counted (model FLOPs: checkpointing's recomputation is not work the model needs, so it is not counted):
+- Matrix multiplies, 2 FLOPs per weight per token in the forward (Kaplan et al. 2020, "Scaling Laws", sec. 2.1).
+  In the backward, 2 more per weight per token for the gradient of the activations wherever a gradient flows
+  (a part that trains, or lies downstream of one), and 2 more for the weight's own gradient when it trains. So a
+  fully trained language model costs the familiar 6N per token; a frozen one under LoRA 4N plus 6 per LoRA weight.
+  A part that neither trains nor passes gradients on (a frozen vision tower) costs its forward only, 2N.
+- The language head only at the positions that are scored: loss.py computes logits only there (the model's own
+  full-logit loss, used under ZeRO-3, computes them everywhere).
+- Attention of the language model, PaLM's count (Chowdhery et al. 2022, appendix B: 6N + 12·L·H·Q·T per token):
+  4·layers·d_attn FLOPs per (query, key) pair forward (QK^T and attention x V), twice that backward, over the full
+  L x L square per sample (no discount for the causal mask, as PaLM and Megatron-LM count, and as
+  torch.utils.flop_counter counts scaled_dot_product_attention): 12·layers·d_attn·L² per sample of L tokens.
+- The vision tower on the tokens it actually sees (a hook counts them: anyres crops, frames, Qwen's patches), with
+  its attention per image or frame for towers that take whole images (CLIP, SigLIP); the windowed attention of
+  Qwen's towers is left out (a small undercount).
+- The projector on the rows it actually sees (a hook on each of its linear layers).
+Not counted: embeddings (lookups), norms, activations, the loss itself: a few percent at most (a conservative MFU).
+
+The peak is the GPU's dense bf16 tensor throughput from its vendor's datasheet, looked up by
+torch.cuda.get_device_name, or `train.peak_tflops` from the recipe. Without a peak (CPU, an unknown GPU) the loop
+logs achieved TFLOPs but no MFU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vidtune.data.families import ModelFamily
+
+# Dense (no sparsity) bf16 tensor-core TFLOPs per GPU, vendor datasheets; the first name found in the device's
+# name wins (so the specific variants come before the family name).
+PEAK_TFLOPS = {
+    "B200": 2250.0,  # NVIDIA HGX B200 datasheet: 4.5 PFLOPS sparse bf16 per GPU
+    "H200 NVL": 835.0,  # NVIDIA H200 datasheet: 1,671 sparse (NVL)
+    "H200": 989.0,  # NVIDIA H200 datasheet: 1,979 sparse (SXM)
+    "H100 NVL": 835.0,  # NVIDIA H100 datasheet: 1,671 sparse
+    "H100 PCIe": 756.0,  # NVIDIA H100 datasheet: 1,513 sparse
+    "H100": 989.0,  # NVIDIA H100 datasheet: 1,979 sparse (SXM)
+    "H800": 989.0,  # as the H100 SXM (NVIDIA H800 datasheet)
+    "A100": 312.0,  # NVIDIA A100 datasheet: 312 dense bf16
+    "A800": 312.0,  # as the A100
+    "L40S": 362.0,  # NVIDIA L40S datasheet: 362.05 dense, 733 sparse
+    "L40": 181.0,  # NVIDIA L40 datasheet: 181.05 dense, 362.1 sparse
+    "L4": 121.0,  # NVIDIA L4 datasheet: 242 sparse
+    "A10": 125.0,  # NVIDIA A10 datasheet: 125 dense, 250 sparse
+    "RTX 4090": 165.0,  # NVIDIA Ada architecture whitepaper: 165.2 dense with FP32 accumulate
+}
+
+
+def peak_tflops(override: float | None = None) -> float | None:
+    """The recipe's figure when set, else the table's for this GPU; None on a CPU or an unknown GPU."""
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def numel(param: torch.Tensor) -> int:
+    """A weight's element count, also when ZeRO-3 has partitioned it away (numel() is then 0)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+@dataclass
+class PartWeights:
+    """The matmul weights of one part of the model: frozen, trained, and LoRA's (all trained)."""
+
+    frozen: int = 0
+    trained: int = 0
+    lora: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.frozen + self.trained + self.lora
+
+    def per_token(self, backward: bool) -> int:
+        """FLOPs per token: forward 2 per weight; with a gradient flowing, 2 for the activations' gradient, and 2
+        for each trained weight's own gradient."""
+        if not backward and not (self.trained or self.lora):
+            return 2 * self.total
+        return 4 * self.total + 2 * (self.trained + self.lora)
+
+
+def matmul_modules(model: torch.nn.Module, prefix: str, exclude: str | None = None):
+    """(name, module) of the linear and convolution layers under a module-name prefix; a PEFT model's names are
+    matched without its `base_model.model.` wrapper, and modules_to_save's idle original copies are skipped."""
+    for name, module in model.named_modules():
+        bare = name.removeprefix("base_model.model.")
+        if not bare.startswith(prefix) or ".original_module" in bare:
+            continue
+        if exclude and bare.startswith(exclude):
+            continue
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Conv3d):
+            yield bare, module
+
+
+def part_weights(model: torch.nn.Module, prefix: str, exclude: str | None = None) -> PartWeights:
+    part = PartWeights()
+    for name, module in matmul_modules(model, prefix, exclude):
+        count = numel(module.weight)
+        if ".lora_" in name:
+            part.lora += count
+        elif module.weight.requires_grad:
+            part.trained += count
+        else:
+            part.frozen += count
+    return part
+
+
+@dataclass
+class VisionTokens:
+    """Counts what the vision side processes during the forward passes of one step (hooks; shapes only, no
+    device sync): the tower's tokens and its attention pairs, the projector's FLOPs."""
+
+    tower_tokens: int = 0
+    tower_pairs: int = 0  # sum over images/frames of tokens² (towers that take whole images)
+    projector_flops: int = 0
+
+    def take(self) -> tuple[int, int, int]:
+        figures = (self.tower_tokens, self.tower_pairs, self.projector_flops)
+        self.tower_tokens = self.tower_pairs = self.projector_flops = 0
+        return figures
+
+
+@dataclass
+class FlopCounter:
+    """Per-family FLOP coefficients of a built model (see the module docstring), and hooks counting the vision
+    side's tokens. `step_flops` turns a micro-batch into FLOPs, on the batch's device (no host read)."""
+
+    language: PartWeights
+    head: PartWeights
+    vision: PartWeights
+    projector: PartWeights
+    attention_per_pair: int  # 12 · layers · d_attn (forward and backward)
+    vision_attention_per_pair: int  # 4 · layers · d_attn per pass (forward; x2 more when a gradient flows)
+    patch_size: int
+    class_token: bool  # the tower adds one class token per image (CLIP)
+    head_everywhere: bool = False  # the model's own loss computes logits at every position (ZeRO-3)
+    seen: VisionTokens = field(default_factory=VisionTokens)
+
+    @property
+    def vision_backward(self) -> bool:
+        return bool(self.vision.trained or self.vision.lora)
+
+    @property
+    def projector_backward(self) -> bool:
+        return self.vision_backward or bool(self.projector.trained or self.projector.lora)
+
+    def attach(self, model: torch.nn.Module, family: ModelFamily) -> FlopCounter:
+        """Hooks on the vision tower (its input's tokens) and on each projector layer (its rows)."""
+        tower = find_module(model, family.vision_tower_prefix)
+        if tower is not None:
+            tower.register_forward_pre_hook(self._tower_input, with_kwargs=True)
+        per_row = 2 if not self.projector_backward else 6 if self.projector.trained or self.projector.lora else 4
+        for _, module in matmul_modules(model, family.projector_prefix):
+            module.register_forward_pre_hook(lambda m, args, k=per_row: self._projector_rows(m, args, k))
+        return self
+
+    def _tower_input(self, module: Any, args: tuple, kwargs: dict) -> None:
+        pixels = args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))
+        if not isinstance(pixels, torch.Tensor):
+            return
+        if pixels.dim() >= 4:  # whole images (N, C, H, W): patches per image, plus a class token
+            images = pixels.shape[0] if pixels.dim() == 4 else pixels.shape[:-3].numel()
+            per_image = (pixels.shape[-2] // self.patch_size) * (pixels.shape[-1] // self.patch_size)
+            per_image += int(self.class_token)
+            self.seen.tower_tokens += images * per_image
+            self.seen.tower_pairs += images * per_image**2
+        else:  # flattened patches (Qwen): one row per patch
+            self.seen.tower_tokens += pixels.shape[0]
+
+    def _projector_rows(self, module: Any, args: tuple, per_row: int) -> None:
+        hidden = args[0]
+        rows = hidden.numel() // hidden.shape[-1] if hidden.dim() > 1 else 1
+        self.seen.projector_flops += per_row * rows * numel(module.weight)
+
+    def language_flops(self, tokens: torch.Tensor, label_tokens: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        """The language model's FLOPs for `tokens` real tokens, `label_tokens` scored ones, `pairs` = sum of L²."""
+        head_tokens = tokens if self.head_everywhere else label_tokens
+        return (
+            tokens.double() * self.language.per_token(backward=True)
+            + head_tokens.double() * self.head.per_token(backward=True)
+            + pairs.double() * self.attention_per_pair
+        )
+
+    def vision_flops(self) -> float:
+        """The vision side's FLOPs over the forwards since the last call (then forgotten)."""
+        tokens, pairs, projector = self.seen.take()
+        passes = 3 if self.vision_backward else 1
+        return (
+            tokens * self.vision.per_token(self.vision_backward)
+            + pairs * self.vision_attention_per_pair * passes
+            + projector
+        )
+
+
+def find_module(model: torch.nn.Module, prefix: str) -> torch.nn.Module | None:
+    target = prefix.rstrip(".")
+    for name, module in model.named_modules():
+        if name.removeprefix("base_model.model.") == target:
+            return module
+    return None
+
+
+def text_config(config: Any) -> Any:
+    return getattr(config, "text_config", config)
+
+
+def vision_config(config: Any) -> Any:
+    return getattr(config, "vision_config", None)
+
+
+def attention_width(config: Any) -> int:
+    """Query heads x head dimension (the width of QK^T and of attention x V)."""
+    heads = config.num_attention_heads if hasattr(config, "num_attention_heads") else config.num_heads
+    hidden = config.hidden_size if hasattr(config, "hidden_size") else config.embed_dim
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return heads * head_dim
+
+
+def flop_counter(model: Any, family: ModelFamily, head_everywhere: bool = False) -> FlopCounter:
+    """The FLOP coefficients of a built (possibly PEFT-wrapped, possibly ZeRO-3-partitioned) model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = inner.config
+    text, vision = text_config(config), vision_config(config)
+    head_module = inner.get_output_embeddings()
+    head = PartWeights()
+    if head_module.weight.requires_grad:
+        head.trained = numel(head_module.weight)
+    else:
+        head.frozen = numel(head_module.weight)
+    tower_layers = getattr(vision, "num_hidden_layers", 0) or getattr(vision, "depth", 0)
+    tower_type = getattr(vision, "model_type", "")
+    whole_images = tower_type in ("clip_vision_model", "siglip_vision_model")
+    return FlopCounter(
+        language=part_weights(model, family.language_model_prefix),
+        head=head,
+        vision=part_weights(model, family.vision_tower_prefix, exclude=family.projector_prefix),
+        projector=part_weights(model, family.projector_prefix),
+        attention_per_pair=12 * text.num_hidden_layers * attention_width(text),
+        vision_attention_per_pair=4 * tower_layers * attention_width(vision) if vision and whole_images else 0,
+        patch_size=getattr(vision, "patch_size", 1) if vision is not None else 1,
+        class_token=tower_type == "clip_vision_model",
+        head_everywhere=head_everywhere,
+    ).attach(model, family)
+
+
+def squared_lengths(batch: dict[str, Any]) -> torch.Tensor:
+    """Sum over the micro-batch's samples of their token count squared, on the batch's device (no host read).
+
+    A padded batch: one sample per row, its length from the attention mask. A packed batch (position ids
+    restarting per sample, no mask): a sample per restart; the padding segment that ends a short row holds no
+    label, and neither do the samples' prompts alone, so segments without any label token are left out."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum(-1).double().square().sum()
+    positions = batch["position_ids"]
+    if positions.dim() == 3:  # multimodal RoPE (3 or 4, rows, width): every row restarts at 0 per sample
+        positions = positions[0]
+    starts = positions == 0
+    segment = starts.flatten().cumsum(0) - 1  # a sample's segment id, counted across rows
+    labelled = (batch["labels"] != -100).flatten().double()
+    lengths = torch.zeros(segment.numel(), dtype=torch.float64, device=segment.device)
+    lengths.scatter_add_(0, segment, torch.ones_like(labelled))
+    labels = torch.zeros_like(lengths).scatter_add_(0, segment, labelled)
+    return (lengths.square() * (labels > 0)).sum()
