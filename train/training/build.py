@@ -41,6 +41,8 @@ from vidtune.train.training.preemption import WorkerSignals
 def build_model(recipe: Recipe, accelerator: Accelerator) -> tuple[Any, ModelFamily, Any, dict[str, Any]]:
     model, family = load_model(recipe.model)
     m = recipe.model
+    if m.from_config:
+        accelerator.print(f"model: {m.name_or_path} built from its config.json with random weights (model.from_config)")
     processor = load_processor(m.name_or_path, family, m.trust_remote_code, m.frame_limits)
     # Seed right before the adapter's random init: loading draws from the RNG differently under DeepSpeed ZeRO-3
     # (and across library versions), and LoRA A must be the same whatever the launch.

@@ -65,16 +65,25 @@ def model_class(family: ModelFamily) -> Any:
 
 
 def load_model(cfg: ModelConfig, device_map: Any = None) -> tuple[Any, ModelFamily]:
-    """The checkpoint by hub id or local path, in the recipe's dtype and attention implementation."""
+    """The checkpoint by hub id or local path, in the recipe's dtype and attention implementation (or, with
+    model.from_config, its architecture with random weights: nothing but config.json is read).
+
+    Under DeepSpeed ZeRO-3 (an HfDeepSpeedConfig alive, see distributed.py) transformers builds either way inside
+    deepspeed.zero.Init: each rank allocates only its partition of every weight, and from_pretrained loads the
+    checkpoint's tensors straight into those partitions."""
     config = load_model_config(cfg.name_or_path, cfg.trust_remote_code)
     family = family_for(config.model_type)
-    model = model_class(family).from_pretrained(
-        cfg.name_or_path,
-        dtype=resolve_dtype(cfg.dtype),
-        attn_implementation=cfg.attn_implementation,
-        trust_remote_code=cfg.trust_remote_code,
-        device_map=device_map,
-    )
+    dtype = resolve_dtype(cfg.dtype)
+    if cfg.from_config:
+        model = model_class(family)._from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    else:
+        model = model_class(family).from_pretrained(
+            cfg.name_or_path,
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+            device_map=device_map,
+        )
     family.prepare_model(model)
     return model, family
 
