@@ -39,7 +39,8 @@ from vidtune.train.training.preemption import WorkerSignals
 
 
 def build_model(recipe: Recipe, accelerator: Accelerator) -> tuple[Any, ModelFamily, Any, dict[str, Any]]:
-    model, family = load_model(recipe.model)
+    # Random weights (model.from_config) are drawn on the device; ZeRO-3's zero.Init places its partitions itself.
+    model, family = load_model(recipe.model, init_device=None if is_deepspeed(accelerator) else accelerator.device)
     m = recipe.model
     if m.from_config:
         accelerator.print(f"model: {m.name_or_path} built from its config.json with random weights (model.from_config)")

@@ -64,18 +64,20 @@ def model_class(family: ModelFamily) -> Any:
     return getattr(transformers, family.model_class)
 
 
-def load_model(cfg: ModelConfig, device_map: Any = None) -> tuple[Any, ModelFamily]:
+def load_model(cfg: ModelConfig, device_map: Any = None, init_device: Any = None) -> tuple[Any, ModelFamily]:
     """The checkpoint by hub id or local path, in the recipe's dtype and attention implementation (or, with
     model.from_config, its architecture with random weights: nothing but config.json is read).
 
     Under DeepSpeed ZeRO-3 (an HfDeepSpeedConfig alive, see distributed.py) transformers builds either way inside
     deepspeed.zero.Init: each rank allocates only its partition of every weight, and from_pretrained loads the
-    checkpoint's tensors straight into those partitions."""
+    checkpoint's tensors straight into those partitions. `init_device`: where from_config draws the random weights
+    (a GPU draws a 7B's in a second, a CPU in minutes)."""
     config = load_model_config(cfg.name_or_path, cfg.trust_remote_code)
     family = family_for(config.model_type)
     dtype = resolve_dtype(cfg.dtype)
     if cfg.from_config:
-        model = model_class(family)._from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        with torch.device(init_device or "cpu"):
+            model = model_class(family)._from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
     else:
         model = model_class(family).from_pretrained(
             cfg.name_or_path,

@@ -116,6 +116,18 @@ def finish(accelerator: Any) -> None:
     accelerator.end_training()
 
 
+def peak_memory_gb() -> float:
+    """The highest memory this process has used so far: tensors on the GPU (torch's allocator, a host-side counter:
+    no device sync), or the process's peak resident set on a CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
 class Progress:
     """The per-step metrics: the step's own, throughput since this process started training (samples, tokens,
     model TFLOPs per GPU and, with a known peak, MFU: flops.py), and counters."""
@@ -131,7 +143,7 @@ class Progress:
         self.flops += float(step.get("flops", 0.0))  # summed over ranks
         elapsed = time.perf_counter() - self.started
         tflops = self.flops / elapsed / self.processes / 1e12
-        figures = {"train/tflops_per_gpu": tflops}
+        figures = {"train/tflops_per_gpu": tflops, "train/elapsed_s": elapsed, "train/peak_memory_gb": peak_memory_gb()}
         if self.peak_tflops:
             figures["train/mfu"] = tflops / self.peak_tflops
         return {
