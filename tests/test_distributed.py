@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -159,6 +160,22 @@ def test_two_processes_match_one_process_losses_through_a_kill_and_resume(
     assert "resuming from" in resumed.stdout and "step_00000002" in resumed.stdout
     assert "shm_comm" not in killed.stdout + resumed.stdout  # no JIT build of DeepSpeed's CPU all-reduce (~50 s)
     assert_two_processes_matched(output, reference, distributed_type, stage)
+    if stage == 3:
+        assert_loaded_partitioned(resumed.stdout, output, reference)
+
+
+def assert_loaded_partitioned(stdout: str, output: Path, reference: Path) -> None:
+    """ZeRO-3 loads inside deepspeed.zero.Init: right after loading, each rank holds about half of the weights
+    (DeepSpeed pads each partition to the world size); the audit still counts the whole model."""
+    # (the ranks print at once: their lines may run into each other)
+    held = re.findall(r"rank (\d): parameters held on this rank after loading: ([\d,]+) of ([\d,]+)", stdout)
+    assert sorted(rank for rank, _, _ in held) == ["0", "1"], stdout[-3000:]
+    single = json.loads((reference / "trainable_parameters.json").read_text())
+    for _, mine, total in held:
+        mine, total = int(mine.replace(",", "")), int(total.replace(",", ""))
+        assert total == single["total"] - sum(single["lora"].values())  # the base model, before LoRA
+        assert 0.49 < mine / total < 0.52
+    assert json.loads((output / "trainable_parameters.json").read_text()) == single
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:

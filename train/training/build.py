@@ -26,11 +26,12 @@ from vidtune.data.dataset import (
 from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import ModelFamily
 from vidtune.train.training.config import Recipe, RecipeError
-from vidtune.train.training.distributed import is_deepspeed
+from vidtune.train.training.distributed import is_deepspeed, zero_stage
 from vidtune.train.training.model import (
     apply_finetuning,
     check_audit,
     enable_gradient_checkpointing,
+    held_parameters,
     load_model,
     load_processor,
     trainable_audit,
@@ -44,6 +45,9 @@ def build_model(recipe: Recipe, accelerator: Accelerator) -> tuple[Any, ModelFam
     m = recipe.model
     if m.from_config:
         accelerator.print(f"model: {m.name_or_path} built from its config.json with random weights (model.from_config)")
+    if zero_stage(accelerator) == 3:  # loaded inside deepspeed.zero.Init: each rank holds its partition only
+        held, total = held_parameters(model)
+        print(f"rank {accelerator.process_index}: parameters held on this rank after loading: {held:,} of {total:,}")
     processor = load_processor(m.name_or_path, family, m.trust_remote_code, m.frame_limits)
     # Seed right before the adapter's random init: loading draws from the RNG differently under DeepSpeed ZeRO-3
     # (and across library versions), and LoRA A must be the same whatever the launch.

@@ -53,7 +53,27 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         # batch size; DeepSpeed needs it for its bookkeeping.
         ds_config["train_micro_batch_size_per_gpu"] = t.batch_size
         ds_config["train_batch_size"] = t.batch_size * t.grad_accum_steps * accelerator.num_processes
+        if zero_stage(accelerator) == 3:
+            load_partitioned(accelerator)
     return accelerator
+
+
+def load_partitioned(accelerator: Accelerator) -> None:
+    """Under ZeRO-3, models load inside deepspeed.zero.Init: each rank allocates and keeps only its partition of
+    every weight, so no rank ever holds the whole model (8 x 15 GB of host RAM for a 7B on 8 GPUs otherwise).
+
+    transformers does this (from_pretrained, _from_config) while an HfDeepSpeedConfig of a stage-3 config is alive;
+    Accelerate keeps one on its DeepSpeed plugin. Accelerate 1.x sets it whatever the launch config's
+    zero3_init_flag says, older releases only when it is true (launch/accelerate/zero3*.yaml set it true): make
+    sure of it here rather than load 8 full copies unnoticed."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    plugin = accelerator.state.deepspeed_plugin
+    if not is_deepspeed_zero3_enabled():
+        plugin.zero3_init_flag = True
+        plugin.set_deepspeed_weakref()
+    if not is_deepspeed_zero3_enabled():
+        raise RuntimeError("ZeRO-3: transformers does not see the DeepSpeed config; weights would load unpartitioned")
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from vidtune.data.families import ModelFamily
+from vidtune.train.training.model import numel
 
 # Dense (no sparsity) bf16 tensor-core TFLOPs per GPU, vendor datasheets; the first name found in the device's
 # name wins (so the specific variants come before the family name).
@@ -60,11 +61,6 @@ def peak_tflops(override: float | None = None) -> float | None:
         return None
     name = torch.cuda.get_device_name()
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
-
-
-def numel(param: torch.Tensor) -> int:
-    """A weight's element count, also when ZeRO-3 has partitioned it away (numel() is then 0)."""
-    return int(getattr(param, "ds_numel", param.numel()))
 
 
 @dataclass

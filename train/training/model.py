@@ -215,12 +215,28 @@ def part_of(name: str, family: ModelFamily) -> str:
     return "language_model" if name.startswith("lm_head") else "other"
 
 
+def numel(param: torch.Tensor) -> int:
+    """A weight's full element count, also when ZeRO-3 has partitioned it (numel() is then 0 on every rank)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def held_numel(param: torch.Tensor) -> int:
+    """The elements of a weight this rank holds: its ZeRO-3 partition, or all of it."""
+    return int(param.ds_tensor.numel()) if hasattr(param, "ds_tensor") else param.numel()
+
+
+def held_parameters(model: Any) -> tuple[int, int]:
+    """(parameters this rank holds, parameters of the model)."""
+    params = list(model.parameters())
+    return sum(held_numel(p) for p in params), sum(numel(p) for p in params)
+
+
 def trainable_audit(model: Any, family: ModelFamily) -> dict[str, Any]:
     """Parameter counts per part: {part: {trainable, total}}, LoRA counted apart, per part it sits in."""
     parts: dict[str, dict[str, int]] = {p: {"trainable": 0, "total": 0} for p in PARTS}
     lora: dict[str, int] = defaultdict(int)
     for name, param in model.named_parameters():
-        part, count = part_of(name, family), param.numel()
+        part, count = part_of(name, family), numel(param)
         if "lora_" in name:
             lora[part] += count if param.requires_grad else 0
             continue
