@@ -5,6 +5,7 @@ model.py        load a checkpoint, choose what trains (LoRA / full, projector, v
 build.py        a run's parts from its recipe: model + processor, data loaders, optimizer and scheduler
 loop.py         the Accelerate loop: micro-batches, loss scaling, steps, eval, checkpoints, final save
 loss.py         the summed token loss from hidden states in chunks (or Liger), never the full logits
+held_out.py     held-out scores during training (eval loss, generation metrics); batches to the device
 checkpoint.py   checkpoints written atomically, verified, resumed only when the run matches, loaded safely
 distributed.py  the Accelerator, DeepSpeed settings, ZeRO-3 vision lockstep, gathering sharded weights
 cpu_launch.py   GPU launch configs on machines without CUDA (the only private-API patches, asserted)

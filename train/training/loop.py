@@ -28,12 +28,10 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from vidtune.data.dataset import DropReport, EpochBatchSampler
-from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import ModelFamily
 from vidtune.data.packing import pop_counts
 from vidtune.data.quality import BadSampleConfig
-from vidtune.train.evaluation.tasks import in_training_eval, training_items
-from vidtune.train.generation.infer import InferenceModel
+from vidtune.train.evaluation.tasks import training_items
 from vidtune.train.training import outputs, tracking
 from vidtune.train.training.build import build_loaders, build_model, build_optimizer, steps_per_epoch
 from vidtune.train.training.checkpoint import (
@@ -68,6 +66,7 @@ from vidtune.train.training.health import (
     check_finite_weights,
     guard_update,
 )
+from vidtune.train.training.held_out import evaluate, generation_eval, to_device
 from vidtune.train.training.loss import LossFunction, model_loss, training_loss
 from vidtune.train.training.model import format_audit
 from vidtune.train.training.preemption import StopRequest, TrainingStopped
@@ -186,13 +185,6 @@ def on_device(count: int | torch.Tensor, device: torch.device) -> torch.Tensor:
     return count.to(device) if isinstance(count, torch.Tensor) else torch.full((), count, device=device)
 
 
-def to_device(run: Run, batch: dict[str, Any]) -> dict[str, Any]:
-    """Streamed batches are not placed by Accelerate; uint8 pixels are normalised once there (family)."""
-    device = run.accelerator.device
-    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # from pinned memory on a GPU
-    return run.family.normalize_pixels(moved, run.processor)
-
-
 def forward_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     """The summed token loss of one micro-batch (train_step scales), never building full logits (loss.py)."""
     run.lockstep.prepare(batch)
@@ -290,34 +282,6 @@ def skip_step(run: Run, what: str) -> dict[str, Any]:
     run.optimizer.zero_grad(set_to_none=True)
     run.nonfinite.skipped(run.state.step + 1, what)
     return {"skipped": 1.0}
-
-
-@torch.no_grad()
-def evaluate(run: Run) -> float | None:
-    """Token-mean loss over the held-out split (per-sample sums, so padding and duplicates do not bias it); None
-    when SIGTERM/SIGINT arrived: checked between batches, since a long evaluation outlasts a preemption's grace
-    period (the caller then checkpoints and stops)."""
-    acc, model = run.accelerator, run.model
-    model.eval()
-    loss_sum, token_sum = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
-    for batch in run.eval_loader:
-        if run.stop.requested(acc):  # every rank has the same number of eval batches (Accelerate evens them)
-            model.train()
-            return None
-        batch.pop("skipped", None)
-        batch = to_device(run, batch)
-        run.lockstep.prepare(batch)  # ranks must run the vision paths alike in eval too
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-        run.lockstep.take_term()
-        labels = batch["labels"][:, 1:]
-        per_token = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
-        ).view(labels.shape)
-        sample_loss, sample_tokens = acc.gather_for_metrics((per_token.sum(1), (labels != -100).sum(1)))
-        loss_sum += sample_loss.sum()
-        token_sum += sample_tokens.sum()
-    model.train()
-    return (loss_sum / token_sum.clamp(min=1)).item()
 
 
 # -------------------------------------------------------------------------------------------------------- loop
@@ -490,39 +454,6 @@ def checkpoint(run: Run) -> Path:
         needed_bytes=state_bytes(run.trainable),
         **save_state_kwargs(run.accelerator),
     )
-
-
-class EvalAbandoned(Exception):
-    """SIGTERM/SIGINT arrived during generation-based evaluation."""
-
-
-def generation_eval(run: Run) -> dict[str, Any] | None:
-    """Generated answers to the held-out items, scored (logged to the console and wandb by the main process); None
-    when a stop was requested, checked before each batch (every rank runs the same number of batches)."""
-    model = run.accelerator.unwrap_model(run.model)
-    builder = ExampleBuilder(run.processor, run.family)
-    d = run.recipe.data
-    im = InferenceModel(model, run.processor, run.family, builder, d.sampling, d.time_instruction)
-
-    def before(batch: dict[str, Any]) -> None:
-        if run.stop.requested(run.accelerator):
-            raise EvalAbandoned
-        run.lockstep.prepare(batch)
-
-    try:
-        return in_training_eval(
-            run.accelerator,
-            im,
-            run.eval_items,
-            run.recipe.eval,
-            run.recipe.train.batch_size,
-            run.state.step,
-            wandb_table=run.recipe.logging.report_to == "wandb",
-            before=before,
-        )
-    except EvalAbandoned:
-        model.train()
-        return None
 
 
 def final_evaluation(run: Run, metrics: dict[str, Any]) -> None:
