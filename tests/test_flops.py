@@ -126,3 +126,34 @@ def test_mfu_needs_a_peak(monkeypatch):
     assert without["train/tflops_per_gpu"] > 0 and "train/mfu" not in without
     with_peak = Progress(processes=2, peak_tflops=1e-3).update(step, 0, 0, 0)
     assert with_peak["train/mfu"] == pytest.approx(with_peak["train/tflops_per_gpu"] / 1e-3)
+
+
+@pytest.mark.parametrize(
+    "asset",
+    [
+        "llava_next_video_7b_config.json",
+        "llava_onevision_qwen2_7b_config.json",
+        "qwen2_5_vl_7b_config.json",
+        "qwen3_vl_8b_config.json",
+    ],
+)
+def test_every_matmul_weight_of_each_7b_is_counted_once(asset, tmp_path):
+    """On each family's real 7B/8B architecture (meta device, no weights): the parts' matmul weights together are
+    exactly the model's weights that are not embedding tables (lookups) or vectors (norms, biases), so none is
+    missed or counted twice; the language model with its head is the 6.5-7.6B a 6N count needs."""
+    import json
+    from pathlib import Path
+
+    from vidtune.train.training.config import ModelConfig
+    from vidtune.train.training.model import build_on_meta
+
+    config = json.loads((Path(__file__).parent / "assets" / asset).read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "_comment"}))
+    model, family = build_on_meta(ModelConfig(name_or_path=str(tmp_path)))
+    counter = F.flop_counter(model, family)
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    matmul = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in tables)
+    parts = (counter.language, counter.head, counter.vision, counter.projector)
+    assert sum(part.total for part in parts) == matmul
+    assert 6.4e9 < counter.language.total + counter.head.total < 7.7e9
+    assert counter.vision.total > 3e8 and counter.projector.total > 1e7
