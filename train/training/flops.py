@@ -15,8 +15,11 @@ What is counted (model FLOPs: checkpointing's recomputation is not work the mode
 - The vision tower on the tokens it actually sees (a hook counts them: anyres crops, frames, Qwen's patches), with
   its attention per image or frame for towers that take whole images (CLIP, SigLIP); the windowed attention of
   Qwen's towers is left out (a small undercount).
-- The projector on the rows it actually sees (a hook on each of its linear layers).
+- The projector on the rows it actually sees (a hook on each of its linear layers), and so the merge layers inside
+  a tower (Qwen3-VL's deepstack mergers), which see one row per 4 patches.
 Not counted: embeddings (lookups), norms, activations, the loss itself: a few percent at most (a conservative MFU).
+Under multi-process ZeRO-3 the blank vision passes that keep ranks in lockstep (distributed.VisionLockstep) are
+counted when they run: one blank frame or image, against a step's worth of real ones.
 
 The peak is the GPU's dense bf16 tensor throughput from its vendor's datasheet, looked up by
 torch.cuda.get_device_name, or `train.peak_tflops` from the recipe. Without a peak (CPU, an unknown GPU) the loop
@@ -25,6 +28,7 @@ logs achieved TFLOPs but no MFU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,22 +87,20 @@ class PartWeights:
         return 4 * self.total + 2 * (self.trained + self.lora)
 
 
-def matmul_modules(model: torch.nn.Module, prefix: str, exclude: str | None = None):
-    """(name, module) of the linear and convolution layers under a module-name prefix; a PEFT model's names are
-    matched without its `base_model.model.` wrapper, and modules_to_save's idle original copies are skipped."""
+def matmul_modules(model: torch.nn.Module, belongs: Callable[[str], bool]):
+    """(name, module) of the linear and convolution layers whose name `belongs`; a PEFT model's names are matched
+    without its `base_model.model.` wrapper, and modules_to_save's idle original copies are skipped."""
     for name, module in model.named_modules():
         bare = name.removeprefix("base_model.model.")
-        if not bare.startswith(prefix) or ".original_module" in bare:
-            continue
-        if exclude and bare.startswith(exclude):
+        if ".original_module" in bare or not belongs(bare):
             continue
         if isinstance(module, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Conv3d):
             yield bare, module
 
 
-def part_weights(model: torch.nn.Module, prefix: str, exclude: str | None = None) -> PartWeights:
+def part_weights(model: torch.nn.Module, belongs: Callable[[str], bool]) -> PartWeights:
     part = PartWeights()
-    for name, module in matmul_modules(model, prefix, exclude):
+    for name, module in matmul_modules(model, belongs):
         count = numel(module.weight)
         if ".lora_" in name:
             part.lora += count
@@ -107,6 +109,19 @@ def part_weights(model: torch.nn.Module, prefix: str, exclude: str | None = None
         else:
             part.frozen += count
     return part
+
+
+def merging(family: ModelFamily) -> Callable[[str], bool]:
+    """The layers that see merged visual rows rather than the tower's tokens: the projector, and merge layers
+    inside the tower (Qwen3-VL's deepstack mergers, each taking 4 patches per row): hooks count their rows."""
+    return lambda name: (
+        name.startswith(family.projector_prefix) or (name.startswith(family.vision_tower_prefix) and "merger" in name)
+    )
+
+
+def tower(family: ModelFamily) -> Callable[[str], bool]:
+    merge = merging(family)
+    return lambda name: name.startswith(family.vision_tower_prefix) and not merge(name)
 
 
 @dataclass
@@ -154,7 +169,7 @@ class FlopCounter:
         if tower is not None:
             tower.register_forward_pre_hook(self._tower_input, with_kwargs=True)
         per_row = 2 if not self.projector_backward else 6 if self.projector.trained or self.projector.lora else 4
-        for _, module in matmul_modules(model, family.projector_prefix):
+        for _, module in matmul_modules(model, merging(family)):
             module.register_forward_pre_hook(lambda m, args, k=per_row: self._projector_rows(m, args, k))
         return self
 
@@ -235,10 +250,10 @@ def flop_counter(model: Any, family: ModelFamily, head_everywhere: bool = False)
     tower_type = getattr(vision, "model_type", "")
     whole_images = tower_type in ("clip_vision_model", "siglip_vision_model")
     return FlopCounter(
-        language=part_weights(model, family.language_model_prefix),
+        language=part_weights(model, lambda name: name.startswith(family.language_model_prefix)),
         head=head,
-        vision=part_weights(model, family.vision_tower_prefix, exclude=family.projector_prefix),
-        projector=part_weights(model, family.projector_prefix),
+        vision=part_weights(model, tower(family)),
+        projector=part_weights(model, merging(family)),
         attention_per_pair=12 * text.num_hidden_layers * attention_width(text),
         vision_attention_per_pair=4 * tower_layers * attention_width(vision) if vision and whole_images else 0,
         patch_size=getattr(vision, "patch_size", 1) if vision is not None else 1,
