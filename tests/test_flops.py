@@ -51,48 +51,6 @@ def test_coefficients_match_a_hand_count_of_the_tiny_config(family_kits):
     assert counter.language_flops(tokens, labels, pairs).item() == by_hand
 
 
-def video_batch(config, frames: int, text_tokens: int, rows: int) -> dict[str, torch.Tensor]:
-    per_frame = config.video_seq_length
-    video = torch.full((frames * per_frame,), config.video_token_index)
-    text = torch.randint(3, 200, (text_tokens,))
-    input_ids = torch.cat([text[:4], video, text[4:]]).repeat(rows, 1)
-    labels = torch.full_like(input_ids, -100)
-    labels[:, -8:] = input_ids[:, -8:]
-    px = config.vision_config.image_size
-    return {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "labels": labels,
-        "pixel_values_videos": torch.randn(rows, frames, 3, px, px),
-    }
-
-
-def test_count_matches_torch_flop_counter_on_a_forward_and_backward(family_kits):
-    """torch.utils.flop_counter counts every matmul, convolution and attention product that actually runs. The
-    count differs by exactly two terms of work it charges but that does not run: the gradient of the projector's
-    first layer's input (the frozen tower's features, which nothing needs) and the class token through the patch
-    convolution (it is no patch). 0.19% here; far less on a 7B (a 4,096-wide first projector layer against 32
-    decoder layers)."""
-    from vidtune.train.training.loss import model_loss
-
-    kit = family_kits("llava_next_video")
-    model = lora_model(kit.model_dir, kit.family, train_projector=True)
-    counter = F.flop_counter(model, kit.family, head_everywhere=True)  # the model's own loss: logits everywhere
-    rows, frames = 2, 4
-    batch = video_batch(model.config, frames, text_tokens=40, rows=rows)
-    tokens = batch["attention_mask"].sum()
-    label_tokens = (batch["labels"][:, 1:] != -100).sum()
-    with FlopCounterMode(display=False) as measured:
-        model_loss(model, batch).backward()
-    ours = counter.language_flops(tokens, label_tokens, F.squared_lengths(batch)).item() + counter.vision_flops()
-    assert counter.seen.take() == (0, 0, 0)  # vision_flops took the step's counts
-    projector_rows = rows * frames * model.config.video_seq_length
-    first_projector_layer, patch_convolution = 32 * 64, 3 * 8 * 8 * 32
-    not_run = 2 * projector_rows * first_projector_layer + 2 * rows * frames * patch_convolution
-    assert ours - measured.get_total_flops() == not_run
-    assert ours == pytest.approx(measured.get_total_flops(), rel=0.002)
-
-
 def test_squared_lengths_of_padded_and_packed_batches():
     def sample(length: int, scored: int) -> dict[str, torch.Tensor]:
         labels = torch.full((length,), -100)
@@ -157,3 +115,44 @@ def test_every_matmul_weight_of_each_7b_is_counted_once(asset, tmp_path):
     assert sum(part.total for part in parts) == matmul
     assert 6.4e9 < counter.language.total + counter.head.total < 7.7e9
     assert counter.vision.total > 3e8 and counter.projector.total > 1e7
+
+
+def test_count_matches_torch_flop_counter_for_every_family(family_kit, clips):
+    """torch.utils.flop_counter counts every matmul, convolution and attention product that actually runs. On each
+    family's tiny model and a processor-made batch of two clips (its own visual tensors: CLIP/SigLIP frames, Qwen's
+    flattened patches and grid), the count is within 2% of what it measures in a forward and backward (measured:
+    LLaVA-NeXT-Video +0.3%, OneVision +0.5%, Qwen2.5-VL -0.3%, Qwen3-VL +1.7%: work charged that does not run, see
+    below, against Qwen's windowed vision attention left out). A hook that missed the tower's tokens or the
+    projector's rows would be off by far more on these tiny models."""
+    from vidtune.data.collator import Collator
+    from vidtune.data.dataset import load_media
+    from vidtune.data.video import SamplingConfig
+    from vidtune.train.training.loss import model_loss
+
+    model = lora_model(family_kit.model_dir, family_kit.family, train_projector=True)
+    family_kit.family.prepare_model(model)
+    video = {"type": "video", "path": str(clips["red_blue"]), "start_s": None, "end_s": None}
+    messages = [
+        {"role": "user", "content": [video, {"type": "text", "text": "What colours?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red then blue"}]},
+    ]
+    media, _ = load_media(messages, SamplingConfig(4), False, None, shortest_edge=family_kit.builder.frame_px)
+    example = family_kit.builder.build(messages, media)
+    batch = Collator(family_kit.processor.tokenizer.pad_token_id, family=family_kit.family)([example, example])
+    batch.pop("skipped", None)
+    counter = F.flop_counter(model, family_kit.family, head_everywhere=True)
+    tokens, label_tokens = batch["attention_mask"].sum(), (batch["labels"][:, 1:] != -100).sum()
+    with FlopCounterMode(display=False) as measured:
+        model_loss(model, batch).backward()
+    assert counter.seen.tower_tokens > 0 and counter.seen.projector_flops > 0
+    ours = counter.language_flops(tokens, label_tokens, F.squared_lengths(batch)).item() + counter.vision_flops()
+    assert counter.seen.take() == (0, 0, 0)  # vision_flops took the step's counts
+    assert ours == pytest.approx(measured.get_total_flops(), rel=0.02)
+    if family_kit.name == "llava_next_video":
+        # Exactly: the difference is the two terms charged that do not run, the gradient of the projector's first
+        # layer's input (the frozen tower's features, which nothing needs) and the class token through the patch
+        # convolution (it is no patch).
+        frames = batch["pixel_values_videos"].shape[0] * batch["pixel_values_videos"].shape[1]
+        first_projector_layer, patch_convolution = 32 * 64, 3 * 8 * 8 * 32
+        not_run = 2 * frames * model.config.video_seq_length * first_projector_layer + 2 * frames * patch_convolution
+        assert ours - measured.get_total_flops() == not_run
