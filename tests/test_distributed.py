@@ -161,6 +161,16 @@ def test_two_processes_match_one_process_losses_through_a_kill_and_resume(
     assert_two_processes_matched(output, reference, distributed_type, stage)
 
 
+def test_zero3_with_packing_logs_the_unpacked_one_process_losses(reference, recipe):
+    """train.packing under 2-process ZeRO-3 (each rank packs its own micro-batch; ranks holding rows of different
+    widths and media stay in lockstep): no hang, and the 1-process unpacked run's losses at every step."""
+    path, root = recipe
+    output = root / "zero3-packed"
+    run = launch(path, "zero3.yaml", f"train.output_dir={output}", "train.packing=true")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert_two_processes_matched(output, reference, "DEEPSPEED", 3)
+
+
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
