@@ -9,7 +9,9 @@ loss never scores one sample's token from another's context.
 
 Two layouts, chosen by the attention (`pack_layout`):
 - one row holding every sample, in batch order: no padding at all (padding-free, as transformers'
-  DataCollatorWithFlattening). With flash-attention varlen each sample costs its own length squared, whatever the row.
+  DataCollatorWithFlattening). With flash-attention varlen each sample costs its own length squared, whatever the row;
+  and it must be one row: transformers looks for restarts only in a batch of one row
+  (modeling_flash_attention_utils._is_packed_sequence), so rows there would let attention cross samples.
 - rows of up to max_length tokens, filled first-fit decreasing, padded to the fullest row with a segment of its own
   (positions restarting at 0, labels ignored). For sdpa/eager, which build a dense (row x row) mask and compute every
   block of it: one row of all samples would cost (sum of lengths)^2 there, more than the padding it saves.

@@ -14,7 +14,7 @@ from tests.test_throughput import loss_and_gradients
 from vidtune.data.collator import Collator
 from vidtune.data.conversation import media_part, message, text_part
 from vidtune.data.dataset import load_media
-from vidtune.data.packing import first_fit_decreasing, pop_counts
+from vidtune.data.packing import first_fit_decreasing, pack_layout, pop_counts
 from vidtune.data.video import SamplingConfig
 from vidtune.train.training.loss import ChunkedLoss, language_head, model_loss
 
@@ -113,3 +113,13 @@ def test_attention_never_crosses_samples(family_kit, examples):
         logits_by_sample(family_kit.model, {**b, "position_ids": one_sequence}, lengths) for b in (batch, changed)
     ]
     assert not torch.allclose(control[0][1], control[1][1])
+
+
+def test_flash_attention_gets_one_row_and_dense_masks_get_rows():
+    """transformers' flash-attention finds packed samples only in a one-row batch (`_is_packed_sequence`), so rows
+    there would attend across samples; sdpa/eager build a dense mask, so their rows stay within max_length."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    restarts = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])
+    assert _is_packed_sequence(restarts, batch_size=1) and not _is_packed_sequence(restarts.repeat(2, 1), batch_size=2)
+    assert pack_layout("flash_attention_2", 512) is None and pack_layout("sdpa", 512) == 512
