@@ -123,3 +123,7 @@ def test_flash_attention_gets_one_row_and_dense_masks_get_rows():
     restarts = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])
     assert _is_packed_sequence(restarts, batch_size=1) and not _is_packed_sequence(restarts.repeat(2, 1), batch_size=2)
     assert pack_layout("flash_attention_2", 512) is None and pack_layout("sdpa", 512) == 512
+
+
+def test_first_fit_decreasing_fills_rows_longest_first():
+    assert first_fit_decreasing([5, 9, 3, 4, 12], capacity=12) == [[4], [1, 2], [0, 3]]
