@@ -45,6 +45,8 @@ class Collator:
     def __post_init__(self) -> None:
         if self.padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side must be right or left, got {self.padding_side!r}")
+        if self.pack_max_length is not None and not self.packing:
+            raise ValueError("pack_max_length is the packed row length: set packing=True with it")
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         batch = self.packed(examples) if self.packing else self.padded(examples)
