@@ -6,6 +6,10 @@ of sample lengths for LLaVA-NeXT-Video-7B (144 tokens per frame, video tokens in
   20%  text-only turns
   plus prompt and answer text: log-normal, median 60 tokens, long tail to 1,500 (detailed captions).
 
+Packed (train.packing: exactly each micro-batch's samples, data/packing.py) in the layout the attention picks:
+one row of every sample with flash-attention varlen (no padding at all), first-fit-decreasing rows of
+data.max_length tokens padded to the fullest row with sdpa/eager.
+
 Run:  python benchmarks/padding_efficiency.py [--batch-size 8] [--samples 20000] [--seed 0]
 """
 
@@ -21,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine
 
 from vidtune.data.dataset import EpochBatchSampler
-from vidtune.data.packing import first_fit_decreasing
+from vidtune.data.packing import first_fit_decreasing, pack_layout
 
 
 def length_mix(count: int, seed: int) -> list[int]:
@@ -40,13 +44,14 @@ def efficiency(lengths: list[int], sampler: EpochBatchSampler) -> float:
     return sum(map(sum, batches)) / sum(max(b) * len(b) for b in batches)
 
 
-def packed_efficiency(lengths: list[int], sampler: EpochBatchSampler, max_length: int) -> tuple[float, float]:
-    """Real / padded tokens with each micro-batch packed (train.packing) into rows of up to max_length tokens, and
-    the mean rows per micro-batch."""
+def packed_efficiency(lengths: list[int], sampler: EpochBatchSampler, row_length: int | None) -> tuple[float, float]:
+    """Real / padded tokens with each micro-batch packed as data/packing.py packs it (rows of up to row_length
+    tokens, or one row when None), and the mean rows per micro-batch."""
     real = padded = rows = 0
     for batch in sampler:
         sizes = [lengths[row] for _, row in batch]
-        fills = [sum(sizes[i] for i in b) for b in first_fit_decreasing(sizes, max_length)]
+        bins = first_fit_decreasing(sizes, row_length) if row_length else [list(range(len(sizes)))]
+        fills = [sum(sizes[i] for i in b) for b in bins]
         real, padded, rows = real + sum(sizes), padded + max(fills) * len(fills), rows + len(fills)
     return real / padded, rows / len(sampler)
 
@@ -67,11 +72,17 @@ def main() -> None:
     )
     print(f"  shuffled batches               {plain:.3f}")
     print(f"  length-grouped batches         {grouped:.3f}   (train.group_by_length, on by default)")
-    for name, group in (("shuffled", False), ("length-grouped", True)):
-        sampler = EpochBatchSampler(lengths, args.batch_size, args.seed, group_by_length=group)
-        packed, rows = packed_efficiency(lengths, sampler, args.max_length)
-        label = f"packed {name} batches"
-        print(f"  {label:<31}{packed:.3f}   (train.packing, rows of {args.max_length}; {rows:.2f} rows per batch)")
+    # flash-attention varlen: one row per micro-batch (grouping changes nothing there); sdpa/eager: rows
+    for attention, groupings in (
+        ("flash_attention_2", [("", True)]),
+        ("sdpa", [("shuffled", False), ("grouped", True)]),
+    ):
+        row_length = pack_layout(attention, args.max_length)
+        for name, group in groupings:
+            sampler = EpochBatchSampler(lengths, args.batch_size, args.seed, group_by_length=group)
+            packed, rows = packed_efficiency(lengths, sampler, row_length)
+            label = f"packed {name}, rows of {row_length}" if row_length else "packed, one row"
+            print(f"  {label:<31}{packed:.3f}   (train.packing, {attention}; {rows:.2f} rows per batch)")
     print(
         f"re-run: python benchmarks/padding_efficiency.py --batch-size {args.batch_size} --samples {args.samples} "
         f"--seed {args.seed} --max-length {args.max_length}"

@@ -11,6 +11,6 @@ examples.py      conversation + frames -> input_ids, labels, pixels (the family'
 dataset.py       measuring, length drops, map-style and streamed datasets, the epoch batch sampler
 measure_cache.py the start-up measurements cached on disk by row, media file identity and settings
 collator.py      pad examples into a batch (visual tensors batched by the family)
-packing.py       pack a micro-batch's samples into rows (first-fit decreasing), positions restarting per sample
+packing.py       pack a micro-batch's samples: one padding-free row or first-fit rows, positions per sample
 families/        one module per model family: everything model-specific
 """

@@ -38,14 +38,18 @@ class Collator:
     padding_side: str = "right"  # right for training; left for batched generation
     pad_to_multiple_of: int | None = None
     family: ModelFamily | None = None  # batches the visual tensors; None for text-only batches
-    pack_max_length: int | None = None  # pack training samples into rows of up to this many tokens (packing.py)
+    packing: bool = False  # pack training samples instead of padding them (packing.py)
+    pack_max_length: int | None = None  # packed rows of up to this many tokens; None: one row, no padding at all
+    model_config: Any = None  # the model's config, for position ids that need it (multimodal RoPE) when packing
 
     def __post_init__(self) -> None:
         if self.padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side must be right or left, got {self.padding_side!r}")
+        if self.pack_max_length is not None and not self.packing:
+            raise ValueError("pack_max_length is the packed row length: set packing=True with it")
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.packed(examples) if self.pack_max_length else self.padded(examples)
+        batch = self.packed(examples) if self.packing else self.padded(examples)
         # Samples replaced because they failed to load (reasons), for the loop's bad-sample budget.
         skipped = [reason for ex in examples for reason in ex.get("skipped", [])]
         if skipped:
@@ -53,8 +57,7 @@ class Collator:
         return batch
 
     def packed(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        assert self.pack_max_length is not None
-        return pack(examples, self.pack_max_length, self.pad_token_id, self.family)
+        return pack(examples, self.pad_token_id, self.family, self.pack_max_length, self.model_config)
 
     def padded(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         input_ids = [ex["input_ids"] for ex in examples]

@@ -82,6 +82,27 @@ def test_padding_benchmark_shows_grouping_helps():
     plain = float(re.search(rf"shuffled batches\s+({NUMBER})", out).group(1))
     grouped = float(re.search(rf"length-grouped batches\s+({NUMBER})", out).group(1))
     assert grouped > plain
+    # train.packing's padding-free row (flash-attention varlen), printed beside grouping's: the issue's >= 0.99
+    packed = float(re.search(rf"^\s+packed, one row\s+({NUMBER})", out, re.M).group(1))
+    assert packed >= 0.99 > grouped
+    assert re.search(rf"^\s+packed grouped, rows of 8192\s+{NUMBER}", out, re.M), out
+
+
+@pytest.mark.slow
+def test_packing_benchmark_prints_tokens_per_second_and_ratios():
+    out = bench(
+        "benchmarks/packing_throughput.py",
+        "--samples",
+        "8",
+        "--batch-size",
+        "4",
+        "--rounds",
+        "1",
+        "--warmup-rounds",
+        "0",
+    )
+    for method in ("grouped, padded", "packed, rows of 1024", "packed, one row"):  # tokens/s, x grouped, real/padded
+        assert re.search(rf"^\s+{method}\s+\d+/\d+/\d+\s+{NUMBER}/{NUMBER}/{NUMBER}x\s+{NUMBER}$", out, re.M), out
 
 
 @pytest.mark.slow

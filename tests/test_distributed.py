@@ -178,6 +178,22 @@ def assert_loaded_partitioned(stdout: str, output: Path, reference: Path) -> Non
     assert json.loads((output / "trainable_parameters.json").read_text()) == single
 
 
+def test_zero3_with_packing_logs_the_unpacked_one_process_losses(family_kits, mixed_corpus, tmp_path):
+    """train.packing under 2-process ZeRO-3 on Qwen2.5-VL (per-sample multimodal RoPE; each rank packs its own
+    micro-batch into rows of other widths, with other media): no hang, and at every step the losses of the
+    1-process unpacked run (the same global batch)."""
+    from vidtune.train.training.config import load_recipe
+    from vidtune.train.training.loop import train
+
+    model = family_kits("qwen2_5_vl").model_dir
+    reference = tmp_path / "reference"
+    train(load_recipe(mixed_recipe(model, mixed_corpus, reference, tmp_path / "one.yaml", "train.grad_accum_steps=2")))
+    output = tmp_path / "zero3-packed"
+    run = launch(mixed_recipe(model, mixed_corpus, output, tmp_path / "two.yaml"), "zero3.yaml", "train.packing=true")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert_two_processes_matched(output, reference, "DEEPSPEED", 3)
+
+
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -1,5 +1,5 @@
 """Throughput paths give the same numbers as the plain ones: the chunked loss (no full logits), uint8 pixels;
-the start-up measurements cached on disk."""
+the start-up measurements cached on disk. (Packing: test_packing.py.)"""
 
 from __future__ import annotations
 
@@ -8,22 +8,17 @@ import os
 import pickle
 import shutil
 
-import pytest
 import torch
 
 from tests.test_collator import mixed_examples
-from tests.test_train import tiny_recipe
 from vidtune.data import dataset
 from vidtune.data.collator import Collator
 from vidtune.data.conversation import media_part, message, text_part
 from vidtune.data.dataset import DataConfig
 from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
-from vidtune.data.packing import first_fit_decreasing, pop_counts
 from vidtune.data.video import SamplingConfig, probe_video
-from vidtune.train.training.loop import train
 from vidtune.train.training.loss import ChunkedLoss, language_head, model_loss
-from vidtune.train.training.tracking import read_metrics
 
 
 def loss_and_gradients(model, loss_fn, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -91,41 +86,3 @@ def test_measurements_are_reused_on_a_relaunch_and_redone_for_a_changed_file(bui
     assert dataset.cached_measurer(builder, cfg)(row) == first and len(probed) == 3
     batched = dataset.cached_measurer(builder, cfg).measure_batch({key: [value] * 2 for key, value in row.items()})
     assert batched == {key: [value] * 2 for key, value in first.items()} and len(probed) == 3  # (datasets' map)
-
-
-def test_packed_batches_give_the_padded_loss_and_gradients(tiny_model, builder, clips, tmp_path, processor):
-    model = copy.deepcopy(tiny_model)
-    examples = mixed_examples(builder, clips, tmp_path)  # clips of 4 and 6 frames, an image, text only
-    lengths = sorted(len(ex["input_ids"]) for ex in examples)
-    padded = Collator(processor.tokenizer.pad_token_id, family=LLAVA_NEXT_VIDEO)(examples)
-    packed = Collator(processor.tokenizer.pad_token_id, family=LLAVA_NEXT_VIDEO, pack_max_length=lengths[-1] + 20)(
-        examples
-    )
-    assert pop_counts(packed) == (4, sum(lengths)) and "attention_mask" not in packed
-    assert len(packed["input_ids"]) in (2, 3)  # rows shared by several samples, mid-row boundaries
-    assert packed["position_ids"].eq(0).sum() > len(packed["input_ids"])
-    loss = ChunkedLoss(language_head(model))
-    expected_loss, expected_grads = loss_and_gradients(model, loss, padded)
-    for loss_fn in (loss, model_loss):
-        packed_loss, grads = loss_and_gradients(model, loss_fn, packed)
-        torch.testing.assert_close(packed_loss, expected_loss, rtol=1e-5, atol=0)
-        assert grads.keys() == expected_grads.keys()
-        for name, grad in grads.items():
-            scale = expected_grads[name].abs().max().item()
-            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=max(1e-5 * scale, 1e-7), msg=name)
-
-
-def test_first_fit_decreasing_fills_rows_longest_first():
-    assert first_fit_decreasing([5, 9, 3, 4, 12], capacity=12) == [[4], [1, 2], [0, 3]]
-
-
-@pytest.mark.slow
-def test_a_packed_run_logs_the_losses_and_gradient_norms_of_a_padded_run(tiny_model_dir, demo_corpus, tmp_path):
-    logged = {}
-    for packing in (False, True):
-        output = tmp_path / f"packing-{packing}"
-        train(tiny_recipe(tiny_model_dir, demo_corpus, output, "train.max_steps=3", f"train.packing={packing}"))
-        logged[packing] = [(m["train/loss"], m["train/grad_norm"]) for m in read_metrics(output) if "train/loss" in m]
-    assert len(logged[True]) == 3
-    for packed, padded in zip(logged[True], logged[False], strict=True):
-        assert packed == pytest.approx(padded, rel=1e-5)

@@ -157,6 +157,9 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workdir", help="where the corpus, model and runs go (default vidtune-demo, vidtune-demo-FAMILY for others)"
     )
+    p.add_argument(
+        "--packing", action="store_true", help="train every stage with train.packing=true (the same losses, packed)"
+    )
 
 
 def _add_env(p: argparse.ArgumentParser) -> None:
@@ -427,7 +430,7 @@ def run_cache(args: argparse.Namespace) -> None:
 def run_demo(args: argparse.Namespace) -> None:
     from vidtune.train.demo.stages import run_demo as demo
 
-    demo(args.workdir, family=args.family)
+    demo(args.workdir, family=args.family, overrides=("train.packing=true",) if args.packing else ())
 
 
 def run_env(args: argparse.Namespace) -> None:

@@ -10,6 +10,8 @@ data/ and train/ never look inside a model or its processor directly; they ask i
   device by the processor's own rescale and normalisation (`normalize_pixels`): 1/4 of float32's bytes per sample;
 - the vision paths of its forward, with a blank input for each, that keep ZeRO-3 ranks in lockstep (`blank_paths`);
 - anything the loaded model needs to take those batches (`prepare_model`);
+- one sample's position ids as it would have them alone (`packed_position_ids`), which packing concatenates, and
+  whether its batches may be packed at all (`supports_packing`);
 - module prefixes of its parts (for LoRA scoping and the trainable-parameter audit), default LoRA targets, and the
   layers its forward never reads (`unused_module_prefixes`), which must not train.
 
@@ -101,7 +103,8 @@ class ModelFamily(ABC):
     # Batch keys whose pixels can travel uint8 (resized and cropped, not yet rescaled or normalised) -> the
     # processor attribute that normalises them; empty: they travel as the processor makes them.
     raw_pixel_processors: ClassVar[dict[str, str]] = {}
-    # train.packing (data/packing.py): 1-D position ids restarting per sample are all the model needs
+    # train.packing (data/packing.py): the family's position ids (`packed_position_ids`) and visual batching hold
+    # when samples share a row; a new family opts in once a packed batch gives its padded loss (tests/test_packing.py)
     supports_packing: bool = False
 
     @abstractmethod
@@ -148,6 +151,11 @@ class ModelFamily(ABC):
         """Adapt a freshly loaded model (bare or PEFT-wrapped) to the batches `batch_visuals` builds, where the
         model's own forward cannot take them as they are; most families need nothing."""
         return None
+
+    def packed_position_ids(self, example: dict[str, Any], model_config: Any) -> torch.Tensor:
+        """One sample's position ids as the model gives them to it alone in a batch, (L,) or (rows, L), which
+        packing concatenates so they restart per sample. Plain RoPE: 0..L-1 (`model_config` unused)."""
+        return torch.arange(len(example["input_ids"]))
 
     def raw_pixel_kwargs(self) -> dict[str, Any]:
         """Processor kwargs that keep the pixels of `raw_pixel_processors` uint8 (a fresh dict: the processor

@@ -12,6 +12,11 @@ from the video's header. The processor flattens every clip into (patches, 3 x 2 
 grids stacked in the same order (images alike: `pixel_values`, `image_grid_thw`). `mm_token_type_ids` (per token:
 text 0, image 1, video 2) lets the model place multimodal RoPE positions; it is padded with the text.
 
+Packing: the 3-D multimodal RoPE positions of each sample are the model's own (`get_rope_index`, run on the sample
+alone in the collator, so no pass over the batch is left for the device), preceded by a row of plain text positions
+0..L-1: transformers' packed format (4, batch, length), whose first row tells the masks (and flash-attention
+varlen) where each sample starts.
+
 Time: Qwen2.5-VL spaces the temporal RoPE positions of a clip by `second_per_grid_ts` = seconds per temporal patch.
 It comes from the frames' real presentation times (2 x their mean spacing), handed to the processor as video metadata
 (`video_metadata`), never from an assumed frame rate.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import lru_cache
+from types import MethodType
 from typing import Any
 
 import numpy as np
@@ -132,6 +138,19 @@ class QwenTokenCounter:
         return int(self.processor.image_processor.get_number_of_image_patches(height, width, {})) // self.image_merge
 
 
+class RopeIndex:
+    """The model's own multimodal RoPE position code (`get_rope_index`) with its config, without its weights: it
+    reads nothing of the model but `config` and `get_vision_position_ids`, so the collator runs it in the workers."""
+
+    def __init__(self, model_class: str, config: Any):
+        import transformers
+
+        inner = getattr(transformers, model_class.replace("ForConditionalGeneration", "Model"))
+        self.config = config
+        self.get_rope_index = MethodType(inner.get_rope_index, self)
+        self.get_vision_position_ids = MethodType(inner.get_vision_position_ids, self)
+
+
 def flat_visuals(encoded: dict[str, Any], pixels: str, grid: str) -> dict[str, torch.Tensor]:
     """One kind of media of a sample: its patch rows (all items concatenated) and grids (items, 3)."""
     if encoded.get(pixels) is None or len(encoded[pixels]) == 0:
@@ -156,6 +175,7 @@ class Qwen2_5_VL(ModelFamily):
     visual_keys = ("pixel_values_videos", "video_grid_thw", "pixel_values", "image_grid_thw")
     token_keys = ("mm_token_type_ids",)
     time_key: str | None = "second_per_grid_ts"  # per-video time tensor the processor returns, batched with grids
+    supports_packing = True  # per-sample multimodal RoPE positions (packed_position_ids)
 
     def token_counter(self, processor: Any) -> QwenTokenCounter:
         return QwenTokenCounter(processor)
@@ -204,6 +224,18 @@ class Qwen2_5_VL(ModelFamily):
 
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         return [int(tokenizer.convert_tokens_to_ids("<|im_end|>"))]
+
+    def packed_position_ids(self, example: dict[str, Any], model_config: Any) -> torch.Tensor:
+        """(4, L): text positions 0..L-1, then the (temporal, height, width) positions the model computes for the
+        sample alone (its `get_rope_index`, as in an unpacked forward)."""
+        input_ids = example["input_ids"][None]
+        visuals: dict[str, torch.Tensor] = {k: example[k] for k in ("image_grid_thw", "video_grid_thw") if k in example}
+        if self.time_key and self.time_key in example:
+            visuals[self.time_key] = example[self.time_key]
+        rope, _ = RopeIndex(self.model_class, model_config).get_rope_index(
+            input_ids, example["mm_token_type_ids"][None], **visuals
+        )
+        return torch.cat([torch.arange(input_ids.shape[1])[None], rope[:, 0]])
 
     def blank_paths(self, model: Any, processor: Any, device: torch.device) -> list[BlankPath]:
         """The forward embeds the tokens, runs the image path, then the video path (both through the one vision

@@ -82,11 +82,11 @@ def show_one_chat(im: InferenceModel, video: Path, corpus: Path) -> list[str]:
     return lines
 
 
-def run_stage(name: str) -> Path:
+def run_stage(name: str, overrides: tuple[str, ...] = ()) -> Path:
     from vidtune.train.training.loop import train
 
     started = time.perf_counter()
-    output = train(load_recipe(packaged_recipe(f"demo/{name}")))
+    output = train(load_recipe(packaged_recipe(f"demo/{name}"), overrides))
     seconds = time.perf_counter() - started
     figures = [m for m in read_metrics(output) if "train/samples_per_s" in m]
     if figures:  # (a stage that had finished before this launch logged nothing new)
@@ -113,7 +113,10 @@ def ensure_tiny_model(model_dir: Path, family: str) -> None:
         raise RecipeError(f"{model_dir} holds a {found} model, not {family}: choose another --workdir")
 
 
-def run_demo(workdir: str | Path | None = None, family: str = DEFAULT_FAMILY) -> dict[str, float]:
+def run_demo(
+    workdir: str | Path | None = None, family: str = DEFAULT_FAMILY, overrides: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """The three stages (recipes demo/base, demo/instruct, demo/chat, each with `overrides`) and their accuracy."""
     root = Path(workdir or default_workdir(family)).resolve()
     os.environ["VIDTUNE_DEMO_DIR"] = str(root)  # the packaged demo recipes resolve their paths under it
     corpus, model_dir = root / "corpus", root / "tiny-model"
@@ -123,18 +126,18 @@ def run_demo(workdir: str | Path | None = None, family: str = DEFAULT_FAMILY) ->
     print(f"== demo in {root}: corpus {corpus}, tiny {family} model {model_dir}")
     report: dict[str, float] = {}
 
-    base = load_for_inference(str(run_stage("base")))
+    base = load_for_inference(str(run_stage("base", overrides)))
     report["base: caption exact match"], _ = exact_match_on(base, corpus / "captions_eval.jsonl")
     exact, records = exact_match_on(base, corpus / "questions_eval.jsonl")
     report["base: order question exact match (before instruct)"] = exact
     report["base: order question, right colour first (chance 50%)"] = right_colour_first(records)
-    instruct = load_for_inference(str(run_stage("instruct")))
+    instruct = load_for_inference(str(run_stage("instruct", overrides)))
     exact, records = exact_match_on(instruct, corpus / "questions_eval.jsonl")
     report["instruct: order question exact match"] = exact
     report["instruct: order question, right colour first"] = right_colour_first(records)
     kept, _ = exact_match_on(instruct, corpus / "captions_eval.jsonl")
     report["instruct: caption exact match (captions mixed in)"] = kept
-    chat = load_for_inference(str(run_stage("chat")))
+    chat = load_for_inference(str(run_stage("chat", overrides)))
     report["chat: second-turn exact match"] = second_turn_accuracy(chat, corpus)
 
     print("\n== held-out accuracy")

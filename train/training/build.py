@@ -25,6 +25,7 @@ from vidtune.data.dataset import (
 )
 from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import ModelFamily
+from vidtune.data.packing import pack_layout
 from vidtune.train.training.config import Recipe, RecipeError
 from vidtune.train.training.distributed import is_deepspeed, zero_stage
 from vidtune.train.training.model import (
@@ -33,6 +34,7 @@ from vidtune.train.training.model import (
     enable_gradient_checkpointing,
     held_parameters,
     load_model,
+    load_model_config,
     load_processor,
     trainable_audit,
 )
@@ -112,9 +114,14 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
     if train_cfg.packing:  # training batches only: evaluation scores per padded sample
         if not family.supports_packing:
             raise RecipeError(f"train.packing: the {family.name} family does not pack yet; set train.packing=false")
-        train_kwargs = loader_kwargs(
-            recipe, Collator(collate.pad_token_id, family=family, pack_max_length=data.max_length), local_world
+        pack = Collator(
+            collate.pad_token_id,
+            family=family,
+            packing=True,
+            pack_max_length=pack_layout(recipe.model.attn_implementation, data.max_length),
+            model_config=load_model_config(recipe.model.name_or_path, recipe.model.trust_remote_code),
         )
+        train_kwargs = loader_kwargs(recipe, pack, local_world)
     else:
         train_kwargs = kwargs
     # Rank 0 measures first (data/measure_cache.py: parallel processes, kept on disk); the others read its results.

@@ -95,8 +95,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else none) | bf16 | fp16 | no
     group_by_length: bool = True  # batch samples of similar token count (video tokens included): less padding
-    # pack each micro-batch's samples into rows of up to data.max_length tokens: no padding, attention never
-    # crosses samples (data/packing.py); same loss and gradients
+    # pack each micro-batch's samples with no padding between them (data/packing.py): one row with flash-attention
+    # varlen, first-fit rows of up to data.max_length with sdpa/eager; attention never crosses samples; same loss
     packing: bool = False
     log_every_steps: int = 10
     eval_every_steps: int = 0  # eval loss on the held-out split every N optimizer steps; 0 = only at the end
