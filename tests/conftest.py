@@ -244,3 +244,38 @@ def tiny_run_overrides(model: Path, corpus: Path, output: Path, *extra: str) -> 
         "logging.report_to=none",
         *extra,
     ]
+
+
+# A short LoRA run that checkpoints mid-way, with dropout on and gradient accumulation: 4 steps of 2 micro-batches
+# of 2 samples, a checkpoint every 2 steps (what the kill -9 / resume test cuts and relaunches).
+RESUMABLE_RUN = (
+    "train.max_steps=4",
+    "train.save_every_steps=2",
+    "train.grad_accum_steps=2",
+    "train.batch_size=2",
+    "finetune.lora.dropout=0.1",
+    "data.num_workers=1",
+)
+
+
+@pytest.fixture(scope="session")
+def family_runs(
+    family_kits: Callable[[str], FamilyKit], demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], Path]:
+    """`family_runs(name)`: the output folder of that family's finished RESUMABLE_RUN on the demo questions, trained
+    once per session (in this process) on first use. The uninterrupted reference of the kill/resume test, and the
+    adapter the inference, command and export tests use."""
+    from vidtune.train.training.config import load_recipe
+    from vidtune.train.training.loop import train
+
+    runs: dict[str, Path] = {}
+
+    def run(name: str) -> Path:
+        if name not in runs:
+            output = tmp_path_factory.mktemp(f"run-{name}") / "run"
+            overrides = tiny_run_overrides(family_kits(name).model_dir, demo_corpus, output, *RESUMABLE_RUN)
+            train(load_recipe(None, overrides))
+            runs[name] = output
+        return runs[name]
+
+    return run
