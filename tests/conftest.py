@@ -131,8 +131,8 @@ def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def mixed_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """openai-style rows mixing clips of 1-3 seconds (2, 4 or 6 frames at 2 fps; 64x48 px, one in four 112x56),
-    images of different sizes and text-only chats."""
+    """openai-style rows mixing clips of 1-3 seconds (2, 4 or 6 frames at 2 fps; 64x48 px, the 3-second ones
+    112x56), images of different sizes and text-only chats."""
     import json
 
     import numpy as np
@@ -148,7 +148,7 @@ def mixed_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
         segments = [colors[(i + k) % 4] for k in range(1 + i % 3)]
         answer = " then ".join(segments)
         if kind == "video":
-            size = {"height": 56, "width": 112} if i % 8 == 5 else {}  # frame sizes differ too (Qwen: token counts)
+            size = {"height": 56, "width": 112} if len(segments) == 3 else {}  # sizes differ too (Qwen: tokens)
             write_color_clip(root / f"clip{i}.mp4", segments, seed=i, **size)
             rows.append(
                 {

@@ -194,7 +194,9 @@ def test_zero3_matches_one_process_on_the_mixed_corpus_for_another_family(family
     """The riskiest other family (Qwen2.5-VL: image and video paths through one tower, patch rows of clips with
     different frame counts and sizes, multimodal RoPE positions) on the same mix of clips, images and text-only
     rows: 2-process ZeRO-3 does not hang, logs the 1-process run's losses and saves an equal, non-empty adapter
-    (merger trained fully). One launch, no kill: the LLaVA cases above cover resuming under ZeRO-3."""
+    (merger trained fully). At seed 0 the ranks' micro-batches include video + text beside image + text (each rank
+    runs the other's path blank), two images of different sizes, and a 6-frame 112x56 clip with a 2-frame 64x48
+    one. One launch, no kill: the LLaVA cases above cover resuming under ZeRO-3."""
     from vidtune.train.training.config import load_recipe
     from vidtune.train.training.loop import train
 
