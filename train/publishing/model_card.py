@@ -79,14 +79,15 @@ FRAMES_AND_TIMES = """def read_frames(path, num_frames={frames}):
     with av.open(path) as container:
         decoded = sorted(((f.time, f.to_ndarray(format="rgb24")) for f in container.decode(video=0)),
                          key=lambda item: item[0])  # presentation order
-    edges = np.linspace(0, len(decoded), num_frames + 1)  # centre of {frames} equal segments, as in training
+    # centre of {frames} equal segments, as in training (which splits by time: the same frames at a constant rate)
+    edges = np.linspace(0, len(decoded), num_frames + 1)
     picked = [decoded[int((a + b) / 2)] for a, b in zip(edges[:-1], edges[1:])]
     times = [t - decoded[0][0] for t, _ in picked]  # seconds, first frame = 0
     return np.stack([frame for _, frame in picked]), times
 
 def video_metadata(times):
     # The model reads time from this (without it the processor assumes 24 fps): each frame's time in ms, as a frame
-    # index of a 1000 fps stream, and the frames' mean spacing (real times, so variable-rate clips are right too).
+    # index of a 1000 fps stream, and the frames' mean spacing, from their real presentation times.
     spacing = max((times[-1] - times[0]) / (len(times) - 1), 0.001)
     return {{"fps": 1000.0, "frames_indices": [round(t * 1000) for t in times],
             "total_num_frames": max(1, round(len(times) * spacing * 1000))}}
