@@ -131,7 +131,8 @@ def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def mixed_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """openai-style rows mixing clips of 1-3 seconds (2, 4 or 6 frames at 2 fps), images and text-only chats."""
+    """openai-style rows mixing clips of 1-3 seconds (2, 4 or 6 frames at 2 fps; 64x48 px, the 3-second ones
+    112x56), images of different sizes and text-only chats."""
     import json
 
     import numpy as np
@@ -147,7 +148,8 @@ def mixed_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
         segments = [colors[(i + k) % 4] for k in range(1 + i % 3)]
         answer = " then ".join(segments)
         if kind == "video":
-            write_color_clip(root / f"clip{i}.mp4", segments, seed=i)
+            size = {"height": 56, "width": 112} if len(segments) == 3 else {}  # sizes differ too (Qwen: tokens)
+            write_color_clip(root / f"clip{i}.mp4", segments, seed=i, **size)
             rows.append(
                 {
                     "messages": [
@@ -244,3 +246,38 @@ def tiny_run_overrides(model: Path, corpus: Path, output: Path, *extra: str) -> 
         "logging.report_to=none",
         *extra,
     ]
+
+
+# A short LoRA run that checkpoints mid-way, with dropout on and gradient accumulation: 4 steps of 2 micro-batches
+# of 2 samples, a checkpoint every 2 steps (what the kill -9 / resume test cuts and relaunches).
+RESUMABLE_RUN = (
+    "train.max_steps=4",
+    "train.save_every_steps=2",
+    "train.grad_accum_steps=2",
+    "train.batch_size=2",
+    "finetune.lora.dropout=0.1",
+    "data.num_workers=1",
+)
+
+
+@pytest.fixture(scope="session")
+def family_runs(
+    family_kits: Callable[[str], FamilyKit], demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], Path]:
+    """`family_runs(name)`: the output folder of that family's finished RESUMABLE_RUN on the demo questions, trained
+    once per session (in this process) on first use. The uninterrupted reference of the kill/resume test, and the
+    adapter the inference, command and export tests use."""
+    from vidtune.train.training.config import load_recipe
+    from vidtune.train.training.loop import train
+
+    runs: dict[str, Path] = {}
+
+    def run(name: str) -> Path:
+        if name not in runs:
+            output = tmp_path_factory.mktemp(f"run-{name}") / "run"
+            overrides = tiny_run_overrides(family_kits(name).model_dir, demo_corpus, output, *RESUMABLE_RUN)
+            train(load_recipe(None, overrides))
+            runs[name] = output
+        return runs[name]
+
+    return run

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import tiny_run_overrides
+from tests.conftest import FAMILY_NAMES, tiny_run_overrides
 from vidtune.train.training.config import RecipeError, load_recipe
 
 CANARY_HF = "hf_CANARY_0123456789abcdefghijklmnop"
@@ -92,38 +92,54 @@ def test_export_folder_holds_the_allowlisted_files_and_a_model_card(run_dir):
     assert "| frames per clip | 4 |" in card and "learning rate" in card
 
 
-def test_plain_transformers_peft_on_the_export_matches_vidtune_infer(run_dir, tiny_model_dir, demo_corpus):
-    from peft import PeftModel
-    from transformers import AutoProcessor, LlavaNextVideoForConditionalGeneration
+def card_code(folder: Path, model_dir: Path, video: Path) -> str:
+    """The python block of an export's model card, its placeholders filled in: the local base folder, the clip,
+    and six tokens forced (a 4-step adapter might stop at once: the comparison is on real text)."""
+    code = (folder / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    for placeholder, value in (
+        (f'"PATH/TO/{model_dir.name}"', f'"{model_dir}"'),
+        ('"clip.mp4"', f'"{video}"'),
+        ("max_new_tokens=128", "max_new_tokens=6, min_new_tokens=6"),
+    ):
+        assert placeholder in code or placeholder.startswith('"PATH'), placeholder
+        code = code.replace(placeholder, value)
+    return code
 
-    from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
-    from vidtune.data.video import SamplingConfig, load_clip
-    from vidtune.train.generation.infer import generate, load_for_inference, video_question
+
+@pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_the_model_cards_own_code_on_the_export_generates_what_vidtune_infer_does(
+    family, merge, family_kits, family_runs, demo_corpus, capsys
+):
+    """The export needs no vidtune: the code its model card shows (transformers + peft; transformers alone once
+    merged), run as written, prints what `vidtune infer` answers on the same folder. The card reads and samples
+    the frames itself; for Qwen it passes their real times as `video_metadata` (else the processor assumes 24 fps
+    and the model sees other times than in training)."""
+    from vidtune.train.generation.infer import generate, load_for_inference, prompt_example, video_question
     from vidtune.train.publishing.export import export_folder
 
-    folder = export_folder(run_dir, to=run_dir.parent / "plain").folder
+    run, model_dir = family_runs(family), family_kits(family).model_dir
+    to = run.parent / ("merged" if merge else "adapter")
+    folder = export_folder(run, to=to, merge=merge, card={"repo_id": str(to)}).folder
     video = demo_corpus / "videos" / "eval_0002.mp4"
     inference = load_for_inference(str(folder))
     assert inference.sampling.num_frames == 4  # from the export's vidtune.json, not the default of 8
-    question = video_question(str(video), "Which color comes first?")
-    ours = generate(inference, [question], 6, min_new_tokens=6)[0]  # six tokens forced: real text to compare
-    assert ours == generate(load_for_inference(str(run_dir)), [question], 6, min_new_tokens=6)[0]
+    question = video_question(str(video), "What happens?")
+    ours = generate(inference, [question], 6, min_new_tokens=6)[0]
     assert len(ours) >= 6  # six generated tokens, not an empty answer
 
-    processor = AutoProcessor.from_pretrained(folder)
-    model = PeftModel.from_pretrained(LlavaNextVideoForConditionalGeneration.from_pretrained(tiny_model_dir), folder)
-    conversation = [
-        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Which color comes first?"}]}
-    ]
-    edge = LLAVA_NEXT_VIDEO.decode_edge_px(processor)
-    inputs = processor(
-        text=processor.apply_chat_template(conversation, add_generation_prompt=True),
-        videos=[load_clip(str(video), SamplingConfig(4), shortest_edge=edge).frames],
-        return_tensors="pt",
-    )
-    with torch.no_grad():
-        tokens = model.eval().generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    assert processor.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip() == ours
+    code = card_code(folder, model_dir, video)
+    assert ("video_metadata=" in code) == family.startswith("qwen")
+    capsys.readouterr()
+    card: dict = {}
+    exec(compile(code, str(folder / "README.md"), "exec"), card)
+    assert capsys.readouterr().out.strip() == ours
+    # The same prompt and time information as vidtune's (a random model may answer alike despite a wrong time):
+    # Qwen3-VL's `<t seconds>` text is in input_ids, Qwen2.5-VL's seconds per temporal patch beside them.
+    example = prompt_example(inference, question)
+    assert card["inputs"]["input_ids"][0].tolist() == example["input_ids"].tolist()
+    if "second_per_grid_ts" in example:
+        torch.testing.assert_close(torch.as_tensor(card["inputs"]["second_per_grid_ts"]), example["second_per_grid_ts"])
 
 
 def test_merged_model_loads_alone_and_gives_the_same_greedy_tokens(run_dir, demo_corpus):

@@ -33,7 +33,12 @@ def front_matter(metadata: dict[str, Any], card: dict[str, Any], merged: bool) -
             "library_name": "transformers" if merged else "peft",
             "pipeline_tag": "video-text-to-text",
             "license": card.get("license") or "other",
-            "tags": ["vidtune", "llava-next-video", "video", metadata.get("variant", "instruct")]
+            "tags": [
+                "vidtune",
+                family_of(metadata).name.replace("_", "-"),
+                "video",
+                metadata.get("variant", "instruct"),
+            ]
             + ([] if merged else ["lora"]),
         }
     )
@@ -42,19 +47,73 @@ def front_matter(metadata: dict[str, Any], card: dict[str, Any], merged: bool) -
     return "---\n" + yaml.safe_dump(fields, sort_keys=False) + "---\n"
 
 
+def family_of(metadata: dict[str, Any]) -> Any:
+    """The model family the run trained (vidtune.json's model_type; runs from before it was recorded were
+    LLaVA-NeXT-Video)."""
+    from vidtune.data.families import family_for
+
+    return family_for(metadata.get("model_type", "llava_next_video"))
+
+
+def reads_video_metadata(family: Any) -> bool:
+    """Whether the family's processor takes its time information from `video_metadata` (Qwen: without it, it
+    assumes 24 fps and the model sees the wrong times)."""
+    return bool(family.video_processor_kwargs([((0.0, 0.5), 1.0)]))
+
+
+# How the frames reach the processor, per kind of family. Time-aware families (Qwen) are also given each frame's
+# presentation time as `video_metadata`, written the way vidtune hands it over: times in milliseconds as frame
+# indices of a 1000 fps stream, and the sampled frames' mean spacing (Qwen2.5-VL derives its temporal position
+# step from it, Qwen3-VL writes `<t seconds>` from the times).
+FRAMES_ONLY = """def read_frames(path, num_frames={frames}):
+    with av.open(path) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    edges = np.linspace(0, len(frames), num_frames + 1)  # centre of {frames} equal segments, as in training
+    return np.stack([frames[int((a + b) / 2)] for a, b in zip(edges[:-1], edges[1:])])
+
+conversation = [{{"role": "user", "content": [{{"type": "video"}}, {{"type": "text", "text": "What happens?"}}]}}]
+prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+inputs = processor(text=prompt, videos=[read_frames("clip.mp4")], do_sample_frames=False, return_tensors="pt")"""
+
+FRAMES_AND_TIMES = """def read_frames(path, num_frames={frames}):
+    with av.open(path) as container:
+        decoded = sorted(((f.time, f.to_ndarray(format="rgb24")) for f in container.decode(video=0)),
+                         key=lambda item: item[0])  # presentation order
+    # centre of {frames} equal segments, as in training (which splits by time: the same frames at a constant rate)
+    edges = np.linspace(0, len(decoded), num_frames + 1)
+    picked = [decoded[int((a + b) / 2)] for a, b in zip(edges[:-1], edges[1:])]
+    times = [t - decoded[0][0] for t, _ in picked]  # seconds, first frame = 0
+    return np.stack([frame for _, frame in picked]), times
+
+def video_metadata(times):
+    # The model reads time from this (without it the processor assumes 24 fps): each frame's time in ms, as a frame
+    # index of a 1000 fps stream, and the frames' mean spacing, from their real presentation times.
+    spacing = max((times[-1] - times[0]) / (len(times) - 1), 0.001)
+    return {{"fps": 1000.0, "frames_indices": [round(t * 1000) for t in times],
+            "total_num_frames": max(1, round(len(times) * spacing * 1000))}}
+
+frames, times = read_frames("clip.mp4")
+conversation = [{{"role": "user", "content": [{{"type": "video"}}, {{"type": "text", "text": "What happens?"}}]}}]
+prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+inputs = processor(text=prompt, videos=[frames], video_metadata=[video_metadata(times)], do_sample_frames=False,
+                   return_tensors="pt")"""
+
+
 def usage(metadata: dict[str, Any], repo: str, merged: bool) -> str:
+    family = family_of(metadata)
     frames = metadata["sampling"]["num_frames"]
     base = (
         metadata["base_model"] if is_hub_id(metadata["base_model"]) else f"PATH/TO/{Path(metadata['base_model']).name}"
     )
+    model_class = family.model_class
     load = (
-        f'model = LlavaNextVideoForConditionalGeneration.from_pretrained("{repo}")'
+        f'model = {model_class}.from_pretrained("{repo}")'
         if merged
-        else f'base = LlavaNextVideoForConditionalGeneration.from_pretrained("{base}")\n'
-        f'model = PeftModel.from_pretrained(base, "{repo}")'
+        else f'base = {model_class}.from_pretrained("{base}")\nmodel = PeftModel.from_pretrained(base, "{repo}")'
     )
-    imports = "from transformers import AutoProcessor, LlavaNextVideoForConditionalGeneration"
+    imports = f"from transformers import AutoProcessor, {model_class}"
     imports += "" if merged else "\nfrom peft import PeftModel"
+    prepare = (FRAMES_AND_TIMES if reads_video_metadata(family) else FRAMES_ONLY).format(frames=frames)
     return f"""## Usage
 
 With transformers{"" if merged else " + peft"}:
@@ -67,15 +126,7 @@ import av
 {load}
 processor = AutoProcessor.from_pretrained("{repo}")  # carries the chat template used in training
 
-def read_frames(path, num_frames={frames}):
-    with av.open(path) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    edges = np.linspace(0, len(frames), num_frames + 1)  # centre of {frames} equal segments, as in training
-    return np.stack([frames[int((a + b) / 2)] for a, b in zip(edges[:-1], edges[1:])])
-
-conversation = [{{"role": "user", "content": [{{"type": "video"}}, {{"type": "text", "text": "What happens?"}}]}}]
-prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-inputs = processor(text=prompt, videos=[read_frames("clip.mp4")], return_tensors="pt")
+{prepare}
 output = model.generate(**inputs, max_new_tokens=128, do_sample=False)
 print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```

@@ -100,10 +100,14 @@ def training_metadata(
 ) -> dict[str, Any]:
     """What `vidtune.json` records: the base model, how frames were sampled, the data and its size, the settings,
     the engine, the steps and the final metrics."""
+    from vidtune.train.training.model import load_model_config
+
     r = recipe
     shown = recipe_to_dict(recipe)["data"]["sources"]  # paths as written: `${oc.env:...}` stays unresolved
     return {
         "base_model": r.model.name_or_path,
+        # the family, for the model card's usage code (class, time metadata) and for people
+        "model_type": load_model_config(r.model.name_or_path, r.model.trust_remote_code).model_type,
         "variant": r.variant,
         "finetune_mode": r.finetune.mode,
         "sampling": {
