@@ -4,6 +4,7 @@ output folder is a plain PEFT adapter that transformers + peft load without vidt
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -323,3 +324,13 @@ def test_a_streamed_run_with_dataloader_workers_trains_and_counts_its_samples(
     assert "data: streamed" in printed and "0 samples kept" not in printed
     assert json.loads((output / "vidtune.json").read_text())["num_train_samples"] == 2 * 4
     assert len(losses(output)) == 2
+
+
+def test_a_finished_run_leaves_no_dataloader_workers_behind(tiny_model_dir, demo_corpus, tmp_path):
+    """Persistent workers stop with the run. Left alive (Accelerate keeps a reference to the loader), they were
+    terminated at interpreter exit, and torch printed "DataLoader worker ... killed by signal: Terminated" after
+    every successful `vidtune demo`."""
+    from vidtune.train.training.loop import train
+
+    train(tiny_recipe(tiny_model_dir, demo_corpus, tmp_path / "run", "data.num_workers=2", "train.max_steps=2"))
+    assert not multiprocessing.active_children()

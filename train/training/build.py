@@ -83,6 +83,19 @@ def keep_trainable_weights_in_fp32(model: Any, accelerator: Accelerator) -> None
         param.data = param.data.float()
 
 
+def shut_down_workers(*loaders: Any) -> None:
+    """Stop the loaders' persistent worker processes now. Left alive, they outlive the run until the loader is
+    collected; at interpreter exit multiprocessing then terminates them, and torch's SIGCHLD handler reports the
+    kill as a "DataLoader worker ... killed by signal: Terminated" traceback after a run that succeeded.
+    (Accelerate's wrappers hold the DataLoader, and its live iterator, as base_dataloader.)"""
+    for loader in loaders:
+        base = getattr(loader, "base_dataloader", loader)
+        iterator = getattr(base, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            base._iterator = None
+
+
 def loader_kwargs(recipe: Recipe, collate: Collator, processes_per_node: int) -> dict[str, Any]:
     workers = recipe.data.num_workers
     if workers is None:

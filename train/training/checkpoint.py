@@ -404,8 +404,9 @@ def changed_settings(saved: dict[str, Any], recipe: Recipe) -> list[str]:
 
 
 def state_bytes(trainable: list[Any]) -> int:
-    """About what a checkpoint takes: the trainable weights and AdamW's two moments per weight."""
-    return 3 * sum(p.numel() * p.element_size() for p in trainable)
+    """About what a checkpoint takes: the trainable weights and AdamW's two moments per weight (a weight ZeRO-3 has
+    partitioned away reads numel() 0 on this rank; its full size is ds_numel)."""
+    return 3 * sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in trainable)
 
 
 def content_hash(path: str) -> str:

@@ -33,7 +33,7 @@ from vidtune.data.packing import pop_counts
 from vidtune.data.quality import BadSampleConfig
 from vidtune.train.evaluation.tasks import training_items
 from vidtune.train.training import outputs, tracking
-from vidtune.train.training.build import build_loaders, build_model, build_optimizer, steps_per_epoch
+from vidtune.train.training.build import build_loaders, build_model, build_optimizer, shut_down_workers, steps_per_epoch
 from vidtune.train.training.checkpoint import (
     TRAINER_STATE,
     TrainingState,
@@ -519,6 +519,7 @@ def train(recipe: Recipe) -> Path:
 
             run.accelerator.print(f"pushed to {push_finished_run(recipe)}")
     finally:
+        shut_down_workers(run.train_loader, run.eval_loader)
         run.stop.uninstall()
         tracking.finish(run.accelerator)
         if run.lock is not None:
