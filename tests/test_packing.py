@@ -16,6 +16,7 @@ from vidtune.data.conversation import media_part, message, text_part
 from vidtune.data.dataset import load_media
 from vidtune.data.packing import first_fit_decreasing, pack_layout, pop_counts
 from vidtune.data.video import SamplingConfig
+from vidtune.train.training.flops import squared_lengths
 from vidtune.train.training.loss import ChunkedLoss, language_head, model_loss
 
 
@@ -79,6 +80,9 @@ def test_packed_batches_give_the_padded_loss_and_gradients(family_kit, examples)
     fill = max(lengths) + min(lengths) + 1  # the longest sample shares its row: boundaries mid-row, padding after
     rows = packer(family_kit, fill)(examples)
     assert pop_counts(rows)[0] == 4 and len(rows["input_ids"]) == len(first_fit_decreasing(lengths, fill)) < 4
+    # The FLOP count's attention term finds the same samples in every layout (Qwen: 3-D multimodal positions).
+    squares = sum(length**2 for length in lengths)
+    assert [squared_lengths(b).item() for b in (padded, one_row, rows)] == [squares] * 3
     loss = ChunkedLoss(language_head(model))
     expected = loss_and_gradients(model, loss, padded)
     for batch, loss_fn in ((one_row, model_loss), (rows, loss)):  # the model's own loss: the ZeRO-3 path
