@@ -386,18 +386,3 @@ def test_qwen3_5_blank_vision_paths_run_its_vision_tower(family_kits):
         output.backward()
         assert any(p.grad is not None for p in model.model.visual.parameters())
     model.zero_grad()
-
-
-def test_qwen3_5_batched_generation_answers_as_each_prompt_alone(family_kits, qwen_media):
-    """Left padding through the Gated DeltaNet layers (a recurrence, not attention) leaves every answer as it is
-    alone: a clip and a longer text-only prompt in one batch."""
-    from vidtune.train.generation.infer import generate, load_for_inference, video_question
-
-    im = load_for_inference(str(family_kits("qwen3_5").model_dir), num_frames=4)
-    conversations = [
-        video_question(str(qwen_media["small"]), "Which color comes first?"),
-        [message("user", [text_part("Say red, then a longer sentence about the colours, and then some more.")])],
-    ]
-    together = generate(im, conversations, max_new_tokens=4)
-    assert together == [generate(im, [c], max_new_tokens=4)[0] for c in conversations]
-    assert all(together)
