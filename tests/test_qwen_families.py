@@ -1,8 +1,10 @@
-"""Qwen2.5-VL and Qwen3-VL: what is particular to them, on tiny models built with their real processor classes.
+"""Qwen2.5-VL, Qwen3-VL and Qwen3.5: what is particular to them, on tiny models built with their real processor
+classes.
 
 Dynamic resolution (token counts depend on the frame size), flattened patch rows with grids, multimodal RoPE
 (`mm_token_type_ids`), and time from the frames' real presentation times: Qwen2.5-VL's `second_per_grid_ts`,
-Qwen3-VL's `<t seconds>` text.
+Qwen3-VL's `<t seconds>` text. Qwen3.5 (Qwen3-VL's processor, a hybrid text model): its think-block prompt, LoRA
+placement and vision paths (the rest is Qwen3-VL's code, covered by the family-parametrised tests).
 """
 
 from __future__ import annotations
