@@ -150,8 +150,9 @@ class LlavaOnevision(ModelFamily):
         return batch
 
     def prepare_model(self, model: Any) -> None:
-        """Let the loaded model take videos of different lengths as one row of frames: each video's token run in
-        `input_ids` (frames x tokens per frame + its newline) says where its frames end."""
+        """Let the loaded model take videos of different lengths as one row of frames, in its forward and its
+        `generate`: each video's token run in `input_ids` (frames x tokens per frame + its newline) says where its
+        frames end."""
         core = _core(model)
         if getattr(core, "_vidtune_video_runs", False):
             return
