@@ -124,3 +124,25 @@ def test_collator_works_in_dataloader_workers(builder, processor, clips, tmp_pat
     )
     batches = list(loader)
     assert len(batches) == 2 and batches[1]["input_ids"].shape[0] == 2
+
+
+def test_batched_generation_answers_each_prompt_as_it_is_answered_alone(family_kit, clips):
+    """Clips of 4 and 6 frames and a text-only prompt, left-padded into one generation batch: every answer is the
+    one its prompt gets alone (OneVision: each clip's newline after its own frames; Qwen3.5: left padding through
+    its recurrent Gated DeltaNet layers)."""
+    from vidtune.train.generation.infer import InferenceModel, decode_answer, generate_tokens
+
+    prompts = [
+        ([message("user", [media_part("video", str(clips["red_blue"])), text_part("Which color first?")])], 4),
+        ([message("user", [media_part("video", str(clips["three"])), text_part("Describe it.")])], 6),
+        ([message("user", [text_part("Say yes, and then say a few more words about it.")])], 4),
+    ]
+    builder = family_kit.builder
+    examples = [
+        builder.build(msgs, load_media(msgs, SamplingConfig(n), False, None)[0], for_generation=True)
+        for msgs, n in prompts
+    ]
+    im = InferenceModel(family_kit.model, family_kit.processor, family_kit.family, builder, SamplingConfig(4), False)
+    together = [decode_answer(im, row.tolist()) for row in generate_tokens(im, examples, max_new_tokens=4)]
+    alone = [decode_answer(im, generate_tokens(im, [ex], max_new_tokens=4)[0].tolist()) for ex in examples]
+    assert together == alone and any(together)

@@ -24,6 +24,8 @@ from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
 from vidtune.data.sources import SourceConfig, iter_conversations, load_conversations
 from vidtune.data.video import Clip, SamplingConfig, VideoInfo
 
+QWEN3_VL_PROCESSOR = ("qwen3_vl", "qwen3_5")  # families on Qwen3-VL's processor
+
 
 def tokens_per_frame_from_config(config) -> int:
     patches = config.vision_config.image_size // config.vision_config.patch_size
@@ -76,8 +78,12 @@ def test_training_template_renders_the_hub_prompt_and_ends_turns_with_end_of_tur
     ours = render(
         to_template_messages(prompt), chat_template=family_kit.family.chat_template, add_generation_prompt=True
     )
-    hub = render(to_template_messages(prompt), chat_template=hub_template, add_generation_prompt=True)
-    if family_kit.name == "qwen3_vl":  # a bare pad, on purpose: see data/families/qwen3_vl.py (the expanded prompt
+    # Qwen3.5 trains without reasoning: its prompt is the hub's non-thinking one (data/families/qwen3_5.py)
+    thinking = {"enable_thinking": False} if family_kit.name == "qwen3_5" else {}
+    hub = render(to_template_messages(prompt), chat_template=hub_template, add_generation_prompt=True, **thinking)
+    if (
+        family_kit.name in QWEN3_VL_PROCESSOR
+    ):  # a bare pad, on purpose: see data/families/qwen3_vl.py (the expanded prompt
         # is the reference one, where the hub template + transformers 5.2x's processor nest the vision tokens)
         hub = hub.replace("<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>")
     assert ours == hub
@@ -114,7 +120,7 @@ def processor_video_tokens(processor, frames: np.ndarray) -> int:
 
 def test_video_tokens_equal_what_the_processor_computes_for_the_sampled_frames(family_kit, clips):
     builder, processor = family_kit.builder, family_kit.processor
-    fewest = 2 if family_kit.name == "qwen3_vl" else 1  # its processor refuses 1 frame (test_qwen_families.py)
+    fewest = 2 if family_kit.name in QWEN3_VL_PROCESSOR else 1  # its processor refuses 1 frame (test_qwen_families.py)
     for num_frames in (fewest, 4, 7, 16):
         messages = multi_turn(str(clips["three"]))
         media, _ = load_media(messages, SamplingConfig(num_frames), False, None)

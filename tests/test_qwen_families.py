@@ -1,8 +1,10 @@
-"""Qwen2.5-VL and Qwen3-VL: what is particular to them, on tiny models built with their real processor classes.
+"""Qwen2.5-VL, Qwen3-VL and Qwen3.5: what is particular to them, on tiny models built with their real processor
+classes.
 
 Dynamic resolution (token counts depend on the frame size), flattened patch rows with grids, multimodal RoPE
 (`mm_token_type_ids`), and time from the frames' real presentation times: Qwen2.5-VL's `second_per_grid_ts`,
-Qwen3-VL's `<t seconds>` text.
+Qwen3-VL's `<t seconds>` text. Qwen3.5 (Qwen3-VL's processor, a hybrid text model): its think-block prompt, LoRA
+placement and vision paths (the rest is Qwen3-VL's code, covered by the family-parametrised tests).
 """
 
 from __future__ import annotations
@@ -315,3 +317,74 @@ def test_qwen_recipes_put_lora_in_the_real_language_model(name, tmp_path):
     assert audit["parts"]["vision_tower"]["trainable"] == 0
     assert audit["parts"]["projector"]["trainable"] == audit["parts"]["projector"]["total"] > 0
     assert 8.2e9 < audit["total"] - audit["trainable"] < 8.8e9  # the frozen 8.3B (Qwen2.5-VL) / 8.8B (Qwen3-VL)
+
+
+# ---------------------------------------------------------------------------------------------------------- Qwen3.5
+
+
+def test_qwen3_5_trains_on_the_hub_non_thinking_prompt(family_kits):
+    """Whole conversations render as the hub template renders them (an empty think block opens the assistant turn
+    after the last user turn, none before), and the generation prompt is the hub's with enable_thinking=False."""
+    from transformers import AutoProcessor
+
+    from vidtune.data.conversation import to_template_messages
+
+    kit = family_kits("qwen3_5")
+    hub_template = AutoProcessor.from_pretrained(kit.model_dir).chat_template
+    chat = to_template_messages(
+        [
+            message("system", [text_part("Be brief.")]),
+            message("user", [media_part("video", "v.mp4"), text_part("Which color comes first? ")]),
+            message("assistant", [text_part("red")]),
+            message("user", [text_part("And last?")]),
+            message("assistant", [text_part(" blue\n")]),
+        ]
+    )
+    render = kit.processor.apply_chat_template
+
+    def hub(messages: list, **kwargs: Any) -> str:  # the bare video pad: see data/families/qwen3_vl.py
+        text = render(messages, chat_template=hub_template, **kwargs)
+        return text.replace("<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>")
+
+    ours = render(chat, chat_template=kit.family.chat_template)
+    assert ours == hub(chat)
+    assert "assistant\nred<|im_end|>" in ours and "assistant\n<think>\n\n</think>\n\nblue<|im_end|>" in ours
+    prompt = render(chat[:4], chat_template=kit.family.chat_template, add_generation_prompt=True)
+    assert prompt == hub(chat[:4], add_generation_prompt=True, enable_thinking=False)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert hub(chat[:4], add_generation_prompt=True).endswith("<|im_start|>assistant\n<think>\n")  # hub default
+
+
+def test_qwen3_5_lora_covers_attention_mlp_and_gated_deltanet_of_the_text_model_only(family_kits):
+    """Default LoRA targets: every linear layer of the hybrid text model (its linear-attention layers' projections
+    included), none of the vision tower's."""
+    import re
+
+    from vidtune.train.training.config import FinetuneConfig
+    from vidtune.train.training.model import lora_target_pattern
+
+    kit = family_kits("qwen3_5")
+    pattern = re.compile(lora_target_pattern(kit.model, kit.family, FinetuneConfig()))
+    linear = [n for n, m in kit.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    wrapped = [n for n in linear if pattern.fullmatch(n)]
+    text = kit.model.config.text_config
+    assert set(text.layer_types) == {"linear_attention", "full_attention"}
+    assert all(n.startswith(kit.family.language_model_prefix) for n in wrapped)
+    assert {n.rsplit(".", 1)[-1] for n in wrapped} == set(kit.family.language_model_lora_targets)
+    per_kind = {"linear_attention": 5 + 3, "full_attention": 4 + 3}  # its projections + the MLP's three
+    assert len(wrapped) == sum(per_kind[kind] for kind in text.layer_types)
+
+
+def test_qwen3_5_blank_vision_paths_run_its_vision_tower(family_kits):
+    """ZeRO-3 lockstep on Qwen3.5's tower (no DeepStack outputs): each blank path reaches the tower's weights."""
+    kit = family_kits("qwen3_5")
+    model = kit.model
+    paths = kit.family.blank_paths(model, kit.processor, torch.device("cpu"))
+    assert [p.batch_key for p in paths] == ["pixel_values", "pixel_values_videos"]
+    for path in paths:
+        model.zero_grad()
+        output = path.run()
+        assert output.dim() == 0 and torch.isfinite(output)
+        output.backward()
+        assert any(p.grad is not None for p in model.model.visual.parameters())
+    model.zero_grad()

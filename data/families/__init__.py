@@ -35,6 +35,7 @@ FAMILIES = {
     "llava_onevision": "vidtune.data.families.llava_onevision:LLAVA_ONEVISION",
     "qwen2_5_vl": "vidtune.data.families.qwen2_5_vl:QWEN2_5_VL",
     "qwen3_vl": "vidtune.data.families.qwen3_vl:QWEN3_VL",
+    "qwen3_5": "vidtune.data.families.qwen3_5:QWEN3_5",
 }
 
 

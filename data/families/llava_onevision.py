@@ -16,8 +16,8 @@ Batching: the model runs a (videos, frames, C, H, W) tensor and appends one newl
 length stack natively. Videos of different lengths cannot stack: they travel as one (1, sum of frames, C, H, W) row,
 and `prepare_model` teaches the loaded model to put each video's newline after its own frames, found from each
 video's token run (one vision-tower call either way, so ZeRO-3 ranks stay in lockstep; no extra batch key).
-Limitation: `generate` encodes pixels before the forward, without input_ids, so a generation batch must hold clips
-of one length (vidtune's inference samples a fixed frame count; with `fps` sampling, generate one clip at a time).
+`generate` encodes the pixels before its first forward, so the model's `generate` takes the runs from its input_ids
+first: a generation batch may mix clip lengths too.
 """
 
 from __future__ import annotations
@@ -151,8 +151,9 @@ class LlavaOnevision(ModelFamily):
         return batch
 
     def prepare_model(self, model: Any) -> None:
-        """Let the loaded model take videos of different lengths as one row of frames: each video's token run in
-        `input_ids` (frames x tokens per frame + its newline) says where its frames end."""
+        """Let the loaded model take videos of different lengths as one row of frames, in its forward and its
+        `generate`: each video's token run in `input_ids` (frames x tokens per frame + its newline) says where its
+        frames end."""
         core = _core(model)
         if getattr(core, "_vidtune_video_runs", False):
             return
@@ -178,8 +179,21 @@ class LlavaOnevision(ModelFamily):
             out.pooler_output = torch.cat(pieces)[None]
             return out
 
+        top = model.get_base_model() if hasattr(model, "get_base_model") else model
+        plain_generate = top.generate
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            """generate() encodes the pixels before any forward, without input_ids: the runs come from its
+            input_ids here, for that first encoding."""
+            find_runs(core, (), {"input_ids": args[0] if args else kwargs.get("input_ids"), **kwargs})
+            try:
+                return plain_generate(*args, **kwargs)
+            finally:
+                pending["runs"] = None
+
         core.register_forward_pre_hook(find_runs, with_kwargs=True)
         core.get_video_features = video_features
+        top.generate = generate
         core._vidtune_video_runs = True
 
     def unused_module_prefixes(self, config: Any) -> tuple[str, ...]:

@@ -11,10 +11,7 @@ metadata it is given; without metadata it assumes 24 fps and the text (and its t
 the frames' real presentation times (see `video_metadata`), and count that text the same way: its tokens are part
 of the clip's cost in `max_length`.
 
-Qwen3.5 (`qwen3_5`) takes this same processor and vision path; its text model interleaves Gated DeltaNet layers
-(`in_proj_qkv`, `in_proj_z`, `out_proj`) with attention, so as a family it would be a subclass naming its model class
-and LoRA targets. It is not registered: its hub chat template (thinking-mode markup) could not be checked here, and a
-guessed template is exactly the train/serve mismatch the training template exists to prevent.
+Qwen3.5 (`qwen3_5`, qwen3_5.py) takes this same processor and vision path: a subclass.
 """
 
 from __future__ import annotations

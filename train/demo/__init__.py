@@ -7,4 +7,5 @@ tiny_model.py  tiny random models built from configs (TINY_MODELS: one builder p
 tiny_llava_onevision.py  a tiny random LLaVA-OneVision with its real processor classes
 tiny_qwen2_5_vl.py  a tiny random Qwen2.5-VL (real processor classes, Qwen2 tokenizer, hub-shaped template)
 tiny_qwen3_vl.py    a tiny random Qwen3-VL, the same way
+tiny_qwen3_5.py     a tiny random Qwen3.5 (Qwen3-VL processor classes, hybrid Gated DeltaNet + attention text model)
 """

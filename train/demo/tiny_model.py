@@ -190,6 +190,7 @@ TINY_MODELS: dict[str, str] = {
     "llava_onevision": "vidtune.train.demo.tiny_llava_onevision:build",
     "qwen2_5_vl": "vidtune.train.demo.tiny_qwen2_5_vl:build",
     "qwen3_vl": "vidtune.train.demo.tiny_qwen3_vl:build",
+    "qwen3_5": "vidtune.train.demo.tiny_qwen3_5:build",
 }
 DEFAULT_FAMILY = "llava_next_video"
 

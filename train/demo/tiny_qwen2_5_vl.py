@@ -67,10 +67,11 @@ TINY_SIZES = {
 }
 
 
-def build_qwen_tokenizer(extra_words: str = "") -> Qwen2Tokenizer:
-    """A real Qwen2Tokenizer (byte-level BPE, Qwen2's pre-tokenizer) with a small trained vocabulary; the
-    instruct models' eos is <|im_end|> and pad is <|endoftext|>, as on the hub."""
-    probe = Qwen2Tokenizer()  # its pre-tokenizer (split regex + byte level), so merges match how it encodes
+def build_qwen_tokenizer(extra_words: str = "", tokenizer_class: Any = Qwen2Tokenizer) -> Any:
+    """A real Qwen2Tokenizer (byte-level BPE, Qwen2's pre-tokenizer; or another Qwen tokenizer class of the same
+    shape) with a small trained vocabulary; the instruct models' eos is <|im_end|> and pad is <|endoftext|>, as on
+    the hub."""
+    probe = tokenizer_class()  # its pre-tokenizer (split regex + byte level), so merges match how it encodes
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = probe.backend_tokenizer.pre_tokenizer
     trainer = trainers.BpeTrainer(
@@ -82,7 +83,7 @@ def build_qwen_tokenizer(extra_words: str = "") -> Qwen2Tokenizer:
     model = json.loads(bpe.to_str())["model"]
     vocab, merges = model["vocab"], [tuple(pair) for pair in model["merges"]]
     # merges as pairs (the tokenizers library's own form; the annotation says strings)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>")  # type: ignore[arg-type]
+    tokenizer = tokenizer_class(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
     return tokenizer
 
