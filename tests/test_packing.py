@@ -10,14 +10,26 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import FAMILY_NAMES
 from tests.test_throughput import loss_and_gradients
+from tests.test_train import tiny_recipe
 from vidtune.data.collator import Collator
 from vidtune.data.conversation import media_part, message, text_part
 from vidtune.data.dataset import load_media
+from vidtune.data.families import family_for
 from vidtune.data.packing import first_fit_decreasing, pack_layout, pop_counts
 from vidtune.data.video import SamplingConfig
 from vidtune.train.training.flops import squared_lengths
 from vidtune.train.training.loss import ChunkedLoss, language_head, model_loss
+
+PACKABLE = [name for name in FAMILY_NAMES if family_for(name).supports_packing]
+UNPACKABLE = sorted(set(FAMILY_NAMES) - set(PACKABLE))
+
+
+@pytest.fixture(scope="module", params=PACKABLE)
+def family_kit(request: pytest.FixtureRequest, family_kits):
+    """Every family that packs (the others are refused: the last test)."""
+    return family_kits(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +143,16 @@ def test_flash_attention_gets_one_row_and_dense_masks_get_rows():
 
 def test_first_fit_decreasing_fills_rows_longest_first():
     assert first_fit_decreasing([5, 9, 3, 4, 12], capacity=12) == [[4], [1, 2], [0, 3]]
+
+
+@pytest.mark.parametrize("name", UNPACKABLE)
+def test_a_family_that_cannot_pack_is_refused_in_one_line_before_its_model_loads(
+    name, family_kits, demo_corpus, tmp_path
+):
+    from vidtune.train.training.config import RecipeError
+    from vidtune.train.training.loop import train
+
+    output = tmp_path / "run"
+    with pytest.raises(RecipeError, match=f"train.packing: the {name} family cannot pack: .*; set train.packing=false"):
+        train(tiny_recipe(family_kits(name).model_dir, demo_corpus, output, "train.packing=true"))
+    assert not (output / "trainable_parameters.json").exists()  # written once the model has loaded

@@ -107,6 +107,8 @@ class ModelFamily(ABC):
     # train.packing (data/packing.py): the family's position ids (`packed_position_ids`) and visual batching hold
     # when samples share a row; a new family opts in once a packed batch gives its padded loss (tests/test_packing.py)
     supports_packing: bool = False
+    # what a refused train.packing says (one line, with the fix)
+    packing_refusal: str = "its packed batches are not tested yet"
 
     @abstractmethod
     def token_counter(self, processor: Any) -> TokenCounter: ...

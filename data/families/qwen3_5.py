@@ -60,6 +60,11 @@ class Qwen3_5(Qwen3_VL):
     name = "qwen3_5"
     model_types = ("qwen3_5",)
     model_class = "Qwen3_5ForConditionalGeneration"
+    # Position restarts reset attention, not the Gated DeltaNet layers' recurrent state and causal convolution: in a
+    # packed row one sample's state flows into the next (transformers' torch path ignores sample boundaries; the
+    # flash-linear-attention kernels take cu_seqlens, untested here). tests/test_packing.py shows the leak.
+    supports_packing = False
+    packing_refusal = "its Gated DeltaNet layers would carry their recurrent state from one packed sample into the next"
     # The bare pad for videos, as Qwen3-VL's (the processor writes the vision start/end tokens per temporal patch).
     chat_template = qwen3_5_training_template(video_placeholder="<|video_pad|>")
     # every linear layer of the text model, as LLaMA-Factory's and ms-swift's all-linear default: attention, MLP and

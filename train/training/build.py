@@ -24,7 +24,7 @@ from vidtune.data.dataset import (
     prepare_rows,
 )
 from vidtune.data.examples import ExampleBuilder
-from vidtune.data.families import ModelFamily
+from vidtune.data.families import ModelFamily, family_for
 from vidtune.data.packing import pack_layout
 from vidtune.train.training.config import Recipe, RecipeError
 from vidtune.train.training.distributed import is_deepspeed, zero_stage
@@ -96,6 +96,17 @@ def shut_down_workers(*loaders: Any) -> None:
             base._iterator = None
 
 
+def refuse_unpackable_family(recipe: Recipe) -> None:
+    """train.packing on a family that cannot pack: one line before the model loads (the config alone names it)."""
+    if not recipe.train.packing:
+        return
+    family = family_for(load_model_config(recipe.model.name_or_path, recipe.model.trust_remote_code).model_type)
+    if not family.supports_packing:
+        raise RecipeError(
+            f"train.packing: the {family.name} family cannot pack: {family.packing_refusal}; set train.packing=false"
+        )
+
+
 def loader_kwargs(recipe: Recipe, collate: Collator, processes_per_node: int) -> dict[str, Any]:
     workers = recipe.data.num_workers
     if workers is None:
@@ -125,8 +136,6 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     kwargs = loader_kwargs(recipe, collate, local_world)
     if train_cfg.packing:  # training batches only: evaluation scores per padded sample
-        if not family.supports_packing:
-            raise RecipeError(f"train.packing: the {family.name} family does not pack yet; set train.packing=false")
         pack = Collator(
             collate.pad_token_id,
             family=family,

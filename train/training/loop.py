@@ -33,7 +33,14 @@ from vidtune.data.packing import pop_counts
 from vidtune.data.quality import BadSampleConfig
 from vidtune.train.evaluation.tasks import training_items
 from vidtune.train.training import outputs, tracking
-from vidtune.train.training.build import build_loaders, build_model, build_optimizer, shut_down_workers, steps_per_epoch
+from vidtune.train.training.build import (
+    build_loaders,
+    build_model,
+    build_optimizer,
+    refuse_unpackable_family,
+    shut_down_workers,
+    steps_per_epoch,
+)
 from vidtune.train.training.checkpoint import (
     TRAINER_STATE,
     TrainingState,
@@ -118,6 +125,7 @@ def setup(recipe: Recipe) -> Run:
 def build_run(recipe: Recipe, accelerator: Accelerator, lock: Any) -> Run:
     set_seed(recipe.train.seed)
     output_dir = Path(recipe.train.output_dir)
+    refuse_unpackable_family(recipe)
     model, family, processor, audit = build_model(recipe, accelerator)
     if accelerator.is_main_process:
         outputs.write_audit(output_dir, audit)
