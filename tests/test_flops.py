@@ -147,7 +147,17 @@ def test_count_matches_torch_flop_counter_for_every_family(family_kit, clips):
     assert counter.seen.tower_tokens > 0 and counter.seen.projector_flops > 0
     ours = counter.language_flops(tokens, label_tokens, F.squared_lengths(batch)).item() + counter.vision_flops()
     assert counter.seen.take() == (0, 0, 0)  # vision_flops took the step's counts
-    assert ours == pytest.approx(measured.get_total_flops(), rel=0.02)
+    # Qwen3.5's Gated DeltaNet recurrence (chunked products inside each linear_attn layer) is not counted (flops.py
+    # says so): 11% of this tiny model's FLOPs, whose narrow heads run in 64-token chunks. Everything else must agree.
+    recurrence = sum(
+        flops
+        for module, counts in measured.get_flop_counts().items()
+        if module.endswith(".linear_attn")
+        for op, flops in counts.items()
+        if "bmm" in str(op)
+    )
+    assert (recurrence > 0) == family_kit.family.name.startswith("qwen3_5")
+    assert ours == pytest.approx(measured.get_total_flops() - recurrence, rel=0.02)
     if family_kit.name == "llava_next_video":
         # Exactly: the difference is the two terms charged that do not run, the gradient of the projector's first
         # layer's input (the frozen tower's features, which nothing needs) and the class token through the patch

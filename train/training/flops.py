@@ -18,6 +18,10 @@ What is counted (model FLOPs: checkpointing's recomputation is not work the mode
 - The projector on the rows it actually sees (a hook on each of its linear layers), and so the merge layers inside
   a tower (Qwen3-VL's deepstack mergers), which see one row per 4 patches.
 Not counted: embeddings (lookups), norms, activations, the loss itself: a few percent at most (a conservative MFU).
+Hybrid models (Qwen3.5) get the L² term only for their full-attention layers (`layer_types`); the chunked
+recurrence of their Gated DeltaNet layers is not counted either (its cost per token grows with the head width and
+the 64-token chunk, not with the sequence; it is 11% of the tiny test model's FLOPs, and has not been measured at a
+real size).
 Under multi-process ZeRO-3 the blank vision passes that keep ranks in lockstep (distributed.VisionLockstep) are
 counted when they run: one blank frame or image, against a step's worth of real ones.
 
@@ -235,6 +239,15 @@ def attention_width(config: Any) -> int:
     return heads * head_dim
 
 
+def softmax_attention_layers(config: Any) -> int:
+    """Layers with softmax attention over the whole sequence. Hybrid models (Qwen3.5: Gated DeltaNet layers 3:1 with
+    full attention) name each layer's kind in `layer_types`; their linear-attention layers cost no L² term."""
+    kinds = getattr(config, "layer_types", None)
+    if not kinds:
+        return config.num_hidden_layers
+    return sum(kind == "full_attention" for kind in kinds)
+
+
 def flop_counter(model: Any, family: ModelFamily, head_everywhere: bool = False) -> FlopCounter:
     """The FLOP coefficients of a built (possibly PEFT-wrapped, possibly ZeRO-3-partitioned) model."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -254,7 +267,7 @@ def flop_counter(model: Any, family: ModelFamily, head_everywhere: bool = False)
         head=head,
         vision=part_weights(model, tower(family)),
         projector=part_weights(model, merging(family)),
-        attention_per_pair=12 * text.num_hidden_layers * attention_width(text),
+        attention_per_pair=12 * softmax_attention_layers(text) * attention_width(text),
         vision_attention_per_pair=4 * tower_layers * attention_width(vision) if vision and whole_images else 0,
         patch_size=getattr(vision, "patch_size", 1) if vision is not None else 1,
         class_token=tower_type == "clip_vision_model",
