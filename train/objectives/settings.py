@@ -27,6 +27,9 @@ class GRPOSettings:
     epsilon: float = 0.2  # ratio clipping: the update keeps ratio within [1 - epsilon, 1 + epsilon]
     rewards: list[str] = field(default_factory=lambda: ["exact"])  # choice | exact, summed with reward_weights
     reward_weights: list[float] = field(default_factory=list)  # empty = 1 each
+    # decode each prompt's clip once for its whole group (off: once per completion, as peers do; the benchmark
+    # compares the two)
+    decode_once: bool = True
 
 
 def validate_objective(objective: str, dpo: DPOSettings, grpo: GRPOSettings) -> str | None:
