@@ -14,6 +14,7 @@ from vidtune.data.quality import BadSampleConfig
 from vidtune.train.objectives import rewards as reward_module
 from vidtune.train.objectives.grpo import GRPOObjective, completion_mask, group_advantages, grpo_token_loss
 from vidtune.train.objectives.settings import GRPOSettings
+from vidtune.train.training.config import load_recipe
 
 
 def test_advantages_clipping_and_kl_match_a_hand_computation() -> None:
@@ -121,3 +122,73 @@ def test_grpo_decodes_each_prompt_once_for_its_group(
     for key in ("train/kl", "train/clip_fraction", "train/completion_tokens", "train/rewards/exact"):
         assert math.isfinite(logged[-1][key]), key
     assert 1 <= logged[-1]["train/completion_tokens"] <= 4
+
+
+def varied_reward(completion: str, row: dict) -> float:
+    """A user reward (module:function) that varies over a random model's completions, so updates happen."""
+    return float(len(completion) % 3)
+
+
+def test_a_killed_grpo_run_resumes_bit_exactly_sampling_included(family_kits, demo_corpus: Path, tmp_path: Path):
+    """kill -9 as step 3 starts (checkpoints every 2 steps), relaunch: steps 3-4 sample the same completions (same
+    rewards, lengths) and log the same loss, KL and gradient norm as the uninterrupted run (dropout on)."""
+    import signal
+    import subprocess
+
+    from tests.conftest import tiny_run_overrides
+    from tests.faults import cli_command
+    from vidtune.train.training.config import recipe_to_yaml
+    from vidtune.train.training.loop import train
+    from vidtune.train.training.tracking import read_metrics
+
+    def recipe(output: Path) -> object:
+        return load_recipe(
+            None,
+            tiny_run_overrides(
+                family_kits("llava_next_video").model_dir,
+                demo_corpus,
+                output,
+                "train.objective=grpo",
+                "train.grpo.num_generations=4",
+                "train.grpo.max_new_tokens=4",
+                "train.grpo.beta=0.1",
+                "train.grpo.rewards=[tests.test_grpo:varied_reward]",
+                "train.max_steps=4",
+                "train.save_every_steps=2",
+                "train.batch_size=1",
+                "finetune.lora.dropout=0.1",
+            ),
+        )
+
+    def figures(output: Path) -> dict[int, tuple]:
+        keys = ("train/loss", "train/reward", "train/kl", "train/grad_norm", "train/completion_tokens")
+        return {m["step"]: tuple(m[k] for k in keys) for m in read_metrics(output) if "train/reward" in m}
+
+    train(recipe(tmp_path / "whole"))
+    cut = tmp_path / "cut"
+    path = tmp_path / "cut.yaml"
+    path.write_text(recipe_to_yaml(recipe(cut)))
+    killed = subprocess.run(
+        cli_command("train", str(path), fault="kill@2.0"), capture_output=True, text=True, timeout=600
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    train(load_recipe(path))
+    whole = figures(tmp_path / "whole")
+    assert sorted(whole) == [1, 2, 3, 4] and figures(cut) == whole
+    assert len({v[1] for v in whole.values()}) > 1 and any(v[3] > 0 for v in whole.values())  # it really trained
+
+
+def test_rewards_score_as_eval_does_and_unknown_ones_are_refused_up_front(family_kits, tmp_path: Path) -> None:
+    from vidtune.train.training.config import RecipeError
+
+    row = {"question": "Which color comes first?\nA. red\nB. blue\nAnswer with the option's letter.", "answer": "B"}
+    assert [reward_module.choice_reward(c, row) for c in ("B", "(B)", "blue", "A", "red then blue", "")] == [
+        1.0, 1.0, 1.0, 0.0, 0.0, 0.0,
+    ]  # fmt: skip
+    assert reward_module.exact_reward("The Red.", {"answer": "red"}) == 1.0
+    assert reward_module.resolve("tests.test_grpo:varied_reward") is varied_reward
+    base = [f"model.name_or_path={family_kits('llava_next_video').model_dir}", "data.sources=[{path: x.jsonl}]"]
+    for name, message in (("nosuch.module:f", "cannot be loaded"), ("exactly", "unknown reward 'exactly'")):
+        overrides = [*base, f"train.output_dir={tmp_path}", "train.objective=grpo", f"train.grpo.rewards=[{name}]"]
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(None, overrides)

@@ -1,8 +1,10 @@
 """Verifiable rewards for GRPO, by name (`train.grpo.rewards`): each maps (completion, row) -> a float, where row
-holds the reference `answer` and the `question` the prompt asked. Scored exactly as `vidtune eval` scores."""
+holds the reference `answer`, the `question` the prompt asked and where the row is (`at`). Built-in ones score
+exactly as `vidtune eval` scores; `module:function` names a user's function of the same shape."""
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +31,22 @@ def choice_reward(completion: str, row: dict[str, Any]) -> float:
 REWARDS: dict[str, Reward] = {"exact": exact_reward, "choice": choice_reward}
 
 
+def resolve(name: str) -> Reward:
+    """A built-in reward by name, or a user's function `module:function` (completion, row) -> float."""
+    if name in REWARDS:
+        return REWARDS[name]
+    if ":" not in name:
+        raise ValueError(f"unknown reward {name!r}: built-in rewards are {', '.join(REWARDS)}, or give module:function")
+    module_name, _, attribute = name.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"reward {name!r} cannot be loaded: {err}") from None
+    if not callable(function):
+        raise ValueError(f"reward {name!r} is not a function")
+    return function
+
+
 def score(
     completions: Sequence[str], rows: Sequence[dict[str, Any]], names: Sequence[str], weights: Sequence[float]
 ) -> tuple[list[float], list[str], dict[str, list[float]]]:
@@ -36,11 +54,12 @@ def score(
     each reward's values (for logging)."""
     totals, problems = [], []
     per_reward: dict[str, list[float]] = {name: [] for name in names}
+    functions = {name: resolve(name) for name in names}
     for completion, row in zip(completions, rows, strict=True):
         total = 0.0
         for name, weight in zip(names, weights, strict=True):
             try:
-                value = float(REWARDS[name](completion, row))
+                value = float(functions[name](completion, row))
             except Exception as err:  # a user's reward function may fail on any input: a bad sample, not a crash
                 value = math.nan
                 problems.append(f"{row.get('at', '?')}: reward {name} raised {type(err).__name__}: {err}")
