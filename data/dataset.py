@@ -441,6 +441,17 @@ class SFTDataset(torch.utils.data.Dataset):
         raise DataError(f"{len(skipped)} samples in a row failed to load (max_bad_in_a_row), e.g. {skipped[0]}")
 
 
+def replace_failed(skipped: list[str], reason: str, cfg: BadSampleConfig) -> list[str]:
+    """A sample that failed to load is replaced by the next one (its reason rides on the replacement, which the
+    loop counts against the bad-sample budget); policy "error" stops at it, and so do max_bad_in_a_row at once."""
+    if cfg.policy == "error":
+        raise DataError(reason)
+    skipped = [*skipped, reason]
+    if len(skipped) >= cfg.max_bad_in_a_row:
+        raise DataError(f"{len(skipped)} samples in a row failed to load (max_bad_in_a_row), e.g. {skipped[0]}")
+    return skipped
+
+
 class StreamingSFTDataset(torch.utils.data.IterableDataset):
     """For corpora too large to prepare: rows are measured and filtered as they stream.
 
@@ -494,7 +505,7 @@ class StreamingSFTDataset(torch.utils.data.IterableDataset):
         shard, num_shards = self.rank * num_workers + worker_id, self.world_size * num_workers
         # The DataLoader takes batches from its workers in turn: this worker made batches id, id + W, id + 2W, ...
         to_skip = len(range(worker_id, self.batches_to_skip, num_workers)) * self.batch_size
-        epoch = 0
+        epoch, skipped = 0, []
         while True:
             kept = 0
             for index, row in enumerate(self._rows(shard, num_shards, epoch)):
@@ -511,8 +522,12 @@ class StreamingSFTDataset(torch.utils.data.IterableDataset):
                 if to_skip:  # trained on before the resume: not decoded again
                     to_skip -= 1
                     continue
-                example = self.maker.make({**row, **measured}, epoch, index)
-                example["skipped"] = []
+                try:
+                    example = self.maker.make({**row, **measured}, epoch, index)
+                except DataError as err:  # measured fine, fails now: replaced by the next row, as SFTDataset does
+                    skipped = replace_failed(skipped, str(err), self.maker.cfg.bad_samples)
+                    continue
+                example["skipped"], skipped = skipped, []
                 yield example
             if not self.repeat:
                 return
