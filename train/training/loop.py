@@ -312,8 +312,9 @@ def train_loop(run: Run) -> dict[str, float]:
     unread: dict[str, Any] = {}  # the steps' figures since the last read point, still on the device
     run.model.train()  # once: evaluation puts it back in training mode itself
     while state.step < run.total_steps:
-        if run.sampler is not None:  # through the prepared loader: its own pass counter sets the sampler's epoch
-            run.train_loader.set_epoch(state.epoch)  # when iterated, so a resumed pass must set that counter
+        if run.sampler is not None:  # the prepared loader also sets its sampler's epoch from its own pass counter
+            run.sampler.set_epoch(state.epoch)  # when iterated (one process): a resumed pass sets that counter too
+            run.train_loader.set_epoch(state.epoch)
         loader = run.train_loader
         if state.batches_in_epoch and run.sampler is None:  # a resumed stream skips rows without decoding them
             loader.dataset.skip_batches(state.batches_in_epoch)
