@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -250,3 +252,72 @@ def test_15_infer_and_export_refuse_a_crafted_pickle_in_one_line(tmp_path, tiny_
     err = cli_error(capsys, "export", str(run), "--merge", "--to", str(tmp_path / "export"))
     assert "pytorch_model.bin: refused to load a pickled file" in err
     assert not Payload.sentinel.exists()
+
+
+# ================================================================ issue 24: hostile input that still got through
+
+
+def gif_bomb(width: int = 16000, height: int = 16000) -> bytes:
+    """A 66-byte GIF: two 1x1 frames on a logical screen of width x height (FFmpeg's decoder allocates the screen)."""
+    screen = b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    frame = (
+        b"\x21\xf9\x04\x00\x0a\x00\x00\x00" + b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
+    )
+    return screen + frame + frame + b"\x3b"
+
+
+def run_cli_measured(*argv: str, cwd: Path | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """`vidtune ARGV` in its own process: its result and its peak resident memory in GB."""
+    script = (
+        "import resource, subprocess, sys\n"
+        "done = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=240)\n"
+        "sys.stdout.write(done.stdout); sys.stderr.write(done.stderr)\n"
+        "print(f'PEAK_KB {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}', file=sys.stderr)\n"
+        "sys.exit(done.returncode)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, sys.executable, "-m", "vidtune.train.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+    peak_kb = int(done.stderr.rsplit("PEAK_KB ", 1)[1])
+    done.stderr = done.stderr.rsplit("PEAK_KB ", 1)[0]
+    return done, peak_kb / 1e6
+
+
+def test_a_gif_bomb_is_refused_by_the_pixel_limit_in_frames_and_show_before_decoding(tmp_path, tiny_model_dir):
+    """A 66-byte GIF declaring a 16000x16000 screen: `frames` and `show` refuse it by the pixel limit from its header
+    (no frame decoded: the probe's rotation check no longer decodes frames that large), in well under a gigabyte."""
+    bomb = tmp_path / "bomb.gif"
+    bomb.write_bytes(gif_bomb())
+    done, peak_gb = run_cli_measured("frames", str(bomb), "--num-frames", "2")
+    assert done.returncode == 1 and done.stderr.strip() == (
+        f"{bomb}: 16000x16000 frames exceed the 16,777,216-pixel limit"
+    ), done.stderr
+    assert peak_gb < 2.0, peak_gb  # 1.3 GB measured (1.1 of it importing torch); 3.6 GB on decoding it
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps(qa(str(bomb))) + "\n")
+    overrides = [o for o in tiny_run_overrides(tiny_model_dir, tmp_path, tmp_path / "run") if "sources" not in o]
+    from vidtune.train.datatools.show import run_show
+
+    recipe = load_recipe(None, [*overrides, f"data.sources=[{{path: {rows}}}]"])
+    page = run_show(recipe, "recipe.yaml", 1, tmp_path / "show").read_text()
+    assert "bad sample: " in page and "16000x16000 frames exceed the 16,777,216-pixel limit" in page
+
+
+def test_images_are_read_only_in_the_documented_formats_and_held_to_the_pixel_limit(tmp_path):
+    from PIL import Image
+
+    from vidtune.data.video import VideoError, image_size, load_image
+
+    eps = tmp_path / "photo.png"  # an EPS named like a PNG: PIL would hand it to Ghostscript
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    for read in (load_image, image_size):
+        with pytest.raises(VideoError, match=r"cannot read image \(not one of PNG, JPEG, WEBP, GIF, BMP\)"):
+            read(str(eps))
+    Image.new("RGB", (300, 200), "red").save(tmp_path / "ok.webp")
+    assert load_image(str(tmp_path / "ok.webp")).shape == (200, 300, 3)
+    with pytest.raises(VideoError, match="300x200 image exceeds the 50,000-pixel limit"):
+        load_image(str(tmp_path / "ok.webp"), max_frame_pixels=50_000)

@@ -72,6 +72,7 @@ def measure_all(
                     data.bad_samples.decode_timeout_s,
                     builder.frame_px,
                     record=decoded,
+                    max_frame_pixels=data.bad_samples.max_frame_pixels,
                 )
                 if backends is not None:
                     backends.update((path, clip.backend) for path, clip in decoded)

@@ -119,42 +119,43 @@ def load_processor(
 # -------------------------------------------------------------------------------------------------- finetuning
 
 
-def linear_layer_names(model: Any, prefix: str) -> set[str]:
-    """Leaf names (q_proj, fc1, ...) of the linear layers under a module-name prefix."""
+def linear_layers(model: Any, prefix: str) -> dict[str, str]:
+    """{module name: leaf name (q_proj, fc1, ...)} of the linear layers under a module-name prefix."""
     return {
-        name.rsplit(".", 1)[-1]
+        name: name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()
         if name.startswith(prefix) and isinstance(module, torch.nn.Linear)
     }
 
 
 def lora_target_pattern(model: Any, family: ModelFamily, cfg: FinetuneConfig) -> str:
-    """A regex PEFT full-matches against module names: the targets, only inside the parts the recipe names."""
+    """A regex PEFT full-matches against module names: the full names of the linear layers whose leaf name is a
+    target, only inside the parts the recipe names. Names, not a leaf pattern: Qwen2.5-VL's vision target `proj`
+    also names its Conv3d patch embedding (`visual.patch_embed.proj`), which must stay unwrapped."""
     scopes = [(family.language_model_prefix, list(cfg.lora.targets) or list(family.language_model_lora_targets))]
     if cfg.vision_tower == "lora":
         scopes.append((family.vision_tower_prefix, list(family.vision_tower_lora_targets)))
-    patterns = []
+    unused = family.unused_module_prefixes(model.config)
+    if unused:
+        module_names = [name for name, _ in model.named_modules()]
+        renamed = [u for u in unused if not any(n.startswith(u) for n in module_names)]
+        if renamed:  # a transformers upgrade moved the modules: fail rather than silently wrap them again
+            raise RuntimeError(f"{family.name}: no modules named {renamed} in this model; the family needs updating")
+    chosen = []
     for prefix, targets in scopes:
-        available = linear_layer_names(model, prefix)
-        missing = sorted(set(targets) - available)
+        available = linear_layers(model, prefix)
+        missing = sorted(set(targets) - set(available.values()))
         if missing:
             raise RecipeError(
                 f"finetune.lora.targets {missing} match no linear layer under {prefix.rstrip('.')}; "
-                f"available: {', '.join(sorted(available))}"
+                f"available: {', '.join(sorted(set(available.values())))}"
             )
-        names = "|".join(re.escape(t) for t in targets)
-        patterns.append(rf"{re.escape(prefix)}(?:.*\.)?(?:{names})")
-    pattern = "|".join(f"(?:{p})" for p in patterns)
-    unused = family.unused_module_prefixes(model.config)
-    if not unused:
-        return pattern
-    module_names = [name for name, _ in model.named_modules()]
-    renamed = [u for u in unused if not any(n.startswith(u) for n in module_names)]
-    if renamed:  # a transformers upgrade moved the modules: fail rather than silently wrap them again
-        raise RuntimeError(f"{family.name}: no modules named {renamed} in this model; the family needs updating")
-    # Layers whose output the model never reads (e.g. CLIP's last layer, when features come from the one before)
-    # would get no gradient: leave them unwrapped.
-    return rf"(?!{'|'.join(re.escape(u) for u in unused)})(?:{pattern})"
+        # Layers whose output the model never reads (e.g. CLIP's last layer, when features come from the one
+        # before) would get no gradient: leave them unwrapped.
+        chosen += [
+            name for name, leaf in available.items() if leaf in targets and not any(name.startswith(u) for u in unused)
+        ]
+    return "|".join(re.escape(name) for name in chosen)
 
 
 def apply_finetuning(model: Any, family: ModelFamily, cfg: FinetuneConfig, adapter: str | None = None) -> Any:
@@ -246,7 +247,19 @@ def trainable_audit(model: Any, family: ModelFamily) -> dict[str, Any]:
             parts[part]["trainable"] += count
     trainable = sum(p["trainable"] for p in parts.values()) + sum(lora.values())
     total = sum(p["total"] for p in parts.values()) + sum(lora.values())
-    return {"parts": parts, "lora": dict(lora), "trainable": trainable, "total": total}
+    wrapped = wrapped_modules(model)
+    return {"parts": parts, "lora": dict(lora), "wrapped": wrapped, "trainable": trainable, "total": total}
+
+
+def wrapped_modules(model: Any) -> dict[str, list[str]]:
+    """{layer type: [module names]} of every module LoRA wraps, whatever its kind (Linear, Conv3d, Embedding)."""
+    from peft.tuners.lora import LoraLayer
+
+    wrapped: dict[str, list[str]] = defaultdict(list)
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            wrapped[type(module.get_base_layer()).__name__].append(name.removeprefix("base_model.model."))
+    return dict(wrapped)
 
 
 def format_audit(audit: dict[str, Any]) -> str:
@@ -287,6 +300,11 @@ def check_audit(audit: dict[str, Any], cfg: FinetuneConfig, from_adapter: bool =
             problems.append(f"{part} should carry LoRA but no LoRA weights sit there")
         if expect in ("none", "all") and lora:
             problems.append(f"{part} carries {lora:,} LoRA params the recipe did not ask for")
+    not_linear = {kind: names for kind, names in audit.get("wrapped", {}).items() if kind != "Linear"}
+    if not_linear and not from_adapter:  # finetune.lora.targets name linear layers only
+        problems += [
+            f"LoRA wraps {len(names)} {kind} module(s) ({names[0]}, ...)" for kind, names in not_linear.items()
+        ]
     if audit["trainable"] == 0:
         problems.append("nothing is trainable")
     if problems:
