@@ -321,3 +321,83 @@ def test_images_are_read_only_in_the_documented_formats_and_held_to_the_pixel_li
     assert load_image(str(tmp_path / "ok.webp")).shape == (200, 300, 3)
     with pytest.raises(VideoError, match="300x200 image exceeds the 50,000-pixel limit"):
         load_image(str(tmp_path / "ok.webp"), max_frame_pixels=50_000)
+
+
+def test_a_recipe_with_a_duplicate_key_or_nested_20000_deep_is_one_line(tmp_path, capsys):
+    recipe = tmp_path / "dup.yaml"
+    recipe.write_text("train:\n  learning_rate: 0.1\n  seed: 3\n  learning_rate: 0.2\n")
+    err = cli_error(capsys, "train", str(recipe))
+    assert "line 4, column 3: invalid YAML: duplicate key 'learning_rate' (first given on line 2)" in err
+    err = cli_error(capsys, "train", "demo/base", "hub.datasets=[{a: 1, a: 2}]")
+    assert "duplicate key 'a'" in err
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    assert "the YAML nests too deeply (a recipe nests at most 32 levels)" in cli_error(capsys, "train", str(deep))
+    deep.write_text("hub:\n  datasets: " + "[" * 40 + "]" * 40 + "\n")  # readable, but no recipe nests so deep
+    assert "the recipe nests deeper than 32 levels" in cli_error(capsys, "train", str(deep))
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("logging.run_name=${oc.env:HF_TOKEN}", "logging.run_name"), ("train.output_dir=OUT/${oc.env:HF_TOKEN}", "")],
+)
+def test_a_secret_from_the_environment_may_not_name_a_run_or_its_folder(
+    tmp_path, tiny_model_dir, demo_corpus, capsys, monkeypatch, override, key
+):
+    monkeypatch.setenv("HF_TOKEN", "hf_SecretValue123456")
+    recipe = base_recipe(tmp_path, tiny_model_dir, demo_corpus)
+    err = cli_error(capsys, "train", str(recipe), override.replace("OUT", str(tmp_path)))
+    assert f"{key or 'train.output_dir'} holds the value of $HF_TOKEN, a secret" in err
+    assert "hf_SecretValue123456" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]  # no run folder, under either name
+    monkeypatch.setenv("SCRATCH", str(tmp_path / "scratch"))  # an ordinary variable still builds paths
+    load_recipe(str(recipe), ["train.output_dir=${oc.env:SCRATCH}/run"])
+
+
+def test_an_absurd_lora_rank_is_refused_against_the_model_before_it_loads(
+    tmp_path, tiny_model_dir, demo_corpus, capsys
+):
+    recipe = base_recipe(tmp_path, tiny_model_dir, demo_corpus)
+    started = time.perf_counter()
+    err = cli_error(capsys, "train", str(recipe), "finetune.lora.rank=100000000")
+    assert "finetune.lora.rank=100,000,000 exceeds the language model's hidden size" in err
+    assert time.perf_counter() - started < 30
+    assert not (tmp_path / "run" / "trainable_parameters.json").exists()  # no model was set up
+
+
+def test_train_refuses_a_crafted_pickle_as_model_or_adapter_in_one_line(tmp_path, tiny_model_dir, demo_corpus, capsys):
+    import torch
+
+    Payload.sentinel = tmp_path / "payload-ran"
+    model = crafted_model(tiny_model_dir, tmp_path / "crafted")
+    recipe = base_recipe(tmp_path, tiny_model_dir, demo_corpus)
+    err = cli_error(capsys, "train", str(recipe), f"model.name_or_path={model}")
+    assert f"{model / 'pytorch_model.bin'}: refused to load a pickled file" in err
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tiny_model_dir)}))
+    torch.save({"weight": Payload()}, adapter / "adapter_model.bin")
+    err = cli_error(capsys, "train", str(recipe), f"model.adapter={adapter}", "train.output_dir=" + str(tmp_path / "b"))
+    assert f"{adapter / 'adapter_model.bin'}: refused to load a pickled file" in err
+    assert not Payload.sentinel.exists()
+
+
+def test_a_deeply_nested_json_row_is_one_bad_row(tmp_path, clips, builder):
+    shutil.copy(clips["red_blue"], tmp_path / "good.mp4")
+    corpus = tmp_path / "rows.jsonl"
+    corpus.write_text("\n".join([json.dumps(qa("good.mp4")), "[" * 200_000, json.dumps(qa("good.mp4", "blue"))]))
+    cfg = DataConfig(
+        sources=[SourceConfig(path=str(corpus))],
+        sampling=SamplingConfig(4),
+        num_workers=0,
+        bad_samples=BadSampleConfig(max_bad_fraction=0.5, max_bad_in_a_row=10),
+    )
+    rows, _, report = prepare_rows(cfg, builder, seed=0)
+    assert len(rows) == 2 and dict(report.bad.bad) == {"rows.jsonl line 2": "invalid JSON (nested too deeply)"}
+    as_list = tmp_path / "rows.json"
+    as_list.write_text("[" * 200_000)
+    from vidtune.data.sources import load_conversations
+
+    with pytest.raises(DataError, match=r"rows\.json: invalid JSON \(nested too deeply\)"):
+        load_conversations([SourceConfig(path=str(as_list))], keep_bad=True)

@@ -79,13 +79,14 @@ def load_model(cfg: ModelConfig, device_map: Any = None, init_device: Any = None
         with torch.device(init_device or "cpu"):
             model = model_class(family)._from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
     else:
-        model = model_class(family).from_pretrained(
-            cfg.name_or_path,
-            dtype=dtype,
-            attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
-            device_map=device_map,
-        )
+        with refusing_pickles(cfg.name_or_path):
+            model = model_class(family).from_pretrained(
+                cfg.name_or_path,
+                dtype=dtype,
+                attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code,
+                device_map=device_map,
+            )
     family.prepare_model(model)
     return model, family
 
@@ -158,6 +159,19 @@ def lora_target_pattern(model: Any, family: ModelFamily, cfg: FinetuneConfig) ->
     return "|".join(re.escape(name) for name in chosen)
 
 
+def check_lora_size(cfg: FinetuneConfig, config: Any) -> None:
+    """A LoRA rank beyond the layers it adapts is a typo (rank=1e8 allocated 25.6 GB before failing): refused
+    against the model's config, before its weights load."""
+    if cfg.mode != "lora":
+        return
+    hidden = getattr(getattr(config, "text_config", None) or config, "hidden_size", None)
+    if isinstance(hidden, int) and cfg.lora.rank > hidden:
+        raise RecipeError(
+            f"finetune.lora.rank={cfg.lora.rank:,} exceeds the language model's hidden size {hidden:,}: LoRA ranks "
+            "are usually 8-256"
+        )
+
+
 def apply_finetuning(model: Any, family: ModelFamily, cfg: FinetuneConfig, adapter: str | None = None) -> Any:
     """Freeze everything, then unfreeze (or wrap with LoRA) exactly what the recipe asks for."""
     model.requires_grad_(False)
@@ -171,7 +185,8 @@ def apply_finetuning(model: Any, family: ModelFamily, cfg: FinetuneConfig, adapt
         return model
     if adapter:
         # Continue an earlier stage's adapter (instruct -> chat): its targets and rank come with it.
-        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        with refusing_pickles(adapter):
+            return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     modules_to_save = []
     if cfg.train_projector:
         modules_to_save.append(family.projector_prefix.rstrip(".").rsplit(".", 1)[-1])
