@@ -23,7 +23,7 @@ from vidtune.data.quality import BadSampleConfig
 from vidtune.data.sources import SourceConfig
 from vidtune.data.video import SamplingConfig, VideoError, load_clip, probe_video
 from vidtune.train.cli import main
-from vidtune.train.training.config import load_recipe, recipe_to_yaml
+from vidtune.train.training.config import RecipeError, load_recipe, recipe_to_yaml
 
 
 def cli_error(capsys, *argv: str) -> str:
@@ -401,3 +401,22 @@ def test_a_deeply_nested_json_row_is_one_bad_row(tmp_path, clips, builder):
 
     with pytest.raises(DataError, match=r"rows\.json: invalid JSON \(nested too deeply\)"):
         load_conversations([SourceConfig(path=str(as_list))], keep_bad=True)
+
+
+def test_a_video_replaced_in_place_is_not_resumed_silently(tmp_path, tiny_model_dir, demo_corpus):
+    """The resume fingerprint covers each media file's size and mtime, as the measuring cache does."""
+    from vidtune.train.training.loop import train
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(demo_corpus / "videos", corpus / "videos")
+    shutil.copy(demo_corpus / "questions_train.jsonl", corpus)
+    run = tmp_path / "run"
+    args = tiny_run_overrides(tiny_model_dir, corpus, run, "train.max_steps=2", "train.save_every_steps=2")
+    train(load_recipe(None, args))
+    first = json.loads((corpus / "questions_train.jsonl").read_text().splitlines()[0])["video"]
+    replaced = corpus / first
+    other = next(p for p in sorted((corpus / "videos").iterdir()) if p != replaced)
+    shutil.copy(other, replaced)  # same name, another clip's content
+    os.utime(replaced, ns=(time.time_ns(), time.time_ns()))
+    with pytest.raises(RecipeError, match=r"cannot resume .*step_00000002: media: \d+ files by size and mtime"):
+        train(load_recipe(None, [*args, "train.max_steps=3"]))
