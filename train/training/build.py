@@ -31,6 +31,7 @@ from vidtune.train.training.distributed import is_deepspeed, zero_stage
 from vidtune.train.training.model import (
     apply_finetuning,
     check_audit,
+    check_lora_size,
     enable_gradient_checkpointing,
     held_parameters,
     load_model,
@@ -42,6 +43,7 @@ from vidtune.train.training.preemption import WorkerSignals
 
 
 def build_model(recipe: Recipe, accelerator: Accelerator) -> tuple[Any, ModelFamily, Any, dict[str, Any]]:
+    check_lora_size(recipe.finetune, load_model_config(recipe.model.name_or_path, recipe.model.trust_remote_code))
     # Random weights (model.from_config) are drawn on the device; ZeRO-3's zero.Init places its partitions itself.
     model, family = load_model(recipe.model, init_device=None if is_deepspeed(accelerator) else accelerator.device)
     m = recipe.model
