@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from vidtune.data.conversation import DataError, Message, media_parts
-from vidtune.data.examples import LABEL_TURNS, ExampleBuilder, with_time_instructions
+from vidtune.data.examples import LABEL_TURNS, ExampleBuilder, TokenCount, answer_replaced, with_time_instructions
 from vidtune.data.formats import DEFAULT_CAPTION_PROMPT
 from vidtune.data.frame_cache import FrameCache, FrameCacheConfig
 from vidtune.data.measure_cache import MeasureCache, settings_fingerprint
@@ -219,6 +219,9 @@ class Measurer:
             return {"num_tokens": 0, "num_media_tokens": 0, "num_label_tokens": 0, **problem}
         messages = with_time_instructions(row["messages"], instructions)
         count = self.builder.count(messages, tokens)
+        if row.get("rejected"):  # a preference pair: both answers must fit (and have tokens to learn)
+            other = self.builder.count(answer_replaced(messages, row["rejected"]), tokens)
+            count = TokenCount(max(count.total, other.total), count.media, min(count.labels, other.labels))
         return {
             "num_tokens": count.total,
             "num_media_tokens": count.media,

@@ -26,6 +26,7 @@ from vidtune.data.dataset import (
 from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import ModelFamily, family_for
 from vidtune.data.packing import pack_layout
+from vidtune.train.objectives.select import training_examples
 from vidtune.train.training.config import Recipe, RecipeError
 from vidtune.train.training.distributed import is_deepspeed, zero_stage
 from vidtune.train.training.model import (
@@ -154,7 +155,8 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
             train_rows, eval_rows, drops = None, prepare_eval_rows(data, builder, train_cfg.seed), DropReport()
         else:
             train_rows, eval_rows, drops = prepare_rows(data, builder, train_cfg.seed)
-    maker = ExampleMaker(builder, data, train_cfg.seed, train=True)
+    maker, train_collate = training_examples(recipe, builder, data, train_kwargs["collate_fn"], train_rows)
+    train_kwargs = {**train_kwargs, "collate_fn": train_collate}
     sampler = None
     if train_rows is None:
         stream = StreamingSFTDataset(
