@@ -25,7 +25,11 @@ from omegaconf.errors import OmegaConfBaseException
 from vidtune.data.dataset import DataConfig, validate_data
 from vidtune.data.families import FrameLimits
 from vidtune.data.sources import SourceConfig, validate_source
+<<<<<<< HEAD
 from vidtune.train.objectives.settings import DPOSettings, GRPOSettings, validate_objective
+=======
+from vidtune.train.training.quantization import QuantizationConfig, quantization_problem
+>>>>>>> issue-27
 
 VARIANTS = ("base", "instruct", "chat")
 FINETUNE_MODES = ("lora", "full")
@@ -95,6 +99,8 @@ class ModelConfig:
     # build the architecture from name_or_path's config.json with random weights (no weights read or downloaded):
     # throughput benchmarks of the real architecture; name_or_path still supplies the processor files
     from_config: bool = False
+    # QLoRA: `model.quantization.bits=4` loads the language model's linear layers 4-bit nf4 (quantization.py)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
 
 @dataclass
@@ -497,6 +503,8 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError("train.output_dir is empty")
     if f.mode == "full" and f.vision_tower == "lora":
         raise RecipeError("finetune.vision_tower=lora needs finetune.mode=lora (full mode trains no adapters)")
+    if problem := quantization_problem(m.quantization, f.mode, m.from_config):
+        raise RecipeError(problem)
     if m.adapter and f.mode != "lora":
         raise RecipeError("model.adapter continues a LoRA adapter: set finetune.mode=lora")
     if f.lora.rank < 1 or f.lora.alpha <= 0 or not 0 <= f.lora.dropout < 1:
