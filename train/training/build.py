@@ -44,11 +44,8 @@ from vidtune.train.training.preemption import WorkerSignals
 
 
 def build_model(recipe: Recipe, accelerator: Accelerator) -> tuple[Any, ModelFamily, Any, dict[str, Any]]:
-<<<<<<< HEAD
-    check_lora_size(recipe.finetune, load_model_config(recipe.model.name_or_path, recipe.model.trust_remote_code))
-=======
     refuse_quantized_engine(recipe, accelerator)
->>>>>>> issue-27
+    check_lora_size(recipe.finetune, load_model_config(recipe.model.name_or_path, recipe.model.trust_remote_code))
     # Random weights (model.from_config) are drawn on the device; ZeRO-3's zero.Init places its partitions itself.
     model, family = load_model(recipe.model, init_device=None if is_deepspeed(accelerator) else accelerator.device)
     m = recipe.model

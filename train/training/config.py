@@ -25,11 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 from vidtune.data.dataset import DataConfig, validate_data
 from vidtune.data.families import FrameLimits
 from vidtune.data.sources import SourceConfig, validate_source
-<<<<<<< HEAD
 from vidtune.train.objectives.settings import DPOSettings, GRPOSettings, validate_objective
-=======
 from vidtune.train.training.quantization import QuantizationConfig, quantization_problem
->>>>>>> issue-27
 
 VARIANTS = ("base", "instruct", "chat")
 FINETUNE_MODES = ("lora", "full")

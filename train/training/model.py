@@ -84,7 +84,6 @@ def load_model(cfg: ModelConfig, device_map: Any = None, init_device: Any = None
         with torch.device(init_device or "cpu"):
             model = model_class(family)._from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
     else:
-<<<<<<< HEAD
         with refusing_pickles(cfg.name_or_path):
             model = model_class(family).from_pretrained(
                 cfg.name_or_path,
@@ -92,19 +91,10 @@ def load_model(cfg: ModelConfig, device_map: Any = None, init_device: Any = None
                 attn_implementation=cfg.attn_implementation,
                 trust_remote_code=cfg.trust_remote_code,
                 device_map=device_map,
+                **quantized,
             )
-=======
-        model = model_class(family).from_pretrained(
-            cfg.name_or_path,
-            dtype=dtype,
-            attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
-            device_map=device_map,
-            **quantized,
-        )
     if quantized:
         check_quantized(model, family.language_model_prefix)
->>>>>>> issue-27
     family.prepare_model(model)
     return model, family
 
