@@ -133,11 +133,17 @@ def make_media_resolver(root: Path | None, at: str):
 # --------------------------------------------------------------------------------------------------- raw rows
 
 
+TOO_DEEP = "nested too deeply"
+
+
 def _decode_structured(row: dict[str, Any]) -> dict[str, Any]:
     for key in STRUCTURED_COLUMNS:
         value = row.get(key)
         if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
-            row[key] = json.loads(value)
+            try:
+                row[key] = json.loads(value)
+            except RecursionError:
+                return InvalidRow(f"{key}: invalid JSON ({TOO_DEEP})")
     return row
 
 
@@ -214,6 +220,8 @@ def _json_rows(
         rows = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{name} line {err.lineno}: invalid JSON ({err.msg})") from None
+    except RecursionError:
+        raise DataError(f"{name}: invalid JSON ({TOO_DEEP})") from None
     if isinstance(rows, dict) and caption_layout(rows):  # MSR-VTT / ActivityNet Captions: one object, not rows
         yield from _caption_file_rows(rows, cfg, seed)
         return
@@ -252,6 +260,8 @@ def _jsonl_rows(path: Path, name: str, max_row_bytes: int) -> Iterator[tuple[str
                     row = InvalidRow(f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
                 except json.JSONDecodeError as err:
                     row = InvalidRow(f"invalid JSON ({err.msg})")
+                except RecursionError:  # 200 kB of `[`: one bad row, not a crash of the whole run
+                    row = InvalidRow(f"invalid JSON ({TOO_DEEP})")
             yield f"{name} line {line_no}", row_index, row
             row_index += 1
 
