@@ -6,8 +6,7 @@ captions (base variant), order questions (instruct) and two-turn chats (chat), i
     questions_train.jsonl          {"video", "question", "answer"}              qa format
     chats_train.json               {"video", "conversations": [{from, value}]} llava format
     preferences_train.jsonl        {"video", "prompt", "chosen", "rejected"}  preference format (DPO): chosen =
-                                   the true colour; rejected = the other one (the colours swapped), or the whole
-                                   caption (what the caption-trained base answers)
+                                   the true colour, rejected = the other one (the colours swapped)
     (and the same three for eval)
 """
 
@@ -45,10 +44,8 @@ def write_split(root: Path, split: str, num_videos: int, seed: int) -> dict[str,
         captions.append({"video": name, "caption": f"{first} then {last}"})
         questions.append({"video": name, "question": FIRST_QUESTION, "answer": first})
         questions.append({"video": name, "question": LAST_QUESTION, "answer": last})
-        for question, right, wrong in ((FIRST_QUESTION, first, last), (LAST_QUESTION, last, first)):
-            # the colours swapped, and the caption-trained base's own answer (a caption, not the colour asked for)
-            for rejected in (wrong, f"{first} then {last}"):
-                preferences.append({"video": name, "prompt": question, "chosen": right, "rejected": rejected})
+        preferences.append({"video": name, "prompt": FIRST_QUESTION, "chosen": first, "rejected": last})
+        preferences.append({"video": name, "prompt": LAST_QUESTION, "chosen": last, "rejected": first})
         chats.append(
             {
                 "video": name,
