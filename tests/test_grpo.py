@@ -192,3 +192,35 @@ def test_rewards_score_as_eval_does_and_unknown_ones_are_refused_up_front(family
         overrides = [*base, f"train.output_dir={tmp_path}", "train.objective=grpo", f"train.grpo.rewards=[{name}]"]
         with pytest.raises(RecipeError, match=message):
             load_recipe(None, overrides)
+
+
+@pytest.mark.slow
+def test_zero3_grpo_finishes_when_ranks_generate_different_lengths(family_kits, demo_corpus: Path, tmp_path: Path):
+    """2 processes under ZeRO-3: rank 1's completions stop after 1 token, rank 0's run to 6. Without synced_gpus the
+    rank that finished first would leave the other waiting in its parameter all-gathers forever (ms-swift #7899)."""
+    from tests.conftest import tiny_run_overrides
+    from tests.test_distributed import engine, launch
+    from vidtune.train.training.config import recipe_to_yaml
+    from vidtune.train.training.tracking import read_metrics
+
+    output = tmp_path / "run"
+    overrides = tiny_run_overrides(
+        family_kits("llava_next_video").model_dir,
+        demo_corpus,
+        output,
+        "train.objective=grpo",
+        "train.grpo.num_generations=2",
+        "train.grpo.max_new_tokens=6",
+        "train.grpo.rewards=[tests.test_grpo:varied_reward]",
+        "train.max_steps=2",
+        "train.batch_size=1",
+    )
+    path = tmp_path / "grpo.yaml"
+    path.write_text(recipe_to_yaml(load_recipe(None, overrides)))
+    result = launch(path, "zero3.yaml", fault="shortgen@1")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert engine(output) == {"num_processes": 2, "distributed_type": "DEEPSPEED", "zero_stage": 3}
+    logged = [m for m in read_metrics(output) if "train/completion_tokens" in m]
+    assert len(logged) == 2
+    # the mean over both ranks: rank 1's single tokens pull it below rank 0's lengths
+    assert all(1 <= m["train/completion_tokens"] < 6 for m in logged)
