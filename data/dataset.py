@@ -505,7 +505,7 @@ class StreamingSFTDataset(torch.utils.data.IterableDataset):
         shard, num_shards = self.rank * num_workers + worker_id, self.world_size * num_workers
         # The DataLoader takes batches from its workers in turn: this worker made batches id, id + W, id + 2W, ...
         to_skip = len(range(worker_id, self.batches_to_skip, num_workers)) * self.batch_size
-        epoch, skipped = 0, []
+        epoch, skipped = 0, list[str]()
         while True:
             kept = 0
             for index, row in enumerate(self._rows(shard, num_shards, epoch)):
