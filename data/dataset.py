@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from vidtune.data.conversation import DataError, Message, media_parts
-from vidtune.data.examples import LABEL_TURNS, ExampleBuilder, with_time_instructions
+from vidtune.data.examples import LABEL_TURNS, ExampleBuilder, TokenCount, answer_replaced, with_time_instructions
 from vidtune.data.formats import DEFAULT_CAPTION_PROMPT
 from vidtune.data.frame_cache import FrameCache, FrameCacheConfig
 from vidtune.data.measure_cache import MeasureCache, settings_fingerprint
-from vidtune.data.quality import BadSampleConfig, BadSampleLog, time_limit, validate_bad_samples
+from vidtune.data.quality import MAX_FRAME_PIXELS, BadSampleConfig, BadSampleLog, time_limit, validate_bad_samples
 from vidtune.data.sources import MAX_ROW_BYTES, SourceConfig, load_conversations, stream_conversations
 from vidtune.data.video import (
     Clip,
@@ -219,6 +219,9 @@ class Measurer:
             return {"num_tokens": 0, "num_media_tokens": 0, "num_label_tokens": 0, **problem}
         messages = with_time_instructions(row["messages"], instructions)
         count = self.builder.count(messages, tokens)
+        if row.get("rejected"):  # a preference pair: both answers must fit (and have tokens to learn)
+            other = self.builder.count(answer_replaced(messages, row["rejected"]), tokens)
+            count = TokenCount(max(count.total, other.total), count.media, min(count.labels, other.labels))
         return {
             "num_tokens": count.total,
             "num_media_tokens": count.media,
@@ -338,6 +341,7 @@ def load_media(
     shortest_edge: int | None = None,
     cache: FrameCache | None = None,
     record: list[tuple[str, Clip]] | None = None,
+    max_frame_pixels: int = MAX_FRAME_PIXELS,
 ) -> tuple[dict[int, np.ndarray | Clip], dict[int, str]]:
     """Decoded pixels per media index (conversation order), and each video's time instruction when asked for.
     Frames are decoded at the model's input size (`shortest_edge`), from the frame cache when there is one;
@@ -346,13 +350,16 @@ def load_media(
     for index, part in enumerate(media_parts(messages)):
         path = part["path"] or ""
         if part["type"] == "image":
-            media[index] = load_image(path)
+            media[index] = load_image(path, max_frame_pixels)
             continue
         with time_limit(decode_timeout_s, path):
             if cache is not None:
                 clip = cache.load(path, part["start_s"], part["end_s"], rng)
             else:
-                clip = load_clip(path, sampling, part["start_s"], part["end_s"], rng, decode_timeout_s, shortest_edge)
+                clip = load_clip(
+                    path, sampling, part["start_s"], part["end_s"], rng, decode_timeout_s, shortest_edge,
+                    max_frame_pixels,
+                )  # fmt: skip
         media[index] = clip  # frames with their timestamps (time-aware families hand these to the processor)
         if record is not None:
             record.append((path, clip))
@@ -372,7 +379,9 @@ class ExampleMaker:
     def cache(self) -> FrameCache | None:
         """Opened lazily, so each DataLoader worker holds its own."""
         if self._cache is None and self.cfg.frame_cache.dir:
-            self._cache = FrameCache(self.cfg.frame_cache, self.cfg.sampling, self.builder.frame_px)
+            self._cache = FrameCache(
+                self.cfg.frame_cache, self.cfg.sampling, self.builder.frame_px, self.cfg.bad_samples.max_frame_pixels
+            )
         return self._cache
 
     def make(self, row: dict[str, Any], epoch: int, row_index: int) -> dict[str, Any]:
@@ -399,6 +408,7 @@ class ExampleMaker:
                 self.cfg.bad_samples.decode_timeout_s,
                 self.builder.frame_px,
                 self.cache,
+                max_frame_pixels=self.cfg.bad_samples.max_frame_pixels,
             )
         except DataError as err:  # unreadable media, decode time limit
             raise DataError(f"{row['at']}: {err}") from None

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from vidtune.data.conversation import media_parts
+from vidtune.data.measure_cache import file_identity
 from vidtune.train.training.config import Recipe, RecipeError
 from vidtune.train.training.health import TrainingError
 
@@ -393,6 +395,7 @@ def fingerprint(recipe: Recipe, world_size: int, train_rows: Any, template: str 
         "world size": world_size,
         "dataset": data,
         "data content": ", ".join(content_hash(s.path) for s in d.sources),
+        "media": media_identity(train_rows),
         "base model": model_identity(recipe.model.name_or_path),
         "seed": t.seed,
         "order": f"group_by_length {t.group_by_length}",
@@ -403,6 +406,16 @@ def fingerprint(recipe: Recipe, world_size: int, train_rows: Any, template: str 
         f"projector {f.train_projector}, vision tower {f.vision_tower}, continued from {recipe.model.adapter}",
         "batch": f"{recipe.train.batch_size} per device x {recipe.train.grad_accum_steps} accumulation",
     }
+
+
+def media_identity(train_rows: Any) -> str:
+    """The rows' media files by path, size and mtime (as the measuring cache keys them): a video replaced in place
+    under the same name is a different run."""
+    if train_rows is None:
+        return "streamed (not fingerprinted)"
+    paths = sorted({part["path"] or "" for messages in train_rows["messages"] for part in media_parts(messages)})
+    digest = hashlib.sha1(json.dumps([file_identity(path) for path in paths]).encode()).hexdigest()[:12]
+    return f"{len(paths)} files by size and mtime, sha1 {digest}"
 
 
 def run_settings(recipe: Recipe) -> dict[str, Any]:
@@ -465,7 +478,9 @@ def model_identity(name_or_path: str) -> str:
 
 def check_resume(saved: dict[str, Any], current: dict[str, Any], checkpoint: str, force: bool) -> list[str]:
     """Refuse to resume a checkpoint whose run differed (a flag forces it); return what changed."""
-    changed = [f"{key}: {saved.get(key)} -> {value}" for key, value in current.items() if saved.get(key) != value]
+    changed = [  # (a key an older checkpoint lacks is not a change)
+        f"{key}: {saved.get(key)} -> {value}" for key, value in current.items() if key in saved and saved[key] != value
+    ]
     if changed and not force:
         raise RecipeError(
             f"cannot resume {checkpoint}: {'; '.join(changed)}. Use a new train.output_dir, or "

@@ -56,7 +56,8 @@ def evaluate(run: Run) -> float | None:
 
 def row_losses(loss: Any, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed token loss and label count of each row: chunked from hidden states (loss.ChunkedLoss), or from the
-    model's logits where training uses the model's own loss too (ZeRO-3)."""
+    model's logits where training uses the model's own loss too (ZeRO-3) or another objective than SFT."""
+    loss = getattr(loss, "loss", loss)  # the SFT objective wraps the token loss (train/objectives/sft.py)
     if isinstance(loss, ChunkedLoss):
         return loss.per_row(model, batch)
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()

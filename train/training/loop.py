@@ -31,6 +31,8 @@ from vidtune.data.families import ModelFamily
 from vidtune.data.packing import pop_counts
 from vidtune.data.quality import BadSampleConfig
 from vidtune.train.evaluation.tasks import training_items
+from vidtune.train.objectives.base import Objective
+from vidtune.train.objectives.select import build_objective
 from vidtune.train.training import outputs, tracking
 from vidtune.train.training.build import (
     build_loaders,
@@ -66,7 +68,6 @@ from vidtune.train.training.health import (
     guard_update,
 )
 from vidtune.train.training.held_out import evaluate_at, to_device
-from vidtune.train.training.loss import LossFunction, model_loss, training_loss
 from vidtune.train.training.model import format_audit
 from vidtune.train.training.preemption import StopRequest, TrainingStopped
 from vidtune.train.training.resume import resume
@@ -91,13 +92,13 @@ class Run:
     lockstep: VisionLockstep
     fingerprint: dict[str, Any]  # what a checkpoint of this run may only be resumed with
     flops: FlopCounter  # a step's model FLOPs, for TFLOPs and MFU (flops.py)
+    loss: Objective  # (model, micro-batch) -> summed loss, and what it averages over (train/objectives/)
     stop: StopRequest = field(default_factory=StopRequest)
     nonfinite: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(5))
     bad_samples: BadSampleMonitor = field(default_factory=lambda: BadSampleMonitor(BadSampleConfig()))
     eval_items: list = field(default_factory=list)  # held-out rows for generation-based eval during training
     trainable: list = field(default_factory=list)  # the trainable weights, listed once (clipping walks them)
     lock: Any = None  # the output folder's lock (main process), released when the run ends
-    loss: LossFunction = model_loss  # (model, micro-batch) -> summed token loss; see loss.py
 
 
 # ------------------------------------------------------------------------------------------------------- setup
@@ -169,7 +170,7 @@ def build_run(recipe: Recipe, accelerator: Accelerator, lock: Any) -> Run:
         trainable=[p for p in model.parameters() if p.requires_grad],
         bad_samples=BadSampleMonitor(recipe.data.bad_samples, recipe.train.output_dir),
         lock=lock,
-        loss=training_loss(model, accelerator.autocast, zero3=zero3),
+        loss=build_objective(recipe, model, accelerator.autocast, zero3),
     )
 
 
@@ -218,7 +219,8 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, Any]:
     counts = [pop_counts(b) for b in window]  # (samples, real tokens): packed rows are not samples
     run.bad_samples.note(skipped, sum(samples for samples, _ in counts), run.state.step)
     local_tokens = sum(label_tokens(b) for b in window)
-    global_tokens = acc.reduce(torch.as_tensor(local_tokens, device=acc.device).float(), "sum").clamp(min=1)
+    local_units = sum(run.loss.units(b) for b in window)  # what the loss averages over: label tokens for SFT
+    global_tokens = acc.reduce(torch.as_tensor(local_units, device=acc.device).float(), "sum").clamp(min=1)
     scale = run.recipe.train.grad_accum_steps * acc.num_processes / global_tokens
     loss_sum = torch.zeros((), device=acc.device)
     for index, batch in enumerate(window):
@@ -255,6 +257,7 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, Any]:
         "flops": acc.reduce(local_flops + run.flops.vision_flops(), "sum"),
         "grad_norm": grad_norm if grad_norm is not None else float("nan"),
         "skipped_samples": len(skipped),
+        **run.loss.figures(acc),
     }
 
 

@@ -102,6 +102,7 @@ def training_metadata(
     """What `vidtune.json` records: the base model, how frames were sampled, the data and its size, the settings,
     the engine, the steps and the final metrics."""
     from vidtune.train.training.model import load_model_config
+    from vidtune.train.training.quantization import quantization_settings
 
     r = recipe
     shown = recipe_to_dict(recipe)["data"]["sources"]  # paths as written: `${oc.env:...}` stays unresolved
@@ -119,6 +120,8 @@ def training_metadata(
         "frame_px": frame_px,
         # the processor saved beside this file carries them; recorded here for people and the model card
         "frame_limits": dataclasses.asdict(r.model.frame_limits),
+        # QLoRA: the base loads quantized the same way for inference and in the model card's code (None: unquantized)
+        "quantization": quantization_settings(r.model.quantization),
         "time_instruction": r.data.time_instruction,
         "max_length": r.data.max_length,
         "label_turns": r.data.label_turns,
