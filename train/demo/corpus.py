@@ -7,7 +7,6 @@ captions (base variant), order questions (instruct) and two-turn chats (chat), i
     chats_train.json               {"video", "conversations": [{from, value}]} llava format
     preferences_train.jsonl        {"video", "prompt", "chosen", "rejected"}  preference format (DPO): chosen =
                                    the true colour, rejected = the other one (the colours swapped)
-    caption_preferences_train.jsonl  the same for captions: chosen = the true order, rejected = the colours swapped
     (and the same three for eval)
 """
 
@@ -18,7 +17,6 @@ import json
 import random
 from pathlib import Path
 
-from vidtune.data.formats import DEFAULT_CAPTION_PROMPT
 from vidtune.train.demo.clips import write_color_clip
 
 DEMO_COLORS = ("red", "green", "blue", "yellow")
@@ -38,7 +36,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def write_split(root: Path, split: str, num_videos: int, seed: int) -> dict[str, Path]:
     rng = random.Random(seed)
     pairs = color_pairs()
-    captions, questions, chats, preferences, caption_preferences = [], [], [], [], []
+    captions, questions, chats, preferences = [], [], [], []
     for index in range(num_videos):
         first, last = pairs[index % len(pairs)] if split == "train" else rng.choice(pairs)
         name = f"videos/{split}_{index:04d}.mp4"
@@ -48,14 +46,6 @@ def write_split(root: Path, split: str, num_videos: int, seed: int) -> dict[str,
         questions.append({"video": name, "question": LAST_QUESTION, "answer": last})
         preferences.append({"video": name, "prompt": FIRST_QUESTION, "chosen": first, "rejected": last})
         preferences.append({"video": name, "prompt": LAST_QUESTION, "chosen": last, "rejected": first})
-        caption_preferences.append(
-            {
-                "video": name,
-                "prompt": DEFAULT_CAPTION_PROMPT,
-                "chosen": f"{first} then {last}",
-                "rejected": f"{last} then {first}",
-            }
-        )
         chats.append(
             {
                 "video": name,
@@ -72,12 +62,10 @@ def write_split(root: Path, split: str, num_videos: int, seed: int) -> dict[str,
         "questions": root / f"questions_{split}.jsonl",
         "chats": root / f"chats_{split}.json",
         "preferences": root / f"preferences_{split}.jsonl",
-        "caption_preferences": root / f"caption_preferences_{split}.jsonl",
     }
     _write_jsonl(files["captions"], captions)
     _write_jsonl(files["questions"], questions)
     _write_jsonl(files["preferences"], preferences)
-    _write_jsonl(files["caption_preferences"], caption_preferences)
     files["chats"].write_text(json.dumps(chats, indent=1), encoding="utf-8")
     return files
 
