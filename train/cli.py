@@ -344,7 +344,10 @@ def run_serve(args: argparse.Namespace) -> None:
     )
     if args.max_queue < 1 or args.decode_timeout_s <= 0:
         raise DataError("--max-queue must be >= 1 and --decode-timeout-s > 0")
-    serve(_load(args), settings, args.host, args.port)
+    from vidtune.train.serving.decode import Decoder
+
+    decoder = Decoder()  # forked before the model loads and before any thread runs (decode.py says why)
+    serve(_load(args), settings, args.host, args.port, decoder)
 
 
 def run_chat(args: argparse.Namespace) -> None:

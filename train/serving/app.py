@@ -34,7 +34,7 @@ from vidtune.data.conversation import Message as Turn
 from vidtune.data.examples import with_time_instructions
 from vidtune.data.quality import MAX_FRAME_PIXELS
 from vidtune.train.generation.infer import AnswerText, InferenceModel
-from vidtune.train.serving.decode import Cancelled, decode_media
+from vidtune.train.serving.decode import Cancelled, Decoder
 from vidtune.train.serving.engine import Engine, Job, Result, Settings
 from vidtune.train.serving.media import MediaPolicy, RequestFiles, resolve_media
 from vidtune.train.serving.protocol import (
@@ -183,6 +183,7 @@ def build_example(
     request: ChatCompletionRequest,
     settings: ServeSettings,
     context: ContextLimit,
+    decoder: Decoder,
     cancelled: threading.Event,
 ) -> dict[str, Any]:
     """The prompt example (media decoded as in training, in a child process with a time limit); a prompt over the
@@ -193,9 +194,9 @@ def build_example(
     try:
         conversation = to_conversation(request.messages, settings.policy, files)
         try:
-            media, instructions = decode_media(
+            media, instructions = decoder.decode(
                 conversation, im.sampling, im.time_instruction, im.builder.frame_px, settings.max_frame_pixels,
-                settings.decode_timeout_s, cancelled,
+                settings.decode_timeout_s, files.folder.name, cancelled,
             )  # fmt: skip
             example = im.builder.build(with_time_instructions(conversation, instructions), media, for_generation=True)
         except DataError as err:
@@ -207,7 +208,9 @@ def build_example(
     return example
 
 
-def sampled_frames(im: InferenceModel, url: str, settings: ServeSettings, cancelled: threading.Event) -> dict[str, Any]:
+def sampled_frames(
+    im: InferenceModel, url: str, settings: ServeSettings, decoder: Decoder, cancelled: threading.Event
+) -> dict[str, Any]:
     """The frames the model sees for a video, as JPEG data URLs with their times."""
     from PIL import Image
 
@@ -215,9 +218,9 @@ def sampled_frames(im: InferenceModel, url: str, settings: ServeSettings, cancel
     try:
         try:
             path = resolve_media(url, settings.policy, files, "video_url")
-            media, _ = decode_media(
+            media, _ = decoder.decode(
                 [message("user", [media_part("video", path)])], im.sampling, False, im.builder.frame_px,
-                settings.max_frame_pixels, settings.decode_timeout_s, cancelled,
+                settings.max_frame_pixels, settings.decode_timeout_s, files.folder.name, cancelled,
             )  # fmt: skip
         except DataError as err:
             raise APIError(400, client_text(err, settings.policy, files), code="unreadable_media") from None
@@ -300,7 +303,9 @@ async def _decode_work(
         watcher.cancel()
 
 
-def create_app(im: InferenceModel, settings: ServeSettings) -> FastAPI:
+def create_app(im: InferenceModel, settings: ServeSettings, decoder: Decoder | None = None) -> FastAPI:
+    """The app; `decoder` is best started before the model loads (decode.py says why), else it starts here."""
+    decoder = decoder or Decoder()
     engine = Engine(im, settings.max_batch_size)
     admission = Admission(settings.max_queue)
     context = ContextLimit.of(im)
@@ -310,6 +315,7 @@ def create_app(im: InferenceModel, settings: ServeSettings) -> FastAPI:
         engine.start()
         yield
         engine.stop()
+        decoder.close()
 
     app = FastAPI(title="vidtune", lifespan=lifespan)
     app.state.engine = engine
@@ -346,7 +352,7 @@ def create_app(im: InferenceModel, settings: ServeSettings) -> FastAPI:
         try:
             cancelled = threading.Event()
             url = url_of(request.video_url)
-            return await _decode_work(http, cancelled, lambda: sampled_frames(im, url, settings, cancelled))
+            return await _decode_work(http, cancelled, lambda: sampled_frames(im, url, settings, decoder, cancelled))
         finally:
             admission.leave()
 
@@ -360,7 +366,7 @@ def create_app(im: InferenceModel, settings: ServeSettings) -> FastAPI:
         cancelled = threading.Event()
         try:
             example = await _decode_work(
-                http, cancelled, lambda: build_example(im, request, settings, context, cancelled)
+                http, cancelled, lambda: build_example(im, request, settings, context, decoder, cancelled)
             )
             max_tokens = request.max_completion_tokens or request.max_tokens or settings.default_max_tokens
             max_tokens = min(max_tokens, context.tokens - len(example["input_ids"]))  # what the context leaves
@@ -450,9 +456,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(kind, handler)
 
 
-def serve(im: InferenceModel, settings: ServeSettings, host: str, port: int) -> None:
+def serve(im: InferenceModel, settings: ServeSettings, host: str, port: int, decoder: Decoder | None = None) -> None:
     """Run the server until Ctrl-C (uvicorn finishes open requests, then returns)."""
     import uvicorn
 
     print(f"vidtune serve: {settings.model_name} on http://{host}:{port}  (chat page: /, OpenAI API: /v1)", flush=True)
-    uvicorn.run(create_app(im, settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+    uvicorn.run(
+        create_app(im, settings, decoder), host=host, port=port, log_level="warning", timeout_graceful_shutdown=10
+    )
