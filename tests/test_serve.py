@@ -15,8 +15,9 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -386,3 +387,89 @@ def test_the_web_page_answers_the_order_question_about_an_uploaded_clip(demo_run
             assert page.locator(".message").count() == 0
         finally:
             browser.close()
+
+
+# ------------------------------------------------------------- fetching URLs: every redirect hop, total time and size
+
+
+@contextlib.contextmanager
+def origin_server() -> Iterator[str]:
+    """A local HTTP origin: /clip (bytes), /to-private and /to-ftp (redirects), /trickle (a byte every 0.2 s)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            port = self.server.server_address[1]
+            redirects = {
+                "/to-private": f"http://127.0.0.2:{port}/clip",
+                "/to-ftp": "ftp://example.com/clip.mp4",
+                "/to-clip": "/clip",
+            }
+            if self.path in redirects:
+                self.send_response(302)
+                self.send_header("Location", redirects[self.path])
+                self.end_headers()
+            elif self.path == "/clip":
+                self.send_response(200)
+                self.send_header("Content-Length", "3000")
+                self.end_headers()
+                self.wfile.write(b"v" * 3000)
+            elif self.path == "/trickle":
+                self.send_response(200)
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    for _ in range(100):
+                        self.wfile.write(b"v")
+                        self.wfile.flush()
+                        time.sleep(0.2)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_every_redirect_hop_is_checked_and_a_trickling_fetch_is_cut_off(monkeypatch, tmp_path):
+    """The fetcher itself, against a local origin treated as public (only 127.0.0.1: any other address, such as
+    the loopback 127.0.0.2 a redirect points at, stays refused)."""
+    from vidtune.train.serving import media
+    from vidtune.train.serving.media import MediaPolicy, RequestFiles, resolve_media
+    from vidtune.train.serving.protocol import APIError
+
+    real = media.blocked_reason
+    monkeypatch.setattr(media, "blocked_reason", lambda address: None if address == "127.0.0.1" else real(address))
+    policy = MediaPolicy(None, True, max_download_bytes=2000, download_timeout_s=1.0)
+    files = RequestFiles()
+    try:
+        with origin_server() as origin:
+
+            def refused(path: str, **changes: Any) -> APIError:
+                with pytest.raises(APIError) as err:
+                    resolve_media(origin + path, replace(policy, **changes), files, "part")
+                return err.value
+
+            assert (
+                Path(resolve_media(f"{origin}/to-clip", replace(policy, max_download_bytes=5000), files, "part"))
+                .stat()
+                .st_size
+                == 3000
+            )
+            error = refused("/to-private")
+            assert error.code == "url_not_allowed" and "127.0.0.2 is a loopback address" in error.message
+            error = refused("/to-ftp")
+            assert error.code == "url_not_allowed" and "only http(s) URLs are fetched" in error.message
+            assert "is larger than 2,000 bytes" in refused("/clip").message
+            started = time.monotonic()
+            error = refused("/trickle", max_download_bytes=10_000)
+            assert error.code == "url_too_slow" and "took longer than 1s" in error.message
+            assert time.monotonic() - started < 3
+    finally:
+        files.close()
