@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from vidtune.data.conversation import DataError, Message, media_parts
-from vidtune.data.examples import LABEL_TURNS, ExampleBuilder, with_time_instructions
+from vidtune.data.examples import LABEL_TURNS, ExampleBuilder, TokenCount, answer_replaced, with_time_instructions
 from vidtune.data.formats import DEFAULT_CAPTION_PROMPT
 from vidtune.data.frame_cache import FrameCache, FrameCacheConfig
 from vidtune.data.measure_cache import MeasureCache, settings_fingerprint
@@ -219,6 +219,9 @@ class Measurer:
             return {"num_tokens": 0, "num_media_tokens": 0, "num_label_tokens": 0, **problem}
         messages = with_time_instructions(row["messages"], instructions)
         count = self.builder.count(messages, tokens)
+        if row.get("rejected"):  # a preference pair: both answers must fit (and have tokens to learn)
+            other = self.builder.count(answer_replaced(messages, row["rejected"]), tokens)
+            count = TokenCount(max(count.total, other.total), count.media, min(count.labels, other.labels))
         return {
             "num_tokens": count.total,
             "num_media_tokens": count.media,
@@ -448,6 +451,17 @@ class SFTDataset(torch.utils.data.Dataset):
         raise DataError(f"{len(skipped)} samples in a row failed to load (max_bad_in_a_row), e.g. {skipped[0]}")
 
 
+def replace_failed(skipped: list[str], reason: str, cfg: BadSampleConfig) -> list[str]:
+    """A sample that failed to load is replaced by the next one (its reason rides on the replacement, which the
+    loop counts against the bad-sample budget); policy "error" stops at it, and so do max_bad_in_a_row at once."""
+    if cfg.policy == "error":
+        raise DataError(reason)
+    skipped = [*skipped, reason]
+    if len(skipped) >= cfg.max_bad_in_a_row:
+        raise DataError(f"{len(skipped)} samples in a row failed to load (max_bad_in_a_row), e.g. {skipped[0]}")
+    return skipped
+
+
 class StreamingSFTDataset(torch.utils.data.IterableDataset):
     """For corpora too large to prepare: rows are measured and filtered as they stream.
 
@@ -501,7 +515,7 @@ class StreamingSFTDataset(torch.utils.data.IterableDataset):
         shard, num_shards = self.rank * num_workers + worker_id, self.world_size * num_workers
         # The DataLoader takes batches from its workers in turn: this worker made batches id, id + W, id + 2W, ...
         to_skip = len(range(worker_id, self.batches_to_skip, num_workers)) * self.batch_size
-        epoch = 0
+        epoch, skipped = 0, list[str]()
         while True:
             kept = 0
             for index, row in enumerate(self._rows(shard, num_shards, epoch)):
@@ -518,8 +532,12 @@ class StreamingSFTDataset(torch.utils.data.IterableDataset):
                 if to_skip:  # trained on before the resume: not decoded again
                     to_skip -= 1
                     continue
-                example = self.maker.make({**row, **measured}, epoch, index)
-                example["skipped"] = []
+                try:
+                    example = self.maker.make({**row, **measured}, epoch, index)
+                except DataError as err:  # measured fine, fails now: replaced by the next row, as SFTDataset does
+                    skipped = replace_failed(skipped, str(err), self.maker.cfg.bad_samples)
+                    continue
+                example["skipped"], skipped = skipped, []
                 yield example
             if not self.repeat:
                 return

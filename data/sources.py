@@ -27,11 +27,12 @@ from vidtune.data.formats import (
     UnknownFormat,
     detect_format,
     normalise_row,
+    rejected_answer,
 )
 
 FILE_LOADERS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 # Columns that hold lists or dicts; CSV stores them as JSON text.
-STRUCTURED_COLUMNS = ("conversations", "messages", "videos", "images", "options", "candidates")
+STRUCTURED_COLUMNS = ("conversations", "messages", "videos", "images", "options", "candidates", "chosen", "rejected")
 URL_PREFIXES = ("http://", "https://", "s3://", "gs://", "hf://", "ftp://")
 MAX_ROW_BYTES = 1_000_000  # default of data.max_row_bytes: larger rows are bad rows, never parsed or tokenised
 
@@ -49,6 +50,7 @@ CONVERSATION_FEATURES = datasets.Features(
         "row": datasets.Value("int64"),
         "at": datasets.Value("string"),
         "problem": datasets.Value("string"),  # why a row is unusable (malformed); "" for good rows
+        "rejected": datasets.Value("string"),  # preference rows: the rejected answer ("" for other formats)
     }
 )
 
@@ -323,11 +325,13 @@ def iter_conversations(
             if fmt is None:  # a first row in an unknown shape is a wrong format or column map, not a bad row
                 fmt = detect_format(list(fields), at)
             ctx = RowContext(at, make_media_resolver(root, at), tuple(caption_prompts), seed, index)
-            yield {**row, "messages": normalise_row(fields, fmt, ctx), "problem": ""}
+            messages = normalise_row(fields, fmt, ctx)
+            rejected = rejected_answer(fields, ctx) if fmt == "preference" else ""
+            yield {**row, "messages": messages, "problem": "", "rejected": rejected}
         except DataError as err:
             if not keep_bad or isinstance(err, UnknownFormat):  # one configuration error, said once
                 raise
-            yield {**row, "messages": [], "problem": str(err).removeprefix(f"{at}: ")}
+            yield {**row, "messages": [], "problem": str(err).removeprefix(f"{at}: "), "rejected": ""}
 
 
 # ---------------------------------------------------------------------------------------------- mixing, loading

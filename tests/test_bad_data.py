@@ -87,7 +87,7 @@ def test_a_hanging_decode_is_bounded(broken_media, builder, monkeypatch):
     started = time.perf_counter()
     with pytest.raises(DecodeTimeout, match="decode timed out after 1s"):
         load_clip(str(broken_media["good"]), SamplingConfig(4), decode_timeout_s=1.0)
-    assert time.perf_counter() - started < 10
+    assert time.perf_counter() - started < 30  # the hang lasts 10^6 s; the bound holds on a loaded machine
 
 
 def test_a_sample_that_breaks_during_training_is_replaced_and_counted(broken_media, builder, monkeypatch, tmp_path):

@@ -234,10 +234,16 @@ def test_loglik_multiple_choice_agrees_with_the_generated_letter_where_confident
 def test_in_training_eval_reaches_the_console_and_wandb_offline_files(
     tiny_model_dir, demo_corpus, tmp_path, capsys, monkeypatch
 ):
+    from wandb.sdk.lib.service.service_connection import ServiceConnection
+
     from vidtune.train.training.loop import train
     from vidtune.train.training.tracking import read_metrics
 
     monkeypatch.setenv("WANDB_MODE", "offline")
+    # The notice that makes wandb-core close the run's stream (and write its buffered records to run-ID.wandb) is
+    # sent without waiting; a loaded machine handles it after run.finish() returns (issue 30). Here it is never
+    # handled, the worst case of that race: the run must still end with every logged metric in the file.
+    monkeypatch.setattr(ServiceConnection, "inform_finish", lambda self, run_id: None)
     output = tmp_path / "run"
     train(
         load_recipe(
@@ -268,8 +274,50 @@ def test_in_training_eval_reaches_the_console_and_wandb_offline_files(
     assert tables, sorted(p.name for p in run_dir.rglob("*"))
     table = json.loads(tables[0].read_text())
     assert table["columns"] == ["frame", "question", "prediction", "reference"] and len(table["data"]) == 6
-    records = b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
-    assert b"eval/qa/exact_match" in records
+    # What `wandb sync` uploads: every step that logged the eval metric, in the run's transaction log.
+    history = [record.history for record in wandb_transaction_log(next(run_dir.glob("*.wandb")))]
+    logged = [(h.step.num, {"/".join(i.nested_key) or i.key for i in h.item}) for h in history]
+    assert [step for step, keys in logged if "eval/qa/exact_match" in keys] == [2, 4], logged
+
+
+def test_a_wandb_that_does_not_finish_writing_is_waited_for_bounded_with_a_warning(monkeypatch, capsys):
+    import threading
+    from types import SimpleNamespace
+
+    import wandb
+
+    from vidtune.train.training.tracking import close_wandb
+
+    release = threading.Event()
+    monkeypatch.setattr(wandb, "teardown", lambda: release.wait(30))  # wandb-core stuck writing
+    run = SimpleNamespace(settings=SimpleNamespace(sync_file="/out/wandb/offline-run-x/run-x.wandb"))
+    close_wandb(run, timeout_s=0.2)
+    release.set()
+    assert capsys.readouterr().err == (
+        "warning: wandb did not finish writing /out/wandb/offline-run-x/run-x.wandb within 0.2 s: "
+        "`wandb sync` of this run may miss its last metrics\n"
+    )
+
+
+def wandb_transaction_log(path: Path) -> list:
+    """The records of a wandb transaction log (run-ID.wandb): LevelDB's log format, 32 KiB blocks of chunks
+    (CRC 4 B, length 2 B, type 1 B: 1 full, 2 first, 3 middle, 4 last), the first block opening with wandb's
+    7-byte header; each record a protobuf `Record` (wandb 0.31 ships no Python reader)."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, block_size, position, records, pending = path.read_bytes(), 32768, 7, [], b""
+    assert data[:4] == b":W&B", data[:7]
+    while position + 7 <= len(data):
+        if block_size - position % block_size < 7:  # a block's tail too short for a chunk header is padding
+            position += block_size - position % block_size
+            continue
+        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            records.append(Record.FromString(pending))
+            pending = b""
+    return [record for record in records if record.HasField("history")]
 
 
 # ------------------------------------------------------------------------------------- benchmark parsers, by hand

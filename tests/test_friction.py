@@ -44,7 +44,7 @@ def test_a_missing_local_model_folder_is_no_such_folder_at_once(tmp_path, capsys
     for model in ("runs/nope", "./nope", str(tmp_path / "a" / "b")):
         error = cli_error(capsys, "infer", model, "--video", str(video), "--prompt", "q")
         assert f"model {model}: no such folder" in error
-    assert time.perf_counter() - started < 5
+    assert time.perf_counter() - started < 20  # the Hub retries took 29 s; the good path is far below on any load
 
 
 def test_a_folder_that_is_not_a_run_says_so(tmp_path, capsys, no_model_loads):

@@ -7,9 +7,9 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,30 +39,26 @@ class Server:
     log: Path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_server(args: list[str], log: Path, fault: str | None = None) -> Iterator[Server]:
-    """`vidtune serve ARGS` in its own process, once /health answers; stopped with SIGINT (Ctrl-C) at the end.
+    """`vidtune serve ARGS --port 0` in its own process, once /health answers at the port it printed (a port picked
+    here and bound later could be taken meanwhile, by a second suite's server too); stopped with SIGINT at the end.
     `fault`: a tests/faults.py spec the server process runs under."""
-    port = free_port()
     path = [str(REPO / ".shim"), str(REPO), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     entry = ["tests.faults", fault] if fault else ["vidtune.train.cli"]
-    command = [sys.executable, "-m", *entry, "serve", *args, "--port", str(port)]
+    command = [sys.executable, "-m", *entry, "serve", *args, "--port", "0"]
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    server = Server(f"http://127.0.0.1:{port}", process, log)
+    server = Server("", process, log)
     try:
         deadline = time.monotonic() + 240
         while True:
             assert process.poll() is None, f"the server exited:\n{log.read_text()}"
+            announced = re.search(r" on (http://127\.0\.0\.1:[1-9][0-9]*) ", log.read_text())
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                if announced and httpx.get(f"{announced[1]}/health", timeout=2).status_code == 200:
+                    server.url = announced[1]
                     break
             assert time.monotonic() < deadline, f"the server did not come up:\n{log.read_text()}"
             time.sleep(0.5)

@@ -50,7 +50,7 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
 def _add_serve(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: a free one, printed)")
     p.add_argument("--media-root", help="folder whose videos and images requests may name by path (default: none)")
     p.add_argument("--allow-urls", action="store_true", help="let requests name http(s) media URLs (fetched here)")
     p.add_argument("--max-body-mb", type=float, default=64, help="largest request body in MiB (413 above; default 64)")

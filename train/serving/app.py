@@ -460,7 +460,11 @@ def serve(im: InferenceModel, settings: ServeSettings, host: str, port: int, dec
     """Run the server until Ctrl-C (uvicorn finishes open requests, then returns)."""
     import uvicorn
 
-    print(f"vidtune serve: {settings.model_name} on http://{host}:{port}  (chat page: /, OpenAI API: /v1)", flush=True)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(im, settings, decoder), host=host, port=port, log_level="warning", timeout_graceful_shutdown=10
     )
+    listener = config.bind_socket()  # bound before it is announced: --port 0 takes a free port and names it
+    port = listener.getsockname()[1]
+    print(f"vidtune serve: {settings.model_name} on http://{host}:{port}  (chat page: /, OpenAI API: /v1)", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C ends the server quietly
+        uvicorn.Server(config).run(sockets=[listener])

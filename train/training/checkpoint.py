@@ -255,10 +255,10 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        error = _disk_full_error(lambda: accelerator.save_state(str(tmp), safe_serialization=True, **save_kwargs))
+        error = _disk_full_error(lambda: accelerator.save_state(str(tmp), safe_serialization=True, **save_kwargs), root)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process and error is None:
-            error = _disk_full_error(lambda: _finish(tmp, extra_files))
+            error = _disk_full_error(lambda: _finish(tmp, extra_files), root)
         if error is not None:
             raise error
 
@@ -282,13 +282,35 @@ def _finish(tmp: Path, extra_files: dict[str, str]) -> None:
     write_manifest(tmp)
 
 
-def _disk_full_error(action: Any) -> OSError | None:
+def _disk_full_error(action: Any, folder: Path) -> OSError | None:
     try:
         action()
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
+    except Exception as err:
+        full = disk_full(err, folder)
+        if full is None:
             raise
-        return err
+        return full
+    return None
+
+
+TORCH_WRITER_FAILED = ("inline_container.cc", "PytorchStreamWriter")  # torch.save's writer: says nothing of why
+NEARLY_FULL_BYTES = 64 << 20
+
+
+def disk_full(err: BaseException, folder: Path) -> OSError | None:
+    """A full disk as OSError(ENOSPC), whichever library met it, else None. Python's own writes raise OSError;
+    safetensors raises SafetensorError ("... No space left on device (os error 28)"), which is not one; torch.save
+    raises a RuntimeError from its zip writer ("unexpected pos ...") that names no cause, so there a device left
+    nearly full (its partial file fills it) is taken as the cause."""
+    if isinstance(err, OSError):
+        return err if err.errno == errno.ENOSPC else None
+    text = str(err)
+    if "os error 28" in text or os.strerror(errno.ENOSPC) in text:
+        return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({type(err).__name__})")
+    if isinstance(err, RuntimeError) and any(marker in text for marker in TORCH_WRITER_FAILED):
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+        if shutil.disk_usage(existing).free < NEARLY_FULL_BYTES:
+            return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (torch.save)")
     return None
 
 
@@ -304,7 +326,7 @@ def retry_when_disk_full(
     operator can free space. Nothing older is deleted to make room."""
     deadline = time.monotonic() + retry_s
     while True:
-        error = _disk_full_error(action)
+        error = _disk_full_error(action, folder)
         if not _any_rank(accelerator, error is not None):
             return
         if cleanup is not None and accelerator.is_main_process:

@@ -25,6 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 from vidtune.data.dataset import DataConfig, validate_data
 from vidtune.data.families import FrameLimits
 from vidtune.data.sources import SourceConfig, validate_source
+from vidtune.train.objectives.settings import DPOSettings, GRPOSettings, validate_objective
+from vidtune.train.training.quantization import QuantizationConfig, quantization_problem
 
 VARIANTS = ("base", "instruct", "chat")
 FINETUNE_MODES = ("lora", "full")
@@ -94,6 +96,8 @@ class ModelConfig:
     # build the architecture from name_or_path's config.json with random weights (no weights read or downloaded):
     # throughput benchmarks of the real architecture; name_or_path still supplies the processor files
     from_config: bool = False
+    # QLoRA: `model.quantization.bits=4` loads the language model's linear layers 4-bit nf4 (quantization.py)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
 
 @dataclass
@@ -145,6 +149,11 @@ class TrainConfig:
     # the GPU's dense bf16 peak TFLOPs for train/mfu; 0 = looked up by GPU name (train/training/flops.py); on a
     # CPU or an unknown GPU without it, TFLOPs are logged but no MFU
     peak_tflops: float = 0.0
+    # sft: supervised (next-token loss on the answers) | dpo: preference pairs | grpo: rewards on sampled answers
+    # (train/objectives/); dpo and grpo train a LoRA adapter, whose disabled state is the reference model
+    objective: str = "sft"
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
 
 
 @dataclass
@@ -491,6 +500,8 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError("train.output_dir is empty")
     if f.mode == "full" and f.vision_tower == "lora":
         raise RecipeError("finetune.vision_tower=lora needs finetune.mode=lora (full mode trains no adapters)")
+    if problem := quantization_problem(m.quantization, f.mode, m.from_config):
+        raise RecipeError(problem)
     if m.adapter and f.mode != "lora":
         raise RecipeError("model.adapter continues a LoRA adapter: set finetune.mode=lora")
     if f.lora.rank < 1 or f.lora.alpha <= 0 or not 0 <= f.lora.dropout < 1:
@@ -525,8 +536,20 @@ def _validate(recipe: Recipe) -> None:
     if recipe.data.streaming and (recipe.data.eval_fraction or t.max_steps == 0):
         raise RecipeError("data.streaming needs train.max_steps (the stream's length is unknown) and eval_sources")
     validate_data(recipe.data)
+    _validate_objective(recipe)
     for source in [*recipe.data.sources, *recipe.data.eval_sources, *recipe.eval.sources]:
         validate_source(source)
+
+
+def _validate_objective(recipe: Recipe) -> None:
+    t = recipe.train
+    problem = validate_objective(t.objective, t.dpo, t.grpo)
+    if problem:
+        raise RecipeError(problem)
+    if t.objective != "sft" and recipe.finetune.mode != "lora":
+        raise RecipeError(f"train.objective={t.objective} needs finetune.mode=lora (its reference is the adapter off)")
+    if t.objective != "sft" and (t.packing or recipe.data.streaming):
+        raise RecipeError(f"train.objective={t.objective} trains on padded map-style batches: unset packing/streaming")
 
 
 def packaged_recipe(name: str) -> Path:

@@ -18,6 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from vidtune.data.families import FrameLimits, ModelFamily, family_for
 from vidtune.train.training.config import FinetuneConfig, ModelConfig, RecipeError
+from vidtune.train.training.quantization import bnb_config, check_quantized
 
 PARTS = ("vision_tower", "projector", "language_model", "other")
 
@@ -75,6 +76,10 @@ def load_model(cfg: ModelConfig, device_map: Any = None, init_device: Any = None
     config = load_model_config(cfg.name_or_path, cfg.trust_remote_code)
     family = family_for(config.model_type)
     dtype = resolve_dtype(cfg.dtype)
+    quantized: dict[str, Any] = {}
+    if cfg.quantization.bits:  # bitsandbytes quantizes as the weights load, on the device they are loaded onto
+        quantized["quantization_config"] = bnb_config(cfg.quantization, family.quantization_skip_modules, dtype)
+        device_map = device_map or {"": init_device or "cpu"}
     if cfg.from_config:
         with torch.device(init_device or "cpu"):
             model = model_class(family)._from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
@@ -86,7 +91,10 @@ def load_model(cfg: ModelConfig, device_map: Any = None, init_device: Any = None
                 attn_implementation=cfg.attn_implementation,
                 trust_remote_code=cfg.trust_remote_code,
                 device_map=device_map,
+                **quantized,
             )
+    if quantized:
+        check_quantized(model, family.language_model_prefix)
     family.prepare_model(model)
     return model, family
 
@@ -232,7 +240,11 @@ def part_of(name: str, family: ModelFamily) -> str:
 
 
 def numel(param: torch.Tensor) -> int:
-    """A weight's full element count, also when ZeRO-3 has partitioned it (numel() is then 0 on every rank)."""
+    """A weight's full element count, also when ZeRO-3 has partitioned it (numel() is then 0 on every rank) or
+    bitsandbytes packed it (two 4-bit values per byte; its quant_state keeps the real shape)."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None:
+        return int(torch.Size(quant_state.shape).numel())
     return int(getattr(param, "ds_numel", param.numel()))
 
 

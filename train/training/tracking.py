@@ -7,6 +7,7 @@ import hashlib
 import json
 import netrc
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,36 @@ def write_loss_plot(output_dir: str | Path) -> Path | None:
     return path
 
 
-def finish(accelerator: Any) -> None:
+WANDB_CLOSE_TIMEOUT_S = 120.0
+
+
+def finish(accelerator: Any, wandb_close_timeout_s: float = WANDB_CLOSE_TIMEOUT_S) -> None:
+    wandb_runs = [tracker.run for tracker in accelerator.trackers if tracker.name == "wandb"]
     accelerator.end_training()
+    for run in wandb_runs:
+        close_wandb(run, wandb_close_timeout_s)
+
+
+def close_wandb(run: Any, timeout_s: float) -> None:
+    """Wait (bounded) until wandb has written everything logged to the run's transaction log, run-ID.wandb: the
+    file an offline run keeps and `wandb sync` uploads. `run.finish()` does not promise it (wandb 0.31): wandb-core
+    holds records in a 32 KiB buffer and writes them when it closes the run's stream, on a notice the client sends
+    without waiting for it (`inform_finish`), so a loaded machine can leave the file at its 7-byte header when
+    finish returns. `wandb.teardown()` waits for wandb-core to close every stream and exit (its atexit hook does
+    the same when the process ends; a later run starts a new one)."""
+    import threading
+
+    import wandb
+
+    closer = threading.Thread(target=wandb.teardown, name="wandb-teardown", daemon=True)
+    closer.start()
+    closer.join(timeout_s)
+    if closer.is_alive():
+        print(
+            f"warning: wandb did not finish writing {run.settings.sync_file} within {timeout_s:g} s: "
+            "`wandb sync` of this run may miss its last metrics",
+            file=sys.stderr,
+        )
 
 
 def peak_memory_gb() -> float:
@@ -157,4 +186,5 @@ class Progress:
             "train/nonfinite_steps": nonfinite_steps,
             "data/failed_samples": failed_samples,
             **figures,
+            **{k: v for k, v in step.items() if k.startswith("train/")},  # the objective's own (train/objectives)
         }
