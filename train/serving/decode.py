@@ -55,8 +55,9 @@ def _child(job: tuple[Any, ...], result: str) -> None:
         os._exit(0)  # skip the server's exit handlers, inherited through fork
 
 
-def _zygote(connection: Any) -> None:
+def _zygote(connection: Any, servers_end: Any) -> None:
     """Fork a child per job received; answer with its pid. Exits when the server closes the pipe."""
+    servers_end.close()  # (inherited through fork: held open here, the server's close would never reach us)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; the pipe's end stops this
     available_backends()  # import the decoders once, here, rather than in every child
@@ -78,7 +79,9 @@ class Decoder:
     def __init__(self) -> None:
         context = multiprocessing.get_context("fork")
         self.connection, theirs = context.Pipe()
-        self.zygote = context.Process(target=_zygote, args=(theirs,), daemon=True, name="vidtune-decoder")
+        self.zygote = context.Process(
+            target=_zygote, args=(theirs, self.connection), daemon=True, name="vidtune-decoder"
+        )
         self.zygote.start()
         theirs.close()
         self.lock = threading.Lock()
