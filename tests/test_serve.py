@@ -300,6 +300,10 @@ def test_a_decode_that_hangs_is_stopped_at_the_time_limit_and_the_server_goes_on
     assert 4.5 < time.monotonic() - started < 20
     response = _post_raw(hostile_server, _body(**video_request("clip.mp4")))
     assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"]
+    frames = httpx.post(f"{hostile_server.url}/v1/frames", json={"video_url": "clip.mp4"}, timeout=60)
+    assert frames.status_code == 200 and len(frames.json()["frames"]) == len(frames.json()["timestamps_s"]) > 1
+    stuck = httpx.post(f"{hostile_server.url}/v1/frames", json={"video_url": "stuck.mp4"}, timeout=60)
+    assert stuck.status_code == 400 and stuck.json()["error"]["message"].endswith("decode timed out after 5s")
 
 
 def test_a_full_server_answers_429_and_gone_clients_are_cancelled(hostile_server):
