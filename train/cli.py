@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from vidtune.data.conversation import DataError
 
@@ -22,7 +23,13 @@ MAX_NEW_TOKENS = 128
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file, or a packaged recipe name such as demo/base")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.learning_rate=1e-4")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and trainable audit; no training")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the resolved recipe, trainable audit and memory plan; no training"
+    )
+    p.add_argument("--num-processes", type=int, default=1, help="--dry-run: GPUs the memory plan shares states over")
+    p.add_argument(
+        "--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="--dry-run: DeepSpeed ZeRO stage to plan for"
+    )
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -207,6 +214,7 @@ def run_train(args: argparse.Namespace) -> None:
         audit = trainable_audit(model, family)
         print(format_audit(audit))
         check_audit(audit, recipe.finetune)
+        print(dry_run_memory_plan(model, family, recipe, args.num_processes, args.zero_stage))
         return
     from vidtune.train.training.loop import train
 
@@ -217,6 +225,24 @@ def run_train(args: argparse.Namespace) -> None:
             f"next: vidtune infer {output} --video CLIP.mp4 --prompt 'Describe this video.'\n"
             f"      vidtune chat {output} --video CLIP.mp4     vidtune serve {output}     vidtune export {output}"
         )
+
+
+def dry_run_memory_plan(model: Any, family: Any, recipe: Any, processes: int, zero_stage: int) -> str:
+    from vidtune.train.training.distributed import resolve_mixed_precision
+    from vidtune.train.training.memory_plan import plan_memory
+
+    if processes < 1:
+        raise DataError(f"--num-processes must be >= 1, got {processes}")
+    plan = plan_memory(
+        model,
+        family,
+        recipe,
+        processes=processes,
+        zero_stage=zero_stage,
+        deepspeed=zero_stage > 0,
+        mixed_precision=resolve_mixed_precision(recipe.train.mixed_precision),
+    )
+    return plan.table()
 
 
 def run_eval(args: argparse.Namespace) -> None:
