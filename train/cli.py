@@ -62,6 +62,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-urls", action="store_true", help="let requests name http(s) media URLs (fetched here)")
     p.add_argument("--max-body-mb", type=float, default=64, help="largest request body in MiB (413 above; default 64)")
     p.add_argument("--max-batch-size", type=int, default=8, help="queued requests generated together (default 8)")
+    p.add_argument(
+        "--max-queue", type=int, default=64, help="requests in progress at once; 429 (retry) beyond (default 64)"
+    )
+    p.add_argument(
+        "--decode-timeout-s", type=float, default=120.0, help="a request's media decode is stopped after (default 120)"
+    )
     p.add_argument("--served-model-name", help="the model id /v1/models lists (default: the folder's name)")
 
 
@@ -365,8 +371,15 @@ def run_serve(args: argparse.Namespace) -> None:
         max_body_bytes=max_body_bytes,
         default_max_tokens=args.max_new_tokens or MAX_NEW_TOKENS,
         max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        decode_timeout_s=args.decode_timeout_s,
     )
-    serve(_load(args), settings, args.host, args.port)
+    if args.max_queue < 1 or args.decode_timeout_s <= 0:
+        raise DataError("--max-queue must be >= 1 and --decode-timeout-s > 0")
+    from vidtune.train.serving.decode import Decoder
+
+    decoder = Decoder()  # forked before the model loads and before any thread runs (decode.py says why)
+    serve(_load(args), settings, args.host, args.port, decoder)
 
 
 def run_chat(args: argparse.Namespace) -> None:
