@@ -224,3 +224,30 @@ def test_zero3_grpo_finishes_when_ranks_generate_different_lengths(family_kits, 
     assert len(logged) == 2
     # the mean over both ranks: rank 1's single tokens pull it below rank 0's lengths
     assert all(1 <= m["train/completion_tokens"] < 6 for m in logged)
+
+
+def test_rollouts_never_sample_media_placeholder_tokens(family_kits) -> None:
+    """A sampled <video> id in a completion broke the update's forward (tokens vs features mismatch, seen in the
+    demo at temperature 1.3): the rollout suppresses the processor's media token ids."""
+    from types import SimpleNamespace
+
+    from vidtune.train.objectives.select import build_objective
+    from vidtune.train.training.config import load_recipe
+
+    kit = family_kits("llava_next_video")
+    settings = [f"model.name_or_path={kit.model_dir}", "data.sources=[{path: x.jsonl}]", "train.objective=grpo"]
+    recipe = load_recipe(None, [*settings, "train.output_dir=/tmp/x"])
+    seen = {}
+
+    def generate(**kwargs):
+        seen.update(kwargs)
+        return torch.cat([kwargs["input_ids"], torch.full((len(kwargs["input_ids"]), 1), 2)], 1)
+
+    model = SimpleNamespace(generate=generate, eval=lambda: None, train=lambda: None)
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m, num_processes=1, autocast=nullcontext)
+    head = torch.nn.Linear(2, 2)
+    model.get_output_embeddings = lambda: head
+    objective = build_objective(recipe, model, accelerator, kit.family, kit.processor, zero3=False)
+    objective.rollout(model, {"input_ids": torch.ones(2, 3, dtype=torch.long)})
+    assert kit.processor.video_token_id in seen["suppress_tokens"]
+    assert kit.processor.image_token_id in seen["suppress_tokens"]

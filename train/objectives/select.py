@@ -31,7 +31,9 @@ def build_objective(
         from vidtune.train.objectives.grpo import GRPOObjective
 
         stop_ids = family.stop_token_ids(processor.tokenizer)
+        media_ids = [getattr(processor, f"{kind}_token_id", None) for kind in ("video", "image")]
         rollout = Rollout(accelerator, recipe.train.grpo, processor.tokenizer, stop_ids, zero3)
+        rollout.suppressed = [i for i in media_ids if i is not None]
         return GRPOObjective(
             recipe.train.grpo, head, autocast, rollout, stop_ids, family.token_keys, recipe.data.bad_samples
         )
@@ -46,6 +48,9 @@ class Rollout:
     def __init__(self, accelerator: Accelerator, settings: Any, tokenizer: Any, stop_ids: list[int], zero3: bool):
         self.accelerator, self.settings, self.tokenizer, self.stop_ids = accelerator, settings, tokenizer, stop_ids
         self.synced = zero3 and accelerator.num_processes > 1
+        # media placeholder ids are never sampled: one in a completion makes the update's forward look for
+        # visual features it does not have ("Video features and video tokens do not match"), seen at temperature 1.3
+        self.suppressed: list[int] = []
 
     @torch.no_grad()
     def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
@@ -64,6 +69,7 @@ class Rollout:
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.stop_ids,
                 synced_gpus=self.synced,
+                suppress_tokens=self.suppressed or None,
             )
         finally:
             inner.train()
