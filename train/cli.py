@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from vidtune.data.conversation import DataError
+from vidtune.train.quiet import quiet_libraries, verbose_requested
 
 MAX_NEW_TOKENS = 128
 
@@ -519,6 +520,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     name, command = argv[0], COMMANDS[argv[0]]
     parser = argparse.ArgumentParser(prog=f"vidtune {name}", description=command.help)
     command.add_arguments(parser)
+    parser.add_argument("--verbose", action="store_true", help="the libraries' warnings too (or VIDTUNE_LOG=debug)")
     args = parser.parse_intermixed_args(argv[1:])
     args.command = name
     return args
@@ -526,6 +528,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if not verbose_requested(getattr(args, "verbose", False)):
+        quiet_libraries(loads_models=args.command not in ("frames", "env"))
     from vidtune.train.training.config import RecipeError
     from vidtune.train.training.health import TrainingError
     from vidtune.train.training.preemption import TrainingStopped
