@@ -226,6 +226,32 @@ def test_twenty_concurrent_requests_are_all_answered_in_shared_batches(server, i
     assert after["batches"] - before["batches"] < 20  # queued requests were generated together
 
 
+ACCESS_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (GET|POST) (\S+) (\d{3}) \d+\.\d{3}s ?(.*)$", re.MULTILINE)
+
+
+def test_every_request_gets_one_access_line_and_an_error_its_code(server):
+    """As vLLM logs requests: method, path, status, latency, tokens and media count; 4xx with the error's code. The
+    line is written before the response's last byte leaves, so it is there when the client has its answer."""
+    before = len(server.log.read_text())
+    assert httpx.get(f"{server.url}/v1/models").status_code == 200
+    answered = httpx.post(f"{server.url}/v1/chat/completions", json=video_request(VIDEO, max_tokens=4), timeout=300)
+    streamed_text(server, video_request(VIDEO, stream=True, max_tokens=4))
+    for case in ("unknown model", "assistant last", "oversized body"):
+        assert _post_raw(server, BAD_REQUESTS[case][0]).status_code == BAD_REQUESTS[case][1]
+    assert httpx.get(f"{server.url}/no-such-page").status_code == 404
+    usage = answered.json()["usage"]
+    tokens = f"prompt_tokens={usage['prompt_tokens']} completion_tokens={usage['completion_tokens']} media=1"
+    assert ACCESS_LINE.findall(server.log.read_text()[before:]) == [
+        ("GET", "/v1/models", "200", ""),
+        ("POST", "/v1/chat/completions", "200", tokens),
+        ("POST", "/v1/chat/completions", "200", tokens),  # streamed: the same prompt and (greedy) answer
+        ("POST", "/v1/chat/completions", "404", "media=1 error=model_not_found"),
+        ("POST", "/v1/chat/completions", "400", "media=0 error=last_message_not_user"),
+        ("POST", "/v1/chat/completions", "413", "error=body_too_large"),
+        ("GET", "/no-such-page", "404", "error=invalid_request_error"),
+    ]
+
+
 def test_ctrl_c_stops_the_server_cleanly(server):
     """(Runs last: it stops the module's server.)"""
     server.process.send_signal(signal.SIGINT)

@@ -57,6 +57,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-mb", type=float, default=64, help="largest request body in MiB (413 above; default 64)")
     p.add_argument("--max-batch-size", type=int, default=8, help="queued requests generated together (default 8)")
     p.add_argument("--served-model-name", help="the model id /v1/models lists (default: the folder's name)")
+    p.add_argument(
+        "--log-requests", choices=("on", "off"), default="on", help="one line per request on stdout (default on)"
+    )
 
 
 def _add_corpus_args(p: argparse.ArgumentParser) -> None:
@@ -334,6 +337,7 @@ def run_serve(args: argparse.Namespace) -> None:
         max_body_bytes=max_body_bytes,
         default_max_tokens=args.max_new_tokens or MAX_NEW_TOKENS,
         max_batch_size=args.max_batch_size,
+        log_requests=args.log_requests == "on",
     )
     serve(_load(args), settings, args.host, args.port)
 

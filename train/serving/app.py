@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vidtune.data.conversation import DataError, media_part, message, text_part
 from vidtune.data.conversation import Message as Turn
 from vidtune.train.generation.infer import AnswerText, InferenceModel, prompt_example
+from vidtune.train.serving.access_log import AccessLog
 from vidtune.train.serving.engine import Engine, Job, Result, Settings
 from vidtune.train.serving.media import MediaPolicy, RequestFiles, resolve_media
 from vidtune.train.serving.protocol import (
@@ -47,6 +48,7 @@ class ServeSettings:
     max_body_bytes: int = 64 << 20
     default_max_tokens: int = 128
     max_batch_size: int = 8
+    log_requests: bool = True  # one access line per request on stdout (access_log.py)
 
 
 class BodyLimit:
@@ -61,6 +63,7 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            scope.setdefault("state", {})["error"] = "body_too_large"  # for the access log
             await self._too_large()(scope, receive, send)
             return
         received = 0
@@ -78,6 +81,10 @@ class BodyLimit:
     def _too_large(self) -> JSONResponse:
         error = APIError(413, f"the request body is larger than {self.max_bytes:,} bytes", code="body_too_large")
         return JSONResponse(error.body(), status_code=413)
+
+
+def media_count(messages: list[ChatMessage]) -> int:
+    return sum(part.type != "text" for msg in messages if not isinstance(msg.content, str) for part in msg.content)
 
 
 def to_conversation(messages: list[ChatMessage], policy: MediaPolicy, files: RequestFiles) -> list[Turn]:
@@ -197,6 +204,8 @@ def create_app(im: InferenceModel, settings: ServeSettings) -> FastAPI:
     app.state.engine = engine
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.log_requests:  # added last: the outermost, it sees the body limit's 413 too
+        app.add_middleware(AccessLog, write=lambda line: print(line, flush=True))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -216,11 +225,13 @@ def create_app(im: InferenceModel, settings: ServeSettings) -> FastAPI:
         return resources.files("vidtune.train.serving").joinpath("chat.html").read_text(encoding="utf-8")
 
     @app.post("/v1/frames")
-    async def frames(request: FramesRequest) -> dict[str, Any]:
+    async def frames(request: FramesRequest, raw: Request) -> dict[str, Any]:
+        raw.state.media = 1
         return await run_in_threadpool(sampled_frames, im, url_of(request.video_url), settings.policy)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+    async def chat_completions(request: ChatCompletionRequest, raw: Request) -> JSONResponse | StreamingResponse:
+        raw.state.media = media_count(request.messages)
         if request.model not in (None, "", settings.model_name):
             unknown = f"the model {request.model!r} does not exist (this server serves {settings.model_name!r})"
             raise APIError(404, unknown, "model", "model_not_found")
@@ -229,8 +240,10 @@ def create_app(im: InferenceModel, settings: ServeSettings) -> FastAPI:
         events = _queue_job(engine, example, Settings(max_tokens, request.temperature, request.top_p))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         if request.stream:
-            return StreamingResponse(_stream(events, request_id, settings.model_name), media_type="text/event-stream")
+            chunks = _stream(events, request_id, settings.model_name, raw.state)
+            return StreamingResponse(chunks, media_type="text/event-stream")
         text_done = await _finish(events)
+        raw.state.usage = (text_done.prompt_tokens, text_done.completion_tokens)
         return JSONResponse(_completion(request_id, settings.model_name, text_done))
 
     return app
@@ -245,13 +258,16 @@ async def _finish(events: asyncio.Queue[tuple[str, Any]]) -> Result:
             raise APIError(500, value, code="generation_failed")
 
 
-async def _stream(events: asyncio.Queue[tuple[str, Any]], request_id: str, model: str) -> AsyncIterator[str]:
+async def _stream(
+    events: asyncio.Queue[tuple[str, Any]], request_id: str, model: str, state: Any
+) -> AsyncIterator[str]:
     yield _chunk(request_id, model, {"role": "assistant", "content": ""}, None)
     while True:
         kind, value = await events.get()
         if kind == "delta":
             yield _chunk(request_id, model, {"content": value}, None)
         elif kind == "done":
+            state.usage = (value.prompt_tokens, value.completion_tokens)
             yield _chunk(request_id, model, {}, value.finish_reason)
             break
         else:  # the status line has gone out: report the failure in the stream, as OpenAI does
@@ -261,22 +277,23 @@ async def _stream(events: asyncio.Queue[tuple[str, Any]], request_id: str, model
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    def respond(error: APIError) -> JSONResponse:
+    def respond(request: Request, error: APIError) -> JSONResponse:
+        request.state.error = error.code or error.kind  # for the access log
         return JSONResponse(error.body(), status_code=error.status)
 
     async def api_error(request: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, APIError)
-        return respond(err)
+        return respond(request, err)
 
     async def invalid(request: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, RequestValidationError)
         text, param = validation_message(list(err.errors()))
-        return respond(APIError(400, text, param, "invalid_request"))
+        return respond(request, APIError(400, text, param, "invalid_request"))
 
     async def http_error(request: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, HTTPException)
         code = "body_too_large" if err.status_code == 413 else None
-        return respond(APIError(err.status_code, str(err.detail), code=code))
+        return respond(request, APIError(err.status_code, str(err.detail), code=code))
 
     handlers: dict[type[Exception], Callable[[Request, Exception], Awaitable[JSONResponse]]] = {
         APIError: api_error,
