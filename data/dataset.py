@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from vidtune.data.conversation import DataError, Message, media_parts
-from vidtune.data.examples import LABEL_TURNS, ExampleBuilder, with_time_instructions
+from vidtune.data.examples import LABEL_TURNS, ExampleBuilder, TokenCount, answer_replaced, with_time_instructions
 from vidtune.data.formats import DEFAULT_CAPTION_PROMPT
 from vidtune.data.frame_cache import FrameCache, FrameCacheConfig
 from vidtune.data.measure_cache import MeasureCache, settings_fingerprint
-from vidtune.data.quality import BadSampleConfig, BadSampleLog, time_limit, validate_bad_samples
+from vidtune.data.quality import MAX_FRAME_PIXELS, BadSampleConfig, BadSampleLog, time_limit, validate_bad_samples
 from vidtune.data.sources import MAX_ROW_BYTES, SourceConfig, load_conversations, stream_conversations
 from vidtune.data.video import (
     Clip,
@@ -219,6 +219,9 @@ class Measurer:
             return {"num_tokens": 0, "num_media_tokens": 0, "num_label_tokens": 0, **problem}
         messages = with_time_instructions(row["messages"], instructions)
         count = self.builder.count(messages, tokens)
+        if row.get("rejected"):  # a preference pair: both answers must fit (and have tokens to learn)
+            other = self.builder.count(answer_replaced(messages, row["rejected"]), tokens)
+            count = TokenCount(max(count.total, other.total), count.media, min(count.labels, other.labels))
         return {
             "num_tokens": count.total,
             "num_media_tokens": count.media,
@@ -338,6 +341,7 @@ def load_media(
     shortest_edge: int | None = None,
     cache: FrameCache | None = None,
     record: list[tuple[str, Clip]] | None = None,
+    max_frame_pixels: int = MAX_FRAME_PIXELS,
 ) -> tuple[dict[int, np.ndarray | Clip], dict[int, str]]:
     """Decoded pixels per media index (conversation order), and each video's time instruction when asked for.
     Frames are decoded at the model's input size (`shortest_edge`), from the frame cache when there is one;
@@ -346,13 +350,16 @@ def load_media(
     for index, part in enumerate(media_parts(messages)):
         path = part["path"] or ""
         if part["type"] == "image":
-            media[index] = load_image(path)
+            media[index] = load_image(path, max_frame_pixels)
             continue
         with time_limit(decode_timeout_s, path):
             if cache is not None:
                 clip = cache.load(path, part["start_s"], part["end_s"], rng)
             else:
-                clip = load_clip(path, sampling, part["start_s"], part["end_s"], rng, decode_timeout_s, shortest_edge)
+                clip = load_clip(
+                    path, sampling, part["start_s"], part["end_s"], rng, decode_timeout_s, shortest_edge,
+                    max_frame_pixels,
+                )  # fmt: skip
         media[index] = clip  # frames with their timestamps (time-aware families hand these to the processor)
         if record is not None:
             record.append((path, clip))
@@ -372,7 +379,9 @@ class ExampleMaker:
     def cache(self) -> FrameCache | None:
         """Opened lazily, so each DataLoader worker holds its own."""
         if self._cache is None and self.cfg.frame_cache.dir:
-            self._cache = FrameCache(self.cfg.frame_cache, self.cfg.sampling, self.builder.frame_px)
+            self._cache = FrameCache(
+                self.cfg.frame_cache, self.cfg.sampling, self.builder.frame_px, self.cfg.bad_samples.max_frame_pixels
+            )
         return self._cache
 
     def make(self, row: dict[str, Any], epoch: int, row_index: int) -> dict[str, Any]:
@@ -399,6 +408,7 @@ class ExampleMaker:
                 self.cfg.bad_samples.decode_timeout_s,
                 self.builder.frame_px,
                 self.cache,
+                max_frame_pixels=self.cfg.bad_samples.max_frame_pixels,
             )
         except DataError as err:  # unreadable media, decode time limit
             raise DataError(f"{row['at']}: {err}") from None
@@ -439,6 +449,17 @@ class SFTDataset(torch.utils.data.Dataset):
             example["skipped"] = skipped
             return example
         raise DataError(f"{len(skipped)} samples in a row failed to load (max_bad_in_a_row), e.g. {skipped[0]}")
+
+
+def replace_failed(skipped: list[str], reason: str, cfg: BadSampleConfig) -> list[str]:
+    """A sample that failed to load is replaced by the next one (its reason rides on the replacement, which the
+    loop counts against the bad-sample budget); policy "error" stops at it, and so do max_bad_in_a_row at once."""
+    if cfg.policy == "error":
+        raise DataError(reason)
+    skipped = [*skipped, reason]
+    if len(skipped) >= cfg.max_bad_in_a_row:
+        raise DataError(f"{len(skipped)} samples in a row failed to load (max_bad_in_a_row), e.g. {skipped[0]}")
+    return skipped
 
 
 class StreamingSFTDataset(torch.utils.data.IterableDataset):
@@ -494,7 +515,7 @@ class StreamingSFTDataset(torch.utils.data.IterableDataset):
         shard, num_shards = self.rank * num_workers + worker_id, self.world_size * num_workers
         # The DataLoader takes batches from its workers in turn: this worker made batches id, id + W, id + 2W, ...
         to_skip = len(range(worker_id, self.batches_to_skip, num_workers)) * self.batch_size
-        epoch = 0
+        epoch, skipped = 0, list[str]()
         while True:
             kept = 0
             for index, row in enumerate(self._rows(shard, num_shards, epoch)):
@@ -511,8 +532,12 @@ class StreamingSFTDataset(torch.utils.data.IterableDataset):
                 if to_skip:  # trained on before the resume: not decoded again
                     to_skip -= 1
                     continue
-                example = self.maker.make({**row, **measured}, epoch, index)
-                example["skipped"] = []
+                try:
+                    example = self.maker.make({**row, **measured}, epoch, index)
+                except DataError as err:  # measured fine, fails now: replaced by the next row, as SFTDataset does
+                    skipped = replace_failed(skipped, str(err), self.maker.cfg.bad_samples)
+                    continue
+                example["skipped"], skipped = skipped, []
                 yield example
             if not self.repeat:
                 return

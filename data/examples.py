@@ -67,6 +67,12 @@ def with_time_instructions(messages: list[Message], instructions: dict[int, str]
     return out
 
 
+def answer_replaced(messages: list[Message], answer: str) -> list[Message]:
+    """The conversation with its last assistant turn's text replaced by `answer` (a preference pair's rejected)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return [*messages[:last], {"role": "assistant", "content": [text_part(answer)]}, *messages[last + 1 :]]
+
+
 class ExampleBuilder:
     """Counts and builds examples for one processor, through its model family (template, token costs, tensors)."""
 

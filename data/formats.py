@@ -7,6 +7,11 @@ Formats, as peers and public datasets write them:
   as a list of typed parts (LLaMA-Factory, ms-swift).
 - caption: `video`, `caption`, optional `start`/`end` seconds -> a describe-style prompt (base variant).
 - qa: `video`, `question`, `answer`.
+- preference (DPO pairs): a prompt + `chosen` + `rejected` answers, in the layouts peers ship: LLaVA-Hound /
+  RLAIF-V rows (`video`/`image`, `prompt` or `question`, `chosen`, `rejected` texts), LLaMA-Factory's sharegpt
+  pairwise rows (`conversations` without the answer, `chosen`/`rejected` as {from, value} messages), ms-swift's
+  rows (`messages` ending with the chosen answer, `rejected_response`). Normalised to the chosen conversation;
+  `rejected_answer` gives the rejected text.
 - multiple_choice: `video`, `question`, `options` list (or `candidates`, MVBench; or `a0`..`a4` columns, NExT-QA;
   or a column map listing several columns), `answer` as a letter, a 0-based index or the option's own text
   (MVBench, Perception Test). Options already lettered ("A. red", Video-MME) are recognised and lettered once.
@@ -30,7 +35,7 @@ from vidtune.data.conversation import (
     text_part,
 )
 
-FORMATS = ("llava", "openai", "caption", "qa", "multiple_choice")
+FORMATS = ("llava", "openai", "caption", "qa", "multiple_choice", "preference")
 DEFAULT_CAPTION_PROMPT = "Describe this video."
 MULTIPLE_CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 ROLE_ALIASES = {
@@ -63,6 +68,8 @@ class RowContext:
 
 def detect_format(columns: Sequence[str], at: str) -> str:
     cols = set(columns)
+    if "chosen" in cols and cols & {"rejected", "rejected_response"}:
+        return "preference"
     if "conversations" in cols:
         return "llava"
     if "messages" in cols:
@@ -87,6 +94,7 @@ def normalise_row(row: dict[str, Any], fmt: str, ctx: RowContext) -> list[Messag
         "caption": from_caption,
         "qa": from_qa,
         "multiple_choice": from_multiple_choice,
+        "preference": from_preference,
     }
     if fmt not in normalisers:
         raise DataError(f"{ctx.at}: unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
@@ -382,3 +390,46 @@ def from_multiple_choice(row: dict[str, Any], ctx: RowContext) -> list[Message]:
         message("user", [video, text_part(prompt)]),
         message("assistant", [text_part(answer_letter(row["answer"], options, ctx.at))]),
     ]
+
+
+# ------------------------------------------------------------------------------------------------- preference
+
+
+def _answer_text(value: Any, what: str, ctx: RowContext) -> str:
+    """A chosen/rejected answer: a text, or one {from, value} / {role, content} message (LLaMA-Factory)."""
+    if isinstance(value, dict):
+        value = value.get("value", value.get("content"))
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):  # [{role, content}]
+        value = value[0].get("content", value[0].get("value"))
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{ctx.at}: `{what}` must be a non-empty answer text or message, got {str(value)[:80]!r}")
+    return value.strip()
+
+
+def from_preference(row: dict[str, Any], ctx: RowContext) -> list[Message]:
+    """The chosen conversation of a preference row (the rejected answer: `rejected_answer`)."""
+    chosen = _answer_text(row.get("chosen"), "chosen", ctx)
+    rejected_answer(row, ctx)  # a row with no usable rejected answer is bad here, before it is measured
+    if "messages" in row:  # ms-swift: the messages end with the chosen answer
+        messages = from_openai(row, ctx)
+        if messages[-1]["role"] != "assistant":
+            messages = from_openai(
+                {**row, "messages": [*row["messages"], {"role": "assistant", "content": chosen}]}, ctx
+            )
+        return messages
+    if "conversations" in row:  # LLaMA-Factory sharegpt pairwise: the prompt turns, then chosen/rejected
+        return from_llava({**row, "conversations": [*row["conversations"], {"from": "gpt", "value": chosen}]}, ctx)
+    prompt = row.get("prompt", row.get("question"))
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(f"{ctx.at}: a preference row needs a `prompt` (or `question`), `conversations` or `messages`")
+    turns = [{"from": "human", "value": prompt}, {"from": "gpt", "value": chosen}]
+    return from_llava({**row, "conversations": turns}, ctx)
+
+
+def rejected_answer(row: dict[str, Any], ctx: RowContext) -> str:
+    """The rejected answer of a preference row; the same text as the chosen one is a bad row (nothing to prefer)."""
+    key = "rejected" if row.get("rejected") is not None else "rejected_response"
+    rejected = _answer_text(row.get(key), key, ctx)
+    if rejected == _answer_text(row.get("chosen"), "chosen", ctx):
+        raise DataError(f"{ctx.at}: chosen and rejected answers are the same ({rejected[:60]!r}): nothing to prefer")
+    return rejected

@@ -25,6 +25,7 @@ from typing import IO
 
 import numpy as np
 
+from vidtune.data.quality import MAX_FRAME_PIXELS
 from vidtune.data.video import Clip, SamplingConfig, VideoInfo, open_video, sample_frame_indices, timestamps_for
 
 FORMAT_VERSION = 1
@@ -38,7 +39,13 @@ class FrameCacheConfig:
 
 
 class FrameCache:
-    def __init__(self, cfg: FrameCacheConfig, sampling: SamplingConfig, shortest_edge: int | None):
+    def __init__(
+        self,
+        cfg: FrameCacheConfig,
+        sampling: SamplingConfig,
+        shortest_edge: int | None,
+        max_frame_pixels: int | None = MAX_FRAME_PIXELS,
+    ):
         if not cfg.dir:
             raise ValueError("FrameCache needs data.frame_cache.dir")
         if cfg.grid < 1 or cfg.grid % 2 == 0:
@@ -46,6 +53,7 @@ class FrameCache:
                 f"data.frame_cache.grid must be odd (its middle frame is the evaluation frame), got {cfg.grid}"
             )
         self.cfg, self.sampling, self.shortest_edge = cfg, sampling, shortest_edge
+        self.max_frame_pixels = max_frame_pixels
         self.root = Path(cfg.dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.writes_since_eviction = 0
@@ -97,7 +105,7 @@ class FrameCache:
         self, path: str, start_s: float | None, end_s: float | None, frames_path: Path, meta_path: Path
     ) -> tuple[np.ndarray, dict]:
         """Decode the clip's grid (one open, seek-based) and store it atomically."""
-        reader = open_video(path, self.sampling.backend, self.shortest_edge)
+        reader = open_video(path, self.sampling.backend, self.shortest_edge, self.max_frame_pixels)
         try:
             info = reader.info
             indices = sample_frame_indices(info, self.sampling, start_s, end_s, None, path, self.cfg.grid)

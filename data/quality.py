@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from vidtune.data.conversation import DataError
 
 POLICIES = ("skip", "error")
+MAX_FRAME_PIXELS = 4096 * 4096  # the default pixel limit of every entry point that decodes (train, serve, frames, show)
 TOO_SHORT = ("repeat", "drop")
 
 
@@ -27,7 +28,7 @@ class BadSampleConfig:
     max_bad_in_a_row: int = 20  # ... or when this many in a row are
     window: int = 200  # samples per training-time window for max_bad_fraction
     too_short: str = "repeat"  # a clip with fewer frames than asked: repeat frames | drop the sample
-    max_frame_pixels: int = 4096 * 4096  # refuse larger frames (an 8K clip x 32 frames is gigabytes of RAM)
+    max_frame_pixels: int = MAX_FRAME_PIXELS  # refuse larger frames (an 8K clip x 32 frames is gigabytes of RAM)
     decode_timeout_s: float = 120.0  # a decode taking longer is abandoned (the sample counts as bad)
 
 

@@ -27,11 +27,12 @@ from vidtune.data.formats import (
     UnknownFormat,
     detect_format,
     normalise_row,
+    rejected_answer,
 )
 
 FILE_LOADERS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 # Columns that hold lists or dicts; CSV stores them as JSON text.
-STRUCTURED_COLUMNS = ("conversations", "messages", "videos", "images", "options", "candidates")
+STRUCTURED_COLUMNS = ("conversations", "messages", "videos", "images", "options", "candidates", "chosen", "rejected")
 URL_PREFIXES = ("http://", "https://", "s3://", "gs://", "hf://", "ftp://")
 MAX_ROW_BYTES = 1_000_000  # default of data.max_row_bytes: larger rows are bad rows, never parsed or tokenised
 
@@ -49,6 +50,7 @@ CONVERSATION_FEATURES = datasets.Features(
         "row": datasets.Value("int64"),
         "at": datasets.Value("string"),
         "problem": datasets.Value("string"),  # why a row is unusable (malformed); "" for good rows
+        "rejected": datasets.Value("string"),  # preference rows: the rejected answer ("" for other formats)
     }
 )
 
@@ -131,11 +133,17 @@ def make_media_resolver(root: Path | None, at: str):
 # --------------------------------------------------------------------------------------------------- raw rows
 
 
+TOO_DEEP = "nested too deeply"
+
+
 def _decode_structured(row: dict[str, Any]) -> dict[str, Any]:
     for key in STRUCTURED_COLUMNS:
         value = row.get(key)
         if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
-            row[key] = json.loads(value)
+            try:
+                row[key] = json.loads(value)
+            except RecursionError:
+                return InvalidRow(f"{key}: invalid JSON ({TOO_DEEP})")
     return row
 
 
@@ -212,6 +220,8 @@ def _json_rows(
         rows = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{name} line {err.lineno}: invalid JSON ({err.msg})") from None
+    except RecursionError:
+        raise DataError(f"{name}: invalid JSON ({TOO_DEEP})") from None
     if isinstance(rows, dict) and caption_layout(rows):  # MSR-VTT / ActivityNet Captions: one object, not rows
         yield from _caption_file_rows(rows, cfg, seed)
         return
@@ -250,6 +260,8 @@ def _jsonl_rows(path: Path, name: str, max_row_bytes: int) -> Iterator[tuple[str
                     row = InvalidRow(f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
                 except json.JSONDecodeError as err:
                     row = InvalidRow(f"invalid JSON ({err.msg})")
+                except RecursionError:  # 200 kB of `[`: one bad row, not a crash of the whole run
+                    row = InvalidRow(f"invalid JSON ({TOO_DEEP})")
             yield f"{name} line {line_no}", row_index, row
             row_index += 1
 
@@ -313,11 +325,13 @@ def iter_conversations(
             if fmt is None:  # a first row in an unknown shape is a wrong format or column map, not a bad row
                 fmt = detect_format(list(fields), at)
             ctx = RowContext(at, make_media_resolver(root, at), tuple(caption_prompts), seed, index)
-            yield {**row, "messages": normalise_row(fields, fmt, ctx), "problem": ""}
+            messages = normalise_row(fields, fmt, ctx)
+            rejected = rejected_answer(fields, ctx) if fmt == "preference" else ""
+            yield {**row, "messages": messages, "problem": "", "rejected": rejected}
         except DataError as err:
             if not keep_bad or isinstance(err, UnknownFormat):  # one configuration error, said once
                 raise
-            yield {**row, "messages": [], "problem": str(err).removeprefix(f"{at}: ")}
+            yield {**row, "messages": [], "problem": str(err).removeprefix(f"{at}: "), "rejected": ""}
 
 
 # ---------------------------------------------------------------------------------------------- mixing, loading

@@ -249,7 +249,8 @@ def tiny_run_overrides(model: Path, corpus: Path, output: Path, *extra: str) -> 
 
 
 # A short LoRA run that checkpoints mid-way, with dropout on and gradient accumulation: 4 steps of 2 micro-batches
-# of 2 samples, a checkpoint every 2 steps (what the kill -9 / resume test cuts and relaunches).
+# of 2 samples, a checkpoint every 2 steps (what the kill -9 / resume test cuts and relaunches), over 12 samples:
+# 3 steps an epoch, so a resume from step 2 finishes epoch 0 and crosses into epoch 1 (its own order).
 RESUMABLE_RUN = (
     "train.max_steps=4",
     "train.save_every_steps=2",
@@ -258,6 +259,11 @@ RESUMABLE_RUN = (
     "finetune.lora.dropout=0.1",
     "data.num_workers=1",
 )
+
+
+def resumable_run(corpus: Path) -> tuple[str, ...]:
+    """RESUMABLE_RUN on 12 of the demo's questions (3 optimizer steps an epoch)."""
+    return (*RESUMABLE_RUN, f"data.sources=[{{path: {corpus / 'questions_train.jsonl'}, num_samples: 12}}]")
 
 
 @pytest.fixture(scope="session")
@@ -275,7 +281,9 @@ def family_runs(
     def run(name: str) -> Path:
         if name not in runs:
             output = tmp_path_factory.mktemp(f"run-{name}") / "run"
-            overrides = tiny_run_overrides(family_kits(name).model_dir, demo_corpus, output, *RESUMABLE_RUN)
+            overrides = tiny_run_overrides(
+                family_kits(name).model_dir, demo_corpus, output, *resumable_run(demo_corpus)
+            )
             train(load_recipe(None, overrides))
             runs[name] = output
         return runs[name]

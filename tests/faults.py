@@ -46,7 +46,7 @@ def parse(spec: str) -> list[tuple[str, str]]:
 def patches(spec: str) -> list[tuple[Any, str, Any]]:
     """(module, attribute, replacement) for every fault in the spec."""
     from vidtune.data.video import loading as video
-    from vidtune.train.training import checkpoint, loop, outputs
+    from vidtune.train.training import checkpoint, held_out, loop, outputs
 
     result: list[tuple[Any, str, Any]] = []
     for action, where in parse(spec):
@@ -68,7 +68,7 @@ def patches(spec: str) -> list[tuple[Any, str, Any]]:
             result.append((loop, "train_step", _nan_weights(loop.train_step, int(where))))
         elif action in ("termeval", "termgen"):
             name = "evaluate" if action == "termeval" else "generation_eval"
-            result.append((loop, name, _term_at_eval(getattr(loop, name), int(where))))
+            result.append((held_out, name, _term_at_eval(getattr(held_out, name), int(where))))
         else:
             result.append((video, "open_video", _hang_on_open(video.open_video, where)))
     return result

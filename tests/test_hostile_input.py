@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -21,7 +23,7 @@ from vidtune.data.quality import BadSampleConfig
 from vidtune.data.sources import SourceConfig
 from vidtune.data.video import SamplingConfig, VideoError, load_clip, probe_video
 from vidtune.train.cli import main
-from vidtune.train.training.config import load_recipe, recipe_to_yaml
+from vidtune.train.training.config import RecipeError, load_recipe, recipe_to_yaml
 
 
 def cli_error(capsys, *argv: str) -> str:
@@ -250,3 +252,171 @@ def test_15_infer_and_export_refuse_a_crafted_pickle_in_one_line(tmp_path, tiny_
     err = cli_error(capsys, "export", str(run), "--merge", "--to", str(tmp_path / "export"))
     assert "pytorch_model.bin: refused to load a pickled file" in err
     assert not Payload.sentinel.exists()
+
+
+# ================================================================ issue 24: hostile input that still got through
+
+
+def gif_bomb(width: int = 16000, height: int = 16000) -> bytes:
+    """A 66-byte GIF: two 1x1 frames on a logical screen of width x height (FFmpeg's decoder allocates the screen)."""
+    screen = b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    frame = (
+        b"\x21\xf9\x04\x00\x0a\x00\x00\x00" + b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
+    )
+    return screen + frame + frame + b"\x3b"
+
+
+def run_cli_measured(*argv: str, cwd: Path | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """`vidtune ARGV` in its own process: its result and its peak resident memory in GB."""
+    script = (
+        "import resource, subprocess, sys\n"
+        "done = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=240)\n"
+        "sys.stdout.write(done.stdout); sys.stderr.write(done.stderr)\n"
+        "print(f'PEAK_KB {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}', file=sys.stderr)\n"
+        "sys.exit(done.returncode)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, sys.executable, "-m", "vidtune.train.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+    peak_kb = int(done.stderr.rsplit("PEAK_KB ", 1)[1])
+    done.stderr = done.stderr.rsplit("PEAK_KB ", 1)[0]
+    return done, peak_kb / 1e6
+
+
+def test_a_gif_bomb_is_refused_by_the_pixel_limit_in_frames_and_show_before_decoding(tmp_path, tiny_model_dir):
+    """A 66-byte GIF declaring a 16000x16000 screen: `frames` and `show` refuse it by the pixel limit from its header
+    (no frame decoded: the probe's rotation check no longer decodes frames that large), in well under a gigabyte."""
+    bomb = tmp_path / "bomb.gif"
+    bomb.write_bytes(gif_bomb())
+    done, peak_gb = run_cli_measured("frames", str(bomb), "--num-frames", "2")
+    assert done.returncode == 1 and done.stderr.strip() == (
+        f"{bomb}: 16000x16000 frames exceed the 16,777,216-pixel limit"
+    ), done.stderr
+    assert peak_gb < 2.0, peak_gb  # 1.3 GB measured (1.1 of it importing torch); 3.6 GB on decoding it
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps(qa(str(bomb))) + "\n")
+    overrides = [o for o in tiny_run_overrides(tiny_model_dir, tmp_path, tmp_path / "run") if "sources" not in o]
+    from vidtune.train.datatools.show import run_show
+
+    recipe = load_recipe(None, [*overrides, f"data.sources=[{{path: {rows}}}]"])
+    page = run_show(recipe, "recipe.yaml", 1, tmp_path / "show").read_text()
+    assert "bad sample: " in page and "16000x16000 frames exceed the 16,777,216-pixel limit" in page
+
+
+def test_images_are_read_only_in_the_documented_formats_and_held_to_the_pixel_limit(tmp_path):
+    from PIL import Image
+
+    from vidtune.data.video import VideoError, image_size, load_image
+
+    eps = tmp_path / "photo.png"  # an EPS named like a PNG: PIL would hand it to Ghostscript
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    for read in (load_image, image_size):
+        with pytest.raises(VideoError, match=r"cannot read image \(not one of PNG, JPEG, WEBP, GIF, BMP\)"):
+            read(str(eps))
+    Image.new("RGB", (300, 200), "red").save(tmp_path / "ok.webp")
+    assert load_image(str(tmp_path / "ok.webp")).shape == (200, 300, 3)
+    with pytest.raises(VideoError, match="300x200 image exceeds the 50,000-pixel limit"):
+        load_image(str(tmp_path / "ok.webp"), max_frame_pixels=50_000)
+
+
+def test_a_recipe_with_a_duplicate_key_or_nested_20000_deep_is_one_line(tmp_path, capsys):
+    recipe = tmp_path / "dup.yaml"
+    recipe.write_text("train:\n  learning_rate: 0.1\n  seed: 3\n  learning_rate: 0.2\n")
+    err = cli_error(capsys, "train", str(recipe))
+    assert "line 4, column 3: invalid YAML: duplicate key 'learning_rate' (first given on line 2)" in err
+    err = cli_error(capsys, "train", "demo/base", "hub.datasets=[{a: 1, a: 2}]")
+    assert "duplicate key 'a'" in err
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    assert "the YAML nests too deeply (a recipe nests at most 32 levels)" in cli_error(capsys, "train", str(deep))
+    deep.write_text("hub:\n  datasets: " + "[" * 40 + "]" * 40 + "\n")  # readable, but no recipe nests so deep
+    assert "the recipe nests deeper than 32 levels" in cli_error(capsys, "train", str(deep))
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("logging.run_name=${oc.env:HF_TOKEN}", "logging.run_name"), ("train.output_dir=OUT/${oc.env:HF_TOKEN}", "")],
+)
+def test_a_secret_from_the_environment_may_not_name_a_run_or_its_folder(
+    tmp_path, tiny_model_dir, demo_corpus, capsys, monkeypatch, override, key
+):
+    monkeypatch.setenv("HF_TOKEN", "hf_SecretValue123456")
+    recipe = base_recipe(tmp_path, tiny_model_dir, demo_corpus)
+    err = cli_error(capsys, "train", str(recipe), override.replace("OUT", str(tmp_path)))
+    assert f"{key or 'train.output_dir'} holds the value of $HF_TOKEN, a secret" in err
+    assert "hf_SecretValue123456" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]  # no run folder, under either name
+    monkeypatch.setenv("SCRATCH", str(tmp_path / "scratch"))  # an ordinary variable still builds paths
+    load_recipe(str(recipe), ["train.output_dir=${oc.env:SCRATCH}/run"])
+
+
+def test_an_absurd_lora_rank_is_refused_against_the_model_before_it_loads(
+    tmp_path, tiny_model_dir, demo_corpus, capsys
+):
+    recipe = base_recipe(tmp_path, tiny_model_dir, demo_corpus)
+    started = time.perf_counter()
+    err = cli_error(capsys, "train", str(recipe), "finetune.lora.rank=100000000")
+    assert "finetune.lora.rank=100,000,000 exceeds the language model's hidden size" in err
+    assert time.perf_counter() - started < 30
+    assert not (tmp_path / "run" / "trainable_parameters.json").exists()  # no model was set up
+
+
+def test_train_refuses_a_crafted_pickle_as_model_or_adapter_in_one_line(tmp_path, tiny_model_dir, demo_corpus, capsys):
+    import torch
+
+    Payload.sentinel = tmp_path / "payload-ran"
+    model = crafted_model(tiny_model_dir, tmp_path / "crafted")
+    recipe = base_recipe(tmp_path, tiny_model_dir, demo_corpus)
+    err = cli_error(capsys, "train", str(recipe), f"model.name_or_path={model}")
+    assert f"{model / 'pytorch_model.bin'}: refused to load a pickled file" in err
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tiny_model_dir)}))
+    torch.save({"weight": Payload()}, adapter / "adapter_model.bin")
+    err = cli_error(capsys, "train", str(recipe), f"model.adapter={adapter}", "train.output_dir=" + str(tmp_path / "b"))
+    assert f"{adapter / 'adapter_model.bin'}: refused to load a pickled file" in err
+    assert not Payload.sentinel.exists()
+
+
+def test_a_deeply_nested_json_row_is_one_bad_row(tmp_path, clips, builder):
+    shutil.copy(clips["red_blue"], tmp_path / "good.mp4")
+    corpus = tmp_path / "rows.jsonl"
+    corpus.write_text("\n".join([json.dumps(qa("good.mp4")), "[" * 200_000, json.dumps(qa("good.mp4", "blue"))]))
+    cfg = DataConfig(
+        sources=[SourceConfig(path=str(corpus))],
+        sampling=SamplingConfig(4),
+        num_workers=0,
+        bad_samples=BadSampleConfig(max_bad_fraction=0.5, max_bad_in_a_row=10),
+    )
+    rows, _, report = prepare_rows(cfg, builder, seed=0)
+    assert len(rows) == 2 and dict(report.bad.bad) == {"rows.jsonl line 2": "invalid JSON (nested too deeply)"}
+    as_list = tmp_path / "rows.json"
+    as_list.write_text("[" * 200_000)
+    from vidtune.data.sources import load_conversations
+
+    with pytest.raises(DataError, match=r"rows\.json: invalid JSON \(nested too deeply\)"):
+        load_conversations([SourceConfig(path=str(as_list))], keep_bad=True)
+
+
+def test_a_video_replaced_in_place_is_not_resumed_silently(tmp_path, tiny_model_dir, demo_corpus):
+    """The resume fingerprint covers each media file's size and mtime, as the measuring cache does."""
+    from vidtune.train.training.loop import train
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(demo_corpus / "videos", corpus / "videos")
+    shutil.copy(demo_corpus / "questions_train.jsonl", corpus)
+    run = tmp_path / "run"
+    args = tiny_run_overrides(tiny_model_dir, corpus, run, "train.max_steps=2", "train.save_every_steps=2")
+    train(load_recipe(None, args))
+    first = json.loads((corpus / "questions_train.jsonl").read_text().splitlines()[0])["video"]
+    replaced = corpus / first
+    other = next(p for p in sorted((corpus / "videos").iterdir()) if p != replaced)
+    shutil.copy(other, replaced)  # same name, another clip's content
+    os.utime(replaced, ns=(time.time_ns(), time.time_ns()))
+    with pytest.raises(RecipeError, match=r"cannot resume .*step_00000002: media: \d+ files by size and mtime"):
+        train(load_recipe(None, [*args, "train.max_steps=3"]))

@@ -124,3 +124,27 @@ def test_from_config_builds_random_weights_without_reading_any(tiny_model_dir, t
     assert {n: p.shape for n, p in ours.items()} == {n: p.shape for n, p in saved.items()}
     name = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(ours[name], saved[name])  # random, not read from the tiny model's file
+
+
+def test_qwen2_5_vl_vision_lora_leaves_the_conv3d_patch_embedding_and_the_audit_sees_every_wrap(family_kits):
+    """Issue 24 item 9: the vision target `proj` also names Qwen2.5-VL's Conv3d patch embedding
+    (`visual.patch_embed.proj`); only linear layers are wrapped, and the audit lists every wrapped module by kind, so
+    a non-linear wrap (here forced by hand) is refused."""
+    from peft import LoraConfig, get_peft_model
+
+    kit = family_kits("qwen2_5_vl")
+    model, family = load_model(ModelConfig(name_or_path=str(kit.model_dir)))
+    model = apply_finetuning(model, family, FinetuneConfig(vision_tower="lora"))
+    audit = trainable_audit(model, family)
+    assert set(audit["wrapped"]) == {"Linear"}
+    assert any(name.endswith("attn.proj") for name in audit["wrapped"]["Linear"])  # the linear `proj`s still are
+    assert not [name for name in audit["wrapped"]["Linear"] if "patch_embed" in name]
+    check_audit(audit, FinetuneConfig(vision_tower="lora"))
+
+    model, family = load_model(ModelConfig(name_or_path=str(kit.model_dir)))
+    model.requires_grad_(False)
+    conv = LoraConfig(r=2, target_modules=r"model\.language_model.*q_proj|model\.visual\.patch_embed\.proj")
+    audit = trainable_audit(get_peft_model(model, conv), family)
+    assert audit["wrapped"]["Conv3d"] == ["model.visual.patch_embed.proj"]
+    with pytest.raises(RecipeError, match=r"LoRA wraps 1 Conv3d module\(s\) \(model.visual.patch_embed.proj"):
+        check_audit(audit, FinetuneConfig(vision_tower="lora"))

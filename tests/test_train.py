@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FAMILY_NAMES, RESUMABLE_RUN, tiny_run_overrides
+from tests.conftest import FAMILY_NAMES, resumable_run, tiny_run_overrides
 from tests.faults import cli_command
 from vidtune.train.training.config import Recipe, load_recipe
 from vidtune.train.training.tracking import read_metrics
@@ -164,13 +164,14 @@ def test_a_killed_run_resumes_at_its_checkpoint_with_identical_losses(
     family, family_kits, family_runs, demo_corpus, tmp_path, capsys
 ):
     """kill -9 mid-epoch and mid-accumulation (step 3 of 4, 2nd micro-batch; checkpoints every 2 steps), relaunch:
-    the run continues from step 2 and steps 3-4 log exactly the uninterrupted run's losses (dropout on), for every
+    the run continues from step 2 and steps 3-4, across the epoch boundary after step 3 (Accelerate's loader sets
+    its sampler's epoch from its own pass counter), log exactly the uninterrupted run's losses (dropout on), for every
     family (Qwen's grids and time tensors, OneVision's newline hook come back with the data position). The
     relaunch runs in this process (a fresh interpreter per family would double the test's cost): it starts from
     the dead process's checkpoint on disk, with this process's RNGs wherever earlier tests left them."""
     from vidtune.train.training.loop import train
 
-    recipe = tiny_recipe(family_kits(family).model_dir, demo_corpus, tmp_path / "cut", *RESUMABLE_RUN)
+    recipe = tiny_recipe(family_kits(family).model_dir, demo_corpus, tmp_path / "cut", *resumable_run(demo_corpus))
     crashed = write_recipe(recipe, tmp_path / "cut.yaml")
     killed = run_cli("train", str(crashed), fault="kill@2.1")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]

@@ -12,8 +12,9 @@ data/ and train/ never look inside a model or its processor directly; they ask i
 - anything the loaded model needs to take those batches (`prepare_model`);
 - one sample's position ids as it would have them alone (`packed_position_ids`), which packing concatenates, and
   whether its batches may be packed at all (`supports_packing`);
-- module prefixes of its parts (for LoRA scoping and the trainable-parameter audit), default LoRA targets, and the
-  layers its forward never reads (`unused_module_prefixes`), which must not train.
+- module prefixes of its parts (for LoRA scoping and the trainable-parameter audit), default LoRA targets, the
+  layers its forward never reads (`unused_module_prefixes`), which must not train, and the modules QLoRA leaves
+  unquantized (`quantization_skip_modules`).
 
 Adding a family: a module here with a `ModelFamily` subclass, a line in `FAMILIES`, a tiny-model config
 (train/demo/tiny_model.py) and recipes.
@@ -99,6 +100,10 @@ class ModelFamily(ABC):
     projector_prefix: str
     language_model_lora_targets: tuple[str, ...]  # linear-layer names LoRA wraps inside each part
     vision_tower_lora_targets: tuple[str, ...]
+    # model.quantization (QLoRA): module names transformers' BitsAndBytesConfig leaves unquantized (prefixes from the
+    # model's root, or layer-name suffixes): the vision tower, the projector and lm_head, whose precision the visual
+    # features and every logit depend on and whose weights are a small share of the model
+    quantization_skip_modules: tuple[str, ...]
     visual_keys: tuple[str, ...]  # the batch keys that carry visual inputs
     token_keys: tuple[str, ...] = ()  # per-token tensors of an example (L,), padded by the collator like input_ids
     # Batch keys whose pixels can travel uint8 (resized and cropped, not yet rescaled or normalised) -> the

@@ -76,6 +76,7 @@ class LlavaNextVideo(ModelFamily):
     projector_prefix = "model.multi_modal_projector."
     language_model_lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     vision_tower_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    quantization_skip_modules = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
     visual_keys = ("pixel_values_videos", "pixel_values", "image_sizes")
     # Video frames are resized and cropped to one size, so they can stay uint8 until the device. (Images keep the
     # processor's float pixels: anyres pads patches after normalising.)

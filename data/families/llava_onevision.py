@@ -97,6 +97,7 @@ class LlavaOnevision(ModelFamily):
     projector_prefix = "model.multi_modal_projector."
     language_model_lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     vision_tower_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    quantization_skip_modules = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
     visual_keys = ("pixel_values_videos", "pixel_values", "image_sizes", "batch_num_images")
     supports_packing = True  # plain 1-D RoPE positions; prepare_model finds each video's frames by its token run
 

@@ -171,6 +171,7 @@ class Qwen2_5_VL(ModelFamily):
     projector_prefix = "model.visual.merger."  # inside the tower's module: the audit counts it as the projector
     language_model_lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     vision_tower_lora_targets = ("qkv", "proj", "gate_proj", "up_proj", "down_proj")
+    quantization_skip_modules = ("model.visual", "lm_head")  # the merger (projector) sits inside model.visual
     # Cast to the model's dtype when floating; second_per_grid_ts stays float32 (its RoPE positions must not round).
     visual_keys = ("pixel_values_videos", "video_grid_thw", "pixel_values", "image_grid_thw")
     token_keys = ("mm_token_type_ids",)

@@ -83,6 +83,9 @@ class Qwen3_5(Qwen3_VL):
         "in_proj_b",
         "out_proj",
     )
+    # QLoRA leaves the Gated DeltaNet's decay and beta projections (hidden size -> heads: a sliver of the weights) in
+    # model.dtype beside the vision tower and lm_head: they set how fast each head's recurrent state forgets.
+    quantization_skip_modules = ("model.visual", "lm_head", "in_proj_a", "in_proj_b")
 
 
 QWEN3_5 = Qwen3_5()

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from vidtune.data.quality import time_limit
+from vidtune.data.quality import MAX_FRAME_PIXELS, time_limit
 from vidtune.data.video.base import Clip, SamplingConfig, StreamIndex, VideoError, VideoInfo
 from vidtune.data.video.decord_backend import DecordReader
 from vidtune.data.video.probe import probe_stream
@@ -109,11 +109,15 @@ class AutoReader:
             self.reader.close()
 
 
-def open_video(path: str, backend: str = "auto", shortest_edge: int | None = None) -> Reader:
+def open_video(
+    path: str, backend: str = "auto", shortest_edge: int | None = None, max_frame_pixels: int | None = MAX_FRAME_PIXELS
+) -> Reader:
     """A reader with `.info`, `.name` and `.read(indices)` -> upright uint8 (T, H, W, 3) frames. With
-    `shortest_edge`, frames come back scaled down (on the displayed shape) so their shorter side is that long."""
+    `shortest_edge`, frames come back scaled down (on the displayed shape) so their shorter side is that long.
+    Frames over `max_frame_pixels` are refused from the stream's header, before any decoder opens the file."""
     quiet_decoders()
     index = probe_stream(path)
+    check_pixels(path, index.info, max_frame_pixels)
     if backend == "auto":
         return AutoReader(path, index, shortest_edge)
     if backend not in READERS:
@@ -127,6 +131,11 @@ def probe_video(path: str, backend: str = "auto") -> VideoInfo:
     return probe_stream(path).info
 
 
+def check_pixels(path: str, info: VideoInfo, max_frame_pixels: int | None) -> None:
+    if max_frame_pixels and info.height * info.width > max_frame_pixels:
+        raise VideoError(f"{path}: {info.width}x{info.height} frames exceed the {max_frame_pixels:,}-pixel limit")
+
+
 def check_clip(
     path: str,
     info: VideoInfo,
@@ -137,8 +146,7 @@ def check_clip(
     too_short: str = "repeat",
 ) -> None:
     """Refuse clips a run cannot use: frames too large to hold, or (when asked) fewer frames than sampled."""
-    if max_frame_pixels and info.height * info.width > max_frame_pixels:
-        raise VideoError(f"{path}: {info.width}x{info.height} frames exceed the {max_frame_pixels:,}-pixel limit")
+    check_pixels(path, info, max_frame_pixels)
     if too_short == "drop":
         present = frames_in_clip(info, start_s, end_s)
         wanted = num_sampled_frames(info, cfg, start_s, end_s)
@@ -154,9 +162,10 @@ def load_clip(
     rng: np.random.Generator | None = None,
     decode_timeout_s: float = 120.0,
     shortest_edge: int | None = None,
+    max_frame_pixels: int | None = MAX_FRAME_PIXELS,
 ) -> Clip:
     with time_limit(decode_timeout_s, path):
-        reader = open_video(path, cfg.backend, shortest_edge)
+        reader = open_video(path, cfg.backend, shortest_edge, max_frame_pixels)
         try:
             indices = sample_frame_indices(reader.info, cfg, start_s, end_s, rng, path)
             frames = reader.read(indices)
@@ -168,16 +177,26 @@ def load_clip(
     return Clip(frames, indices, timestamps_for(indices, reader.info), reader.info, backend)
 
 
-def load_image(path: str) -> np.ndarray:
-    """An image as uint8 (H, W, C) RGB."""
+# The image formats vidtune reads; PIL would otherwise try every format it knows (an EPS file reaches Ghostscript).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
+
+def load_image(path: str, max_frame_pixels: int | None = MAX_FRAME_PIXELS) -> np.ndarray:
+    """An image as uint8 (H, W, C) RGB; refused by its header's size over `max_frame_pixels`, before decoding."""
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
         raise VideoError(f"{path}: image not found")
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
+            if max_frame_pixels and image.width * image.height > max_frame_pixels:
+                raise VideoError(
+                    f"{path}: {image.width}x{image.height} image exceeds the {max_frame_pixels:,}-pixel limit"
+                )
             return np.array(image.convert("RGB"))  # a writable copy (torch refuses read-only arrays)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+    except UnidentifiedImageError:
+        raise VideoError(f"{path}: cannot read image (not one of {', '.join(IMAGE_FORMATS)})") from None
+    except (OSError, Image.DecompressionBombError) as err:
         raise VideoError(f"{path}: cannot read image ({str(err)[:120]})") from None
 
 
@@ -188,7 +207,9 @@ def image_size(path: str) -> tuple[int, int]:
     if not os.path.isfile(path):
         raise VideoError(f"{path}: image not found")
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
             return image.height, image.width
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+    except UnidentifiedImageError:
+        raise VideoError(f"{path}: cannot read image (not one of {', '.join(IMAGE_FORMATS)})") from None
+    except (OSError, Image.DecompressionBombError) as err:
         raise VideoError(f"{path}: cannot read image ({str(err)[:120]})") from None

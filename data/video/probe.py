@@ -24,6 +24,9 @@ def open_container(path: str) -> Any:
         raise VideoError(f"{path}: cannot open it as video ({str(err)[:120]})") from None
 
 
+MAX_PROBE_DECODE_PIXELS = 8192 * 8192
+
+
 def probe_stream(path: str) -> StreamIndex:
     """The stream's index; kept per file version in each process (a DataLoader worker reads a video every epoch)."""
     check_file(path)
@@ -107,9 +110,11 @@ def _index(container: Any, stream: Any, path: str, pts: list[int], keyframes: li
         end = times[-1] + last
     if end <= 0:
         raise VideoError(f"{path}: zero duration ({len(pts)} frame(s), no time between them)")
-    container.seek(0)
-    rotation = _rotation(stream, container)
     height, width = int(stream.codec_context.height or 0), int(stream.codec_context.width or 0)
+    container.seek(0)
+    # The rotation needs one decoded frame: not for a frame no pixel limit lets through (a 131-byte GIF can declare a
+    # 16000x16000 screen, a gigabyte to decode); the caller's limit then refuses it by this size.
+    rotation = _rotation(stream, container) if height * width <= MAX_PROBE_DECODE_PIXELS else 0
     shown = (width, height) if rotation in (90, 270) else (height, width)
     info = VideoInfo(len(pts), len(pts) / end, shown[0], shown[1], tuple(times), end)
     return StreamIndex(

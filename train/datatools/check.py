@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from vidtune.data.conversation import DataError
-from vidtune.data.dataset import Measurer, load_media
+from vidtune.data.dataset import cached_measurer, load_media
 from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import family_for
 from vidtune.data.quality import BadSampleLog
@@ -57,7 +57,8 @@ def measure_all(
         for source in [*data.sources, *data.eval_sources]
         for row in iter_conversations(source, data.caption_prompts, recipe.train.seed, True, data.max_row_bytes)
     )
-    measurer, measured = Measurer(builder, data), []
+    # The on-disk measuring cache `train` reads (same key): a check, then a train, measures each row once.
+    measurer, measured = cached_measurer(builder, data), []
     for source_path, row in rows:
         logs = [bad] if by_source is None else [bad, by_source.setdefault(source_path, BadSampleLog(bad.cfg))]
         counts, decoded = measurer(row), list[tuple[str, Clip]]()
@@ -72,6 +73,7 @@ def measure_all(
                     data.bad_samples.decode_timeout_s,
                     builder.frame_px,
                     record=decoded,
+                    max_frame_pixels=data.bad_samples.max_frame_pixels,
                 )
                 if backends is not None:
                     backends.update((path, clip.backend) for path, clip in decoded)

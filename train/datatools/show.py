@@ -77,7 +77,7 @@ def show_row(recipe: Recipe, builder: ExampleBuilder, row: dict[str, Any], row_i
     try:
         media, instructions = load_media(
             row["messages"], data.sampling, data.time_instruction, rng, data.bad_samples.decode_timeout_s,
-            builder.frame_px, record=clips,
+            builder.frame_px, record=clips, max_frame_pixels=data.bad_samples.max_frame_pixels,
         )  # fmt: skip
         example = builder.build(with_time_instructions(row["messages"], instructions), media)
     except DataError as err:

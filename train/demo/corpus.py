@@ -5,6 +5,8 @@ captions (base variant), order questions (instruct) and two-turn chats (chat), i
     captions_train.jsonl           {"video", "caption"}                         caption format
     questions_train.jsonl          {"video", "question", "answer"}              qa format
     chats_train.json               {"video", "conversations": [{from, value}]} llava format
+    preferences_train.jsonl        {"video", "prompt", "chosen", "rejected"}  preference format (DPO): chosen =
+                                   the true colour, rejected = the other one (the colours swapped)
     (and the same three for eval)
 """
 
@@ -34,7 +36,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def write_split(root: Path, split: str, num_videos: int, seed: int) -> dict[str, Path]:
     rng = random.Random(seed)
     pairs = color_pairs()
-    captions, questions, chats = [], [], []
+    captions, questions, chats, preferences = [], [], [], []
     for index in range(num_videos):
         first, last = pairs[index % len(pairs)] if split == "train" else rng.choice(pairs)
         name = f"videos/{split}_{index:04d}.mp4"
@@ -42,6 +44,8 @@ def write_split(root: Path, split: str, num_videos: int, seed: int) -> dict[str,
         captions.append({"video": name, "caption": f"{first} then {last}"})
         questions.append({"video": name, "question": FIRST_QUESTION, "answer": first})
         questions.append({"video": name, "question": LAST_QUESTION, "answer": last})
+        preferences.append({"video": name, "prompt": FIRST_QUESTION, "chosen": first, "rejected": last})
+        preferences.append({"video": name, "prompt": LAST_QUESTION, "chosen": last, "rejected": first})
         chats.append(
             {
                 "video": name,
@@ -57,9 +61,11 @@ def write_split(root: Path, split: str, num_videos: int, seed: int) -> dict[str,
         "captions": root / f"captions_{split}.jsonl",
         "questions": root / f"questions_{split}.jsonl",
         "chats": root / f"chats_{split}.json",
+        "preferences": root / f"preferences_{split}.jsonl",
     }
     _write_jsonl(files["captions"], captions)
     _write_jsonl(files["questions"], questions)
+    _write_jsonl(files["preferences"], preferences)
     files["chats"].write_text(json.dumps(chats, indent=1), encoding="utf-8")
     return files
 

@@ -24,6 +24,7 @@ from vidtune.data.families import ModelFamily, family_for
 from vidtune.data.video import SamplingConfig
 from vidtune.train.training.model import load_model_config, model_class, refusing_pickles, resolve_dtype
 from vidtune.train.training.outputs import read_metadata
+from vidtune.train.training.quantization import quantized_load_kwargs
 
 
 @dataclass
@@ -82,21 +83,27 @@ def load_for_inference(
     adapter_base = _adapter_base(folder) if folder.is_dir() else None
     base_path = base or adapter_base or path
     family = family_for(load_model_config(base_path).model_type)
+    metadata = read_metadata(folder) if folder.is_dir() else None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # A QLoRA adapter meets the base quantized as in training (merged exports hold real weights and no settings).
+    settings = (metadata or {}).get("quantization") if adapter_base is not None else None
+    quantized = quantized_load_kwargs(settings, family.quantization_skip_modules, resolve_dtype(dtype), device)
     with refusing_pickles(base_path, folder):
-        model = model_class(family).from_pretrained(base_path, dtype=resolve_dtype(dtype))
+        model = model_class(family).from_pretrained(base_path, dtype=resolve_dtype(dtype), **quantized)
         family.prepare_model(model)
         if adapter_base is not None:
             model = PeftModel.from_pretrained(model, str(folder))
     has_processor = folder.is_dir() and (folder / "processor_config.json").is_file()
     processor = transformers.AutoProcessor.from_pretrained(str(folder) if has_processor else base_path)
-    metadata = read_metadata(folder) if folder.is_dir() else None
     trained = (metadata or {}).get("sampling", {})
     sampling = SamplingConfig(
         num_frames=num_frames or trained.get("num_frames") or 8, fps=fps if fps is not None else trained.get("fps")
     )
     if warning := sampling_mismatch(sampling, trained, path):
         print(warning, file=sys.stderr)
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    if not quantized:  # (a quantized model was loaded onto its device; bitsandbytes weights refuse .to())
+        model.to(device)
+    model.eval()
     builder = ExampleBuilder(processor, family, chat_template=processor.chat_template)
     return InferenceModel(model, processor, family, builder, sampling, bool((metadata or {}).get("time_instruction")))
 

@@ -99,6 +99,25 @@ inputs = processor(text=prompt, videos=[frames], video_metadata=[video_metadata(
                    return_tensors="pt")"""
 
 
+def bnb_code(settings: dict[str, Any] | None, skip_modules: tuple[str, ...]) -> str | None:
+    """The BitsAndBytesConfig a QLoRA adapter's base loads with, as Python source (None: not quantized)."""
+    if not settings:
+        return None
+    skip = f"llm_int8_skip_modules={list(skip_modules)!r}"
+    if settings["bits"] == 8:
+        return f"quantization = BitsAndBytesConfig(load_in_8bit=True, {skip})"
+    compute = settings["compute_dtype"]
+    # auto: the run's model.dtype, which auto resolved to bf16 on GPUs that have it, else fp32
+    auto = "torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32"
+    compute_code = auto if compute == "auto" else f"torch.{compute}"
+    return (
+        "quantization = BitsAndBytesConfig(\n    load_in_4bit=True,\n"
+        f'    bnb_4bit_quant_type="{settings["quant_type"]}",\n'
+        f"    bnb_4bit_use_double_quant={settings['double_quant']},\n    bnb_4bit_compute_dtype={compute_code},\n"
+        f"    {skip},\n)"
+    )
+
+
 def usage(metadata: dict[str, Any], repo: str, merged: bool) -> str:
     family = family_of(metadata)
     frames = metadata["sampling"]["num_frames"]
@@ -106,13 +125,19 @@ def usage(metadata: dict[str, Any], repo: str, merged: bool) -> str:
         metadata["base_model"] if is_hub_id(metadata["base_model"]) else f"PATH/TO/{Path(metadata['base_model']).name}"
     )
     model_class = family.model_class
+    quantized = None if merged else bnb_code(metadata.get("quantization"), family.quantization_skip_modules)
+    base_kwargs = ', quantization_config=quantization, device_map={"": "cuda" if torch.cuda.is_available() else "cpu"}'
     load = (
         f'model = {model_class}.from_pretrained("{repo}")'
         if merged
-        else f'base = {model_class}.from_pretrained("{base}")\nmodel = PeftModel.from_pretrained(base, "{repo}")'
+        else f'base = {model_class}.from_pretrained("{base}"{base_kwargs if quantized else ""})\n'
+        f'model = PeftModel.from_pretrained(base, "{repo}")'
     )
     imports = f"from transformers import AutoProcessor, {model_class}"
     imports += "" if merged else "\nfrom peft import PeftModel"
+    if quantized:  # QLoRA: the adapter was trained on the base quantized so; load it the same way (bitsandbytes)
+        imports = f"import torch\nfrom transformers import BitsAndBytesConfig\n{imports}"
+        load = f"{quantized}\n{load}"
     prepare = (FRAMES_AND_TIMES if reads_video_metadata(family) else FRAMES_ONLY).format(frames=frames)
     return f"""## Usage
 

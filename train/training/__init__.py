@@ -2,6 +2,7 @@
 
 config.py       typed, strict recipes (defaults, YAML, `key.sub=value` overrides, validation)
 model.py        load a checkpoint, choose what trains (LoRA / full, projector, vision tower), audit it
+quantization.py QLoRA: the language model loaded 4-/8-bit by bitsandbytes, vision tower and projector left as they are
 build.py        a run's parts from its recipe: model + processor, data loaders, optimizer and scheduler
 loop.py         the Accelerate loop: micro-batches, loss scaling, steps, eval, checkpoints, final save
 loss.py         the summed token loss from hidden states in chunks (or Liger), never the full logits

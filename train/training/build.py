@@ -26,11 +26,13 @@ from vidtune.data.dataset import (
 from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import ModelFamily, family_for
 from vidtune.data.packing import pack_layout
+from vidtune.train.objectives.select import training_examples
 from vidtune.train.training.config import Recipe, RecipeError
 from vidtune.train.training.distributed import is_deepspeed, zero_stage
 from vidtune.train.training.model import (
     apply_finetuning,
     check_audit,
+    check_lora_size,
     enable_gradient_checkpointing,
     held_parameters,
     load_model,
@@ -42,6 +44,8 @@ from vidtune.train.training.preemption import WorkerSignals
 
 
 def build_model(recipe: Recipe, accelerator: Accelerator) -> tuple[Any, ModelFamily, Any, dict[str, Any]]:
+    refuse_quantized_engine(recipe, accelerator)
+    check_lora_size(recipe.finetune, load_model_config(recipe.model.name_or_path, recipe.model.trust_remote_code))
     # Random weights (model.from_config) are drawn on the device; ZeRO-3's zero.Init places its partitions itself.
     model, family = load_model(recipe.model, init_device=None if is_deepspeed(accelerator) else accelerator.device)
     m = recipe.model
@@ -56,11 +60,22 @@ def build_model(recipe: Recipe, accelerator: Accelerator) -> tuple[Any, ModelFam
     set_seed(recipe.train.seed)
     model = apply_finetuning(model, family, recipe.finetune, recipe.model.adapter)
     keep_trainable_weights_in_fp32(model, accelerator)
-    if recipe.model.gradient_checkpointing:
+    # QLoRA recomputes activations in backward (peft's prepare_model_for_kbit_training does too; quantization.py)
+    if recipe.model.gradient_checkpointing or recipe.model.quantization.bits:
         enable_gradient_checkpointing(model)
     audit = trainable_audit(model, family)
     check_audit(audit, recipe.finetune, from_adapter=bool(recipe.model.adapter))
     return model, family, processor, audit
+
+
+def refuse_quantized_engine(recipe: Recipe, accelerator: Accelerator) -> None:
+    """QLoRA runs one quantized copy per process (single GPU or DDP); DeepSpeed partitions and casts weights itself,
+    which bitsandbytes' packed 4-bit tensors do not survive. Said before the model loads."""
+    if recipe.model.quantization.bits and is_deepspeed(accelerator):
+        raise RecipeError(
+            f"model.quantization.bits={recipe.model.quantization.bits} under DeepSpeed ZeRO-{zero_stage(accelerator)}: "
+            "quantized weights are not sharded by ZeRO; launch with launch/accelerate/ddp.yaml or single_gpu.yaml"
+        )
 
 
 def keep_trainable_weights_in_fp32(model: Any, accelerator: Accelerator) -> None:
@@ -152,7 +167,8 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
             train_rows, eval_rows, drops = None, prepare_eval_rows(data, builder, train_cfg.seed), DropReport()
         else:
             train_rows, eval_rows, drops = prepare_rows(data, builder, train_cfg.seed)
-    maker = ExampleMaker(builder, data, train_cfg.seed, train=True)
+    maker, train_collate = training_examples(recipe, builder, data, train_kwargs["collate_fn"], train_rows)
+    train_kwargs = {**train_kwargs, "collate_fn": train_collate}
     sampler = None
     if train_rows is None:
         stream = StreamingSFTDataset(

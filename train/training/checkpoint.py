@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from vidtune.data.conversation import media_parts
+from vidtune.data.measure_cache import file_identity
 from vidtune.train.training.config import Recipe, RecipeError
 from vidtune.train.training.health import TrainingError
 
@@ -253,10 +255,10 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        error = _disk_full_error(lambda: accelerator.save_state(str(tmp), safe_serialization=True, **save_kwargs))
+        error = _disk_full_error(lambda: accelerator.save_state(str(tmp), safe_serialization=True, **save_kwargs), root)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process and error is None:
-            error = _disk_full_error(lambda: _finish(tmp, extra_files))
+            error = _disk_full_error(lambda: _finish(tmp, extra_files), root)
         if error is not None:
             raise error
 
@@ -280,13 +282,35 @@ def _finish(tmp: Path, extra_files: dict[str, str]) -> None:
     write_manifest(tmp)
 
 
-def _disk_full_error(action: Any) -> OSError | None:
+def _disk_full_error(action: Any, folder: Path) -> OSError | None:
     try:
         action()
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
+    except Exception as err:
+        full = disk_full(err, folder)
+        if full is None:
             raise
-        return err
+        return full
+    return None
+
+
+TORCH_WRITER_FAILED = ("inline_container.cc", "PytorchStreamWriter")  # torch.save's writer: says nothing of why
+NEARLY_FULL_BYTES = 64 << 20
+
+
+def disk_full(err: BaseException, folder: Path) -> OSError | None:
+    """A full disk as OSError(ENOSPC), whichever library met it, else None. Python's own writes raise OSError;
+    safetensors raises SafetensorError ("... No space left on device (os error 28)"), which is not one; torch.save
+    raises a RuntimeError from its zip writer ("unexpected pos ...") that names no cause, so there a device left
+    nearly full (its partial file fills it) is taken as the cause."""
+    if isinstance(err, OSError):
+        return err if err.errno == errno.ENOSPC else None
+    text = str(err)
+    if "os error 28" in text or os.strerror(errno.ENOSPC) in text:
+        return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({type(err).__name__})")
+    if isinstance(err, RuntimeError) and any(marker in text for marker in TORCH_WRITER_FAILED):
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+        if shutil.disk_usage(existing).free < NEARLY_FULL_BYTES:
+            return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (torch.save)")
     return None
 
 
@@ -302,7 +326,7 @@ def retry_when_disk_full(
     operator can free space. Nothing older is deleted to make room."""
     deadline = time.monotonic() + retry_s
     while True:
-        error = _disk_full_error(action)
+        error = _disk_full_error(action, folder)
         if not _any_rank(accelerator, error is not None):
             return
         if cleanup is not None and accelerator.is_main_process:
@@ -371,6 +395,7 @@ def fingerprint(recipe: Recipe, world_size: int, train_rows: Any, template: str 
         "world size": world_size,
         "dataset": data,
         "data content": ", ".join(content_hash(s.path) for s in d.sources),
+        "media": media_identity(train_rows),
         "base model": model_identity(recipe.model.name_or_path),
         "seed": t.seed,
         "order": f"group_by_length {t.group_by_length}",
@@ -381,6 +406,16 @@ def fingerprint(recipe: Recipe, world_size: int, train_rows: Any, template: str 
         f"projector {f.train_projector}, vision tower {f.vision_tower}, continued from {recipe.model.adapter}",
         "batch": f"{recipe.train.batch_size} per device x {recipe.train.grad_accum_steps} accumulation",
     }
+
+
+def media_identity(train_rows: Any) -> str:
+    """The rows' media files by path, size and mtime (as the measuring cache keys them): a video replaced in place
+    under the same name is a different run."""
+    if train_rows is None:
+        return "streamed (not fingerprinted)"
+    paths = sorted({part["path"] or "" for messages in train_rows["messages"] for part in media_parts(messages)})
+    digest = hashlib.sha1(json.dumps([file_identity(path) for path in paths]).encode()).hexdigest()[:12]
+    return f"{len(paths)} files by size and mtime, sha1 {digest}"
 
 
 def run_settings(recipe: Recipe) -> dict[str, Any]:
@@ -443,7 +478,9 @@ def model_identity(name_or_path: str) -> str:
 
 def check_resume(saved: dict[str, Any], current: dict[str, Any], checkpoint: str, force: bool) -> list[str]:
     """Refuse to resume a checkpoint whose run differed (a flag forces it); return what changed."""
-    changed = [f"{key}: {saved.get(key)} -> {value}" for key, value in current.items() if saved.get(key) != value]
+    changed = [  # (a key an older checkpoint lacks is not a change)
+        f"{key}: {saved.get(key)} -> {value}" for key, value in current.items() if key in saved and saved[key] != value
+    ]
     if changed and not force:
         raise RecipeError(
             f"cannot resume {checkpoint}: {'; '.join(changed)}. Use a new train.output_dir, or "

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 from vidtune.data.dataset import DataConfig, validate_data
 from vidtune.data.families import FrameLimits
 from vidtune.data.sources import SourceConfig, validate_source
+from vidtune.train.objectives.settings import DPOSettings, GRPOSettings, validate_objective
+from vidtune.train.training.quantization import QuantizationConfig, quantization_problem
 
 VARIANTS = ("base", "instruct", "chat")
 FINETUNE_MODES = ("lora", "full")
@@ -41,6 +44,40 @@ ATTENTION = ("sdpa", "eager", "flash_attention_2")
 MAX_RECIPE_BYTES = 1_000_000  # a recipe is a page of YAML; anything larger is a mistake or an attack
 MAX_RECIPE_VALUES = 100_000  # values after YAML aliases expand: a 523-byte alias bomb expands to billions
 ENV_RESOLVER = "oc.env"  # `${oc.env:HF_TOKEN}`: kept unresolved in everything vidtune saves or logs
+MAX_RECIPE_DEPTH = 32  # a recipe nests 4 levels; 20,000 `[` printed a 3,000-line RecursionError
+# Environment variables that hold secrets: their values may not name runs or folders (wandb uploads run names,
+# folder names end up in logs, checkpoints and model cards).
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|AUTH", re.I)
+NAMING_KEYS = (("train", "output_dir"), ("logging", "run_name"), ("logging", "project"))
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """safe_load's loader, but a key given twice in one mapping is an error (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {first})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML through RecipeLoader: safe tags only, no duplicate keys, bounded nesting (one line, never a traceback)."""
+    try:
+        return yaml.load(text, Loader=RecipeLoader)  # a SafeLoader: safe tags only
+    except RecursionError:
+        raise RecipeError(f"the YAML nests too deeply (a recipe nests at most {MAX_RECIPE_DEPTH} levels)") from None
 
 
 class RecipeError(ValueError):
@@ -59,6 +96,8 @@ class ModelConfig:
     # build the architecture from name_or_path's config.json with random weights (no weights read or downloaded):
     # throughput benchmarks of the real architecture; name_or_path still supplies the processor files
     from_config: bool = False
+    # QLoRA: `model.quantization.bits=4` loads the language model's linear layers 4-bit nf4 (quantization.py)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
 
 @dataclass
@@ -110,6 +149,11 @@ class TrainConfig:
     # the GPU's dense bf16 peak TFLOPs for train/mfu; 0 = looked up by GPU name (train/training/flops.py); on a
     # CPU or an unknown GPU without it, TFLOPs are logged but no MFU
     peak_tflops: float = 0.0
+    # sft: supervised (next-token loss on the answers) | dpo: preference pairs | grpo: rewards on sampled answers
+    # (train/objectives/); dpo and grpo train a LoRA adapter, whose disabled state is the reference model
+    objective: str = "sft"
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
 
 
 @dataclass
@@ -195,7 +239,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise RecipeError("not key.sub=value")
     key, raw = text.split("=", 1)
     try:
-        value: Any = yaml.safe_load(raw) if raw.strip() else ""
+        value: Any = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise RecipeError(f"invalid YAML value ({' '.join(str(err).split())[:160]})") from None
     if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
@@ -228,8 +272,25 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     # Where the recipe took a value from the environment (a token, a path): saved and logged copies keep the
     # `${oc.env:...}` text, never the value (recipe_to_yaml / recipe_to_dict).
     object.__setattr__(recipe, "_env_interpolations", unresolved)
+    refuse_secret_names(recipe, source)
     validate_recipe(recipe, source)
     return recipe
+
+
+def refuse_secret_names(recipe: Recipe, source: str = "recipe") -> None:
+    """A run name or output folder built from a secret (`run_name: ${oc.env:HF_TOKEN}`) would write it into wandb's
+    run files (uploaded when online), folder names and logs: refused, naming the variable, never its value."""
+    secrets = {
+        name: value for name, value in os.environ.items() if SECRET_NAME.search(name) and len(value.strip()) >= 8
+    }
+    for section, key in NAMING_KEYS:
+        value = getattr(getattr(recipe, section), key)
+        found = next((name for name, secret in secrets.items() if value and secret.strip() in value), None)
+        if found:
+            raise RecipeError(
+                f"{source}: {section}.{key} holds the value of ${found}, a secret; it would name folders and be "
+                "logged and uploaded: choose another value"
+            )
 
 
 class OverrideError(RecipeError):
@@ -259,7 +320,7 @@ def read_recipe_yaml(path: Path) -> dict[str, Any]:
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise RecipeError(f"the recipe is {path.stat().st_size:,} bytes; recipes are limited to {MAX_RECIPE_BYTES:,}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8-sig")) or {}
     except yaml.MarkedYAMLError as err:  # syntax errors, !!python/... tags (safe_load refuses them): where first
         mark = err.problem_mark or err.context_mark
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -279,19 +340,20 @@ def count_values(raw: Any) -> None:
     """Refuse a recipe whose aliases expand to more than MAX_RECIPE_VALUES values. safe_load shares aliased nodes
     (cheap), but everything downstream copies them: a 523-byte alias bomb took minutes and gigabytes there. The walk
     stops at the limit, so counting costs at most MAX_RECIPE_VALUES visits."""
-    pending, seen = [raw], 0
+    pending, seen = [(raw, 0)], 0
     while pending:
-        value = pending.pop()
+        value, depth = pending.pop()
         seen += 1
         if seen > MAX_RECIPE_VALUES:
             raise RecipeError(
                 f"the recipe expands to more than {MAX_RECIPE_VALUES:,} values (YAML aliases); write it out plainly"
             )
+        if depth > MAX_RECIPE_DEPTH:
+            raise RecipeError(f"the recipe nests deeper than {MAX_RECIPE_DEPTH} levels")
         if isinstance(value, dict):
-            pending.extend(value.keys())
-            pending.extend(value.values())
+            pending.extend((item, depth + 1) for item in [*value.keys(), *value.values()])
         elif isinstance(value, list):
-            pending.extend(value)
+            pending.extend((item, depth + 1) for item in value)
 
 
 def env_interpolations(container: Any, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], str]:
@@ -438,6 +500,8 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError("train.output_dir is empty")
     if f.mode == "full" and f.vision_tower == "lora":
         raise RecipeError("finetune.vision_tower=lora needs finetune.mode=lora (full mode trains no adapters)")
+    if problem := quantization_problem(m.quantization, f.mode, m.from_config):
+        raise RecipeError(problem)
     if m.adapter and f.mode != "lora":
         raise RecipeError("model.adapter continues a LoRA adapter: set finetune.mode=lora")
     if f.lora.rank < 1 or f.lora.alpha <= 0 or not 0 <= f.lora.dropout < 1:
@@ -472,8 +536,20 @@ def _validate(recipe: Recipe) -> None:
     if recipe.data.streaming and (recipe.data.eval_fraction or t.max_steps == 0):
         raise RecipeError("data.streaming needs train.max_steps (the stream's length is unknown) and eval_sources")
     validate_data(recipe.data)
+    _validate_objective(recipe)
     for source in [*recipe.data.sources, *recipe.data.eval_sources, *recipe.eval.sources]:
         validate_source(source)
+
+
+def _validate_objective(recipe: Recipe) -> None:
+    t = recipe.train
+    problem = validate_objective(t.objective, t.dpo, t.grpo)
+    if problem:
+        raise RecipeError(problem)
+    if t.objective != "sft" and recipe.finetune.mode != "lora":
+        raise RecipeError(f"train.objective={t.objective} needs finetune.mode=lora (its reference is the adapter off)")
+    if t.objective != "sft" and (t.packing or recipe.data.streaming):
+        raise RecipeError(f"train.objective={t.objective} trains on padded map-style batches: unset packing/streaming")
 
 
 def packaged_recipe(name: str) -> Path:

@@ -179,22 +179,28 @@ def guard_update(
     grad_norm: torch.Tensor | float | None,
     step: int,
     drop_on_device: bool,
+    scaler: Any = None,
 ) -> bool:
     """Make a non-finite loss or gradient norm drop this step's update, without a host sync: the fused optimizer's
     found_inf flag (as torch's GradScaler uses it) leaves the weights, Adam's moments and its step count as they
     were, on the device; the step still counts as a step (its slot of the lr schedule passes unused), and the
     guard counts it there. False when the host must skip the step instead (DeepSpeed, an optimizer without
-    found_inf: the host reads the flag, one sync)."""
+    found_inf: the host reads the flag, one sync).
+
+    fp16 (`scaler`, torch's GradScaler): an overflowing gradient while the loss scale is above 1 is the scaler
+    calibrating (from 65,536 it halves the scale and skips the step itself, often several times in a row), not a
+    non-finite step: the guard counts only a non-finite loss, or an overflow the scale can no longer explain."""
     finite = torch.isfinite(loss)
     if grad_norm is not None:  # a finite loss can still overflow backward
         finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))
     optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's
+    calibrating = scaler is not None and scaler.is_enabled() and scaler.get_scale() > 1.0  # (fp16 syncs anyway)
     if drop_on_device and getattr(optimizer, "_step_supports_amp_scaling", False):
         optimizer.found_inf = (~finite).float()  # fp16: the loss scaler replaces it with its own (it also checks)
-        guard.note(finite, step)
+        guard.note(finite | (torch.isfinite(loss) & calibrating), step)
         return True
     if not bool(finite):
-        return False
+        return calibrating and bool(torch.isfinite(loss))  # calibrating: the scaler skips the step itself
     guard.finite()
     return True
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -30,6 +29,8 @@ from vidtune.data.families import ModelFamily
 from vidtune.data.packing import pop_counts
 from vidtune.data.quality import BadSampleConfig
 from vidtune.train.evaluation.tasks import training_items
+from vidtune.train.objectives.base import Objective
+from vidtune.train.objectives.select import build_objective
 from vidtune.train.training import outputs, tracking
 from vidtune.train.training.build import (
     build_loaders,
@@ -42,18 +43,11 @@ from vidtune.train.training.build import (
 from vidtune.train.training.checkpoint import (
     TRAINER_STATE,
     TrainingState,
-    changed_settings,
-    check_resume,
-    checkpoint_problem,
-    checkpoint_root,
-    clean_leftovers,
     fingerprint,
-    load_checkpoint,
     retry_when_disk_full,
     run_settings,
     save_checkpoint,
     state_bytes,
-    step_folders,
 )
 from vidtune.train.training.config import Recipe, recipe_to_yaml
 from vidtune.train.training.distributed import (
@@ -71,11 +65,11 @@ from vidtune.train.training.health import (
     check_finite_weights,
     guard_update,
 )
-from vidtune.train.training.held_out import evaluate, generation_eval, to_device
-from vidtune.train.training.loss import LossFunction, model_loss, training_loss
+from vidtune.train.training.held_out import evaluate_at, to_device
 from vidtune.train.training.model import format_audit
 from vidtune.train.training.preemption import StopRequest, TrainingStopped
 from vidtune.train.training.progress import TrainingBar
+from vidtune.train.training.resume import resume
 
 
 @dataclass
@@ -97,13 +91,13 @@ class Run:
     lockstep: VisionLockstep
     fingerprint: dict[str, Any]  # what a checkpoint of this run may only be resumed with
     flops: FlopCounter  # a step's model FLOPs, for TFLOPs and MFU (flops.py)
+    loss: Objective  # (model, micro-batch) -> summed loss, and what it averages over (train/objectives/)
     stop: StopRequest = field(default_factory=StopRequest)
     nonfinite: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(5))
     bad_samples: BadSampleMonitor = field(default_factory=lambda: BadSampleMonitor(BadSampleConfig()))
     eval_items: list = field(default_factory=list)  # held-out rows for generation-based eval during training
     trainable: list = field(default_factory=list)  # the trainable weights, listed once (clipping walks them)
     lock: Any = None  # the output folder's lock (main process), released when the run ends
-    loss: LossFunction = model_loss  # (model, micro-batch) -> summed token loss; see loss.py
 
 
 # ------------------------------------------------------------------------------------------------------- setup
@@ -175,7 +169,7 @@ def build_run(recipe: Recipe, accelerator: Accelerator, lock: Any) -> Run:
         trainable=[p for p in model.parameters() if p.requires_grad],
         bad_samples=BadSampleMonitor(recipe.data.bad_samples, recipe.train.output_dir),
         lock=lock,
-        loss=training_loss(model, accelerator.autocast, zero3=zero3),
+        loss=build_objective(recipe, model, accelerator.autocast, zero3),
     )
 
 
@@ -224,7 +218,8 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, Any]:
     counts = [pop_counts(b) for b in window]  # (samples, real tokens): packed rows are not samples
     run.bad_samples.note(skipped, sum(samples for samples, _ in counts), run.state.step)
     local_tokens = sum(label_tokens(b) for b in window)
-    global_tokens = acc.reduce(torch.as_tensor(local_tokens, device=acc.device).float(), "sum").clamp(min=1)
+    local_units = sum(run.loss.units(b) for b in window)  # what the loss averages over: label tokens for SFT
+    global_tokens = acc.reduce(torch.as_tensor(local_units, device=acc.device).float(), "sum").clamp(min=1)
     scale = run.recipe.train.grad_accum_steps * acc.num_processes / global_tokens
     loss_sum = torch.zeros((), device=acc.device)
     for index, batch in enumerate(window):
@@ -236,7 +231,8 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, Any]:
     grad_norm = clip_gradients(run)
     loss = acc.reduce(loss_sum, "sum") / global_tokens  # every rank's: not finite on all ranks when on any
     drop_on_device = not is_deepspeed(acc)  # DeepSpeed's engine owns the optimizer step
-    if not guard_update(run.optimizer, run.nonfinite, loss, grad_norm, run.state.step + 1, drop_on_device):
+    scaler = acc.scaler  # fp16's loss scaler: its calibration is not a non-finite step (guard_update)
+    if not guard_update(run.optimizer, run.nonfinite, loss, grad_norm, run.state.step + 1, drop_on_device, scaler):
         return skip_step(run, "loss or gradient norm")
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (read before the scheduler moves on)
     run.optimizer.step()
@@ -260,6 +256,7 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, Any]:
         "flops": acc.reduce(local_flops + run.flops.vision_flops(), "sum"),
         "grad_norm": grad_norm if grad_norm is not None else float("nan"),
         "skipped_samples": len(skipped),
+        **run.loss.figures(acc),
     }
 
 
@@ -294,48 +291,6 @@ def skip_step(run: Run, what: str) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------------------- loop
 
 
-def resume(run: Run) -> None:
-    """Continue from the newest checkpoint of the output folder that verifies (sha256 of every file) and loads,
-    saying which newer ones were skipped and why; refused when it does not fit this run (its fingerprint)."""
-    acc, output = run.accelerator, run.recipe.train.output_dir
-    if acc.is_main_process and run.recipe.train.resume == "restart":  # asked for explicitly: start over
-        shutil.rmtree(Path(output) / "checkpoints", ignore_errors=True)
-        (Path(output) / outputs.METADATA).unlink(missing_ok=True)  # no longer finished until it finishes again
-        tracking.truncate_metrics(output, 0)
-    if acc.is_main_process:
-        clean_leftovers(output, acc.print)
-    acc.wait_for_everyone()
-    tried = []
-    for checkpoint in reversed(step_folders(output)):
-        problem = checkpoint_problem(checkpoint)
-        if problem is None:
-            saved = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
-            check_fingerprint(run, saved, checkpoint)
-            problem = load_checkpoint(acc, checkpoint, outputs.load_state_kwargs(acc))
-            if problem is None:
-                run.state.load_state_dict(saved["state"])
-                if acc.is_main_process:
-                    tracking.truncate_metrics(output, run.state.step)
-                return
-            tried.append(checkpoint)
-        acc.print(f"skipping {checkpoint}: {problem}")
-    if tried:  # a failed load may have changed some weights: never train on from a half-loaded state
-        raise TrainingError(
-            f"no checkpoint in {checkpoint_root(output)} verifies and loads; move them away to start afresh"
-        )
-
-
-def check_fingerprint(run: Run, saved: dict[str, Any], checkpoint: Path) -> None:
-    """Refuse what changes the math (unless forced); print the deliberate changes (learning rate, max_steps)."""
-    force = run.recipe.train.resume == "force"
-    changed = check_resume(saved["fingerprint"], run.fingerprint, str(checkpoint), force)
-    settings = changed_settings(saved.get("settings", {}), run.recipe)
-    note = (f" (forced despite: {'; '.join(changed)})" if changed else "") + (
-        f" (changed: {', '.join(settings)})" if settings else ""
-    )
-    run.accelerator.print(f"resuming from {checkpoint}{note}")
-
-
 def windows(loader: Any, size: int, progress: tracking.Progress) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Micro-batches grouped per optimizer step (the last window of an epoch may be shorter); the time the main
     process waits for them is added to progress.data_wait_s (a data-bound run shows it)."""
@@ -357,8 +312,9 @@ def train_loop(run: Run) -> dict[str, float]:
     unread: dict[str, Any] = {}  # the steps' figures since the last read point, still on the device
     run.model.train()  # once: evaluation puts it back in training mode itself
     while state.step < run.total_steps:
-        if run.sampler is not None:
-            run.sampler.set_epoch(state.epoch)
+        if run.sampler is not None:  # the prepared loader also sets its sampler's epoch from its own pass counter
+            run.sampler.set_epoch(state.epoch)  # when iterated (one process): a resumed pass sets that counter too
+            run.train_loader.set_epoch(state.epoch)
         loader = run.train_loader
         if state.batches_in_epoch and run.sampler is None:  # a resumed stream skips rows without decoding them
             loader.dataset.skip_batches(state.batches_in_epoch)
@@ -424,24 +380,13 @@ def read_figures(run: Run, unread: dict[str, Any], progress: tracking.Progress) 
 
 
 def after_step(run: Run, metrics: dict[str, float]) -> None:
-    """Logging, periodic eval and checkpoints after an optimizer step."""
+    """Logging, checkpoints, then periodic evaluation (after the checkpoint: a failed evaluation loses nothing)."""
     acc, t, step = run.accelerator, run.recipe.train, run.state.step
     if step % t.log_every_steps == 0 or step == run.total_steps:
         tracking.log(acc, metrics, step, t.output_dir)
-    if run.eval_loader is not None and t.eval_every_steps and step % t.eval_every_steps == 0:
-        eval_loss = evaluate(run)
-        if eval_loss is None:  # stopped: the loop checkpoints right after this
-            return
-        metrics["eval/loss"] = eval_loss
-        tracking.log(acc, {"eval/loss": eval_loss}, step, t.output_dir)
-    if run.eval_items and step % run.recipe.eval.every_steps == 0:
-        scores = generation_eval(run)
-        if scores is None:  # stopped, as above
-            return
-        metrics.update(scores)
-        tracking.log(acc, scores, step, t.output_dir)
     if t.save_every_steps and (step % t.save_every_steps == 0 or step == run.total_steps):
         checkpoint(run)  # the last step too: relaunching a finished run then has nothing left to do
+    evaluate_at(run, metrics)  # a stop requested meanwhile: the loop checkpoints and stops right after
 
 
 def checkpoint(run: Run) -> Path:
@@ -461,24 +406,6 @@ def checkpoint(run: Run) -> Path:
     )
 
 
-def final_evaluation(run: Run, metrics: dict[str, Any]) -> None:
-    """The final model gets scored too; a stop requested meanwhile checkpoints and stops (TrainingStopped)."""
-    acc, step, output = run.accelerator, run.state.step, run.recipe.train.output_dir
-    if run.eval_items and step % run.recipe.eval.every_steps:  # (otherwise scored at this very step already)
-        scores = generation_eval(run)
-        if scores is None:
-            raise TrainingStopped(run.stop.requested(acc) or signal.SIGTERM, step, str(checkpoint(run)))
-        metrics.update(scores)
-        tracking.log(acc, scores, step, output)
-    every = run.recipe.train.eval_every_steps
-    if run.eval_loader is not None and not (every and step % every == 0):  # (else evaluated at this step already)
-        eval_loss = evaluate(run)
-        if eval_loss is None:
-            raise TrainingStopped(run.stop.requested(acc) or signal.SIGTERM, step, str(checkpoint(run)))
-        metrics["eval/loss"] = eval_loss
-        tracking.log(acc, {"eval/loss": eval_loss}, step, output)
-
-
 def save_outputs(run: Run, metrics: dict[str, float]) -> None:
     """The final model, processor, recipe and vidtune.json into the output folder."""
     acc, recipe = run.accelerator, run.recipe
@@ -494,6 +421,16 @@ def save_outputs(run: Run, metrics: dict[str, float]) -> None:
     # The final save is often the only one (save_every_steps 0): a full disk must not lose the finished run.
     output = Path(recipe.train.output_dir)
     retry_when_disk_full(acc, save, output, state_bytes(run.trainable), recipe.train.save_retry_s)
+
+
+def final_evaluation(run: Run, metrics: dict[str, Any]) -> None:
+    """The saved final model gets scored too (its scores added to vidtune.json); a stop requested meanwhile ends
+    the run with the model saved (TrainingStopped names the output folder)."""
+    acc = run.accelerator
+    if not evaluate_at(run, metrics, final=True):
+        raise TrainingStopped(run.stop.requested(acc) or signal.SIGTERM, run.state.step, run.recipe.train.output_dir)
+    if acc.is_main_process and any(key.startswith("eval/") for key in metrics):
+        outputs.add_final_metrics(Path(run.recipe.train.output_dir), metrics)
 
 
 def train(recipe: Recipe) -> Path:
@@ -514,8 +451,8 @@ def train(recipe: Recipe) -> Path:
     try:
         resume(run)
         metrics = train_loop(run)
+        save_outputs(run, metrics)  # first: what evaluation does next cannot lose the trained model
         final_evaluation(run, metrics)
-        save_outputs(run, metrics)
         if run.accelerator.is_main_process:
             tracking.write_loss_plot(recipe.train.output_dir)
         run.bad_samples.check_run()  # after saving: the trained model is kept, but the run does not "succeed"

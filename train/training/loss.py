@@ -96,15 +96,36 @@ class ChunkedLoss:
         self.chunk_tokens = chunk_tokens
         self.liger = liger_cross_entropy() if isinstance(head, torch.nn.Linear) and head.bias is None else None
 
-    def __call__(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
-        labels = batch["labels"]
-        keep, targets = shifted_targets(labels)
+    def label_hidden(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The language head's input at the label positions (N, H), their targets (N,) and the keep mask (B, T)."""
+        keep, targets = shifted_targets(batch["labels"])
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with HeadInputCapture(self.head) as capture:
             model(**inputs, logits_to_keep=keep, use_cache=False)
-        hidden = capture.hidden
-        if hidden is None:
+        if capture.hidden is None:
             raise RuntimeError("the model's forward never called its language head (get_output_embeddings())")
+        return capture.hidden, targets, keep
+
+    @torch.no_grad()
+    def per_row(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation: the summed token loss and the label count of each row (B,), one chunk of logits at a time."""
+        hidden, targets, keep = self.label_hidden(model, batch)
+        with self.autocast():
+            losses = [
+                torch.nn.functional.cross_entropy(
+                    self.head(hidden[s : s + self.chunk_tokens]).float(),
+                    targets[s : s + self.chunk_tokens],
+                    reduction="none",
+                )
+                for s in range(0, len(targets), self.chunk_tokens)
+            ]
+        per_token = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
+        rows = keep.nonzero()[:, 0]  # each label position's row, in the targets' (row-major) order
+        summed = torch.zeros(len(keep), device=per_token.device).index_add_(0, rows, per_token)
+        return summed, keep.sum(1)
+
+    def __call__(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
+        hidden, targets, _ = self.label_hidden(model, batch)
         with self.autocast():
             if self.liger is not None and hidden.is_cuda:
                 return self.liger(self.head.weight, hidden, targets).float()

@@ -18,6 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from vidtune.data.families import FrameLimits, ModelFamily, family_for
 from vidtune.train.training.config import FinetuneConfig, ModelConfig, RecipeError
+from vidtune.train.training.quantization import bnb_config, check_quantized
 
 PARTS = ("vision_tower", "projector", "language_model", "other")
 
@@ -75,17 +76,25 @@ def load_model(cfg: ModelConfig, device_map: Any = None, init_device: Any = None
     config = load_model_config(cfg.name_or_path, cfg.trust_remote_code)
     family = family_for(config.model_type)
     dtype = resolve_dtype(cfg.dtype)
+    quantized: dict[str, Any] = {}
+    if cfg.quantization.bits:  # bitsandbytes quantizes as the weights load, on the device they are loaded onto
+        quantized["quantization_config"] = bnb_config(cfg.quantization, family.quantization_skip_modules, dtype)
+        device_map = device_map or {"": init_device or "cpu"}
     if cfg.from_config:
         with torch.device(init_device or "cpu"):
             model = model_class(family)._from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
     else:
-        model = model_class(family).from_pretrained(
-            cfg.name_or_path,
-            dtype=dtype,
-            attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
-            device_map=device_map,
-        )
+        with refusing_pickles(cfg.name_or_path):
+            model = model_class(family).from_pretrained(
+                cfg.name_or_path,
+                dtype=dtype,
+                attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code,
+                device_map=device_map,
+                **quantized,
+            )
+    if quantized:
+        check_quantized(model, family.language_model_prefix)
     family.prepare_model(model)
     return model, family
 
@@ -119,42 +128,56 @@ def load_processor(
 # -------------------------------------------------------------------------------------------------- finetuning
 
 
-def linear_layer_names(model: Any, prefix: str) -> set[str]:
-    """Leaf names (q_proj, fc1, ...) of the linear layers under a module-name prefix."""
+def linear_layers(model: Any, prefix: str) -> dict[str, str]:
+    """{module name: leaf name (q_proj, fc1, ...)} of the linear layers under a module-name prefix."""
     return {
-        name.rsplit(".", 1)[-1]
+        name: name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()
         if name.startswith(prefix) and isinstance(module, torch.nn.Linear)
     }
 
 
 def lora_target_pattern(model: Any, family: ModelFamily, cfg: FinetuneConfig) -> str:
-    """A regex PEFT full-matches against module names: the targets, only inside the parts the recipe names."""
+    """A regex PEFT full-matches against module names: the full names of the linear layers whose leaf name is a
+    target, only inside the parts the recipe names. Names, not a leaf pattern: Qwen2.5-VL's vision target `proj`
+    also names its Conv3d patch embedding (`visual.patch_embed.proj`), which must stay unwrapped."""
     scopes = [(family.language_model_prefix, list(cfg.lora.targets) or list(family.language_model_lora_targets))]
     if cfg.vision_tower == "lora":
         scopes.append((family.vision_tower_prefix, list(family.vision_tower_lora_targets)))
-    patterns = []
+    unused = family.unused_module_prefixes(model.config)
+    if unused:
+        module_names = [name for name, _ in model.named_modules()]
+        renamed = [u for u in unused if not any(n.startswith(u) for n in module_names)]
+        if renamed:  # a transformers upgrade moved the modules: fail rather than silently wrap them again
+            raise RuntimeError(f"{family.name}: no modules named {renamed} in this model; the family needs updating")
+    chosen = []
     for prefix, targets in scopes:
-        available = linear_layer_names(model, prefix)
-        missing = sorted(set(targets) - available)
+        available = linear_layers(model, prefix)
+        missing = sorted(set(targets) - set(available.values()))
         if missing:
             raise RecipeError(
                 f"finetune.lora.targets {missing} match no linear layer under {prefix.rstrip('.')}; "
-                f"available: {', '.join(sorted(available))}"
+                f"available: {', '.join(sorted(set(available.values())))}"
             )
-        names = "|".join(re.escape(t) for t in targets)
-        patterns.append(rf"{re.escape(prefix)}(?:.*\.)?(?:{names})")
-    pattern = "|".join(f"(?:{p})" for p in patterns)
-    unused = family.unused_module_prefixes(model.config)
-    if not unused:
-        return pattern
-    module_names = [name for name, _ in model.named_modules()]
-    renamed = [u for u in unused if not any(n.startswith(u) for n in module_names)]
-    if renamed:  # a transformers upgrade moved the modules: fail rather than silently wrap them again
-        raise RuntimeError(f"{family.name}: no modules named {renamed} in this model; the family needs updating")
-    # Layers whose output the model never reads (e.g. CLIP's last layer, when features come from the one before)
-    # would get no gradient: leave them unwrapped.
-    return rf"(?!{'|'.join(re.escape(u) for u in unused)})(?:{pattern})"
+        # Layers whose output the model never reads (e.g. CLIP's last layer, when features come from the one
+        # before) would get no gradient: leave them unwrapped.
+        chosen += [
+            name for name, leaf in available.items() if leaf in targets and not any(name.startswith(u) for u in unused)
+        ]
+    return "|".join(re.escape(name) for name in chosen)
+
+
+def check_lora_size(cfg: FinetuneConfig, config: Any) -> None:
+    """A LoRA rank beyond the layers it adapts is a typo (rank=1e8 allocated 25.6 GB before failing): refused
+    against the model's config, before its weights load."""
+    if cfg.mode != "lora":
+        return
+    hidden = getattr(getattr(config, "text_config", None) or config, "hidden_size", None)
+    if isinstance(hidden, int) and cfg.lora.rank > hidden:
+        raise RecipeError(
+            f"finetune.lora.rank={cfg.lora.rank:,} exceeds the language model's hidden size {hidden:,}: LoRA ranks "
+            "are usually 8-256"
+        )
 
 
 def apply_finetuning(model: Any, family: ModelFamily, cfg: FinetuneConfig, adapter: str | None = None) -> Any:
@@ -170,7 +193,8 @@ def apply_finetuning(model: Any, family: ModelFamily, cfg: FinetuneConfig, adapt
         return model
     if adapter:
         # Continue an earlier stage's adapter (instruct -> chat): its targets and rank come with it.
-        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        with refusing_pickles(adapter):
+            return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     modules_to_save = []
     if cfg.train_projector:
         modules_to_save.append(family.projector_prefix.rstrip(".").rsplit(".", 1)[-1])
@@ -216,7 +240,11 @@ def part_of(name: str, family: ModelFamily) -> str:
 
 
 def numel(param: torch.Tensor) -> int:
-    """A weight's full element count, also when ZeRO-3 has partitioned it (numel() is then 0 on every rank)."""
+    """A weight's full element count, also when ZeRO-3 has partitioned it (numel() is then 0 on every rank) or
+    bitsandbytes packed it (two 4-bit values per byte; its quant_state keeps the real shape)."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None:
+        return int(torch.Size(quant_state.shape).numel())
     return int(getattr(param, "ds_numel", param.numel()))
 
 
@@ -246,7 +274,19 @@ def trainable_audit(model: Any, family: ModelFamily) -> dict[str, Any]:
             parts[part]["trainable"] += count
     trainable = sum(p["trainable"] for p in parts.values()) + sum(lora.values())
     total = sum(p["total"] for p in parts.values()) + sum(lora.values())
-    return {"parts": parts, "lora": dict(lora), "trainable": trainable, "total": total}
+    wrapped = wrapped_modules(model)
+    return {"parts": parts, "lora": dict(lora), "wrapped": wrapped, "trainable": trainable, "total": total}
+
+
+def wrapped_modules(model: Any) -> dict[str, list[str]]:
+    """{layer type: [module names]} of every module LoRA wraps, whatever its kind (Linear, Conv3d, Embedding)."""
+    from peft.tuners.lora import LoraLayer
+
+    wrapped: dict[str, list[str]] = defaultdict(list)
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            wrapped[type(module.get_base_layer()).__name__].append(name.removeprefix("base_model.model."))
+    return dict(wrapped)
 
 
 def format_audit(audit: dict[str, Any]) -> str:
@@ -287,6 +327,11 @@ def check_audit(audit: dict[str, Any], cfg: FinetuneConfig, from_adapter: bool =
             problems.append(f"{part} should carry LoRA but no LoRA weights sit there")
         if expect in ("none", "all") and lora:
             problems.append(f"{part} carries {lora:,} LoRA params the recipe did not ask for")
+    not_linear = {kind: names for kind, names in audit.get("wrapped", {}).items() if kind != "Linear"}
+    if not_linear and not from_adapter:  # finetune.lora.targets name linear layers only
+        problems += [
+            f"LoRA wraps {len(names)} {kind} module(s) ({names[0]}, ...)" for kind, names in not_linear.items()
+        ]
     if audit["trainable"] == 0:
         problems.append("nothing is trainable")
     if problems:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from vidtune.data.dataset import DropReport
 from vidtune.data.sources import source_name
+from vidtune.train.training.checkpoint import disk_full
 from vidtune.train.training.config import Recipe, RecipeError, recipe_to_dict, recipe_to_yaml
 from vidtune.train.training.distributed import is_deepspeed, trainable_state_dict, zero_stage
 
@@ -101,6 +102,7 @@ def training_metadata(
     """What `vidtune.json` records: the base model, how frames were sampled, the data and its size, the settings,
     the engine, the steps and the final metrics."""
     from vidtune.train.training.model import load_model_config
+    from vidtune.train.training.quantization import quantization_settings
 
     r = recipe
     shown = recipe_to_dict(recipe)["data"]["sources"]  # paths as written: `${oc.env:...}` stays unresolved
@@ -118,6 +120,8 @@ def training_metadata(
         "frame_px": frame_px,
         # the processor saved beside this file carries them; recorded here for people and the model card
         "frame_limits": dataclasses.asdict(r.model.frame_limits),
+        # QLoRA: the base loads quantized the same way for inference and in the model card's code (None: unquantized)
+        "quantization": quantization_settings(r.model.quantization),
         "time_instruction": r.data.time_instruction,
         "max_length": r.data.max_length,
         "label_turns": r.data.label_turns,
@@ -167,7 +171,7 @@ def save_final(
     # (under ZeRO-3 this needs zero3_save_16bit_model).
     lora = isinstance(unwrapped, PeftModel)
     state_dict = trainable_state_dict(acc, model) if lora else acc.get_state_dict(model)
-    error: OSError | None = None
+    error: BaseException | None = None
     if acc.is_main_process:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -176,11 +180,23 @@ def save_final(
             processor.save_pretrained(out)
             (out / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
             (out / METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-        except OSError as err:  # a full disk: raised after the barrier, so the other ranks are not left waiting
-            error = err
+        except Exception as err:  # a full disk: raised after the barrier, so the other ranks are not left waiting
+            error = disk_full(err, out) or err
     acc.wait_for_everyone()
     if error is not None:
         raise error
+
+
+def add_final_metrics(out: Path, metrics: dict[str, Any]) -> None:
+    """The final evaluation's scores into the saved vidtune.json and model card (evaluation runs after the save)."""
+    metadata = read_metadata(out)
+    if metadata is None:
+        return
+    metadata["metrics"] = metrics
+    tmp = out / f".{METADATA}.tmp"  # replaced whole: a crash here must not leave the finished run unreadable
+    tmp.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / METADATA)
+    write_model_card(out, metadata, merged=not (out / "adapter_config.json").is_file())
 
 
 def write_model_card(out: Path, metadata: dict[str, Any], merged: bool) -> None:

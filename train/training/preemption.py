@@ -7,6 +7,8 @@ import atexit
 import multiprocessing
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,12 +25,18 @@ class TrainingStopped(Exception):
         )
 
 
+class StopInterrupt(BaseException):
+    """Raised by the signal handler inside `StopRequest.interrupting()`: what ran there (a slow decode, a forward
+    pass of evaluation) is abandoned at once. A BaseException, so that no `except Exception` on the way holds it."""
+
+
 class StopRequest:
     """SIGTERM (preemption, scheduler) or SIGINT (Ctrl-C) asks the loop to checkpoint after the current step."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._interrupt = False
 
     def install(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -36,6 +44,26 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: object) -> None:
         self.signum = signum
+        if self._interrupt:
+            self._interrupt = False
+            raise StopInterrupt
+
+    @contextmanager
+    def interrupting(self, accelerator: Any) -> Iterator[None]:
+        """Within it, a signal interrupts the work in progress (StopInterrupt) instead of waiting for the next check:
+        evaluation holds no training state, and one slow batch (a decode near its time limit) can outlast a
+        preemption's grace period. Single-process runs only: in a multi-process run one rank leaving a collective
+        alone would hang the others, so there the ranks agree at batch boundaries (`requested`)."""
+        if accelerator.num_processes > 1:
+            yield
+            return
+        if self.signum:
+            raise StopInterrupt
+        self._interrupt = True
+        try:
+            yield
+        finally:
+            self._interrupt = False
 
     def uninstall(self) -> None:
         for signum, handler in self._previous.items():

@@ -192,4 +192,5 @@ class Progress:
             "train/nonfinite_steps": nonfinite_steps,
             "data/failed_samples": failed_samples,
             **figures,
+            **{k: v for k, v in step.items() if k.startswith("train/")},  # the objective's own (train/objectives)
         }

@@ -1,0 +1,229 @@
+"""Preference (DPO) objective: its data, its loss against a hand computation and TRL's, its reference model."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vidtune.data.conversation import DataError, assistant_texts
+from vidtune.data.dataset import DataConfig, Measurer, measure_and_filter
+from vidtune.data.quality import BadSampleConfig, BadSampleLog
+from vidtune.data.sources import SourceConfig, iter_conversations, load_conversations
+from vidtune.data.video import SamplingConfig
+from vidtune.train.objectives.dpo import DPOObjective, dpo_loss
+from vidtune.train.objectives.settings import DPOSettings
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_preference_layouts_of_peers_normalise_to_the_same_pair(tmp_path: Path, clips: dict[str, Path]) -> None:
+    video = clips["red_blue"].name
+    layouts = [
+        {"video": video, "prompt": "Which color comes first?", "chosen": "red", "rejected": "blue"},  # LLaVA-Hound
+        {  # LLaMA-Factory sharegpt pairwise
+            "videos": [video],
+            "conversations": [{"from": "human", "value": "<video>Which color comes first?"}],
+            "chosen": {"from": "gpt", "value": "red"},
+            "rejected": {"from": "gpt", "value": "blue"},
+        },
+        {  # ms-swift
+            "videos": [video],
+            "messages": [
+                {"role": "user", "content": "<video>Which color comes first?"},
+                {"role": "assistant", "content": "red"},
+            ],
+            "chosen": "red",
+            "rejected_response": "blue",
+        },
+    ]
+    for index, layout in enumerate(layouts):
+        path = write_jsonl(tmp_path / f"p{index}.jsonl", [layout])
+        row = next(iter_conversations(SourceConfig(path=str(path), media_root=str(clips["red_blue"].parent))))
+        assert row["rejected"] == "blue", index
+        assert assistant_texts(row["messages"]) == ["red"], index
+        user = row["messages"][0]["content"]
+        assert [p["type"] for p in user] == ["video", "text"] and user[1]["text"] == "Which color comes first?"
+
+
+def test_chosen_equal_to_rejected_is_a_bad_row_within_the_budget(
+    tmp_path: Path, demo_corpus: Path, builder, tiny_model_dir: Path
+) -> None:
+    pairs = [json.loads(line) for line in (demo_corpus / "preferences_train.jsonl").read_text().splitlines()][:8]
+    pairs[3] = {**pairs[3], "rejected": pairs[3]["chosen"]}
+    path = write_jsonl(demo_corpus / "pairs_one_bad.jsonl", pairs)
+    rows = load_conversations([SourceConfig(path=str(path))], keep_bad=True)
+    cfg = DataConfig(sources=[SourceConfig(path=str(path))], sampling=SamplingConfig(num_frames=4), max_length=64)
+    tolerant = BadSampleConfig(max_bad_fraction=0.2)
+    kept, report = measure_and_filter(rows, Measurer(builder, cfg), BadSampleLog(tolerant))
+    assert len(kept) == 7 and len(report.bad.bad) == 1
+    where, reason = report.bad.bad[0]
+    assert where.endswith("line 4") and "chosen and rejected answers are the same" in reason
+    with pytest.raises(DataError, match="nothing to prefer"):  # the default budget (5%) refuses 1 in 8
+        measure_and_filter(rows, Measurer(builder, cfg), BadSampleLog(BadSampleConfig()))
+
+
+def fixed_log_probs() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        name: -torch.rand(4, generator=generator) * 10
+        for name in ("policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected")
+    }
+
+
+def test_dpo_loss_equals_a_hand_computation() -> None:
+    lp = fixed_log_probs()
+    chosen_tokens, rejected_tokens = torch.tensor([1.0, 2, 3, 4]), torch.tensor([2.0, 2, 1, 5])
+    for loss_type in ("sigmoid", "ipo", "sigmoid_norm"):
+        settings = DPOSettings(beta=0.3, loss_type=loss_type)
+        loss, chosen_reward, rejected_reward = dpo_loss(*lp.values(), settings, chosen_tokens, rejected_tokens)
+        for i in range(4):
+            chosen_ratio = float(lp["policy_chosen"][i] - lp["reference_chosen"][i])
+            rejected_ratio = float(lp["policy_rejected"][i] - lp["reference_rejected"][i])
+            if loss_type == "sigmoid":
+                expected = math.log(1 + math.exp(-0.3 * (chosen_ratio - rejected_ratio)))
+            else:
+                delta = chosen_ratio / float(chosen_tokens[i]) - rejected_ratio / float(rejected_tokens[i])
+                expected = (delta - 1 / 0.6) ** 2 if loss_type == "ipo" else math.log(1 + math.exp(-0.3 * delta))
+            assert float(loss[i]) == pytest.approx(expected, rel=1e-5), (loss_type, i)
+            assert float(chosen_reward[i]) == pytest.approx(0.3 * chosen_ratio, rel=1e-5)
+            assert float(rejected_reward[i]) == pytest.approx(0.3 * rejected_ratio, rel=1e-5)
+
+
+def trl_dpo_loss(per_token: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, loss_type: str, beta: float):
+    """TRL 1.16's own DPOTrainer._compute_loss on given per-token log-probs (a stub model returns them)."""
+    from trl import DPOTrainer
+
+    two_p, width = per_token.shape
+    outputs = SimpleNamespace(
+        log_probs=per_token * mask,
+        entropy=torch.zeros(two_p, width),
+        mean_logits=torch.zeros(two_p, width),
+        is_top1=torch.zeros(two_p, width, dtype=torch.bool),
+    )
+    model = SimpleNamespace(training=True)
+    accelerator = SimpleNamespace(device="cpu", gather_for_metrics=lambda t: t, gather=lambda t: t)
+    trainer = SimpleNamespace(
+        model=model,
+        accelerator=accelerator,
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        use_weighting=False,
+        label_smoothing=0.0,
+        _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    # completion_mask is one longer than the per-token log-probs (TRL shifts it by one)
+    completion_mask = torch.nn.functional.pad(mask, (1, 0))
+    inputs = {
+        "input_ids": torch.zeros(two_p, width + 1, dtype=torch.long),
+        "attention_mask": torch.ones(two_p, width + 1, dtype=torch.long),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": reference.chunk(2)[0],
+        "ref_rejected_logps": reference.chunk(2)[1],
+    }
+    return DPOTrainer._compute_loss(trainer, lambda **_: outputs, inputs, return_outputs=False)
+
+
+def test_dpo_loss_equals_trls_on_the_same_log_probs() -> None:
+    generator = torch.Generator().manual_seed(1)
+    per_token = -torch.rand(6, 5, generator=generator) * 3  # 3 pairs: chosen rows 0-2, rejected rows 3-5
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]] * 2, dtype=torch.float32)
+    mask[4, 4] = 1  # different lengths for chosen and rejected
+    reference = -torch.rand(6, generator=generator) * 8
+    summed, tokens = (per_token * mask).sum(1), mask.sum(1)
+    for loss_type in ("sigmoid", "ipo", "sigmoid_norm"):
+        settings = DPOSettings(beta=0.2, loss_type=loss_type)
+        ours, _, _ = dpo_loss(*summed.chunk(2), *reference.chunk(2), settings, *tokens.chunk(2))
+        theirs = trl_dpo_loss(per_token, mask, reference, loss_type, 0.2)
+        assert float(ours.mean()) == pytest.approx(float(theirs), rel=1e-5), loss_type
+
+
+def pair_batch(kit, corpus: Path, num_pairs: int = 2) -> dict:
+    from vidtune.data.collator import Collator
+    from vidtune.data.packing import NUM_SAMPLES, NUM_TOKENS
+    from vidtune.data.preference import PairCollator, PairMaker
+
+    rows = load_conversations([SourceConfig(path=str(corpus / "preferences_train.jsonl"))])
+    maker = PairMaker(kit.builder, DataConfig(sampling=SamplingConfig(num_frames=4), max_length=64), 0, train=False)
+    collate = PairCollator(Collator(kit.processor.tokenizer.pad_token_id, family=kit.family))
+    batch = collate([maker.make(rows[i], 0, i) for i in range(num_pairs)])
+    assert batch.pop(NUM_SAMPLES) == num_pairs and batch.pop(NUM_TOKENS) > 0
+    return batch
+
+
+def test_reference_log_probs_with_the_adapter_disabled_equal_the_base_models(family_kits, demo_corpus: Path) -> None:
+    from contextlib import nullcontext
+
+    from vidtune.train.objectives.base import adapter_disabled
+    from vidtune.train.training.config import FinetuneConfig
+    from vidtune.train.training.loss import language_head
+    from vidtune.train.training.model import apply_finetuning, model_class
+
+    kit = family_kits("llava_next_video")
+    batch = pair_batch(kit, demo_corpus)
+
+    def fresh_base():
+        model = model_class(kit.family).from_pretrained(kit.model_dir).eval()
+        kit.family.prepare_model(model)
+        return model
+
+    policy = apply_finetuning(fresh_base(), kit.family, FinetuneConfig(mode="lora"))
+    torch.manual_seed(0)
+    for name, weight in policy.named_parameters():
+        if "lora_B" in name:  # a fresh adapter is a no-op (B = 0): make it change the answers' log-probs
+            weight.data.normal_(0, 0.5)
+    objective = DPOObjective(DPOSettings(), language_head(policy), nullcontext)
+    with torch.no_grad():
+        trained, tokens = objective.sequence_logps(policy, batch)
+        with adapter_disabled(policy):
+            reference, _ = objective.sequence_logps(policy, batch)
+        base = fresh_base()
+        separately, _ = DPOObjective(DPOSettings(), language_head(base), nullcontext).sequence_logps(base, batch)
+        full_logits, _ = DPOObjective(DPOSettings(), None, nullcontext).sequence_logps(base, batch)  # ZeRO-3 path
+    assert torch.equal(tokens, (batch["labels"][:, 1:] != -100).sum(1).float())
+    torch.testing.assert_close(reference, separately, rtol=0, atol=1e-5)
+    torch.testing.assert_close(full_logits, separately, rtol=0, atol=1e-5)
+    assert (trained - separately).abs().max() > 1e-2  # the adapter was on for the policy's pass
+
+
+def test_dpo_training_run_prefers_the_chosen_answers(family_kits, demo_corpus: Path, tmp_path: Path) -> None:
+    from tests.conftest import tiny_run_overrides
+    from vidtune.train.training.config import load_recipe
+    from vidtune.train.training.loop import train
+    from vidtune.train.training.tracking import read_metrics
+
+    # A preference a few steps can learn from a random model (the order question needs the demo's trained base):
+    # "red" over "blue", whatever the clip.
+    rows = [json.loads(line) for line in (demo_corpus / "preferences_train.jsonl").read_text().splitlines()]
+    path = write_jsonl(demo_corpus / "red_over_blue.jsonl", [{**r, "chosen": "red", "rejected": "blue"} for r in rows])
+    overrides = tiny_run_overrides(
+        family_kits("llava_next_video").model_dir,
+        demo_corpus,
+        tmp_path / "dpo",
+        f"data.sources=[{{path: {path}}}]",
+        "train.objective=dpo",
+        "train.dpo.beta=0.5",
+    )
+    output = train(load_recipe(None, overrides))
+    logged = [m for m in read_metrics(output) if "train/rewards/margin" in m]
+    assert len(logged) == 6
+    assert logged[0]["train/rewards/margin"] == pytest.approx(0, abs=1e-6)  # step 1: policy = reference
+    assert logged[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert logged[-1]["train/rewards/margin"] > 0.05 and logged[-1]["train/loss"] < math.log(2)
+    assert logged[-1]["train/rewards/accuracy"] == 1
+    assert (output / "adapter_model.safetensors").is_file()

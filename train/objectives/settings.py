@@ -1,0 +1,47 @@
+"""The objectives' recipe settings (`train.objective`, `train.dpo.*`, `train.grpo.*`), validated in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+OBJECTIVES = ("sft", "dpo", "grpo")
+DPO_LOSSES = ("sigmoid", "ipo", "sigmoid_norm")
+REWARDS = ("choice", "exact")
+
+
+@dataclass
+class DPOSettings:
+    beta: float = 0.1  # strength of the pull back to the reference (the model with its adapter disabled)
+    # sigmoid: DPO | ipo: IPO (per-token mean log-ratios, squared) | sigmoid_norm: DPO on per-token mean log-ratios
+    loss_type: str = "sigmoid"
+    # weight of the chosen answers' token-mean NLL added to the loss (RPO; TRL's rpo_alpha); 0 = plain DPO
+    sft_weight: float = 0.0
+
+
+@dataclass
+class GRPOSettings:
+    num_generations: int = 8  # completions sampled per prompt (the group whose rewards are normalised)
+    max_new_tokens: int = 16  # longest completion
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    beta: float = 0.0  # weight of the KL to the reference (adapter disabled); 0 = none (Dr. GRPO)
+    epsilon: float = 0.2  # ratio clipping: the update keeps ratio within [1 - epsilon, 1 + epsilon]
+    rewards: list[str] = field(default_factory=lambda: ["exact"])  # choice | exact, summed with reward_weights
+    reward_weights: list[float] = field(default_factory=list)  # empty = 1 each
+
+
+def validate_objective(objective: str, dpo: DPOSettings, grpo: GRPOSettings) -> str | None:
+    """A one-line problem with the objective's settings, or None."""
+    if objective not in OBJECTIVES:
+        return f"train.objective={objective!r} is not one of {', '.join(OBJECTIVES)}"
+    if dpo.beta <= 0 or dpo.loss_type not in DPO_LOSSES or dpo.sft_weight < 0:
+        return f"train.dpo needs beta > 0, sft_weight >= 0 and loss_type one of {', '.join(DPO_LOSSES)}"
+    if grpo.num_generations < 2 or grpo.max_new_tokens < 1 or grpo.temperature <= 0:
+        return "train.grpo needs num_generations >= 2 (a group), max_new_tokens >= 1 and temperature > 0"
+    if grpo.beta < 0 or grpo.epsilon <= 0:
+        return "train.grpo needs beta >= 0 and epsilon > 0"
+    unknown = [name for name in grpo.rewards if name not in REWARDS]
+    if unknown or not grpo.rewards:
+        return f"train.grpo.rewards: {unknown or 'none'}; built-in rewards: {', '.join(REWARDS)}"
+    if grpo.reward_weights and len(grpo.reward_weights) != len(grpo.rewards):
+        return "train.grpo.reward_weights needs one weight per reward (or none)"
+    return None
