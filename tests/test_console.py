@@ -138,3 +138,18 @@ def test_quiet_hides_library_warnings_and_verbose_keeps_them(monkeypatch):
         warnings.warn_explicit("old", FutureWarning, "transformers/modeling_utils.py", 1, module="transformers")
         warnings.warn_explicit("ours", UserWarning, "vidtune/x.py", 1, module="vidtune.x")
     assert [str(w.message) for w in caught] == ["ours"]
+
+
+def test_help_names_every_family_and_demo_offers_each(capsys):
+    from tests.conftest import FAMILY_NAMES
+    from vidtune.train import cli
+
+    assert tuple(FAMILY_NAMES) == cli.TINY_FAMILIES  # the registry's families with a tiny model, in its order
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert all(name in printed for name in FAMILY_NAMES), printed
+    for command in ("demo", "tiny-model"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        assert "{" + ",".join(FAMILY_NAMES) + "}" in capsys.readouterr().out

@@ -153,11 +153,14 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="write the folder and list what would be uploaded; no push")
 
 
-FAMILY_HELP = "model family of the tiny model (default llava_next_video; see `vidtune tiny-model --help`)"
+# The families with a tiny model (data/families FAMILIES and train/demo TINY_MODELS; a test keeps this in step),
+# spelled out here so that `--help` need not import the model code.
+TINY_FAMILIES = ("llava_next_video", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+FAMILY_HELP = "model family of the tiny model (default llava_next_video)"
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--family", default="llava_next_video", help=FAMILY_HELP)
+    p.add_argument("--family", default="llava_next_video", choices=TINY_FAMILIES, help=FAMILY_HELP)
     p.add_argument(
         "--workdir", help="where the corpus, model and runs go (default vidtune-demo, vidtune-demo-FAMILY for others)"
     )
@@ -172,9 +175,7 @@ def _add_env(p: argparse.ArgumentParser) -> None:
 
 def _add_tiny_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="folder to write the model into")
-    p.add_argument(
-        "--family", default="llava_next_video", help="llava_next_video (default), or another family with a tiny model"
-    )
+    p.add_argument("--family", default="llava_next_video", choices=TINY_FAMILIES, help=FAMILY_HELP)
 
 
 # ------------------------------------------------------------------------------------------------------ runners
@@ -507,7 +508,11 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vidtune", description="Fine-tune video-language models (LLaVA-NeXT-Video).")
+    families = "LLaVA-NeXT-Video, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL and Qwen3.5"
+    parser = argparse.ArgumentParser(
+        prog="vidtune",
+        description=f"Fine-tune video-language models: {families} (families: {', '.join(TINY_FAMILIES)}).",
+    )
     parser.add_argument("--version", action="version", version=f"vidtune {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
