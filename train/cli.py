@@ -395,7 +395,7 @@ def run_check(args: argparse.Namespace) -> None:
 
 def run_frames(args: argparse.Namespace) -> None:
     from vidtune.data.video import VideoError
-    from vidtune.train.datatools.frames import describe, print_report, sample_video, write_frames
+    from vidtune.train.datatools.frames import capped_note, describe, print_report, sample_video, write_frames
 
     try:
         clip = sample_video(
@@ -405,6 +405,9 @@ def run_frames(args: argparse.Namespace) -> None:
         print(err, file=sys.stderr)
         sys.exit(1)
     print_report(describe(args.video, clip), args.json)
+    note = capped_note(clip, args.fps, args.num_frames, args.start, args.end)
+    if note and not args.json:
+        print(note)
     if args.out:
         write_frames(clip, args.out)
         if not args.json:
