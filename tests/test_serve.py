@@ -271,7 +271,9 @@ def chromium() -> str:
 
 
 def test_the_web_page_answers_the_order_question_about_an_uploaded_clip(demo_run, tmp_path):
-    """Upload a held-out demo clip, see its sampled frames, ask the order question, read the trained answer."""
+    """First load explains what to do; upload a held-out demo clip, see its sampled frames, ask the order question,
+    read the trained answer; a mistyped path is refused beside its field with the clip, its frames and the
+    conversation kept (the frames' screenshot unchanged); on a phone-wide window nothing spills sideways."""
     from playwright.sync_api import sync_playwright
 
     executable = chromium()
@@ -285,6 +287,10 @@ def test_the_web_page_answers_the_order_question_about_an_uploaded_clip(demo_run
         try:
             page = browser.new_page()
             page.goto(server.url)
+            hint = page.locator("#hint")
+            assert hint.is_visible() and "Choose a video" in hint.inner_text() and "Ask a question" in hint.inner_text()
+            assert page.locator("label[for=video-path]").is_visible()  # the path field has its label
+            page.screenshot(path=str(tmp_path / "first-load.png"))
             page.set_input_files("#video-file", str(corpus / row["video"]))
             page.wait_for_selector("#frames .frame img", timeout=60_000)
             num_frames = json.loads((root / "runs" / "instruct" / "vidtune.json").read_text())["sampling"]["num_frames"]
@@ -294,6 +300,22 @@ def test_the_web_page_answers_the_order_question_about_an_uploaded_clip(demo_run
             page.wait_for_selector(".message.assistant.done", timeout=120_000)
             assert page.locator(".message.assistant").inner_text().strip() == row["answer"]
             assert page.locator(".message.error").count() == 0
+            assert not hint.is_visible()
+            frames_before = page.locator("#frames").screenshot()
+            page.fill("#video-path", "videos/no_such_clip.mp4")
+            page.click("#use-path")
+            page.wait_for_selector("#path-error:not(:empty)", timeout=60_000)
+            assert "no_such_clip.mp4" in page.locator("#path-error").inner_text()
+            page.screenshot(path=str(tmp_path / "wrong-path.png"))
+            assert page.locator(".message").count() == 2 and page.locator("#frames .frame").count() == num_frames
+            assert page.locator("#frames").screenshot() == frames_before  # the same frames, pixel for pixel
+            page.fill("#prompt", "And last?")  # the conversation goes on with the clip it had
+            page.click("#send")
+            page.wait_for_selector(".message.assistant.done >> nth=1", timeout=120_000)
+            assert page.locator(".message.error").count() == 0
+            page.set_viewport_size({"width": 360, "height": 740})
+            assert page.evaluate("document.documentElement.scrollWidth") <= 360
+            page.screenshot(path=str(tmp_path / "narrow.png"), full_page=True)
             page.click("#reset")
             assert page.locator(".message").count() == 0
         finally:
