@@ -153,3 +153,18 @@ def test_help_names_every_family_and_demo_offers_each(capsys):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         assert "{" + ",".join(FAMILY_NAMES) + "}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_second_demo_reuses_its_finished_stages_and_says_so(demo_run, capsys, monkeypatch):
+    """Before: "trained in 0s" beside the speeds of the first launch, and train's advice to change the recipe."""
+    from vidtune.train.demo.stages import run_stage
+
+    root, _ = demo_run
+    monkeypatch.setenv("VIDTUNE_DEMO_DIR", str(root))
+    capsys.readouterr()
+    output = run_stage("chat")
+    assert output == root / "runs" / "chat"
+    assert capsys.readouterr().out == (
+        f"== stage chat: reused the run finished before in {output} (delete that folder to train it again)\n"
+    )
