@@ -267,6 +267,8 @@ def test_in_training_eval_reaches_the_console_and_wandb_offline_files(
     )
     scored = [m for m in read_metrics(output) if "eval/qa/exact_match" in m]
     assert [m["step"] for m in scored] == [2, 4]
+    saved = json.loads((output / "vidtune.json").read_text())["metrics"]  # the final eval loss runs after saving
+    assert "eval/loss" in saved and "eval/qa/exact_match" in saved
     printed = capsys.readouterr().out
     assert "eval/qa/exact_match=" in printed and "eval sample questions_eval.jsonl" in printed
     run_dir = next(output.glob("wandb/offline-run-*"))

@@ -5,85 +5,59 @@ is host memory, so the test watches the calls themselves, attributed to the code
 
 from __future__ import annotations
 
-import traceback
-from collections import defaultdict
+import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-import vidtune.train
 from tests.conftest import tiny_run_overrides
-from vidtune.train.training.config import load_recipe
+from tests.host_syncs_probe import record_reads
 
-# Tensor methods that copy a value to the host: each one a synchronisation on an accelerator.
-READS_TO_HOST = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
-# The code under test: the training package and the Accelerate calls it makes. The model's own forward
-# (transformers, peft) and the CPU-side data preparation (data/, DataLoader) are not the loop's doing.
-WATCHED = (str(Path(vidtune.train.__file__).parent), "/accelerate/")
-
-
-def caller(stack: traceback.StackSummary) -> str | None:
-    """The innermost frame outside torch and this file, if it is watched code ("file:line function")."""
-    for frame in reversed(stack[:-1]):  # [-1] is the wrapper
-        if "/torch/utils/data/" in frame.filename:  # the DataLoader's own host work (worker seeds, batches)
-            return None
-        if "/torch/" in frame.filename or frame.filename == __file__:
-            continue
-        watched = any(part in frame.filename for part in WATCHED)
-        return f"{Path(frame.filename).name}:{frame.lineno} {frame.name}" if watched else None
-    return None
+REPO = Path(__file__).resolve().parents[1]
+# 5 steps of 2 micro-batches, figures read at step 4 (logging) and 5 (the last): nothing may be read elsewhere.
+STEPS = ("train.max_steps=5", "train.batch_size=2", "train.grad_accum_steps=2", "train.log_every_steps=4")
+READ_POINTS = {"after step 4", "after step 5"}
 
 
-def watch_reads(monkeypatch: pytest.MonkeyPatch, reads: list[str]) -> None:
-    for name in READS_TO_HOST:
-        real = getattr(torch.Tensor, name)
-
-        def wrapper(self, *args, _real=real, **kwargs):
-            where = caller(traceback.extract_stack())
-            if where is not None:
-                reads.append(where)
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, wrapper)
+def outside_read_points(by_step: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {phase: where for phase, where in by_step.items() if where and phase not in READ_POINTS}
 
 
 @pytest.mark.slow
-def test_no_host_sync_outside_logging_steps(tiny_model_dir, demo_corpus, tmp_path, monkeypatch):
-    import vidtune.train.training.loop as loop
-
-    overrides = tiny_run_overrides(
-        tiny_model_dir,
-        demo_corpus,
-        tmp_path / "run",
-        "train.max_steps=5",
-        "train.batch_size=2",
-        "train.grad_accum_steps=2",
-        "train.log_every_steps=4",
-        "train.max_grad_norm=1.0",
-    )
-    run = loop.setup(load_recipe(None, overrides))
-    reads: list[str] = []
-    by_step: dict[str, list[str]] = defaultdict(list)  # "in step N" / "after step N" -> reads there
-    real_step = loop.train_step
-
-    def watched_step(run_, window):
-        # What the loop did since the previous step belongs to that step's end (logging, checkpoints, stops).
-        by_step[f"after step {run_.state.step}"] += reads
-        reads.clear()
-        result = real_step(run_, window)
-        by_step[f"in step {run_.state.step + 1}"] += reads
-        reads.clear()
-        return result
-
-    monkeypatch.setattr(loop, "train_step", watched_step)
-    watch_reads(monkeypatch, reads)
-    loop.train_loop(run)
-    by_step[f"after step {run.state.step}"] += reads
-    monkeypatch.undo()
-
+def test_no_host_sync_outside_logging_steps(tiny_model_dir, demo_corpus, tmp_path):
+    overrides = tiny_run_overrides(tiny_model_dir, demo_corpus, tmp_path / "run", *STEPS, "train.max_grad_norm=1.0")
+    by_step, run = record_reads(overrides)
     assert run.state.step == 5
-    read_points = {"after step 4", "after step 5"}  # log_every_steps=4, and the last step
-    outside = {phase: where for phase, where in by_step.items() if where and phase not in read_points}
-    assert outside == {}, f"host syncs outside logging steps: {outside}"
+    assert outside_read_points(by_step) == {}, "host syncs outside logging steps"
     assert by_step["after step 4"], "the logging step reads the figures (the watch sees reads)"
+
+
+@pytest.mark.slow
+def test_two_processes_packed_and_streamed_sync_only_at_read_points(tiny_model_dir, demo_corpus, tmp_path):
+    """Two processes (DDP over gloo), packed micro-batches from a streamed corpus: the ranks agree on a stop request
+    and read their figures at the read points only (a per-step agreement was an all-reduce read back every step)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    overrides = tiny_run_overrides(
+        tiny_model_dir, demo_corpus, tmp_path / "run", *STEPS, "train.packing=true", "data.streaming=true"
+    )
+    command = [
+        *(sys.executable, "-m", "accelerate.commands.launch", "--config_file"),
+        str(REPO / "launch" / "accelerate" / "ddp.yaml"),
+        *("--num_processes", "2", "--main_process_port", str(port), "-m", "tests.host_syncs_probe"),
+        str(tmp_path),
+        *overrides,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["num_processes"] == 2 and report["steps"] == 5
+        assert outside_read_points(report["reads"]) == {}, f"rank {rank}: host syncs outside read points"
+        assert report["reads"]["after step 4"], "the logging step reads the figures (the watch sees reads)"

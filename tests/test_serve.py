@@ -15,8 +15,9 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,11 +40,14 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(args: list[str], log: Path) -> Iterator[Server]:
+def running_server(args: list[str], log: Path, fault: str | None = None) -> Iterator[Server]:
     """`vidtune serve ARGS --port 0` in its own process, once /health answers at the port it printed (a port picked
-    here and bound later could be taken meanwhile, by a second suite's server too); stopped with SIGINT at the end."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / ".shim"), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "vidtune.train.cli", "serve", *args, "--port", "0"]
+    here and bound later could be taken meanwhile, by a second suite's server too); stopped with SIGINT at the end.
+    `fault`: a tests/faults.py spec the server process runs under."""
+    path = [str(REPO / ".shim"), str(REPO), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    entry = ["tests.faults", fault] if fault else ["vidtune.train.cli"]
+    command = [sys.executable, "-m", *entry, "serve", *args, "--port", "0"]
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     server = Server("", process, log)
@@ -187,6 +191,15 @@ BAD_REQUESTS = {
         "user",
     ),
     "oversized body": (_body(**video_request(VIDEO), padding="x" * (2 << 20)), 413, "body_too_large", "1,048,576"),
+    # issue 24: hostile input that got through
+    "NUL byte in a path": (_body(**video_request("videos/eval\x00.mp4")), 400, "bad_path", "NUL byte"),
+    "5,000-character path": (_body(**video_request("a/" * 2500)), 400, "bad_path", "too long (5,000 characters)"),
+    "prompt over the context": (
+        _body(messages=[{"role": "user", "content": "red blue " * 3000}]),
+        400,
+        "context_length_exceeded",
+        "this model's context is 4,096 tokens",
+    ),
 }
 
 
@@ -199,6 +212,21 @@ def test_a_bad_request_gets_its_openai_style_error_and_the_server_stays_up(serve
     assert error["code"] == code and error["type"] == "invalid_request_error"
     assert words in error["message"] and "\n" not in error["message"]
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_a_prompt_far_over_the_context_is_refused_by_its_length_at_once(server):
+    """900 kB of text (under the body limit): refused from its character count, without tokenizing it."""
+    started = time.monotonic()
+    response = _post_raw(server, _body(messages=[{"role": "user", "content": "x" * 900_000}]))
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert time.monotonic() - started < 5
+
+
+def test_errors_name_media_by_their_path_under_the_media_root(server, demo_corpus):
+    response = _post_raw(server, _body(**video_request("questions_train.jsonl")))  # under the root, not a video
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "unreadable_media"
+    assert error["message"].startswith("questions_train.jsonl: ") and str(demo_corpus) not in error["message"]
 
 
 def test_an_oversized_chunked_body_is_cut_off_with_413(server):
@@ -250,6 +278,93 @@ def test_every_request_gets_one_access_line_and_an_error_its_code(server):
         ("POST", "/v1/chat/completions", "413", "error=body_too_large"),
         ("GET", "/no-such-page", "404", "error=invalid_request_error"),
     ]
+
+
+# ------------------------------------------------------------------------- hostile clients (issue 24, items 12-13)
+
+
+@pytest.fixture(scope="module")
+def hostile_server(served_run, demo_corpus, tmp_path_factory) -> Iterator[Server]:
+    """A server that fetches URLs, admits 2 requests at once and decodes for at most 5 s; opening any video named
+    `stuck*` hangs inside the decoder (tests/faults.py `hang@`), as a decoder stuck in C does."""
+    root = tmp_path_factory.mktemp("hostile-media")
+    shutil.copy(demo_corpus / VIDEO, root / "clip.mp4")
+    shutil.copy(demo_corpus / VIDEO, root / "stuck.mp4")
+    args = [str(served_run), "--media-root", str(root), "--allow-urls", "--max-queue", "2", "--decode-timeout-s", "5"]
+    log = tmp_path_factory.mktemp("hostile-log") / "serve.log"
+    with running_server([*args, "--max-new-tokens", str(MAX_TOKENS)], log, fault="hang@stuck") as s:
+        yield s
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/clip.mp4",
+        "http://localhost/clip.mp4",
+        "http://[::1]/clip.mp4",
+        "http://[::ffff:127.0.0.1]/clip.mp4",
+        "http://10.1.2.3/clip.mp4",
+        "http://192.168.0.1/clip.mp4",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://0.0.0.0/clip.mp4",
+    ],
+)
+def test_allow_urls_never_fetches_from_loopback_private_or_metadata_addresses(hostile_server, url):
+    response = _post_raw(hostile_server, _body(**video_request(url)))
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "url_not_allowed", error
+    assert "(--allow-urls fetches public ones)" in error["message"]
+    assert "Connection refused" not in error["message"]  # no port scan through the server
+
+
+def test_a_decode_that_hangs_is_stopped_at_the_time_limit_and_the_server_goes_on(hostile_server):
+    started = time.monotonic()
+    response = _post_raw(hostile_server, _body(**video_request("stuck.mp4")))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"].endswith("decode timed out after 5s")  # (the child's own limit, or
+    # the server's kill of the child: whichever comes first)
+    assert 4.5 < time.monotonic() - started < 20
+    response = _post_raw(hostile_server, _body(**video_request("clip.mp4")))
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"]
+    frames = httpx.post(f"{hostile_server.url}/v1/frames", json={"video_url": "clip.mp4"}, timeout=60)
+    assert frames.status_code == 200 and len(frames.json()["frames"]) == len(frames.json()["timestamps_s"]) > 1
+    stuck = httpx.post(f"{hostile_server.url}/v1/frames", json={"video_url": "stuck.mp4"}, timeout=60)
+    assert stuck.status_code == 400 and stuck.json()["error"]["message"].endswith("decode timed out after 5s")
+
+
+def test_a_full_server_answers_429_and_gone_clients_are_cancelled(hostile_server):
+    """Two long streamed answers fill the server (--max-queue 2): a third request gets 429 at once. Both clients
+    then hang up: the one generating is stopped and the queued one dropped, and the server is free again."""
+    health = httpx.get(f"{hostile_server.url}/health").json()
+    question = [{"role": "user", "content": QUESTION}]  # text only: this test is about the queue, not decoding
+    long_answer = _body(messages=question, stream=True, max_tokens=4000)
+    with httpx.Client(timeout=60) as first, httpx.Client(timeout=60) as second:
+        streams = []
+        for client in (first, second):
+            url = f"{hostile_server.url}/v1/chat/completions"
+            request = client.build_request(
+                "POST", url, content=long_answer, headers={"Content-Type": "application/json"}
+            )
+            response = client.send(request, stream=True)
+            assert response.status_code == 200, response.read()
+            lines = response.iter_lines()  # (kept: a line iterator that is garbage-collected closes its stream)
+            assert next(line for line in lines if line).startswith("data: ")  # admitted: its stream has begun
+            streams.append((response, lines))
+        busy = _post_raw(hostile_server, _body(**video_request("clip.mp4")))
+        assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full"
+        assert busy.headers["retry-after"] == "1"
+        for response, _ in streams:
+            response.close()
+    deadline = time.monotonic() + 20
+    while True:
+        now = httpx.get(f"{hostile_server.url}/health").json()
+        if now["requests_in_progress"] == 0 and now["requests_cancelled"] - health["requests_cancelled"] == 2:
+            break
+        assert time.monotonic() < deadline, now
+        time.sleep(0.2)
+    assert now["requests_answered"] == health["requests_answered"]  # neither long answer was generated to the end
+    response = _post_raw(hostile_server, _body(**video_request("clip.mp4")))
+    assert response.status_code == 200
 
 
 def test_ctrl_c_stops_the_server_cleanly(server):
@@ -320,3 +435,89 @@ def test_the_web_page_answers_the_order_question_about_an_uploaded_clip(demo_run
             assert page.locator(".message").count() == 0
         finally:
             browser.close()
+
+
+# ------------------------------------------------------------- fetching URLs: every redirect hop, total time and size
+
+
+@contextlib.contextmanager
+def origin_server() -> Iterator[str]:
+    """A local HTTP origin: /clip (bytes), /to-private and /to-ftp (redirects), /trickle (a byte every 0.2 s)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            port = self.server.server_address[1]
+            redirects = {
+                "/to-private": f"http://127.0.0.2:{port}/clip",
+                "/to-ftp": "ftp://example.com/clip.mp4",
+                "/to-clip": "/clip",
+            }
+            if self.path in redirects:
+                self.send_response(302)
+                self.send_header("Location", redirects[self.path])
+                self.end_headers()
+            elif self.path == "/clip":
+                self.send_response(200)
+                self.send_header("Content-Length", "3000")
+                self.end_headers()
+                self.wfile.write(b"v" * 3000)
+            elif self.path == "/trickle":
+                self.send_response(200)
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    for _ in range(100):
+                        self.wfile.write(b"v")
+                        self.wfile.flush()
+                        time.sleep(0.2)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_every_redirect_hop_is_checked_and_a_trickling_fetch_is_cut_off(monkeypatch, tmp_path):
+    """The fetcher itself, against a local origin treated as public (only 127.0.0.1: any other address, such as
+    the loopback 127.0.0.2 a redirect points at, stays refused)."""
+    from vidtune.train.serving import media
+    from vidtune.train.serving.media import MediaPolicy, RequestFiles, resolve_media
+    from vidtune.train.serving.protocol import APIError
+
+    real = media.blocked_reason
+    monkeypatch.setattr(media, "blocked_reason", lambda address: None if address == "127.0.0.1" else real(address))
+    policy = MediaPolicy(None, True, max_download_bytes=2000, download_timeout_s=1.0)
+    files = RequestFiles()
+    try:
+        with origin_server() as origin:
+
+            def refused(path: str, **changes: Any) -> APIError:
+                with pytest.raises(APIError) as err:
+                    resolve_media(origin + path, replace(policy, **changes), files, "part")
+                return err.value
+
+            assert (
+                Path(resolve_media(f"{origin}/to-clip", replace(policy, max_download_bytes=5000), files, "part"))
+                .stat()
+                .st_size
+                == 3000
+            )
+            error = refused("/to-private")
+            assert error.code == "url_not_allowed" and "127.0.0.2 is a loopback address" in error.message
+            error = refused("/to-ftp")
+            assert error.code == "url_not_allowed" and "only http(s) URLs are fetched" in error.message
+            assert "is larger than 2,000 bytes" in refused("/clip").message
+            started = time.monotonic()
+            error = refused("/trickle", max_download_bytes=10_000)
+            assert error.code == "url_too_slow" and "took longer than 1s" in error.message
+            assert time.monotonic() - started < 3
+    finally:
+        files.close()

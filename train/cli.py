@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from vidtune.data.conversation import DataError
 from vidtune.train.quiet import quiet_libraries, verbose_requested
@@ -23,7 +24,13 @@ MAX_NEW_TOKENS = 128
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file, or a packaged recipe name such as demo/base")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.learning_rate=1e-4")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and trainable audit; no training")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the resolved recipe, trainable audit and memory plan; no training"
+    )
+    p.add_argument("--num-processes", type=int, default=1, help="--dry-run: GPUs the memory plan shares states over")
+    p.add_argument(
+        "--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="--dry-run: DeepSpeed ZeRO stage to plan for"
+    )
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -56,6 +63,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-urls", action="store_true", help="let requests name http(s) media URLs (fetched here)")
     p.add_argument("--max-body-mb", type=float, default=64, help="largest request body in MiB (413 above; default 64)")
     p.add_argument("--max-batch-size", type=int, default=8, help="queued requests generated together (default 8)")
+    p.add_argument(
+        "--max-queue", type=int, default=64, help="requests in progress at once; 429 (retry) beyond (default 64)"
+    )
+    p.add_argument(
+        "--decode-timeout-s", type=float, default=120.0, help="a request's media decode is stopped after (default 120)"
+    )
     p.add_argument("--served-model-name", help="the model id /v1/models lists (default: the folder's name)")
     p.add_argument(
         "--log-requests", choices=("on", "off"), default="on", help="one line per request on stdout (default on)"
@@ -167,6 +180,12 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--packing", action="store_true", help="train every stage with train.packing=true (the same losses, packed)"
     )
+    p.add_argument(
+        "--stages",
+        default="base,instruct,chat",
+        help="comma-separated stages: base, instruct, chat, and dpo / grpo (the order question from preference "
+        "pairs / rewards, after base), e.g. base,dpo",
+    )
 
 
 def _add_env(p: argparse.ArgumentParser) -> None:
@@ -206,6 +225,7 @@ def run_train(args: argparse.Namespace) -> None:
         audit = trainable_audit(model, family)
         print(format_audit(audit))
         check_audit(audit, recipe.finetune)
+        print(dry_run_memory_plan(model, family, recipe, args.num_processes, args.zero_stage))
         return
     from vidtune.train.training.loop import train
 
@@ -216,6 +236,24 @@ def run_train(args: argparse.Namespace) -> None:
             f"next: vidtune infer {output} --video CLIP.mp4 --prompt 'Describe this video.'\n"
             f"      vidtune chat {output} --video CLIP.mp4     vidtune serve {output}     vidtune export {output}"
         )
+
+
+def dry_run_memory_plan(model: Any, family: Any, recipe: Any, processes: int, zero_stage: int) -> str:
+    from vidtune.train.training.distributed import resolve_mixed_precision
+    from vidtune.train.training.memory_plan import plan_memory
+
+    if processes < 1:
+        raise DataError(f"--num-processes must be >= 1, got {processes}")
+    plan = plan_memory(
+        model,
+        family,
+        recipe,
+        processes=processes,
+        zero_stage=zero_stage,
+        deepspeed=zero_stage > 0,
+        mixed_precision=resolve_mixed_precision(recipe.train.mixed_precision),
+    )
+    return plan.table()
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -338,9 +376,16 @@ def run_serve(args: argparse.Namespace) -> None:
         max_body_bytes=max_body_bytes,
         default_max_tokens=args.max_new_tokens or MAX_NEW_TOKENS,
         max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        decode_timeout_s=args.decode_timeout_s,
         log_requests=args.log_requests == "on",
     )
-    serve(_load(args), settings, args.host, args.port)
+    if args.max_queue < 1 or args.decode_timeout_s <= 0:
+        raise DataError("--max-queue must be >= 1 and --decode-timeout-s > 0")
+    from vidtune.train.serving.decode import Decoder
+
+    decoder = Decoder()  # forked before the model loads and before any thread runs (decode.py says why)
+    serve(_load(args), settings, args.host, args.port, decoder)
 
 
 def run_chat(args: argparse.Namespace) -> None:
@@ -437,9 +482,11 @@ def run_cache(args: argparse.Namespace) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    from vidtune.train.demo.stages import parse_stages
     from vidtune.train.demo.stages import run_demo as demo
 
-    demo(args.workdir, family=args.family, overrides=("train.packing=true",) if args.packing else ())
+    overrides = ("train.packing=true",) if args.packing else ()
+    demo(args.workdir, family=args.family, overrides=overrides, stages=parse_stages(args.stages))
 
 
 def run_env(args: argparse.Namespace) -> None:

@@ -1,7 +1,10 @@
 """The FastAPI app: `POST /v1/chat/completions` (plain or `stream: true` server-sent events), `GET /v1/models`,
 `GET /health`, `POST /v1/frames` (the frames the model sees, for the page) and the web chat page at `/`.
 
-Requests are parsed and their media decoded in a thread pool, then queued to the engine's one model thread.
+Requests are parsed in a thread pool, their media decoded in a child process with a time limit (decode.py), then
+queued to the engine's one model thread. At most `max_queue` requests are in the server at once (429 beyond); a
+prompt longer than the model's context is refused (400) by its token count before any media is touched; a request
+whose client disconnects is cancelled wherever it is (decoding, queued or generating).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import base64
 import contextlib
 import io
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,8 +31,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vidtune.data.conversation import DataError, media_part, message, text_part
 from vidtune.data.conversation import Message as Turn
-from vidtune.train.generation.infer import AnswerText, InferenceModel, prompt_example
+from vidtune.data.examples import with_time_instructions
+from vidtune.data.quality import MAX_FRAME_PIXELS
+from vidtune.train.generation.infer import AnswerText, InferenceModel
 from vidtune.train.serving.access_log import AccessLog
+from vidtune.train.serving.decode import Cancelled, Decoder
 from vidtune.train.serving.engine import Engine, Job, Result, Settings
 from vidtune.train.serving.media import MediaPolicy, RequestFiles, resolve_media
 from vidtune.train.serving.protocol import (
@@ -48,7 +55,69 @@ class ServeSettings:
     max_body_bytes: int = 64 << 20
     default_max_tokens: int = 128
     max_batch_size: int = 8
+    max_queue: int = 64  # requests in the server at once (decoding, queued or generating); 429 beyond
+    decode_timeout_s: float = 120.0  # a request's media decode is killed after this long (400)
+    max_frame_pixels: int = MAX_FRAME_PIXELS  # the pixel limit training applies, from the header, before decoding
     log_requests: bool = True  # one access line per request on stdout (access_log.py)
+
+
+class Admission:
+    """Counts the requests inside the server; past the limit a request is refused at once with 429."""
+
+    def __init__(self, limit: int):
+        self.limit, self.active, self.refused = limit, 0, 0
+        self.lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.active >= self.limit:
+                self.refused += 1
+                raise APIError(
+                    429, f"the server is busy ({self.limit} requests in progress); retry shortly", code="queue_full"
+                )
+            self.active += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.active -= 1
+
+
+@dataclass(frozen=True)
+class ContextLimit:
+    """The model's context in tokens, and the longest text one token covers (so a prompt's character count alone can
+    prove it too long, before tokenizing megabytes of it)."""
+
+    tokens: int
+    max_token_chars: int
+
+    @classmethod
+    def of(cls, im: InferenceModel) -> ContextLimit:
+        config = im.model.config
+        text = getattr(config, "text_config", None) or config
+        vocab = im.processor.tokenizer.get_vocab()
+        return cls(int(getattr(text, "max_position_embeddings", 0) or 1 << 30), max(map(len, vocab), default=1))
+
+    def check_text(self, im: InferenceModel, messages: list[ChatMessage]) -> None:
+        texts = [
+            part.text if not isinstance(part, str) else part
+            for msg in messages
+            for part in ([msg.content] if isinstance(msg.content, str) else msg.content)
+            if isinstance(part, str) or part.type == "text"
+        ]
+        chars = sum(map(len, texts))
+        if chars // self.max_token_chars >= self.tokens:
+            self.refuse(f"at least {chars // self.max_token_chars:,}")
+        tokens = sum(len(im.processor.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
+        if tokens >= self.tokens:
+            self.refuse(f"{tokens:,}")
+
+    def refuse(self, count: str) -> None:
+        raise APIError(
+            400,
+            f"the messages hold {count} tokens; this model's context is {self.tokens:,} tokens",
+            "messages",
+            "context_length_exceeded",
+        )
 
 
 class BodyLimit:
@@ -108,37 +177,63 @@ def to_conversation(messages: list[ChatMessage], policy: MediaPolicy, files: Req
     return turns
 
 
-def build_example(im: InferenceModel, request: ChatCompletionRequest, policy: MediaPolicy) -> dict[str, Any]:
-    """The prompt example (media decoded as in training); unreadable media are a 400 naming the part."""
+def client_text(err: Exception, policy: MediaPolicy, files: RequestFiles) -> str:
+    """An error as the client may see it: paths relative to the media root, uploads by their part."""
+    text = str(err).replace(files.folder.name + "/", "uploaded ")
+    if policy.media_root is not None:
+        text = text.replace(str(policy.media_root.resolve()) + "/", "")
+    return text.replace(str(files.folder.name), "uploads")
+
+
+def build_example(
+    im: InferenceModel,
+    request: ChatCompletionRequest,
+    settings: ServeSettings,
+    context: ContextLimit,
+    decoder: Decoder,
+    cancelled: threading.Event,
+) -> dict[str, Any]:
+    """The prompt example (media decoded as in training, in a child process with a time limit); a prompt over the
+    context is refused by its text's tokens before any download or decode; unreadable media are a 400 naming the
+    part."""
+    context.check_text(im, request.messages)
     files = RequestFiles()
     try:
-        conversation = to_conversation(request.messages, policy, files)
+        conversation = to_conversation(request.messages, settings.policy, files)
         try:
-            return prompt_example(im, conversation)
-        except DataError as err:  # an upload's temporary name means nothing to the client
-            raise APIError(
-                400, str(err).replace(files.folder.name + "/", "uploaded "), code="unreadable_media"
-            ) from None
+            media, instructions = decoder.decode(
+                conversation, im.sampling, im.time_instruction, im.builder.frame_px, settings.max_frame_pixels,
+                settings.decode_timeout_s, files.folder.name, cancelled,
+            )  # fmt: skip
+            example = im.builder.build(with_time_instructions(conversation, instructions), media, for_generation=True)
+        except DataError as err:
+            raise APIError(400, client_text(err, settings.policy, files), code="unreadable_media") from None
     finally:
         files.close()
+    if len(example["input_ids"]) >= context.tokens:  # the text fitted; its video and image tokens do not
+        context.refuse(f"{len(example['input_ids']):,} (video and image tokens included)")
+    return example
 
 
-def sampled_frames(im: InferenceModel, url: str, policy: MediaPolicy) -> dict[str, Any]:
+def sampled_frames(
+    im: InferenceModel, url: str, settings: ServeSettings, decoder: Decoder, cancelled: threading.Event
+) -> dict[str, Any]:
     """The frames the model sees for a video, as JPEG data URLs with their times."""
     from PIL import Image
 
-    from vidtune.data.video import load_clip
-
     files = RequestFiles()
     try:
         try:
-            clip = load_clip(resolve_media(url, policy, files, "video_url"), im.sampling)
+            path = resolve_media(url, settings.policy, files, "video_url")
+            media, _ = decoder.decode(
+                [message("user", [media_part("video", path)])], im.sampling, False, im.builder.frame_px,
+                settings.max_frame_pixels, settings.decode_timeout_s, files.folder.name, cancelled,
+            )  # fmt: skip
         except DataError as err:
-            raise APIError(
-                400, str(err).replace(files.folder.name + "/", "uploaded "), code="unreadable_media"
-            ) from None
+            raise APIError(400, client_text(err, settings.policy, files), code="unreadable_media") from None
     finally:
         files.close()
+    clip = media[0]
     images = []
     for frame in clip.frames:
         buffer = io.BytesIO()
@@ -179,7 +274,9 @@ def _completion(request_id: str, model: str, result: Result) -> dict[str, Any]:
     }
 
 
-def _queue_job(engine: Engine, example: dict[str, Any], settings: Settings) -> asyncio.Queue[tuple[str, Any]]:
+def _queue_job(
+    engine: Engine, example: dict[str, Any], settings: Settings, cancelled: threading.Event
+) -> asyncio.Queue[tuple[str, Any]]:
     """Submit a job; its events arrive on the returned asyncio queue (posted from the engine's thread)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -187,18 +284,45 @@ def _queue_job(engine: Engine, example: dict[str, Any], settings: Settings) -> a
     def emit(kind: str, value: Any) -> None:
         loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
-    engine.submit(Job(example, settings, emit, AnswerText(engine.im)))
+    engine.submit(Job(example, settings, emit, AnswerText(engine.im), cancelled=cancelled))
     return events
 
 
-def create_app(im: InferenceModel, settings: ServeSettings) -> FastAPI:
+async def _watch_disconnect(request: Request, cancelled: threading.Event) -> None:
+    """Set `cancelled` when the client goes away (the decode child is killed, the job dropped or stopped)."""
+    while not cancelled.is_set():
+        if await request.is_disconnected():
+            cancelled.set()
+            return
+        await asyncio.sleep(0.2)
+
+
+async def _decode_work(
+    request: Request, cancelled: threading.Event, work: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """Run a blocking decode in the thread pool while watching the client; a gone client cancels it."""
+    watcher = asyncio.create_task(_watch_disconnect(request, cancelled))
+    try:
+        return await run_in_threadpool(work)
+    except Cancelled:
+        raise APIError(400, "the client disconnected", code="cancelled") from None
+    finally:
+        watcher.cancel()
+
+
+def create_app(im: InferenceModel, settings: ServeSettings, decoder: Decoder | None = None) -> FastAPI:
+    """The app; `decoder` is best started before the model loads (decode.py says why), else it starts here."""
+    decoder = decoder or Decoder()
     engine = Engine(im, settings.max_batch_size)
+    admission = Admission(settings.max_queue)
+    context = ContextLimit.of(im)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
         engine.stop()
+        decoder.close()
 
     app = FastAPI(title="vidtune", lifespan=lifespan)
     app.state.engine = engine
@@ -209,7 +333,14 @@ def create_app(im: InferenceModel, settings: ServeSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "requests_answered": engine.answered, "batches": engine.batches}
+        return {
+            "status": "ok",
+            "requests_answered": engine.answered,
+            "batches": engine.batches,
+            "requests_cancelled": engine.cancelled,
+            "requests_in_progress": admission.active,
+            "requests_refused_busy": admission.refused,
+        }
 
     @app.get("/favicon.ico")
     async def favicon() -> Response:
@@ -225,26 +356,48 @@ def create_app(im: InferenceModel, settings: ServeSettings) -> FastAPI:
         return resources.files("vidtune.train.serving").joinpath("chat.html").read_text(encoding="utf-8")
 
     @app.post("/v1/frames")
-    async def frames(request: FramesRequest, raw: Request) -> dict[str, Any]:
-        raw.state.media = 1
-        return await run_in_threadpool(sampled_frames, im, url_of(request.video_url), settings.policy)
+    async def frames(request: FramesRequest, http: Request) -> dict[str, Any]:
+        http.state.media = 1
+        admission.enter()
+        try:
+            cancelled = threading.Event()
+            url = url_of(request.video_url)
+            return await _decode_work(http, cancelled, lambda: sampled_frames(im, url, settings, decoder, cancelled))
+        finally:
+            admission.leave()
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: ChatCompletionRequest, raw: Request) -> JSONResponse | StreamingResponse:
-        raw.state.media = media_count(request.messages)
+    async def chat_completions(request: ChatCompletionRequest, http: Request) -> JSONResponse | StreamingResponse:
+        http.state.media = media_count(request.messages)
         if request.model not in (None, "", settings.model_name):
             unknown = f"the model {request.model!r} does not exist (this server serves {settings.model_name!r})"
             raise APIError(404, unknown, "model", "model_not_found")
-        example = await run_in_threadpool(build_example, im, request, settings.policy)
-        max_tokens = request.max_completion_tokens or request.max_tokens or settings.default_max_tokens
-        events = _queue_job(engine, example, Settings(max_tokens, request.temperature, request.top_p))
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if request.stream:
-            chunks = _stream(events, request_id, settings.model_name, raw.state)
-            return StreamingResponse(chunks, media_type="text/event-stream")
-        text_done = await _finish(events)
-        raw.state.usage = (text_done.prompt_tokens, text_done.completion_tokens)
-        return JSONResponse(_completion(request_id, settings.model_name, text_done))
+        admission.enter()
+        streaming = False
+        cancelled = threading.Event()
+        try:
+            example = await _decode_work(
+                http, cancelled, lambda: build_example(im, request, settings, context, decoder, cancelled)
+            )
+            max_tokens = request.max_completion_tokens or request.max_tokens or settings.default_max_tokens
+            max_tokens = min(max_tokens, context.tokens - len(example["input_ids"]))  # what the context leaves
+            sampling = Settings(max_tokens, request.temperature, request.top_p)
+            events = _queue_job(engine, example, sampling, cancelled)
+            request_id = f"chatcmpl-{uuid.uuid4().hex}"
+            if request.stream:
+                stream = _stream(events, request_id, settings.model_name, cancelled, admission.leave, http.state)
+                streaming = True  # the stream leaves the admission when it ends
+                return StreamingResponse(stream, media_type="text/event-stream")
+            watcher = asyncio.create_task(_watch_disconnect(http, cancelled))
+            try:
+                text_done = await _finish(events)
+            finally:
+                watcher.cancel()
+            http.state.usage = (text_done.prompt_tokens, text_done.completion_tokens)
+            return JSONResponse(_completion(request_id, settings.model_name, text_done))
+        finally:
+            if not streaming:
+                admission.leave()
 
     return app
 
@@ -256,30 +409,44 @@ async def _finish(events: asyncio.Queue[tuple[str, Any]]) -> Result:
             return value
         if kind == "error":
             raise APIError(500, value, code="generation_failed")
+        if kind == "cancelled":
+            raise APIError(400, "the client disconnected", code="cancelled")
 
 
 async def _stream(
-    events: asyncio.Queue[tuple[str, Any]], request_id: str, model: str, state: Any
+    events: asyncio.Queue[tuple[str, Any]],
+    request_id: str,
+    model: str,
+    cancelled: threading.Event,
+    leave: Callable[[], None],
+    state: Any,
 ) -> AsyncIterator[str]:
-    yield _chunk(request_id, model, {"role": "assistant", "content": ""}, None)
-    while True:
-        kind, value = await events.get()
-        if kind == "delta":
-            yield _chunk(request_id, model, {"content": value}, None)
-        elif kind == "done":
-            state.usage = (value.prompt_tokens, value.completion_tokens)
-            yield _chunk(request_id, model, {}, value.finish_reason)
-            break
-        else:  # the status line has gone out: report the failure in the stream, as OpenAI does
-            yield f"data: {json.dumps(APIError(500, value, code='generation_failed').body())}\n\n"
-            break
-    yield "data: [DONE]\n\n"
+    try:
+        yield _chunk(request_id, model, {"role": "assistant", "content": ""}, None)
+        while True:
+            kind, value = await events.get()
+            if kind == "delta":
+                yield _chunk(request_id, model, {"content": value}, None)
+            elif kind == "done":
+                state.usage = (value.prompt_tokens, value.completion_tokens)  # for the access log
+                yield _chunk(request_id, model, {}, value.finish_reason)
+                break
+            elif kind == "cancelled":
+                return
+            else:  # the status line has gone out: report the failure in the stream, as OpenAI does
+                yield f"data: {json.dumps(APIError(500, value, code='generation_failed').body())}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:  # also when the client disconnected (the server stops iterating): the job is cancelled
+        cancelled.set()
+        leave()
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     def respond(request: Request, error: APIError) -> JSONResponse:
         request.state.error = error.code or error.kind  # for the access log
-        return JSONResponse(error.body(), status_code=error.status)
+        headers = {"Retry-After": "1"} if error.status == 429 else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
     async def api_error(request: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, APIError)
@@ -304,12 +471,12 @@ def _add_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(kind, handler)
 
 
-def serve(im: InferenceModel, settings: ServeSettings, host: str, port: int) -> None:
+def serve(im: InferenceModel, settings: ServeSettings, host: str, port: int, decoder: Decoder | None = None) -> None:
     """Run the server until Ctrl-C (uvicorn finishes open requests, then returns)."""
     import uvicorn
 
     config = uvicorn.Config(
-        create_app(im, settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=10
+        create_app(im, settings, decoder), host=host, port=port, log_level="warning", timeout_graceful_shutdown=10
     )
     listener = config.bind_socket()  # bound before it is announced: --port 0 takes a free port and names it
     port = listener.getsockname()[1]

@@ -11,10 +11,11 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from vidtune.train.generation.infer import AnswerText, InferenceModel, generate_tokens
@@ -43,13 +44,14 @@ class Settings:
 @dataclass
 class Job:
     """One request in the queue. `emit` is called from the worker thread with ("delta", text), then once with
-    ("done", Result) or ("error", message)."""
+    ("done", Result), ("error", message) or ("cancelled", None) once `cancelled` is set (its client went away)."""
 
     example: dict[str, torch.Tensor]
     settings: Settings
     emit: Callable[[str, Any], None]
     answer: AnswerText
     finished: bool = False
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class JobsStreamer(BaseStreamer):
             self.prompt_seen = True
             return
         for job, token in zip(self.jobs, value.reshape(len(self.jobs), -1)[:, -1].tolist(), strict=True):
+            if job.cancelled.is_set():
+                job.finished = True
             if job.finished:
                 continue
             if token in self.stop_ids:
@@ -87,6 +91,18 @@ class JobsStreamer(BaseStreamer):
         pass
 
 
+class AllFinished(StoppingCriteria):
+    """Stops a batch's generation once each of its jobs has its answer or was cancelled (a batch whose clients all
+    went away stops at once, instead of generating up to max_tokens for nobody)."""
+
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        done = all(job.finished or job.cancelled.is_set() for job in self.jobs)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
 class Engine:
     """The model's one worker thread and its queue."""
 
@@ -96,6 +112,7 @@ class Engine:
         self.thread = threading.Thread(target=self._work, name="vidtune-engine", daemon=True)
         self.batches = 0  # generate() calls, and the requests they answered (/health reports both)
         self.answered = 0
+        self.cancelled = 0  # requests dropped because their client went away
 
     def start(self) -> None:
         self.thread.start()
@@ -126,10 +143,17 @@ class Engine:
     def _work(self) -> None:
         while (jobs := self._next_jobs()) is not None:
             groups: dict[tuple[float, float], list[Job]] = {}
-            for job in jobs:
+            for job in self._drop_cancelled(jobs):
                 groups.setdefault(job.settings.sampling, []).append(job)
             for group in groups.values():
                 self._run_batch(group)
+
+    def _drop_cancelled(self, jobs: list[Job]) -> list[Job]:
+        for job in jobs:
+            if job.cancelled.is_set():
+                self.cancelled += 1
+                job.emit("cancelled", None)
+        return [job for job in jobs if not job.cancelled.is_set()]
 
     def _run_batch(self, jobs: list[Job]) -> None:
         settings = jobs[0].settings
@@ -140,6 +164,7 @@ class Engine:
                 [job.example for job in jobs],
                 max_new_tokens,
                 streamer=JobsStreamer(self.im, jobs),
+                stopping_criteria=StoppingCriteriaList([AllFinished(jobs)]),
                 **settings.generate_kwargs(),
             )
         except Exception as err:  # one failed batch fails its requests, never the server
@@ -148,6 +173,7 @@ class Engine:
                 job.emit("error", f"generation failed: {type(err).__name__}: {err}")
             return
         self.batches += 1
+        jobs = self._drop_cancelled(jobs)
         self.answered += len(jobs)
         for job in jobs:
             if rest := job.answer.rest():

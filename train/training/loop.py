@@ -71,6 +71,8 @@ from vidtune.train.training.preemption import StopRequest, TrainingStopped
 from vidtune.train.training.progress import TrainingBar
 from vidtune.train.training.resume import resume
 
+STOP_CHECK_STEPS = 10  # several processes agree on a stop request at read points, at least this often
+
 
 @dataclass
 class Run:
@@ -169,7 +171,7 @@ def build_run(recipe: Recipe, accelerator: Accelerator, lock: Any) -> Run:
         trainable=[p for p in model.parameters() if p.requires_grad],
         bad_samples=BadSampleMonitor(recipe.data.bad_samples, recipe.train.output_dir),
         lock=lock,
-        loss=build_objective(recipe, model, accelerator.autocast, zero3),
+        loss=build_objective(recipe, model, accelerator, family, processor, zero3),
     )
 
 
@@ -331,7 +333,7 @@ def train_loop(run: Run) -> dict[str, float]:
                     metrics = read_figures(run, unread, progress)
                     bar.show(metrics)
                 after_step(run, metrics)
-            stop = run.stop.requested(acc)
+            stop = run.stop.requested(acc, agree=is_read_point(run, state.step))  # several ranks: agreed there
             if stop:
                 read_figures(run, unread, progress)  # the checkpoint records every sample trained on
                 raise TrainingStopped(stop, state.step, str(checkpoint(run)))
@@ -352,10 +354,12 @@ def add_unread(unread: dict[str, Any], step: dict[str, Any]) -> None:
 
 
 def is_read_point(run: Run, step: int) -> bool:
-    """Steps at which the host reads the device's figures: logging, evaluation, checkpoints, the last step.
-    Every rank computes the same answer (the counts they read are summed over ranks)."""
+    """Steps at which the host reads the device's figures: logging, evaluation, checkpoints, the last step, and in
+    a multi-process run at least every STOP_CHECK_STEPS (where the ranks agree on a stop request). Every rank
+    computes the same answer (the counts they read are summed over ranks)."""
     t, evals = run.recipe.train, run.recipe.eval
     periods = (
+        STOP_CHECK_STEPS if run.accelerator.num_processes > 1 else 0,
         t.log_every_steps,
         t.eval_every_steps if run.eval_loader is not None else 0,
         evals.every_steps if run.eval_items else 0,

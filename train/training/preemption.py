@@ -70,9 +70,13 @@ class StopRequest:
             signal.signal(signum, handler)
         self._previous.clear()
 
-    def requested(self, accelerator: Any) -> int | None:
-        """The signal, agreed by all ranks (a scheduler may signal only some of them)."""
+    def requested(self, accelerator: Any, agree: bool = True) -> int | None:
+        """The signal, agreed by all ranks (a scheduler may signal only some of them). Agreeing is an all-reduce
+        whose result the host reads (a sync), so the training loop of a multi-process run asks only where it reads
+        anyway (`agree`: its read points); a single process just reads its flag."""
         signum = self.signum or 0
+        if accelerator.num_processes > 1 and not agree:
+            return None
         if accelerator.num_processes > 1:
             signum = int(accelerator.reduce(torch.tensor(signum, device=accelerator.device), "max").item())
         return signum or None

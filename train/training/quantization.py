@@ -4,8 +4,8 @@
 What peft's `prepare_model_for_kbit_training` does, and what vidtune does instead for video models:
 - it freezes every weight: `apply_finetuning` does (only LoRA and what the recipe unfreezes train; the audit checks);
 - it casts every weight that is not 4-bit to fp32, the vision tower, projector, embeddings and lm_head included
-  (about 2.5 GB more for the 7B's CLIP tower and its two 32064x4096 matrices): vidtune keeps the frozen weights in
-  `model.dtype` under autocast, as its bf16 LoRA runs do, and the trainable ones in fp32 (build.py);
+  (1.2 GB more for the 7B: its 0.3B CLIP tower, projector and two 32064x4096 matrices): vidtune keeps the frozen
+  weights in `model.dtype` under autocast, as its bf16 LoRA runs do, and the trainable ones in fp32 (build.py);
 - it turns gradient checkpointing on (with the input-grad hook that reentrant checkpointing needs): vidtune turns
   non-reentrant checkpointing on for every quantized run, which needs no hook.
 The vision tower, the projector and lm_head are never quantized: each family names them (`quantization_skip_modules`)

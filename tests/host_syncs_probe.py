@@ -1,0 +1,105 @@
+"""Where a short training run reads values back from the device to the host, by phase ("in step N", "after step
+N"): in this process (`record_reads`), or in every process of a multi-process launch:
+
+    accelerate launch --cpu --num_processes 2 -m tests.host_syncs_probe OUT_DIR key=value ...
+
+which writes OUT_DIR/rank<N>.json. On the CPU every tensor is host memory, so the calls that would copy to the host
+on an accelerator are watched themselves, attributed to the code that made them."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import vidtune.train
+
+# Tensor methods that copy a value to the host: each one a synchronisation on an accelerator.
+READS_TO_HOST = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+# The code under test: the training package and the Accelerate calls it makes. The model's own forward
+# (transformers, peft) and the CPU-side data preparation (data/, DataLoader) are not the loop's doing.
+WATCHED = (str(Path(vidtune.train.__file__).parent), "/accelerate/")
+
+
+def caller(stack: traceback.StackSummary) -> str | None:
+    """The innermost frame outside torch and this file, if it is watched code ("file:line function")."""
+    for frame in reversed(stack[:-1]):  # [-1] is the wrapper
+        if "/torch/utils/data/" in frame.filename:  # the DataLoader's own host work (worker seeds, batches)
+            return None
+        if "/torch/" in frame.filename or frame.filename == __file__:
+            continue
+        watched = any(part in frame.filename for part in WATCHED)
+        return f"{Path(frame.filename).name}:{frame.lineno} {frame.name}" if watched else None
+    return None
+
+
+@contextmanager
+def watching(reads: list[str]):
+    """Every read to the host made by watched code while inside, appended to `reads`."""
+    originals = {name: getattr(torch.Tensor, name) for name in READS_TO_HOST}
+
+    def wrap(real: Any) -> Any:
+        def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            where = caller(traceback.extract_stack())
+            if where is not None:
+                reads.append(where)
+            return real(self, *args, **kwargs)
+
+        return wrapper
+
+    for name, real in originals.items():
+        setattr(torch.Tensor, name, wrap(real))
+    try:
+        yield
+    finally:
+        for name, real in originals.items():
+            setattr(torch.Tensor, name, real)
+
+
+def record_reads(overrides: list[str]) -> tuple[dict[str, list[str]], Any]:
+    """Train the recipe of `overrides`; the reads to the host by phase, and the run."""
+    import vidtune.train.training.loop as loop
+    from vidtune.train.training.config import load_recipe
+
+    run = loop.setup(load_recipe(None, overrides))
+    reads: list[str] = []
+    by_step: dict[str, list[str]] = defaultdict(list)
+    real_step = loop.train_step
+
+    def watched_step(run_: Any, window: Any) -> Any:
+        # What the loop did since the previous step belongs to that step's end (logging, checkpoints, stops).
+        by_step[f"after step {run_.state.step}"] += reads
+        reads.clear()
+        result = real_step(run_, window)
+        by_step[f"in step {run_.state.step + 1}"] += reads
+        reads.clear()
+        return result
+
+    loop.train_step = watched_step
+    try:
+        with watching(reads):
+            loop.train_loop(run)
+        by_step[f"after step {run.state.step}"] += reads
+    finally:
+        loop.train_step = real_step
+        if run.lock is not None:
+            run.lock.close()
+    return dict(by_step), run
+
+
+def main(argv: list[str]) -> None:
+    out, *overrides = argv
+    by_step, run = record_reads(overrides)  # (its accelerator sets up the process group: none before it)
+    acc = run.accelerator
+    report = {"num_processes": acc.num_processes, "steps": run.state.step, "reads": by_step}
+    (Path(out) / f"rank{acc.process_index}.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

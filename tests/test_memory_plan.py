@@ -1,0 +1,119 @@
+"""The memory plan (`vidtune train RECIPE --dry-run`): arithmetic over the meta model and the recipe that equals the
+real tensors' bytes of a tiny run for weights, gradients and optimizer states, and comes within 25% of the bytes
+autograd actually saved for backward (counted with saved-tensor hooks) for activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import FAMILY_NAMES
+from vidtune.train.training.config import load_recipe
+
+TOKENS = 64
+
+
+def tiny_recipe(model_dir, *overrides: str):
+    return load_recipe(
+        None,
+        [
+            f"model.name_or_path={model_dir}",
+            "train.output_dir=unused",
+            "data.sources=[{path: unused.jsonl}]",
+            f"data.max_length={TOKENS}",
+            "model.dtype=float32",
+            *overrides,
+        ],
+    )
+
+
+def saved_and_real_bytes(recipe) -> dict[str, int]:
+    """One forward + backward + AdamW step of the tiny model as training builds it, on a TOKENS-token sample: the
+    bytes of its weights (bitsandbytes' absmax tensors included), gradients, optimizer states, and of the distinct
+    storages autograd saved for backward (weights themselves excluded)."""
+    from vidtune.train.training.build import build_optimizer
+    from vidtune.train.training.loss import ChunkedLoss, language_head
+    from vidtune.train.training.model import apply_finetuning, enable_gradient_checkpointing, load_model
+
+    model, family = load_model(recipe.model)
+    model = apply_finetuning(model, family, recipe.finetune)
+    if recipe.model.gradient_checkpointing or recipe.model.quantization.bits:
+        enable_gradient_checkpointing(model)
+    model.train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(5, 60, (1, TOKENS))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = ChunkedLoss(language_head(model))(model, {"input_ids": ids, "labels": ids})
+    loss.backward()
+    optimizer, _ = build_optimizer(recipe, model, total_steps=1)
+    optimizer.step()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    quant_states = [p.quant_state for p in model.parameters() if getattr(p, "quant_state", None) is not None]
+    absmax = [q.absmax for q in quant_states] + [q.state2.absmax for q in quant_states if q.nested]
+    return {
+        "weights": sum(p.numel() * p.element_size() for p in model.parameters())
+        + sum(a.numel() * a.element_size() for a in absmax),
+        "gradients": sum(p.grad.numel() * p.grad.element_size() for p in trainable),
+        "optimizer": sum(
+            value.numel() * value.element_size()
+            for state in optimizer.state.values()
+            for key, value in state.items()
+            if key != "step"  # a scalar per tensor
+        ),
+        "activations": sum(saved.values()),
+    }
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),  # LoRA, dropout 0.05
+        ("finetune.mode=full",),
+        ("model.quantization.bits=4",),  # QLoRA: 4-bit nf4 with double quantization, checkpointing on
+        ("model.gradient_checkpointing=true", "model.quantization.bits=4", "model.quantization.double_quant=false"),
+    ],
+    ids=["lora", "full", "qlora", "qlora-single-quant"],
+)
+@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f in ("llava_next_video", "qwen2_5_vl")])
+def test_the_plan_equals_the_tiny_runs_tensors_and_its_activations_are_within_25_percent(
+    family, family_kits, overrides
+):
+    from vidtune.train.training.memory_plan import plan_memory
+    from vidtune.train.training.model import apply_finetuning, build_on_meta
+
+    recipe = tiny_recipe(family_kits(family).model_dir, *overrides)
+    meta, fam = build_on_meta(recipe.model)
+    plan = plan_memory(apply_finetuning(meta, fam, recipe.finetune), fam, recipe)
+    torch.manual_seed(0)
+    real = saved_and_real_bytes(recipe)
+    assert (plan.weights, plan.gradients, plan.optimizer) == (real["weights"], real["gradients"], real["optimizer"])
+    assert plan.activations == pytest.approx(real["activations"], rel=0.25)
+
+
+def test_dry_run_prints_a_memory_section_that_follows_quantization_and_zero(tiny_model_dir, demo_corpus, capsys):
+    from vidtune.train.cli import main
+
+    def plan(*extra: str) -> dict[str, float]:
+        recipe = ["train", "demo/instruct", f"model.name_or_path={tiny_model_dir}", "--dry-run", *extra]
+        main(recipe)
+        out = capsys.readouterr().out
+        section = out[out.index("memory (per GPU, GB") :].splitlines()[1:]
+        return {line.split()[0]: float(line.split()[1]) * 1024**3 for line in section if line.strip()}
+
+    lora, qlora = plan(), plan("model.quantization.bits=4")
+    sharded = plan("--num-processes", "2", "--zero-stage", "3")
+    assert set(lora) >= {"weights", "gradients", "optimizer", "activations", "total"}
+    # every rank runs its own micro-batch, with the model's own loss under ZeRO-3: full fp32 logits
+    assert sharded["activations"] > lora["activations"]
+    assert qlora["weights"] < 0.85 * lora["weights"]  # (unquantized embeddings weigh much when tiny)
+    assert qlora["gradients"] == lora["gradients"] and qlora["optimizer"] == lora["optimizer"]
+    for part in ("weights", "gradients", "optimizer"):
+        assert sharded[part] == pytest.approx(lora[part] / 2, rel=1e-3)  # 4 significant digits printed

@@ -1,0 +1,211 @@
+"""The memory plan of `vidtune train RECIPE --dry-run`: per-GPU bytes of weights, gradients, optimizer states and
+activations, by arithmetic over the model (built on the meta device, LoRA applied), the recipe and the launch
+(processes, ZeRO stage). No weights are read and nothing is allocated.
+
+- weights: every parameter at its dtype; trainable ones in fp32 (build.keep_trainable_weights_in_fp32) unless
+  DeepSpeed keeps them in model.dtype (its fp32 master copy is then an optimizer state); QLoRA's 4-bit layers as
+  bitsandbytes stores them (two values per byte, one absmax per 64-value block: a byte with double quantization,
+  whose second-level fp32 absmax per 256 blocks is counted too; the 16- and 256-entry codebooks are not), 8-bit
+  ones as one byte per value plus an fp32 scale per output row. ZeRO-3 divides them by the process count.
+- gradients: one fp32 value per trainable weight (divided by the process count under ZeRO-2 and 3).
+- optimizer states: AdamW's two fp32 moments per trainable weight (+ DeepSpeed's fp32 master weights), divided by
+  the process count under any ZeRO stage.
+- activations: what autograd keeps for backward for the longest sample the data allows (`batch_size` x
+  `max_length` tokens, visual tokens included): per decoder layer and token, the RMSNorms' fp32 inputs and scales,
+  the inputs each trainable linear saves (LoRA: its input and its rank-r A output; full: the linears' inputs and the
+  norms' outputs), attention's q, k, v, output and log-sum-exp, the MLP's gate, up, activation and product, and
+  LoRA dropout's outputs and masks. With gradient checkpointing only each layer's input is kept, and backward
+  recomputes one layer at a time (`recompute`). The chunked loss keeps the label positions' hidden states; the
+  model's own loss (ZeRO-3) keeps fp32 logits and their log-softmax. The vision tower keeps activations only when
+  it or the projector trains (the same per-layer arithmetic over its patches). The formula follows transformers'
+  Llama-style decoder layers (LLaVA, OneVision, Qwen2.5-VL, Qwen3-VL); Qwen3.5's Gated DeltaNet layers keep more
+  than it counts (about 2.5x on the tiny model).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+GB = 1024**3
+PARTS = ("weights", "gradients", "optimizer", "activations")
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per GPU, by part; `recompute` is the extra one layer needs in backward under gradient checkpointing."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    recompute: int
+    processes: int
+    zero_stage: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.recompute
+
+    def table(self) -> str:
+        sharding = f"ZeRO-{self.zero_stage}" if self.zero_stage else "no sharding"
+        lines = [f"memory (per GPU, GB; {self.processes} process(es), {sharding}; estimate, excl. CUDA context)"]
+        for part in PARTS:
+            lines.append(f"  {part:<14}{getattr(self, part) / GB:>10.4g}")
+        if self.recompute:
+            lines.append(f"  {'recompute':<14}{self.recompute / GB:>10.4g}  (one layer, in backward)")
+        lines.append(f"  {'total':<14}{self.total / GB:>10.4g}")
+        return "\n".join(lines)
+
+
+def element_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def quantized_bytes(numel: int, out_features: int, bits: int, double_quant: bool) -> int:
+    """Bytes bitsandbytes stores for one quantized weight of `numel` values (see the module docstring)."""
+    if bits == 8:
+        return numel + 4 * out_features
+    blocks = math.ceil(numel / 64)
+    if double_quant:
+        return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256)
+    return math.ceil(numel / 2) + 4 * blocks
+
+
+def quantized_weight_names(model: Any, language_model_prefix: str, skip_modules: tuple[str, ...]) -> dict[str, int]:
+    """{parameter name: out_features} of the weights QLoRA quantizes: the language model's linear layers that the
+    family does not skip, matched as transformers matches `llm_int8_skip_modules`."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    found = {}
+    for name, module in model.named_modules():
+        bare = name.removeprefix("base_model.model.").removesuffix(".base_layer")
+        if "lora_" in name or not bare.startswith(language_model_prefix):
+            continue
+        if isinstance(module, torch.nn.Linear) and should_convert_module(bare, list(skip_modules)):
+            found[f"{name}.weight"] = module.out_features
+    return found
+
+
+def parameter_bytes(
+    model: Any, family: Any, recipe: Any, deepspeed: bool, processes: int, zero_stage: int
+) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer states) bytes per GPU."""
+    from vidtune.train.training.model import resolve_dtype
+
+    q = recipe.model.quantization
+    dtype_bytes = element_bytes(resolve_dtype(recipe.model.dtype))
+    quantized = (
+        quantized_weight_names(model, family.language_model_prefix, family.quantization_skip_modules) if q.bits else {}
+    )
+    weights = trainable = 0
+    for name, param in model.named_parameters():
+        numel = param.numel()
+        if param.requires_grad:
+            trainable += numel
+            weights += numel * (dtype_bytes if deepspeed else 4)
+        elif name in quantized:
+            weights += quantized_bytes(numel, quantized[name], q.bits, q.double_quant)
+        else:
+            weights += numel * dtype_bytes
+    master = trainable * 4 if deepspeed and dtype_bytes < 4 else 0
+    gradients, optimizer = trainable * 4, trainable * 8 + master
+    shard = max(1, processes)
+    return (
+        weights // (shard if zero_stage == 3 else 1),
+        gradients // (shard if zero_stage >= 2 else 1),
+        optimizer // (shard if zero_stage >= 1 else 1),
+    )
+
+
+def config_value(config: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def layer_elements(config: Any, lora_per_layer: tuple[int, int], full: bool, act_bytes: int) -> tuple[int, int]:
+    """(bytes in model precision, bytes in fp32) one decoder layer keeps per token for backward (module docstring);
+    `lora_per_layer`: (sum of LoRA ranks, dropout elements) of one layer's LoRA-wrapped linears."""
+    hidden = config_value(config, "hidden_size", "embed_dim")
+    intermediate = config_value(config, "intermediate_size", default=4 * hidden)
+    heads = config_value(config, "num_attention_heads", "num_heads")
+    head_dim = config_value(config, "head_dim", default=hidden // heads)
+    kv = config_value(config, "num_key_value_heads", default=heads) * head_dim
+    ranks, dropout = lora_per_layer
+    norms_fp32 = 2 * (hidden + 1)  # each RMSNorm's fp32 input and its 1/rms
+    attention = 2 * heads * head_dim + 2 * kv + heads * head_dim  # q, out, k, v, o_proj's input
+    model_precision = 2 * hidden + attention + 4 * intermediate + ranks + (2 * hidden if full else 0)
+    # LoRA dropout keeps its output and a one-byte mask per element; attention its fp32 log-sum-exp per head
+    return model_precision * act_bytes + dropout * (act_bytes + 1), norms_fp32 * 4 + heads * 4
+
+
+def lora_shape(model: Any, prefix: str, num_layers: int, dropout: float) -> tuple[int, int]:
+    """(sum of ranks, sum of dropout elements) per layer of the LoRA-wrapped linears under `prefix`."""
+    ranks = inputs = 0
+    for name, module in model.named_modules():
+        if name.removeprefix("base_model.model.").startswith(prefix) and name.endswith("lora_A.default"):
+            ranks += module.out_features
+            inputs += module.in_features
+    return ranks // max(1, num_layers), (inputs // max(1, num_layers)) if dropout > 0 else 0
+
+
+def activation_bytes(model: Any, family: Any, recipe: Any, zero_stage: int, mixed_precision: str) -> tuple[int, int]:
+    """(bytes kept for backward, extra bytes one layer's recompute needs) for the longest micro-batch."""
+    from vidtune.train.training.model import resolve_dtype
+
+    text = getattr(model.config, "text_config", model.config)
+    tokens = recipe.train.batch_size * recipe.data.max_length
+    low = resolve_dtype(recipe.model.dtype) != torch.float32 or mixed_precision in ("bf16", "fp16")
+    act_bytes = 2 if low else 4
+    layers = text.num_hidden_layers
+    full = recipe.finetune.mode == "full"
+    lora = (0, 0) if full else lora_shape(model, family.language_model_prefix, layers, recipe.finetune.lora.dropout)
+    per_token = sum(layer_elements(text, lora, full, act_bytes))
+    hidden = text.hidden_size
+    # the final norm (fp32 input and scale) and the head's input at label positions (chunked loss), or fp32 logits
+    # and their log-softmax when the model computes its own loss (ZeRO-3)
+    head = (hidden + 1) * 4 + hidden * act_bytes + (8 * text.vocab_size if zero_stage == 3 else 0)
+    if recipe.model.gradient_checkpointing or recipe.model.quantization.bits:
+        kept, recompute = tokens * (layers * hidden * act_bytes + head), tokens * per_token
+    else:
+        kept, recompute = tokens * (layers * per_token + head), 0
+    if recipe.finetune.train_projector or recipe.finetune.vision_tower != "frozen":
+        kept += vision_activation_bytes(model, recipe, act_bytes)
+    return kept, recompute
+
+
+def vision_activation_bytes(model: Any, recipe: Any, act_bytes: int) -> int:
+    """The vision tower's share when the vision side trains: its patches (frames x patches per frame, or the visual
+    tokens' patches for dynamic-resolution towers) through every vision layer."""
+    vision = getattr(model.config, "vision_config", None)
+    if vision is None:
+        return 0
+    if getattr(vision, "image_size", None) and getattr(vision, "patch_size", None):
+        patches = recipe.data.sampling.num_frames * (vision.image_size // vision.patch_size) ** 2
+    else:  # Qwen: one token per spatial_merge_size**2 patches, at most max_length tokens
+        patches = recipe.data.max_length * getattr(vision, "spatial_merge_size", 2) ** 2
+    layers = config_value(vision, "num_hidden_layers", "depth", default=0)
+    per_patch = sum(layer_elements(vision, (0, 0), recipe.finetune.vision_tower == "full", act_bytes))
+    return recipe.train.batch_size * patches * layers * per_patch
+
+
+def plan_memory(
+    model: Any,
+    family: Any,
+    recipe: Any,
+    processes: int = 1,
+    zero_stage: int = 0,
+    deepspeed: bool = False,
+    mixed_precision: str = "no",
+) -> MemoryPlan:
+    """The plan for a model built on the meta device with the recipe's finetuning applied (model.build_on_meta +
+    apply_finetuning)."""
+    weights, gradients, optimizer = parameter_bytes(model, family, recipe, deepspeed, processes, zero_stage)
+    activations, recompute = activation_bytes(model, family, recipe, zero_stage, mixed_precision)
+    return MemoryPlan(weights, gradients, optimizer, activations, recompute, processes, zero_stage)
