@@ -4,7 +4,8 @@ N"): in this process (`record_reads`), or in every process of a multi-process la
     accelerate launch --cpu --num_processes 2 -m tests.host_syncs_probe OUT_DIR key=value ...
 
 which writes OUT_DIR/rank<N>.json. On the CPU every tensor is host memory, so the calls that would copy to the host
-on an accelerator are watched themselves, attributed to the code that made them."""
+on an accelerator are watched themselves, attributed to the code that made them: reads of a value, and results
+whose size depends on values (a boolean mask as an index, nonzero), whose size the host must read back."""
 
 from __future__ import annotations
 
@@ -22,9 +23,16 @@ import vidtune.train
 
 # Tensor methods that copy a value to the host: each one a synchronisation on an accelerator.
 READS_TO_HOST = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+# Tensor methods whose result's size depends on the values: the host reads that size back.
+SIZED_BY_VALUES = ("nonzero", "masked_select")
+# Indexing reads a size back when the index holds a boolean mask (tensor[mask], tensor[mask] = ...).
+INDEXING = ("__getitem__", "__setitem__")
 # The code under test: the training package and the Accelerate calls it makes. The model's own forward
 # (transformers, peft) and the CPU-side data preparation (data/, DataLoader) are not the loop's doing.
 WATCHED = (str(Path(vidtune.train.__file__).parent), "/accelerate/")
+# transformers functions that act on an argument the loss chose: the positions to compute logits at
+# (`logits_to_keep`, sliced there by a boolean mask when the loss passes one).
+ON_BEHALF_OF_THE_LOSS = ("slice_logits_to_keep",)
 
 
 def caller(stack: traceback.StackSummary) -> str | None:
@@ -34,27 +42,34 @@ def caller(stack: traceback.StackSummary) -> str | None:
             return None
         if "/torch/" in frame.filename or frame.filename == __file__:
             continue
-        watched = any(part in frame.filename for part in WATCHED)
+        watched = any(part in frame.filename for part in WATCHED) or frame.name in ON_BEHALF_OF_THE_LOSS
         return f"{Path(frame.filename).name}:{frame.lineno} {frame.name}" if watched else None
     return None
+
+
+def boolean_mask(index: Any, *value: Any) -> bool:
+    """Whether an index holds a boolean tensor mask (a 0-d one selects all or nothing: no size to read)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool and p.ndim > 0 for p in parts)
 
 
 @contextmanager
 def watching(reads: list[str]):
     """Every read to the host made by watched code while inside, appended to `reads`."""
-    originals = {name: getattr(torch.Tensor, name) for name in READS_TO_HOST}
+    originals = {name: getattr(torch.Tensor, name) for name in (*READS_TO_HOST, *SIZED_BY_VALUES, *INDEXING)}
 
-    def wrap(real: Any) -> Any:
+    def wrap(real: Any, reads_when: Any = None) -> Any:
         def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            where = caller(traceback.extract_stack())
-            if where is not None:
-                reads.append(where)
+            if reads_when is None or reads_when(*args):
+                where = caller(traceback.extract_stack())
+                if where is not None:
+                    reads.append(where)
             return real(self, *args, **kwargs)
 
         return wrapper
 
     for name, real in originals.items():
-        setattr(torch.Tensor, name, wrap(real))
+        setattr(torch.Tensor, name, wrap(real, boolean_mask if name in INDEXING else None))
     try:
         yield
     finally:
