@@ -18,15 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 import vidtune.train
 
 # Tensor methods that copy a value to the host: each one a synchronisation on an accelerator.
 READS_TO_HOST = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
-# Tensor methods whose result's size depends on the values: the host reads that size back.
-SIZED_BY_VALUES = ("nonzero", "masked_select")
+# Calls whose result's size depends on the values (the host reads that size back), seen through a torch function
+# mode: setting __getitem__ on the Tensor class, even back again, leaves it a sequence type, so 0-d tensors then
+# look like sequences to later code.
+SIZED_BY_VALUES = (torch.Tensor.nonzero, torch.nonzero, torch.Tensor.masked_select, torch.masked_select)
 # Indexing reads a size back when the index holds a boolean mask (tensor[mask], tensor[mask] = ...).
-INDEXING = ("__getitem__", "__setitem__")
+INDEXING = (torch.Tensor.__getitem__, torch.Tensor.__setitem__)
 # The code under test: the training package and the Accelerate calls it makes. The model's own forward
 # (transformers, peft) and the CPU-side data preparation (data/, DataLoader) are not the loop's doing.
 WATCHED = (str(Path(vidtune.train.__file__).parent), "/accelerate/")
@@ -47,31 +50,46 @@ def caller(stack: traceback.StackSummary) -> str | None:
     return None
 
 
-def boolean_mask(index: Any, *value: Any) -> bool:
+def boolean_mask(index: Any) -> bool:
     """Whether an index holds a boolean tensor mask (a 0-d one selects all or nothing: no size to read)."""
     parts = index if isinstance(index, tuple) else (index,)
     return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool and p.ndim > 0 for p in parts)
 
 
+class SizedByValues(TorchFunctionMode):
+    """Appends to `reads` the calls of watched code whose result's size depends on values."""
+
+    def __init__(self, reads: list[str]):
+        super().__init__()
+        self.reads = reads
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        if func in SIZED_BY_VALUES or (func in INDEXING and boolean_mask(args[1])):
+            where = caller(traceback.extract_stack())
+            if where is not None:
+                self.reads.append(where)
+        return func(*args, **(kwargs or {}))
+
+
 @contextmanager
 def watching(reads: list[str]):
     """Every read to the host made by watched code while inside, appended to `reads`."""
-    originals = {name: getattr(torch.Tensor, name) for name in (*READS_TO_HOST, *SIZED_BY_VALUES, *INDEXING)}
+    originals = {name: getattr(torch.Tensor, name) for name in READS_TO_HOST}
 
-    def wrap(real: Any, reads_when: Any = None) -> Any:
+    def wrap(real: Any) -> Any:
         def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            if reads_when is None or reads_when(*args):
-                where = caller(traceback.extract_stack())
-                if where is not None:
-                    reads.append(where)
+            where = caller(traceback.extract_stack())
+            if where is not None:
+                reads.append(where)
             return real(self, *args, **kwargs)
 
         return wrapper
 
     for name, real in originals.items():
-        setattr(torch.Tensor, name, wrap(real, boolean_mask if name in INDEXING else None))
+        setattr(torch.Tensor, name, wrap(real))
     try:
-        yield
+        with SizedByValues(reads):
+            yield
     finally:
         for name, real in originals.items():
             setattr(torch.Tensor, name, real)
