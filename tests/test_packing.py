@@ -106,13 +106,12 @@ def test_packed_batches_give_the_padded_loss_and_gradients(family_kit, examples)
     expected = loss_and_gradients(model, loss, padded)
     for batch, loss_fn in ((one_row, model_loss), (rows, loss)):  # the model's own loss: the ZeRO-3 path
         assert_same_loss_and_gradients(loss_and_gradients(model, loss_fn, batch), expected)
-    # As training collates them: label positions from the host; the flash-attention boundaries (which sdpa/eager
-    # ignore) or not.
+    # As training collates them: label positions from the host, and the flash-attention boundaries (which sdpa/eager
+    # take and ignore: the padded batch above has none).
     with_positions = packer(family_kit, fill, loss_positions=True)(examples)
     pop_counts(with_positions)
-    without_boundaries = {k: v for k, v in with_positions.items() if k not in FLASH_KEYS}
-    for batch in (with_positions, without_boundaries):
-        assert_same_loss_and_gradients(loss_and_gradients(model, loss, batch), expected)
+    assert set(FLASH_KEYS) <= with_positions.keys() and not set(FLASH_KEYS) & padded.keys()
+    assert_same_loss_and_gradients(loss_and_gradients(model, loss, with_positions), expected)
 
 
 @pytest.mark.parametrize("max_length", [None, 60])
