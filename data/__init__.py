@@ -8,6 +8,8 @@ video/           decoding behind one interface (TorchCodec, decord, PyAV), sampl
 frame_cache.py   decoded frames kept across epochs and runs
 quality.py       the bad-sample budget, decode time limits
 examples.py      conversation + frames -> input_ids, labels, pixels (the family's template and processor)
+preference.py    preference pairs (DPO): one decode, chosen and rejected examples, one batch of both
+rollouts.py      reward-training prompts (GRPO): one decode per prompt, shared by its group of completions
 dataset.py       measuring, length drops, map-style and streamed datasets, the epoch batch sampler
 measure_cache.py the start-up measurements cached on disk by row, media file identity and settings
 collator.py      pad examples into a batch (visual tensors batched by the family)

@@ -20,6 +20,7 @@ A spec holds comma-separated faults:
   nanweights@STEP    the trainable weights turn NaN in optimizer step STEP
   termeval@STEP      SIGTERM to this process as the eval-loss evaluation after step STEP starts
   termgen@STEP       the same as the generation-based evaluation after step STEP starts
+  shortgen@N         rank 1 samples GRPO completions of at most N tokens (its ranks then generate different lengths)
 """
 
 from __future__ import annotations
@@ -32,7 +33,19 @@ import time
 from typing import Any
 
 SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT, "pgterm": signal.SIGTERM}
-FAULTS = (*SIGNALS, "killsave", "nan", "infgrad", "hang", "enospc", "crashpublish", "nanweights", "termeval", "termgen")
+FAULTS = (
+    *SIGNALS,
+    "killsave",
+    "nan",
+    "infgrad",
+    "hang",
+    "enospc",
+    "crashpublish",
+    "nanweights",
+    "termeval",
+    "termgen",
+    "shortgen",
+)
 
 
 def parse(spec: str) -> list[tuple[str, str]]:
@@ -56,6 +69,10 @@ def patches(spec: str) -> list[tuple[Any, str, Any]]:
             result.append((checkpoint, "write_manifest", _kill_while_saving(checkpoint.write_manifest, int(where))))
         elif action == "nan":
             result.append((loop, "forward_loss", _nan_loss(loop.forward_loss, where)))
+        elif action == "shortgen":
+            from vidtune.train.objectives import select
+
+            result.append((select.Rollout, "__call__", _short_generation(select.Rollout.__call__, int(where))))
         elif action == "infgrad":
             result.append((loop, "micro_step", _infinite_gradient(loop.micro_step, int(where))))
         elif action == "enospc" and where.startswith("step."):
@@ -66,7 +83,7 @@ def patches(spec: str) -> list[tuple[Any, str, Any]]:
             result.append((checkpoint, "publish", _crash_before_publish(checkpoint.publish, int(where))))
         elif action == "nanweights":
             result.append((loop, "train_step", _nan_weights(loop.train_step, int(where))))
-        elif action in ("termeval", "termgen"):
+        elif action in ("termeval", "termgen", "shortgen"):
             name = "evaluate" if action == "termeval" else "generation_eval"
             result.append((held_out, name, _term_at_eval(getattr(held_out, name), int(where))))
         else:
@@ -115,6 +132,15 @@ def _nan_loss(real: Any, where: str) -> Any:
         return loss
 
     return forward_loss
+
+
+def _short_generation(real: Any, tokens: int) -> Any:
+    def rollout(self: Any, model: Any, batch: Any) -> Any:
+        if self.accelerator.process_index == 1:
+            self.settings.max_new_tokens = tokens
+        return real(self, model, batch)
+
+    return rollout
 
 
 def _infinite_gradient(real: Any, step: int) -> Any:

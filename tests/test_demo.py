@@ -66,3 +66,17 @@ def test_an_unknown_family_or_a_workdir_of_another_family_is_one_line(tiny_model
         build_tiny_model(tiny_model_dir.parent / "never", family="qwen9")
     with pytest.raises(RecipeError, match="holds a llava_next_video model, not llava_onevision"):
         ensure_tiny_model(tiny_model_dir, "llava_onevision")
+
+
+def test_demo_stages_are_checked_before_anything_runs():
+    from vidtune.train.demo.stages import parse_stages
+    from vidtune.train.training.config import RecipeError
+
+    assert parse_stages("base,dpo") == ("base", "dpo")
+    assert parse_stages("base, instruct, chat, grpo") == ("base", "instruct", "chat", "grpo")
+    with pytest.raises(RecipeError, match="the dpo stage starts from base: list base before it"):
+        parse_stages("dpo")
+    with pytest.raises(RecipeError, match="the chat stage starts from instruct"):
+        parse_stages("base,chat")
+    with pytest.raises(RecipeError, match="choose from base, instruct, chat, dpo, grpo"):
+        parse_stages("base,ppo")

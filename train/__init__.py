@@ -3,6 +3,7 @@
     training/    the training run: recipe config, model setup and trainable audit, building loaders and optimizer,
                  the loop, checkpoints and resuming, processes and devices, preemption, step health, run outputs,
                  metric logging
+    objectives/  what a step optimises: supervised fine-tuning, DPO on preference pairs, GRPO from rewards
     generation/  answers from a trained model: load and generate (infer), terminal chat, batch predict
     evaluation/  scored answers: tasks (qa, multiple choice, caption, recognition) and their metrics
     publishing/  a run made shareable: export folder, model card, Hub push

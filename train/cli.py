@@ -173,6 +173,12 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--packing", action="store_true", help="train every stage with train.packing=true (the same losses, packed)"
     )
+    p.add_argument(
+        "--stages",
+        default="base,instruct,chat",
+        help="comma-separated stages: base, instruct, chat, and dpo / grpo (the order question from preference "
+        "pairs / rewards, after base), e.g. base,dpo",
+    )
 
 
 def _add_env(p: argparse.ArgumentParser) -> None:
@@ -467,9 +473,11 @@ def run_cache(args: argparse.Namespace) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    from vidtune.train.demo.stages import parse_stages
     from vidtune.train.demo.stages import run_demo as demo
 
-    demo(args.workdir, family=args.family, overrides=("train.packing=true",) if args.packing else ())
+    overrides = ("train.packing=true",) if args.packing else ()
+    demo(args.workdir, family=args.family, overrides=overrides, stages=parse_stages(args.stages))
 
 
 def run_env(args: argparse.Namespace) -> None:

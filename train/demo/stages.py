@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from vidtune.data.conversation import Message, assistant_texts, message, text_part
@@ -27,7 +28,8 @@ from vidtune.train.training.config import EvalConfig, RecipeError, load_recipe, 
 from vidtune.train.training.model import load_model_config
 from vidtune.train.training.tracking import read_metrics
 
-STAGES = ("base", "instruct", "chat")
+STAGES = ("base", "instruct", "chat")  # the default pipeline
+ALL_STAGES = (*STAGES, "dpo", "grpo")  # dpo / grpo: the order question learned from pairs / rewards, after base
 
 
 QA = EvalConfig(task="qa", max_new_tokens=8)
@@ -113,37 +115,83 @@ def ensure_tiny_model(model_dir: Path, family: str) -> None:
         raise RecipeError(f"{model_dir} holds a {found} model, not {family}: choose another --workdir")
 
 
+def parse_stages(text: str) -> tuple[str, ...]:
+    """`base,dpo` -> the stages, each after the one it starts from (instruct, dpo, grpo: base; chat: instruct)."""
+    stages = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in stages if name not in ALL_STAGES]
+    if unknown or not stages:
+        raise RecipeError(f"--stages {text!r}: choose from {', '.join(ALL_STAGES)} (comma-separated)")
+    for name in stages:
+        needed = "instruct" if name == "chat" else "base" if name != "base" else None
+        if needed and needed not in stages[: stages.index(name)]:
+            raise RecipeError(f"--stages {text!r}: the {name} stage starts from {needed}: list {needed} before it")
+    return stages
+
+
 def run_demo(
-    workdir: str | Path | None = None, family: str = DEFAULT_FAMILY, overrides: tuple[str, ...] = ()
+    workdir: str | Path | None = None,
+    family: str = DEFAULT_FAMILY,
+    overrides: tuple[str, ...] = (),
+    stages: tuple[str, ...] = STAGES,
 ) -> dict[str, float]:
-    """The three stages (recipes demo/base, demo/instruct, demo/chat, each with `overrides`) and their accuracy."""
+    """The stages (recipes demo/<stage>, each with `overrides`; base, instruct, chat by default) and their
+    held-out accuracy, written to demo_report.json."""
     root = Path(workdir or default_workdir(family)).resolve()
     os.environ["VIDTUNE_DEMO_DIR"] = str(root)  # the packaged demo recipes resolve their paths under it
     corpus, model_dir = root / "corpus", root / "tiny-model"
     ensure_tiny_model(model_dir, family)
-    if not (corpus / "chats_eval.json").is_file():
+    if not (corpus / "preferences_eval.jsonl").is_file():
         write_demo_corpus(corpus)
     print(f"== demo in {root}: corpus {corpus}, tiny {family} model {model_dir}")
     report: dict[str, float] = {}
+    for stage in stages:
+        started = time.perf_counter()
+        STAGE_SCORES[stage](run_stage(stage, overrides), corpus, report)
+        report[f"{stage}: stage seconds (training and scoring)"] = round(time.perf_counter() - started, 1)
 
-    base = load_for_inference(str(run_stage("base", overrides)))
+    print("\n== held-out accuracy")
+    for key, value in report.items():
+        shown = f"{value:7.1f}s" if "seconds" in key else f"{100 * value:5.1f}%"
+        print(f"  {key:<56} {shown}")
+    if "chat" in stages:
+        chat = load_for_inference(str(root / "runs" / "chat"))
+        transcript = show_one_chat(chat, corpus / "videos" / "eval_0000.mp4", corpus)
+        (root / "demo_chat.txt").write_text("\n".join(transcript) + "\n", encoding="utf-8")
+    (root / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def score_base(output: Path, corpus: Path, report: dict[str, float]) -> None:
+    base = load_for_inference(str(output))
     report["base: caption exact match"], _ = exact_match_on(base, corpus / "captions_eval.jsonl")
     exact, records = exact_match_on(base, corpus / "questions_eval.jsonl")
     report["base: order question exact match (before instruct)"] = exact
     report["base: order question, right colour first (chance 50%)"] = right_colour_first(records)
-    instruct = load_for_inference(str(run_stage("instruct", overrides)))
-    exact, records = exact_match_on(instruct, corpus / "questions_eval.jsonl")
-    report["instruct: order question exact match"] = exact
-    report["instruct: order question, right colour first"] = right_colour_first(records)
-    kept, _ = exact_match_on(instruct, corpus / "captions_eval.jsonl")
-    report["instruct: caption exact match (captions mixed in)"] = kept
-    chat = load_for_inference(str(run_stage("chat", overrides)))
-    report["chat: second-turn exact match"] = second_turn_accuracy(chat, corpus)
 
-    print("\n== held-out accuracy")
-    for key, value in report.items():
-        print(f"  {key:<56} {100 * value:5.1f}%")
-    transcript = show_one_chat(chat, corpus / "videos" / "eval_0000.mp4", corpus)
-    (root / "demo_chat.txt").write_text("\n".join(transcript) + "\n", encoding="utf-8")
-    (root / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return report
+
+def score_order_question(stage: str) -> Callable[[Path, Path, dict[str, float]], None]:
+    """instruct (SFT), dpo (pairs) and grpo (rewards) all end with the order question, scored alike."""
+
+    def score(output: Path, corpus: Path, report: dict[str, float]) -> None:
+        model = load_for_inference(str(output))
+        exact, records = exact_match_on(model, corpus / "questions_eval.jsonl")
+        report[f"{stage}: order question exact match"] = exact
+        report[f"{stage}: order question, right colour first"] = right_colour_first(records)
+        if stage == "instruct":
+            kept, _ = exact_match_on(model, corpus / "captions_eval.jsonl")
+            report["instruct: caption exact match (captions mixed in)"] = kept
+
+    return score
+
+
+def score_chat(output: Path, corpus: Path, report: dict[str, float]) -> None:
+    report["chat: second-turn exact match"] = second_turn_accuracy(load_for_inference(str(output)), corpus)
+
+
+STAGE_SCORES: dict[str, Callable[[Path, Path, dict[str, float]], None]] = {
+    "base": score_base,
+    "instruct": score_order_question("instruct"),
+    "chat": score_chat,
+    "dpo": score_order_question("dpo"),
+    "grpo": score_order_question("grpo"),
+}

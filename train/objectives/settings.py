@@ -25,8 +25,12 @@ class GRPOSettings:
     temperature: float = 1.0  # sampling temperature of the rollouts
     beta: float = 0.0  # weight of the KL to the reference (adapter disabled); 0 = none (Dr. GRPO)
     epsilon: float = 0.2  # ratio clipping: the update keeps ratio within [1 - epsilon, 1 + epsilon]
-    rewards: list[str] = field(default_factory=lambda: ["exact"])  # choice | exact, summed with reward_weights
+    # choice | exact | module:function (completion, row) -> float; summed with reward_weights
+    rewards: list[str] = field(default_factory=lambda: ["exact"])
     reward_weights: list[float] = field(default_factory=list)  # empty = 1 each
+    # decode each prompt's clip once for its whole group (off: once per completion, as peers do; the benchmark
+    # compares the two)
+    decode_once: bool = True
 
 
 def validate_objective(objective: str, dpo: DPOSettings, grpo: GRPOSettings) -> str | None:
@@ -39,9 +43,16 @@ def validate_objective(objective: str, dpo: DPOSettings, grpo: GRPOSettings) -> 
         return "train.grpo needs num_generations >= 2 (a group), max_new_tokens >= 1 and temperature > 0"
     if grpo.beta < 0 or grpo.epsilon <= 0:
         return "train.grpo needs beta >= 0 and epsilon > 0"
-    unknown = [name for name in grpo.rewards if name not in REWARDS]
-    if unknown or not grpo.rewards:
-        return f"train.grpo.rewards: {unknown or 'none'}; built-in rewards: {', '.join(REWARDS)}"
+    if not grpo.rewards:
+        return f"train.grpo.rewards is empty; built-in rewards: {', '.join(REWARDS)}, or module:function"
+    if objective == "grpo":
+        from vidtune.train.objectives.rewards import resolve
+
+        for name in grpo.rewards:
+            try:
+                resolve(name)  # said now, before any model loads
+            except ValueError as err:
+                return f"train.grpo.rewards: {err}"
     if grpo.reward_weights and len(grpo.reward_weights) != len(grpo.rewards):
         return "train.grpo.reward_weights needs one weight per reward (or none)"
     return None

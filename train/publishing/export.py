@@ -81,7 +81,8 @@ def merge_adapter(run_dir: Path, out: Path, metadata: dict[str, Any]) -> None:
     base = metadata["base_model"]
     family = family_for(load_model_config(base).model_type)
     with refusing_pickles(base, run_dir):
-        model = model_class(family).from_pretrained(base, dtype="auto")  # the base's own dtype (bf16 for the 7B)
+        # the base's own dtype (bf16 for the 7B), never quantized: a QLoRA adapter folds into the real weights
+        model = model_class(family).from_pretrained(base, dtype="auto")
         merged = PeftModel.from_pretrained(model, str(run_dir)).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
     AutoProcessor.from_pretrained(str(run_dir)).save_pretrained(out)

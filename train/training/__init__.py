@@ -9,6 +9,7 @@ loop.py         the Accelerate loop: micro-batches, loss scaling, steps, eval, c
 loss.py         the summed token loss from hidden states in chunks (or Liger), never the full logits
 held_out.py     held-out scores during training (eval loss, generation metrics); batches to the device
 checkpoint.py   checkpoints written atomically, verified, resumed only when the run matches, loaded safely
+resume.py       resuming from the newest checkpoint that loads; changed learning rate / weight decay applied
 distributed.py  the Accelerator, DeepSpeed settings, ZeRO-3 vision lockstep, gathering sharded weights
 cpu_launch.py   GPU launch configs on machines without CUDA (the only private-API patches, asserted)
 preemption.py   SIGTERM / SIGINT: finish the step, checkpoint, exit 128+signal

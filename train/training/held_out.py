@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 def to_device(run: Run, batch: dict[str, Any]) -> dict[str, Any]:
     """Streamed batches are not placed by Accelerate; uint8 pixels are normalised once there (family)."""
     device = run.accelerator.device
-    # From pinned memory on a GPU; host numbers (packed attention's max_length_q/k) stay on the host.
+    # From pinned memory on a GPU; host values (an objective's texts, packed attention's max_length_q/k) stay.
     moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return run.family.normalize_pixels(moved, run.processor)
 

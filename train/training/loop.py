@@ -172,7 +172,7 @@ def build_run(recipe: Recipe, accelerator: Accelerator, lock: Any) -> Run:
         trainable=[p for p in model.parameters() if p.requires_grad],
         bad_samples=BadSampleMonitor(recipe.data.bad_samples, recipe.train.output_dir),
         lock=lock,
-        loss=build_objective(recipe, model, accelerator.autocast, zero3),
+        loss=build_objective(recipe, model, accelerator, family, processor, zero3),
     )
 
 

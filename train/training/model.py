@@ -278,6 +278,10 @@ def trainable_audit(model: Any, family: ModelFamily) -> dict[str, Any]:
     return {"parts": parts, "lora": dict(lora), "wrapped": wrapped, "trainable": trainable, "total": total}
 
 
+# torch's linear layer, and bitsandbytes' quantized ones (QLoRA's language model: quantization.py)
+LINEAR_KINDS = ("Linear", "Linear4bit", "Linear8bitLt")
+
+
 def wrapped_modules(model: Any) -> dict[str, list[str]]:
     """{layer type: [module names]} of every module LoRA wraps, whatever its kind (Linear, Conv3d, Embedding)."""
     from peft.tuners.lora import LoraLayer
@@ -327,7 +331,7 @@ def check_audit(audit: dict[str, Any], cfg: FinetuneConfig, from_adapter: bool =
             problems.append(f"{part} should carry LoRA but no LoRA weights sit there")
         if expect in ("none", "all") and lora:
             problems.append(f"{part} carries {lora:,} LoRA params the recipe did not ask for")
-    not_linear = {kind: names for kind, names in audit.get("wrapped", {}).items() if kind != "Linear"}
+    not_linear = {kind: names for kind, names in audit.get("wrapped", {}).items() if kind not in LINEAR_KINDS}
     if not_linear and not from_adapter:  # finetune.lora.targets name linear layers only
         problems += [
             f"LoRA wraps {len(names)} {kind} module(s) ({names[0]}, ...)" for kind, names in not_linear.items()

@@ -1,0 +1,226 @@
+"""Reward-based objective (GRPO): its math against a hand computation, one decode per prompt, bad rewards."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+from vidtune.data.conversation import DataError
+from vidtune.data.quality import BadSampleConfig
+from vidtune.train.objectives import rewards as reward_module
+from vidtune.train.objectives.grpo import GRPOObjective, completion_mask, group_advantages, grpo_token_loss
+from vidtune.train.objectives.settings import GRPOSettings
+from vidtune.train.training.config import load_recipe
+
+
+def test_advantages_clipping_and_kl_match_a_hand_computation() -> None:
+    rewards = torch.tensor(
+        [1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5], dtype=torch.float64
+    )  # two groups of 4; the second all equal
+    advantages = group_advantages(rewards, 4)
+    first = [1.0, 0.0, 0.0, 1.0]
+    mean = sum(first) / 4
+    std = math.sqrt(sum((r - mean) ** 2 for r in first) / 3)  # unbiased, as torch.std (and TRL)
+    for i in range(4):
+        assert float(advantages[i]) == pytest.approx((first[i] - mean) / (std + 1e-4), rel=1e-6)
+    assert torch.equal(advantages[4:], torch.zeros(4, dtype=torch.float64))  # no signal in a group that scored alike
+
+    # one token per completion: ratios inside, above and below the clip range, with both advantage signs
+    logps = torch.tensor([-1.0, -1.0, -1.0, -1.0, -2.0, -0.5], dtype=torch.float64)
+    old = torch.tensor([-1.5, -0.5, -1.0, -1.1, -1.5, -0.9], dtype=torch.float64)
+    reference = torch.tensor([-1.2, -0.8, -1.0, -1.3, -2.5, -0.1], dtype=torch.float64)
+    token_advantages = torch.tensor([1.0, -1.0, 0.7, -0.4, 2.0, -2.0], dtype=torch.float64)
+    epsilon, beta = 0.2, 0.05
+    loss, kl, bound = grpo_token_loss(logps, old, reference, token_advantages, epsilon, beta)
+    for i in range(6):
+        ratio = math.exp(float(logps[i] - old[i]))
+        advantage = float(token_advantages[i])
+        clipped = min(max(ratio, 1 - epsilon), 1 + epsilon)
+        delta = float(reference[i] - logps[i])
+        expected_kl = math.exp(delta) - delta - 1
+        expected = -min(ratio * advantage, clipped * advantage) + beta * expected_kl
+        assert float(loss[i]) == pytest.approx(expected, rel=1e-6), i
+        assert float(kl[i]) == pytest.approx(expected_kl, rel=1e-6), i
+        expected_bound = (ratio < 1 - epsilon and advantage < 0) or (ratio > 1 + epsilon and advantage > 0)
+        assert bool(bound[i]) == expected_bound, i
+    assert bound.tolist() == [True, True, False, False, False, False]  # above and below the range both bind
+
+
+def test_completion_mask_ends_at_the_first_stop_token() -> None:
+    completions = torch.tensor([[5, 6, 2, 0, 0], [7, 2, 9, 2, 0], [5, 6, 7, 8, 9]])
+    assert completion_mask(completions, [2]).int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_rewards_that_raise_or_return_nan_follow_the_bad_sample_budget(monkeypatch) -> None:
+    def fragile(completion: str, row: dict) -> float:
+        if completion == "boom":
+            raise ValueError("cannot parse")
+        return math.nan if completion == "nan" else 1.0
+
+    monkeypatch.setitem(reward_module.REWARDS, "fragile", fragile)
+    settings = GRPOSettings(num_generations=4, rewards=["fragile"])
+
+    def objective(budget: BadSampleConfig) -> GRPOObjective:
+        return GRPOObjective(settings, None, nullcontext, lambda m, b: (torch.zeros(0), []), [2], (), budget)
+
+    rows = [{"answer": "red", "question": "Which color comes first?", "at": f"q.jsonl line {i}"} for i in range(40)]
+    completions = ["red"] * 40
+    completions[5], completions[17], completions[30] = "boom", "nan", "boom"
+    tolerant = objective(BadSampleConfig(max_bad_fraction=0.1))
+    rewards = tolerant.rewards(completions, rows, torch.device("cpu"))
+    assert rewards.isnan().nonzero().flatten().tolist() == [5, 17, 30]
+    assert [where for where, _ in tolerant.bad.bad] == ["q.jsonl line 5", "q.jsonl line 17", "q.jsonl line 30"]
+    assert "raised ValueError: cannot parse" in tolerant.bad.bad[0][1] and "returned nan" in tolerant.bad.bad[1][1]
+    assert group_advantages(rewards, 4)[5] == 0
+    with pytest.raises(DataError, match=r"grpo rewards: .*reward fragile raised ValueError"):
+        objective(BadSampleConfig()).rewards(completions, rows, torch.device("cpu"))  # 3 of 40 > 5%
+
+
+@pytest.mark.parametrize("decode_once", [True, False])
+def test_grpo_decodes_each_prompt_once_for_its_group(
+    family_kits, demo_corpus: Path, tmp_path: Path, monkeypatch, decode_once: bool
+) -> None:
+    from tests.conftest import tiny_run_overrides
+    from vidtune.data import dataset
+    from vidtune.data.rollouts import GroupCollator
+    from vidtune.train.training.config import load_recipe
+    from vidtune.train.training.loop import train
+    from vidtune.train.training.tracking import read_metrics
+
+    decodes: list[str] = []
+    original = dataset.load_clip
+
+    def counting(path, *args, **kwargs):
+        decodes.append(path)
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(dataset, "load_clip", counting)
+    prompts: list[int] = []  # prompts batched (the loader may build a batch ahead of the step that uses it)
+    collate = GroupCollator.__call__
+    monkeypatch.setattr(GroupCollator, "__call__", lambda self, rows: prompts.append(len(rows)) or collate(self, rows))
+    overrides = tiny_run_overrides(
+        family_kits("llava_next_video").model_dir,
+        demo_corpus,
+        tmp_path / "grpo",
+        "train.objective=grpo",
+        "train.grpo.num_generations=4",
+        "train.grpo.max_new_tokens=4",
+        "train.grpo.beta=0.1",
+        f"train.grpo.decode_once={decode_once}",
+        "train.batch_size=2",
+        "train.max_steps=1",
+    )
+    output = train(load_recipe(None, overrides))
+    assert sum(prompts) >= 2
+    assert len(decodes) == sum(prompts) * (1 if decode_once else 4)  # 4 completions per prompt
+    logged = [m for m in read_metrics(output) if "train/reward" in m]
+    assert len(logged) == 1
+    for key in ("train/kl", "train/clip_fraction", "train/completion_tokens", "train/rewards/exact"):
+        assert math.isfinite(logged[-1][key]), key
+    assert 1 <= logged[-1]["train/completion_tokens"] <= 4
+
+
+def varied_reward(completion: str, row: dict) -> float:
+    """A user reward (module:function) that varies over a random model's completions, so updates happen."""
+    return float(len(completion) % 3)
+
+
+def test_a_killed_grpo_run_resumes_bit_exactly_sampling_included(family_kits, demo_corpus: Path, tmp_path: Path):
+    """kill -9 as step 3 starts (checkpoints every 2 steps), relaunch: steps 3-4 sample the same completions (same
+    rewards, lengths) and log the same loss, KL and gradient norm as the uninterrupted run (dropout on)."""
+    import signal
+    import subprocess
+
+    from tests.conftest import tiny_run_overrides
+    from tests.faults import cli_command
+    from vidtune.train.training.config import recipe_to_yaml
+    from vidtune.train.training.loop import train
+    from vidtune.train.training.tracking import read_metrics
+
+    def recipe(output: Path) -> object:
+        return load_recipe(
+            None,
+            tiny_run_overrides(
+                family_kits("llava_next_video").model_dir,
+                demo_corpus,
+                output,
+                "train.objective=grpo",
+                "train.grpo.num_generations=4",
+                "train.grpo.max_new_tokens=4",
+                "train.grpo.beta=0.1",
+                "train.grpo.rewards=[tests.test_grpo:varied_reward]",
+                "train.max_steps=4",
+                "train.save_every_steps=2",
+                "train.batch_size=1",
+                "finetune.lora.dropout=0.1",
+            ),
+        )
+
+    def figures(output: Path) -> dict[int, tuple]:
+        keys = ("train/loss", "train/reward", "train/kl", "train/grad_norm", "train/completion_tokens")
+        return {m["step"]: tuple(m[k] for k in keys) for m in read_metrics(output) if "train/reward" in m}
+
+    train(recipe(tmp_path / "whole"))
+    cut = tmp_path / "cut"
+    path = tmp_path / "cut.yaml"
+    path.write_text(recipe_to_yaml(recipe(cut)))
+    killed = subprocess.run(
+        cli_command("train", str(path), fault="kill@2.0"), capture_output=True, text=True, timeout=600
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    train(load_recipe(path))
+    whole = figures(tmp_path / "whole")
+    assert sorted(whole) == [1, 2, 3, 4] and figures(cut) == whole
+    assert len({v[1] for v in whole.values()}) > 1 and any(v[3] > 0 for v in whole.values())  # it really trained
+
+
+def test_rewards_score_as_eval_does_and_unknown_ones_are_refused_up_front(family_kits, tmp_path: Path) -> None:
+    from vidtune.train.training.config import RecipeError
+
+    row = {"question": "Which color comes first?\nA. red\nB. blue\nAnswer with the option's letter.", "answer": "B"}
+    assert [reward_module.choice_reward(c, row) for c in ("B", "(B)", "blue", "A", "red then blue", "")] == [
+        1.0, 1.0, 1.0, 0.0, 0.0, 0.0,
+    ]  # fmt: skip
+    assert reward_module.exact_reward("The Red.", {"answer": "red"}) == 1.0
+    assert reward_module.resolve("tests.test_grpo:varied_reward") is varied_reward
+    base = [f"model.name_or_path={family_kits('llava_next_video').model_dir}", "data.sources=[{path: x.jsonl}]"]
+    for name, message in (("nosuch.module:f", "cannot be loaded"), ("exactly", "unknown reward 'exactly'")):
+        overrides = [*base, f"train.output_dir={tmp_path}", "train.objective=grpo", f"train.grpo.rewards=[{name}]"]
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(None, overrides)
+
+
+@pytest.mark.slow
+def test_zero3_grpo_finishes_when_ranks_generate_different_lengths(family_kits, demo_corpus: Path, tmp_path: Path):
+    """2 processes under ZeRO-3: rank 1's completions stop after 1 token, rank 0's run to 6. Without synced_gpus the
+    rank that finished first would leave the other waiting in its parameter all-gathers forever (ms-swift #7899)."""
+    from tests.conftest import tiny_run_overrides
+    from tests.test_distributed import engine, launch
+    from vidtune.train.training.config import recipe_to_yaml
+    from vidtune.train.training.tracking import read_metrics
+
+    output = tmp_path / "run"
+    overrides = tiny_run_overrides(
+        family_kits("llava_next_video").model_dir,
+        demo_corpus,
+        output,
+        "train.objective=grpo",
+        "train.grpo.num_generations=2",
+        "train.grpo.max_new_tokens=6",
+        "train.grpo.rewards=[tests.test_grpo:varied_reward]",
+        "train.max_steps=2",
+        "train.batch_size=1",
+    )
+    path = tmp_path / "grpo.yaml"
+    path.write_text(recipe_to_yaml(load_recipe(None, overrides)))
+    result = launch(path, "zero3.yaml", fault="shortgen@1")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert engine(output) == {"num_processes": 2, "distributed_type": "DEEPSPEED", "zero_stage": 3}
+    logged = [m for m in read_metrics(output) if "train/completion_tokens" in m]
+    assert len(logged) == 2
+    # the mean over both ranks: rank 1's single tokens pull it below rank 0's lengths
+    assert all(1 <= m["train/completion_tokens"] < 6 for m in logged)
