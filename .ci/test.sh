@@ -11,7 +11,14 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! { command -v ffmpeg 
 fi
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+# Packaging warnings (setuptools' BuildBackendWarning, e.g. a recipe folder missing from pyproject's packages) fail
+# the run: a user's `pip install -e .` prints them too. Not ours: pip's own "WARNING:" lines (root user), and the
+# "Editable installation." notice setuptools (84) gives every editable install of a package-dir mapping like ours.
+.venv/bin/python -m pip install --quiet -e ".[dev]" 2>&1 | tee .venv/install.log
+if grep -E "[A-Za-z]Warning\b" .venv/install.log | grep -v "Warning: Editable installation\.$"; then
+    echo "pip install -e . printed the warnings above" >&2
+    exit 1
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy data train

@@ -154,7 +154,7 @@ def test_an_external_sigterm_on_a_running_subprocess(tiny_model_dir, demo_corpus
         env={**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"},
     )
     for line in process.stdout:
-        if line.startswith("step 2:"):
+        if line.startswith("step 2/"):
             process.send_signal(signal.SIGTERM)
             break
     _, stderr = process.communicate(timeout=300)

@@ -254,6 +254,32 @@ def test_twenty_concurrent_requests_are_all_answered_in_shared_batches(server, i
     assert after["batches"] - before["batches"] < 20  # queued requests were generated together
 
 
+ACCESS_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (GET|POST) (\S+) (\d{3}) \d+\.\d{3}s ?(.*)$", re.MULTILINE)
+
+
+def test_every_request_gets_one_access_line_and_an_error_its_code(server):
+    """As vLLM logs requests: method, path, status, latency, tokens and media count; 4xx with the error's code. The
+    line is written before the response's last byte leaves, so it is there when the client has its answer."""
+    before = len(server.log.read_text())
+    assert httpx.get(f"{server.url}/v1/models").status_code == 200
+    answered = httpx.post(f"{server.url}/v1/chat/completions", json=video_request(VIDEO, max_tokens=4), timeout=300)
+    streamed_text(server, video_request(VIDEO, stream=True, max_tokens=4))
+    for case in ("unknown model", "assistant last", "oversized body"):
+        assert _post_raw(server, BAD_REQUESTS[case][0]).status_code == BAD_REQUESTS[case][1]
+    assert httpx.get(f"{server.url}/no-such-page").status_code == 404
+    usage = answered.json()["usage"]
+    tokens = f"prompt_tokens={usage['prompt_tokens']} completion_tokens={usage['completion_tokens']} media=1"
+    assert ACCESS_LINE.findall(server.log.read_text()[before:]) == [
+        ("GET", "/v1/models", "200", ""),
+        ("POST", "/v1/chat/completions", "200", tokens),
+        ("POST", "/v1/chat/completions", "200", tokens),  # streamed: the same prompt and (greedy) answer
+        ("POST", "/v1/chat/completions", "404", "media=1 error=model_not_found"),
+        ("POST", "/v1/chat/completions", "400", "media=0 error=last_message_not_user"),
+        ("POST", "/v1/chat/completions", "413", "error=body_too_large"),
+        ("GET", "/no-such-page", "404", "error=invalid_request_error"),
+    ]
+
+
 # ------------------------------------------------------------------------- hostile clients (issue 24, items 12-13)
 
 
@@ -360,7 +386,9 @@ def chromium() -> str:
 
 
 def test_the_web_page_answers_the_order_question_about_an_uploaded_clip(demo_run, tmp_path):
-    """Upload a held-out demo clip, see its sampled frames, ask the order question, read the trained answer."""
+    """First load explains what to do; upload a held-out demo clip, see its sampled frames, ask the order question,
+    read the trained answer; a mistyped path is refused beside its field with the clip, its frames and the
+    conversation kept (the frames' screenshot unchanged); on a phone-wide window nothing spills sideways."""
     from playwright.sync_api import sync_playwright
 
     executable = chromium()
@@ -374,6 +402,10 @@ def test_the_web_page_answers_the_order_question_about_an_uploaded_clip(demo_run
         try:
             page = browser.new_page()
             page.goto(server.url)
+            hint = page.locator("#hint")
+            assert hint.is_visible() and "Choose a video" in hint.inner_text() and "Ask a question" in hint.inner_text()
+            assert page.locator("label[for=video-path]").is_visible()  # the path field has its label
+            page.screenshot(path=str(tmp_path / "first-load.png"))
             page.set_input_files("#video-file", str(corpus / row["video"]))
             page.wait_for_selector("#frames .frame img", timeout=60_000)
             num_frames = json.loads((root / "runs" / "instruct" / "vidtune.json").read_text())["sampling"]["num_frames"]
@@ -383,6 +415,22 @@ def test_the_web_page_answers_the_order_question_about_an_uploaded_clip(demo_run
             page.wait_for_selector(".message.assistant.done", timeout=120_000)
             assert page.locator(".message.assistant").inner_text().strip() == row["answer"]
             assert page.locator(".message.error").count() == 0
+            assert not hint.is_visible()
+            frames_before = page.locator("#frames").screenshot()
+            page.fill("#video-path", "videos/no_such_clip.mp4")
+            page.click("#use-path")
+            page.wait_for_selector("#path-error:not(:empty)", timeout=60_000)
+            assert "no_such_clip.mp4" in page.locator("#path-error").inner_text()
+            page.screenshot(path=str(tmp_path / "wrong-path.png"))
+            assert page.locator(".message").count() == 2 and page.locator("#frames .frame").count() == num_frames
+            assert page.locator("#frames").screenshot() == frames_before  # the same frames, pixel for pixel
+            page.fill("#prompt", "And last?")  # the conversation goes on with the clip it had
+            page.click("#send")
+            page.wait_for_selector(".message.assistant.done >> nth=1", timeout=120_000)
+            assert page.locator(".message.error").count() == 0
+            page.set_viewport_size({"width": 360, "height": 740})
+            assert page.evaluate("document.documentElement.scrollWidth") <= 360
+            page.screenshot(path=str(tmp_path / "narrow.png"), full_page=True)
             page.click("#reset")
             assert page.locator(".message").count() == 0
         finally:

@@ -219,7 +219,8 @@ def test_infer_predict_eval_and_chat_commands(family, family_runs, demo_corpus, 
     )
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(rows) == 16 and rows[0]["question"] == "Which color comes first?"
-    assert rows[0]["reference"] in ("red", "green", "blue", "yellow") and rows[0]["prediction"] == answer
+    assert rows[0]["references"][0] in ("red", "green", "blue", "yellow") and rows[0]["prediction"] == answer
+    assert rows[0]["media"] == [str(demo_corpus / "videos" / "eval_0000.mp4")]  # not only "file line N"
 
     evaluated = tmp_path / "eval"
     command = ["eval", str(output), "--data", data, "--task", "qa", "--out", str(evaluated), "--batch-size", "5"]
@@ -227,7 +228,8 @@ def test_infer_predict_eval_and_chat_commands(family, family_runs, demo_corpus, 
     metrics = json.loads((evaluated / "metrics.json").read_text())
     records = [json.loads(line) for line in (evaluated / "predictions.jsonl").read_text().splitlines()]
     assert metrics["num_samples"] == len(records) == 16
-    assert [r["prediction"] for r in records] == [r["prediction"] for r in rows]  # the same greedy answers
+    # The same fields (and the same greedy answers) as predict's, the scores beside them.
+    assert [{key: r[key] for key in rows[0]} for r in records] == rows
     right = sum(r["prediction"].strip().lower() == r["references"][0].lower() for r in records)
     assert metrics["exact_match"] == pytest.approx(right / 16)
 

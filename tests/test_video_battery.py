@@ -158,7 +158,9 @@ def test_vidtune_frames_prints_json_writes_pngs_and_refuses_in_one_line(battery,
     assert (tmp_path / "out" / "sheet.png").is_file()
     main(["frames", str(clip.path), "--fps", "2", "--start", "1", "--end", "2", "--backend", "pyav"])
     printed = capsys.readouterr().out
-    assert "decoded by pyav" in printed and "2 frames: #12@1.20s  #17@1.70s" in printed
+    assert "decoded by pyav" in printed and "2 frames: #12@1.20s  #17@1.70s" in printed and "note" not in printed
+    main(["frames", str(clip.path), "--fps", "4", "--num-frames", "5", "--backend", "pyav"])
+    assert "note: --fps 4 over 3.00s would take 12 frames; capped at --num-frames 5" in capsys.readouterr().out
     audio = next(c for c in battery if c.name == "audio_only.m4a")
     with pytest.raises(SystemExit) as exit_info:
         main(["frames", str(audio.path)])

@@ -11,6 +11,7 @@
     serving/     `vidtune serve`: OpenAI-compatible chat API and web chat page (FastAPI + uvicorn)
     demo/        `vidtune demo` and its fixtures: tiny models built from config, synthetic clips, the demo corpus
     environment.py  `vidtune env`: versions, CUDA and GPUs, FFmpeg, which video decoders work
+    quiet.py     library warnings and progress bars hidden on the happy path (--verbose / VIDTUNE_LOG=debug)
     cli.py       the `vidtune` command: one table of subcommands calling into the packages above
 
 Model-specific code lives in vidtune.data.families, never here.

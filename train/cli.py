@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vidtune.data.conversation import DataError
+from vidtune.train.quiet import quiet_libraries, verbose_requested
 
 MAX_NEW_TOKENS = 128
 
@@ -69,6 +70,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         "--decode-timeout-s", type=float, default=120.0, help="a request's media decode is stopped after (default 120)"
     )
     p.add_argument("--served-model-name", help="the model id /v1/models lists (default: the folder's name)")
+    p.add_argument(
+        "--log-requests", choices=("on", "off"), default="on", help="one line per request on stdout (default on)"
+    )
 
 
 def _add_corpus_args(p: argparse.ArgumentParser) -> None:
@@ -162,11 +166,14 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="write the folder and list what would be uploaded; no push")
 
 
-FAMILY_HELP = "model family of the tiny model (default llava_next_video; see `vidtune tiny-model --help`)"
+# The families with a tiny model (data/families FAMILIES and train/demo TINY_MODELS; a test keeps this in step),
+# spelled out here so that `--help` need not import the model code.
+TINY_FAMILIES = ("llava_next_video", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+FAMILY_HELP = "model family of the tiny model (default llava_next_video)"
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--family", default="llava_next_video", help=FAMILY_HELP)
+    p.add_argument("--family", default="llava_next_video", choices=TINY_FAMILIES, help=FAMILY_HELP)
     p.add_argument(
         "--workdir", help="where the corpus, model and runs go (default vidtune-demo, vidtune-demo-FAMILY for others)"
     )
@@ -187,9 +194,7 @@ def _add_env(p: argparse.ArgumentParser) -> None:
 
 def _add_tiny_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="folder to write the model into")
-    p.add_argument(
-        "--family", default="llava_next_video", help="llava_next_video (default), or another family with a tiny model"
-    )
+    p.add_argument("--family", default="llava_next_video", choices=TINY_FAMILIES, help=FAMILY_HELP)
 
 
 # ------------------------------------------------------------------------------------------------------ runners
@@ -373,6 +378,7 @@ def run_serve(args: argparse.Namespace) -> None:
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         decode_timeout_s=args.decode_timeout_s,
+        log_requests=args.log_requests == "on",
     )
     if args.max_queue < 1 or args.decode_timeout_s <= 0:
         raise DataError("--max-queue must be >= 1 and --decode-timeout-s > 0")
@@ -434,7 +440,7 @@ def run_check(args: argparse.Namespace) -> None:
 
 def run_frames(args: argparse.Namespace) -> None:
     from vidtune.data.video import VideoError
-    from vidtune.train.datatools.frames import describe, print_report, sample_video, write_frames
+    from vidtune.train.datatools.frames import capped_note, describe, print_report, sample_video, write_frames
 
     try:
         clip = sample_video(
@@ -444,6 +450,9 @@ def run_frames(args: argparse.Namespace) -> None:
         print(err, file=sys.stderr)
         sys.exit(1)
     print_report(describe(args.video, clip), args.json)
+    note = capped_note(clip, args.fps, args.num_frames, args.start, args.end)
+    if note and not args.json:
+        print(note)
     if args.out:
         write_frames(clip, args.out)
         if not args.json:
@@ -549,7 +558,11 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vidtune", description="Fine-tune video-language models (LLaVA-NeXT-Video).")
+    families = "LLaVA-NeXT-Video, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL and Qwen3.5"
+    parser = argparse.ArgumentParser(
+        prog="vidtune",
+        description=f"Fine-tune video-language models: {families} (families: {', '.join(TINY_FAMILIES)}).",
+    )
     parser.add_argument("--version", action="version", version=f"vidtune {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
@@ -566,6 +579,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     name, command = argv[0], COMMANDS[argv[0]]
     parser = argparse.ArgumentParser(prog=f"vidtune {name}", description=command.help)
     command.add_arguments(parser)
+    parser.add_argument("--verbose", action="store_true", help="the libraries' warnings too (or VIDTUNE_LOG=debug)")
     args = parser.parse_intermixed_args(argv[1:])
     args.command = name
     return args
@@ -573,6 +587,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if not verbose_requested(getattr(args, "verbose", False)):
+        quiet_libraries(loads_models=args.command not in ("frames", "env"))
     from vidtune.train.training.config import RecipeError
     from vidtune.train.training.health import TrainingError
     from vidtune.train.training.preemption import TrainingStopped

@@ -5,6 +5,7 @@ writes the frames as PNGs and a contact sheet with their times."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,21 @@ def describe(path: str, clip: Clip) -> dict[str, Any]:
             {"index": index, "pts_s": round(t, 6)} for index, t in zip(clip.indices, clip.timestamps_s, strict=True)
         ],
     }
+
+
+def capped_note(clip: Clip, fps: float | None, num_frames: int, start_s: float | None, end_s: float | None) -> str:
+    """When --fps over the clip asks for more frames than --num-frames allows: say so (sampling takes at most
+    --num-frames, spread over the clip, so the rate is lower than asked)."""
+    if fps is None:
+        return ""
+    span_s = (clip.info.duration_s if end_s is None else end_s) - (start_s or 0.0)
+    asked = math.floor(span_s * fps + 1e-6)
+    if asked <= num_frames:
+        return ""
+    return (
+        f"  note: --fps {fps:g} over {span_s:.2f}s would take {asked} frames; capped at --num-frames {num_frames}, "
+        f"so {num_frames / span_s:.2g} frames/s (raise --num-frames for more)"
+    )
 
 
 def contact_sheet(frames: np.ndarray, labels: list[str], columns: int = 4, cell_px: int = 240) -> Any:

@@ -86,12 +86,18 @@ def show_one_chat(im: InferenceModel, video: Path, corpus: Path) -> list[str]:
 
 def run_stage(name: str, overrides: tuple[str, ...] = ()) -> Path:
     from vidtune.train.training.loop import train
+    from vidtune.train.training.outputs import finished_message
 
+    recipe = load_recipe(packaged_recipe(f"demo/{name}"), overrides)
+    if finished_message(recipe) is not None:  # a second `vidtune demo`: no stale speeds, no "trained in 0s"
+        output = Path(recipe.train.output_dir)
+        print(f"== stage {name}: reused the run finished before in {output} (delete that folder to train it again)")
+        return output
     started = time.perf_counter()
-    output = train(load_recipe(packaged_recipe(f"demo/{name}"), overrides))
+    output = train(recipe)
     seconds = time.perf_counter() - started
     figures = [m for m in read_metrics(output) if "train/samples_per_s" in m]
-    if figures:  # (a stage that had finished before this launch logged nothing new)
+    if figures:
         fed = figures[-1]
         print(
             f"== stage {name}: {fed['train/samples_per_s']:.0f} samples/s, the main process waited for batches "

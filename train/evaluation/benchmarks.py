@@ -37,6 +37,7 @@ from vidtune.data.sources import (
     source_name,
 )
 from vidtune.train.evaluation.tasks import EvalItem
+from vidtune.train.generation.predict import answer_record
 
 # MVBench keeps each task's videos in the folder of the dataset it came from (its own evaluation code's table).
 MVBENCH_FOLDERS = {
@@ -254,10 +255,7 @@ def score_benchmark(
         correct = choice == truth
         records.append(
             {
-                "at": item.at,
-                "question": item.question,
-                "prediction": prediction,
-                "references": item.references,
+                **answer_record(item.at, item.prompt, prediction, item.references),
                 "choice": choice,
                 "answer": truth,
                 "correct": correct,

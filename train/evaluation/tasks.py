@@ -34,6 +34,7 @@ from vidtune.train.evaluation.metrics import (
     token_f1,
 )
 from vidtune.train.generation.infer import InferenceModel, generate
+from vidtune.train.generation.predict import answer_record
 from vidtune.train.training.config import EvalConfig
 
 OPTION_LINE = re.compile(r"^([A-Z])\. (.+)$", re.MULTILINE)
@@ -129,8 +130,7 @@ def score(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Metrics and one record per item (prediction, reference, correct)."""
     records: list[dict[str, Any]] = [
-        {"at": i.at, "question": i.question, "prediction": p, "references": i.references}
-        for i, p in zip(items, predictions, strict=True)
+        answer_record(i.at, i.prompt, p, i.references) for i, p in zip(items, predictions, strict=True)
     ]
     metrics: dict[str, Any] = {"num_samples": len(items)}
     if cfg.task == "qa":

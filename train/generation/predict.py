@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vidtune.data.conversation import assistant_texts
+from vidtune.data.conversation import Message, assistant_texts, media_parts
 from vidtune.data.sources import SourceConfig, iter_conversations
 from vidtune.train.generation.infer import InferenceModel, generate
 
@@ -23,10 +23,19 @@ def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
+def answer_record(at: str, prompt: list[Message], prediction: str, references: list[str]) -> dict[str, Any]:
+    """The fields every predictions.jsonl row has, from `vidtune predict`, `vidtune eval` and the benchmarks alike:
+    where the row is, the paths of its media, the question, the prediction and the reference answers (a list:
+    a clip's captions are several; empty when the row has none)."""
+    question = " ".join(p["text"] or "" for p in prompt[-1]["content"] if p["type"] == "text") if prompt else ""
+    media = [part["path"] for part in media_parts(prompt)]
+    return {"at": at, "media": media, "question": question, "prediction": prediction, "references": references}
+
+
 def predict(
     im: InferenceModel, source: SourceConfig, out_path: str, batch_size: int = 8, max_new_tokens: int = 64
 ) -> int:
-    """Answer the last user turn of every row of a corpus; JSONL of prompt, prediction and reference per row.
+    """Answer the last user turn of every row of a corpus; JSONL of answer_record per row.
 
     Rows ending with an assistant turn use it as the reference and are answered without it."""
     out = Path(out_path)
@@ -37,9 +46,8 @@ def predict(
             prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in rows]
             predictions = generate(im, prompts, max_new_tokens)
             for row, prompt, prediction in zip(rows, prompts, predictions, strict=True):
-                reference = assistant_texts(row["messages"])[-1] if row["messages"][-1]["role"] == "assistant" else None
-                question = " ".join(p["text"] or "" for p in prompt[-1]["content"] if p["type"] == "text")
-                record = {"at": row["at"], "question": question, "prediction": prediction, "reference": reference}
-                sink.write(json.dumps(record) + "\n")
+                answered = row["messages"][-1]["role"] == "assistant"
+                references = [assistant_texts(row["messages"])[-1]] if answered else []
+                sink.write(json.dumps(answer_record(row["at"], prompt, prediction, references)) + "\n")
                 count += 1
     return count

@@ -34,6 +34,7 @@ from vidtune.data.conversation import Message as Turn
 from vidtune.data.examples import with_time_instructions
 from vidtune.data.quality import MAX_FRAME_PIXELS
 from vidtune.train.generation.infer import AnswerText, InferenceModel
+from vidtune.train.serving.access_log import AccessLog
 from vidtune.train.serving.decode import Cancelled, Decoder
 from vidtune.train.serving.engine import Engine, Job, Result, Settings
 from vidtune.train.serving.media import MediaPolicy, RequestFiles, resolve_media
@@ -57,6 +58,7 @@ class ServeSettings:
     max_queue: int = 64  # requests in the server at once (decoding, queued or generating); 429 beyond
     decode_timeout_s: float = 120.0  # a request's media decode is killed after this long (400)
     max_frame_pixels: int = MAX_FRAME_PIXELS  # the pixel limit training applies, from the header, before decoding
+    log_requests: bool = True  # one access line per request on stdout (access_log.py)
 
 
 class Admission:
@@ -130,6 +132,7 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            scope.setdefault("state", {})["error"] = "body_too_large"  # for the access log
             await self._too_large()(scope, receive, send)
             return
         received = 0
@@ -147,6 +150,10 @@ class BodyLimit:
     def _too_large(self) -> JSONResponse:
         error = APIError(413, f"the request body is larger than {self.max_bytes:,} bytes", code="body_too_large")
         return JSONResponse(error.body(), status_code=413)
+
+
+def media_count(messages: list[ChatMessage]) -> int:
+    return sum(part.type != "text" for msg in messages if not isinstance(msg.content, str) for part in msg.content)
 
 
 def to_conversation(messages: list[ChatMessage], policy: MediaPolicy, files: RequestFiles) -> list[Turn]:
@@ -321,6 +328,8 @@ def create_app(im: InferenceModel, settings: ServeSettings, decoder: Decoder | N
     app.state.engine = engine
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.log_requests:  # added last: the outermost, it sees the body limit's 413 too
+        app.add_middleware(AccessLog, write=lambda line: print(line, flush=True))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -348,6 +357,7 @@ def create_app(im: InferenceModel, settings: ServeSettings, decoder: Decoder | N
 
     @app.post("/v1/frames")
     async def frames(request: FramesRequest, http: Request) -> dict[str, Any]:
+        http.state.media = 1
         admission.enter()
         try:
             cancelled = threading.Event()
@@ -358,6 +368,7 @@ def create_app(im: InferenceModel, settings: ServeSettings, decoder: Decoder | N
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: ChatCompletionRequest, http: Request) -> JSONResponse | StreamingResponse:
+        http.state.media = media_count(request.messages)
         if request.model not in (None, "", settings.model_name):
             unknown = f"the model {request.model!r} does not exist (this server serves {settings.model_name!r})"
             raise APIError(404, unknown, "model", "model_not_found")
@@ -374,7 +385,7 @@ def create_app(im: InferenceModel, settings: ServeSettings, decoder: Decoder | N
             events = _queue_job(engine, example, sampling, cancelled)
             request_id = f"chatcmpl-{uuid.uuid4().hex}"
             if request.stream:
-                stream = _stream(events, request_id, settings.model_name, cancelled, admission.leave)
+                stream = _stream(events, request_id, settings.model_name, cancelled, admission.leave, http.state)
                 streaming = True  # the stream leaves the admission when it ends
                 return StreamingResponse(stream, media_type="text/event-stream")
             watcher = asyncio.create_task(_watch_disconnect(http, cancelled))
@@ -382,6 +393,7 @@ def create_app(im: InferenceModel, settings: ServeSettings, decoder: Decoder | N
                 text_done = await _finish(events)
             finally:
                 watcher.cancel()
+            http.state.usage = (text_done.prompt_tokens, text_done.completion_tokens)
             return JSONResponse(_completion(request_id, settings.model_name, text_done))
         finally:
             if not streaming:
@@ -407,6 +419,7 @@ async def _stream(
     model: str,
     cancelled: threading.Event,
     leave: Callable[[], None],
+    state: Any,
 ) -> AsyncIterator[str]:
     try:
         yield _chunk(request_id, model, {"role": "assistant", "content": ""}, None)
@@ -415,6 +428,7 @@ async def _stream(
             if kind == "delta":
                 yield _chunk(request_id, model, {"content": value}, None)
             elif kind == "done":
+                state.usage = (value.prompt_tokens, value.completion_tokens)  # for the access log
                 yield _chunk(request_id, model, {}, value.finish_reason)
                 break
             elif kind == "cancelled":
@@ -429,23 +443,24 @@ async def _stream(
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    def respond(error: APIError) -> JSONResponse:
+    def respond(request: Request, error: APIError) -> JSONResponse:
+        request.state.error = error.code or error.kind  # for the access log
         headers = {"Retry-After": "1"} if error.status == 429 else None
         return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
     async def api_error(request: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, APIError)
-        return respond(err)
+        return respond(request, err)
 
     async def invalid(request: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, RequestValidationError)
         text, param = validation_message(list(err.errors()))
-        return respond(APIError(400, text, param, "invalid_request"))
+        return respond(request, APIError(400, text, param, "invalid_request"))
 
     async def http_error(request: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, HTTPException)
         code = "body_too_large" if err.status_code == 413 else None
-        return respond(APIError(err.status_code, str(err.detail), code=code))
+        return respond(request, APIError(err.status_code, str(err.detail), code=code))
 
     handlers: dict[type[Exception], Callable[[Request, Exception], Awaitable[JSONResponse]]] = {
         APIError: api_error,

@@ -16,5 +16,6 @@ preemption.py   SIGTERM / SIGINT: finish the step, checkpoint, exit 128+signal
 health.py       bad samples met while training, non-finite losses
 outputs.py      what a finished run leaves: adapter or model, processor, recipe, vidtune.json
 tracking.py     metrics.jsonl, console lines and wandb
+progress.py     the live progress bar on a terminal (step of total, samples per second, loss, ETA), step lines otherwise
 flops.py        model FLOPs of a step per family (LoRA/full, attention, vision tower) and GPU peaks, for MFU
 """

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -24,7 +23,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from vidtune.data.dataset import DropReport, EpochBatchSampler
 from vidtune.data.families import ModelFamily
@@ -70,6 +68,7 @@ from vidtune.train.training.health import (
 from vidtune.train.training.held_out import evaluate_at, to_device
 from vidtune.train.training.model import format_audit
 from vidtune.train.training.preemption import StopRequest, TrainingStopped
+from vidtune.train.training.progress import TrainingBar
 from vidtune.train.training.resume import resume
 
 STOP_CHECK_STEPS = 10  # several processes agree on a stop request at read points, at least this often
@@ -309,9 +308,7 @@ def windows(loader: Any, size: int, progress: tracking.Progress) -> Iterator[lis
 
 def train_loop(run: Run) -> dict[str, float]:
     acc, t, state = run.accelerator, run.recipe.train, run.state
-    # A live bar on a terminal; logs (SLURM, CI, pipes) get the plain per-logging-step lines from tracking.log.
-    show_bar = acc.is_local_main_process and sys.stderr.isatty() and not os.environ.get("TQDM_DISABLE")
-    bar = tqdm(total=run.total_steps, initial=state.step, disable=not show_bar, desc="training")
+    bar = TrainingBar(acc, run.total_steps, state.step, t.batch_size * t.grad_accum_steps * acc.num_processes)
     metrics: dict[str, float] = {}
     progress = tracking.Progress(acc.num_processes, peak_tflops(t.peak_tflops))
     unread: dict[str, Any] = {}  # the steps' figures since the last read point, still on the device
@@ -331,10 +328,10 @@ def train_loop(run: Run) -> dict[str, float]:
             if not step_metrics.get("skipped"):  # a step the host skipped is no optimizer step
                 state.step += 1
                 add_unread(unread, step_metrics)
-                bar.update(1)
+                bar.step()
                 if is_read_point(run, state.step):
                     metrics = read_figures(run, unread, progress)
-                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
+                    bar.show(metrics)
                 after_step(run, metrics)
             stop = run.stop.requested(acc, agree=is_read_point(run, state.step))  # several ranks: agreed there
             if stop:
@@ -453,7 +450,7 @@ def train(recipe: Recipe) -> Path:
 
         hub_token()  # no token: say so now, not after hours of training
     run = setup(recipe)
-    tracking.start(run.accelerator, recipe)
+    tracking.start(run.accelerator, recipe, run.total_steps)
     run.stop.install()
     try:
         resume(run)

@@ -33,7 +33,12 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("online" if wandb_key_configured() else "offline")
 
 
-def start(accelerator: Any, recipe: Recipe) -> None:
+_total_steps: int | None = None  # the running run's step budget, named by its console lines (`step 10/20: ...`)
+
+
+def start(accelerator: Any, recipe: Recipe, total_steps: int | None = None) -> None:
+    global _total_steps
+    _total_steps = total_steps
     if recipe.logging.report_to == "tensorboard":  # OUTPUT/tensorboard/PROJECT: `tensorboard --logdir OUTPUT`
         accelerator.init_trackers(project_name=recipe.logging.project)  # the recipe is saved in the run folder
         return
@@ -61,7 +66,8 @@ def log(accelerator: Any, metrics: dict[str, float], step: int, output_dir: str 
     """To the trackers, the console, and OUTPUT/metrics.jsonl (one JSON object per logged step)."""
     accelerator.log(metrics, step=step)
     if accelerator.is_main_process:
-        tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        of_total = f"/{_total_steps}" if _total_steps else ""
+        tqdm.write(f"step {step}{of_total}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         with (Path(output_dir) / METRICS_FILE).open("a", encoding="utf-8") as sink:
             sink.write(json.dumps({"step": step, **metrics}) + "\n")
 
