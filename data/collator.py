@@ -18,6 +18,18 @@ from vidtune.data.families import ModelFamily
 from vidtune.data.packing import pack
 
 PADDING_SIDES = ("right", "left")
+# Batch keys the collator adds for the training loss (not model inputs): the flat positions (row * width + column)
+# whose next token is a label, row-major, and those labels (train/training/loss.py).
+LABEL_POSITIONS, LABEL_TARGETS = "label_positions", "label_targets"
+
+
+def label_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(B, T) labels on the host -> the flat positions whose next token is a label (N,) and those labels (N,):
+    position t predicts label t + 1, the shift transformers' causal-LM loss makes. Computed here, the device side
+    indexes with a size the host knows (a boolean mask there would read its count back from the device)."""
+    next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    positions = (next_labels != IGNORE_INDEX).nonzero().flatten()
+    return {LABEL_POSITIONS: positions, LABEL_TARGETS: next_labels[positions]}
 
 
 def pad_sequences(sequences: Sequence[torch.Tensor], value: int, side: str, width: int) -> torch.Tensor:
@@ -41,6 +53,9 @@ class Collator:
     packing: bool = False  # pack training samples instead of padding them (packing.py)
     pack_max_length: int | None = None  # packed rows of up to this many tokens; None: one row, no padding at all
     model_config: Any = None  # the model's config, for position ids that need it (multimodal RoPE) when packing
+    # Add the training loss's label positions and targets (train/training/loss.py label_positions), computed here on
+    # the host so the loss never reads a count back from the device. For the SFT loss only.
+    loss_positions: bool = False
 
     def __post_init__(self) -> None:
         if self.padding_side not in PADDING_SIDES:
@@ -54,6 +69,8 @@ class Collator:
         skipped = [reason for ex in examples for reason in ex.get("skipped", [])]
         if skipped:
             batch["skipped"] = skipped
+        if self.loss_positions and "labels" in batch:
+            batch.update(label_positions(batch["labels"]))
         return batch
 
     def packed(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:

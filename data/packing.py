@@ -32,6 +32,10 @@ from vidtune.data.families import ModelFamily
 
 # Batch keys that are counts for the loop, not model inputs (popped before the forward).
 NUM_SAMPLES, NUM_TOKENS = "num_samples", "num_tokens"
+# Where the rows' segments (samples, and a short row's padding) start in the flattened rows, and the longest: the
+# varlen flash-attention kwargs (transformers' FlashAttentionKwargs), given so it does not derive them from the
+# position ids in every layer (a device-to-host read each time). sdpa/eager ignore them (they read position_ids).
+FLASH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -77,9 +81,11 @@ def pack(
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((*positions[0].shape[:-1], len(rows), width), dtype=torch.long)
     per_token = {k: torch.zeros((len(rows), width), dtype=examples[0][k].dtype) for k in token_keys}
+    segments: list[int] = []  # segment lengths, row after row
     for r, row in enumerate(rows):
         start = 0
         for i in row:
+            segments.append(lengths[i])
             end = start + lengths[i]
             input_ids[r, start:end] = examples[i]["input_ids"]
             labels[r, start:end] = examples[i]["labels"]
@@ -88,7 +94,10 @@ def pack(
                 per_token[key][r, start:end] = examples[i][key]
             start = end
         position_ids[..., r, start:] = torch.arange(width - start)  # padding: a segment of its own
+        segments += [width - start] if width > start else []
     batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, **per_token}
+    starts = torch.tensor([0, *segments], dtype=torch.int32).cumsum(0, dtype=torch.int32)  # flash-attn wants int32
+    batch.update(zip(FLASH_KEYS, (starts, starts.clone(), max(segments), max(segments)), strict=True))
     if family is not None:
         batch.update(family.batch_visuals([examples[i] for row in rows for i in row]))
     batch[NUM_SAMPLES] = len(examples)

@@ -4,7 +4,8 @@ N"): in this process (`record_reads`), or in every process of a multi-process la
     accelerate launch --cpu --num_processes 2 -m tests.host_syncs_probe OUT_DIR key=value ...
 
 which writes OUT_DIR/rank<N>.json. On the CPU every tensor is host memory, so the calls that would copy to the host
-on an accelerator are watched themselves, attributed to the code that made them."""
+on an accelerator are watched themselves, attributed to the code that made them: reads of a value, and results
+whose size depends on values (a boolean mask as an index, nonzero), whose size the host must read back."""
 
 from __future__ import annotations
 
@@ -17,14 +18,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 import vidtune.train
 
 # Tensor methods that copy a value to the host: each one a synchronisation on an accelerator.
 READS_TO_HOST = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+# Calls whose result's size depends on the values (the host reads that size back), seen through a torch function
+# mode: setting __getitem__ on the Tensor class, even back again, leaves it a sequence type, so 0-d tensors then
+# look like sequences to later code.
+SIZED_BY_VALUES = (torch.Tensor.nonzero, torch.nonzero, torch.Tensor.masked_select, torch.masked_select)
+# Indexing reads a size back when the index holds a boolean mask (tensor[mask], tensor[mask] = ...).
+INDEXING = (torch.Tensor.__getitem__, torch.Tensor.__setitem__)
 # The code under test: the training package and the Accelerate calls it makes. The model's own forward
 # (transformers, peft) and the CPU-side data preparation (data/, DataLoader) are not the loop's doing.
 WATCHED = (str(Path(vidtune.train.__file__).parent), "/accelerate/")
+# transformers functions that act on an argument the loss chose: the positions to compute logits at
+# (`logits_to_keep`, sliced there by a boolean mask when the loss passes one).
+ON_BEHALF_OF_THE_LOSS = ("slice_logits_to_keep",)
 
 
 def caller(stack: traceback.StackSummary) -> str | None:
@@ -34,9 +45,30 @@ def caller(stack: traceback.StackSummary) -> str | None:
             return None
         if "/torch/" in frame.filename or frame.filename == __file__:
             continue
-        watched = any(part in frame.filename for part in WATCHED)
+        watched = any(part in frame.filename for part in WATCHED) or frame.name in ON_BEHALF_OF_THE_LOSS
         return f"{Path(frame.filename).name}:{frame.lineno} {frame.name}" if watched else None
     return None
+
+
+def boolean_mask(index: Any) -> bool:
+    """Whether an index holds a boolean tensor mask (a 0-d one selects all or nothing: no size to read)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool and p.ndim > 0 for p in parts)
+
+
+class SizedByValues(TorchFunctionMode):
+    """Appends to `reads` the calls of watched code whose result's size depends on values."""
+
+    def __init__(self, reads: list[str]):
+        super().__init__()
+        self.reads = reads
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        if func in SIZED_BY_VALUES or (func in INDEXING and boolean_mask(args[1])):
+            where = caller(traceback.extract_stack())
+            if where is not None:
+                self.reads.append(where)
+        return func(*args, **(kwargs or {}))
 
 
 @contextmanager
@@ -56,7 +88,8 @@ def watching(reads: list[str]):
     for name, real in originals.items():
         setattr(torch.Tensor, name, wrap(real))
     try:
-        yield
+        with SizedByValues(reads):
+            yield
     finally:
         for name, real in originals.items():
             setattr(torch.Tensor, name, real)

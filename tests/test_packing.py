@@ -17,7 +17,7 @@ from vidtune.data.collator import Collator
 from vidtune.data.conversation import media_part, message, text_part
 from vidtune.data.dataset import load_media
 from vidtune.data.families import family_for
-from vidtune.data.packing import first_fit_decreasing, pack_layout, pop_counts
+from vidtune.data.packing import FLASH_KEYS, first_fit_decreasing, pack_layout, pop_counts
 from vidtune.data.video import SamplingConfig
 from vidtune.train.training.flops import squared_lengths
 from vidtune.train.training.loss import ChunkedLoss, language_head, model_loss
@@ -65,9 +65,16 @@ def mixed_examples(kit, media: dict[str, Path]) -> list[dict[str, torch.Tensor]]
     return examples
 
 
-def packer(kit, max_length: int | None = None) -> Collator:
+def packer(kit, max_length: int | None = None, loss_positions: bool = False) -> Collator:
     pad = kit.processor.tokenizer.pad_token_id
-    return Collator(pad, family=kit.family, packing=True, pack_max_length=max_length, model_config=kit.model.config)
+    return Collator(
+        pad,
+        family=kit.family,
+        packing=True,
+        pack_max_length=max_length,
+        model_config=kit.model.config,
+        loss_positions=loss_positions,
+    )
 
 
 def assert_same_loss_and_gradients(got, expected) -> None:
@@ -99,6 +106,29 @@ def test_packed_batches_give_the_padded_loss_and_gradients(family_kit, examples)
     expected = loss_and_gradients(model, loss, padded)
     for batch, loss_fn in ((one_row, model_loss), (rows, loss)):  # the model's own loss: the ZeRO-3 path
         assert_same_loss_and_gradients(loss_and_gradients(model, loss_fn, batch), expected)
+    # As training collates them: label positions from the host, and the flash-attention boundaries (which sdpa/eager
+    # take and ignore: the padded batch above has none).
+    with_positions = packer(family_kit, fill, loss_positions=True)(examples)
+    pop_counts(with_positions)
+    assert set(FLASH_KEYS) <= with_positions.keys() and not set(FLASH_KEYS) & padded.keys()
+    assert_same_loss_and_gradients(loss_and_gradients(model, loss, with_positions), expected)
+
+
+@pytest.mark.parametrize("max_length", [None, 60])
+def test_packed_batches_carry_the_sample_boundaries_flash_attention_needs(family_kit, examples, max_length):
+    """cu_seq_lens_q/k and max_length_q/k (host ints) are where the position ids restart in the flattened rows, as
+    transformers would derive them on the device in every layer (prepare_fa_kwargs_from_position_ids)."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    batch = packer(family_kit, max_length)(examples)
+    positions = batch["position_ids"]
+    text_positions = positions[0] if positions.ndim == 3 else positions  # Qwen: the text row of multimodal RoPE
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(text_positions)
+    assert max_length is None or len(batch["input_ids"]) > 1  # first-fit rows, padding included
+    assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["cu_seq_lens_q"].tolist() == cu_q.tolist()
+    assert batch["cu_seq_lens_k"].tolist() == cu_k.tolist()
+    assert isinstance(batch["max_length_q"], int) and batch["max_length_q"] == batch["max_length_k"] == int(max_q)
+    assert int(max_k) == int(max_q)
 
 
 def logits_by_sample(model, batch: dict, lengths: list[int]) -> list[torch.Tensor]:

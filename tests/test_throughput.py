@@ -29,14 +29,26 @@ def loss_and_gradients(model, loss_fn, batch) -> tuple[torch.Tensor, dict[str, t
 
 
 def test_chunked_loss_has_the_models_loss_and_gradients(tiny_model, builder, clips, tmp_path, processor):
+    """With the label positions from the host (as training collates) or picked by a mask on the device; per row
+    (evaluation) too."""
     model = copy.deepcopy(tiny_model)
-    batch = Collator(processor.tokenizer.pad_token_id, family=LLAVA_NEXT_VIDEO)(
-        mixed_examples(builder, clips, tmp_path)
-    )
-    assert (batch["labels"] != -100).sum() > 7  # several chunks of 3 label tokens below
+    examples = mixed_examples(builder, clips, tmp_path)
+    batch = Collator(processor.tokenizer.pad_token_id, family=LLAVA_NEXT_VIDEO)(examples)
+    positioned = Collator(processor.tokenizer.pad_token_id, family=LLAVA_NEXT_VIDEO, loss_positions=True)(examples)
+    assert len(positioned["label_positions"]) == (batch["labels"][:, 1:] != -100).sum() > 7  # several chunks of 3
     expected_loss, expected_grads = loss_and_gradients(model, model_loss, batch)
     chunked = ChunkedLoss(language_head(model), chunk_tokens=3)
-    loss, grads = loss_and_gradients(model, chunked, batch)
+    assert_same_loss_and_gradients(loss_and_gradients(model, model_loss, positioned), expected_loss, expected_grads)
+    for collated in (batch, positioned):
+        assert_same_loss_and_gradients(loss_and_gradients(model, chunked, collated), expected_loss, expected_grads)
+    rows, counts = chunked.per_row(model, batch)
+    assert rows.sum().isclose(expected_loss, rtol=1e-5) and counts.sum() == len(positioned["label_positions"])
+    for got, expected in zip(chunked.per_row(model, positioned), (rows, counts), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def assert_same_loss_and_gradients(got, expected_loss, expected_grads) -> None:
+    loss, grads = got
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0)
     assert grads.keys() == expected_grads.keys() and "lm_head.weight" in grads
     for name, grad in grads.items():

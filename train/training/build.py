@@ -147,7 +147,8 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
     data, train_cfg = recipe.data, recipe.train
     # Pixels leave the workers uint8 (1/4 of the bytes); the loop normalises them on the device.
     builder = ExampleBuilder(processor, family, data.label_turns, raw_pixels=True)
-    collate = Collator(processor.tokenizer.pad_token_id, padding_side="right", family=family)
+    sft = recipe.train.objective == "sft"  # the SFT loss takes its label positions from the batch (loss.py)
+    collate = Collator(processor.tokenizer.pad_token_id, padding_side="right", family=family, loss_positions=sft)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     kwargs = loader_kwargs(recipe, collate, local_world)
     if train_cfg.packing:  # training batches only: evaluation scores per padded sample
@@ -157,6 +158,7 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
             packing=True,
             pack_max_length=pack_layout(recipe.model.attn_implementation, data.max_length),
             model_config=load_model_config(recipe.model.name_or_path, recipe.model.trust_remote_code),
+            loss_positions=sft,
         )
         train_kwargs = loader_kwargs(recipe, pack, local_world)
     else:

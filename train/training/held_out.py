@@ -12,7 +12,7 @@ from vidtune.data.examples import ExampleBuilder
 from vidtune.train.evaluation.tasks import in_training_eval
 from vidtune.train.generation.infer import InferenceModel
 from vidtune.train.training import tracking
-from vidtune.train.training.loss import ChunkedLoss
+from vidtune.train.training.loss import ChunkedLoss, model_inputs
 from vidtune.train.training.preemption import StopInterrupt
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 def to_device(run: Run, batch: dict[str, Any]) -> dict[str, Any]:
     """Streamed batches are not placed by Accelerate; uint8 pixels are normalised once there (family)."""
     device = run.accelerator.device
-    # from pinned memory on a GPU; host values (an objective's texts) stay
+    # From pinned memory on a GPU; host values (an objective's texts, packed attention's max_length_q/k) stay.
     moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return run.family.normalize_pixels(moved, run.processor)
 
@@ -61,7 +61,7 @@ def row_losses(loss: Any, model: Any, batch: dict[str, Any]) -> tuple[torch.Tens
     loss = getattr(loss, "loss", loss)  # the SFT objective wraps the token loss (train/objectives/sft.py)
     if isinstance(loss, ChunkedLoss):
         return loss.per_row(model, batch)
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    logits = model(**model_inputs(batch)).logits.float()
     labels = batch["labels"][:, 1:]
     per_token = torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"

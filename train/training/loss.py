@@ -2,10 +2,14 @@
 
 A model's own loss materialises logits for every position (5,120 x 32,064 per 7B sample at 32 frames), upcasts
 them to fp32, keeps the log-softmax for backward, and Accelerate's mixed-precision wrapper copies them to fp32 once
-more. Here the model is asked for logits only where a label counts (transformers' boolean `logits_to_keep`), the
-language head's input at those positions is taken by a pre-hook (which hands the head an empty slice instead), and
-the cross-entropy runs over them in chunks, each under activation checkpointing: at most one chunk's logits live
-at a time, in forward and in backward. Value and gradients are the model's own (summed over label tokens).
+more. Here the language head's input is taken by a pre-hook (which hands the head an empty slice instead), the
+label positions are picked from it, and the cross-entropy runs over them in chunks, each under activation
+checkpointing: at most one chunk's logits live at a time, in forward and in backward. Value and gradients are the
+model's own (summed over label tokens).
+
+The label positions and their targets come with the batch, computed on the host by the collator (data/collator.py
+`label_positions`): picking them on the device with a boolean mask (`next_labels[keep]`, or a boolean
+`logits_to_keep`) needs their count on the host, a device-to-host copy that stalls every micro-batch.
 
 With Liger installed and the model on a GPU, its fused linear cross-entropy does the same in one Triton kernel.
 Under ZeRO-3 the head's weight is a partition outside its module's forward, so the model's own loss is used there.
@@ -20,6 +24,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from vidtune.data.collator import LABEL_POSITIONS, LABEL_TARGETS
+
 IGNORE_INDEX = -100
 LossFunction = Callable[[Any, dict[str, Any]], torch.Tensor]  # (model, micro-batch) -> summed token loss
 CHUNK_TOKENS = 1024  # label positions per chunk: 1,024 x 32,064 fp32 logits = 131 MB
@@ -31,6 +37,14 @@ def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     keep = next_labels != IGNORE_INDEX
     return keep, next_labels[keep]
+
+
+NOT_MODEL_INPUTS = ("labels", LABEL_POSITIONS, LABEL_TARGETS)
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch less the labels and the loss's own keys."""
+    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
 
 
 def chunked_cross_entropy(
@@ -97,19 +111,27 @@ class ChunkedLoss:
         self.liger = liger_cross_entropy() if isinstance(head, torch.nn.Linear) and head.bias is None else None
 
     def label_hidden(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The language head's input at the label positions (N, H), their targets (N,) and the keep mask (B, T)."""
-        keep, targets = shifted_targets(batch["labels"])
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        """The language head's input at the label positions (N, H), their targets (N,) and each one's row (N,).
+        Without the collator's positions, a boolean mask picks them (a device-to-host copy on an accelerator)."""
+        if LABEL_POSITIONS in batch:
+            positions, targets = batch[LABEL_POSITIONS], batch[LABEL_TARGETS]
+            keep: int | torch.Tensor = 0  # every position reaches the hook (which hands the head none of them)
+        else:
+            keep, targets = shifted_targets(batch["labels"])
+            positions = keep.flatten().nonzero().flatten()
         with HeadInputCapture(self.head) as capture:
-            model(**inputs, logits_to_keep=keep, use_cache=False)
+            model(**model_inputs(batch), logits_to_keep=keep, use_cache=False)
         if capture.hidden is None:
             raise RuntimeError("the model's forward never called its language head (get_output_embeddings())")
-        return capture.hidden, targets, keep
+        hidden = capture.hidden
+        if LABEL_POSITIONS in batch:
+            hidden = hidden.flatten(0, -2).index_select(0, positions)
+        return hidden, targets, torch.div(positions, batch["labels"].shape[1], rounding_mode="floor")
 
     @torch.no_grad()
     def per_row(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluation: the summed token loss and the label count of each row (B,), one chunk of logits at a time."""
-        hidden, targets, keep = self.label_hidden(model, batch)
+        hidden, targets, rows = self.label_hidden(model, batch)
         with self.autocast():
             losses = [
                 torch.nn.functional.cross_entropy(
@@ -120,9 +142,9 @@ class ChunkedLoss:
                 for s in range(0, len(targets), self.chunk_tokens)
             ]
         per_token = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
-        rows = keep.nonzero()[:, 0]  # each label position's row, in the targets' (row-major) order
-        summed = torch.zeros(len(keep), device=per_token.device).index_add_(0, rows, per_token)
-        return summed, keep.sum(1)
+        labels = batch["labels"]
+        summed = torch.zeros(len(labels), device=per_token.device).index_add_(0, rows, per_token)
+        return summed, (labels[:, 1:] != IGNORE_INDEX).sum(1)
 
     def __call__(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
         hidden, targets, _ = self.label_hidden(model, batch)
@@ -134,7 +156,8 @@ class ChunkedLoss:
 
 def model_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """The model's own summed token loss (full logits): the reference, and the path under ZeRO-3."""
-    return model(**batch, num_items_in_batch=1, use_cache=False).loss  # a cache hides packing from the masks
+    inputs = {**model_inputs(batch), "labels": batch["labels"]}
+    return model(**inputs, num_items_in_batch=1, use_cache=False).loss  # a cache hides packing from the masks
 
 
 def training_loss(model: Any, autocast: Callable[[], AbstractContextManager[Any]], zero3: bool) -> LossFunction:
