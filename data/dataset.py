@@ -399,8 +399,14 @@ class ExampleMaker:
         return example
 
     def _build(self, row: dict[str, Any], rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
+        media, instructions = self.decode(row, rng)
+        return self.builder.build(with_time_instructions(row["messages"], instructions), media)
+
+    def decode(self, row: dict[str, Any], rng: np.random.Generator | None) -> tuple[Any, Any]:
+        """The row's media, sampled and decoded under the data limits (time, pixels), and its time instructions;
+        every example maker (SFT, preference pairs, rollout prompts) decodes through here."""
         try:
-            media, instructions = load_media(
+            return load_media(
                 row["messages"],
                 self.cfg.sampling,
                 self.cfg.time_instruction,
@@ -410,9 +416,8 @@ class ExampleMaker:
                 self.cache,
                 max_frame_pixels=self.cfg.bad_samples.max_frame_pixels,
             )
-        except DataError as err:  # unreadable media, decode time limit
+        except DataError as err:  # unreadable media, decode time limit, pixel limit
             raise DataError(f"{row['at']}: {err}") from None
-        return self.builder.build(with_time_instructions(row["messages"], instructions), media)
 
 
 class SFTDataset(torch.utils.data.Dataset):

@@ -16,7 +16,7 @@ import torch
 
 from vidtune.data.collator import Collator
 from vidtune.data.conversation import DataError
-from vidtune.data.dataset import ExampleMaker, load_media
+from vidtune.data.dataset import ExampleMaker
 from vidtune.data.examples import answer_replaced, with_time_instructions
 from vidtune.data.packing import NUM_SAMPLES, NUM_TOKENS
 
@@ -35,18 +35,7 @@ class PairMaker(ExampleMaker):
     """Decodes a row's media once and builds its chosen and its rejected example from the same frames."""
 
     def _build(self, row: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
-        try:
-            media, instructions = load_media(
-                row["messages"],
-                self.cfg.sampling,
-                self.cfg.time_instruction,
-                rng,
-                self.cfg.bad_samples.decode_timeout_s,
-                self.builder.frame_px,
-                self.cache,
-            )
-        except DataError as err:
-            raise DataError(f"{row['at']}: {err}") from None
+        media, instructions = self.decode(row, rng)
         chosen = with_time_instructions(row["messages"], instructions)
         pair = {
             "chosen": self.builder.build(chosen, media),

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from vidtune.data.collator import Collator
-from vidtune.data.conversation import DataError, Message, assistant_texts
-from vidtune.data.dataset import ExampleMaker, load_media
+from vidtune.data.conversation import Message, assistant_texts
+from vidtune.data.dataset import ExampleMaker
 from vidtune.data.examples import IGNORE_INDEX, with_time_instructions
 from vidtune.data.packing import NUM_SAMPLES, NUM_TOKENS
 
@@ -49,18 +49,7 @@ class PromptMaker(ExampleMaker):
         prompt, answer, question = prompt_and_answer(row["messages"])
         examples = []
         for _ in range(self.copies):
-            try:
-                media, instructions = load_media(
-                    row["messages"],
-                    self.cfg.sampling,
-                    self.cfg.time_instruction,
-                    rng,
-                    self.cfg.bad_samples.decode_timeout_s,
-                    self.builder.frame_px,
-                    self.cache,
-                )
-            except DataError as err:
-                raise DataError(f"{row['at']}: {err}") from None
+            media, instructions = self.decode(row, rng)
             prompt_messages = with_time_instructions(prompt, instructions)
             examples.append(self.builder.build(prompt_messages, media, for_generation=True))
         example: dict[str, Any] = dict(examples[0])

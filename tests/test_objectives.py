@@ -227,3 +227,25 @@ def test_dpo_training_run_prefers_the_chosen_answers(family_kits, demo_corpus: P
     assert logged[-1]["train/rewards/margin"] > 0.05 and logged[-1]["train/loss"] < math.log(2)
     assert logged[-1]["train/rewards/accuracy"] == 1
     assert (output / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("maker_module", ["vidtune.data.preference:PairMaker", "vidtune.data.rollouts:PromptMaker"])
+def test_pairs_and_rollout_prompts_decode_under_the_same_pixel_limit_as_sft(
+    family_kits, demo_corpus: Path, maker_module: str
+) -> None:
+    """Every example maker decodes through ExampleMaker.decode: a frame over data.bad_samples.max_frame_pixels is
+    refused before it is decoded, for preference pairs and GRPO prompts as for SFT examples."""
+    import importlib
+
+    module, name = maker_module.split(":")
+    maker_class = getattr(importlib.import_module(module), name)
+    kit = family_kits("llava_next_video")
+    file = "preferences_train.jsonl" if name == "PairMaker" else "questions_train.jsonl"
+    row = load_conversations([SourceConfig(path=str(demo_corpus / file))])[0]
+    limits = BadSampleConfig(max_frame_pixels=16)  # the demo clips are far larger than 16 pixels a frame
+    data = DataConfig(sampling=SamplingConfig(num_frames=4), max_length=512, bad_samples=limits)
+    with pytest.raises(DataError, match="pixel"):
+        maker_class(kit.builder, data, 0, train=False).make(row, 0, 0)
+    maker_class(kit.builder, DataConfig(sampling=SamplingConfig(num_frames=4), max_length=512), 0, train=False).make(
+        row, 0, 0
+    )
