@@ -105,6 +105,17 @@ def pack(
     return batch
 
 
+def with_row_counts(batch: dict[str, Any], rows: Sequence[dict[str, Any]], samples: int) -> dict[str, Any]:
+    """A batch built from rows that each hold several examples (preference pairs, GRPO prompt groups): the rows'
+    skip reasons (the loop's bad-sample budget), and its sample and real-token counts, as a packed batch has them."""
+    skipped = [reason for row in rows for reason in row.get("skipped", [])]
+    if skipped:
+        batch["skipped"] = skipped
+    batch[NUM_SAMPLES] = samples
+    batch[NUM_TOKENS] = int(batch["attention_mask"].sum())
+    return batch
+
+
 def pop_counts(batch: dict[str, Any]) -> tuple[int, int | torch.Tensor]:
     """(samples, real tokens) of a packed or padded micro-batch; a packed one's counts leave the batch. A padded
     batch's token count stays a tensor where the mask is (reading it on the host would wait for the device)."""

@@ -18,7 +18,7 @@ from vidtune.data.collator import Collator
 from vidtune.data.conversation import DataError
 from vidtune.data.dataset import ExampleMaker
 from vidtune.data.examples import answer_replaced, with_time_instructions
-from vidtune.data.packing import NUM_SAMPLES, NUM_TOKENS
+from vidtune.data.packing import with_row_counts
 
 
 def check_preference_rows(rejected: Sequence[str], at: Sequence[str]) -> None:
@@ -54,13 +54,7 @@ class PairCollator:
 
     def __call__(self, pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         examples = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-        batch = self.inner(examples)
-        skipped = [reason for p in pairs for reason in p.get("skipped", [])]
-        if skipped:
-            batch["skipped"] = skipped
-        batch[NUM_SAMPLES] = len(pairs)
-        batch[NUM_TOKENS] = int(batch["attention_mask"].sum())
-        return batch
+        return with_row_counts(self.inner(examples), pairs, samples=len(pairs))
 
 
 def pair_count(batch: dict[str, Any]) -> torch.Tensor:

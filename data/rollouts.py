@@ -19,7 +19,7 @@ from vidtune.data.collator import Collator
 from vidtune.data.conversation import Message, assistant_texts
 from vidtune.data.dataset import ExampleMaker
 from vidtune.data.examples import IGNORE_INDEX, with_time_instructions
-from vidtune.data.packing import NUM_SAMPLES, NUM_TOKENS
+from vidtune.data.packing import with_row_counts
 
 TEXT_KEYS = ("answer", "question", "at")  # per-row strings that stay on the host (the rewards read them)
 
@@ -76,9 +76,4 @@ class GroupCollator:
         batch["labels"] = torch.full_like(batch["input_ids"], IGNORE_INDEX)
         for key in TEXT_KEYS:
             batch[key] = [prompt[key] for prompt in prompts for _ in range(self.group_size)]
-        skipped = [reason for p in prompts for reason in p.get("skipped", [])]
-        if skipped:
-            batch["skipped"] = skipped
-        batch[NUM_SAMPLES] = len(copies)
-        batch[NUM_TOKENS] = int(batch["attention_mask"].sum())
-        return batch
+        return with_row_counts(batch, prompts, samples=len(copies))
