@@ -197,6 +197,10 @@ class SequenceSplitLoss:
         self.model = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         self.head = self.model.get_output_embeddings()
         self.active = False
+        if zero3 and not accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"].get(
+            "reduce_scatter", True
+        ):  # ZeRO-3's all-reduce path divides by world / N for small buckets, by the world for large ones
+            raise ValueError("train.sequence_parallel under ZeRO-3 needs zero_optimization.reduce_scatter on")
         route_language_attention(self.model)
         self.model.register_forward_pre_hook(self.shard_inputs, with_kwargs=True)
 
@@ -253,9 +257,12 @@ class SequenceSplitLoss:
         return self.gradient_per_group(summed + 0.0 * hidden.sum())
 
     def gradient_per_group(self, summed: torch.Tensor) -> torch.Tensor:
-        """The same value with 1/N of its gradient. The loop scales every rank's loss for an average over all
-        ranks; DeepSpeed averages over data-parallel groups only (world / N), summing within a sequence-parallel
-        group (its ranks' gradients are parts of one sample's)."""
+        """The loop scales every rank's loss for gradients averaged over all ranks. DeepSpeed 0.19's ZeRO-1/2 divide
+        by world / N instead (summing within a sequence-parallel group, whose ranks' gradients are parts of one
+        sample's): there the loss keeps its value but passes 1/N of its gradient. Its ZeRO-3 reduce-scatter
+        divides by the world (measured: the gradient norm then equals the 1-process run's as it is)."""
+        if self.zero3:
+            return summed
         return summed / self.size + (summed - summed / self.size).detach()
 
     # ------------------------------------------------------------------------------------- the model's inputs
