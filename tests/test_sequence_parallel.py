@@ -150,3 +150,25 @@ def test_a_family_that_cannot_split_is_refused(family_kits, tmp_path):
     recipe = load_recipe(None, [*settings, "train.sequence_parallel=2"])
     with pytest.raises(RecipeError, match="qwen3_vl family does not split"):
         refuse_unpackable_family(recipe)
+
+
+def test_check_reports_tokens_per_gpu_and_the_samples_that_need_it(family_kits, demo_corpus, tmp_path, capsys):
+    """`vidtune check --gpu-tokens T` on the demo's questions: tokens per GPU at the recipe's degree, the samples
+    longer than T, and the smallest degree that fits every one (consistent with the per-sample token counts)."""
+    import json
+
+    from vidtune.train.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        recipe_to_yaml(load_recipe(None, overrides(family_kits("qwen2_5_vl").model_dir, demo_corpus, tmp_path)))
+    )
+    main(["check", str(recipe), "train.sequence_parallel=2", "--gpu-tokens", "40", "--out", str(tmp_path / "c.json")])
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "c.json").read_text())
+    tokens, split = report["tokens"], report["sequence_parallel"]
+    assert split["size"] == 2 and split["tokens_per_gpu"]["max"] == -(-tokens["max"] // 2)
+    assert split["degree_for_all"] == -(-tokens["max"] // 40) >= 2  # the demo's questions are 43 tokens
+    assert tokens["min"] > 40 >= -(-tokens["max"] // 2)  # every sample needs SP; at 2 each fits
+    assert split["samples_needing_it"] == report["usable"] and split["samples_over_at_size"] == 0
+    assert "tokens/GPU" in printed and f"{report['usable']} samples exceed --gpu-tokens 40" in printed
