@@ -252,6 +252,8 @@ class SequenceSplitLoss:
         keep = targets != IGNORE_INDEX  # a boolean pick: one host sync per micro-batch, small next to SP's own
         with self.autocast():
             summed = chunked_cross_entropy(self.head, hidden[keep], targets[keep])
+            if not keep.any():  # a slice without labels (a prompt's): a trained head still gets its 0 gradient,
+                summed = summed + 0.0 * self.head(hidden[:, :1]).float().sum()  # DeepSpeed reduces alike everywhere
         # Every rank's backward must reach every layer (Ulysses' all-to-alls pair up across the group), also a
         # slice without labels.
         return self.gradient_per_group(summed + 0.0 * hidden.sum())
