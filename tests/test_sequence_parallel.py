@@ -172,3 +172,31 @@ def test_check_reports_tokens_per_gpu_and_the_samples_that_need_it(family_kits, 
     assert tokens["min"] > 40 >= -(-tokens["max"] // 2)  # every sample needs SP; at 2 each fits
     assert split["samples_needing_it"] == report["usable"] and split["samples_over_at_size"] == 0
     assert "tokens/GPU" in printed and f"{report['usable']} samples exceed --gpu-tokens 40" in printed
+
+
+def test_the_memory_plan_splits_activations_across_the_group(family_kits, demo_corpus, tmp_path, capsys):
+    """--dry-run at train.sequence_parallel=2 plans half the activations per GPU (the sequence's slice and the
+    frames' share; benchmarks/long_video_memory.py compares it with what autograd saved per rank), the rest alike."""
+    from vidtune.train.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    settings = overrides(family_kits("qwen2_5_vl").model_dir, demo_corpus, tmp_path, "finetune.vision_tower=lora")
+    recipe.write_text(recipe_to_yaml(load_recipe(None, settings)))
+    plans = {}
+    for size in (1, 2):
+        main(
+            [
+                "train",
+                str(recipe),
+                "--dry-run",
+                "--num-processes",
+                "2",
+                "--zero-stage",
+                "2",
+                f"train.sequence_parallel={size}",
+            ]
+        )
+        lines = capsys.readouterr().out.splitlines()
+        plans[size] = {line.split()[0]: float(line.split()[1]) for line in lines[-5:]}
+    assert plans[2]["activations"] == pytest.approx(plans[1]["activations"] / 2, rel=0.02)
+    assert plans[2]["weights"] == plans[1]["weights"] and plans[2]["optimizer"] == plans[1]["optimizer"]
