@@ -200,3 +200,17 @@ def test_the_memory_plan_splits_activations_across_the_group(family_kits, demo_c
         plans[size] = {line.split()[0]: float(line.split()[1]) for line in lines[-5:]}
     assert plans[2]["activations"] == pytest.approx(plans[1]["activations"] / 2, rel=0.02)
     assert plans[2]["weights"] == plans[1]["weights"] and plans[2]["optimizer"] == plans[1]["optimizer"]
+
+
+def test_a_world_the_degree_does_not_divide_is_refused_in_one_line(monkeypatch):
+    from vidtune.train.training.sequence_split import parallelism_config
+
+    recipe = load_recipe(None, ["model.name_or_path=x", "train.output_dir=o", "data.sources=[{path: r.jsonl}]"])
+    assert parallelism_config(recipe) is None  # off: Accelerate as without it
+    recipe.train.sequence_parallel = 2
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(RecipeError, match="needs a multiple of 2 processes, 3 launched"):
+        parallelism_config(recipe)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    config = parallelism_config(recipe)
+    assert (config.sp_size, config.dp_replicate_size, config.sp_backend) == (2, 2, "deepspeed")

@@ -72,9 +72,14 @@ def parallelism_config(recipe: Any) -> Any:
     from accelerate.utils import DeepSpeedSequenceParallelConfig
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from vidtune.train.training.config import RecipeError
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % size:
-        raise ValueError(f"train.sequence_parallel={size} does not divide the {world} processes launched")
+        raise RecipeError(
+            f"train.sequence_parallel={size} needs a multiple of {size} processes, {world} launched: "
+            f"NUM_PROCESSES={size} launch/train.sh RECIPE launch/accelerate/zero2.yaml"
+        )
     implementation = recipe.model.attn_implementation
     _ORIGINAL_ATTENTION.setdefault(implementation, ALL_ATTENTION_FUNCTIONS[implementation])
     handler = DeepSpeedSequenceParallelConfig(
