@@ -74,7 +74,10 @@ def test_two_ranks_share_each_sample_and_match_one_process(family, family_kits, 
     split, single = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("two", "one"))
     assert split.keys() == single.keys()
     for key, tensor in single.items():
-        torch.testing.assert_close(split[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+        # Adam turns float-noise differences of near-zero gradients (summed in another order across the group) into
+        # steps of up to lr x their relative difference: atol 1e-4 is 1% of one step at lr 1e-2
+        worst = (split[key] - tensor).abs().max().item()
+        torch.testing.assert_close(split[key], tensor, rtol=1e-4, atol=1e-4, msg=f"{key}: max diff {worst:.2e}")
 
     frames = {rank: [int(n) for n in (probe / f"rank{rank}.txt").read_text().split()] for rank in (0, 1)}
     assert frames[0] == frames[1] == [NUM_FRAMES // 2] * NUM_SAMPLES  # once per frame across the group
