@@ -131,21 +131,35 @@ class ExampleBuilder:
             for _, m in sorted(media.items())
             if isinstance(m, Clip) or m.ndim == 4
         ]
-        encoded = self.processor.apply_chat_template(
-            to_template_messages(messages, pixels),
-            chat_template=self.chat_template,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=not for_generation,
-            add_generation_prompt=for_generation,
-            return_tensors=None,
-            # frames were sampled by data/video/
-            processor_kwargs={
-                "do_sample_frames": False,
-                **self.family.video_processor_kwargs(timings),
-                **(self.family.raw_pixel_kwargs() if self.raw_pixels else {}),
-            },
-        )
+        processor_kwargs = {
+            "do_sample_frames": False,  # frames were sampled by data/video/
+            **self.family.video_processor_kwargs(timings),
+            **(self.family.raw_pixel_kwargs() if self.raw_pixels else {}),
+        }
+        # a family that hears gets each video's sound (data/audio.py) when the clips carry it
+        audios = [m.audio.samples for m in media.values() if isinstance(m, Clip) and m.audio is not None]
+        if audios:
+            if len(audios) != len(timings):
+                raise DataError("a sample's videos are heard only in part: each needs its sound (or silence)")
+            encoded = self.family.encode_with_audio(
+                self.processor,
+                to_template_messages(messages, pixels),
+                self.chat_template,
+                {"return_tensors": None, **processor_kwargs},
+                for_generation,
+                [m.audio.samples for _, m in sorted(media.items()) if isinstance(m, Clip)],
+            )
+        else:
+            encoded = self.processor.apply_chat_template(
+                to_template_messages(messages, pixels),
+                chat_template=self.chat_template,
+                tokenize=True,
+                return_dict=True,
+                return_assistant_tokens_mask=not for_generation,
+                add_generation_prompt=for_generation,
+                return_tensors=None,
+                processor_kwargs=processor_kwargs,
+            )
         input_ids = torch.tensor(encoded["input_ids"][0], dtype=torch.long)
         example = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         if not for_generation:
