@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vidtune.data.video.base import Clip, VideoError
+from vidtune.data.video.base import Clip, VideoError, VideoInfo
 from vidtune.data.video.probe import open_container, probe_stream
 
 log = logging.getLogger(__name__)
@@ -37,13 +37,17 @@ class Audio:
         return len(self.samples) / self.sampling_rate
 
 
+def span_of(info: VideoInfo, indices: list[int]) -> tuple[float, float]:
+    """(start, end) seconds frames `indices` show: the first one's time to when the last one leaves the screen."""
+    times = info.times_s
+    last = max(indices)
+    end = float(times[last + 1]) if last + 1 < len(times) else info.duration_s
+    return float(times[min(indices)]), end
+
+
 def clip_span(clip: Clip) -> tuple[float, float]:
-    """(start, end) seconds the sampled frames show: the first frame's time to when the last one leaves the
-    screen."""
-    times = clip.info.times_s
-    last = max(clip.indices)
-    end = float(times[last + 1]) if last + 1 < len(times) else clip.info.duration_s
-    return float(min(clip.timestamps_s)), end
+    """(start, end) seconds the clip's sampled frames show."""
+    return span_of(clip.info, clip.indices)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -62,9 +66,7 @@ def has_audio_stream(path: str) -> bool:
     return _stream_facts(path)[0]
 
 
-def load_audio_span(
-    path: str, start_s: float, end_s: float, sampling_rate: int, backend: str = "auto"
-) -> Audio | None:
+def load_audio_span(path: str, start_s: float, end_s: float, sampling_rate: int, backend: str = "auto") -> Audio | None:
     """The file's sound from `start_s` to `end_s` (the frames' clock), mono float32 at `sampling_rate`, exactly
     round((end - start) x rate) samples (a stream shorter than the span is padded with silence); None when the file
     has no audio stream. Raises VideoError when the sound cannot be decoded by any backend."""

@@ -23,8 +23,10 @@ import datasets
 import numpy as np
 import torch
 
+from vidtune.data.audio import AUDIO_MODES, Audio, load_clip_audio, span_of
 from vidtune.data.conversation import DataError, Message, media_parts
 from vidtune.data.examples import LABEL_TURNS, ExampleBuilder, TokenCount, answer_replaced, with_time_instructions
+from vidtune.data.families import ModelFamily
 from vidtune.data.formats import DEFAULT_CAPTION_PROMPT
 from vidtune.data.frame_cache import FrameCache, FrameCacheConfig
 from vidtune.data.measure_cache import MeasureCache, settings_fingerprint
@@ -58,6 +60,9 @@ class DataConfig:
     max_length: int = 4096  # tokens per sample, video/image tokens included; longer samples are dropped
     label_turns: str = "all"  # all: learn every assistant turn | last: only the final one
     time_instruction: bool = False  # prepend "The video lasts 9.7 seconds; 8 frames were sampled at ..." per video
+    # hear each video's sound for its sampled span: auto (when the model family hears) | on (refuse a family that
+    # does not) | off; a source's own `audio` overrides it
+    audio: str = "auto"
     caption_prompts: list[str] = field(default_factory=lambda: [DEFAULT_CAPTION_PROMPT])  # sampled per row
     streaming: bool = False  # stream corpora too large to prepare (measured and filtered on the fly)
     stream_shuffle_buffer: int = 1000  # streaming: rows held in the seeded shuffle buffer (1 = file order)
@@ -67,6 +72,30 @@ class DataConfig:
     max_row_bytes: int = MAX_ROW_BYTES  # larger annotation rows are bad rows, dropped before any parsing
     bad_samples: BadSampleConfig = field(default_factory=BadSampleConfig)  # what to do with unreadable samples
     frame_cache: FrameCacheConfig = field(default_factory=FrameCacheConfig)  # reuse decoded frames across epochs
+
+
+def hears_videos(cfg: DataConfig, family: ModelFamily) -> bool:
+    """Whether this run hears its videos' sound (data.audio and each source's `audio`). A family that hears takes
+    one use_audio_in_video flag per batch (Qwen-Omni), so its video sources are all heard or none is; a file
+    without sound is then heard as silence."""
+    modes = {source.audio or cfg.audio for source in [*cfg.sources, *cfg.eval_sources]} or {cfg.audio}
+    for mode in sorted(modes):
+        if mode not in AUDIO_MODES:
+            raise DataError(f"data.audio must be one of {', '.join(AUDIO_MODES)}, got {mode!r}")
+    if "on" in modes and not family.hears:
+        raise DataError(f"data.audio=on: {family.name} does not hear sound (set data.audio to auto or off)")
+    heard = {mode != "off" and family.hears for mode in modes}
+    if len(heard) > 1:
+        raise DataError(
+            f"data.audio: {family.name} hears every video of a batch or none (one use_audio_in_video flag per "
+            "forward): give every source the same audio mode (all off, or all auto/on)"
+        )
+    return heard.pop()
+
+
+def audio_rate_for(cfg: DataConfig, family: ModelFamily, processor: Any) -> int | None:
+    """The rate videos are heard at in this run (the family's feature extractor's), None when they are not."""
+    return family.audio_sampling_rate(processor) if hears_videos(cfg, family) else None
 
 
 def default_num_workers(processes_per_node: int) -> int:
@@ -172,6 +201,9 @@ class Measurer:
             indices = sample_frame_indices(info, self.cfg.sampling, part["start_s"], part["end_s"], None, path)
             timestamps = timestamps_for(indices, info)
             tokens.append(self.builder.tokens.video_tokens(len(indices), info.height, info.width, timestamps))
+            if self.builder.audio_rate:  # heard: the span's sound joins the video's tokens
+                start_s, end_s = span_of(info, indices)
+                tokens[-1] += self.builder.tokens.video_audio_tokens(end_s - start_s)
             if self.cfg.time_instruction:
                 instructions[index] = time_instruction(info, timestamps, part["start_s"], part["end_s"])
         return tokens, instructions
@@ -247,6 +279,7 @@ def cached_measurer(builder: ExampleBuilder, cfg: DataConfig) -> Measurer:
         "sampling": asdict(cfg.sampling),
         "max_length": cfg.max_length,
         "time_instruction": cfg.time_instruction,
+        "audio_rate": builder.audio_rate,
         "limits": [quality.max_frame_pixels, quality.too_short],
     }
     settings = settings_fingerprint(builder.processor, builder.chat_template, builder.label_turns, data_settings)
@@ -342,10 +375,13 @@ def load_media(
     cache: FrameCache | None = None,
     record: list[tuple[str, Clip]] | None = None,
     max_frame_pixels: int = MAX_FRAME_PIXELS,
+    audio_rate: int | None = None,
 ) -> tuple[dict[int, np.ndarray | Clip], dict[int, str]]:
     """Decoded pixels per media index (conversation order), and each video's time instruction when asked for.
     Frames are decoded at the model's input size (`shortest_edge`), from the frame cache when there is one;
-    `record` (when given) collects each video's (path, clip): its times and the decoder that served it."""
+    `record` (when given) collects each video's (path, clip): its times and the decoder that served it.
+    With `audio_rate`, each clip also carries the sound of its sampled span (`clip.audio`, silence when the file
+    has no audio stream)."""
     media, instructions = {}, {}
     for index, part in enumerate(media_parts(messages)):
         path = part["path"] or ""
@@ -360,12 +396,21 @@ def load_media(
                     path, sampling, part["start_s"], part["end_s"], rng, decode_timeout_s, shortest_edge,
                     max_frame_pixels,
                 )  # fmt: skip
+        if audio_rate:
+            with time_limit(decode_timeout_s, path):
+                clip.audio = load_clip_audio(path, clip, audio_rate) or silent_span(clip, audio_rate)
         media[index] = clip  # frames with their timestamps (time-aware families hand these to the processor)
         if record is not None:
             record.append((path, clip))
         if with_time_instruction:
             instructions[index] = time_instruction(clip.info, clip.timestamps_s, part["start_s"], part["end_s"])
     return media, instructions
+
+
+def silent_span(clip: Clip, rate: int) -> Audio:
+    """Silence for the span of a clip whose file has no sound (a family hearing every video gets one per video)."""
+    start_s, end_s = span_of(clip.info, clip.indices)
+    return Audio(np.zeros(round((end_s - start_s) * rate), np.float32), rate, start_s, end_s, "silence")
 
 
 class ExampleMaker:
@@ -415,6 +460,7 @@ class ExampleMaker:
                 self.builder.frame_px,
                 self.cache,
                 max_frame_pixels=self.cfg.bad_samples.max_frame_pixels,
+                audio_rate=self.builder.audio_rate,
             )
         except DataError as err:  # unreadable media, decode time limit, pixel limit
             raise DataError(f"{row['at']}: {err}") from None

@@ -83,9 +83,11 @@ class ExampleBuilder:
         label_turns: str = "all",
         chat_template: str | None = None,
         raw_pixels: bool = False,
+        audio_rate: int | None = None,
     ):
         """`chat_template` overrides the family's training template (a trained run's saved one, for inference).
-        `raw_pixels`: the family's raw pixels stay uint8 (the training loop normalises them on the device)."""
+        `raw_pixels`: the family's raw pixels stay uint8 (the training loop normalises them on the device).
+        `audio_rate`: videos are heard (data.audio, a family that hears): their sound decoded at this rate."""
         if label_turns not in LABEL_TURNS:
             raise DataError(f"label_turns must be one of {', '.join(LABEL_TURNS)}, got {label_turns!r}")
         self.processor, self.tokenizer, self.family = processor, processor.tokenizer, family
@@ -95,6 +97,7 @@ class ExampleBuilder:
         self.tokens = family.token_counter(processor)
         self.frame_px = family.decode_edge_px(processor)
         self.raw_pixels = raw_pixels
+        self.audio_rate = audio_rate
 
     def count(self, messages: list[Message], media_tokens: list[int]) -> TokenCount:
         """Token counts without decoding any pixels: the template is tokenized with one placeholder per media
