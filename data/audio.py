@@ -95,6 +95,14 @@ def load_audio_span(path: str, start_s: float, end_s: float, sampling_rate: int,
     raise VideoError(f"{path}: cannot decode its audio ({'; '.join(reasons)})")
 
 
+def silent_span(clip: Clip, sampling_rate: int) -> Audio:
+    """Silence for the span of a clip whose file has no sound (heard beside a clip that has: the family's
+    processor takes one sound per video of a heard sample)."""
+    start_s, end_s = clip_span(clip)
+    samples = np.zeros(round((end_s - start_s) * sampling_rate), np.float32)
+    return Audio(samples, sampling_rate, start_s, end_s, "silence")
+
+
 def load_clip_audio(path: str, clip: Clip, sampling_rate: int, backend: str = "auto") -> Audio | None:
     """The sound of the span the clip's sampled frames show (None: the file is silent, it has no audio stream)."""
     start_s, end_s = clip_span(clip)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vidtune.data.audio import silent_span
 from vidtune.data.conversation import DataError, Message, Part, media_parts, text_part, to_template_messages
 from vidtune.data.families import ModelFamily
 from vidtune.data.video import Clip
@@ -139,18 +140,18 @@ class ExampleBuilder:
             **self.family.video_processor_kwargs(timings),
             **(self.family.raw_pixel_kwargs() if self.raw_pixels else {}),
         }
-        # a family that hears gets each video's sound (data/audio.py) when the clips carry it
-        audios = [m.audio.samples for m in media.values() if isinstance(m, Clip) and m.audio is not None]
-        if audios:
-            if len(audios) != len(timings):
-                raise DataError("a sample's videos are heard only in part: each needs its sound (or silence)")
+        # a family that hears gets each video's sound (data/audio.py) when a clip carries it; the sample's other
+        # videos are heard as silence (the processor takes one sound per video of a heard sample)
+        clips = [m for _, m in sorted(media.items()) if isinstance(m, Clip)]
+        if any(clip.audio is not None for clip in clips):
+            rate = next(clip.audio.sampling_rate for clip in clips if clip.audio is not None)
             encoded = self.family.encode_with_audio(
                 self.processor,
                 to_template_messages(messages, pixels),
                 self.chat_template,
                 {"return_tensors": None, **processor_kwargs},
                 for_generation,
-                [m.audio.samples for _, m in sorted(media.items()) if isinstance(m, Clip)],
+                [(clip.audio or silent_span(clip, rate)).samples for clip in clips],
             )
         else:
             encoded = self.processor.apply_chat_template(

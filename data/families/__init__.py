@@ -160,6 +160,11 @@ class ModelFamily(ABC):
                 moved[key] = moved[key].to(dtype)
         return moved
 
+    def finish_batch(self, batch: dict[str, Any], examples: Sequence[dict[str, Any]], padding_side: str) -> None:
+        """Last touches on a padded batch, which `batch_visuals` cannot make (they need the padded width and side);
+        most families need none."""
+        return None
+
     def prepare_model(self, model: Any) -> None:
         """Adapt a freshly loaded model (bare or PEFT-wrapped) to the batches `batch_visuals` builds, where the
         model's own forward cannot take them as they are; most families need nothing."""

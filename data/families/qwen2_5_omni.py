@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from types import MethodType
+from types import MethodType, SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.functional import pad
 
 from vidtune.data.conversation import DataError
 from vidtune.data.families import BlankPath, FrameLimits
@@ -34,6 +35,7 @@ from vidtune.data.families.qwen2_5_vl import Qwen2_5_VL, QwenTokenCounter, chatm
 
 AUDIO_KEYS = ("input_features", "feature_attention_mask")
 AUDIO_IN_VIDEO = "use_audio_in_video"  # the forward's flag, in a batch whose videos carry their sound
+ROPE_KEY = "rope_position_ids"  # an example's own (3, L) multimodal positions (not a model input)
 
 
 def audio_tokens_for(num_frames: int) -> int:
@@ -56,16 +58,50 @@ class OmniTokenCounter(QwenTokenCounter):
 
 
 class RopeIndex:
-    """The Omni thinker's own multimodal RoPE code (`get_rope_index`) with its config, without its weights."""
+    """The Omni thinker's own multimodal RoPE code (`get_rope_index`) with its settings, without its weights: from
+    the model's config, or from the processor, which holds the same token ids and time constants (so each example
+    gets its positions where it is built, in the DataLoader workers)."""
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, spatial_merge_size: int):
         from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as omni
 
         base = omni.Qwen2_5OmniPreTrainedModelForConditionalGeneration
-        self.config = config
-        self.spatial_merge_size = config.vision_config.spatial_merge_size
+        self.config, self.spatial_merge_size = config, spatial_merge_size
         for name in ("get_rope_index", "get_llm_pos_ids_for_vision", "get_chunked_index"):
             setattr(self, name, MethodType(getattr(base, name), self))
+
+    @classmethod
+    def of_model(cls, config: Any) -> RopeIndex:
+        return cls(config, config.vision_config.spatial_merge_size)
+
+    @classmethod
+    def of_processor(cls, processor: Any) -> RopeIndex:
+        ids = processor.tokenizer.convert_tokens_to_ids
+        settings = SimpleNamespace(
+            image_token_id=processor.image_token_id,
+            video_token_id=processor.video_token_id,
+            audio_token_id=processor.audio_token_id,
+            vision_start_token_id=ids(processor.vision_bos_token),
+            audio_start_token_id=ids(processor.audio_bos_token),
+            position_id_per_seconds=processor.position_id_per_seconds,
+            seconds_per_chunk=processor.seconds_per_chunk,
+        )
+        return cls(settings, processor.video_processor.merge_size)
+
+    def positions(self, example: dict[str, Any], time_key: str) -> torch.Tensor:
+        """(3, L): the sample's (temporal, height, width) positions as the thinker computes them for it alone."""
+        input_ids = example["input_ids"][None]
+        mask = example.get("feature_attention_mask")
+        rope, _ = self.get_rope_index(
+            input_ids,
+            image_grid_thw=example.get("image_grid_thw"),
+            video_grid_thw=example.get("video_grid_thw"),
+            attention_mask=torch.ones_like(input_ids),
+            use_audio_in_video=AUDIO_IN_VIDEO in example,
+            audio_seqlens=mask.sum(-1) if mask is not None else None,
+            second_per_grids=example.get(time_key),
+        )
+        return rope[:, 0]
 
 
 class Qwen2_5_Omni(Qwen2_5_VL):
@@ -165,6 +201,9 @@ class Qwen2_5_Omni(Qwen2_5_VL):
         return encoded
 
     def example_visuals(self, encoded: dict[str, Any], processor: Any) -> dict[str, torch.Tensor]:
+        """Qwen2.5-VL's visual tensors, the sample's sound (features cut to its real frames) and its own RoPE
+        positions (`ROPE_KEY`, (3, L)): a batch may mix samples heard and not, which one use_audio_in_video flag
+        per forward cannot place (see finish_batch)."""
         visuals = {
             **flat_visuals(encoded, "pixel_values_videos", "video_grid_thw"),
             **flat_visuals(encoded, "pixel_values", "image_grid_thw"),
@@ -178,51 +217,58 @@ class Qwen2_5_Omni(Qwen2_5_VL):
             visuals["input_features"], visuals["feature_attention_mask"] = features[..., :frames], mask[:, :frames]
         if encoded.get(AUDIO_IN_VIDEO):
             visuals[AUDIO_IN_VIDEO] = torch.tensor(True)
+        sample = {"input_ids": torch.as_tensor(encoded["input_ids"][0]), **visuals}
+        visuals[ROPE_KEY] = RopeIndex.of_processor(processor).positions(sample, self.time_key)
         return visuals
 
     def batch_visuals(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Qwen2.5-VL's patch rows and grids, then every sound's features padded to the batch's longest and stacked
-        in sample order (the model fills audio placeholders in that order); `use_audio_in_video` when the videos
-        carry their sound, which must hold for all of them (one flag per forward)."""
+        in sample order (the model fills audio placeholders in that order); `use_audio_in_video` when every video
+        of the batch carries its sound."""
         batch: dict[str, Any] = super().batch_visuals(examples)
         with_sound = [ex for ex in examples if "input_features" in ex]
         if with_sound:
             frames = max(ex["input_features"].shape[-1] for ex in with_sound)
-            pad = [frames - ex["input_features"].shape[-1] for ex in with_sound]
-            batch["input_features"] = torch.cat(
-                [torch.nn.functional.pad(ex["input_features"], (0, p)) for ex, p in zip(with_sound, pad, strict=True)]
-            )
-            batch["feature_attention_mask"] = torch.cat(
-                [
-                    torch.nn.functional.pad(ex["feature_attention_mask"], (0, p))
-                    for ex, p in zip(with_sound, pad, strict=True)
-                ]
-            )
-        heard = [AUDIO_IN_VIDEO in ex for ex in examples if "pixel_values_videos" in ex]
-        if any(heard):
-            if not all(heard):
-                raise ValueError(
-                    f"{self.name}: a batch mixes videos heard with their sound and videos without (the model takes "
-                    "one use_audio_in_video flag per forward): give every video source the same data.audio mode"
+            padded = [
+                (
+                    pad(ex["input_features"], (0, frames - ex["input_features"].shape[-1])),
+                    pad(ex["feature_attention_mask"], (0, frames - ex["feature_attention_mask"].shape[-1])),
                 )
+                for ex in with_sound
+            ]
+            batch["input_features"] = torch.cat([features for features, _ in padded])
+            batch["feature_attention_mask"] = torch.cat([mask for _, mask in padded])
+        heard = [AUDIO_IN_VIDEO in ex for ex in examples if "pixel_values_videos" in ex]
+        if heard and all(heard):
             batch[AUDIO_IN_VIDEO] = True
         return batch
+
+    def finish_batch(self, batch: dict[str, Any], examples: Sequence[dict[str, Any]], padding_side: str) -> None:
+        """Training and evaluation batches (with labels) get each sample's own positions, (3, B, W): samples heard
+        and not mix freely. Generation computes positions itself, from the one flag: its batches must not mix."""
+        if not all(ROPE_KEY in ex for ex in examples):
+            return
+        if "labels" in batch:
+            width = batch["input_ids"].shape[1]
+            positions = torch.zeros((3, len(examples), width), dtype=torch.long)
+            for row, ex in enumerate(examples):
+                length = ex[ROPE_KEY].shape[-1]
+                columns = slice(0, length) if padding_side == "right" else slice(width - length, width)
+                positions[:, row, columns] = ex[ROPE_KEY]
+            batch["position_ids"] = positions
+            return
+        heard = {AUDIO_IN_VIDEO in ex for ex in examples if "pixel_values_videos" in ex}
+        if len(heard) > 1:
+            raise ValueError(
+                f"{self.name} generates for videos heard with their sound or for videos without, not both in one "
+                "batch (one use_audio_in_video flag per forward): generate them in separate batches"
+            )
 
     def packed_position_ids(self, example: dict[str, Any], model_config: Any) -> torch.Tensor:
         """(4, L): text positions 0..L-1, then the (temporal, height, width) positions the thinker computes for the
         sample alone, with its own use_audio_in_video."""
-        input_ids = example["input_ids"][None]
-        mask = example.get("feature_attention_mask")
-        rope, _ = RopeIndex(model_config).get_rope_index(
-            input_ids,
-            image_grid_thw=example.get("image_grid_thw"),
-            video_grid_thw=example.get("video_grid_thw"),
-            attention_mask=torch.ones_like(input_ids),
-            use_audio_in_video=AUDIO_IN_VIDEO in example,
-            audio_seqlens=mask.sum(-1) if mask is not None else None,
-            second_per_grids=example.get(self.time_key),
-        )
-        return torch.cat([torch.arange(input_ids.shape[1])[None], rope[:, 0]])
+        rope = RopeIndex.of_model(model_config).positions(example, self.time_key)
+        return torch.cat([torch.arange(rope.shape[-1])[None], rope])
 
     def unused_module_prefixes(self, config: Any) -> tuple[str, ...]:
         # the audio tower's bos/eos embedding serves the talker's streaming path, never the thinker's forward

@@ -101,7 +101,7 @@ def training_metadata(
 ) -> dict[str, Any]:
     """What `vidtune.json` records: the base model, how frames were sampled, the data and its size, the settings,
     the engine, the steps and the final metrics."""
-    from vidtune.data.dataset import hears_videos
+    from vidtune.data.dataset import heard_sources
     from vidtune.data.families import family_for
     from vidtune.train.training.model import load_model_config
     from vidtune.train.training.quantization import quantization_settings
@@ -127,7 +127,7 @@ def training_metadata(
         "quantization": quantization_settings(r.model.quantization),
         "time_instruction": r.data.time_instruction,
         # videos were heard with their sound (data.audio): inference hears them the same way
-        "audio": hears_videos(r.data, family_for(model_type)),
+        "audio": bool(heard_sources(r.data, family_for(model_type))),
         "max_length": r.data.max_length,
         "label_turns": r.data.label_turns,
         "datasets": [
