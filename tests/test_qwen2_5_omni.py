@@ -125,7 +125,7 @@ def test_audio_modes_are_checked_per_source(omni, family_kits):
     assert audio_rate_for(DataConfig(sources=sources), omni.family, omni.processor) == 16000
     vl = family_kits("qwen2_5_vl").family
     assert heard_sources(DataConfig(sources=sources), vl) == set()  # auto: a family that cannot hear sees only
-    with pytest.raises(DataError, match="a.jsonl: audio=on, but qwen2_5_vl does not hear sound"):
+    with pytest.raises(DataError, match=r"a\.jsonl: audio=on, but qwen2_5_vl does not hear sound"):
         heard_sources(DataConfig(sources=sources, audio="on"), vl)
     with pytest.raises(DataError, match="must be one of auto, on, off, got 'loud'"):
         audio_rate_for(DataConfig(sources=sources, audio="loud"), omni.family, omni.processor)

@@ -21,7 +21,7 @@ sound of the sample (and of the batch), `feature_attention_mask` marks the real 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import MethodType, SimpleNamespace
 from typing import Any
 
@@ -61,6 +61,8 @@ class RopeIndex:
     """The Omni thinker's own multimodal RoPE code (`get_rope_index`) with its settings, without its weights: from
     the model's config, or from the processor, which holds the same token ids and time constants (so each example
     gets its positions where it is built, in the DataLoader workers)."""
+
+    get_rope_index: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
     def __init__(self, config: Any, spatial_merge_size: int):
         from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as omni
@@ -171,7 +173,7 @@ class Qwen2_5_Omni(Qwen2_5_VL):
         from transformers.utils.chat_template_utils import render_jinja_template
 
         rate = self.audio_sampling_rate(processor)
-        prompts, generation_indices = render_jinja_template(
+        prompts, generation_indices = render_jinja_template(  # type: ignore[str-unpack]  # (annotated `-> str`)
             conversations=[conversation],
             chat_template=chat_template,
             return_assistant_tokens_mask=not for_generation,

@@ -111,8 +111,8 @@ def tiny_config(tokenizer: Any, text_layers: int | None = None) -> Qwen2_5OmniTh
         video_token_index=ids["video_token"],
         audio_start_token_id=ids["audio_bos_token"],
         audio_end_token_id=ids["audio_eos_token"],
-        vision_start_token_id=ids["vision_bos_token"],
-        vision_end_token_id=ids["vision_eos_token"],
+        # not declared by the thinker's config class, read by its get_rope_index (the hub config carries them)
+        **{"vision_start_token_id": ids["vision_bos_token"], "vision_end_token_id": ids["vision_eos_token"]},
         user_token_id=tokenizer.convert_tokens_to_ids("user"),
     )
 
