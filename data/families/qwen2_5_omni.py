@@ -74,7 +74,8 @@ class RopeIndex:
 
     @classmethod
     def of_model(cls, config: Any) -> RopeIndex:
-        return cls(config, config.vision_config.spatial_merge_size)
+        thinker = getattr(config, "thinker_config", config)  # the full Omni checkpoint's config holds the thinker's
+        return cls(thinker, thinker.vision_config.spatial_merge_size)
 
     @classmethod
     def of_processor(cls, processor: Any) -> RopeIndex:
