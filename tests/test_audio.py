@@ -62,3 +62,20 @@ def test_a_clip_without_sound_gives_none(tmp_path):
     assert not has_audio_stream(str(silent))
     clip = load_clip(str(silent), SamplingConfig(num_frames=4))
     assert load_clip_audio(str(silent), clip, RATE) is None
+
+
+def test_frames_audio_reports_the_span_and_writes_it_as_wav(tone_clip, tmp_path, capsys):
+    import wave
+
+    from vidtune.train.cli import main
+
+    main(
+        ["frames", str(tone_clip), "--num-frames", "4", "--start", "1", "--end", "3", "--audio", "--out", str(tmp_path)]
+    )
+    printed = capsys.readouterr().out
+    assert "audio 1.25-2.88s: 26000 samples at 16000 Hz, decoded by torchcodec" in printed, printed
+    with wave.open(str(tmp_path / "audio.wav"), "rb") as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getnframes()) == (16000, 1, 26000)
+        samples = np.frombuffer(wav.readframes(26000), "<i2").astype(np.float32) / 32767
+    assert dominant_hz(samples[:8000]) == pytest.approx(800, abs=25)  # frames at 1.25-2.75 s (8 fps): the span ends at 2.875 s
+    assert dominant_hz(samples[-8000:]) == pytest.approx(1500, abs=25)
