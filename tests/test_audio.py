@@ -77,5 +77,6 @@ def test_frames_audio_reports_the_span_and_writes_it_as_wav(tone_clip, tmp_path,
     with wave.open(str(tmp_path / "audio.wav"), "rb") as wav:
         assert (wav.getframerate(), wav.getnchannels(), wav.getnframes()) == (16000, 1, 26000)
         samples = np.frombuffer(wav.readframes(26000), "<i2").astype(np.float32) / 32767
-    assert dominant_hz(samples[:8000]) == pytest.approx(800, abs=25)  # frames at 1.25-2.75 s (8 fps): the span ends at 2.875 s
+    # frames at 1.25-2.75 s (8 fps): the span ends at 2.875 s, in the third second's tone
+    assert dominant_hz(samples[:8000]) == pytest.approx(800, abs=25)
     assert dominant_hz(samples[-8000:]) == pytest.approx(1500, abs=25)
