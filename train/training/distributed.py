@@ -13,7 +13,8 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 from vidtune.data.families import BlankPath, ModelFamily
 from vidtune.train.training.checkpoint import load_deepspeed_checkpoints_safely
 from vidtune.train.training.config import Recipe
-from vidtune.train.training.cpu_launch import use_cpu_process_group
+from vidtune.train.training.cpu_launch import use_cpu_process_group, use_fsdp_on_cpu
+from vidtune.train.training.sharding import gathered_state, is_fsdp
 
 
 def resolve_mixed_precision(name: str) -> str:
@@ -44,6 +45,7 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         # Batches come from pinned memory on a GPU (build.loader_kwargs): copy them without stalling the host.
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
+    use_fsdp_on_cpu(accelerator)  # an FSDP launch config on CPU processes (tests, laptops): see cpu_launch.py
     if is_deepspeed(accelerator):
         load_deepspeed_checkpoints_safely()
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -86,6 +88,11 @@ def zero_stage(accelerator: Accelerator) -> int:
     return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def weights_sharded(accelerator: Accelerator) -> bool:
+    """Every weight split across ranks (ZeRO-3, FSDP): no rank may read a whole one (the language head) directly."""
+    return zero_stage(accelerator) == 3 or is_fsdp(accelerator)
+
+
 def save_state_kwargs(accelerator: Accelerator) -> dict[str, Any]:
     # DeepSpeed writes module states itself: keep frozen base weights out of every checkpoint.
     return {"exclude_frozen_parameters": True} if is_deepspeed(accelerator) else {}
@@ -109,7 +116,7 @@ class VisionLockstep:
 
     def __init__(self, accelerator: Accelerator, family: ModelFamily, processor: Any, model: Any):
         self.accelerator = accelerator
-        self.enabled = accelerator.num_processes > 1 and is_deepspeed(accelerator)
+        self.enabled = accelerator.num_processes > 1 and (is_deepspeed(accelerator) or is_fsdp(accelerator))
         self.paths: list[BlankPath] = []
         self.pending: list[bool] = []
         self.term: torch.Tensor | float = 0.0
@@ -158,4 +165,6 @@ def trainable_state_dict(accelerator: Accelerator, model: Any) -> dict[str, torc
         with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
             state = {n: p.detach().cpu().clone() for n, p in params} if accelerator.is_main_process else None
         return state
+    if is_fsdp(accelerator):  # each DTensor gathered in turn
+        return gathered_state(accelerator, params)
     return {n: p.detach().cpu().clone() for n, p in params} if accelerator.is_main_process else None
