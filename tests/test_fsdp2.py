@@ -12,7 +12,20 @@ from safetensors.torch import load_file
 
 from tests.test_distributed import engine, launch, losses, mixed_recipe
 
-pytestmark = pytest.mark.slow
+
+def test_a_quantized_model_under_fsdp_is_refused_before_it_loads(tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from vidtune.train.training.build import refuse_quantized_engine
+    from vidtune.train.training.config import RecipeError, load_recipe
+
+    base = [f"model.name_or_path={tmp_path}", f"train.output_dir={tmp_path}/out", "data.sources=[{path: qa.jsonl}]"]
+    recipe = load_recipe(None, [*base, "model.quantization.bits=4"])
+    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    with pytest.raises(RecipeError, match=r"bits=4 under FSDP: .* launch/accelerate/ddp\.yaml"):
+        refuse_quantized_engine(recipe, accelerator)
 
 
 def one_process(model: Path, corpus: Path, root: Path, *overrides: str) -> Path:
@@ -78,6 +91,7 @@ def runs(family_kits, mixed_corpus, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("family", "mode"), CASES)
 def test_two_fsdp2_processes_match_one_process(runs, family, mode):
     """On the mix of clips, images and text-only rows (ranks run each other's vision paths blank), 2 FSDP2
@@ -90,6 +104,7 @@ def test_two_fsdp2_processes_match_one_process(runs, family, mode):
     assert (two / ("adapter_config.json" if mode == "lora" else "config.json")).is_file()
 
 
+@pytest.mark.slow
 def test_fsdp2_resumes_bit_exact_after_kill(runs):
     """Rank 0 killed (SIGKILL) at the first micro-batch after the sharded step-2 checkpoint; relaunched, the run
     loads each rank's shards and finishes with the uninterrupted 2-process run's losses and adapter, bit for bit."""

@@ -77,7 +77,10 @@ def use_fsdp_on_cpu(accelerator: Any) -> None:
     from accelerate.state import AcceleratorState
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    if not (launched_without_gpus() and launched_with_fsdp()) or accelerator.distributed_type != DistributedType.MULTI_CPU:
+    if (
+        not (launched_without_gpus() and launched_with_fsdp())
+        or accelerator.distributed_type != DistributedType.MULTI_CPU
+    ):
         return
     require(AcceleratorState._shared_state, "distributed_type", "accelerate.state.AcceleratorState")
     require(PartialState._shared_state, "distributed_type", "accelerate.state.PartialState")

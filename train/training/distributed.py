@@ -1,5 +1,6 @@
 """Processes and devices: the Accelerator for a recipe, DeepSpeed settings that must follow the recipe, what keeps
-ZeRO-3 ranks in lockstep, and gathering sharded trainable weights. (GPU configs on CPU: cpu_launch.py.)"""
+ZeRO-3 and FSDP ranks in lockstep, and gathering sharded trainable weights. (GPU configs on CPU: cpu_launch.py;
+FSDP2 specifics: sharding.py.)"""
 
 from __future__ import annotations
 
@@ -99,12 +100,14 @@ def save_state_kwargs(accelerator: Accelerator) -> dict[str, Any]:
 
 
 class VisionLockstep:
-    """Keeps every rank's vision calls in step, so ZeRO-3 never hangs or refuses its trace.
+    """Keeps every rank's vision calls in step, so ZeRO-3 and FSDP never hang or refuse their trace.
 
     ZeRO-3 all-gathers a module's weight shards whenever the module runs, and checks that every rank ran the very
-    same sequence of submodules. A micro-batch runs each vision path of the model (LLaVA-NeXT-Video: image, then
-    video) only if it holds that input, then the language model; ranks whose micro-batches differ (text-only on
-    one, videos on another) would pair all-gathers wrongly and hang.
+    same sequence of submodules; FSDP2 all-gathers each shard unit (a vision block, a decoder layer) as it runs and
+    reduce-scatters its gradients in backward, collectives every rank must enter together. A micro-batch runs each
+    vision path of the model (LLaVA-NeXT-Video: image, then video) only if it holds that input, then the language
+    model; ranks whose micro-batches differ (text-only on one, videos on another) would pair all-gathers wrongly
+    and hang.
 
     Per micro-batch, ranks agree (one tiny all-reduce) on which paths any of them needs; a rank short of one runs
     the family's blank input through that path at the same point of the forward (hooks on the model), weighted 0 in
