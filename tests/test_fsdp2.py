@@ -121,3 +121,27 @@ def test_fsdp2_resumes_bit_exact_after_kill(runs):
     assert losses(output) == losses(uninterrupted)
     ours, theirs = weights(output), weights(uninterrupted)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_dry_run_plans_fsdp2_sharding_like_zero3(tiny_model_dir, capsys):
+    """`--dry-run --fsdp`: weights, gradients and Adam states divided by the processes (trainable weights stay
+    fp32 masters, unlike DeepSpeed's), the model's own loss (sharded head: full fp32 logits); --fsdp with a ZeRO
+    stage is refused in one line."""
+    from vidtune.train.cli import main
+
+    def plan(*extra: str) -> tuple[str, dict[str, float]]:
+        main(["train", "demo/instruct", f"model.name_or_path={tiny_model_dir}", "--dry-run", *extra])
+        out = capsys.readouterr().out
+        section = out[out.index("memory (per GPU, GB") :].splitlines()
+        return section[0], {line.split()[0]: float(line.split()[1]) * 1024**3 for line in section[1:] if line.strip()}
+
+    _, single = plan()
+    header, fsdp = plan("--num-processes", "2", "--fsdp")
+    _, zero3 = plan("--num-processes", "2", "--zero-stage", "3")
+    assert "2 process(es), FSDP2" in header
+    for part in ("weights", "gradients", "optimizer"):
+        assert fsdp[part] == pytest.approx(single[part] / 2, rel=1e-3)  # 4 significant digits printed
+    assert fsdp["activations"] == zero3["activations"] > single["activations"]
+    with pytest.raises(SystemExit):
+        plan("--num-processes", "2", "--fsdp", "--zero-stage", "3")
+    assert "--fsdp with --zero-stage 3: a run uses one engine" in capsys.readouterr().err
