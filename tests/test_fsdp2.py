@@ -44,10 +44,13 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_run(two: Path, one: Path) -> None:
-    """2 FSDP processes logged the 1-process run's per-step losses (relative 1e-5) and saved its weights. Weights:
-    relative 1e-5, absolute 1e-4: gradients are summed in another order (reduce-scatter), and Adam divides each
-    element's update by its own gradient's size, so an element whose gradient is ~0 moves by an amount rounding
-    decides (seen: 8e-5 after 4 full fine-tuning steps at lr 1e-2, 0.2% of those steps' movement)."""
+    """2 FSDP processes logged the 1-process run's per-step losses (relative 1e-5) and saved its weights.
+
+    Weights: gradients are summed in another order (reduce-scatter), and Adam divides each element's update by
+    that element's own gradient size, so an element whose gradient is ~0 moves by an amount rounding decides. So:
+    99.9% of the elements within 1e-5 of the 1-process run, every one within lr/20 (a twentieth of one Adam step).
+    Seen at lr 1e-2: 3 of 41,088 LoRA/projector elements beyond 1e-5 (largest 1.1e-4), 6 of 288,992 in full
+    fine-tuning (largest 7.6e-5)."""
     assert engine(two) == {"num_processes": 2, "distributed_type": "FSDP", "zero_stage": 0}
     ours, theirs = losses(two), losses(one)
     assert len(ours) == len(theirs) == 4
@@ -56,7 +59,9 @@ def assert_same_run(two: Path, one: Path) -> None:
     assert sharded.keys() == single.keys()
     for key, tensor in sharded.items():
         assert tensor.shape == single[key].shape and tensor.numel() > 0, key
-        torch.testing.assert_close(tensor, single[key], rtol=1e-5, atol=1e-4, msg=key)
+    difference = torch.cat([(sharded[k] - single[k]).abs().flatten() for k in sharded])
+    assert (difference > 1e-5).float().mean() < 1e-3, int((difference > 1e-5).sum())
+    assert difference.max() < LEARNING_RATE / 20, difference.max()
 
 
 def assert_sharded(checkpoint: Path) -> None:
@@ -69,7 +74,13 @@ def assert_sharded(checkpoint: Path) -> None:
     assert not list(checkpoint.glob("*.safetensors")) and not (checkpoint / "adapter").exists()
 
 
+LEARNING_RATE = 1e-2  # mixed_recipe's
 CASES = [("llava_next_video", "lora"), ("qwen2_5_vl", "full")]
+# At this seed the ranks' micro-batches differ in what the vision tower runs on: step 2 pairs a clip with a text-only
+# micro-batch, step 4 an image + clip with an image alone. Each vision block is its own fully_shard unit, so the ranks
+# run it a different number of times unless blank paths fill in (VisionLockstep); without them gloo aborts ("Received
+# data size doesn't match expected size": rank 0 all-gathers a vision block while rank 1 gathers a decoder layer).
+LOCKSTEP_SEED = ("train.seed=3",)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +91,7 @@ def runs(family_kits, mixed_corpus, tmp_path_factory):
     def run(family: str, mode: str) -> tuple[Path, Path, Path]:
         if (family, mode) not in done:
             kit, root = family_kits(family), tmp_path_factory.mktemp(f"fsdp2-{family}-{mode}")
-            overrides = [f"finetune.mode={mode}", "train.save_every_steps=2"]
+            overrides = [f"finetune.mode={mode}", "train.save_every_steps=2", *LOCKSTEP_SEED]
             one = one_process(kit.model_dir, mixed_corpus, root, *overrides)
             path = mixed_recipe(kit.model_dir, mixed_corpus, root / "two", root / "two.yaml", *overrides)
             result = launch(path, "fsdp2.yaml")

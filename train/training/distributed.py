@@ -15,7 +15,7 @@ from vidtune.data.families import BlankPath, ModelFamily
 from vidtune.train.training.checkpoint import load_deepspeed_checkpoints_safely
 from vidtune.train.training.config import Recipe
 from vidtune.train.training.cpu_launch import use_cpu_process_group, use_fsdp_on_cpu
-from vidtune.train.training.sharding import gathered_state, is_fsdp
+from vidtune.train.training.sharding import gathered_state, is_fsdp, same_backward_order
 
 
 def resolve_mixed_precision(name: str) -> str:
@@ -125,6 +125,8 @@ class VisionLockstep:
         self.term: torch.Tensor | float = 0.0
         if not self.enabled:
             return
+        if is_fsdp(accelerator):  # (the backward half of the same problem: sharding.py)
+            same_backward_order(accelerator.unwrap_model(model))
         self.paths = family.blank_paths(accelerator.unwrap_model(model), processor, accelerator.device)
         self.pending = [False] * len(self.paths)
         for index, path in enumerate(self.paths):

@@ -44,3 +44,16 @@ def gathered_state(accelerator: Any, named: list[tuple[str, torch.Tensor]]) -> d
             state[name] = full.cpu().clone()
         del full
     return state if accelerator.is_main_process else None
+
+
+def same_backward_order(model: Any) -> None:
+    """Make every rank reduce-scatter its shard units' gradients in the same order.
+
+    FSDP2 reduce-scatters a unit's gradients when autograd reaches the unit's inputs; a unit whose inputs need no
+    gradient is left to a callback at the end of backward, which takes the units in another order. Under LoRA the
+    first decoder layer's input needs a gradient only when a micro-batch holds visual tokens (the trained
+    projector's output is scattered into the frozen embeddings), so a text-only micro-batch beside a visual one
+    paired different units' reduce-scatters (gloo: "Received data size doesn't match expected size"). The input
+    embeddings' output requiring a gradient on every rank (transformers' enable_input_require_grads) keeps one
+    order; it adds one unused embedding-sized gradient and changes no value."""
+    model.enable_input_require_grads()
