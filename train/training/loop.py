@@ -135,7 +135,7 @@ def build_run(recipe: Recipe, accelerator: Accelerator, lock: Any) -> Run:
         recipe.train.num_epochs * steps_per_epoch(recipe, sampler, accelerator)
     )
     optimizer, scheduler = build_optimizer(recipe, model, total_steps, fused=not is_deepspeed(accelerator))
-    zero3 = weights_sharded(accelerator)  # ZeRO-3 or FSDP: no rank holds the whole language head
+    zero3 = weights_sharded(accelerator)  # ZeRO-3 or sharded DTensors: no rank holds the whole language head
     flops = flop_counter(model, family, head_everywhere=zero3)  # the bare model's parts, hooks before wrapping
     if sampler is not None:  # map-style: Accelerate shards the batches across ranks
         model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
