@@ -31,6 +31,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="--dry-run: DeepSpeed ZeRO stage to plan for"
     )
+    p.add_argument("--fsdp", action="store_true", help="--dry-run: plan for FSDP2 (launch/accelerate/fsdp2.yaml)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -231,7 +232,7 @@ def run_train(args: argparse.Namespace) -> None:
         audit = trainable_audit(model, family)
         print(format_audit(audit))
         check_audit(audit, recipe.finetune)
-        print(dry_run_memory_plan(model, family, recipe, args.num_processes, args.zero_stage))
+        print(dry_run_memory_plan(model, family, recipe, args.num_processes, args.zero_stage, args.fsdp))
         return
     from vidtune.train.training.loop import train
 
@@ -244,12 +245,16 @@ def run_train(args: argparse.Namespace) -> None:
         )
 
 
-def dry_run_memory_plan(model: Any, family: Any, recipe: Any, processes: int, zero_stage: int) -> str:
+def dry_run_memory_plan(
+    model: Any, family: Any, recipe: Any, processes: int, zero_stage: int, fsdp: bool = False
+) -> str:
     from vidtune.train.training.distributed import resolve_mixed_precision
     from vidtune.train.training.memory_plan import plan_memory
 
     if processes < 1:
         raise DataError(f"--num-processes must be >= 1, got {processes}")
+    if fsdp and zero_stage:
+        raise DataError(f"--fsdp with --zero-stage {zero_stage}: a run uses one engine; give one of them")
     plan = plan_memory(
         model,
         family,
@@ -258,6 +263,7 @@ def dry_run_memory_plan(model: Any, family: Any, recipe: Any, processes: int, ze
         zero_stage=zero_stage,
         deepspeed=zero_stage > 0,
         mixed_precision=resolve_mixed_precision(recipe.train.mixed_precision),
+        fsdp=fsdp,
     )
     return plan.table()
 

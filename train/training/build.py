@@ -42,6 +42,7 @@ from vidtune.train.training.model import (
     trainable_audit,
 )
 from vidtune.train.training.preemption import WorkerSignals
+from vidtune.train.training.sharding import is_fsdp
 
 
 def build_model(recipe: Recipe, accelerator: Accelerator) -> tuple[Any, ModelFamily, Any, dict[str, Any]]:
@@ -72,10 +73,16 @@ def build_model(recipe: Recipe, accelerator: Accelerator) -> tuple[Any, ModelFam
 def refuse_quantized_engine(recipe: Recipe, accelerator: Accelerator) -> None:
     """QLoRA runs one quantized copy per process (single GPU or DDP); DeepSpeed partitions and casts weights itself,
     which bitsandbytes' packed 4-bit tensors do not survive. Said before the model loads."""
-    if recipe.model.quantization.bits and is_deepspeed(accelerator):
+    bits = recipe.model.quantization.bits
+    if bits and is_deepspeed(accelerator):
         raise RecipeError(
-            f"model.quantization.bits={recipe.model.quantization.bits} under DeepSpeed ZeRO-{zero_stage(accelerator)}: "
+            f"model.quantization.bits={bits} under DeepSpeed ZeRO-{zero_stage(accelerator)}: "
             "quantized weights are not sharded by ZeRO; launch with launch/accelerate/ddp.yaml or single_gpu.yaml"
+        )
+    if bits and is_fsdp(accelerator):  # (Accelerate would leave them out of fully_shard, unsharded on every rank)
+        raise RecipeError(
+            f"model.quantization.bits={bits} under FSDP: bitsandbytes' packed weights are not sharded; launch with "
+            "launch/accelerate/ddp.yaml or single_gpu.yaml"
         )
 
 
