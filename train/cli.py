@@ -143,6 +143,12 @@ def _add_frames(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shortest-edge", type=int, help="scale frames down so their shorter side is this many px")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="write the frames (frame_00.png, ...) and a contact sheet (sheet.png) here")
+    p.add_argument(
+        "--audio",
+        action="store_true",
+        help="also decode the sound of the sampled span (16 kHz mono, as a family that hears gets it); with --out, "
+        "write it as audio.wav",
+    )
 
 
 def _add_show(p: argparse.ArgumentParser) -> None:
@@ -169,7 +175,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 # The families with a tiny model (data/families FAMILIES and train/demo TINY_MODELS; a test keeps this in step),
 # spelled out here so that `--help` need not import the model code.
-TINY_FAMILIES = ("llava_next_video", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+TINY_FAMILIES = ("llava_next_video", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2_5_omni")
 FAMILY_HELP = "model family of the tiny model (default llava_next_video)"
 
 
@@ -446,7 +452,14 @@ def run_check(args: argparse.Namespace) -> None:
 
 def run_frames(args: argparse.Namespace) -> None:
     from vidtune.data.video import VideoError
-    from vidtune.train.datatools.frames import capped_note, describe, print_report, sample_video, write_frames
+    from vidtune.train.datatools.frames import (
+        capped_note,
+        describe,
+        describe_audio,
+        print_report,
+        sample_video,
+        write_frames,
+    )
 
     try:
         clip = sample_video(
@@ -455,7 +468,14 @@ def run_frames(args: argparse.Namespace) -> None:
     except VideoError as err:  # one line, PATH: reason
         print(err, file=sys.stderr)
         sys.exit(1)
-    print_report(describe(args.video, clip), args.json)
+    report = describe(args.video, clip)
+    if args.audio:
+        try:
+            report["audio"] = describe_audio(args.video, clip, args.out)
+        except VideoError as err:
+            print(err, file=sys.stderr)
+            sys.exit(1)
+    print_report(report, args.json)
     note = capped_note(clip, args.fps, args.num_frames, args.start, args.end)
     if note and not args.json:
         print(note)

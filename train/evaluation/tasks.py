@@ -102,7 +102,12 @@ def load_items(sources: Sequence[SourceConfig], cfg: EvalConfig, limit: int | No
 def option_logliks(im: InferenceModel, item: EvalItem, candidates: Sequence[str], before: Any = None) -> list[float]:
     """log p(candidate answer + end of turn | prompt) for each candidate, summed over its tokens."""
     media, instructions = load_media(
-        item.prompt, im.sampling, im.time_instruction, rng=None, shortest_edge=im.builder.frame_px
+        item.prompt,
+        im.sampling,
+        im.time_instruction,
+        rng=None,
+        shortest_edge=im.builder.frame_px,
+        audio_rate=im.builder.audio_rate,
     )
     prompt = with_time_instructions(item.prompt, instructions)
     examples = [im.builder.build([*prompt, message("assistant", [text_part(c)])], media) for c in candidates]

@@ -19,6 +19,7 @@ from vidtune.data.dataset import (
     Measurer,
     SFTDataset,
     StreamingSFTDataset,
+    audio_rate_for,
     default_num_workers,
     prepare_eval_rows,
     prepare_rows,
@@ -153,7 +154,8 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
     """Train loader (map-style with a seeded batch sampler, or a per-rank stream), eval loader, sampler, drops."""
     data, train_cfg = recipe.data, recipe.train
     # Pixels leave the workers uint8 (1/4 of the bytes); the loop normalises them on the device.
-    builder = ExampleBuilder(processor, family, data.label_turns, raw_pixels=True)
+    audio_rate = audio_rate_for(data, family, processor)  # videos heard with their sound (data.audio)
+    builder = ExampleBuilder(processor, family, data.label_turns, raw_pixels=True, audio_rate=audio_rate)
     sft = recipe.train.objective == "sft"  # the SFT loss takes its label positions from the batch (loss.py)
     collate = Collator(processor.tokenizer.pad_token_id, padding_side="right", family=family, loss_positions=sft)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
