@@ -37,6 +37,8 @@ FAMILIES = {
     "qwen2_5_vl": "vidtune.data.families.qwen2_5_vl:QWEN2_5_VL",
     "qwen3_vl": "vidtune.data.families.qwen3_vl:QWEN3_VL",
     "qwen3_5": "vidtune.data.families.qwen3_5:QWEN3_5",
+    "qwen2_5_omni": "vidtune.data.families.qwen2_5_omni:QWEN2_5_OMNI",
+    "qwen2_5_omni_thinker": "vidtune.data.families.qwen2_5_omni:QWEN2_5_OMNI",  # the thinker saved alone
 }
 
 
@@ -132,6 +134,9 @@ class ModelFamily(ABC):
     supports_packing: bool = False
     # what a refused train.packing says (one line, with the fix)
     packing_refusal: str = "its packed batches are not tested yet"
+    # whether the model hears a video's sound track (data.audio, data/audio.py): such a family also defines
+    # `audio_sampling_rate(processor)` and `encode_with_audio(...)`, and its token counter `video_audio_tokens`
+    hears: bool = False
     # train.sequence_parallel: `video_shares` splits its frames and a split run gives the 1-process losses
     # (tests/test_sequence_parallel.py)
     splits_sequence: bool = False
@@ -175,6 +180,11 @@ class ModelFamily(ABC):
             if key in moved and moved[key].is_floating_point():
                 moved[key] = moved[key].to(dtype)
         return moved
+
+    def finish_batch(self, batch: dict[str, Any], examples: Sequence[dict[str, Any]], padding_side: str) -> None:
+        """Last touches on a padded batch, which `batch_visuals` cannot make (they need the padded width and side);
+        most families need none."""
+        return None
 
     def prepare_model(self, model: Any) -> None:
         """Adapt a freshly loaded model (bare or PEFT-wrapped) to the batches `batch_visuals` builds, where the
@@ -222,6 +232,23 @@ class ModelFamily(ABC):
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         """Token ids that end an assistant turn in generation (the training template's end-of-turn)."""
         return [tokenizer.eos_token_id]
+
+    def audio_sampling_rate(self, processor: Any) -> int:
+        """The rate the processor takes sound at (families that hear)."""
+        raise ValueError(f"{self.name} does not hear sound (data.audio must be auto or off for it)")
+
+    def encode_with_audio(
+        self,
+        processor: Any,
+        conversation: list[dict[str, Any]],
+        chat_template: str,
+        processor_kwargs: dict[str, Any],
+        for_generation: bool,
+        audios: Sequence[Any],
+    ) -> dict[str, Any]:
+        """The processor's encoding (as apply_chat_template's, with assistant_masks) of a conversation whose videos
+        are heard: `audios[i]` is the i-th video's sound at `audio_sampling_rate`."""
+        raise ValueError(f"{self.name} does not hear sound (data.audio must be auto or off for it)")
 
 
 def processor_image_tokens(processor: Any, height: int, width: int) -> int:

@@ -19,6 +19,7 @@ from vidtune.data.dataset import (
     Measurer,
     SFTDataset,
     StreamingSFTDataset,
+    audio_rate_for,
     default_num_workers,
     prepare_eval_rows,
     prepare_rows,
@@ -42,6 +43,7 @@ from vidtune.train.training.model import (
 )
 from vidtune.train.training.preemption import WorkerSignals
 from vidtune.train.training.sequence_split import data_parallel_size, split_loader_parts
+from vidtune.train.training.sharding import is_fsdp
 
 
 def build_model(recipe: Recipe, accelerator: Accelerator) -> tuple[Any, ModelFamily, Any, dict[str, Any]]:
@@ -72,10 +74,16 @@ def build_model(recipe: Recipe, accelerator: Accelerator) -> tuple[Any, ModelFam
 def refuse_quantized_engine(recipe: Recipe, accelerator: Accelerator) -> None:
     """QLoRA runs one quantized copy per process (single GPU or DDP); DeepSpeed partitions and casts weights itself,
     which bitsandbytes' packed 4-bit tensors do not survive. Said before the model loads."""
-    if recipe.model.quantization.bits and is_deepspeed(accelerator):
+    bits = recipe.model.quantization.bits
+    if bits and is_deepspeed(accelerator):
         raise RecipeError(
-            f"model.quantization.bits={recipe.model.quantization.bits} under DeepSpeed ZeRO-{zero_stage(accelerator)}: "
+            f"model.quantization.bits={bits} under DeepSpeed ZeRO-{zero_stage(accelerator)}: "
             "quantized weights are not sharded by ZeRO; launch with launch/accelerate/ddp.yaml or single_gpu.yaml"
+        )
+    if bits and is_fsdp(accelerator):  # (Accelerate would leave them out of fully_shard, unsharded on every rank)
+        raise RecipeError(
+            f"model.quantization.bits={bits} under FSDP: bitsandbytes' packed weights are not sharded; launch with "
+            "launch/accelerate/ddp.yaml or single_gpu.yaml"
         )
 
 
@@ -153,7 +161,8 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
     """Train loader (map-style with a seeded batch sampler, or a per-rank stream), eval loader, sampler, drops."""
     data, train_cfg = recipe.data, recipe.train
     # Pixels leave the workers uint8 (1/4 of the bytes); the loop normalises them on the device.
-    builder = ExampleBuilder(processor, family, data.label_turns, raw_pixels=True)
+    audio_rate = audio_rate_for(data, family, processor)  # videos heard with their sound (data.audio)
+    builder = ExampleBuilder(processor, family, data.label_turns, raw_pixels=True, audio_rate=audio_rate)
     sft = recipe.train.objective == "sft"  # the SFT loss takes its label positions from the batch (loss.py)
     collate = Collator(processor.tokenizer.pad_token_id, padding_side="right", family=family, loss_positions=sft)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
