@@ -126,6 +126,11 @@ def _add_check(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p)
     p.add_argument("--out", default="vidtune_check.json", help="JSON report path")
     p.add_argument("--decode", action="store_true", help="also decode the frames training would sample (slower)")
+    p.add_argument(
+        "--gpu-tokens",
+        type=int,
+        help="the most tokens of one sample a GPU trains (--dry-run): count the samples that need sequence parallelism",
+    )
 
 
 def _add_frames(p: argparse.ArgumentParser) -> None:
@@ -445,7 +450,7 @@ def run_check(args: argparse.Namespace) -> None:
     from vidtune.train.training.config import load_recipe, resolve_recipe_path
 
     path = resolve_recipe_path(args.recipe)
-    _, ok = check(load_recipe(path, args.overrides), str(path), args.out, args.decode)
+    _, ok = check(load_recipe(path, args.overrides), str(path), args.out, args.decode, args.gpu_tokens)
     if not ok:
         sys.exit(1)
 

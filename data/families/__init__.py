@@ -70,6 +70,24 @@ class BlankPath:
 
 
 @dataclass
+class VisionShare:
+    """One rank's part of a micro-batch's video frames under train.sequence_parallel
+    (train/training/sequence_split.py): the keyword arguments of the model's `get_video_features` for it, its size
+    in a unit its feature rows are proportional to (frames, patches), and whether its features are kept (a rank
+    with no frames left encodes a stand-in share, so every rank runs the tower alike)."""
+
+    inputs: dict[str, torch.Tensor]
+    weight: int
+    real: bool = True
+
+
+def even_ranges(count: int, parts: int) -> list[tuple[int, int]]:
+    """`count` units in `parts` contiguous ranges of ceil(count / parts) (the last ones shorter or empty)."""
+    per = -(-count // parts)
+    return [(min(i * per, count), min((i + 1) * per, count)) for i in range(parts)]
+
+
+@dataclass
 class FrameLimits:
     """How large the processor may make each video frame, for families with dynamic resolution (Qwen); None keeps
     the checkpoint's own setting. Applied to the processor, which is saved with the run's outputs, so inference and
@@ -119,6 +137,9 @@ class ModelFamily(ABC):
     # whether the model hears a video's sound track (data.audio, data/audio.py): such a family also defines
     # `audio_sampling_rate(processor)` and `encode_with_audio(...)`, and its token counter `video_audio_tokens`
     hears: bool = False
+    # train.sequence_parallel: `video_shares` splits its frames and a split run gives the 1-process losses
+    # (tests/test_sequence_parallel.py)
+    splits_sequence: bool = False
 
     @abstractmethod
     def token_counter(self, processor: Any) -> TokenCounter: ...
@@ -202,6 +223,11 @@ class ModelFamily(ABC):
         """Module-name prefixes of layers the forward computes but never reads (no gradient ever reaches them):
         LoRA never wraps them."""
         return ()
+
+    def video_shares(self, batch: dict[str, Any], parts: int) -> list[VisionShare]:
+        """The micro-batch's video frames in `parts` shares, in feature order: share i is what rank i of a
+        sequence-parallel group encodes (`splits_sequence` families)."""
+        raise NotImplementedError(f"the {self.name} family does not split its frames across ranks")
 
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         """Token ids that end an assistant turn in generation (the training template's end-of-turn)."""

@@ -42,6 +42,7 @@ from vidtune.train.training.model import (
     trainable_audit,
 )
 from vidtune.train.training.preemption import WorkerSignals
+from vidtune.train.training.sequence_split import data_parallel_size, split_loader_parts
 from vidtune.train.training.sharding import is_fsdp
 
 
@@ -120,11 +121,17 @@ def shut_down_workers(*loaders: Any) -> None:
 
 
 def refuse_unpackable_family(recipe: Recipe) -> None:
-    """train.packing on a family that cannot pack: one line before the model loads (the config alone names it)."""
-    if not recipe.train.packing:
+    """train.packing or train.sequence_parallel on a family that cannot do it: one line before the model loads (the
+    config alone names the family)."""
+    if not recipe.train.packing and recipe.train.sequence_parallel == 1:
         return
     family = family_for(load_model_config(recipe.model.name_or_path, recipe.model.trust_remote_code).model_type)
-    if not family.supports_packing:
+    if recipe.train.sequence_parallel > 1 and not family.splits_sequence:
+        raise RecipeError(
+            f"train.sequence_parallel: the {family.name} family does not split its sequence yet "
+            "(LLaVA-NeXT-Video and Qwen2.5-VL do); set train.sequence_parallel=1"
+        )
+    if recipe.train.packing and not family.supports_packing:
         raise RecipeError(
             f"train.packing: the {family.name} family cannot pack: {family.packing_refusal}; set train.packing=false"
         )
@@ -198,7 +205,12 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
         sampler = EpochBatchSampler(
             train_set.lengths, train_cfg.batch_size, train_cfg.seed, group_by_length=train_cfg.group_by_length
         )
-        train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, **train_kwargs)
+        # train.sequence_parallel: a group's ranks read the same batches, counted once (sequence_split.py)
+        batches, collate_once = split_loader_parts(
+            recipe, accelerator.process_index, sampler, train_kwargs["collate_fn"]
+        )
+        train_kwargs = {**train_kwargs, "collate_fn": collate_once}
+        train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, **train_kwargs)
     eval_loader = None
     if eval_rows is not None:
         eval_set = SFTDataset(eval_rows, ExampleMaker(builder, data, train_cfg.seed, train=False))
@@ -228,5 +240,5 @@ def build_optimizer(recipe: Recipe, model: Any, total_steps: int, fused: bool = 
 def steps_per_epoch(recipe: Recipe, sampler: EpochBatchSampler | None, accelerator: Accelerator) -> int:
     if sampler is None:
         raise ValueError("a streamed corpus has no known length: set train.max_steps")
-    micro_per_epoch = math.ceil(len(sampler) / accelerator.num_processes)
+    micro_per_epoch = math.ceil(len(sampler) / data_parallel_size(recipe, accelerator.num_processes))
     return max(1, math.ceil(micro_per_epoch / recipe.train.grad_accum_steps))

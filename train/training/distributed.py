@@ -13,8 +13,9 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 
 from vidtune.data.families import BlankPath, ModelFamily
 from vidtune.train.training.checkpoint import load_deepspeed_checkpoints_safely
-from vidtune.train.training.config import Recipe
+from vidtune.train.training.config import Recipe, RecipeError
 from vidtune.train.training.cpu_launch import use_cpu_process_group, use_fsdp_on_cpu
+from vidtune.train.training.sequence_split import data_parallel_size, parallelism_config
 from vidtune.train.training.sharding import gathered_state, is_fsdp, same_backward_order
 
 
@@ -45,8 +46,15 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=trains_vision_side(recipe))],
         # Batches come from pinned memory on a GPU (build.loader_kwargs): copy them without stalling the host.
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        # train.sequence_parallel > 1: DeepSpeed's Ulysses groups (sequence_split.py); None otherwise
+        parallelism_config=parallelism_config(recipe),
     )
     use_fsdp_on_cpu(accelerator)  # an FSDP launch config on CPU processes (tests, laptops): see cpu_launch.py
+    if t.sequence_parallel > 1 and not is_deepspeed(accelerator):
+        raise RecipeError(
+            "train.sequence_parallel > 1 runs on DeepSpeed's Ulysses: launch with "
+            "launch/accelerate/zero2.yaml or zero3.yaml"
+        )
     if is_deepspeed(accelerator):
         load_deepspeed_checkpoints_safely()
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -55,7 +63,9 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         # Our DataLoaders take a batch sampler (seeded order, length grouping), so Accelerate cannot read their
         # batch size; DeepSpeed needs it for its bookkeeping.
         ds_config["train_micro_batch_size_per_gpu"] = t.batch_size
-        ds_config["train_batch_size"] = t.batch_size * t.grad_accum_steps * accelerator.num_processes
+        ds_config["train_batch_size"] = (
+            t.batch_size * t.grad_accum_steps * data_parallel_size(recipe, accelerator.num_processes)
+        )
         if zero_stage(accelerator) == 3:
             load_partitioned(accelerator)
     return accelerator

@@ -137,10 +137,11 @@ def build_run(recipe: Recipe, accelerator: Accelerator, lock: Any) -> Run:
     optimizer, scheduler = build_optimizer(recipe, model, total_steps, fused=not is_deepspeed(accelerator))
     zero3 = weights_sharded(accelerator)  # ZeRO-3 or sharded DTensors: no rank holds the whole language head
     flops = flop_counter(model, family, head_everywhere=zero3)  # the bare model's parts, hooks before wrapping
-    if sampler is not None:  # map-style: Accelerate shards the batches across ranks
-        model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    else:  # a stream is already split per rank (datasets' split_dataset_by_node)
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # Map-style: Accelerate shards the batches across ranks (a stream is already split per rank). Prepared apart
+    # from the model, so a sequence-parallel run keeps its own loader (sequence_split.py), not Accelerate's.
+    if sampler is not None:
+        train_loader = accelerator.prepare(train_loader)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     state = TrainingState()

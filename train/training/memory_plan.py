@@ -162,7 +162,9 @@ def activation_bytes(model: Any, family: Any, recipe: Any, zero_stage: int, mixe
     from vidtune.train.training.model import resolve_dtype
 
     text = getattr(model.config, "text_config", model.config)
-    tokens = recipe.train.batch_size * recipe.data.max_length
+    # train.sequence_parallel: each GPU of a group keeps its slice of the sequence (Ulysses' attention holds the
+    # whole sequence for 1/N of the heads: the same bytes) and encodes its share of the frames
+    tokens = -(-recipe.train.batch_size * recipe.data.max_length // recipe.train.sequence_parallel)
     low = resolve_dtype(recipe.model.dtype) != torch.float32 or mixed_precision in ("bf16", "fp16")
     act_bytes = 2 if low else 4
     layers = text.num_hidden_layers
@@ -194,7 +196,7 @@ def vision_activation_bytes(model: Any, recipe: Any, act_bytes: int) -> int:
         patches = recipe.data.max_length * getattr(vision, "spatial_merge_size", 2) ** 2
     layers = config_value(vision, "num_hidden_layers", "depth", default=0)
     per_patch = sum(layer_elements(vision, (0, 0), recipe.finetune.vision_tower == "full", act_bytes))
-    return recipe.train.batch_size * patches * layers * per_patch
+    return -(-recipe.train.batch_size * patches // recipe.train.sequence_parallel) * layers * per_patch
 
 
 def plan_memory(
