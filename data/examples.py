@@ -90,7 +90,7 @@ class ExampleBuilder:
             raise DataError(f"label_turns must be one of {', '.join(LABEL_TURNS)}, got {label_turns!r}")
         self.processor, self.tokenizer, self.family = processor, processor.tokenizer, family
         self.chat_template, self.label_turns = chat_template or family.chat_template, label_turns
-        self.video_token_id = processor.video_token_id
+        self.video_token_id = family.video_token_id(processor)
         self.image_token_id = processor.image_token_id
         self.tokens = family.token_counter(processor)
         self.frame_px = family.decode_edge_px(processor)
@@ -131,7 +131,8 @@ class ExampleBuilder:
             for _, m in sorted(media.items())
             if isinstance(m, Clip) or m.ndim == 4
         ]
-        encoded = self.processor.apply_chat_template(
+        encoded = self.family.encode(
+            self.processor,
             to_template_messages(messages, pixels),
             chat_template=self.chat_template,
             tokenize=True,

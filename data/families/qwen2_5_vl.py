@@ -42,7 +42,9 @@ TICKS_PER_S = 1000.0
 
 
 def chatml_training_template(
-    default_system: str | None, video_placeholder: str = "<|vision_start|><|video_pad|><|vision_end|>"
+    default_system: str | None,
+    video_placeholder: str = "<|vision_start|><|video_pad|><|vision_end|>",
+    image_placeholder: str = "<|vision_start|><|image_pad|><|vision_end|>",
 ) -> str:
     """The Qwen ChatML prompt with generation markers: each assistant answer and its <|im_end|> carry labels (the
     newline after it does not: the model stops at <|im_end|>). Media stay where their placeholders were."""
@@ -64,7 +66,7 @@ def chatml_training_template(
         "{{- '\\n' -}}"
         "{%- else -%}"
         "{%- for content in message['content'] -%}"
-        "{%- if content['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+        "{%- if content['type'] == 'image' -%}{{- '" + image_placeholder + "' -}}"
         "{%- elif content['type'] == 'video' -%}{{- '" + video_placeholder + "' -}}"
         "{%- elif content['type'] == 'text' -%}{{- content['text'] -}}"
         "{%- endif -%}"
