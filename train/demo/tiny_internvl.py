@@ -112,7 +112,8 @@ def tiny_processor(tokenizer: Qwen2Tokenizer, config: Any) -> InternVLProcessor:
 
 def build(out_dir: str | Path, seed: int = 0, extra_words: str = "", text_layers: int | None = None) -> Path:
     """Write the tiny model folder (config, safetensors weights, tokenizer, processor, chat template); return it."""
-    tokenizer = build_qwen_tokenizer(extra_words, named_tokens=NAMED_TOKENS)
+    # "Frame" whole, as in Qwen's vocabulary: the processor writes `Frame{i}: ` before every frame
+    tokenizer = build_qwen_tokenizer(f"{extra_words} Frame", named_tokens=NAMED_TOKENS)
     config = tiny_config(tokenizer, text_layers)
     end_tokens = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     processor = tiny_processor(tokenizer, config)
