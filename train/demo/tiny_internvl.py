@@ -90,7 +90,7 @@ def tiny_config(tokenizer: Qwen2Tokenizer, text_layers: int | None = None) -> In
             "pad_token_id": tokenizer.pad_token_id,
             "tie_word_embeddings": False,
         },
-        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_token_id=int(tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")),  # type: ignore[arg-type]
         image_seq_length=(patches // 2) ** 2,  # pixel shuffle 0.5 halves each side
         tie_word_embeddings=False,  # as Qwen3-8B's
     )
@@ -98,12 +98,16 @@ def tiny_config(tokenizer: Qwen2Tokenizer, text_layers: int | None = None) -> In
 
 def tiny_processor(tokenizer: Qwen2Tokenizer, config: Any) -> InternVLProcessor:
     px = TINY_SIZES["image_px"]
-    normalise = {"image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD}
     return InternVLProcessor(
         image_processor=GotOcr2ImageProcessor(
-            size={"height": px, "width": px}, max_patches=TINY_SIZES["max_tiles"], **normalise
+            size={"height": px, "width": px},
+            max_patches=TINY_SIZES["max_tiles"],
+            image_mean=IMAGENET_MEAN,
+            image_std=IMAGENET_STD,
         ),
-        video_processor=InternVLVideoProcessor(size={"height": px, "width": px}, **normalise),
+        video_processor=InternVLVideoProcessor(
+            size={"height": px, "width": px}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+        ),
         tokenizer=tokenizer,
         image_seq_length=config.image_seq_length,
         chat_template=HUB_CHAT_TEMPLATE,
