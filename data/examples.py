@@ -93,7 +93,7 @@ class ExampleBuilder:
             raise DataError(f"label_turns must be one of {', '.join(LABEL_TURNS)}, got {label_turns!r}")
         self.processor, self.tokenizer, self.family = processor, processor.tokenizer, family
         self.chat_template, self.label_turns = chat_template or family.chat_template, label_turns
-        self.video_token_id = processor.video_token_id
+        self.video_token_id = family.video_token_id(processor)
         self.image_token_id = processor.image_token_id
         self.tokens = family.token_counter(processor)
         self.frame_px = family.decode_edge_px(processor)
@@ -154,7 +154,8 @@ class ExampleBuilder:
                 [(clip.audio or silent_span(clip, rate)).samples for clip in clips],
             )
         else:
-            encoded = self.processor.apply_chat_template(
+            encoded = self.family.encode(
+                self.processor,
                 to_template_messages(messages, pixels),
                 chat_template=self.chat_template,
                 tokenize=True,

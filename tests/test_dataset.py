@@ -62,6 +62,10 @@ def test_over_long_samples_are_dropped_with_their_reason_never_truncated(tmp_pat
             # its measure also holds each temporal patch's `<t seconds>` text (+ vision start/end), which training's
             # jittered frame times may lengthen by a token or two; the video tokens themselves are pinned elsewhere
             assert video_tokens > 0 and abs(len(example["input_ids"]) - rows[index]["num_tokens"]) <= 2
+        elif family_kit.name == "internvl":
+            # its measure also holds each frame's `Frame{i}: <img>`...`</img>` text around the frame's tokens
+            assert len(example["input_ids"]) == rows[index]["num_tokens"]
+            assert video_tokens == 4 * family_kit.processor.image_seq_length < rows[index]["num_media_tokens"]
         else:
             assert video_tokens == rows[index]["num_media_tokens"]  # all video tokens present, as measured
         assert (example["labels"] != -100).sum() > 0  # the answer survived

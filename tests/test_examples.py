@@ -22,7 +22,7 @@ from vidtune.data.dataset import load_media
 from vidtune.data.examples import IGNORE_INDEX, ExampleBuilder, TokenCount
 from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
 from vidtune.data.sources import SourceConfig, iter_conversations, load_conversations
-from vidtune.data.video import Clip, SamplingConfig, VideoInfo
+from vidtune.data.video import Clip, SamplingConfig, VideoError, VideoInfo
 
 QWEN3_VL_PROCESSOR = ("qwen3_vl", "qwen3_5")  # families on Qwen3-VL's processor
 
@@ -111,11 +111,11 @@ def test_labels_are_exactly_the_assistant_turns_and_their_end_of_turn(family_kit
     assert [tokenizer.decode(last_only["input_ids"][s]).strip() for s in spans] == [f"blue, then nothing{eot}"]
 
 
-def processor_video_tokens(processor, frames: np.ndarray) -> int:
+def processor_video_tokens(processor, frames: np.ndarray, video_token_id: int) -> int:
     """What the processor itself expands one `<video>` to for these frames, asked directly (no template, no
-    vidtune code in between)."""
+    vidtune code in between): the tokens the model fills with video features (InternVL: its image tokens)."""
     out = processor(text=processor.video_token, videos=[frames], return_tensors="pt", do_sample_frames=False)
-    return int((out["input_ids"] == processor.video_token_id).sum())
+    return int((out["input_ids"] == video_token_id).sum())
 
 
 def test_video_tokens_equal_what_the_processor_computes_for_the_sampled_frames(family_kit, clips):
@@ -126,8 +126,8 @@ def test_video_tokens_equal_what_the_processor_computes_for_the_sampled_frames(f
         media, _ = load_media(messages, SamplingConfig(num_frames), False, None)
         example = builder.build(messages, media)
         clip = media[0]  # a decoded Clip: frames and their timestamps
-        in_ids = int((example["input_ids"] == processor.video_token_id).sum())
-        assert in_ids == processor_video_tokens(processor, clip.frames)
+        in_ids = int((example["input_ids"] == builder.video_token_id).sum())
+        assert in_ids == processor_video_tokens(processor, clip.frames, builder.video_token_id) > 0
         # counted before decoding (frame size, count and times: Qwen3-VL writes the times into the prompt)
         counted = builder.tokens.video_tokens(num_frames, *clip.frames.shape[1:3], clip.timestamps_s)
         assert len(example["input_ids"]) == builder.count(messages, [counted]).total
@@ -142,9 +142,13 @@ def test_two_videos_of_different_lengths_in_one_sample(family_kit):
         message("assistant", [text_part("No.")]),
     ]
     clips = {i: decoded_clip(np.zeros((n, 40, 40, 3), np.uint8)) for i, n in enumerate((3, 5))}
+    if family_kit.name == "internvl":  # its processor stacks a sample's videos (data/families/internvl.py)
+        with pytest.raises(VideoError, match="videos of 3, 5 frames in one sample"):
+            builder.build(messages, clips)
+        clips = {i: decoded_clip(np.zeros((4, 40, 40, 3), np.uint8)) for i in range(2)}
     example = builder.build(messages, clips)
-    expected = sum(processor_video_tokens(processor, c.frames) for c in clips.values())
-    assert int((example["input_ids"] == processor.video_token_id).sum()) == expected
+    expected = sum(processor_video_tokens(processor, c.frames, builder.video_token_id) for c in clips.values())
+    assert int((example["input_ids"] == builder.video_token_id).sum()) == expected
     counted = [builder.tokens.video_tokens(len(c.frames), 40, 40, c.timestamps_s) for c in clips.values()]
     assert len(example["input_ids"]) == builder.count(messages, counted).total
     from vidtune.data.collator import Collator

@@ -16,6 +16,7 @@ RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 SEVEN_B = sorted((REPO / "recipes" / "llava_next_video_7b").glob("*.yaml"))
 SEVEN_B_CONFIG = json.loads((REPO / "tests" / "assets" / "llava_next_video_7b_config.json").read_text())
 ONEVISION_7B = sorted((REPO / "recipes" / "llava_onevision_qwen2_7b").glob("*.yaml"))
+INTERNVL_8B = sorted((REPO / "recipes" / "internvl3_5_8b").glob("*.yaml"))
 
 
 def config_only_folder(folder: Path, asset: str) -> Path:
@@ -51,9 +52,12 @@ def test_every_recipe_parses_validates_and_dry_runs(
     model = seven_b_dir if path in SEVEN_B else tiny_model_dir
     model = family_kits("llava_onevision").model_dir if path in ONEVISION_7B else model
     # The Qwen recipes' real architectures are checked in test_qwen_families.py; dry runs on their tiny models.
-    qwen = {"qwen2_5_vl_7b": "qwen2_5_vl", "qwen3_vl_8b": "qwen3_vl", "qwen2_5_omni_7b": "qwen2_5_omni"}.get(
-        path.parent.name
-    )
+    qwen = {
+        "qwen2_5_vl_7b": "qwen2_5_vl",
+        "qwen3_vl_8b": "qwen3_vl",
+        "qwen2_5_omni_7b": "qwen2_5_omni",
+        "internvl3_5_8b": "internvl",
+    }.get(path.parent.name)
     model = family_kits(qwen).model_dir if qwen else model
     recipe = load_recipe(path)
     assert recipe.model.name_or_path and recipe.train.output_dir
@@ -137,6 +141,38 @@ def test_onevision_7b_recipes_fit_the_real_architecture(path, onevision_7b_dir):
         audit["parts"]["projector"]["total"] if recipe.finetune.train_projector else 0
     )
     assert 7.9e9 < audit["total"] - audit["trainable"] < 8.2e9  # the frozen 8.0B (Qwen2-7B + SigLIP so400m)
+
+
+def test_internvl_8b_recipes_fit_the_real_architecture(tmp_path, family_kits):
+    """Each recipe's token budget for its frames (256 tokens per 448 px frame + its `Frame{i}: <img>`...`</img>`
+    text), and LoRA on the Qwen3-8B text model's attention and MLP only (checked once, on the base recipe, which also
+    trains the projector: one 8.5B build on the meta device)."""
+    from vidtune.train.training.model import apply_finetuning, build_on_meta, check_audit, trainable_audit
+
+    folder = config_only_folder(tmp_path, "internvl3_5_8b_config.json")
+    assert [p.stem for p in INTERNVL_8B] == ["base", "chat", "instruct"]
+    recipes = [load_recipe(path, [f"model.name_or_path={folder}"]) for path in INTERNVL_8B]
+    model, family = build_on_meta(recipes[0].model)
+    vision, text = model.config.vision_config, model.config.text_config
+    tokens_per_frame = int((vision.image_size[0] // vision.patch_size[0] * model.config.downsample_ratio) ** 2)
+    assert tokens_per_frame == model.config.image_seq_length == 256
+    kit = family_kits("internvl")  # the frame labels and <img> </img> as the processor writes them
+    for recipe in recipes:
+        num_frames = recipe.data.sampling.num_frames
+        labels = kit.builder.tokens.video_tokens(num_frames, 448, 448) - num_frames * kit.processor.image_seq_length
+        video_tokens = num_frames * tokens_per_frame + labels
+        assert video_tokens + 256 <= recipe.data.max_length <= text.max_position_embeddings, video_tokens
+
+    assert recipes[0].finetune.train_projector
+    model = apply_finetuning(model, family, recipes[0].finetune)
+    wrapped = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+    assert len(wrapped) == text.num_hidden_layers * 7  # q k v o gate up down in every decoder layer
+    assert all(".language_model.layers." in name for name in wrapped)
+    audit = trainable_audit(model, family)
+    check_audit(audit, recipes[0].finetune)
+    assert audit["parts"]["vision_tower"]["trainable"] == 0
+    assert audit["parts"]["projector"]["trainable"] == audit["parts"]["projector"]["total"] > 0
+    assert 8.3e9 < audit["total"] - audit["trainable"] < 8.8e9  # the frozen 8.5B (Qwen3-8B + InternViT-300M)
 
 
 VALID = {"model": {"name_or_path": "m"}, "train": {"output_dir": "out"}, "data": {"sources": [{"path": "a.jsonl"}]}}

@@ -180,7 +180,15 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 # The families with a tiny model (data/families FAMILIES and train/demo TINY_MODELS; a test keeps this in step),
 # spelled out here so that `--help` need not import the model code.
-TINY_FAMILIES = ("llava_next_video", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2_5_omni")
+TINY_FAMILIES = (
+    "llava_next_video",
+    "llava_onevision",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "qwen3_5",
+    "qwen2_5_omni",
+    "internvl",
+)
 FAMILY_HELP = "model family of the tiny model (default llava_next_video)"
 
 

@@ -2,6 +2,7 @@
 
 data/ and train/ never look inside a model or its processor directly; they ask its family:
 - its training chat template (generation markers, end-of-turn token) and generation stop tokens;
+- how the processor encodes one sample (`encode`: its own apply_chat_template for most families);
 - what a clip or an image costs in tokens (`token_counter`), so `max_length` counts visual tokens before decoding;
 - the frame size decoders should scale to (`decode_edge_px`);
 - how one sample's visual tensors come out of the processor (`example_visuals`), how several samples' form a batch
@@ -39,6 +40,7 @@ FAMILIES = {
     "qwen3_5": "vidtune.data.families.qwen3_5:QWEN3_5",
     "qwen2_5_omni": "vidtune.data.families.qwen2_5_omni:QWEN2_5_OMNI",
     "qwen2_5_omni_thinker": "vidtune.data.families.qwen2_5_omni:QWEN2_5_OMNI",  # the thinker saved alone
+    "internvl": "vidtune.data.families.internvl:INTERNVL",
 }
 
 
@@ -166,6 +168,15 @@ class ModelFamily(ABC):
             raise ValueError(
                 f"model.frame_limits: {self.name} resizes every frame to one fixed size; leave the limits unset"
             )
+
+    def encode(self, processor: Any, conversation: list[dict[str, Any]], **kwargs: Any) -> Any:
+        """One sample through the processor: its `apply_chat_template` (tokenize=True, return_dict=True, and the
+        rest of `kwargs` as ExampleBuilder passes them), the output lists per media item (return_tensors=None)."""
+        return processor.apply_chat_template(conversation, **kwargs)
+
+    def video_token_id(self, processor: Any) -> int:
+        """The token id the model fills with video features (what `input_ids` hold where a clip's frames go)."""
+        return int(processor.video_token_id)
 
     def video_processor_kwargs(self, timings: Sequence[tuple[Sequence[float], float] | None]) -> dict[str, Any]:
         """Keyword arguments for the processor call, from each video's (frame timestamps in seconds, clip duration in

@@ -67,10 +67,13 @@ TINY_SIZES = {
 }
 
 
-def build_qwen_tokenizer(extra_words: str = "", tokenizer_class: Any = Qwen2Tokenizer) -> Any:
+def build_qwen_tokenizer(
+    extra_words: str = "", tokenizer_class: Any = Qwen2Tokenizer, named_tokens: dict[str, str] | None = None
+) -> Any:
     """A real Qwen2Tokenizer (byte-level BPE, Qwen2's pre-tokenizer; or another Qwen tokenizer class of the same
     shape) with a small trained vocabulary; the instruct models' eos is <|im_end|> and pad is <|endoftext|>, as on
-    the hub."""
+    the hub. `named_tokens`: a family's own special tokens by attribute name (InternVL's `context_image_token`...),
+    added after the Qwen specials."""
     probe = tokenizer_class()  # its pre-tokenizer (split regex + byte level), so merges match how it encodes
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = probe.backend_tokenizer.pre_tokenizer
@@ -83,8 +86,9 @@ def build_qwen_tokenizer(extra_words: str = "", tokenizer_class: Any = Qwen2Toke
     model = json.loads(bpe.to_str())["model"]
     vocab, merges = model["vocab"], [tuple(pair) for pair in model["merges"]]
     # merges as pairs (the tokenizers library's own form; the annotation says strings)
-    tokenizer = tokenizer_class(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+    named = named_tokens or {}
+    tokenizer = tokenizer_class(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>", **named)
+    tokenizer.add_special_tokens({"additional_special_tokens": [*SPECIAL_TOKENS, *named.values()]})
     return tokenizer
 
 

@@ -261,7 +261,9 @@ def flop_counter(model: Any, family: ModelFamily, head_everywhere: bool = False)
         head.frozen = numel(head_module.weight)
     tower_layers = getattr(vision, "num_hidden_layers", 0) or getattr(vision, "depth", 0)
     tower_type = getattr(vision, "model_type", "")
-    whole_images = tower_type in ("clip_vision_model", "siglip_vision_model")
+    whole_images = tower_type in ("clip_vision_model", "siglip_vision_model", "internvl_vision")
+    patch_size = getattr(vision, "patch_size", 1) if vision is not None else 1
+    patch_size = patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size  # InternViT: (14, 14)
     return FlopCounter(
         language=part_weights(model, lambda name: name.startswith(family.language_model_prefix)),
         head=head,
@@ -269,8 +271,8 @@ def flop_counter(model: Any, family: ModelFamily, head_everywhere: bool = False)
         projector=part_weights(model, merging(family)),
         attention_per_pair=12 * softmax_attention_layers(text) * attention_width(text),
         vision_attention_per_pair=4 * tower_layers * attention_width(vision) if vision and whole_images else 0,
-        patch_size=getattr(vision, "patch_size", 1) if vision is not None else 1,
-        class_token=tower_type == "clip_vision_model",
+        patch_size=patch_size,
+        class_token=tower_type in ("clip_vision_model", "internvl_vision"),
         head_everywhere=head_everywhere,
     ).attach(model, family)
 

@@ -191,7 +191,10 @@ def vision_activation_bytes(model: Any, recipe: Any, act_bytes: int) -> int:
     if vision is None:
         return 0
     if getattr(vision, "image_size", None) and getattr(vision, "patch_size", None):
-        patches = recipe.data.sampling.num_frames * (vision.image_size // vision.patch_size) ** 2
+        # InternViT gives (h, w) pairs
+        sizes = (vision.image_size, vision.patch_size)
+        image_px, patch_px = (v[0] if isinstance(v, list | tuple) else v for v in sizes)
+        patches = recipe.data.sampling.num_frames * (image_px // patch_px) ** 2
     else:  # Qwen: one token per spatial_merge_size**2 patches, at most max_length tokens
         patches = recipe.data.max_length * getattr(vision, "spatial_merge_size", 2) ** 2
     layers = config_value(vision, "num_hidden_layers", "depth", default=0)
