@@ -11,6 +11,8 @@ held_out.py     held-out scores during training (eval loss, generation metrics);
 checkpoint.py   checkpoints written atomically, verified, resumed only when the run matches, loaded safely
 resume.py       resuming from the newest checkpoint that loads; changed learning rate / weight decay applied
 distributed.py  the Accelerator, DeepSpeed settings, ZeRO-3 vision lockstep, gathering sharded weights
+sharding.py     FSDP2 through Accelerate's plugin: lockstep, the same backward order, sharded saves, gathered exports
+sequence_split.py  sequence parallelism (DeepSpeed Ulysses): one sample's sequence and frames shared by a group
 cpu_launch.py   GPU launch configs on machines without CUDA (the only private-API patches, asserted)
 preemption.py   SIGTERM / SIGINT: finish the step, checkpoint, exit 128+signal
 health.py       bad samples met while training, non-finite losses
