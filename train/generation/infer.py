@@ -40,6 +40,15 @@ class InferenceModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end an answer: the family's end-of-turn, and those the model's own generation config ends
+        on (Qwen's `<|endoftext|>` beside `<|im_end|>`), as plain `model.generate` stops: without them an answer
+        went on past a token where the model card's code stops."""
+        own = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        own_ids = [own] if isinstance(own, int) else list(own or [])
+        return list(dict.fromkeys([*self.family.stop_token_ids(self.processor.tokenizer), *own_ids]))
+
 
 def _adapter_base(folder: Path) -> str | None:
     config = folder / "adapter_config.json"
@@ -137,7 +146,7 @@ def generate_tokens(
         **batch,
         max_new_tokens=max_new_tokens,
         pad_token_id=im.processor.tokenizer.pad_token_id,
-        eos_token_id=im.family.stop_token_ids(im.processor.tokenizer),
+        eos_token_id=im.stop_ids,
         **generate_kwargs,
     )
     return output[:, batch["input_ids"].shape[1] :]
@@ -178,7 +187,7 @@ class TextStreamer(BaseStreamer):
 
     def __init__(self, im: InferenceModel, on_text: Callable[[str], None]):
         self.answer, self.on_text = AnswerText(im), on_text
-        self.stop_ids = set(im.family.stop_token_ids(im.processor.tokenizer))
+        self.stop_ids = set(im.stop_ids)
         self.prompt_seen = self.stopped = False
 
     def put(self, value: torch.Tensor) -> None:
