@@ -92,6 +92,62 @@ def test_export_folder_holds_the_allowlisted_files_and_a_model_card(run_dir):
     assert "| frames per clip | 4 |" in card and "learning rate" in card
 
 
+def test_a_local_base_is_said_so_with_the_hub_id_its_config_records_or_named_by_base_id(run_dir, tmp_path, capsys):
+    """The base of these runs is a local folder: the card says so (naming the Hub id the folder's config records,
+    if any), export tells the publisher to pass --base-id; with it the card, the code and the export's adapter
+    config name the Hub model (the run's own files keep the local path)."""
+    from vidtune.train.cli import main
+    from vidtune.train.publishing.model_card import model_card
+
+    metadata = json.loads((run_dir / "vidtune.json").read_text())
+    local = metadata["base_model"]
+    main(["export", str(run_dir), "--to", str(tmp_path / "plain"), "--push", "me/colours", "--dry-run"])
+    printed = capsys.readouterr().out
+    assert f"note: the base model {local} is a local folder that names no Hub model" in printed
+    assert "Export with --base-id ORG/NAME" in printed
+    card = (tmp_path / "plain" / "README.md").read_text()
+    assert f"`{Path(local).name}`, a local model folder (not named on the Hub)" in card
+    assert f'from_pretrained("PATH/TO/{Path(local).name}")  # a local model folder' in card
+
+    # a copy of a Hub model whose config records where it came from (configs saved by transformers 4 do)
+    copy = tmp_path / "LLaVA-copy"
+    copy.mkdir()
+    (copy / "config.json").write_text(json.dumps({"_name_or_path": "llava-hf/LLaVA-NeXT-Video-7B-hf"}))
+    card = model_card({**metadata, "base_model": str(copy)}, {})
+    assert "`LLaVA-copy`, a local model folder whose config records `llava-hf/LLaVA-NeXT-Video-7B-hf`" in card
+    assert "# a local folder; its config records llava-hf/LLaVA-NeXT-Video-7B-hf" in card
+    from vidtune.train.publishing.model_card import local_base_note
+
+    assert "export with --base-id llava-hf/LLaVA-NeXT-Video-7B-hf" in local_base_note(str(copy))
+
+    main(["export", str(run_dir), "--to", str(tmp_path / "named"), "--base-id", "llava-hf/LLaVA-NeXT-Video-7B-hf"])
+    assert "note:" not in capsys.readouterr().out
+    card = (tmp_path / "named" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == "llava-hf/LLaVA-NeXT-Video-7B-hf" and front["base_model_relation"] == "adapter"
+    assert "for [llava-hf/LLaVA-NeXT-Video-7B-hf](https://huggingface.co/llava-hf/LLaVA-NeXT-Video-7B-hf)" in card
+    assert 'from_pretrained("llava-hf/LLaVA-NeXT-Video-7B-hf")\n' in card and local not in card
+    adapter = json.loads((tmp_path / "named" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "llava-hf/LLaVA-NeXT-Video-7B-hf"
+    assert json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == local
+    with pytest.raises(SystemExit):
+        main(["export", str(run_dir), "--to", str(tmp_path / "bad"), "--base-id", "/models/llava"])
+    assert "--base-id '/models/llava': give the Hub id of the base model, ORG/NAME" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+def test_the_cards_evaluation_table_shows_the_task_scores_the_run_measured(run_dir):
+    from vidtune.train.publishing.model_card import model_card
+
+    metadata = json.loads((run_dir / "vidtune.json").read_text())
+    scored = {"eval/loss": 1.25, "eval/qa/num_samples": 8, "eval/qa/exact_match": 0.875, "eval/qa/f1": 0.9}
+    table = model_card({**metadata, "metrics": scored}, {}).split("## Evaluation (held-out)\n")[1]
+    assert "| qa: exact match (8 samples) | 87.5% |\n| qa: f1 (8 samples) | 90.0% |\n| loss | 1.25 |" in table
+    assert "Only the held-out loss" not in table
+    table = model_card({**metadata, "metrics": {"eval/loss": 1.25}}, {}).split("## Evaluation (held-out)\n")[1]
+    assert "| loss | 1.25 |" in table and "set `eval.every_steps`" in table
+
+
 def card_code(folder: Path, model_dir: Path, video: Path) -> str:
     """The python block of an export's model card, its placeholders filled in: the local base folder, the clip,
     and six tokens forced (a 4-step adapter might stop at once: the comparison is on real text)."""

@@ -164,6 +164,11 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", help="branch to push to (created when missing)")
     p.add_argument("--message", help="commit message")
     p.add_argument("--dry-run", action="store_true", help="write the folder and list what would be uploaded; no push")
+    p.add_argument(
+        "--base-id",
+        metavar="ORG/NAME",
+        help="the Hub model a local base folder is a copy of: the card links it and the export loads it from the Hub",
+    )
 
 
 # The families with a tiny model (data/families FAMILIES and train/demo TINY_MODELS; a test keeps this in step),
@@ -324,12 +329,16 @@ def run_export(args: argparse.Namespace) -> None:
     # environment holds (and exporting does not need the training environment's variables).
     card = dict(read_recipe_yaml(saved).get("hub") or {}) if saved.is_file() else {}
     card["repo_id"] = args.push or card.get("repo_id")
+    if args.base_id:
+        card["base_id"] = args.base_id
     if args.push and not args.dry_run:
         hub_token()  # before the (possibly long) merge
     result = export_folder(args.run_dir, args.to, merge=args.merge, card=card)
     print(f"exported {result.folder}:")
     for name in result.files:
         print(f"  {name}  ({(result.folder / name).stat().st_size:,} bytes)")
+    if result.note:
+        print(result.note)
     if args.push and args.dry_run:
         privacy = "private" if args.private else "public (unless the repo exists and is private)"
         print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,37 @@ def is_hub_id(name: str) -> bool:
 def dataset_name(path: str) -> str:
     """A source as the card shows it: a Hub dataset by its id, a local file by its file name (never its path)."""
     return path if is_hub_id(path) and not Path(path).suffix else Path(path).name
+
+
+def recorded_hub_id(base: str) -> str | None:
+    """The Hub model a local base folder is a copy of, where the folder says so: the Hub cache's folder name
+    (`models--org--name/snapshots/...`), else the `_name_or_path` its config.json records (configs saved by
+    transformers 4, as many Hub repos hold, carry it)."""
+    for part in Path(base).parts:
+        if part.startswith("models--") and "--" in part.removeprefix("models--"):
+            return part.removeprefix("models--").replace("--", "/", 1)
+    try:
+        recorded = json.loads((Path(base) / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, str) and "/" in recorded and is_hub_id(recorded) else None
+
+
+def local_base_note(base: str) -> str | None:
+    """What the publisher is told when the base is a local folder (None: it is a Hub id)."""
+    if is_hub_id(base):
+        return None
+    recorded = recorded_hub_id(base)
+    if recorded:
+        return (
+            f"note: the base model {base} is a local folder; its config records {recorded}. If it is a copy of that "
+            f"model, export with --base-id {recorded}: the card then links it and its code (and `vidtune infer`) "
+            "load it from the Hub"
+        )
+    return (
+        f"note: the base model {base} is a local folder that names no Hub model; the card cannot link it. Export "
+        "with --base-id ORG/NAME (the Hub model it is a copy of) so the card and its code name it"
+    )
 
 
 def front_matter(metadata: dict[str, Any], card: dict[str, Any], merged: bool) -> str:
@@ -157,13 +189,16 @@ def usage(metadata: dict[str, Any], repo: str, merged: bool) -> str:
     base = (
         metadata["base_model"] if is_hub_id(metadata["base_model"]) else f"PATH/TO/{Path(metadata['base_model']).name}"
     )
+    recorded = None if is_hub_id(metadata["base_model"]) else recorded_hub_id(metadata["base_model"])
+    where = f"  # a local folder; its config records {recorded}" if recorded else "  # a local model folder"
+    where = "" if is_hub_id(metadata["base_model"]) else where
     model_class = family.model_class
     quantized = None if merged else bnb_code(metadata.get("quantization"), family.quantization_skip_modules)
     base_kwargs = ', quantization_config=quantization, device_map={"": "cuda" if torch.cuda.is_available() else "cpu"}'
     load = (
         f'model = {model_class}.from_pretrained("{repo}")'
         if merged
-        else f'base = {model_class}.from_pretrained("{base}"{base_kwargs if quantized else ""})\n'
+        else f'base = {model_class}.from_pretrained("{base}"{base_kwargs if quantized else ""}){where}\n'
         f'model = PeftModel.from_pretrained(base, "{repo}")'
     )
     prepare, frame_imports = frame_code(metadata, family)
@@ -224,17 +259,51 @@ def eval_metrics(metadata: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k.startswith("eval/") and isinstance(v, int | float)}
 
 
+FRACTION_METRICS = ("exact_match", "accuracy", "f1")
+ONLY_LOSS_NOTE = (
+    "Only the held-out loss was measured. Answers were not scored: set `eval.every_steps` (with "
+    "`data.eval_sources`) to score them during training, or run `vidtune eval`."
+)
+
+
+def evaluation_section(metrics: dict[str, float]) -> str:
+    """The held-out scores the run measured, task scores first (exact match, accuracy as percentages, with how many
+    samples), then the loss; a note when the loss is all there is."""
+    rows: dict[str, str] = {}
+    for key, value in metrics.items():
+        *group, name = key.removeprefix("eval/").split("/")
+        if name == "num_samples" or key == "eval/loss":
+            continue
+        task = group[0] if group else ""
+        samples = metrics.get(f"eval/{task}/num_samples")
+        label = (f"{task}: " if task and task != "demo" else "") + name.replace("_", " ")
+        label += f" ({samples:.0f} samples)" if samples else ""
+        fraction = name in FRACTION_METRICS or task == "demo"  # the demo's scores are all shares of clips
+        rows[label] = f"{100 * value:.1f}%" if fraction and 0 <= value <= 1 else f"{value:.4g}"
+    if "eval/loss" in metrics:
+        rows["loss"] = f"{metrics['eval/loss']:.4g}"
+    note = "" if len(rows) > 1 or "eval/loss" not in metrics else "\n\n" + ONLY_LOSS_NOTE
+    return "## Evaluation (held-out)\n\n" + _table(rows) + note + "\n"
+
+
 def model_card(metadata: dict[str, Any], card: dict[str, Any], merged: bool = False, name: str = "") -> str:
     """`card`: the recipe's `hub` section (+ repo_id when pushing); `name`: the run's folder name, the title when
     there is no repo."""
+    if card.get("base_id"):  # the publisher named the Hub model a local base folder is a copy of (--base-id)
+        metadata = {**metadata, "base_model": card["base_id"]}
     title = (card.get("repo_id") or name or "vidtune-model").split("/")[-1]
     repo = card.get("repo_id") or f"./{name or 'this-folder'}"
     sampling = metadata["sampling"]
     kind = "model (adapter merged into the base)" if merged else "LoRA adapter"
     variant = metadata.get("variant", "instruct")
     base = metadata["base_model"]
+    recorded = None if is_hub_id(base) else recorded_hub_id(base)
     base_text = (
-        f"[{base}](https://huggingface.co/{base})" if is_hub_id(base) else f"`{Path(base).name}` (a local model)"
+        f"[{base}](https://huggingface.co/{base})"
+        if is_hub_id(base)
+        else f"`{Path(base).name}`, a local model folder whose config records `{recorded}`"
+        if recorded
+        else f"`{Path(base).name}`, a local model folder (not named on the Hub)"
     )
     sources = ", ".join(
         f"`{dataset_name(d['path'])}` ({d.get('num_samples', '?')} samples)" for d in metadata.get("datasets", [])
@@ -275,5 +344,5 @@ def model_card(metadata: dict[str, Any], card: dict[str, Any], merged: bool = Fa
         + "\n",
     ]
     if metrics:
-        sections.append("## Evaluation (held-out)\n\n" + _table({k: f"{v:.4g}" for k, v in metrics.items()}) + "\n")
+        sections.append(evaluation_section(metrics))
     return "\n".join(sections)
