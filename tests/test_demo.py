@@ -107,13 +107,12 @@ def test_demo_prints_each_stages_scores_when_it_ends_and_the_next_commands(famil
     stages.run_demo(tmp_path / "demo", stages=("base", "instruct"))
     printed = capsys.readouterr().out
     base_run = tmp_path / "demo" / "runs" / "base"
-    summary = (
-        f"== stage base: held-out scores\n  order question exact match{' ' * 26}  87.5%\n  loss curves: {base_run}"
-    )
-    assert summary + "\n" in printed
+    label = "order question exact match"
+    summary = f"== stage base: held-out scores\n  {label:<52}  87.5%\n  loss curves: {base_run}/loss.png"
+    assert summary + "\n" in printed, printed
     assert printed.index(summary) < printed.index("TRAINING instruct")
     metrics = json.loads((base_run / "vidtune.json").read_text())["metrics"]
-    assert metrics["eval/demo/order question exact match"] == 0.875 and "eval/loss" in metrics
+    assert metrics["eval/demo/order question exact match"] == 0.875 and "train/loss" in metrics  # kept
     card = (base_run / "README.md").read_text()
     assert "order question exact match" in card.split("## Evaluation (held-out)")[1]
     instruct_run = tmp_path / "demo" / "runs" / "instruct"
