@@ -306,7 +306,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     bench = BENCHMARKS[args.benchmark]
     items, bad = load_benchmark(bench, benchmark_sources(bench, args.data, args.media_root, args.media_template))
     num_frames = args.num_frames or bench.num_frames
-    im = load_for_inference(args.model, base=args.base, num_frames=num_frames, fps=args.fps)
+    im = load_for_inference(args.model, base=args.base, num_frames=num_frames, fps=args.fps, announce=True)
     max_new_tokens = args.max_new_tokens or bench.max_new_tokens
     predictions = predict(im, items, EvalConfig(task="multiple_choice", max_new_tokens=max_new_tokens), args.batch_size)
     metrics, records = score_benchmark(bench, items, predictions)
@@ -357,7 +357,7 @@ def _load(args: argparse.Namespace):
     check_model_path(args.model)
     if args.base:
         check_model_path(args.base, "--base")
-    return load_for_inference(args.model, base=args.base, num_frames=args.num_frames, fps=args.fps)
+    return load_for_inference(args.model, base=args.base, num_frames=args.num_frames, fps=args.fps, announce=True)
 
 
 def run_infer(args: argparse.Namespace) -> None:

@@ -22,7 +22,13 @@ from vidtune.data.dataset import load_media
 from vidtune.data.examples import ExampleBuilder, with_time_instructions
 from vidtune.data.families import ModelFamily, family_for
 from vidtune.data.video import SamplingConfig
-from vidtune.train.training.model import load_model_config, model_class, refusing_pickles, resolve_dtype
+from vidtune.train.training.model import (
+    announced_load,
+    load_model_config,
+    model_class,
+    refusing_pickles,
+    resolve_dtype,
+)
 from vidtune.train.training.outputs import read_metadata
 from vidtune.train.training.quantization import quantized_load_kwargs
 
@@ -83,8 +89,10 @@ def load_for_inference(
     num_frames: int | None = None,
     fps: float | None = None,
     device: str | None = None,
+    announce: bool = False,
 ) -> InferenceModel:
-    """A trained output folder (adapter or full model) or any LLaVA-NeXT-Video checkpoint."""
+    """A trained output folder (adapter or full model) or any supported checkpoint. `announce`: a line on stderr as
+    the base starts loading and one when it is loaded (the commands say so; library callers stay silent)."""
     import transformers
     from peft import PeftModel
 
@@ -97,8 +105,10 @@ def load_for_inference(
     # A QLoRA adapter meets the base quantized as in training (merged exports hold real weights and no settings).
     settings = (metadata or {}).get("quantization") if adapter_base is not None else None
     quantized = quantized_load_kwargs(settings, family.quantization_skip_modules, resolve_dtype(dtype), device)
-    with refusing_pickles(base_path, folder):
-        model = model_class(family).from_pretrained(base_path, dtype=resolve_dtype(dtype), **quantized)
+    with refusing_pickles(base_path, folder), announced_load(base_path, file=sys.stderr, show=announce) as loaded:
+        model = loaded["model"] = model_class(family).from_pretrained(
+            base_path, dtype=resolve_dtype(dtype), **quantized
+        )
         family.prepare_model(model)
         if adapter_base is not None:
             model = PeftModel.from_pretrained(model, str(folder))
