@@ -187,11 +187,43 @@ def test_rewards_score_as_eval_does_and_unknown_ones_are_refused_up_front(family
     ]  # fmt: skip
     assert reward_module.exact_reward("The Red.", {"answer": "red"}) == 1.0
     assert reward_module.resolve("tests.test_grpo:varied_reward") is varied_reward
+
     base = [f"model.name_or_path={family_kits('llava_next_video').model_dir}", "data.sources=[{path: x.jsonl}]"]
     for name, message in (("nosuch.module:f", "cannot be loaded"), ("exactly", "unknown reward 'exactly'")):
         overrides = [*base, f"train.output_dir={tmp_path}", "train.objective=grpo", f"train.grpo.rewards=[{name}]"]
         with pytest.raises(RecipeError, match=message):
             load_recipe(None, overrides)
+
+
+def test_reasoning_format_and_temporal_grounding_rewards_score_the_answer_part() -> None:
+    """`format` wants think-then-answer and nothing else; the answer rewards read only the answer tags (a thinking
+    part that names the right option must not score); `temporal_iou` is the spans' overlap over their union."""
+    fmt, iou, exact = reward_module.format_reward, reward_module.temporal_iou_reward, reward_module.exact_reward
+    assert [fmt(c, {}) for c in (
+        "<think>red, then blue</think> <answer>B</answer>",
+        "<think>a\nb</think>\n<answer>B</answer>\n",
+        "<answer>B</answer>",
+        "<think>x</think><answer>B</answer> and more",
+        "B",
+    )] == [1.0, 1.0, 0.0, 0.0, 0.0]  # fmt: skip
+    row = {"question": "Which color comes first?\nA. red\nB. blue", "answer": "B"}
+    assert reward_module.choice_reward("<think>not A, it is B</think><answer>A</answer>", row) == 0.0
+    assert reward_module.choice_reward("<think>surely A</think><answer>B</answer>", row) == 1.0
+    assert exact("<think>red?</think><answer>The blue.</answer>", {"answer": "blue"}) == 1.0
+    assert exact("<think>blue</think><answer>red</answer>", {"answer": "blue"}) == 0.0
+    truth = {"answer": "from 2 to 6 seconds"}
+    assert iou("From 2 to 6 seconds.", truth) == 1.0
+    assert iou("<answer>4 - 8 s</answer>", truth) == pytest.approx(2 / 6)  # overlap 4..6 over union 2..8
+    assert iou("between 0.5 and 1.5 sec", truth) == 0.0  # disjoint
+    assert iou("around the middle", truth) == 0.0  # no span named
+    assert iou("from 6 to 2 seconds", truth) == 0.0  # a backward span is no span
+    with pytest.raises(ValueError, match="names no span"):
+        iou("from 2 to 6 seconds", {"answer": "the red ball"})  # a bad row: the bad-sample budget counts it
+    totals, problems, _ = reward_module.score(
+        ["<think>t</think><answer>from 2 to 4 seconds</answer>"], [{"answer": "from 2 to 6 seconds", "at": "f:1"}],
+        ["format", "temporal_iou"], [0.5, 1.0],
+    )  # fmt: skip
+    assert totals == [pytest.approx(0.5 + 2 / 4)] and problems == []
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ class GRPOSettings:
     temperature: float = 1.0  # sampling temperature of the rollouts
     beta: float = 0.0  # weight of the KL to the reference (adapter disabled); 0 = none (Dr. GRPO)
     epsilon: float = 0.2  # ratio clipping: the update keeps ratio within [1 - epsilon, 1 + epsilon]
-    # choice | exact | module:function (completion, row) -> float; summed with reward_weights
+    # choice | exact | format | temporal_iou | module:function (completion, row) -> float; summed with reward_weights
     rewards: list[str] = field(default_factory=lambda: ["exact"])
     reward_weights: list[float] = field(default_factory=list)  # empty = 1 each
     # decode each prompt's clip once for its whole group (off: once per completion, as peers do; the benchmark
