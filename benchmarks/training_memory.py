@@ -8,12 +8,17 @@ process, measured as the rise of the process's peak resident memory (getrusage r
 and the highest resident memory sampled during the step, both over the resident memory before the model loads (so
 the step's figure holds the weights, states and activations, and whatever the allocator keeps).
 
+Sharded (CPU, after the table above): LoRA fp32 under launch/accelerate/fsdp2.yaml with 1 and 2 processes (gloo),
+launched with `accelerate launch` as train.sh does; each rank reports the bytes of the weights, gradients and AdamW
+states it really holds after one step (DTensor shards: this rank's part), the rise of its resident memory, and the
+memory plan's per-rank parts for the same launch (`--dry-run --fsdp`). --no-sharded skips it.
+
 GPU (--gpu): the real 7B architecture (tests/assets/llava_next_video_7b_config.json) at 16, 32 and 64 frames
 (144 tokens each + 64 text tokens), measured with torch.cuda.max_memory_allocated. The weights are random: a
 bf16 checkpoint of them is written once to --checkpoint-dir (~14 GB) so that QLoRA quantizes them as they load,
 as it does a downloaded checkpoint.
 
-Run:  python benchmarks/training_memory.py [--frames 8] [--hidden-size 1024] [--layers 8]
+Run:  python benchmarks/training_memory.py [--frames 8] [--hidden-size 1024] [--layers 8] [--no-sharded]
       python benchmarks/training_memory.py --gpu [--frames 16 32 64] [--checkpoint-dir /tmp/llava-7b-random]
 """
 
@@ -163,6 +168,105 @@ def one_case(model_dir: str, overrides: list[str], frames: int, gpu: bool) -> tu
     return loading, measured, plan.total / GB
 
 
+def base_recipe(model_dir: str, overrides: list[str]):  # type: ignore[no-untyped-def]
+    from vidtune.train.training.config import load_recipe
+
+    return load_recipe(
+        None,
+        [
+            f"model.name_or_path={model_dir}",
+            "train.output_dir=unused",
+            "data.sources=[{path: unused.jsonl}]",
+            "model.gradient_checkpointing=true",
+            "finetune.lora.rank=64",
+            *overrides,
+        ],
+    )
+
+
+def sharded_rank(model_dir: str, frames: int) -> None:
+    """One rank of an FSDP2 launch (accelerate launch ... --rank-worker): one LoRA fp32 step, the model's own loss
+    (the language head is sharded), then this rank's tensor bytes and resident memory as one JSON line."""
+    import torch
+
+    torch.set_num_threads(1)
+    from vidtune.train.training.build import build_model, build_optimizer
+    from vidtune.train.training.distributed import make_accelerator
+    from vidtune.train.training.memory_plan import plan_memory
+    from vidtune.train.training.model import apply_finetuning, build_on_meta
+    from vidtune.train.training.sharding import is_fsdp, local
+
+    recipe = base_recipe(model_dir, CASES["LoRA fp32"])
+    accelerator = make_accelerator(recipe)
+    before = resident_bytes()
+    model, _, _, _ = build_model(recipe, accelerator)
+    optimizer, _ = build_optimizer(recipe, model, total_steps=1, fused=False)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    step = batch(accelerator.unwrap_model(model), frames, 64, accelerator.device)
+    recipe.data.max_length = step["input_ids"].shape[1]
+    with ResidentPeak() as resident:
+        model(**step).loss.backward()
+        optimizer.step()
+    params = list(model.parameters())
+    states = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
+    meta, family = build_on_meta(recipe.model)
+    fsdp = is_fsdp(accelerator)
+    plan = plan_memory(
+        apply_finetuning(meta, family, recipe.finetune), family, recipe, accelerator.num_processes, fsdp=fsdp
+    )
+    figures = {
+        "rank": accelerator.process_index,
+        "processes": accelerator.num_processes,
+        "sharded": fsdp,
+        "weights": sum(local(p).nbytes for p in params),
+        "gradients": sum(local(p.grad).nbytes for p in params if p.grad is not None),
+        "optimizer": sum(local(v).nbytes for v in states),
+        "step_resident": resident.peak - before,
+        "planned": [plan.weights, plan.gradients, plan.optimizer],
+    }
+    print("RANK-RESULT " + json.dumps(figures), flush=True)
+
+
+def sharded_launch(model_dir: Path, frames: int, processes: int) -> list[dict]:
+    """Every rank's figures of one FSDP2 launch (launch/accelerate/fsdp2.yaml, `processes` CPU processes)."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        *("accelerate", "launch", "--config_file", str(REPO / "launch/accelerate/fsdp2.yaml")),
+        *("--num_processes", str(processes), "--main_process_port", str(port)),
+        *(__file__, "--rank-worker", str(model_dir), "--frames", str(frames)),
+    ]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    found = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("RANK-RESULT")]
+    if result.returncode != 0 or len(found) != processes:
+        raise SystemExit(
+            f"sharded launch failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+        )
+    return sorted(found, key=lambda figures: figures["rank"])
+
+
+def print_sharded(model_dir: Path, frames: int) -> None:
+    MB = 1024**2
+    print(f"\nLoRA fp32, {frames} frames, launch/accelerate/fsdp2.yaml; per rank: tensors it holds after one step (MB)")
+    header = f"{'processes':<17}{'rank':>5}{'weights':>10}{'grads':>8}{'AdamW':>8}{'step RSS GB':>13}"
+    print(f"{header}  planned weights / grads / AdamW (MB)")
+    for processes in (1, 2):
+        for f in sharded_launch(model_dir, frames, processes):
+            engine = "FSDP2" if f["sharded"] else "no sharding"
+            planned = " / ".join(f"{value / MB:.1f}" for value in f["planned"])
+            print(
+                f"{f'{processes} ({engine})':<17}{f['rank']:>5}{f['weights'] / MB:>10.1f}{f['gradients'] / MB:>8.1f}"
+                f"{f['optimizer'] / MB:>8.1f}{f['step_resident'] / GB:>13.2f}  {planned}"
+            )
+
+
 def measure(*args: object) -> tuple[float, float, float]:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(one_case, args)
@@ -175,7 +279,12 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=1024, help="CPU: the language model's hidden size")
     parser.add_argument("--layers", type=int, default=8, help="CPU: the language model's layers")
     parser.add_argument("--checkpoint-dir", default="/tmp/vidtune-training-memory", help="model folder (reused)")
+    parser.add_argument("--no-sharded", action="store_true", help="CPU: skip the FSDP2 1- and 2-process launches")
+    parser.add_argument("--rank-worker", help=argparse.SUPPRESS)  # (one rank of a sharded launch: its model folder)
     args = parser.parse_args()
+    if args.rank_worker:
+        sharded_rank(args.rank_worker, args.frames[0])
+        return
     frames = args.frames or ([16, 32, 64] if args.gpu else [8])
     model_dir = write_model(Path(args.checkpoint_dir), args.hidden_size, args.layers, args.gpu)
     print(f"machine: {machine()}")
@@ -186,6 +295,8 @@ def main() -> None:
         for case, overrides in CASES.items():
             loading, measured, planned = measure(str(model_dir), overrides, count, args.gpu)
             print(f"{case:<28}{count:>8}{loading:>12.2f}{measured:>10.2f}{planned:>12.2f}")
+    if not args.gpu and not args.no_sharded:
+        print_sharded(model_dir, frames[0])
     flags = "--gpu " if args.gpu else f"--hidden-size {args.hidden_size} --layers {args.layers} "
     print(f"re-run: python benchmarks/training_memory.py {flags}--frames {' '.join(map(str, frames))}")
 

@@ -93,6 +93,7 @@ class Collator:
                 if all(key in ex for ex in examples):
                     batch[key] = pad_sequences([ex[key] for ex in examples], 0, self.padding_side, width)
             batch.update(self.family.batch_visuals(examples))
+            self.family.finish_batch(batch, examples, self.padding_side)
         elif any(key not in ("input_ids", "attention_mask", "labels", "skipped") for ex in examples for key in ex):
             raise ValueError("these examples carry visual inputs: give the Collator their model family")
         return batch

@@ -23,13 +23,21 @@ import datasets
 import numpy as np
 import torch
 
+from vidtune.data.audio import AUDIO_MODES, has_audio_stream, load_clip_audio, span_of
 from vidtune.data.conversation import DataError, Message, media_parts
 from vidtune.data.examples import LABEL_TURNS, ExampleBuilder, TokenCount, answer_replaced, with_time_instructions
+from vidtune.data.families import ModelFamily
 from vidtune.data.formats import DEFAULT_CAPTION_PROMPT
 from vidtune.data.frame_cache import FrameCache, FrameCacheConfig
 from vidtune.data.measure_cache import MeasureCache, settings_fingerprint
 from vidtune.data.quality import MAX_FRAME_PIXELS, BadSampleConfig, BadSampleLog, time_limit, validate_bad_samples
-from vidtune.data.sources import MAX_ROW_BYTES, SourceConfig, load_conversations, stream_conversations
+from vidtune.data.sources import (
+    MAX_ROW_BYTES,
+    SourceConfig,
+    load_conversations,
+    source_name,
+    stream_conversations,
+)
 from vidtune.data.video import (
     Clip,
     SamplingConfig,
@@ -58,6 +66,9 @@ class DataConfig:
     max_length: int = 4096  # tokens per sample, video/image tokens included; longer samples are dropped
     label_turns: str = "all"  # all: learn every assistant turn | last: only the final one
     time_instruction: bool = False  # prepend "The video lasts 9.7 seconds; 8 frames were sampled at ..." per video
+    # hear each video's sound for its sampled span: auto (when the model family hears) | on (refuse a family that
+    # does not) | off; a source's own `audio` overrides it
+    audio: str = "auto"
     caption_prompts: list[str] = field(default_factory=lambda: [DEFAULT_CAPTION_PROMPT])  # sampled per row
     streaming: bool = False  # stream corpora too large to prepare (measured and filtered on the fly)
     stream_shuffle_buffer: int = 1000  # streaming: rows held in the seeded shuffle buffer (1 = file order)
@@ -67,6 +78,28 @@ class DataConfig:
     max_row_bytes: int = MAX_ROW_BYTES  # larger annotation rows are bad rows, dropped before any parsing
     bad_samples: BadSampleConfig = field(default_factory=BadSampleConfig)  # what to do with unreadable samples
     frame_cache: FrameCacheConfig = field(default_factory=FrameCacheConfig)  # reuse decoded frames across epochs
+
+
+def heard_sources(cfg: DataConfig, family: ModelFamily) -> set[str]:
+    """The sources whose videos are heard with their sound: data.audio or the source's own `audio` is auto or on,
+    and the family hears (`on` refuses a family that does not)."""
+    heard = set()
+    for source in [*cfg.sources, *cfg.eval_sources]:
+        mode = source.audio or cfg.audio
+        if mode not in AUDIO_MODES:
+            raise DataError(f"{source.path}: audio must be one of {', '.join(AUDIO_MODES)}, got {mode!r}")
+        if mode == "on" and not family.hears:
+            raise DataError(f"{source.path}: audio=on, but {family.name} does not hear sound (use auto or off)")
+        if mode != "off" and family.hears:
+            heard.add(source_name(source))
+    return heard
+
+
+def audio_rate_for(cfg: DataConfig, family: ModelFamily, processor: Any) -> int | None:
+    """The rate videos are heard at in this run (the family's feature extractor's), None when none is."""
+    if cfg.audio not in AUDIO_MODES:
+        raise DataError(f"data.audio must be one of {', '.join(AUDIO_MODES)}, got {cfg.audio!r}")
+    return family.audio_sampling_rate(processor) if heard_sources(cfg, family) else None
 
 
 def default_num_workers(processes_per_node: int) -> int:
@@ -139,15 +172,19 @@ class Measurer:
     def __init__(self, builder: ExampleBuilder, cfg: DataConfig, cache: MeasureCache | None = None):
         self.builder, self.cfg, self.cache = builder, cfg, cache
         self._video_info: dict[str, VideoInfo] = {}
+        self.heard = heard_sources(cfg, builder.family) if builder.audio_rate else set()
 
     def video_info(self, path: str) -> VideoInfo:
         if path not in self._video_info:
             self._video_info[path] = probe_video(path, self.cfg.sampling.backend)
         return self._video_info[path]
 
-    def media_tokens(self, messages: list[Message]) -> tuple[list[int], dict[int, str]]:
-        """Tokens per media item, and the time instruction each video gets (with centre-of-segment sampling)."""
+    def media_tokens(self, messages: list[Message], heard: bool = False) -> tuple[list[int], dict[int, str]]:
+        """Tokens per media item, and the time instruction each video gets (with centre-of-segment sampling).
+        `heard`: the row's source is heard; when one of its videos has sound, each video's span joins its tokens."""
         tokens, instructions = [], {}
+        spans: list[tuple[float, float]] = []  # per video
+        videos: list[tuple[int, str]] = []  # (media index, path)
         for index, part in enumerate(media_parts(messages)):
             path = part["path"] or ""
             quality = self.cfg.bad_samples
@@ -160,6 +197,7 @@ class Measurer:
                 tokens.append(self.builder.tokens.image_tokens(height, width))
                 continue
             info = self.video_info(path)
+            videos.append((len(tokens), path))
             check_clip(
                 path,
                 info,
@@ -172,8 +210,12 @@ class Measurer:
             indices = sample_frame_indices(info, self.cfg.sampling, part["start_s"], part["end_s"], None, path)
             timestamps = timestamps_for(indices, info)
             tokens.append(self.builder.tokens.video_tokens(len(indices), info.height, info.width, timestamps))
+            spans.append(span_of(info, indices))
             if self.cfg.time_instruction:
                 instructions[index] = time_instruction(info, timestamps, part["start_s"], part["end_s"])
+        if heard and any(has_audio_stream(path) for _, path in videos):  # the sample is heard (silence: none)
+            for (position, _), (start_s, end_s) in zip(videos, spans, strict=True):
+                tokens[position] += self.builder.tokens.video_audio_tokens(end_s - start_s)
         return tokens, instructions
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -213,7 +255,7 @@ class Measurer:
                 "problem": row["problem"],
             }
         try:
-            tokens, instructions = self.media_tokens(row["messages"])
+            tokens, instructions = self.media_tokens(row["messages"], row.get("source") in self.heard)
         except VideoError as err:
             problem = {"drop_reason": "", "problem": str(err)}
             return {"num_tokens": 0, "num_media_tokens": 0, "num_label_tokens": 0, **problem}
@@ -247,6 +289,7 @@ def cached_measurer(builder: ExampleBuilder, cfg: DataConfig) -> Measurer:
         "sampling": asdict(cfg.sampling),
         "max_length": cfg.max_length,
         "time_instruction": cfg.time_instruction,
+        "audio_rate": builder.audio_rate,
         "limits": [quality.max_frame_pixels, quality.too_short],
     }
     settings = settings_fingerprint(builder.processor, builder.chat_template, builder.label_turns, data_settings)
@@ -342,10 +385,13 @@ def load_media(
     cache: FrameCache | None = None,
     record: list[tuple[str, Clip]] | None = None,
     max_frame_pixels: int = MAX_FRAME_PIXELS,
+    audio_rate: int | None = None,
 ) -> tuple[dict[int, np.ndarray | Clip], dict[int, str]]:
     """Decoded pixels per media index (conversation order), and each video's time instruction when asked for.
     Frames are decoded at the model's input size (`shortest_edge`), from the frame cache when there is one;
-    `record` (when given) collects each video's (path, clip): its times and the decoder that served it."""
+    `record` (when given) collects each video's (path, clip): its times and the decoder that served it.
+    With `audio_rate`, each clip also carries the sound of its sampled span (`clip.audio`; None when the file has
+    no audio stream)."""
     media, instructions = {}, {}
     for index, part in enumerate(media_parts(messages)):
         path = part["path"] or ""
@@ -360,6 +406,9 @@ def load_media(
                     path, sampling, part["start_s"], part["end_s"], rng, decode_timeout_s, shortest_edge,
                     max_frame_pixels,
                 )  # fmt: skip
+        if audio_rate:
+            with time_limit(decode_timeout_s, path):
+                clip.audio = load_clip_audio(path, clip, audio_rate)
         media[index] = clip  # frames with their timestamps (time-aware families hand these to the processor)
         if record is not None:
             record.append((path, clip))
@@ -373,6 +422,7 @@ class ExampleMaker:
 
     def __init__(self, builder: ExampleBuilder, cfg: DataConfig, seed: int, train: bool):
         self.builder, self.cfg, self.seed, self.train = builder, cfg, seed, train
+        self.heard = heard_sources(cfg, builder.family) if builder.audio_rate else set()
         self._cache: FrameCache | None = None
 
     @property
@@ -415,6 +465,7 @@ class ExampleMaker:
                 self.builder.frame_px,
                 self.cache,
                 max_frame_pixels=self.cfg.bad_samples.max_frame_pixels,
+                audio_rate=self.builder.audio_rate if row.get("source") in self.heard else None,
             )
         except DataError as err:  # unreadable media, decode time limit, pixel limit
             raise DataError(f"{row['at']}: {err}") from None

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vidtune.data.audio import silent_span
 from vidtune.data.conversation import DataError, Message, Part, media_parts, text_part, to_template_messages
 from vidtune.data.families import ModelFamily
 from vidtune.data.video import Clip
@@ -83,9 +84,11 @@ class ExampleBuilder:
         label_turns: str = "all",
         chat_template: str | None = None,
         raw_pixels: bool = False,
+        audio_rate: int | None = None,
     ):
         """`chat_template` overrides the family's training template (a trained run's saved one, for inference).
-        `raw_pixels`: the family's raw pixels stay uint8 (the training loop normalises them on the device)."""
+        `raw_pixels`: the family's raw pixels stay uint8 (the training loop normalises them on the device).
+        `audio_rate`: videos are heard (data.audio, a family that hears): their sound decoded at this rate."""
         if label_turns not in LABEL_TURNS:
             raise DataError(f"label_turns must be one of {', '.join(LABEL_TURNS)}, got {label_turns!r}")
         self.processor, self.tokenizer, self.family = processor, processor.tokenizer, family
@@ -95,6 +98,7 @@ class ExampleBuilder:
         self.tokens = family.token_counter(processor)
         self.frame_px = family.decode_edge_px(processor)
         self.raw_pixels = raw_pixels
+        self.audio_rate = audio_rate
 
     def count(self, messages: list[Message], media_tokens: list[int]) -> TokenCount:
         """Token counts without decoding any pixels: the template is tokenized with one placeholder per media
@@ -131,21 +135,35 @@ class ExampleBuilder:
             for _, m in sorted(media.items())
             if isinstance(m, Clip) or m.ndim == 4
         ]
-        encoded = self.processor.apply_chat_template(
-            to_template_messages(messages, pixels),
-            chat_template=self.chat_template,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=not for_generation,
-            add_generation_prompt=for_generation,
-            return_tensors=None,
-            # frames were sampled by data/video/
-            processor_kwargs={
-                "do_sample_frames": False,
-                **self.family.video_processor_kwargs(timings),
-                **(self.family.raw_pixel_kwargs() if self.raw_pixels else {}),
-            },
-        )
+        processor_kwargs = {
+            "do_sample_frames": False,  # frames were sampled by data/video/
+            **self.family.video_processor_kwargs(timings),
+            **(self.family.raw_pixel_kwargs() if self.raw_pixels else {}),
+        }
+        # a family that hears gets each video's sound (data/audio.py) when a clip carries it; the sample's other
+        # videos are heard as silence (the processor takes one sound per video of a heard sample)
+        clips = [m for _, m in sorted(media.items()) if isinstance(m, Clip)]
+        if any(clip.audio is not None for clip in clips):
+            rate = next(clip.audio.sampling_rate for clip in clips if clip.audio is not None)
+            encoded = self.family.encode_with_audio(
+                self.processor,
+                to_template_messages(messages, pixels),
+                self.chat_template,
+                {"return_tensors": None, **processor_kwargs},
+                for_generation,
+                [(clip.audio or silent_span(clip, rate)).samples for clip in clips],
+            )
+        else:
+            encoded = self.processor.apply_chat_template(
+                to_template_messages(messages, pixels),
+                chat_template=self.chat_template,
+                tokenize=True,
+                return_dict=True,
+                return_assistant_tokens_mask=not for_generation,
+                add_generation_prompt=for_generation,
+                return_tensors=None,
+                processor_kwargs=processor_kwargs,
+            )
         input_ids = torch.tensor(encoded["input_ids"][0], dtype=torch.long)
         example = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         if not for_generation:

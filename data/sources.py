@@ -71,6 +71,7 @@ class SourceConfig:
     split: str = "train"  # split of a Hugging Face dataset
     weight: float = 1.0  # rows are repeated (>1) or subsampled (<1) by this factor, seeded
     num_samples: int | None = None  # exact number of rows to take (repeating if needed); overrides weight
+    audio: str | None = None  # auto | on | off: hear this source's videos (data/audio.py); None: data.audio
 
 
 def source_name(cfg: SourceConfig) -> str:

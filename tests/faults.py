@@ -21,6 +21,8 @@ A spec holds comma-separated faults:
   termeval@STEP      SIGTERM to this process as the eval-loss evaluation after step STEP starts
   termgen@STEP       the same as the generation-based evaluation after step STEP starts
   shortgen@N         rank 1 samples GRPO completions of at most N tokens (its ranks then generate different lengths)
+  towerframes@DIR    no fault, a probe: under train.sequence_parallel each rank appends the number of frames its
+                     vision tower encodes per micro-batch to DIR/rank<RANK>.txt
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ FAULTS = (
     "termeval",
     "termgen",
     "shortgen",
+    "towerframes",
 )
 
 
@@ -83,6 +86,10 @@ def patches(spec: str) -> list[tuple[Any, str, Any]]:
             result.append((checkpoint, "publish", _crash_before_publish(checkpoint.publish, int(where))))
         elif action == "nanweights":
             result.append((loop, "train_step", _nan_weights(loop.train_step, int(where))))
+        elif action == "towerframes":
+            from vidtune.train.training import sequence_split
+
+            result.append((sequence_split, "encode_share", _count_frames(sequence_split.encode_share, where)))
         elif action in ("termeval", "termgen", "shortgen"):
             name = "evaluate" if action == "termeval" else "generation_eval"
             result.append((held_out, name, _term_at_eval(getattr(held_out, name), int(where))))
@@ -219,6 +226,19 @@ def _hang_on_open(real: Any, text: str) -> Any:
         return real(path, *args, **kwargs)
 
     return open_video
+
+
+def _count_frames(real: Any, folder: str) -> Any:
+    def encode_share(model: Any, inputs: dict[str, Any]) -> Any:
+        if "video_grid_thw" in inputs:  # Qwen: rows of temporal patches of temporal_patch_size frames
+            frames = int(inputs["video_grid_thw"][:, 0].sum()) * model.config.vision_config.temporal_patch_size
+        else:  # (1, frames, C, H, W)
+            frames = inputs["pixel_values_videos"].shape[1]
+        with open(os.path.join(folder, f"rank{os.environ['RANK']}.txt"), "a") as log:
+            log.write(f"{frames}\n")
+        return real(model, inputs)
+
+    return encode_share
 
 
 def cli_command(*args: str, fault: str | None = None) -> list[str]:

@@ -51,7 +51,9 @@ def test_every_recipe_parses_validates_and_dry_runs(
     model = seven_b_dir if path in SEVEN_B else tiny_model_dir
     model = family_kits("llava_onevision").model_dir if path in ONEVISION_7B else model
     # The Qwen recipes' real architectures are checked in test_qwen_families.py; dry runs on their tiny models.
-    qwen = {"qwen2_5_vl_7b": "qwen2_5_vl", "qwen3_vl_8b": "qwen3_vl"}.get(path.parent.name)
+    qwen = {"qwen2_5_vl_7b": "qwen2_5_vl", "qwen3_vl_8b": "qwen3_vl", "qwen2_5_omni_7b": "qwen2_5_omni"}.get(
+        path.parent.name
+    )
     model = family_kits(qwen).model_dir if qwen else model
     recipe = load_recipe(path)
     assert recipe.model.name_or_path and recipe.train.output_dir

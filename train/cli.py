@@ -31,6 +31,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="--dry-run: DeepSpeed ZeRO stage to plan for"
     )
+    p.add_argument("--fsdp", action="store_true", help="--dry-run: plan for FSDP2 (launch/accelerate/fsdp2.yaml)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -125,6 +126,11 @@ def _add_check(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p)
     p.add_argument("--out", default="vidtune_check.json", help="JSON report path")
     p.add_argument("--decode", action="store_true", help="also decode the frames training would sample (slower)")
+    p.add_argument(
+        "--gpu-tokens",
+        type=int,
+        help="the most tokens of one sample a GPU trains (--dry-run): count the samples that need sequence parallelism",
+    )
 
 
 def _add_frames(p: argparse.ArgumentParser) -> None:
@@ -142,6 +148,12 @@ def _add_frames(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shortest-edge", type=int, help="scale frames down so their shorter side is this many px")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="write the frames (frame_00.png, ...) and a contact sheet (sheet.png) here")
+    p.add_argument(
+        "--audio",
+        action="store_true",
+        help="also decode the sound of the sampled span (16 kHz mono, as a family that hears gets it); with --out, "
+        "write it as audio.wav",
+    )
 
 
 def _add_show(p: argparse.ArgumentParser) -> None:
@@ -173,7 +185,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 # The families with a tiny model (data/families FAMILIES and train/demo TINY_MODELS; a test keeps this in step),
 # spelled out here so that `--help` need not import the model code.
-TINY_FAMILIES = ("llava_next_video", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+TINY_FAMILIES = ("llava_next_video", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2_5_omni")
 FAMILY_HELP = "model family of the tiny model (default llava_next_video)"
 
 
@@ -230,7 +242,7 @@ def run_train(args: argparse.Namespace) -> None:
         audit = trainable_audit(model, family)
         print(format_audit(audit))
         check_audit(audit, recipe.finetune)
-        print(dry_run_memory_plan(model, family, recipe, args.num_processes, args.zero_stage))
+        print(dry_run_memory_plan(model, family, recipe, args.num_processes, args.zero_stage, args.fsdp))
         return
     from vidtune.train.training.loop import train
 
@@ -243,12 +255,16 @@ def run_train(args: argparse.Namespace) -> None:
         )
 
 
-def dry_run_memory_plan(model: Any, family: Any, recipe: Any, processes: int, zero_stage: int) -> str:
+def dry_run_memory_plan(
+    model: Any, family: Any, recipe: Any, processes: int, zero_stage: int, fsdp: bool = False
+) -> str:
     from vidtune.train.training.distributed import resolve_mixed_precision
     from vidtune.train.training.memory_plan import plan_memory
 
     if processes < 1:
         raise DataError(f"--num-processes must be >= 1, got {processes}")
+    if fsdp and zero_stage:
+        raise DataError(f"--fsdp with --zero-stage {zero_stage}: a run uses one engine; give one of them")
     plan = plan_memory(
         model,
         family,
@@ -257,6 +273,7 @@ def dry_run_memory_plan(model: Any, family: Any, recipe: Any, processes: int, ze
         zero_stage=zero_stage,
         deepspeed=zero_stage > 0,
         mixed_precision=resolve_mixed_precision(recipe.train.mixed_precision),
+        fsdp=fsdp,
     )
     return plan.table()
 
@@ -442,14 +459,21 @@ def run_check(args: argparse.Namespace) -> None:
     from vidtune.train.training.config import load_recipe, resolve_recipe_path
 
     path = resolve_recipe_path(args.recipe)
-    _, ok = check(load_recipe(path, args.overrides), str(path), args.out, args.decode)
+    _, ok = check(load_recipe(path, args.overrides), str(path), args.out, args.decode, args.gpu_tokens)
     if not ok:
         sys.exit(1)
 
 
 def run_frames(args: argparse.Namespace) -> None:
     from vidtune.data.video import VideoError
-    from vidtune.train.datatools.frames import capped_note, describe, print_report, sample_video, write_frames
+    from vidtune.train.datatools.frames import (
+        capped_note,
+        describe,
+        describe_audio,
+        print_report,
+        sample_video,
+        write_frames,
+    )
 
     try:
         clip = sample_video(
@@ -458,7 +482,14 @@ def run_frames(args: argparse.Namespace) -> None:
     except VideoError as err:  # one line, PATH: reason
         print(err, file=sys.stderr)
         sys.exit(1)
-    print_report(describe(args.video, clip), args.json)
+    report = describe(args.video, clip)
+    if args.audio:
+        try:
+            report["audio"] = describe_audio(args.video, clip, args.out)
+        except VideoError as err:
+            print(err, file=sys.stderr)
+            sys.exit(1)
+    print_report(report, args.json)
     note = capped_note(clip, args.fps, args.num_frames, args.start, args.end)
     if note and not args.json:
         print(note)

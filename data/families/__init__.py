@@ -37,6 +37,8 @@ FAMILIES = {
     "qwen2_5_vl": "vidtune.data.families.qwen2_5_vl:QWEN2_5_VL",
     "qwen3_vl": "vidtune.data.families.qwen3_vl:QWEN3_VL",
     "qwen3_5": "vidtune.data.families.qwen3_5:QWEN3_5",
+    "qwen2_5_omni": "vidtune.data.families.qwen2_5_omni:QWEN2_5_OMNI",
+    "qwen2_5_omni_thinker": "vidtune.data.families.qwen2_5_omni:QWEN2_5_OMNI",  # the thinker saved alone
 }
 
 
@@ -65,6 +67,24 @@ class BlankPath:
     module: torch.nn.Module
     before: bool
     run: Callable[[], torch.Tensor]
+
+
+@dataclass
+class VisionShare:
+    """One rank's part of a micro-batch's video frames under train.sequence_parallel
+    (train/training/sequence_split.py): the keyword arguments of the model's `get_video_features` for it, its size
+    in a unit its feature rows are proportional to (frames, patches), and whether its features are kept (a rank
+    with no frames left encodes a stand-in share, so every rank runs the tower alike)."""
+
+    inputs: dict[str, torch.Tensor]
+    weight: int
+    real: bool = True
+
+
+def even_ranges(count: int, parts: int) -> list[tuple[int, int]]:
+    """`count` units in `parts` contiguous ranges of ceil(count / parts) (the last ones shorter or empty)."""
+    per = -(-count // parts)
+    return [(min(i * per, count), min((i + 1) * per, count)) for i in range(parts)]
 
 
 @dataclass
@@ -114,6 +134,12 @@ class ModelFamily(ABC):
     supports_packing: bool = False
     # what a refused train.packing says (one line, with the fix)
     packing_refusal: str = "its packed batches are not tested yet"
+    # whether the model hears a video's sound track (data.audio, data/audio.py): such a family also defines
+    # `audio_sampling_rate(processor)` and `encode_with_audio(...)`, and its token counter `video_audio_tokens`
+    hears: bool = False
+    # train.sequence_parallel: `video_shares` splits its frames and a split run gives the 1-process losses
+    # (tests/test_sequence_parallel.py)
+    splits_sequence: bool = False
 
     @abstractmethod
     def token_counter(self, processor: Any) -> TokenCounter: ...
@@ -155,6 +181,11 @@ class ModelFamily(ABC):
                 moved[key] = moved[key].to(dtype)
         return moved
 
+    def finish_batch(self, batch: dict[str, Any], examples: Sequence[dict[str, Any]], padding_side: str) -> None:
+        """Last touches on a padded batch, which `batch_visuals` cannot make (they need the padded width and side);
+        most families need none."""
+        return None
+
     def prepare_model(self, model: Any) -> None:
         """Adapt a freshly loaded model (bare or PEFT-wrapped) to the batches `batch_visuals` builds, where the
         model's own forward cannot take them as they are; most families need nothing."""
@@ -193,9 +224,31 @@ class ModelFamily(ABC):
         LoRA never wraps them."""
         return ()
 
+    def video_shares(self, batch: dict[str, Any], parts: int) -> list[VisionShare]:
+        """The micro-batch's video frames in `parts` shares, in feature order: share i is what rank i of a
+        sequence-parallel group encodes (`splits_sequence` families)."""
+        raise NotImplementedError(f"the {self.name} family does not split its frames across ranks")
+
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         """Token ids that end an assistant turn in generation (the training template's end-of-turn)."""
         return [tokenizer.eos_token_id]
+
+    def audio_sampling_rate(self, processor: Any) -> int:
+        """The rate the processor takes sound at (families that hear)."""
+        raise ValueError(f"{self.name} does not hear sound (data.audio must be auto or off for it)")
+
+    def encode_with_audio(
+        self,
+        processor: Any,
+        conversation: list[dict[str, Any]],
+        chat_template: str,
+        processor_kwargs: dict[str, Any],
+        for_generation: bool,
+        audios: Sequence[Any],
+    ) -> dict[str, Any]:
+        """The processor's encoding (as apply_chat_template's, with assistant_masks) of a conversation whose videos
+        are heard: `audios[i]` is the i-th video's sound at `audio_sampling_rate`."""
+        raise ValueError(f"{self.name} does not hear sound (data.audio must be auto or off for it)")
 
 
 def processor_image_tokens(processor: Any, height: int, width: int) -> int:

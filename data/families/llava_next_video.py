@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from vidtune.data.families import BlankPath, ModelFamily, processor_image_tokens
+from vidtune.data.families import BlankPath, ModelFamily, VisionShare, even_ranges, processor_image_tokens
 
 VICUNA_TRAINING_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -82,6 +82,7 @@ class LlavaNextVideo(ModelFamily):
     # processor's float pixels: anyres pads patches after normalising.)
     raw_pixel_processors: ClassVar[dict[str, str]] = {"pixel_values_videos": "video_processor"}
     supports_packing = True  # plain 1-D RoPE positions
+    splits_sequence = True  # frames are independent in the tower (video_shares)
 
     def token_counter(self, processor: Any) -> LlavaTokenCounter:
         return LlavaTokenCounter(processor)
@@ -129,6 +130,16 @@ class LlavaNextVideo(ModelFamily):
             batch["pixel_values"] = torch.cat([ex["pixel_values"] for ex in examples if "pixel_values" in ex])
             batch["image_sizes"] = torch.cat([ex["image_sizes"] for ex in examples if "image_sizes" in ex])
         return batch
+
+    def video_shares(self, batch: dict[str, Any], parts: int) -> list[VisionShare]:
+        """Whole frames: each frame's features (CLIP, 2x2 pooling, projector) depend on that frame alone."""
+        frames = batch["pixel_values_videos"]  # (1, sum of frames, C, H, W)
+        shares = []
+        for start, end in even_ranges(frames.shape[1], parts):
+            real = end > start
+            chunk = frames[:, start:end] if real else frames[:, :1]
+            shares.append(VisionShare({"pixel_values_videos": chunk}, chunk.shape[1], real))
+        return shares
 
     def unused_module_prefixes(self, config: Any) -> tuple[str, ...]:
         """Image features come from hidden state `vision_feature_layer` (-2 for the 7B: the output of CLIP's

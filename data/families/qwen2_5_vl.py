@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from transformers.image_utils import SizeDict
 
-from vidtune.data.families import BlankPath, FrameLimits, ModelFamily
+from vidtune.data.families import BlankPath, FrameLimits, ModelFamily, VisionShare, even_ranges
 
 # Milliseconds as the metadata's "frame rate": frame `indices` are then presentation times in ms, which both Qwen
 # processors turn back into seconds (index / fps) for their time information.
@@ -42,7 +42,9 @@ TICKS_PER_S = 1000.0
 
 
 def chatml_training_template(
-    default_system: str | None, video_placeholder: str = "<|vision_start|><|video_pad|><|vision_end|>"
+    default_system: str | None,
+    video_placeholder: str = "<|vision_start|><|video_pad|><|vision_end|>",
+    image_placeholder: str = "<|vision_start|><|image_pad|><|vision_end|>",
 ) -> str:
     """The Qwen ChatML prompt with generation markers: each assistant answer and its <|im_end|> carry labels (the
     newline after it does not: the model stops at <|im_end|>). Media stay where their placeholders were."""
@@ -64,7 +66,7 @@ def chatml_training_template(
         "{{- '\\n' -}}"
         "{%- else -%}"
         "{%- for content in message['content'] -%}"
-        "{%- if content['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+        "{%- if content['type'] == 'image' -%}{{- '" + image_placeholder + "' -}}"
         "{%- elif content['type'] == 'video' -%}{{- '" + video_placeholder + "' -}}"
         "{%- elif content['type'] == 'text' -%}{{- content['text'] -}}"
         "{%- endif -%}"
@@ -177,6 +179,33 @@ class Qwen2_5_VL(ModelFamily):
     token_keys = ("mm_token_type_ids",)
     time_key: str | None = "second_per_grid_ts"  # per-video time tensor the processor returns, batched with grids
     supports_packing = True  # per-sample multimodal RoPE positions (packed_position_ids)
+    splits_sequence = True  # whole temporal patches: the tower attends within one at a time (video_shares)
+
+    def video_shares(self, batch: dict[str, Any], parts: int) -> list[VisionShare]:
+        """Whole temporal patches (2 frames each): the tower's window and full attention stay inside one (its
+        cu_seqlens restart per temporal patch) and its rotary positions are per row and column, so a sub-grid
+        (k, h, w) of a clip encodes to exactly its rows of the whole clip's features."""
+        pixels, grids = batch["pixel_values_videos"], batch["video_grid_thw"].tolist()
+        units = [(video, h * w) for video, (t, h, w) in enumerate(grids) for _ in range(t)]  # (clip, patches)
+        offsets = [0]
+        for _, patches in units:
+            offsets.append(offsets[-1] + patches)
+        shares = []
+        for start, end in even_ranges(len(units), parts):
+            real = end > start
+            start, end = (start, end) if real else (0, 1)
+            sub_grids: list[list[int]] = []  # consecutive temporal patches of one clip form one sub-grid
+            for video, _ in units[start:end]:
+                if sub_grids and sub_grids[-1][3] == video:
+                    sub_grids[-1][0] += 1
+                else:
+                    sub_grids.append([1, grids[video][1], grids[video][2], video])
+            inputs = {
+                "pixel_values_videos": pixels[offsets[start] : offsets[end]],
+                "video_grid_thw": torch.tensor([g[:3] for g in sub_grids], device=batch["video_grid_thw"].device),
+            }
+            shares.append(VisionShare(inputs, offsets[end] - offsets[start], real))
+        return shares
 
     def token_counter(self, processor: Any) -> QwenTokenCounter:
         return QwenTokenCounter(processor)

@@ -79,6 +79,8 @@ class Qwen3_VL(Qwen2_5_VL):
     chat_template = chatml_training_template(None, video_placeholder="<|video_pad|>")
     vision_tower_lora_targets = ("qkv", "proj", "linear_fc1", "linear_fc2")
     time_key = None  # time is in the text
+    # train.sequence_parallel: the tower's deepstack features feed several language layers; not split yet
+    splits_sequence = False
 
     def video_processor_kwargs(self, timings: Sequence[tuple[Sequence[float], float] | None]) -> dict[str, Any]:
         for timing in timings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -85,6 +86,7 @@ class Clip:
     timestamps_s: list[float]  # each frame's presentation time (first frame = 0)
     info: VideoInfo
     backend: str = ""
+    audio: Any = None  # data/audio.Audio: the sound of the sampled span, when the model family hears it
 
 
 def scaled_size(height: int, width: int, shortest_edge: int | None) -> tuple[int, int] | None:

@@ -97,12 +97,26 @@ def over_budget(bad: BadSampleLog, by_source: dict[str, BadSampleLog]) -> str | 
     return next((f"{path}: {log.over_budget()}" for path, log in by_source.items() if log.over_budget()), None)
 
 
+def sequence_parallel_report(tokens: list[int], size: int, gpu_tokens: int | None) -> dict[str, Any]:
+    """Tokens each GPU holds at train.sequence_parallel `size` (a sample's tokens / size, rounded up), and with
+    `gpu_tokens` (the most tokens of one sample a GPU trains, from --dry-run or a measured run): how many samples need
+    sequence parallelism, the smallest degree that fits every one, and how many still exceed it at `size`."""
+    report: dict[str, Any] = {"size": size, "tokens_per_gpu": distribution([-(-t // size) for t in tokens])}
+    if gpu_tokens:
+        report["gpu_tokens"] = gpu_tokens
+        report["samples_needing_it"] = sum(t > gpu_tokens for t in tokens)
+        report["degree_for_all"] = max((-(-t // gpu_tokens) for t in tokens), default=1)
+        report["samples_over_at_size"] = sum(-(-t // size) > gpu_tokens for t in tokens)
+    return report
+
+
 def build_report(
     recipe: Recipe,
     measured: list[dict[str, Any]],
     bad: BadSampleLog,
     backends: dict[str, str] | None = None,
     by_source: dict[str, BadSampleLog] | None = None,
+    gpu_tokens: int | None = None,
 ) -> dict[str, Any]:
     too_long = [m for m in measured if "exceed max_length" in m["drop_reason"]]
     no_labels = [m for m in measured if m["drop_reason"] and m not in too_long]
@@ -123,6 +137,11 @@ def build_report(
         "video_image_tokens": distribution([m["num_media_tokens"] for m in measured]),
         "label_tokens": {"total": all_labels, **distribution([m["num_label_tokens"] for m in measured])},
         "max_length": recipe.data.max_length,
+        "sequence_parallel": sequence_parallel_report(
+            [m["num_tokens"] for m in measured if m not in too_long and m not in no_labels],
+            recipe.train.sequence_parallel,
+            gpu_tokens,
+        ),
         "dropped_for_length": [{"where": m["at"], "tokens": m["num_tokens"]} for m in too_long],
         "answer_tokens_lost_to_length": lost,
         "answer_tokens_lost_fraction": lost / all_labels if all_labels else 0.0,
@@ -161,6 +180,7 @@ def format_report(report: dict[str, Any], source: str) -> str:
         f"  answer tokens   total {report['label_tokens'].get('total', 0):,}   "
         f"{dist({k: v for k, v in report['label_tokens'].items() if k != 'total'})}",
     ]
+    lines += format_sequence_parallel(report["sequence_parallel"])
     if report["dropped_for_length"]:
         lines.append(
             f"  length drops    {len(report['dropped_for_length'])} samples lose "
@@ -176,7 +196,21 @@ def format_report(report: dict[str, Any], source: str) -> str:
     return "\n".join(lines)
 
 
-def run_check(recipe: Recipe, source: str, out: str | Path, decode: bool = False) -> tuple[dict[str, Any], bool]:
+def format_sequence_parallel(report: dict[str, Any]) -> list[str]:
+    dist = "  ".join(f"{k} {v:,.0f}" for k, v in report["tokens_per_gpu"].items() if k != "mean") or "-"
+    lines = [f"  tokens/GPU      {dist}   (train.sequence_parallel={report['size']})"]
+    if "gpu_tokens" in report:
+        lines.append(
+            f"  need SP         {report['samples_needing_it']:,} samples exceed --gpu-tokens {report['gpu_tokens']:,}; "
+            f"train.sequence_parallel={report['degree_for_all']} fits every one "
+            f"({report['samples_over_at_size']:,} still exceed it at {report['size']})"
+        )
+    return lines
+
+
+def run_check(
+    recipe: Recipe, source: str, out: str | Path, decode: bool = False, gpu_tokens: int | None = None
+) -> tuple[dict[str, Any], bool]:
     """The report (also printed and written to `out`) and whether the corpus is within its budget."""
     model = recipe.model
     family = family_for(load_model_config(model.name_or_path, model.trust_remote_code).model_type)
@@ -187,7 +221,7 @@ def run_check(recipe: Recipe, source: str, out: str | Path, decode: bool = False
     backends: dict[str, str] = {}
     by_source: dict[str, BadSampleLog] = {}
     measured = measure_all(recipe, builder, bad, decode, backends, by_source)
-    report = build_report(recipe, measured, bad, backends, by_source)
+    report = build_report(recipe, measured, bad, backends, by_source, gpu_tokens)
     print(format_report(report, source))
     Path(out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"  report          {out}")

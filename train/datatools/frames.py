@@ -99,13 +99,54 @@ def write_frames(clip: Clip, out: str | Path) -> list[Path]:
     return [*written, folder / "sheet.png"]
 
 
+AUDIO_RATE = 16000  # what the families that hear take (Qwen2.5-Omni's feature extractor)
+
+
+def describe_audio(path: str, clip: Clip, out: str | Path | None, rate: int = AUDIO_RATE) -> dict[str, Any]:
+    """The sound of the sampled span (data/audio.py), as a family that hears gets it; with `out`, audio.wav."""
+    from vidtune.data.audio import clip_span, load_clip_audio
+
+    start_s, end_s = clip_span(clip)
+    audio = load_clip_audio(path, clip, rate)
+    report: dict[str, Any] = {"start_s": round(start_s, 6), "end_s": round(end_s, 6), "sampling_rate": rate}
+    if audio is None:
+        return {**report, "stream": False}
+    report.update(stream=True, backend=audio.backend, num_samples=len(audio.samples))
+    if out is not None:
+        report["wav"] = str(write_wav(audio.samples, rate, Path(out) / "audio.wav"))
+    return report
+
+
+def write_wav(samples: np.ndarray, rate: int, path: Path) -> Path:
+    """16-bit PCM mono WAV (the standard library's writer)."""
+    import wave
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes((np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes())
+    return path
+
+
 def format_text(report: dict[str, Any]) -> str:
     frames = "  ".join(f"#{f['index']}@{f['pts_s']:.2f}s" for f in report["frames"])
     rotation = f" (rotation {report['rotation']}, turned upright)" if report.get("rotation") else ""
-    return (
+    text = (
         f"{report['path']}: {report['width']}x{report['height']}{rotation}, {report['duration_s']:.2f}s, "
         f"decoded by {report['backend']}\n  {len(report['frames'])} frames: {frames}"
     )
+    audio = report.get("audio")
+    if audio is not None:
+        span = f"{audio['start_s']:.2f}-{audio['end_s']:.2f}s"
+        text += (
+            f"\n  audio {span}: "
+            + (f"{audio['num_samples']} samples at {audio['sampling_rate']} Hz, decoded by {audio['backend']}"
+               if audio["stream"] else "no audio stream")
+            + (f", written to {audio['wav']}" if audio.get("wav") else "")
+        )  # fmt: skip
+    return text
 
 
 def print_report(report: dict[str, Any], as_json: bool) -> None:

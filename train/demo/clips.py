@@ -84,3 +84,44 @@ def write_color_clip(
 ) -> Path:
     frames = segment_frames(colors, max(1, round(seconds_per_segment * fps)), height, width, seed)
     return write_video(path, frames, fps=fps, gop_frames=gop_frames)
+
+
+def tone_samples(tones_hz: Sequence[float], seconds_per_tone: float, sampling_rate: int) -> np.ndarray:
+    """float32 mono samples: one sine per segment (0 Hz: silence), at half amplitude."""
+    per_tone = round(seconds_per_tone * sampling_rate)
+    t = np.arange(per_tone) / sampling_rate
+    return np.concatenate([0.5 * np.sin(2 * np.pi * hz * t) for hz in tones_hz]).astype(np.float32)
+
+
+def write_tone_clip(
+    path: str | Path,
+    colors: Sequence[str],
+    tones_hz: Sequence[float],
+    seconds_per_segment: float = 1.0,
+    fps: int = 8,
+    height: int = 48,
+    width: int = 64,
+    sampling_rate: int = 22050,
+    seed: int = 0,
+) -> Path:
+    """A colour clip (as `write_color_clip`) with a sound track: one sine tone per segment of `tones_hz` (the same
+    segment length as the pictures'), AAC in the same MP4, so the n-th second's picture and tone line up."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = segment_frames(colors, max(1, round(seconds_per_segment * fps)), height, width, seed)
+    sound = tone_samples(tones_hz, seconds_per_segment, sampling_rate)
+    with av.open(str(path), mode="w") as container:
+        video: Any = container.add_stream("libx264", rate=fps)
+        video.height, video.width, video.pix_fmt = height, width, "yuv420p"
+        video.options = {"preset": "ultrafast", "threads": "1"}
+        audio: Any = container.add_stream("aac", rate=sampling_rate, layout="mono")
+        for array in frames:
+            container.mux(video.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(video.encode())
+        chunk = 1024  # AAC's frame size
+        for start in range(0, len(sound), chunk):
+            frame = av.AudioFrame.from_ndarray(sound[None, start : start + chunk], format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = sampling_rate, start
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+    return path

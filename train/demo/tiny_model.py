@@ -191,6 +191,7 @@ TINY_MODELS: dict[str, str] = {
     "qwen2_5_vl": "vidtune.train.demo.tiny_qwen2_5_vl:build",
     "qwen3_vl": "vidtune.train.demo.tiny_qwen3_vl:build",
     "qwen3_5": "vidtune.train.demo.tiny_qwen3_5:build",
+    "qwen2_5_omni": "vidtune.train.demo.tiny_qwen2_5_omni:build",
 }
 DEFAULT_FAMILY = "llava_next_video"
 

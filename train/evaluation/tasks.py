@@ -102,7 +102,12 @@ def load_items(sources: Sequence[SourceConfig], cfg: EvalConfig, limit: int | No
 def option_logliks(im: InferenceModel, item: EvalItem, candidates: Sequence[str], before: Any = None) -> list[float]:
     """log p(candidate answer + end of turn | prompt) for each candidate, summed over its tokens."""
     media, instructions = load_media(
-        item.prompt, im.sampling, im.time_instruction, rng=None, shortest_edge=im.builder.frame_px
+        item.prompt,
+        im.sampling,
+        im.time_instruction,
+        rng=None,
+        shortest_edge=im.builder.frame_px,
+        audio_rate=im.builder.audio_rate,
     )
     prompt = with_time_instructions(item.prompt, instructions)
     examples = [im.builder.build([*prompt, message("assistant", [text_part(c)])], media) for c in candidates]
@@ -257,14 +262,15 @@ def in_training_eval(
     Every rank calls this; `before` sees each batch first (ZeRO-3 ranks align their vision calls there)."""
     from accelerate.utils import gather_object
 
-    from vidtune.train.training.distributed import zero_stage
+    from vidtune.train.training.distributed import weights_sharded
 
     rank, world = accelerator.process_index, accelerator.num_processes
     per_rank = -(-len(items) // world)
     indices = list(range(rank, len(items), world))
     indices += [indices[-1] if indices else 0] * (per_rank - len(indices))  # equal shares: same forward count
     im.model.eval()
-    kwargs = {"synced_gpus": True} if zero_stage(accelerator) == 3 else {}
+    # (ZeRO-3, FSDP: every generation step gathers weights, so ranks whose answers end early keep stepping)
+    kwargs = {"synced_gpus": True} if weights_sharded(accelerator) else {}
     shard = [items[i] for i in indices]
     _, records = evaluate_items(im, shard, cfg, batch_size, before=before, **kwargs)
     im.model.train()

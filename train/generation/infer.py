@@ -123,7 +123,9 @@ def load_for_inference(
     if not quantized:  # (a quantized model was loaded onto its device; bitsandbytes weights refuse .to())
         model.to(device)
     model.eval()
-    builder = ExampleBuilder(processor, family, chat_template=processor.chat_template)
+    # a run that heard its videos' sound (data.audio) hears them at inference too
+    audio_rate = family.audio_sampling_rate(processor) if (metadata or {}).get("audio") else None
+    builder = ExampleBuilder(processor, family, chat_template=processor.chat_template, audio_rate=audio_rate)
     return InferenceModel(model, processor, family, builder, sampling, bool((metadata or {}).get("time_instruction")))
 
 
@@ -131,7 +133,12 @@ def prompt_example(im: InferenceModel, messages: list[Message]) -> dict[str, tor
     """One conversation that ends with a user turn, its media decoded and templated as in training (ready to batch).
     Bad media raise DataError here, before any generation."""
     media, instructions = load_media(
-        messages, im.sampling, im.time_instruction, rng=None, shortest_edge=im.builder.frame_px
+        messages,
+        im.sampling,
+        im.time_instruction,
+        rng=None,
+        shortest_edge=im.builder.frame_px,
+        audio_rate=im.builder.audio_rate,
     )
     return im.builder.build(with_time_instructions(messages, instructions), media, for_generation=True)
 

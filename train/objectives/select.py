@@ -37,6 +37,10 @@ def build_objective(
         return GRPOObjective(
             recipe.train.grpo, head, autocast, rollout, stop_ids, family.token_keys, recipe.data.bad_samples
         )
+    if recipe.train.sequence_parallel > 1:  # each rank of a group computes its slice of the sequence
+        from vidtune.train.training.sequence_split import SequenceSplitLoss
+
+        return SequenceSplitLoss(model, accelerator, family, processor.tokenizer.pad_token_id, autocast, zero3)
     return SFTObjective(training_loss(model, autocast, zero3=zero3))
 
 

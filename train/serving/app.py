@@ -203,7 +203,7 @@ def build_example(
         try:
             media, instructions = decoder.decode(
                 conversation, im.sampling, im.time_instruction, im.builder.frame_px, settings.max_frame_pixels,
-                settings.decode_timeout_s, files.folder.name, cancelled,
+                settings.decode_timeout_s, files.folder.name, cancelled, audio_rate=im.builder.audio_rate,
             )  # fmt: skip
             example = im.builder.build(with_time_instructions(conversation, instructions), media, for_generation=True)
         except DataError as err:

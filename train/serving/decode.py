@@ -123,9 +123,15 @@ class Decoder:
         timeout_s: float,
         folder: str,
         cancelled: threading.Event,
+        audio_rate: int | None = None,
     ) -> tuple[dict[int, Any], dict[int, str]]:
         """load_media's result, decoded in a child; `folder` (the request's temporary folder) receives it."""
-        kwargs = {"shortest_edge": shortest_edge, "max_frame_pixels": max_frame_pixels, "decode_timeout_s": timeout_s}
+        kwargs = {
+            "shortest_edge": shortest_edge,
+            "max_frame_pixels": max_frame_pixels,
+            "decode_timeout_s": timeout_s,
+            "audio_rate": audio_rate,
+        }
         result = Path(folder) / f"decoded-{uuid.uuid4().hex}.pkl"
         pid = self._start(((messages, sampling, with_time_instruction, None), kwargs), result)
         deadline = time.monotonic() + timeout_s

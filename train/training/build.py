@@ -19,6 +19,7 @@ from vidtune.data.dataset import (
     Measurer,
     SFTDataset,
     StreamingSFTDataset,
+    audio_rate_for,
     default_num_workers,
     prepare_eval_rows,
     prepare_rows,
@@ -41,6 +42,8 @@ from vidtune.train.training.model import (
     trainable_audit,
 )
 from vidtune.train.training.preemption import WorkerSignals
+from vidtune.train.training.sequence_split import data_parallel_size, split_loader_parts
+from vidtune.train.training.sharding import is_fsdp
 
 
 def build_model(recipe: Recipe, accelerator: Accelerator) -> tuple[Any, ModelFamily, Any, dict[str, Any]]:
@@ -71,10 +74,16 @@ def build_model(recipe: Recipe, accelerator: Accelerator) -> tuple[Any, ModelFam
 def refuse_quantized_engine(recipe: Recipe, accelerator: Accelerator) -> None:
     """QLoRA runs one quantized copy per process (single GPU or DDP); DeepSpeed partitions and casts weights itself,
     which bitsandbytes' packed 4-bit tensors do not survive. Said before the model loads."""
-    if recipe.model.quantization.bits and is_deepspeed(accelerator):
+    bits = recipe.model.quantization.bits
+    if bits and is_deepspeed(accelerator):
         raise RecipeError(
-            f"model.quantization.bits={recipe.model.quantization.bits} under DeepSpeed ZeRO-{zero_stage(accelerator)}: "
+            f"model.quantization.bits={bits} under DeepSpeed ZeRO-{zero_stage(accelerator)}: "
             "quantized weights are not sharded by ZeRO; launch with launch/accelerate/ddp.yaml or single_gpu.yaml"
+        )
+    if bits and is_fsdp(accelerator):  # (Accelerate would leave them out of fully_shard, unsharded on every rank)
+        raise RecipeError(
+            f"model.quantization.bits={bits} under FSDP: bitsandbytes' packed weights are not sharded; launch with "
+            "launch/accelerate/ddp.yaml or single_gpu.yaml"
         )
 
 
@@ -112,11 +121,17 @@ def shut_down_workers(*loaders: Any) -> None:
 
 
 def refuse_unpackable_family(recipe: Recipe) -> None:
-    """train.packing on a family that cannot pack: one line before the model loads (the config alone names it)."""
-    if not recipe.train.packing:
+    """train.packing or train.sequence_parallel on a family that cannot do it: one line before the model loads (the
+    config alone names the family)."""
+    if not recipe.train.packing and recipe.train.sequence_parallel == 1:
         return
     family = family_for(load_model_config(recipe.model.name_or_path, recipe.model.trust_remote_code).model_type)
-    if not family.supports_packing:
+    if recipe.train.sequence_parallel > 1 and not family.splits_sequence:
+        raise RecipeError(
+            f"train.sequence_parallel: the {family.name} family does not split its sequence yet "
+            "(LLaVA-NeXT-Video and Qwen2.5-VL do); set train.sequence_parallel=1"
+        )
+    if recipe.train.packing and not family.supports_packing:
         raise RecipeError(
             f"train.packing: the {family.name} family cannot pack: {family.packing_refusal}; set train.packing=false"
         )
@@ -146,7 +161,8 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
     """Train loader (map-style with a seeded batch sampler, or a per-rank stream), eval loader, sampler, drops."""
     data, train_cfg = recipe.data, recipe.train
     # Pixels leave the workers uint8 (1/4 of the bytes); the loop normalises them on the device.
-    builder = ExampleBuilder(processor, family, data.label_turns, raw_pixels=True)
+    audio_rate = audio_rate_for(data, family, processor)  # videos heard with their sound (data.audio)
+    builder = ExampleBuilder(processor, family, data.label_turns, raw_pixels=True, audio_rate=audio_rate)
     sft = recipe.train.objective == "sft"  # the SFT loss takes its label positions from the batch (loss.py)
     collate = Collator(processor.tokenizer.pad_token_id, padding_side="right", family=family, loss_positions=sft)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
@@ -189,7 +205,12 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
         sampler = EpochBatchSampler(
             train_set.lengths, train_cfg.batch_size, train_cfg.seed, group_by_length=train_cfg.group_by_length
         )
-        train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, **train_kwargs)
+        # train.sequence_parallel: a group's ranks read the same batches, counted once (sequence_split.py)
+        batches, collate_once = split_loader_parts(
+            recipe, accelerator.process_index, sampler, train_kwargs["collate_fn"]
+        )
+        train_kwargs = {**train_kwargs, "collate_fn": collate_once}
+        train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, **train_kwargs)
     eval_loader = None
     if eval_rows is not None:
         eval_set = SFTDataset(eval_rows, ExampleMaker(builder, data, train_cfg.seed, train=False))
@@ -219,5 +240,5 @@ def build_optimizer(recipe: Recipe, model: Any, total_steps: int, fused: bool = 
 def steps_per_epoch(recipe: Recipe, sampler: EpochBatchSampler | None, accelerator: Accelerator) -> int:
     if sampler is None:
         raise ValueError("a streamed corpus has no known length: set train.max_steps")
-    micro_per_epoch = math.ceil(len(sampler) / accelerator.num_processes)
+    micro_per_epoch = math.ceil(len(sampler) / data_parallel_size(recipe, accelerator.num_processes))
     return max(1, math.ceil(micro_per_epoch / recipe.train.grad_accum_steps))

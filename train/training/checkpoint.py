@@ -108,7 +108,8 @@ def missing_parts(names: set[str]) -> list[str]:
     missing = [name for name in (TRAINER_STATE, RECIPE, "random_states_0.pkl") if name not in names]
     if not any(n.endswith(".safetensors") or n.startswith("pytorch_model") for n in names):
         missing.append("model or adapter weights")
-    if not any(n == "optimizer.bin" or "optim_states" in n for n in names):
+    # (optimizer_0/: FSDP's sharded optimizer state, one torch.distributed.checkpoint file per rank)
+    if not any(n == "optimizer.bin" or "optim_states" in n or n.startswith("optimizer_0/") for n in names):
         missing.append("optimizer state")
     return missing
 

@@ -152,6 +152,9 @@ class TrainConfig:
     # sft: supervised (next-token loss on the answers) | dpo: preference pairs | grpo: rewards on sampled answers
     # (train/objectives/); dpo and grpo train a LoRA adapter, whose disabled state is the reference model
     objective: str = "sft"
+    # ranks that share each sample's sequence (DeepSpeed Ulysses; train/training/sequence_split.py): the world is
+    # data parallel x this; a long sample's activations and frames split across them. 1 = off
+    sequence_parallel: int = 1
     dpo: DPOSettings = field(default_factory=DPOSettings)
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
 
@@ -550,6 +553,10 @@ def _validate_objective(recipe: Recipe) -> None:
         raise RecipeError(f"train.objective={t.objective} needs finetune.mode=lora (its reference is the adapter off)")
     if t.objective != "sft" and (t.packing or recipe.data.streaming):
         raise RecipeError(f"train.objective={t.objective} trains on padded map-style batches: unset packing/streaming")
+    from vidtune.train.training.sequence_split import recipe_problem
+
+    if problem := recipe_problem(t, recipe.model, recipe.data):
+        raise RecipeError(problem)
 
 
 def packaged_recipe(name: str) -> Path:

@@ -59,3 +59,34 @@ def skip_deepspeed_shm_build() -> None:
 
 def _cpu_backend(self: Any, cpu: bool = False, sagemaker_dp: bool = False, backend: str | None = None) -> Any:
     return backend or "gloo", DistributedType.MULTI_CPU
+
+
+def launched_with_fsdp() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def use_fsdp_on_cpu(accelerator: Any) -> None:
+    """Give a CPU process group (gloo) the FSDP engine its launch config asked for.
+
+    Trap: Accelerate (1.16) turns its FSDP plugin on only for GPU-like distributed types (MULTI_GPU, MULTI_XPU, ...):
+    on MULTI_CPU it drops the plugin, and `prepare` silently wraps the model in DDP (every rank holds the whole
+    model). FSDP2's `fully_shard` itself runs on gloo, so here the shared state gets what AcceleratorState would have
+    set on a GPU machine: distributed type FSDP and the plugin built from the same launch config (FSDP_* variables).
+    From then on Accelerate's own FSDP2 code runs unchanged (prepare -> fsdp2_prepare_model -> fully_shard,
+    save_state/load_state -> torch.distributed.checkpoint). Never active with CUDA."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    if (
+        not (launched_without_gpus() and launched_with_fsdp())
+        or accelerator.distributed_type != DistributedType.MULTI_CPU
+    ):
+        return
+    require(AcceleratorState._shared_state, "distributed_type", "accelerate.state.AcceleratorState")
+    require(PartialState._shared_state, "distributed_type", "accelerate.state.PartialState")
+    plugin = FullyShardedDataParallelPlugin()
+    if accelerator.state.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.state.mixed_precision)
+    AcceleratorState._shared_state["fsdp_plugin"] = plugin
+    AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP

@@ -1,5 +1,6 @@
 """Processes and devices: the Accelerator for a recipe, DeepSpeed settings that must follow the recipe, what keeps
-ZeRO-3 ranks in lockstep, and gathering sharded trainable weights. (GPU configs on CPU: cpu_launch.py.)"""
+ZeRO-3 and FSDP ranks in lockstep, and gathering sharded trainable weights. (GPU configs on CPU: cpu_launch.py;
+FSDP2 specifics: sharding.py.)"""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 
 from vidtune.data.families import BlankPath, ModelFamily
 from vidtune.train.training.checkpoint import load_deepspeed_checkpoints_safely
-from vidtune.train.training.config import Recipe
-from vidtune.train.training.cpu_launch import use_cpu_process_group
+from vidtune.train.training.config import Recipe, RecipeError
+from vidtune.train.training.cpu_launch import use_cpu_process_group, use_fsdp_on_cpu
+from vidtune.train.training.sequence_split import data_parallel_size, parallelism_config
+from vidtune.train.training.sharding import gathered_state, is_fsdp, same_backward_order
 
 
 def resolve_mixed_precision(name: str) -> str:
@@ -43,7 +46,15 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=trains_vision_side(recipe))],
         # Batches come from pinned memory on a GPU (build.loader_kwargs): copy them without stalling the host.
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        # train.sequence_parallel > 1: DeepSpeed's Ulysses groups (sequence_split.py); None otherwise
+        parallelism_config=parallelism_config(recipe),
     )
+    use_fsdp_on_cpu(accelerator)  # an FSDP launch config on CPU processes (tests, laptops): see cpu_launch.py
+    if t.sequence_parallel > 1 and not is_deepspeed(accelerator):
+        raise RecipeError(
+            "train.sequence_parallel > 1 runs on DeepSpeed's Ulysses: launch with "
+            "launch/accelerate/zero2.yaml or zero3.yaml"
+        )
     if is_deepspeed(accelerator):
         load_deepspeed_checkpoints_safely()
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -52,7 +63,9 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         # Our DataLoaders take a batch sampler (seeded order, length grouping), so Accelerate cannot read their
         # batch size; DeepSpeed needs it for its bookkeeping.
         ds_config["train_micro_batch_size_per_gpu"] = t.batch_size
-        ds_config["train_batch_size"] = t.batch_size * t.grad_accum_steps * accelerator.num_processes
+        ds_config["train_batch_size"] = (
+            t.batch_size * t.grad_accum_steps * data_parallel_size(recipe, accelerator.num_processes)
+        )
         if zero_stage(accelerator) == 3:
             load_partitioned(accelerator)
     return accelerator
@@ -86,18 +99,25 @@ def zero_stage(accelerator: Accelerator) -> int:
     return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def weights_sharded(accelerator: Accelerator) -> bool:
+    """Every weight split across ranks (ZeRO-3, FSDP): no rank may read a whole one (the language head) directly."""
+    return zero_stage(accelerator) == 3 or is_fsdp(accelerator)
+
+
 def save_state_kwargs(accelerator: Accelerator) -> dict[str, Any]:
     # DeepSpeed writes module states itself: keep frozen base weights out of every checkpoint.
     return {"exclude_frozen_parameters": True} if is_deepspeed(accelerator) else {}
 
 
 class VisionLockstep:
-    """Keeps every rank's vision calls in step, so ZeRO-3 never hangs or refuses its trace.
+    """Keeps every rank's vision calls in step, so ZeRO-3 and FSDP never hang or refuse their trace.
 
     ZeRO-3 all-gathers a module's weight shards whenever the module runs, and checks that every rank ran the very
-    same sequence of submodules. A micro-batch runs each vision path of the model (LLaVA-NeXT-Video: image, then
-    video) only if it holds that input, then the language model; ranks whose micro-batches differ (text-only on
-    one, videos on another) would pair all-gathers wrongly and hang.
+    same sequence of submodules; FSDP2 all-gathers each shard unit (a vision block, a decoder layer) as it runs and
+    reduce-scatters its gradients in backward, collectives every rank must enter together. A micro-batch runs each
+    vision path of the model (LLaVA-NeXT-Video: image, then video) only if it holds that input, then the language
+    model; ranks whose micro-batches differ (text-only on one, videos on another) would pair all-gathers wrongly
+    and hang.
 
     Per micro-batch, ranks agree (one tiny all-reduce) on which paths any of them needs; a rank short of one runs
     the family's blank input through that path at the same point of the forward (hooks on the model), weighted 0 in
@@ -109,12 +129,14 @@ class VisionLockstep:
 
     def __init__(self, accelerator: Accelerator, family: ModelFamily, processor: Any, model: Any):
         self.accelerator = accelerator
-        self.enabled = accelerator.num_processes > 1 and is_deepspeed(accelerator)
+        self.enabled = accelerator.num_processes > 1 and (is_deepspeed(accelerator) or is_fsdp(accelerator))
         self.paths: list[BlankPath] = []
         self.pending: list[bool] = []
         self.term: torch.Tensor | float = 0.0
         if not self.enabled:
             return
+        if is_fsdp(accelerator):  # (the backward half of the same problem: sharding.py)
+            same_backward_order(accelerator.unwrap_model(model))
         self.paths = family.blank_paths(accelerator.unwrap_model(model), processor, accelerator.device)
         self.pending = [False] * len(self.paths)
         for index, path in enumerate(self.paths):
@@ -158,4 +180,6 @@ def trainable_state_dict(accelerator: Accelerator, model: Any) -> dict[str, torc
         with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
             state = {n: p.detach().cpu().clone() for n, p in params} if accelerator.is_main_process else None
         return state
+    if is_fsdp(accelerator):  # each DTensor gathered in turn
+        return gathered_state(accelerator, params)
     return {n: p.detach().cpu().clone() for n, p in params} if accelerator.is_main_process else None

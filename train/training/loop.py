@@ -55,7 +55,7 @@ from vidtune.train.training.distributed import (
     is_deepspeed,
     make_accelerator,
     save_state_kwargs,
-    zero_stage,
+    weights_sharded,
 )
 from vidtune.train.training.flops import FlopCounter, flop_counter, peak_tflops, squared_lengths
 from vidtune.train.training.health import (
@@ -70,6 +70,7 @@ from vidtune.train.training.model import format_audit
 from vidtune.train.training.preemption import StopRequest, TrainingStopped
 from vidtune.train.training.progress import TrainingBar
 from vidtune.train.training.resume import resume
+from vidtune.train.training.sharding import whole
 
 STOP_CHECK_STEPS = 10  # several processes agree on a stop request at read points, at least this often
 
@@ -134,12 +135,13 @@ def build_run(recipe: Recipe, accelerator: Accelerator, lock: Any) -> Run:
         recipe.train.num_epochs * steps_per_epoch(recipe, sampler, accelerator)
     )
     optimizer, scheduler = build_optimizer(recipe, model, total_steps, fused=not is_deepspeed(accelerator))
-    zero3 = zero_stage(accelerator) == 3
+    zero3 = weights_sharded(accelerator)  # ZeRO-3 or sharded DTensors: no rank holds the whole language head
     flops = flop_counter(model, family, head_everywhere=zero3)  # the bare model's parts, hooks before wrapping
-    if sampler is not None:  # map-style: Accelerate shards the batches across ranks
-        model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    else:  # a stream is already split per rank (datasets' split_dataset_by_node)
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # Map-style: Accelerate shards the batches across ranks (a stream is already split per rank). Prepared apart
+    # from the model, so a sequence-parallel run keeps its own loader (sequence_split.py), not Accelerate's.
+    if sampler is not None:
+        train_loader = accelerator.prepare(train_loader)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     state = TrainingState()
@@ -270,7 +272,8 @@ def clip_gradients(run: Run) -> torch.Tensor | float | None:
         return acc.clip_grad_norm_(run.model.parameters(), max_norm) if max_norm > 0 else None
     acc.unscale_gradients()  # fp16: true gradients before measuring them
     # Without clipping the norm is still measured: a non-finite one must skip the step.
-    return torch.nn.utils.clip_grad_norm_(run.trainable, max_norm if max_norm > 0 else math.inf)
+    # (sharded weights: a DTensor norm, made whole for the logs and the non-finite check)
+    return whole(torch.nn.utils.clip_grad_norm_(run.trainable, max_norm if max_norm > 0 else math.inf))
 
 
 def skip_step(run: Run, what: str) -> dict[str, Any]:

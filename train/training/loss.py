@@ -124,6 +124,8 @@ class ChunkedLoss:
         if capture.hidden is None:
             raise RuntimeError("the model's forward never called its language head (get_output_embeddings())")
         hidden = capture.hidden
+        if isinstance(keep, torch.Tensor) and hidden.shape[:-1] == keep.shape:  # a forward without logits_to_keep
+            hidden = hidden[keep]  # (Qwen2.5-Omni's thinker): the head saw every position
         if LABEL_POSITIONS in batch:
             hidden = hidden.flatten(0, -2).index_select(0, positions)
         return hidden, targets, torch.div(positions, batch["labels"].shape[1], rounding_mode="floor")

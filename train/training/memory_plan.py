@@ -1,25 +1,26 @@
 """The memory plan of `vidtune train RECIPE --dry-run`: per-GPU bytes of weights, gradients, optimizer states and
 activations, by arithmetic over the model (built on the meta device, LoRA applied), the recipe and the launch
-(processes, ZeRO stage). No weights are read and nothing is allocated.
+(processes, ZeRO stage or FSDP2). No weights are read and nothing is allocated.
 
 - weights: every parameter at its dtype; trainable ones in fp32 (build.keep_trainable_weights_in_fp32) unless
   DeepSpeed keeps them in model.dtype (its fp32 master copy is then an optimizer state); QLoRA's 4-bit layers as
   bitsandbytes stores them (two values per byte, one absmax per 64-value block: a byte with double quantization,
   whose second-level fp32 absmax per 256 blocks is counted too; the 16- and 256-entry codebooks are not), 8-bit
-  ones as one byte per value plus an fp32 scale per output row. ZeRO-3 divides them by the process count.
-- gradients: one fp32 value per trainable weight (divided by the process count under ZeRO-2 and 3).
+  ones as one byte per value plus an fp32 scale per output row. ZeRO-3 and FSDP2 divide them by the process count
+  (FSDP2 pads each weight's first dimension to a multiple of it: a few rows more on the first ranks).
+- gradients: one fp32 value per trainable weight (divided by the process count under ZeRO-2, ZeRO-3 and FSDP2).
 - optimizer states: AdamW's two fp32 moments per trainable weight (+ DeepSpeed's fp32 master weights), divided by
-  the process count under any ZeRO stage.
+  the process count under any ZeRO stage and FSDP2 (whose trainable weights are themselves the fp32 masters).
 - activations: what autograd keeps for backward for the longest sample the data allows (`batch_size` x
   `max_length` tokens, visual tokens included): per decoder layer and token, the RMSNorms' fp32 inputs and scales,
   the inputs each trainable linear saves (LoRA: its input and its rank-r A output; full: the linears' inputs and the
   norms' outputs), attention's q, k, v, output and log-sum-exp, the MLP's gate, up, activation and product, and
   LoRA dropout's outputs and masks. With gradient checkpointing only each layer's input is kept, and backward
   recomputes one layer at a time (`recompute`). The chunked loss keeps the label positions' hidden states; the
-  model's own loss (ZeRO-3) keeps fp32 logits and their log-softmax. The vision tower keeps activations only when
-  it or the projector trains (the same per-layer arithmetic over its patches). The formula follows transformers'
-  Llama-style decoder layers (LLaVA, OneVision, Qwen2.5-VL, Qwen3-VL); Qwen3.5's Gated DeltaNet layers keep more
-  than it counts (about 2.5x on the tiny model).
+  model's own loss (ZeRO-3, FSDP2: the head is sharded) keeps fp32 logits and their log-softmax. The vision tower
+  keeps activations only when it or the projector trains (the same per-layer arithmetic over its patches). The
+  formula follows transformers' Llama-style decoder layers (LLaVA, OneVision, Qwen2.5-VL, Qwen3-VL); Qwen3.5's
+  Gated DeltaNet layers keep more than it counts (about 2.5x on the tiny model).
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ class MemoryPlan:
     recompute: int
     processes: int
     zero_stage: int
+    fsdp: bool = False
 
     @property
     def total(self) -> int:
         return self.weights + self.gradients + self.optimizer + self.activations + self.recompute
 
     def table(self) -> str:
-        sharding = f"ZeRO-{self.zero_stage}" if self.zero_stage else "no sharding"
+        sharding = "FSDP2" if self.fsdp else f"ZeRO-{self.zero_stage}" if self.zero_stage else "no sharding"
         lines = [f"memory (per GPU, GB; {self.processes} process(es), {sharding}; estimate, excl. CUDA context)"]
         for part in PARTS:
             lines.append(f"  {part:<14}{getattr(self, part) / GB:>10.4g}")
@@ -160,7 +162,9 @@ def activation_bytes(model: Any, family: Any, recipe: Any, zero_stage: int, mixe
     from vidtune.train.training.model import resolve_dtype
 
     text = getattr(model.config, "text_config", model.config)
-    tokens = recipe.train.batch_size * recipe.data.max_length
+    # train.sequence_parallel: each GPU of a group keeps its slice of the sequence (Ulysses' attention holds the
+    # whole sequence for 1/N of the heads: the same bytes) and encodes its share of the frames
+    tokens = -(-recipe.train.batch_size * recipe.data.max_length // recipe.train.sequence_parallel)
     low = resolve_dtype(recipe.model.dtype) != torch.float32 or mixed_precision in ("bf16", "fp16")
     act_bytes = 2 if low else 4
     layers = text.num_hidden_layers
@@ -192,7 +196,7 @@ def vision_activation_bytes(model: Any, recipe: Any, act_bytes: int) -> int:
         patches = recipe.data.max_length * getattr(vision, "spatial_merge_size", 2) ** 2
     layers = config_value(vision, "num_hidden_layers", "depth", default=0)
     per_patch = sum(layer_elements(vision, (0, 0), recipe.finetune.vision_tower == "full", act_bytes))
-    return recipe.train.batch_size * patches * layers * per_patch
+    return -(-recipe.train.batch_size * patches // recipe.train.sequence_parallel) * layers * per_patch
 
 
 def plan_memory(
@@ -203,9 +207,12 @@ def plan_memory(
     zero_stage: int = 0,
     deepspeed: bool = False,
     mixed_precision: str = "no",
+    fsdp: bool = False,
 ) -> MemoryPlan:
     """The plan for a model built on the meta device with the recipe's finetuning applied (model.build_on_meta +
-    apply_finetuning)."""
-    weights, gradients, optimizer = parameter_bytes(model, family, recipe, deepspeed, processes, zero_stage)
-    activations, recompute = activation_bytes(model, family, recipe, zero_stage, mixed_precision)
-    return MemoryPlan(weights, gradients, optimizer, activations, recompute, processes, zero_stage)
+    apply_finetuning). `fsdp`: FSDP2 (launch/accelerate/fsdp2.yaml) shards as ZeRO-3 does, without DeepSpeed's
+    model-dtype trainable weights."""
+    stage = 3 if fsdp else zero_stage
+    weights, gradients, optimizer = parameter_bytes(model, family, recipe, deepspeed and not fsdp, processes, stage)
+    activations, recompute = activation_bytes(model, family, recipe, stage, mixed_precision)
+    return MemoryPlan(weights, gradients, optimizer, activations, recompute, processes, zero_stage, fsdp)

@@ -101,15 +101,18 @@ def training_metadata(
 ) -> dict[str, Any]:
     """What `vidtune.json` records: the base model, how frames were sampled, the data and its size, the settings,
     the engine, the steps and the final metrics."""
+    from vidtune.data.dataset import heard_sources
+    from vidtune.data.families import family_for
     from vidtune.train.training.model import load_model_config
     from vidtune.train.training.quantization import quantization_settings
 
     r = recipe
+    model_type = load_model_config(r.model.name_or_path, r.model.trust_remote_code).model_type
     shown = recipe_to_dict(recipe)["data"]["sources"]  # paths as written: `${oc.env:...}` stays unresolved
     return {
         "base_model": r.model.name_or_path,
         # the family, for the model card's usage code (class, time metadata) and for people
-        "model_type": load_model_config(r.model.name_or_path, r.model.trust_remote_code).model_type,
+        "model_type": model_type,
         "variant": r.variant,
         "finetune_mode": r.finetune.mode,
         "sampling": {
@@ -123,6 +126,8 @@ def training_metadata(
         # QLoRA: the base loads quantized the same way for inference and in the model card's code (None: unquantized)
         "quantization": quantization_settings(r.model.quantization),
         "time_instruction": r.data.time_instruction,
+        # videos were heard with their sound (data.audio): inference hears them the same way
+        "audio": bool(heard_sources(r.data, family_for(model_type))),
         "max_length": r.data.max_length,
         "label_turns": r.data.label_turns,
         "datasets": [

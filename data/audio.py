@@ -1,0 +1,152 @@
+"""A clip's sound for exactly the span its sampled frames show: decoded from the same file, mono, resampled to the
+rate the family's feature extractor takes. TorchCodec's AudioDecoder first (FFmpeg's resampler), PyAV's
+AudioResampler as the fallback; a file without an audio stream gives None (the family then sends silence or no audio
+part, as its processor expects).
+
+Times: frame timestamps (data/video) count from the video stream's first frame; audio is cut on the same clock
+(the container's), so the span starts at the first sampled frame and ends when the last sampled frame stops
+showing (the next frame's time, or the stream's end).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from vidtune.data.video.base import Clip, VideoError, VideoInfo
+from vidtune.data.video.probe import open_container, probe_stream
+
+log = logging.getLogger(__name__)
+
+AUDIO_MODES = ("auto", "on", "off")  # data.audio: auto = when the family hears and the file has sound
+
+
+@dataclass
+class Audio:
+    samples: np.ndarray  # float32 (N,), mono, in [-1, 1]
+    sampling_rate: int
+    start_s: float  # the span on the frames' clock (first frame = 0)
+    end_s: float
+    backend: str = ""
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / self.sampling_rate
+
+
+def span_of(info: VideoInfo, indices: list[int]) -> tuple[float, float]:
+    """(start, end) seconds frames `indices` show: the first one's time to when the last one leaves the screen."""
+    times = info.times_s
+    last = max(indices)
+    end = float(times[last + 1]) if last + 1 < len(times) else info.duration_s
+    return float(times[min(indices)]), end
+
+
+def clip_span(clip: Clip) -> tuple[float, float]:
+    """(start, end) seconds the clip's sampled frames show."""
+    return span_of(clip.info, clip.indices)
+
+
+@functools.lru_cache(maxsize=1024)
+def _stream_facts(path: str) -> tuple[bool, float]:
+    """(has an audio stream, the video stream's first presentation time in container seconds)."""
+    container = open_container(path)
+    try:
+        has_audio = bool(container.streams.audio)
+    finally:
+        container.close()
+    index = probe_stream(path)
+    return has_audio, index.pts[0] * index.time_base if index.time_base else 0.0
+
+
+def has_audio_stream(path: str) -> bool:
+    return _stream_facts(path)[0]
+
+
+def load_audio_span(path: str, start_s: float, end_s: float, sampling_rate: int, backend: str = "auto") -> Audio | None:
+    """The file's sound from `start_s` to `end_s` (the frames' clock), mono float32 at `sampling_rate`, exactly
+    round((end - start) x rate) samples (a stream shorter than the span is padded with silence); None when the file
+    has no audio stream. Raises VideoError when the sound cannot be decoded by any backend."""
+    if end_s <= start_s:
+        raise VideoError(f"{path}: empty audio span {start_s:.3f}-{end_s:.3f}s")
+    has_audio, origin_s = _stream_facts(path)
+    if not has_audio:
+        return None
+    num_samples = round((end_s - start_s) * sampling_rate)
+    readers = {"torchcodec": _torchcodec_span, "pyav": _pyav_span}
+    names = list(readers) if backend == "auto" else [backend]
+    reasons = []
+    for name in names:
+        if name not in readers:
+            raise VideoError(f"{path}: unknown audio backend {name!r} (one of auto, {', '.join(readers)})")
+        try:
+            samples = readers[name](path, origin_s + start_s, origin_s + end_s, sampling_rate)
+        except Exception as err:  # a decoder's own error types; the next backend may read it
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+            log.debug("%s: %s cannot decode the audio: %s", path, name, reason)
+            reasons.append(f"{name}: {reason}")
+            continue
+        fitted = np.zeros(num_samples, dtype=np.float32)
+        fitted[: min(num_samples, len(samples))] = samples[:num_samples]
+        return Audio(fitted, sampling_rate, start_s, end_s, name)
+    raise VideoError(f"{path}: cannot decode its audio ({'; '.join(reasons)})")
+
+
+def silent_span(clip: Clip, sampling_rate: int) -> Audio:
+    """Silence for the span of a clip whose file has no sound (heard beside a clip that has: the family's
+    processor takes one sound per video of a heard sample)."""
+    start_s, end_s = clip_span(clip)
+    samples = np.zeros(round((end_s - start_s) * sampling_rate), np.float32)
+    return Audio(samples, sampling_rate, start_s, end_s, "silence")
+
+
+def load_clip_audio(path: str, clip: Clip, sampling_rate: int, backend: str = "auto") -> Audio | None:
+    """The sound of the span the clip's sampled frames show (None: the file is silent, it has no audio stream)."""
+    start_s, end_s = clip_span(clip)
+    return load_audio_span(path, start_s, end_s, sampling_rate, backend)
+
+
+def _torchcodec_span(path: str, start_s: float, end_s: float, sampling_rate: int) -> np.ndarray:
+    from torchcodec.decoders import AudioDecoder
+
+    decoder = AudioDecoder(path, sample_rate=sampling_rate, num_channels=1)
+    begin = float(decoder.metadata.begin_stream_seconds or 0.0)
+    # before the audio stream begins there is silence: ask from its start and pad in front
+    played = decoder.get_samples_played_in_range(max(start_s, begin), end_s)
+    samples = played.data.mean(0).numpy().astype(np.float32)
+    lead = round((float(played.pts_seconds) - start_s) * sampling_rate)
+    return np.concatenate([np.zeros(max(lead, 0), np.float32), samples[max(-lead, 0) :]])
+
+
+def _pyav_span(path: str, start_s: float, end_s: float, sampling_rate: int) -> np.ndarray:
+    import av
+
+    container = open_container(path)
+    try:
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sampling_rate)
+        if stream.time_base:
+            container.seek(int(start_s / stream.time_base), stream=stream, backward=True, any_frame=False)
+        chunks: list[np.ndarray] = []
+        first_s: float | None = None
+        for frame in container.decode(stream):
+            if first_s is None:
+                first_s = float(frame.time) if frame.time is not None else 0.0
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray().reshape(-1))
+            if frame.time is not None and frame.time > end_s:
+                break
+        for out in resampler.resample(None):  # flush
+            chunks.append(out.to_ndarray().reshape(-1))
+    finally:
+        container.close()
+    if first_s is None:
+        raise VideoError(f"{path}: the audio stream holds no samples")
+    decoded = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    offset = round((start_s - first_s) * sampling_rate)
+    if offset < 0:  # the stream starts after the span does: silence in front
+        return np.concatenate([np.zeros(-offset, np.float32), decoded])
+    return decoded[offset:]

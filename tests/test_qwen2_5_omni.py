@@ -1,0 +1,139 @@
+"""Qwen2.5-Omni (thinker): videos heard with their sound, mixed with silent clips, images and text in one batch."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from vidtune.data.collator import Collator
+from vidtune.data.conversation import DataError, media_part, message, text_part
+from vidtune.data.dataset import DataConfig, Measurer, audio_rate_for, heard_sources, load_media
+from vidtune.data.families.qwen2_5_omni import ROPE_KEY
+from vidtune.data.sources import SourceConfig
+from vidtune.data.video import SamplingConfig
+from vidtune.train.demo.clips import write_tone_clip
+
+LOW_HZ, HIGH_HZ = 300, 2500
+
+
+@pytest.fixture(scope="module")
+def omni(family_kits):
+    return family_kits("qwen2_5_omni")
+
+
+@pytest.fixture(scope="module")
+def tone_clips(tmp_path_factory):
+    """Identical pictures (red then blue), a low or a high tone."""
+    root = tmp_path_factory.mktemp("omni-tones")
+    return {
+        hz: write_tone_clip(root / f"tone_{hz}.mp4", ["red", "blue"], [hz, hz], seconds_per_segment=1.0)
+        for hz in (LOW_HZ, HIGH_HZ)
+    }
+
+
+def question(path, answer: str = "red") -> list:
+    return [
+        message("user", [media_part("video", str(path)), text_part("Which color comes first?")]),
+        message("assistant", [text_part(answer)]),
+    ]
+
+
+def heard_example(omni, path, answer: str = "red", audio_rate: int | None = 16000):
+    msgs = question(path, answer)
+    media, _ = load_media(msgs, SamplingConfig(4), False, None, audio_rate=audio_rate)
+    return omni.builder.build(msgs, media)
+
+
+def test_a_heard_clip_interleaves_its_sound_and_counts_as_measured(omni, tone_clips):
+    processor, tokenizer = omni.processor, omni.processor.tokenizer
+    example = heard_example(omni, tone_clips[LOW_HZ])
+    ids = example["input_ids"]
+    text = tokenizer.decode(ids)
+    assert "<|vision_bos|><|audio_bos|><|VIDEO|>" in text and "<|AUDIO|><|audio_eos|><|vision_eos|>" in text
+    assert tokenizer.decode(ids[example["labels"] != -100]) == "red<|im_end|>"
+    # the measurer's count (no pixels, no sound decoded) is the built length, sound included
+    cfg = DataConfig(sources=[SourceConfig(path="a.jsonl")], sampling=SamplingConfig(4))
+    builder = copy.copy(omni.builder)
+    builder.audio_rate = 16000
+    row = {"messages": question(tone_clips[LOW_HZ]), "source": "a.jsonl", "at": "a.jsonl line 1"}
+    assert Measurer(builder, cfg).measure(row)["num_tokens"] == len(ids)
+    num_audio = int((ids == processor.audio_token_id).sum())
+    assert num_audio == example["feature_attention_mask"].sum().item() // 4 + 1 > 40  # 25 per second of span
+
+
+def test_each_examples_positions_are_the_thinkers_own(omni, tone_clips):
+    example = heard_example(omni, tone_clips[HIGH_HZ])
+    ids = example["input_ids"][None]
+    expected, _ = omni.model.model.get_rope_index(
+        ids,
+        video_grid_thw=example["video_grid_thw"],
+        attention_mask=torch.ones_like(ids),
+        use_audio_in_video=True,
+        audio_seqlens=example["feature_attention_mask"].sum(-1),
+        second_per_grids=example["video_second_per_grid"],
+    )
+    assert torch.equal(example[ROPE_KEY], expected[:, 0])
+    # audio and video share one clock: the second half of the clip's tokens start 25 positions (1 s) later
+    video = example[ROPE_KEY][0][example["input_ids"] == omni.processor.video_token_id]
+    assert sorted(set(video.tolist()))[1] - video.min() == 25
+
+
+def test_heard_silent_image_and_text_samples_batch_like_single_samples(omni, tone_clips, clips, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 70, 3), dtype=np.uint8)).save(image)
+    silent = question(clips["red_blue"], "red")  # no audio stream: no audio part
+    pictured = [message("user", [media_part("image", str(image)), text_part("What is it?")])]
+    pictured.append(message("assistant", [text_part("a picture")]))
+    texted = [message("user", [text_part("Say yes.")]), message("assistant", [text_part("Yes")])]
+    examples = [heard_example(omni, tone_clips[LOW_HZ], "blue"), heard_example(omni, clips["red_blue"])]
+    examples += [omni.builder.build(m, load_media(m, SamplingConfig(4), False, None)[0]) for m in (pictured, texted)]
+    assert "input_features" in examples[0] and "input_features" not in examples[1]
+    assert len(examples[1]["input_ids"]) == len(
+        omni.builder.build(silent, load_media(silent, SamplingConfig(4), False, None)[0])["input_ids"]
+    )
+    model = copy.deepcopy(omni.model).train()
+    collate = Collator(omni.processor.tokenizer.pad_token_id, family=omni.family)
+    batch = collate(examples)
+    assert batch["position_ids"].shape == (3, 4, batch["input_ids"].shape[1])
+    loss = model(**batch, num_items_in_batch=1).loss
+    loss.backward()
+    assert model.model.audio_tower.conv1.weight.grad.abs().sum() > 0
+    alone = sum(model(**collate([ex]), num_items_in_batch=1).loss.item() for ex in examples)
+    assert loss.item() == pytest.approx(alone, rel=1e-4)
+
+
+def test_the_sound_reaches_the_model_and_audio_off_leaves_it_out(omni, tone_clips):
+    low, high = (heard_example(omni, tone_clips[hz]) for hz in (LOW_HZ, HIGH_HZ))
+    collate = Collator(omni.processor.tokenizer.pad_token_id, family=omni.family)
+    with torch.no_grad():
+        logits = [omni.model(**collate([ex])).logits for ex in (low, high)]
+    assert not torch.allclose(logits[0], logits[1])  # same pictures, different tone
+    unheard = [heard_example(omni, tone_clips[hz], audio_rate=None) for hz in (LOW_HZ, HIGH_HZ)]
+    assert all("input_features" not in ex for ex in unheard)
+    assert torch.equal(unheard[0]["pixel_values_videos"], unheard[1]["pixel_values_videos"])
+
+
+def test_audio_modes_are_checked_per_source(omni, family_kits):
+    sources = [SourceConfig(path="a.jsonl"), SourceConfig(path="b.jsonl", audio="off")]
+    assert heard_sources(DataConfig(sources=sources), omni.family) == {"a.jsonl"}
+    assert audio_rate_for(DataConfig(sources=sources, audio="off"), omni.family, omni.processor) is None
+    assert audio_rate_for(DataConfig(sources=sources), omni.family, omni.processor) == 16000
+    vl = family_kits("qwen2_5_vl").family
+    assert heard_sources(DataConfig(sources=sources), vl) == set()  # auto: a family that cannot hear sees only
+    with pytest.raises(DataError, match=r"a\.jsonl: audio=on, but qwen2_5_vl does not hear sound"):
+        heard_sources(DataConfig(sources=sources, audio="on"), vl)
+    with pytest.raises(DataError, match="must be one of auto, on, off, got 'loud'"):
+        audio_rate_for(DataConfig(sources=sources, audio="loud"), omni.family, omni.processor)
+
+
+def test_the_blank_audio_path_runs_the_audio_tower(omni):
+    model = copy.deepcopy(omni.model)
+    paths = omni.family.blank_paths(model, omni.processor, torch.device("cpu"))
+    assert [p.batch_key for p in paths] == ["input_features", "pixel_values", "pixel_values_videos"]
+    paths[0].run().backward()
+    assert model.model.audio_tower.conv1.weight.grad.abs().sum() > 0

@@ -1,0 +1,219 @@
+"""Sequence parallelism (train.sequence_parallel, DeepSpeed Ulysses): 2 CPU processes (gloo) launched as the README
+launches them give the 1-process run's losses, gradient norms and adapter, with each rank's vision tower encoding
+half of the frames; the pieces (frame shares, batch repetition, recipe checks) alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_distributed import engine, launch, losses
+from vidtune.train.training.config import RecipeError, load_recipe, recipe_to_yaml
+from vidtune.train.training.tracking import read_metrics
+
+NUM_SAMPLES = 6  # 3 optimizer steps of 2 micro-batches of 1 sample
+NUM_FRAMES = 4
+
+
+def overrides(model: Path, corpus: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        f"model.name_or_path={model}",
+        f"data.sources=[{{path: {corpus / 'questions_train.jsonl'}, num_samples: {NUM_SAMPLES}}}]",
+        f"data.sampling.num_frames={NUM_FRAMES}",
+        "data.max_length=96",
+        "data.num_workers=0",
+        f"train.output_dir={output}",
+        "train.max_steps=3",
+        "train.batch_size=1",
+        "train.grad_accum_steps=2",
+        "train.learning_rate=1e-2",
+        "train.warmup_ratio=0",
+        "train.log_every_steps=1",
+        "train.group_by_length=false",
+        "train.mixed_precision=no",
+        "finetune.lora.dropout=0",
+        "finetune.train_projector=true",  # the gathered features' gradient reaches the projector / merger
+        "logging.report_to=none",
+        *extra,
+    ]
+
+
+def grad_norms(output: Path) -> list[float]:
+    return [m["train/grad_norm"] for m in sorted(read_metrics(output), key=lambda m: m["step"]) if "train/loss" in m]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava_next_video", "qwen2_5_vl"])
+def test_two_ranks_share_each_sample_and_match_one_process(family, family_kits, demo_corpus, tmp_path):
+    """ZeRO-2, SP 2 (one group: data parallel 1) against 1 process on the same samples: per-step losses, gradient
+    norms and the saved adapter equal (Qwen2.5-VL: 3-D multimodal RoPE positions computed on the whole sequence);
+    each rank's vision tower got half of every sample's frames."""
+    from safetensors.torch import load_file
+
+    from vidtune.train.training.loop import train
+
+    model = family_kits(family).model_dir
+    train(load_recipe(None, overrides(model, demo_corpus, tmp_path / "one")))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_to_yaml(load_recipe(None, overrides(model, demo_corpus, tmp_path / "two"))))
+    probe = tmp_path / "frames"
+    probe.mkdir()
+    result = launch(recipe, "zero2.yaml", "train.sequence_parallel=2", fault=f"towerframes@{probe}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    assert engine(tmp_path / "two") == {"num_processes": 2, "distributed_type": "DEEPSPEED", "zero_stage": 2}
+    ours, theirs = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert len(ours) == len(theirs) == 3
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=0)
+    # Adam hides a gradient's scale from the losses; the norm does not
+    torch.testing.assert_close(
+        torch.tensor(grad_norms(tmp_path / "two")), torch.tensor(grad_norms(tmp_path / "one")), rtol=1e-4, atol=0
+    )
+    split, single = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("two", "one"))
+    assert split.keys() == single.keys()
+    for key, tensor in single.items():
+        # Adam turns float-noise differences of near-zero gradients (summed in another order across the group) into
+        # steps of up to lr x their relative difference: atol 1e-4 is 1% of one step at lr 1e-2
+        worst = (split[key] - tensor).abs().max().item()
+        torch.testing.assert_close(split[key], tensor, rtol=1e-4, atol=1e-4, msg=f"{key}: max diff {worst:.2e}")
+
+    frames = {rank: [int(n) for n in (probe / f"rank{rank}.txt").read_text().split()] for rank in (0, 1)}
+    assert frames[0] == frames[1] == [NUM_FRAMES // 2] * NUM_SAMPLES  # once per frame across the group
+
+
+@pytest.mark.parametrize("family", ["llava_next_video", "qwen2_5_vl"])
+def test_frame_shares_encode_to_the_whole_clips_features(family, family_kits, clips):
+    """The features of each share of the frames (the family's video_shares), concatenated, are the features of the
+    whole batch's clips: the tower sees each frame (LLaVA) or temporal patch (Qwen) alone."""
+    from vidtune.data.conversation import media_part, message, text_part
+    from vidtune.data.dataset import load_media
+    from vidtune.data.video import SamplingConfig
+    from vidtune.train.training.sequence_split import encode_share
+
+    kit = family_kits(family)
+    examples = []
+    for name, num_frames in (("red_blue", 4), ("three", 6)):
+        messages = [
+            message("user", [media_part("video", str(clips[name])), text_part("What is it?")]),
+            message("assistant", [text_part("colors")]),
+        ]
+        examples.append(kit.builder.build(messages, load_media(messages, SamplingConfig(num_frames), False, None)[0]))
+    batch = kit.family.normalize_pixels(kit.family.batch_visuals(examples), kit.processor)
+    video_inputs = {k: batch[k] for k in ("pixel_values_videos", "video_grid_thw") if k in batch}
+    with torch.no_grad():
+        whole = encode_share(kit.model, video_inputs)
+        for parts in (2, 3, 16):
+            shares = kit.family.video_shares(video_inputs, parts)
+            assert len(shares) == parts
+            pieces = [encode_share(kit.model, share.inputs) for share in shares if share.real]
+            torch.testing.assert_close(torch.cat(pieces), whole, rtol=1e-5, atol=1e-5)
+            assert sum(share.weight for share in shares if share.real) == sum(
+                share.weight for share in kit.family.video_shares(video_inputs, 1)
+            )
+    assert not all(s.real for s in kit.family.video_shares(video_inputs, 16))  # more ranks than frames: stand-ins
+
+
+def test_group_ranks_read_the_same_batches():
+    """Sharded per rank as Accelerate shards a batch sampler, the 2 ranks of each sequence-parallel group get the
+    same batches and the 2 groups different ones (world 4 = data parallel 2 x sequence parallel 2)."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    from vidtune.train.training.sequence_split import RepeatedBatches
+
+    batches = [[i] for i in range(8)]
+    per_rank = [list(BatchSamplerShard(RepeatedBatches(batches, 2), 4, rank)) for rank in range(4)]
+    assert per_rank[0] == per_rank[1] == [[0], [2], [4], [6]]
+    assert per_rank[2] == per_rank[3] == [[1], [3], [5], [7]]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["train.batch_size=2"], "train.batch_size=1"),
+        (["model.attn_implementation=eager"], "sdpa or flash_attention_2"),
+        (["train.packing=true"], "not supported yet"),
+        (["train.sequence_parallel=0"], ">= 1"),
+    ],
+)
+def test_recipe_problems_are_named_before_loading(extra, message):
+    base = ["model.name_or_path=x", "train.output_dir=o", "data.sources=[{path: rows.jsonl}]"]
+    load_recipe(None, [*base, "train.sequence_parallel=2"])  # valid as it is
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, [*base, "train.sequence_parallel=2", *extra])
+
+
+def test_a_family_that_cannot_split_is_refused(family_kits, tmp_path):
+    from vidtune.train.training.build import refuse_unpackable_family
+
+    model = family_kits("qwen3_vl").model_dir
+    settings = [f"model.name_or_path={model}", f"train.output_dir={tmp_path}", "data.sources=[{path: rows.jsonl}]"]
+    refuse_unpackable_family(load_recipe(None, settings))  # without sequence parallelism: fine
+    recipe = load_recipe(None, [*settings, "train.sequence_parallel=2"])
+    with pytest.raises(RecipeError, match="qwen3_vl family does not split"):
+        refuse_unpackable_family(recipe)
+
+
+def test_check_reports_tokens_per_gpu_and_the_samples_that_need_it(family_kits, demo_corpus, tmp_path, capsys):
+    """`vidtune check --gpu-tokens T` on the demo's questions: tokens per GPU at the recipe's degree, the samples
+    longer than T, and the smallest degree that fits every one (consistent with the per-sample token counts)."""
+    import json
+
+    from vidtune.train.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        recipe_to_yaml(load_recipe(None, overrides(family_kits("qwen2_5_vl").model_dir, demo_corpus, tmp_path)))
+    )
+    main(["check", str(recipe), "train.sequence_parallel=2", "--gpu-tokens", "40", "--out", str(tmp_path / "c.json")])
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "c.json").read_text())
+    tokens, split = report["tokens"], report["sequence_parallel"]
+    assert split["size"] == 2 and split["tokens_per_gpu"]["max"] == -(-tokens["max"] // 2)
+    assert split["degree_for_all"] == -(-tokens["max"] // 40) >= 2  # the demo's questions are 43 tokens
+    assert tokens["min"] > 40 >= -(-tokens["max"] // 2)  # every sample needs SP; at 2 each fits
+    assert split["samples_needing_it"] == report["usable"] and split["samples_over_at_size"] == 0
+    assert "tokens/GPU" in printed and f"{report['usable']} samples exceed --gpu-tokens 40" in printed
+
+
+def test_the_memory_plan_splits_activations_across_the_group(family_kits, demo_corpus, tmp_path, capsys):
+    """--dry-run at train.sequence_parallel=2 plans half the activations per GPU (the sequence's slice and the
+    frames' share; benchmarks/long_video_memory.py compares it with what autograd saved per rank), the rest alike."""
+    from vidtune.train.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    settings = overrides(family_kits("qwen2_5_vl").model_dir, demo_corpus, tmp_path, "finetune.vision_tower=lora")
+    recipe.write_text(recipe_to_yaml(load_recipe(None, settings)))
+    plans = {}
+    for size in (1, 2):
+        main(
+            [
+                "train",
+                str(recipe),
+                "--dry-run",
+                "--num-processes",
+                "2",
+                "--zero-stage",
+                "2",
+                f"train.sequence_parallel={size}",
+            ]
+        )
+        lines = capsys.readouterr().out.splitlines()
+        plans[size] = {line.split()[0]: float(line.split()[1]) for line in lines[-5:]}
+    assert plans[2]["activations"] == pytest.approx(plans[1]["activations"] / 2, rel=0.02)
+    assert plans[2]["weights"] == plans[1]["weights"] and plans[2]["optimizer"] == plans[1]["optimizer"]
+
+
+def test_a_world_the_degree_does_not_divide_is_refused_in_one_line(monkeypatch):
+    from vidtune.train.training.sequence_split import parallelism_config
+
+    recipe = load_recipe(None, ["model.name_or_path=x", "train.output_dir=o", "data.sources=[{path: r.jsonl}]"])
+    assert parallelism_config(recipe) is None  # off: Accelerate as without it
+    recipe.train.sequence_parallel = 2
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(RecipeError, match="needs a multiple of 2 processes, 3 launched"):
+        parallelism_config(recipe)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    config = parallelism_config(recipe)
+    assert (config.sp_size, config.dp_replicate_size, config.sp_backend) == (2, 2, "deepspeed")
