@@ -64,6 +64,24 @@ def test_a_run_on_a_terminal_shows_step_total_and_eta_from_the_first_step(termin
     # The pipe (a log file, SLURM, CI) has no bar, only the plain lines naming the step budget.
     assert re.findall(r"^step (\d+/\d+): train/loss=", stdout, re.MULTILINE) == ["2/4", "4/4"], stdout
     assert "samples/s" not in stdout and "\r" not in stdout
+    # the model load says what it reads and what it loaded, in place of transformers' "Loading weights" bar
+    assert re.search(
+        r"^loading model \S+ \(1 weight file, [\d.]+ MB\) \.\.\.\nloaded model: [\d,]+ parameters", stdout, re.M
+    )
+    assert "Loading weights" not in shown
+
+
+def test_the_inference_commands_announce_the_model_load_on_stderr(tiny_model_dir, demo_corpus, capsys):
+    """stdout keeps only the answer (scripts read it); the load line and its count go to stderr."""
+    from vidtune.train.cli import main
+
+    video = str(demo_corpus / "videos" / "eval_0001.mp4")
+    main(["infer", str(tiny_model_dir), "--video", video, "--prompt", "Which color?", "--max-new-tokens", "2"])
+    out, err = capsys.readouterr()
+    assert "loading model" not in out
+    size = sum(p.stat().st_size for p in tiny_model_dir.glob("*.safetensors")) / 1e6
+    assert f"loading model {tiny_model_dir} (1 weight file, {size:.1f} MB) ...\nloaded model: " in err
+    assert re.search(r"^loaded model: [\d,]+ parameters in [\d.]+s$", err, re.M)
 
 
 NOISE = re.compile(r"warn|traceback", re.IGNORECASE)  # FutureWarning, UserWarning, DeepSpeed's [WARNING], ...

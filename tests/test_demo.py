@@ -81,3 +81,47 @@ def test_demo_stages_are_checked_before_anything_runs():
         parse_stages("base,chat")
     with pytest.raises(RecipeError, match="choose from base, instruct, chat, dpo, grpo"):
         parse_stages("base,ppo")
+
+
+@pytest.mark.slow
+def test_demo_prints_each_stages_scores_when_it_ends_and_the_next_commands(family_runs, tmp_path, monkeypatch, capsys):
+    """Each stage's held-out scores and its loss.png as soon as the stage ends (before the next one trains), the
+    scores recorded in the run's vidtune.json and model card, and at the end the commands to try on the last run."""
+    import shutil
+
+    from vidtune.train.demo import stages
+
+    def fake_stage(name, overrides=()):
+        output = tmp_path / "demo" / "runs" / name
+        shutil.copytree(family_runs("llava_next_video"), output)
+        (output / "loss.png").write_bytes(b"png")
+        print(f"TRAINING {name}")
+        return output
+
+    def fake_score(stage):
+        return lambda output, corpus, report: report.update({f"{stage}: order question exact match": 0.875})
+
+    monkeypatch.setattr(stages, "ensure_tiny_model", lambda model_dir, family: None)
+    monkeypatch.setattr(stages, "write_demo_corpus", lambda corpus: None)
+    monkeypatch.setattr(stages, "run_stage", fake_stage)
+    monkeypatch.setattr(stages, "STAGE_SCORES", {s: fake_score(s) for s in ("base", "instruct")})
+    stages.run_demo(tmp_path / "demo", stages=("base", "instruct"))
+    printed = capsys.readouterr().out
+    base_run = tmp_path / "demo" / "runs" / "base"
+    label = "order question exact match"
+    summary = f"== stage base: held-out scores\n  {label:<52}  87.5%\n  loss curves: {base_run}/loss.png"
+    assert summary + "\n" in printed, printed
+    assert printed.index(summary) < printed.index("TRAINING instruct")
+    metrics = json.loads((base_run / "vidtune.json").read_text())["metrics"]
+    assert metrics["eval/demo/order question exact match"] == 0.875 and "train/loss" in metrics  # kept
+    card = (base_run / "README.md").read_text()
+    assert "order question exact match" in card.split("## Evaluation (held-out)")[1]
+    instruct_run = tmp_path / "demo" / "runs" / "instruct"
+    assert printed.rstrip().endswith(
+        f"== next, on the demo's instruct run:\n"
+        f"  vidtune infer {instruct_run} --video {tmp_path / 'demo' / 'corpus' / 'videos' / 'eval_0000.mp4'} "
+        "--prompt 'Which color comes first?'\n"
+        f"  vidtune chat {instruct_run} --video {tmp_path / 'demo' / 'corpus' / 'videos' / 'eval_0000.mp4'}\n"
+        f"  vidtune serve {instruct_run}\n"
+        f"  vidtune export {instruct_run} --to {tmp_path / 'demo' / 'export'}"
+    )

@@ -4,6 +4,7 @@ clips come out upright with the displayed aspect, and unreadable files are refus
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,10 @@ def test_vidtune_frames_prints_json_writes_pngs_and_refuses_in_one_line(battery,
     report = json.loads(capsys.readouterr().out)
     assert report["path"] == str(clip.path) and report["backend"] in available_backends()
     assert (report["width"], report["height"]) == (clip.width, clip.height)  # as displayed: portrait
+    # the turn as ffprobe states it (`rotate=270` metadata: "displaymatrix: rotation of -90.00 degrees")
+    ffprobe = ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "stream_side_data=rotation"]
+    stated = subprocess.run([*ffprobe, "-of", "csv=p=0", str(clip.path)], capture_output=True, text=True, check=True)
+    assert report["rotation"] == int(stated.stdout.strip()) == -90
     assert abs(report["duration_s"] - 3.0) < 0.01
     assert [f["index"] for f in report["frames"]] == [3, 9, 15, 21, 27]
     assert [f["pts_s"] for f in report["frames"]] == pytest.approx([0.3, 0.9, 1.5, 2.1, 2.7], abs=0.01)
@@ -159,6 +164,7 @@ def test_vidtune_frames_prints_json_writes_pngs_and_refuses_in_one_line(battery,
     main(["frames", str(clip.path), "--fps", "2", "--start", "1", "--end", "2", "--backend", "pyav"])
     printed = capsys.readouterr().out
     assert "decoded by pyav" in printed and "2 frames: #12@1.20s  #17@1.70s" in printed and "note" not in printed
+    assert f"{clip.width}x{clip.height} (rotation -90, turned upright)" in printed
     main(["frames", str(clip.path), "--fps", "4", "--num-frames", "5", "--backend", "pyav"])
     assert "note: --fps 4 over 3.00s would take 12 frames; capped at --num-frames 5" in capsys.readouterr().out
     audio = next(c for c in battery if c.name == "audio_only.m4a")

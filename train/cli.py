@@ -176,6 +176,11 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", help="branch to push to (created when missing)")
     p.add_argument("--message", help="commit message")
     p.add_argument("--dry-run", action="store_true", help="write the folder and list what would be uploaded; no push")
+    p.add_argument(
+        "--base-id",
+        metavar="ORG/NAME",
+        help="the Hub model a local base folder is a copy of: the card links it and the export loads it from the Hub",
+    )
 
 
 # The families with a tiny model (data/families FAMILIES and train/demo TINY_MODELS; a test keeps this in step),
@@ -326,7 +331,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     bench = BENCHMARKS[args.benchmark]
     items, bad = load_benchmark(bench, benchmark_sources(bench, args.data, args.media_root, args.media_template))
     num_frames = args.num_frames or bench.num_frames
-    im = load_for_inference(args.model, base=args.base, num_frames=num_frames, fps=args.fps)
+    im = load_for_inference(args.model, base=args.base, num_frames=num_frames, fps=args.fps, announce=True)
     max_new_tokens = args.max_new_tokens or bench.max_new_tokens
     predictions = predict(im, items, EvalConfig(task="multiple_choice", max_new_tokens=max_new_tokens), args.batch_size)
     metrics, records = score_benchmark(bench, items, predictions)
@@ -349,12 +354,16 @@ def run_export(args: argparse.Namespace) -> None:
     # environment holds (and exporting does not need the training environment's variables).
     card = dict(read_recipe_yaml(saved).get("hub") or {}) if saved.is_file() else {}
     card["repo_id"] = args.push or card.get("repo_id")
+    if args.base_id:
+        card["base_id"] = args.base_id
     if args.push and not args.dry_run:
         hub_token()  # before the (possibly long) merge
     result = export_folder(args.run_dir, args.to, merge=args.merge, card=card)
     print(f"exported {result.folder}:")
     for name in result.files:
         print(f"  {name}  ({(result.folder / name).stat().st_size:,} bytes)")
+    if result.note:
+        print(result.note)
     if args.push and args.dry_run:
         privacy = "private" if args.private else "public (unless the repo exists and is private)"
         print(
@@ -373,7 +382,7 @@ def _load(args: argparse.Namespace):
     check_model_path(args.model)
     if args.base:
         check_model_path(args.base, "--base")
-    return load_for_inference(args.model, base=args.base, num_frames=args.num_frames, fps=args.fps)
+    return load_for_inference(args.model, base=args.base, num_frames=args.num_frames, fps=args.fps, announce=True)
 
 
 def run_infer(args: argparse.Namespace) -> None:

@@ -98,6 +98,12 @@ def scaled_size(height: int, width: int, shortest_edge: int | None) -> tuple[int
     return max(shortest_edge, round(height * scale)), max(shortest_edge, round(width * scale))
 
 
+def ffprobe_rotation(clockwise: int) -> int:
+    """A clockwise display turn as ffprobe and FFmpeg's display matrix state it: counter-clockwise degrees in
+    [-180, 180) (a stream shown turned 90 degrees clockwise is "rotation of -90.00 degrees")."""
+    return (180 - clockwise) % 360 - 180
+
+
 def upright(frame: np.ndarray, rotation: int) -> np.ndarray:
     """Turn a stored (H, W, C) picture clockwise by `rotation` degrees, as players do for its display matrix."""
     return np.ascontiguousarray(np.rot90(frame, k=-(rotation // 90) % 4)) if rotation else frame

@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 
-from vidtune.data.video.base import StreamIndex, VideoError, check_returned, scaled_size
+from vidtune.data.video.base import StreamIndex, VideoError, check_returned, ffprobe_rotation, scaled_size
 
 
 def _reason(err: Exception) -> str:
@@ -33,7 +33,8 @@ class DecordReader:
         self.path, self.index, self.info = path, index, index.info
         if index.rotation:
             raise VideoError(
-                f"{path}: decord cannot read rotated video right (turned {index.rotation} degrees for display)"
+                f"{path}: decord cannot read rotated video right (rotation {ffprobe_rotation(index.rotation)}, as "
+                "ffprobe states the display matrix)"
             )
         if index.order_only:
             raise VideoError(f"{path}: decord cannot guarantee frames in {index.container} without timestamps")

@@ -30,12 +30,18 @@ def sample_video(
 
 
 def describe(path: str, clip: Clip) -> dict[str, Any]:
+    """`rotation`: the display matrix's turn as ffprobe states it ("rotation of -90.00 degrees": -90); width and
+    height are as displayed, frames come out upright."""
+    from vidtune.data.video.base import ffprobe_rotation
+    from vidtune.data.video.probe import probe_stream
+
     return {
         "path": path,
         "backend": clip.backend,
         "duration_s": round(clip.info.duration_s, 6),
         "width": clip.info.width,
         "height": clip.info.height,
+        "rotation": ffprobe_rotation(probe_stream(path).rotation),  # probed once per file version, cached
         "frames": [
             {"index": index, "pts_s": round(t, 6)} for index, t in zip(clip.indices, clip.timestamps_s, strict=True)
         ],
@@ -126,8 +132,9 @@ def write_wav(samples: np.ndarray, rate: int, path: Path) -> Path:
 
 def format_text(report: dict[str, Any]) -> str:
     frames = "  ".join(f"#{f['index']}@{f['pts_s']:.2f}s" for f in report["frames"])
+    rotation = f" (rotation {report['rotation']}, turned upright)" if report.get("rotation") else ""
     text = (
-        f"{report['path']}: {report['width']}x{report['height']}, {report['duration_s']:.2f}s, "
+        f"{report['path']}: {report['width']}x{report['height']}{rotation}, {report['duration_s']:.2f}s, "
         f"decoded by {report['backend']}\n  {len(report['frames'])} frames: {frames}"
     )
     audio = report.get("audio")

@@ -26,7 +26,7 @@ from vidtune.train.evaluation.tasks import evaluate_items, load_items
 from vidtune.train.generation.infer import InferenceModel, generate, load_for_inference, video_question
 from vidtune.train.training.config import EvalConfig, RecipeError, load_recipe, packaged_recipe
 from vidtune.train.training.model import load_model_config
-from vidtune.train.training.tracking import read_metrics
+from vidtune.train.training.tracking import LOSS_PLOT, read_metrics
 
 STAGES = ("base", "instruct", "chat")  # the default pipeline
 ALL_STAGES = (*STAGES, "dpo", "grpo")  # dpo / grpo: the order question learned from pairs / rewards, after base
@@ -152,7 +152,12 @@ def run_demo(
     report: dict[str, float] = {}
     for stage in stages:
         started = time.perf_counter()
-        STAGE_SCORES[stage](run_stage(stage, overrides), corpus, report)
+        output = run_stage(stage, overrides)
+        scored = dict(report)
+        STAGE_SCORES[stage](output, corpus, report)
+        stage_scores = {k: v for k, v in report.items() if k not in scored}
+        print(stage_summary(stage, stage_scores, output))
+        record_scores(output, stage_scores)
         report[f"{stage}: stage seconds (training and scoring)"] = round(time.perf_counter() - started, 1)
 
     print("\n== held-out accuracy")
@@ -164,7 +169,42 @@ def run_demo(
         transcript = show_one_chat(chat, corpus / "videos" / "eval_0000.mp4", corpus)
         (root / "demo_chat.txt").write_text("\n".join(transcript) + "\n", encoding="utf-8")
     (root / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(next_steps(root, stages))
     return report
+
+
+def stage_summary(stage: str, scores: dict[str, float], output: Path) -> str:
+    """What a stage learned, printed when it ends (held-out accuracy), and where its loss curves are."""
+    lines = [f"== stage {stage}: held-out scores"]
+    lines += [f"  {key.split(': ', 1)[-1]:<52} {100 * value:5.1f}%" for key, value in scores.items()]
+    if (output / LOSS_PLOT).is_file():
+        lines.append(f"  loss curves: {output / LOSS_PLOT}")
+    return "\n".join(lines)
+
+
+def record_scores(output: Path, scores: dict[str, float]) -> None:
+    """The demo's held-out scores into the run's vidtune.json and model card (`eval/demo/...`), beside what the
+    run measured itself: an export of the demo's runs shows them."""
+    from vidtune.train.training.outputs import add_final_metrics, read_metadata
+
+    metadata = read_metadata(output)
+    if metadata is None:
+        return
+    named = {"eval/demo/" + key.split(": ", 1)[-1]: value for key, value in scores.items()}
+    add_final_metrics(output, {**(metadata.get("metrics") or {}), **named})
+
+
+def next_steps(root: Path, stages: tuple[str, ...]) -> str:
+    """The commands to try next on the last run the demo trained (the chat run by default)."""
+    run = root / "runs" / stages[-1]
+    clip = root / "corpus" / "videos" / "eval_0000.mp4"
+    return (
+        f"\n== next, on the demo's {stages[-1]} run:\n"
+        f"  vidtune infer {run} --video {clip} --prompt 'Which color comes first?'\n"
+        f"  vidtune chat {run} --video {clip}\n"
+        f"  vidtune serve {run}\n"
+        f"  vidtune export {run} --to {root / 'export'}"
+    )
 
 
 def score_base(output: Path, corpus: Path, report: dict[str, float]) -> None:

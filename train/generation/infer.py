@@ -22,7 +22,13 @@ from vidtune.data.dataset import load_media
 from vidtune.data.examples import ExampleBuilder, with_time_instructions
 from vidtune.data.families import ModelFamily, family_for
 from vidtune.data.video import SamplingConfig
-from vidtune.train.training.model import load_model_config, model_class, refusing_pickles, resolve_dtype
+from vidtune.train.training.model import (
+    announced_load,
+    load_model_config,
+    model_class,
+    refusing_pickles,
+    resolve_dtype,
+)
 from vidtune.train.training.outputs import read_metadata
 from vidtune.train.training.quantization import quantized_load_kwargs
 
@@ -39,6 +45,15 @@ class InferenceModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end an answer: the family's end-of-turn, and those the model's own generation config ends
+        on (Qwen's `<|endoftext|>` beside `<|im_end|>`), as plain `model.generate` stops: without them an answer
+        went on past a token where the model card's code stops."""
+        own = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        own_ids = [own] if isinstance(own, int) else list(own or [])
+        return list(dict.fromkeys([*self.family.stop_token_ids(self.processor.tokenizer), *own_ids]))
 
 
 def _adapter_base(folder: Path) -> str | None:
@@ -74,8 +89,10 @@ def load_for_inference(
     num_frames: int | None = None,
     fps: float | None = None,
     device: str | None = None,
+    announce: bool = False,
 ) -> InferenceModel:
-    """A trained output folder (adapter or full model) or any LLaVA-NeXT-Video checkpoint."""
+    """A trained output folder (adapter or full model) or any supported checkpoint. `announce`: a line on stderr as
+    the base starts loading and one when it is loaded (the commands say so; library callers stay silent)."""
     import transformers
     from peft import PeftModel
 
@@ -88,8 +105,10 @@ def load_for_inference(
     # A QLoRA adapter meets the base quantized as in training (merged exports hold real weights and no settings).
     settings = (metadata or {}).get("quantization") if adapter_base is not None else None
     quantized = quantized_load_kwargs(settings, family.quantization_skip_modules, resolve_dtype(dtype), device)
-    with refusing_pickles(base_path, folder):
-        model = model_class(family).from_pretrained(base_path, dtype=resolve_dtype(dtype), **quantized)
+    with refusing_pickles(base_path, folder), announced_load(base_path, file=sys.stderr, show=announce) as loaded:
+        model = loaded["model"] = model_class(family).from_pretrained(
+            base_path, dtype=resolve_dtype(dtype), **quantized
+        )
         family.prepare_model(model)
         if adapter_base is not None:
             model = PeftModel.from_pretrained(model, str(folder))
@@ -144,7 +163,7 @@ def generate_tokens(
         **batch,
         max_new_tokens=max_new_tokens,
         pad_token_id=im.processor.tokenizer.pad_token_id,
-        eos_token_id=im.family.stop_token_ids(im.processor.tokenizer),
+        eos_token_id=im.stop_ids,
         **generate_kwargs,
     )
     return output[:, batch["input_ids"].shape[1] :]
@@ -185,7 +204,7 @@ class TextStreamer(BaseStreamer):
 
     def __init__(self, im: InferenceModel, on_text: Callable[[str], None]):
         self.answer, self.on_text = AnswerText(im), on_text
-        self.stop_ids = set(im.family.stop_token_ids(im.processor.tokenizer))
+        self.stop_ids = set(im.stop_ids)
         self.prompt_seen = self.stopped = False
 
     def put(self, value: torch.Tensor) -> None:

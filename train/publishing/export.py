@@ -14,10 +14,12 @@ from __future__ import annotations
 import fnmatch
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vidtune.train.publishing.model_card import is_hub_id
 from vidtune.train.training.config import Recipe, RecipeError, recipe_to_dict
 from vidtune.train.training.outputs import METADATA, read_metadata
 
@@ -53,6 +55,7 @@ class ExportResult:
     folder: Path
     files: list[str]  # what the folder holds and a push uploads, in upload order
     pushed_to: str | None = None
+    note: str | None = None  # for the publisher: the base is a local folder the card cannot link (see --base-id)
 
 
 def check_run(run_dir: Path) -> dict[str, Any]:
@@ -95,6 +98,9 @@ def export_folder(
     """Write the Hub folder for a finished run (default: RUN_DIR/export) and return it with its file list."""
     run = Path(run_dir)
     metadata = check_run(run)
+    base_id = (card or {}).get("base_id")
+    if base_id is not None and not (is_hub_id(base_id) and base_id.count("/") == 1):
+        raise RecipeError(f"--base-id {base_id!r}: give the Hub id of the base model, ORG/NAME")
     is_adapter = (run / "adapter_config.json").is_file()
     if merge and not is_adapter:
         raise RecipeError(f"{run}: --merge needs a LoRA run; this one already holds full weights")
@@ -104,14 +110,27 @@ def export_folder(
         merge_adapter(run, out, metadata)
     else:
         copy_allowed(run, out)
-    from vidtune.train.publishing.model_card import model_card
+    from vidtune.train.publishing.model_card import local_base_note, model_card
 
+    if base_id:
+        name_hub_base(out, base_id)
     card_metadata = read_metadata(out) or metadata
     (out / "README.md").write_text(
         model_card(card_metadata, card or {}, merged=merge or not is_adapter, name=run.resolve().name), encoding="utf-8"
     )
     files = sorted(p.name for p in out.iterdir() if p.is_file() and allowed(p.name))
-    return ExportResult(out, files)
+    return ExportResult(out, files, note=None if base_id else local_base_note(metadata["base_model"]))
+
+
+def name_hub_base(out: Path, base_id: str) -> None:
+    """The export names the Hub base instead of the local folder it was trained from: in adapter_config.json (PEFT
+    and `vidtune infer` load the base from it) and in vidtune.json (the card)."""
+    for name, key in (("adapter_config.json", "base_model_name_or_path"), (METADATA, "base_model")):
+        path = out / name
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            data[key] = base_id
+            path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def prepare_export_folder(out: Path, run: Path) -> None:
@@ -183,6 +202,8 @@ def push_finished_run(recipe: Recipe) -> str:
     hub, output = recipe.hub, recipe.train.output_dir
     try:
         result = export_folder(output, card=recipe_to_dict(recipe)["hub"])  # env values stay `${oc.env:...}`
+        if result.note:
+            print(result.note, file=sys.stderr)
         return push(result, hub.repo_id or "", private=hub.private, revision=hub.revision)
     except Exception as err:
         raise RecipeError(

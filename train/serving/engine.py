@@ -67,7 +67,7 @@ class JobsStreamer(BaseStreamer):
 
     def __init__(self, im: InferenceModel, jobs: list[Job]):
         self.jobs = jobs
-        self.stop_ids = set(im.family.stop_token_ids(im.processor.tokenizer))
+        self.stop_ids = set(im.stop_ids)
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:

@@ -4,8 +4,10 @@ audit the trainable set before any step runs."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,6 +67,38 @@ def model_class(family: ModelFamily) -> Any:
     return getattr(transformers, family.model_class)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weights_on_disk(name_or_path: str) -> str:
+    """'3 weight files, 15.1 GB' for a local model folder; '' when they are not local (a Hub id)."""
+    folder = Path(name_or_path)
+    files = [p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES] if folder.is_dir() else []
+    if not files:
+        return ""
+    size = sum(p.stat().st_size for p in files)
+    shown = f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+    return f" ({len(files)} weight file{'s' if len(files) > 1 else ''}, {shown})"
+
+
+@contextmanager
+def announced_load(name_or_path: str, file: Any = None, show: bool = True) -> Iterator[dict[str, Any]]:
+    """One line as a checkpoint starts loading (its weight files and size), one when it is loaded (its parameter
+    count, seconds): the libraries' own "Loading weights" bars are off (quiet.py), and a 7B takes a while. Put the
+    loaded model into the yielded dict's "model"."""
+    loaded: dict[str, Any] = {}
+    if not show:
+        yield loaded
+        return
+    started = time.perf_counter()
+    print(f"loading model {name_or_path}{weights_on_disk(name_or_path)} ...", file=file, flush=True)
+    yield loaded
+    if "model" in loaded:
+        count = sum(p.numel() for p in loaded["model"].parameters())
+        seconds = time.perf_counter() - started
+        print(f"loaded model: {count:,} parameters in {seconds:.1f}s", file=file, flush=True)
+
+
 def load_model(cfg: ModelConfig, device_map: Any = None, init_device: Any = None) -> tuple[Any, ModelFamily]:
     """The checkpoint by hub id or local path, in the recipe's dtype and attention implementation (or, with
     model.from_config, its architecture with random weights: nothing but config.json is read).
@@ -84,8 +118,9 @@ def load_model(cfg: ModelConfig, device_map: Any = None, init_device: Any = None
         with torch.device(init_device or "cpu"):
             model = model_class(family)._from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
     else:
-        with refusing_pickles(cfg.name_or_path):
-            model = model_class(family).from_pretrained(
+        main_process = os.environ.get("RANK", "0") == "0"
+        with refusing_pickles(cfg.name_or_path), announced_load(cfg.name_or_path, show=main_process) as loaded:
+            model = loaded["model"] = model_class(family).from_pretrained(
                 cfg.name_or_path,
                 dtype=dtype,
                 attn_implementation=cfg.attn_implementation,
