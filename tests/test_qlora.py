@@ -69,6 +69,10 @@ def test_missing_bitsandbytes_is_one_line_naming_the_extra(tmp_path, monkeypatch
     monkeypatch.setattr(quantization, "bitsandbytes_installed", lambda: False)
     with pytest.raises(RecipeError, match=r"needs bitsandbytes: pip install 'vidtune\[qlora\]'"):
         recipe_with(tmp_path, "model.quantization.bits=4")
+    with pytest.raises(
+        RecipeError, match=r"train.optimizer=adamw_8bit needs bitsandbytes: pip install 'vidtune\[qlora"
+    ):
+        recipe_with(tmp_path, "train.optimizer=adamw_8bit")
     assert recipe_with(tmp_path).model.quantization.bits == 0  # unquantized recipes never ask for it
 
 
@@ -83,6 +87,10 @@ def test_deepspeed_with_a_quantized_model_is_refused_before_it_loads(tmp_path):
     )
     with pytest.raises(RecipeError, match=r"bits=4 under DeepSpeed ZeRO-3: .* launch/accelerate/ddp\.yaml"):
         refuse_quantized_engine(recipe_with(tmp_path, "model.quantization.bits=4"), accelerator)
+    with pytest.raises(
+        RecipeError, match=r"train.optimizer=paged_adamw_8bit under DeepSpeed: .* train.optimizer=adamw"
+    ):
+        refuse_quantized_engine(recipe_with(tmp_path, "train.optimizer=paged_adamw_8bit"), accelerator)
 
 
 @pytest.mark.slow

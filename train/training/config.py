@@ -26,7 +26,8 @@ from vidtune.data.dataset import DataConfig, validate_data
 from vidtune.data.families import FrameLimits
 from vidtune.data.sources import SourceConfig, validate_source
 from vidtune.train.objectives.settings import DPOSettings, GRPOSettings, validate_objective
-from vidtune.train.training.quantization import QuantizationConfig, bitsandbytes_installed, quantization_problem
+from vidtune.train.training import quantization
+from vidtune.train.training.quantization import QuantizationConfig, quantization_problem
 
 VARIANTS = ("base", "instruct", "chat")
 FINETUNE_MODES = ("lora", "full")
@@ -491,7 +492,7 @@ def _validate(recipe: Recipe) -> None:
     _choice(f.vision_tower, VISION_TOWER_MODES, "finetune.vision_tower")
     _choice(t.lr_scheduler, SCHEDULERS, "train.lr_scheduler")
     _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
-    if t.optimizer != "adamw" and not bitsandbytes_installed():
+    if t.optimizer != "adamw" and not quantization.bitsandbytes_installed():
         raise RecipeError(
             f"train.optimizer={t.optimizer} needs bitsandbytes: pip install 'vidtune[qlora]' "
             "(or set train.optimizer=adamw)"
