@@ -233,6 +233,24 @@ def test_an_8bit_optimizer_skips_a_non_finite_step_exactly(
     assert run.state.step == 4 and metrics["train/nonfinite_steps"] == 1
 
 
+def test_an_8bit_optimizer_resumes_with_identical_losses(tiny_model_dir, demo_corpus, tmp_path, monkeypatch):
+    """A SIGTERM in step 2 saves its checkpoint (8-bit moments, absmax, codebooks); the relaunch logs steps 3 and 4
+    exactly as the uninterrupted run does (step 4's loss follows step 3's update from the restored states)."""
+    from vidtune.train.training.loop import train
+    from vidtune.train.training.preemption import TrainingStopped
+
+    extra = ("finetune.mode=full", "train.optimizer=adamw_8bit", "train.max_steps=4")
+    train(load_recipe(None, recipe_overrides(tiny_model_dir, demo_corpus, tmp_path / "whole", *extra)))
+    recipe = load_recipe(None, recipe_overrides(tiny_model_dir, demo_corpus, tmp_path / "cut", *extra))
+    inject(monkeypatch, "term@1.1")
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM after step 2"):
+        train(recipe)
+    monkeypatch.undo()
+    assert sorted(losses(tmp_path / "cut")) == [1, 2]
+    train(recipe)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole") and sorted(losses(tmp_path / "whole")) == [1, 2, 3, 4]
+
+
 def test_a_non_finite_gradient_with_a_finite_loss_drops_its_update(tiny_model_dir, demo_corpus, tmp_path, monkeypatch):
     """The loss is finite, one gradient is not (an overflow in backward): the update is dropped and counted."""
     inject(monkeypatch, "infgrad@1")
