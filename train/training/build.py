@@ -239,6 +239,7 @@ def build_optimizer(recipe: Recipe, model: Any, total_steps: int, fused: bool = 
             (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
+    optimizer: torch.optim.Optimizer
     if t.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, fused=fused or None)
     else:
