@@ -166,12 +166,25 @@ def test_an_external_sigterm_on_a_running_subprocess(tiny_model_dir, demo_corpus
     assert state["state"]["step"] == int(saved[0].name[5:])
 
 
-def train_recording_steps(model, corpus, tmp_path, max_steps: int, monkeypatch) -> tuple:
-    """A short run, recording per window whether the trainable weights stayed. Returns the run, its final metrics
-    and the records."""
+def optimizer_state(run) -> dict:
+    """Every value of the optimizer's state (moments, step counts, 8-bit codebooks and absmax), copied."""
+    return {
+        (index, key): value.detach().clone() if torch.is_tensor(value) else value
+        for index, state in enumerate(run.optimizer.optimizer.state.values())
+        for key, value in state.items()
+    }
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
+def train_recording_steps(model, corpus, tmp_path, max_steps: int, monkeypatch, *extra: str) -> tuple:
+    """A short run, recording per window whether the trainable weights and the optimizer's state stayed. Returns
+    the run, its final metrics and the records."""
     import vidtune.train.training.loop as loop
 
-    overrides = recipe_overrides(model, corpus, tmp_path / "run", f"train.max_steps={max_steps}")
+    overrides = recipe_overrides(model, corpus, tmp_path / "run", f"train.max_steps={max_steps}", *extra)
     run = loop.setup(load_recipe(None, [*overrides, "train.save_every_steps=0"]))
 
     unchanged = []
@@ -179,8 +192,10 @@ def train_recording_steps(model, corpus, tmp_path, max_steps: int, monkeypatch) 
 
     def recording_step(run_, window):
         before = {n: p.detach().clone() for n, p in run_.model.named_parameters() if p.requires_grad}
+        state = optimizer_state(run_)
         result = real_step(run_, window)
-        unchanged.append(all(torch.equal(before[n], p) for n, p in run_.model.named_parameters() if p.requires_grad))
+        weights = all(torch.equal(before[n], p) for n, p in run_.model.named_parameters() if p.requires_grad)
+        unchanged.append(weights and same_state(state, optimizer_state(run_)))
         return result
 
     monkeypatch.setattr(loop, "train_step", recording_step)
@@ -199,6 +214,38 @@ def test_a_non_finite_loss_drops_its_update(tiny_model_dir, demo_corpus, tmp_pat
     assert unchanged == [False, False, True, False]  # the third step's loss was NaN: its update was dropped
     assert run.state.step == 4 and adam_steps(run) == {3} and metrics["train/nonfinite_steps"] == 1
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
+
+
+def test_an_8bit_optimizer_skips_a_non_finite_step_exactly(tiny_model_dir, demo_corpus, tmp_path, monkeypatch):
+    """bitsandbytes' 8-bit AdamW has no found_inf: the host skips the step, and its 8-bit moments, absmax and step
+    count stay bit-exact, and the run still makes its max_steps updates (full fine-tuning: the tiny model's
+    weights of >= 4096 values get 8-bit states). (paged_adamw_8bit is this same optimizer without CUDA.)"""
+    inject(monkeypatch, "nan@2")
+    extra = ("finetune.mode=full", "train.optimizer=adamw_8bit")
+    run, metrics, unchanged = train_recording_steps(tiny_model_dir, demo_corpus, tmp_path, 4, monkeypatch, *extra)
+    # the third window's loss was NaN: nothing changed; a step skipped on the host is no step, so a fifth runs
+    assert unchanged == [False, False, True, False, False]
+    states = run.optimizer.optimizer.state.values()
+    assert {s["step"] for s in states} == {4} and any(s["state1"].dtype == torch.uint8 for s in states)
+    assert run.state.step == 4 and metrics["train/nonfinite_steps"] == 1
+
+
+def test_an_8bit_optimizer_resumes_with_identical_losses(tiny_model_dir, demo_corpus, tmp_path, monkeypatch):
+    """A SIGTERM in step 1 saves its checkpoint (8-bit moments, absmax, codebooks); the relaunch logs steps 2 and 3
+    exactly as the uninterrupted run does (step 3's loss follows step 2's update from the restored states)."""
+    from vidtune.train.training.loop import train
+    from vidtune.train.training.preemption import TrainingStopped
+
+    extra = ("finetune.mode=full", "train.optimizer=adamw_8bit", "train.max_steps=3", "train.save_every_steps=1")
+    train(load_recipe(None, recipe_overrides(tiny_model_dir, demo_corpus, tmp_path / "whole", *extra)))
+    recipe = load_recipe(None, recipe_overrides(tiny_model_dir, demo_corpus, tmp_path / "cut", *extra))
+    inject(monkeypatch, "term@0.1")
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM after step 1"):
+        train(recipe)
+    monkeypatch.undo()
+    assert sorted(losses(tmp_path / "cut")) == [1]
+    train(recipe)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole") and sorted(losses(tmp_path / "whole")) == [1, 2, 3]
 
 
 def test_a_non_finite_gradient_with_a_finite_loss_drops_its_update(tiny_model_dir, demo_corpus, tmp_path, monkeypatch):

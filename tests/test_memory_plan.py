@@ -79,8 +79,10 @@ def saved_and_real_bytes(recipe) -> dict[str, int]:
         ("finetune.mode=full",),
         ("model.quantization.bits=4",),  # QLoRA: 4-bit nf4 with double quantization, checkpointing on
         ("model.gradient_checkpointing=true", "model.quantization.bits=4", "model.quantization.double_quant=false"),
+        # bitsandbytes' 8-bit AdamW: 8-bit moments for the weights of >= 4096 values, fp32 for the rest (norms)
+        ("finetune.mode=full", "train.optimizer=adamw_8bit"),
     ],
-    ids=["lora", "full", "qlora", "qlora-single-quant"],
+    ids=["lora", "full", "qlora", "qlora-single-quant", "full-adamw-8bit"],
 )
 @pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if f in ("llava_next_video", "qwen2_5_vl")])
 def test_the_plan_equals_the_tiny_runs_tensors_and_its_activations_are_within_25_percent(

@@ -69,7 +69,36 @@ def test_missing_bitsandbytes_is_one_line_naming_the_extra(tmp_path, monkeypatch
     monkeypatch.setattr(quantization, "bitsandbytes_installed", lambda: False)
     with pytest.raises(RecipeError, match=r"needs bitsandbytes: pip install 'vidtune\[qlora\]'"):
         recipe_with(tmp_path, "model.quantization.bits=4")
+    with pytest.raises(
+        RecipeError, match=r"train.optimizer=adamw_8bit needs bitsandbytes: pip install 'vidtune\[qlora"
+    ):
+        recipe_with(tmp_path, "train.optimizer=adamw_8bit")
     assert recipe_with(tmp_path).model.quantization.bits == 0  # unquantized recipes never ask for it
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
+def test_8bit_optimizers_keep_adamws_groups_and_settings(tmp_path, optimizer):
+    """bitsandbytes' AdamW8bit with the same weight-decay split, lr and betas as torch's AdamW; paged without CUDA
+    is the plain 8-bit one (bitsandbytes would fall back to it with a warning at every new state)."""
+    import warnings
+
+    import bitsandbytes as bnb
+
+    from vidtune.train.training.build import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.LayerNorm(128))
+    recipe = recipe_with(tmp_path, f"train.optimizer={optimizer}", "train.weight_decay=0.1", "train.learning_rate=3e-4")
+    optimizer_, _ = build_optimizer(recipe, model, total_steps=10)
+    assert type(optimizer_) is bnb.optim.AdamW8bit
+    decay, no_decay = optimizer_.param_groups
+    assert decay["params"] == [model[0].weight] and decay["weight_decay"] == 0.1
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+    assert all(g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8 and g["initial_lr"] == 3e-4 for g in (decay, no_decay))
+    model(torch.randn(2, 64)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer_.step()
+    assert optimizer_.state[model[0].weight]["state1"].dtype == torch.uint8  # 8192 values: 8-bit moments
 
 
 def test_deepspeed_with_a_quantized_model_is_refused_before_it_loads(tmp_path):
@@ -83,6 +112,10 @@ def test_deepspeed_with_a_quantized_model_is_refused_before_it_loads(tmp_path):
     )
     with pytest.raises(RecipeError, match=r"bits=4 under DeepSpeed ZeRO-3: .* launch/accelerate/ddp\.yaml"):
         refuse_quantized_engine(recipe_with(tmp_path, "model.quantization.bits=4"), accelerator)
+    with pytest.raises(
+        RecipeError, match=r"train.optimizer=paged_adamw_8bit under DeepSpeed: .* train.optimizer=adamw"
+    ):
+        refuse_quantized_engine(recipe_with(tmp_path, "train.optimizer=paged_adamw_8bit"), accelerator)
 
 
 @pytest.mark.slow

@@ -85,6 +85,14 @@ def refuse_quantized_engine(recipe: Recipe, accelerator: Accelerator) -> None:
             f"model.quantization.bits={bits} under FSDP: bitsandbytes' packed weights are not sharded; launch with "
             "launch/accelerate/ddp.yaml or single_gpu.yaml"
         )
+    optimizer = recipe.train.optimizer
+    if optimizer != "adamw" and (is_deepspeed(accelerator) or is_fsdp(accelerator)):
+        engine = "DeepSpeed" if is_deepspeed(accelerator) else "FSDP"
+        raise RecipeError(
+            f"train.optimizer={optimizer} under {engine}: bitsandbytes' 8-bit states are not sharded by it (ZeRO "
+            "and FSDP2 already divide AdamW's states by the process count); set train.optimizer=adamw or launch "
+            "with launch/accelerate/ddp.yaml or single_gpu.yaml"
+        )
 
 
 def keep_trainable_weights_in_fp32(model: Any, accelerator: Accelerator) -> None:
@@ -221,7 +229,8 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
 
 def build_optimizer(recipe: Recipe, model: Any, total_steps: int, fused: bool = False):
     """AdamW (fused: one kernel per step, and a non-finite step's update can be dropped on the device through its
-    found_inf flag; DeepSpeed brings its own step) and the lr schedule."""
+    found_inf flag; DeepSpeed brings its own step) or bitsandbytes' 8-bit AdamW (`train.optimizer`; no found_inf:
+    the loop skips a non-finite step on the host, so its states stay untouched), and the lr schedule."""
     t = recipe.train
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
@@ -229,12 +238,28 @@ def build_optimizer(recipe: Recipe, model: Any, total_steps: int, fused: bool = 
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate, fused=fused or None)
+    groups = [g for g in groups if g["params"]]
+    optimizer: torch.optim.Optimizer
+    if t.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, fused=fused or None)
+    else:
+        optimizer = eight_bit_adamw(groups, t.learning_rate, paged=t.optimizer == "paged_adamw_8bit")
     name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
     scheduler = get_scheduler(
         name, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps
     )
     return optimizer, scheduler
+
+
+def eight_bit_adamw(groups: list[dict[str, Any]], lr: float, paged: bool) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit / PagedAdamW8bit with torch AdamW's betas and eps. Weights under 4096 values
+    (min_8bit_size) keep fp32 states, as bitsandbytes decides (memory_plan.py counts the same). Paging needs CUDA's
+    unified memory: without CUDA the plain 8-bit AdamW runs, which is what bitsandbytes falls back to anyway (it
+    would say so in a warning at every new state)."""
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if paged and torch.cuda.is_available() else bnb.optim.AdamW8bit
+    return cls(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 def steps_per_epoch(recipe: Recipe, sampler: EpochBatchSampler | None, accelerator: Accelerator) -> int:

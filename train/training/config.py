@@ -26,6 +26,7 @@ from vidtune.data.dataset import DataConfig, validate_data
 from vidtune.data.families import FrameLimits
 from vidtune.data.sources import SourceConfig, validate_source
 from vidtune.train.objectives.settings import DPOSettings, GRPOSettings, validate_objective
+from vidtune.train.training import quantization
 from vidtune.train.training.quantization import QuantizationConfig, quantization_problem
 
 VARIANTS = ("base", "instruct", "chat")
@@ -34,6 +35,7 @@ VISION_TOWER_MODES = ("frozen", "lora", "full")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
 SCHEDULERS = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 REPORT_TO = ("wandb", "tensorboard", "none")
 RESUME = ("auto", "force", "restart")
 EVAL_TASKS = ("qa", "multiple_choice", "caption", "recognition")
@@ -131,6 +133,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03  # fraction of the optimizer steps spent warming the learning rate up
     lr_scheduler: str = "cosine"  # cosine | linear | constant (after warmup)
+    # adamw (torch, fp32 moments) | adamw_8bit (bitsandbytes: blockwise 8-bit moments, 2 bytes per trainable weight
+    # instead of 8) | paged_adamw_8bit (the same, its states in CUDA unified memory paged to the host under pressure)
+    optimizer: str = "adamw"
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else none) | bf16 | fp16 | no
     group_by_length: bool = True  # batch samples of similar token count (video tokens included): less padding
@@ -486,6 +491,12 @@ def _validate(recipe: Recipe) -> None:
     _choice(f.mode, FINETUNE_MODES, "finetune.mode")
     _choice(f.vision_tower, VISION_TOWER_MODES, "finetune.vision_tower")
     _choice(t.lr_scheduler, SCHEDULERS, "train.lr_scheduler")
+    _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
+    if t.optimizer != "adamw" and not quantization.bitsandbytes_installed():
+        raise RecipeError(
+            f"train.optimizer={t.optimizer} needs bitsandbytes: pip install 'vidtune[qlora]' "
+            "(or set train.optimizer=adamw)"
+        )
     _choice(t.mixed_precision, MIXED_PRECISION, "train.mixed_precision")
     _choice(lg.report_to, REPORT_TO, "logging.report_to")
     if lg.report_to == "tensorboard" and not tensorboard_installed():

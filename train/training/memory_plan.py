@@ -11,6 +11,8 @@ activations, by arithmetic over the model (built on the meta device, LoRA applie
 - gradients: one fp32 value per trainable weight (divided by the process count under ZeRO-2, ZeRO-3 and FSDP2).
 - optimizer states: AdamW's two fp32 moments per trainable weight (+ DeepSpeed's fp32 master weights), divided by
   the process count under any ZeRO stage and FSDP2 (whose trainable weights are themselves the fp32 masters).
+  `train.optimizer: adamw_8bit | paged_adamw_8bit` (bitsandbytes): two uint8 moments per value, an fp32 absmax per
+  256-value block of each, and two 256-entry fp32 codebooks per weight; weights under 4096 values keep fp32 moments.
 - activations: what autograd keeps for backward for the longest sample the data allows (`batch_size` x
   `max_length` tokens, visual tokens included): per decoder layer and token, the RMSNorms' fp32 inputs and scales,
   the inputs each trainable linear saves (LoRA: its input and its rank-r A output; full: the linears' inputs and the
@@ -92,6 +94,16 @@ def quantized_weight_names(model: Any, language_model_prefix: str, skip_modules:
     return found
 
 
+EIGHT_BIT_MIN_SIZE, EIGHT_BIT_BLOCK, CODEBOOK = 4096, 256, 256  # bitsandbytes' 8-bit optimizers
+
+
+def adam_state_bytes(numel: int, eight_bit: bool) -> int:
+    """Bytes of Adam's two moments for one weight of `numel` values (see the module docstring)."""
+    if not eight_bit or numel < EIGHT_BIT_MIN_SIZE:
+        return numel * 8
+    return 2 * (numel + math.ceil(numel / EIGHT_BIT_BLOCK) * 4 + CODEBOOK * 4)
+
+
 def parameter_bytes(
     model: Any, family: Any, recipe: Any, deepspeed: bool, processes: int, zero_stage: int
 ) -> tuple[int, int, int]:
@@ -114,7 +126,9 @@ def parameter_bytes(
         else:
             weights += numel * dtype_bytes
     master = trainable * 4 if deepspeed and dtype_bytes < 4 else 0
-    gradients, optimizer = trainable * 4, trainable * 8 + master
+    eight_bit = recipe.train.optimizer != "adamw"
+    states = sum(adam_state_bytes(p.numel(), eight_bit) for p in model.parameters() if p.requires_grad)
+    gradients, optimizer = trainable * 4, states + master
     shard = max(1, processes)
     return (
         weights // (shard if zero_stage == 3 else 1),
