@@ -119,3 +119,43 @@ def test_dry_run_prints_a_memory_section_that_follows_quantization_and_zero(tiny
     assert qlora["gradients"] == lora["gradients"] and qlora["optimizer"] == lora["optimizer"]
     for part in ("weights", "gradients", "optimizer"):
         assert sharded[part] == pytest.approx(lora[part] / 2, rel=1e-3)  # 4 significant digits printed
+
+
+def test_gpu_memory_says_whether_the_plan_fits_and_which_changes_would(tiny_model_dir, demo_corpus, capsys):
+    """`--dry-run --gpu-memory SIZE`: each suggested change's figure is the plan of the recipe with that override
+    typed (so following the advice gives what it promised), a change that fits is marked, a budget the plan meets
+    says yes, and a bad size or a missing --dry-run is one line before any model is built."""
+    from vidtune.train.cli import main
+
+    base = ["train", "demo/instruct", f"model.name_or_path={tiny_model_dir}", "--dry-run"]
+
+    def total(*extra: str) -> float:
+        main([*base, *extra])
+        out = capsys.readouterr().out
+        memory = out[out.index("memory (per GPU") :]
+        return float(memory[memory.index("  total") :].split()[1])
+
+    plain = total()
+    main([*base, "--gpu-memory", f"{plain * 10}GB"])
+    roomy = capsys.readouterr().out
+    assert f"per GPU: yes (plan {plain:.4g} GB)" in roomy and "what lowers it" not in roomy
+    budget = total("model.gradient_checkpointing=true") * 1.001  # what checkpointing reaches, and no more
+    main([*base, "--gpu-memory", f"{budget}GB"])
+    out = capsys.readouterr().out
+    advice = out[out.index("\nfits ") :]
+    assert f"per GPU: no (plan {plain:.4g} GB)" in advice
+    rows = {line.split()[0]: line for line in advice.splitlines() if line.startswith("    ")}
+    assert set(rows) >= {"model.gradient_checkpointing=true", "train.optimizer=adamw_8bit", "model.quantization.bits=4"}
+    for line in rows.values():
+        override, figure = line.split(" GB")[0].rsplit(maxsplit=1)
+        assert float(figure) == pytest.approx(total(*override.split()), rel=1e-3), line  # 4 significant digits
+        assert line.endswith("fits") == (float(figure) <= budget), line
+    assert rows["model.gradient_checkpointing=true"].endswith("fits")
+    assert "together:" not in advice  # one change alone fits: no need to stack them
+    for bad, message in (("lots", "give a size in GB"), ("0GB", "positive size")):
+        with pytest.raises(SystemExit):
+            main([*base, "--gpu-memory", bad])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "demo/instruct", f"model.name_or_path={tiny_model_dir}", "--gpu-memory", "24GB"])
+    assert "add --dry-run" in capsys.readouterr().err

@@ -32,6 +32,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         "--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="--dry-run: DeepSpeed ZeRO stage to plan for"
     )
     p.add_argument("--fsdp", action="store_true", help="--dry-run: plan for FSDP2 (launch/accelerate/fsdp2.yaml)")
+    p.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="--dry-run: a GPU's memory, e.g. 24GB: say whether the plan fits and which changes would make it fit",
+    )
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -230,6 +235,8 @@ def run_train(args: argparse.Namespace) -> None:
     from vidtune.train.training.config import load_recipe, recipe_to_yaml, resolve_recipe_path
 
     recipe = load_recipe(resolve_recipe_path(args.recipe), args.overrides)
+    if args.gpu_memory is not None and not args.dry_run:
+        raise DataError(f"--gpu-memory {args.gpu_memory} plans a run: add --dry-run (nothing was trained)")
     if not args.dry_run:  # (a dry run reads no data: it shows a recipe before its files exist)
         check_recipe_inputs(recipe)  # a missing data file is a one-line error in a second, not after the model loads
     if args.dry_run:
@@ -250,7 +257,9 @@ def run_train(args: argparse.Namespace) -> None:
         audit = trainable_audit(model, family)
         print(format_audit(audit))
         check_audit(audit, recipe.finetune)
-        print(dry_run_memory_plan(model, family, recipe, args.num_processes, args.zero_stage, args.fsdp))
+        print(
+            dry_run_memory_plan(model, family, recipe, args.num_processes, args.zero_stage, args.fsdp, args.gpu_memory)
+        )
         return
     from vidtune.train.training.loop import train
 
@@ -264,26 +273,41 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def dry_run_memory_plan(
-    model: Any, family: Any, recipe: Any, processes: int, zero_stage: int, fsdp: bool = False
+    model: Any,
+    family: Any,
+    recipe: Any,
+    processes: int,
+    zero_stage: int,
+    fsdp: bool = False,
+    gpu_memory: str | None = None,
 ) -> str:
     from vidtune.train.training.distributed import resolve_mixed_precision
-    from vidtune.train.training.memory_plan import plan_memory
+    from vidtune.train.training.memory_plan import Launch, fit_advice, parse_gpu_memory, plan_memory
 
     if processes < 1:
         raise DataError(f"--num-processes must be >= 1, got {processes}")
     if fsdp and zero_stage:
         raise DataError(f"--fsdp with --zero-stage {zero_stage}: a run uses one engine; give one of them")
-    plan = plan_memory(
-        model,
-        family,
-        recipe,
-        processes=processes,
-        zero_stage=zero_stage,
-        deepspeed=zero_stage > 0,
-        mixed_precision=resolve_mixed_precision(recipe.train.mixed_precision),
-        fsdp=fsdp,
-    )
-    return plan.table()
+    try:
+        budget = parse_gpu_memory(gpu_memory) if gpu_memory is not None else None
+    except ValueError as err:
+        raise DataError(str(err)) from None
+
+    def plan_for(planned: Any, launch: Launch) -> Any:
+        return plan_memory(
+            model,
+            family,
+            planned,
+            processes=launch.processes,
+            zero_stage=launch.zero_stage,
+            deepspeed=launch.zero_stage > 0,
+            mixed_precision=resolve_mixed_precision(planned.train.mixed_precision),
+            fsdp=launch.fsdp,
+        )
+
+    launch = Launch(processes, zero_stage, fsdp)
+    table = plan_for(recipe, launch).table()
+    return table if budget is None else f"{table}\n{fit_advice(recipe, launch, budget, plan_for)}"
 
 
 def run_eval(args: argparse.Namespace) -> None:

@@ -233,3 +233,95 @@ def plan_memory(
     weights, gradients, optimizer = parameter_bytes(model, family, recipe, deepspeed and not fsdp, processes, stage)
     activations, recompute = activation_bytes(model, family, recipe, stage, mixed_precision)
     return MemoryPlan(weights, gradients, optimizer, activations, recompute, processes, zero_stage, fsdp)
+
+
+def parse_gpu_memory(text: str) -> int:
+    """`--gpu-memory 24GB` (also 24, 24G, 24GiB, 80gb) as bytes; GB as the plan prints them (2**30 bytes)."""
+    number = text.strip().lower().removesuffix("ib").removesuffix("b").removesuffix("g")
+    try:
+        gigabytes = float(number)
+    except ValueError:
+        raise ValueError(f"--gpu-memory {text!r}: give a size in GB such as 24GB") from None
+    if not 0 < gigabytes < 1e6:
+        raise ValueError(f"--gpu-memory {text!r}: give a positive size in GB such as 24GB")
+    return int(gigabytes * GB)
+
+
+@dataclass
+class Launch:
+    """How the run is launched, as far as the plan cares (`--num-processes`, `--zero-stage`, `--fsdp`)."""
+
+    processes: int = 1
+    zero_stage: int = 0
+    fsdp: bool = False
+
+    def flags(self) -> str:
+        engine = "--fsdp" if self.fsdp else f"--zero-stage {self.zero_stage}"
+        return f"--num-processes {self.processes} {engine}"
+
+
+def recipe_knobs(recipe: Any, launch: Launch) -> list[tuple[str, Any]]:
+    """The recipe changes that lower the plan without changing what is trained, each as (override to type,
+    the changed recipe copy), in the order a user would reach for them: cheapest in speed and quality first."""
+    import copy
+
+    sharded = launch.fsdp or launch.zero_stage > 0
+    knobs: list[tuple[str, Any]] = []
+
+    def knob(override: str, change: Any) -> None:
+        changed = copy.deepcopy(recipe)
+        change(changed)
+        knobs.append((override, changed))
+
+    if not recipe.model.gradient_checkpointing and not recipe.model.quantization.bits:
+        knob("model.gradient_checkpointing=true", lambda r: setattr(r.model, "gradient_checkpointing", True))
+    if recipe.train.optimizer == "adamw" and not sharded:  # 8-bit states are refused under DeepSpeed / FSDP
+        knob("train.optimizer=adamw_8bit", lambda r: setattr(r.train, "optimizer", "adamw_8bit"))
+    if recipe.train.batch_size > 1:
+        accumulate = recipe.train.batch_size * recipe.train.grad_accum_steps
+        knob(
+            f"train.batch_size=1 train.grad_accum_steps={accumulate}",
+            lambda r: (setattr(r.train, "batch_size", 1), setattr(r.train, "grad_accum_steps", accumulate)),
+        )
+    if recipe.finetune.mode != "full" and not recipe.model.quantization.bits and not sharded:
+        knob("model.quantization.bits=4", lambda r: setattr(r.model.quantization, "bits", 4))
+    frames, length = recipe.data.sampling.num_frames, recipe.data.max_length
+    if frames > 1:
+        knob(
+            f"data.sampling.num_frames={frames // 2} data.max_length={length // 2}",
+            lambda r: (setattr(r.data.sampling, "num_frames", frames // 2), setattr(r.data, "max_length", length // 2)),
+        )
+    return knobs
+
+
+def fit_advice(recipe: Any, launch: Launch, budget: int, plan_for: Any) -> str:
+    """Whether the plan fits `budget` bytes per GPU and, when it does not, what would: each recipe change alone,
+    the cheapest ones together, and more GPUs under ZeRO-3. `plan_for(recipe, launch)` gives a MemoryPlan."""
+    total = plan_for(recipe, launch).total
+    lines = [f"fits {budget / GB:.4g} GB per GPU: {'yes' if total <= budget else 'no'} (plan {total / GB:.4g} GB)"]
+    if total <= budget:
+        return "\n".join(lines)
+    lines.append("  what lowers it (each alone; plan per GPU):")
+    knobs = recipe_knobs(recipe, launch)
+    one_fits = False
+    for override, changed in knobs:
+        alone = plan_for(changed, launch).total
+        one_fits |= alone <= budget
+        lines.append(f"    {override:<58}{alone / GB:>8.4g} GB{'  fits' if alone <= budget else ''}")
+    together: list[str] = []
+    combined = recipe
+    for override, _ in [] if one_fits else knobs:  # none fits alone: add them cheapest first until it fits
+        combined = dict(recipe_knobs(combined, launch)).get(override, combined)
+        together.append(override)
+        reached = plan_for(combined, launch).total
+        if reached <= budget:
+            lines.append(f"  together: {' '.join(together)}  -> {reached / GB:.4g} GB  fits")
+            break
+    if not (launch.fsdp or launch.zero_stage == 3):
+        for processes in (2, 4, 8):
+            more = Launch(processes=processes, zero_stage=3)
+            sharded = plan_for(recipe, more).total
+            if sharded <= budget:
+                lines.append(f"  or {more.flags()} (launch/accelerate/zero3.yaml): {sharded / GB:.4g} GB  fits")
+                break
+    return "\n".join(lines)
