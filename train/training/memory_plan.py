@@ -268,29 +268,27 @@ def recipe_knobs(recipe: Any, launch: Launch) -> list[tuple[str, Any]]:
     sharded = launch.fsdp or launch.zero_stage > 0
     knobs: list[tuple[str, Any]] = []
 
-    def knob(override: str, change: Any) -> None:
+    def knob(**changes: Any) -> None:  # keys are recipe paths with "__" for "."
         changed = copy.deepcopy(recipe)
-        change(changed)
-        knobs.append((override, changed))
+        for path, value in changes.items():
+            *parents, leaf = path.split("__")
+            section = changed
+            for parent in parents:
+                section = getattr(section, parent)
+            setattr(section, leaf, value)
+        knobs.append((" ".join(f"{k.replace('__', '.')}={str(v).lower()}" for k, v in changes.items()), changed))
 
     if not recipe.model.gradient_checkpointing and not recipe.model.quantization.bits:
-        knob("model.gradient_checkpointing=true", lambda r: setattr(r.model, "gradient_checkpointing", True))
+        knob(model__gradient_checkpointing=True)
     if recipe.train.optimizer == "adamw" and not sharded:  # 8-bit states are refused under DeepSpeed / FSDP
-        knob("train.optimizer=adamw_8bit", lambda r: setattr(r.train, "optimizer", "adamw_8bit"))
+        knob(train__optimizer="adamw_8bit")
     if recipe.train.batch_size > 1:
-        accumulate = recipe.train.batch_size * recipe.train.grad_accum_steps
-        knob(
-            f"train.batch_size=1 train.grad_accum_steps={accumulate}",
-            lambda r: (setattr(r.train, "batch_size", 1), setattr(r.train, "grad_accum_steps", accumulate)),
-        )
+        knob(train__batch_size=1, train__grad_accum_steps=recipe.train.batch_size * recipe.train.grad_accum_steps)
     if recipe.finetune.mode != "full" and not recipe.model.quantization.bits and not sharded:
-        knob("model.quantization.bits=4", lambda r: setattr(r.model.quantization, "bits", 4))
+        knob(model__quantization__bits=4)
     frames, length = recipe.data.sampling.num_frames, recipe.data.max_length
     if frames > 1:
-        knob(
-            f"data.sampling.num_frames={frames // 2} data.max_length={length // 2}",
-            lambda r: (setattr(r.data.sampling, "num_frames", frames // 2), setattr(r.data, "max_length", length // 2)),
-        )
+        knob(data__sampling__num_frames=frames // 2, data__max_length=length // 2)
     return knobs
 
 
