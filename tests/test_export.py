@@ -298,7 +298,8 @@ def test_the_model_cards_own_code_on_the_export_generates_what_vidtune_infer_doe
     # Qwen3-VL's `<t seconds>` text is in input_ids, Qwen2.5-VL's seconds per temporal patch beside them.
     example = prompt_example(inference, question)
     assert card["inputs"]["input_ids"][0].tolist() == example["input_ids"].tolist()
-    assert torch.equal(card["inputs"]["pixel_values_videos"].flatten(), example["pixel_values_videos"].flatten())
+    pixels = "pixel_values_videos" if "pixel_values_videos" in example else "pixel_values"  # InternVL: one key
+    assert torch.equal(card["inputs"][pixels].flatten(), example[pixels].flatten())
     if "second_per_grid_ts" in example:
         torch.testing.assert_close(torch.as_tensor(card["inputs"]["second_per_grid_ts"]), example["second_per_grid_ts"])
 

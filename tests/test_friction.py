@@ -166,7 +166,7 @@ def test_the_model_card_publishes_no_local_path_and_tells_the_truth():
     assert "/tmp/tiny-model" not in card and "huggingface.co//" not in card and "base_model" not in front
     assert "/home/me" not in card and "`questions_train.jsonl` (40 samples)" in card and "lmms-lab/VideoChatGPT" in card
     assert "| epochs | 19 |" in card and "1 / 190" not in card  # true epochs, not the configured 1
-    assert "| eval/loss | 0.02 |" in card and "tokens_per_s" not in card and "train/lr" not in card
+    assert "| loss | 0.02 |" in card and "tokens_per_s" not in card and "train/lr" not in card  # held-out loss
     assert front["library_name"] == "peft" and front["pipeline_tag"] == "video-text-to-text"
 
     hub = model_card(card_metadata("llava-hf/LLaVA-NeXT-Video-7B-hf"), {"repo_id": "me/colours"}, name="my-run")
