@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from vidtune.train.demo.tiny_model import save_tiny_model
-from vidtune.train.demo.tiny_qwen2_5_vl import TINY_SIZES, build_qwen_tokenizer
+from vidtune.train.demo.tiny_qwen2_5_vl import TINY_SIZES, build_qwen_tokenizer, text_and_vision_configs
 
 # Qwen/Qwen2.5-Omni-7B's chat template (its ChatML with a default system prompt), audio as
 # <|audio_bos|><|AUDIO|><|audio_eos|>, images and videos as <|vision_bos|><|IMAGE|>/<|VIDEO|><|vision_eos|>.
@@ -76,28 +76,7 @@ def tiny_config(tokenizer: Any, text_layers: int | None = None) -> Qwen2_5OmniTh
     s, a = TINY_SIZES, TINY_AUDIO
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in OMNI_TOKENS.items()}
     return Qwen2_5OmniThinkerConfig(
-        text_config={
-            "hidden_size": s["text_hidden"],
-            "intermediate_size": s["text_intermediate"],
-            "num_hidden_layers": text_layers or s["text_layers"],
-            "num_attention_heads": s["text_heads"],
-            "num_key_value_heads": s["text_kv_heads"],
-            "vocab_size": -(-len(tokenizer) // 64) * 64,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
-            "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        vision_config={
-            "depth": s["vision_layers"],
-            "hidden_size": s["vision_hidden"],
-            "intermediate_size": s["vision_intermediate"],
-            "num_heads": s["vision_heads"],
-            "out_hidden_size": s["text_hidden"],
-            "fullatt_block_indexes": [s["vision_layers"] - 1],
-            "window_size": 56,
-        },
+        **text_and_vision_configs(tokenizer, text_layers),
         audio_config={
             "num_mel_bins": a["mel_bins"],
             "encoder_layers": a["layers"],

@@ -103,10 +103,11 @@ def token_ids(tokenizer: Qwen2Tokenizer) -> dict[str, Any]:
     return {name: tokenizer.convert_tokens_to_ids(token) for name, token in tokens.items()}
 
 
-def tiny_config(tokenizer: Qwen2Tokenizer, text_layers: int | None = None) -> Qwen2_5_VLConfig:
+def text_and_vision_configs(tokenizer: Qwen2Tokenizer, text_layers: int | None = None) -> dict[str, Any]:
+    """The tiny Qwen2-text + Qwen2.5 ViT sizes, shared with the Qwen2.5-Omni thinker (the same two towers)."""
     s = TINY_SIZES
-    return Qwen2_5_VLConfig(
-        text_config={
+    return {
+        "text_config": {
             "hidden_size": s["text_hidden"],
             "intermediate_size": s["text_intermediate"],
             "num_hidden_layers": text_layers or s["text_layers"],
@@ -120,7 +121,7 @@ def tiny_config(tokenizer: Qwen2Tokenizer, text_layers: int | None = None) -> Qw
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         },
-        vision_config={
+        "vision_config": {
             "depth": s["vision_layers"],
             "hidden_size": s["vision_hidden"],
             "intermediate_size": s["vision_intermediate"],
@@ -129,8 +130,11 @@ def tiny_config(tokenizer: Qwen2Tokenizer, text_layers: int | None = None) -> Qw
             "fullatt_block_indexes": [s["vision_layers"] - 1],
             "window_size": 56,
         },
-        **token_ids(tokenizer),
-    )
+    }
+
+
+def tiny_config(tokenizer: Qwen2Tokenizer, text_layers: int | None = None) -> Qwen2_5_VLConfig:
+    return Qwen2_5_VLConfig(**text_and_vision_configs(tokenizer, text_layers), **token_ids(tokenizer))
 
 
 def tiny_processor(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLProcessor:
