@@ -78,7 +78,12 @@ LEARNING_RATE = 1e-2  # mixed_recipe's
 # round-off (largest difference 1.3e-7 LoRA, 1.2e-7 full fine-tuning), while the real gradients still get Adam's
 # steps: the 1-process LoRA losses at eps 1e-8 and 1e-3 agree within 0.2% over the 4 steps.
 ADAM_EPSILON = 1e-3
-CASES = [("llava_next_video", "lora", False), ("qwen2_5_vl", "full", False), ("llava_next_video", "lora", True)]
+CASES = [
+    ("llava_next_video", "lora", False),
+    ("qwen2_5_vl", "full", False),
+    ("llava_next_video", "lora", True),
+    ("qwen3_vl", "lora", False),
+]
 # At this seed the ranks' micro-batches differ in what the vision tower runs on: step 2 pairs a clip with a text-only
 # micro-batch, step 4 an image + clip with an image alone. Each vision block is its own fully_shard unit, so the ranks
 # run it a different number of times unless blank paths fill in (VisionLockstep); without them gloo aborts ("Received
@@ -111,7 +116,9 @@ def runs(family_kits, mixed_corpus, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("family", "mode", "packed"), CASES, ids=["llava-lora", "qwen-full", "llava-lora-packed"])
+@pytest.mark.parametrize(
+    ("family", "mode", "packed"), CASES, ids=["llava-lora", "qwen-full", "llava-lora-packed", "qwen3_vl-lora"]
+)
 def test_two_fsdp2_processes_match_one_process(runs, family, mode, packed):
     """On the mix of clips, images and text-only rows (ranks run each other's vision paths blank), 2 FSDP2
     processes give the 1-process run's losses and weights, packed (train.packing) or not; checkpoints are sharded;
