@@ -180,7 +180,10 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
             collate.pad_token_id,
             family=family,
             packing=True,
-            pack_max_length=pack_layout(recipe.model.attn_implementation, data.max_length),
+            # under sequence parallelism the group splits one sequence: one row whatever the attention
+            pack_max_length=None
+            if train_cfg.sequence_parallel > 1
+            else pack_layout(recipe.model.attn_implementation, data.max_length),
             model_config=load_model_config(recipe.model.name_or_path, recipe.model.trust_remote_code),
             loss_positions=sft,
         )
