@@ -32,7 +32,8 @@ if not (corpus / "eval.jsonl").exists():
 model = root / "model"
 if not (model / "config.json").exists():
     build_tiny_model(model, family="qwen2_5_omni", extra_words="tone high low")
-out = root / f"run-{mode}"
+extra = sys.argv[3:]
+out = root / ("run-" + "-".join([mode, *extra]).replace("=", "_").replace(".", "_"))
 overrides = [
     f"model.name_or_path={model}",
     f"data.sources=[{{path: {corpus / 'train.jsonl'}}}]",
@@ -48,6 +49,7 @@ overrides = [
     "train.log_every_steps=20",
     "finetune.mode=full",
     "logging.report_to=none",
+    *extra,
 ]
 start = time.time()
 train(load_recipe(None, overrides))

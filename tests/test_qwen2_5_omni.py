@@ -15,6 +15,14 @@ from vidtune.data.families.qwen2_5_omni import ROPE_KEY
 from vidtune.data.sources import SourceConfig
 from vidtune.data.video import SamplingConfig
 from vidtune.train.demo.clips import write_tone_clip
+from vidtune.train.training.config import FinetuneConfig, RecipeError, load_recipe
+from vidtune.train.training.model import (
+    apply_finetuning,
+    check_audio_tower,
+    check_audit,
+    load_model_config,
+    trainable_audit,
+)
 
 LOW_HZ, HIGH_HZ = 300, 2500
 
@@ -137,3 +145,64 @@ def test_the_blank_audio_path_runs_the_audio_tower(omni):
     assert [p.batch_key for p in paths] == ["input_features", "pixel_values", "pixel_values_videos"]
     paths[0].run().backward()
     assert model.model.audio_tower.conv1.weight.grad.abs().sum() > 0
+
+
+def test_the_tiny_audio_tower_tells_a_low_tone_from_a_high_one(omni):
+    """The tiny tower's features of two tones differ (with transformers' std-0.02 convolutions they had cosine
+    0.9999: the sound drowned under the position embeddings, and no training could hear it)."""
+    from vidtune.train.demo.clips import tone_samples
+
+    extractor, core = omni.processor.feature_extractor, omni.model.model
+    features = []
+    for hz in (LOW_HZ, HIGH_HZ):
+        mel = extractor(tone_samples([hz, hz], 1.0, 16000), sampling_rate=16000, return_attention_mask=True)
+        frames = int(np.asarray(mel["attention_mask"]).sum())
+        mels = torch.as_tensor(np.asarray(mel["input_features"]))[..., :frames]
+        with torch.no_grad():
+            out = core.get_audio_features(mels, torch.ones(1, frames, dtype=torch.long), return_dict=True)
+        features.append(out.last_hidden_state.flatten())
+    assert torch.nn.functional.cosine_similarity(*features, dim=0) < 0.95
+
+
+AUDIO_TOWER_MODES = {
+    "frozen": (FinetuneConfig(mode="full"), "none"),
+    "full": (FinetuneConfig(mode="full", audio_tower="full"), "all"),
+    "lora": (FinetuneConfig(audio_tower="lora"), "lora"),
+    "lora+full": (FinetuneConfig(audio_tower="full"), "all"),
+}
+
+
+@pytest.mark.parametrize("mode", list(AUDIO_TOWER_MODES))
+def test_finetune_audio_tower_trains_it_and_the_audit_names_it(omni, tone_clips, mode):
+    cfg, expect = AUDIO_TOWER_MODES[mode]
+    model = apply_finetuning(copy.deepcopy(omni.model), omni.family, cfg)
+    audit = trainable_audit(model, omni.family)
+    tower, lora = audit["parts"]["audio_tower"], audit["lora"].get("audio_tower", 0)
+    assert tower["total"] == sum(p.numel() for p in omni.model.model.audio_tower.parameters())
+    assert audit["parts"]["other"]["total"] == 0  # the audio tower is no longer counted as "other"
+    assert (tower["trainable"], lora > 0) == {"none": (0, False), "all": (tower["total"], False), "lora": (0, True)}[
+        expect
+    ]
+    check_audit(audit, cfg)
+    if expect != "none":  # a heard batch reaches what trains there
+        collate = Collator(omni.processor.tokenizer.pad_token_id, family=omni.family)
+        model.train()
+        model(**collate([heard_example(omni, tone_clips[HIGH_HZ])]), num_items_in_batch=1).loss.backward()
+        # (LoRA's A gets none on its first step: B starts at zero)
+        trained = [
+            p
+            for n, p in model.named_parameters()
+            if "audio_tower." in n and ".layers." in n and p.requires_grad and "lora_A" not in n
+        ]
+        assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+
+
+def test_audio_tower_on_a_family_that_does_not_hear_is_refused_before_loading(tiny_model_dir):
+    config = load_model_config(str(tiny_model_dir))
+    with pytest.raises(RecipeError, match=r"finetune\.audio_tower=full: llava_next_video has no audio tower"):
+        check_audio_tower(FinetuneConfig(audio_tower="full"), config)
+    check_audio_tower(FinetuneConfig(), config)  # frozen: nothing to check
+    with pytest.raises(RecipeError, match=r"audio_tower=lora needs finetune\.mode=lora"):
+        load_recipe(
+            None, ["model.name_or_path=m", "train.output_dir=o", "finetune.mode=full", "finetune.audio_tower=lora"]
+        )

@@ -147,6 +147,7 @@ def training_metadata(
             ),
             "projector trained": r.finetune.train_projector,
             "vision tower": r.finetune.vision_tower,
+            "audio tower": r.finetune.audio_tower,
             "mixed precision": r.train.mixed_precision,
             "seed": r.train.seed,
         },
