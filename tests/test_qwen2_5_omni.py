@@ -124,6 +124,9 @@ def test_the_sound_reaches_the_model_and_audio_off_leaves_it_out(omni, tone_clip
     unheard = [heard_example(omni, tone_clips[hz], audio_rate=None) for hz in (LOW_HZ, HIGH_HZ)]
     assert all("input_features" not in ex for ex in unheard)
     assert torch.equal(unheard[0]["pixel_values_videos"], unheard[1]["pixel_values_videos"])
+    with torch.no_grad():  # data.audio=off: the same pictures give the same logits, whatever the tone
+        unheard_logits = [omni.model(**collate([ex])).logits for ex in unheard]
+    assert torch.equal(unheard_logits[0], unheard_logits[1])
 
 
 def test_audio_modes_are_checked_per_source(omni, family_kits):
