@@ -209,3 +209,58 @@ def test_audio_tower_on_a_family_that_does_not_hear_is_refused_before_loading(ti
         load_recipe(
             None, ["model.name_or_path=m", "train.output_dir=o", "finetune.mode=full", "finetune.audio_tower=lora"]
         )
+
+
+def write_undecodable_sound(path):
+    """A MOV whose pictures decode and whose sound track cannot: its PCM track's sample entry tagged 'zzzz' (no
+    decoder knows it)."""
+    import av
+
+    from vidtune.train.demo.clips import segment_frames, tone_samples
+
+    sound = (tone_samples([LOW_HZ, LOW_HZ], 1.0, 16000) * 32767).astype(np.int16)
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=8)
+        video.height, video.width, video.pix_fmt = 48, 64, "yuv420p"
+        audio = container.add_stream("pcm_s16le", rate=16000, layout="mono")
+        for frame in segment_frames(["red", "blue"], 8, 48, 64):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(video.encode())
+        for start in range(0, len(sound), 1024):
+            chunk = av.AudioFrame.from_ndarray(sound[None, start : start + 1024], format="s16", layout="mono")
+            chunk.sample_rate, chunk.pts = 16000, start
+            container.mux(audio.encode(chunk))
+        container.mux(audio.encode())
+    data = path.read_bytes()
+    assert data.count(b"sowt") == 1
+    path.write_bytes(data.replace(b"sowt", b"zzzz"))
+    return path
+
+
+def test_check_decode_names_a_file_whose_sound_cannot_be_decoded(omni, tone_clips, tmp_path, capsys):
+    import json
+    import shutil
+
+    from vidtune.train.cli import main
+
+    bad, good = write_undecodable_sound(tmp_path / "bad_sound.mov"), tmp_path / "tone.mp4"
+    shutil.copy(tone_clips[LOW_HZ], good)
+    rows = [{"video": p.name, "question": "Is the tone high or low?", "answer": "low"} for p in (good, bad)]
+    (tmp_path / "heard.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "seen.jsonl").write_text(json.dumps(rows[1]) + "\n")  # the same file, not heard: its pictures are fine
+    recipe = tmp_path / "recipe.yaml"
+    sources = [{"path": str(tmp_path / "heard.jsonl")}, {"path": str(tmp_path / "seen.jsonl"), "audio": "off"}]
+    data = {"sources": sources, "sampling": {"num_frames": 2}, "max_length": 400}
+    recipe.write_text(json.dumps({"model": {"name_or_path": str(omni.model_dir)}, "data": data}))
+    out = tmp_path / "report.json"
+    with pytest.raises(SystemExit):  # 1 bad of 3: over the default budget
+        main(["check", str(recipe), "train.output_dir=o", "--out", str(out), "--decode"])
+    report = json.loads(out.read_text())
+    assert [(item["where"], item["reason"].split(":", 1)[0]) for item in report["bad"]] == [
+        ("heard.jsonl line 2", str(bad))
+    ]
+    assert "cannot decode its audio" in report["bad"][0]["reason"]
+    printed = [line for line in capsys.readouterr().out.splitlines() if str(bad) in line]
+    assert len(printed) == 1 and "cannot decode its audio" in printed[0]
+    # the heard clip's tokens count its sound (25 per second of span), as training counts them
+    assert report["tokens"]["max"] >= 25 + report["tokens"]["min"]
