@@ -264,3 +264,27 @@ def test_check_decode_names_a_file_whose_sound_cannot_be_decoded(omni, tone_clip
     assert len(printed) == 1 and "cannot decode its audio" in printed[0]
     # the heard clip's tokens count its sound (25 per second of span), as training counts them
     assert report["tokens"]["max"] >= 25 + report["tokens"]["min"]
+
+
+def test_show_plays_a_heard_videos_sound_beside_its_contact_sheet(omni, tone_clips, tmp_path):
+    import json
+    import shutil
+    import wave
+
+    from vidtune.train.datatools.show import run_show
+    from vidtune.train.training.config import load_recipe
+
+    shutil.copy(tone_clips[HIGH_HZ], tmp_path / "tone.mp4")
+    row = {"video": "tone.mp4", "question": "Is the tone high or low?", "answer": "high"}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    overrides = [f"model.name_or_path={omni.model_dir}", "train.output_dir=o", "data.sampling.num_frames=2"]
+    heard = load_recipe(None, [*overrides, f"data.sources=[{{path: {tmp_path / 'rows.jsonl'}}}]"])
+    page = run_show(heard, "recipe", 1, tmp_path / "show").read_text()
+    assert "<audio controls src='row0_video0.wav'>" in page and "&lt;audio x" in page
+    with wave.open(str(tmp_path / "show" / "row0_video0.wav")) as wav:
+        samples = np.frombuffer(wav.readframes(wav.getnframes()), "<i2").astype(np.float32)
+        pitch_hz = np.argmax(np.abs(np.fft.rfft(samples))) * wav.getframerate() / len(samples)
+    assert abs(pitch_hz - HIGH_HZ) < 20
+    unheard = load_recipe(None, [*overrides, f"data.sources=[{{path: {tmp_path / 'rows.jsonl'}, audio: 'off'}}]"])
+    page = run_show(unheard, "recipe", 1, tmp_path / "show-seen").read_text()
+    assert "<audio" not in page and not list((tmp_path / "show-seen").glob("*.wav"))
