@@ -2,10 +2,9 @@
 
 Reads every row of every source, opens every video (its frame index and header; `--decode` also decodes the frames
 training would sample, and the sound of their span for videos the run hears: data.audio), and reports: unreadable
-media and malformed rows by name and reason, the token-length
-distribution with video tokens included, the samples max_length would drop and the answer tokens that loses, and
-label-token counts. Prints a table, writes JSON, and fails (exit 1) when the bad samples exceed the recipe's
-budget (data.bad_samples).
+media and malformed rows by name and reason, the token-length distribution with video (and heard audio) tokens
+included, the samples max_length would drop and the answer tokens that loses, and label-token counts. Prints a
+table, writes JSON, and fails (exit 1) when the bad samples exceed the recipe's budget (data.bad_samples).
 """
 
 from __future__ import annotations
