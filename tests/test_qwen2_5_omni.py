@@ -20,6 +20,7 @@ from vidtune.train.training.model import (
     apply_finetuning,
     check_audio_tower,
     check_audit,
+    format_audit,
     load_model_config,
     trainable_audit,
 )
@@ -183,6 +184,7 @@ def test_finetune_audio_tower_trains_it_and_the_audit_names_it(omni, tone_clips,
     tower, lora = audit["parts"]["audio_tower"], audit["lora"].get("audio_tower", 0)
     assert tower["total"] == sum(p.numel() for p in omni.model.model.audio_tower.parameters())
     assert audit["parts"]["other"]["total"] == 0  # the audio tower is no longer counted as "other"
+    assert f"{'audio_tower':<16}{tower['trainable']:>14,}{tower['total']:>14,}" in format_audit(audit)
     assert (tower["trainable"], lora > 0) == {"none": (0, False), "all": (tower["total"], False), "lora": (0, True)}[
         expect
     ]

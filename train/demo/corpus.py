@@ -88,14 +88,17 @@ def write_demo_corpus(root: str | Path, num_train: int = 96, num_eval: int = 32,
 
 
 def write_tone_split(root: Path, split: str, num_twins: int, seed: int) -> Path:
-    """`num_twins` pairs of clips with identical pictures, one low-toned, one high; their questions, in order."""
+    """`num_twins` pairs of clips with identical pictures, one low-toned, one high (pitches spread over each range);
+    their questions, in order."""
     rng = random.Random(seed)
     pairs = color_pairs()
     rows = []
     for twin in range(num_twins):
         colors = list(rng.choice(pairs))
         for slot, (tone, (low_hz, high_hz)) in enumerate(TONE_HZ.items()):
-            hz = rng.uniform(low_hz, high_hz)
+            # one pitch per equal slice of the range: the edges are covered, not left to chance (a high tone at
+            # 1,880 Hz, below every high one a random draw had trained on, was heard as low)
+            hz = low_hz + (twin + rng.random()) / num_twins * (high_hz - low_hz)
             name = f"videos/tone_{split}_{2 * twin + slot:04d}.mp4"
             write_tone_clip(root / name, colors, [hz, hz], seconds_per_segment=1.0, seed=seed * 100_000 + twin)
             rows.append({"video": name, "question": TONE_QUESTION, "answer": tone})

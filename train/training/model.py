@@ -355,6 +355,8 @@ def wrapped_modules(model: Any) -> dict[str, list[str]]:
 def format_audit(audit: dict[str, Any]) -> str:
     lines = [f"{'part':<16}{'trainable':>14}{'total':>14}"]
     for part, counts in audit["parts"].items():
+        if part == "audio_tower" and not counts["total"]:
+            continue  # a family that does not hear
         lines.append(f"{part:<16}{counts['trainable']:>14,}{counts['total']:>14,}")
     for part, count in audit["lora"].items():
         lines.append(f"{'lora (' + part + ')':<16}{count:>14,}{count:>14,}")
