@@ -200,8 +200,8 @@ SOUND_RUNS = {  # report label -> (run folder, overrides): the same recipe heard
 
 
 def run_sound_proof(root: Path, family: str, overrides: tuple[str, ...], report: dict[str, float]) -> None:
-    """ "Is the tone high or low?" on clip twins with identical pictures (recipe demo/tone): trained hearing the
-    sound, then again with data.audio=off; both scored on held-out twins (chance: 50%)."""
+    """The sound proof, "Is the tone high or low?", on clip twins with identical pictures (recipe demo/tone):
+    trained hearing the sound, then again with data.audio=off; both scored on held-out twins (chance: 50%)."""
     corpus, model_dir = root / "corpus", root / "tiny-model-sound"
     ensure_tiny_model(model_dir, family, text_layers=None, extra_words=TONE_WORDS)
     if not (corpus / "tones_eval.jsonl").is_file():
@@ -210,11 +210,8 @@ def run_sound_proof(root: Path, family: str, overrides: tuple[str, ...], report:
     for label, (folder, extra) in SOUND_RUNS.items():
         started = time.perf_counter()
         output = run_stage("tone", (*overrides, *extra, f"train.output_dir={root / 'runs' / folder}"))
-        scores = {
-            f"{label}: tone exact match": exact_match_on(load_for_inference(str(output)), corpus / "tones_eval.jsonl")[
-                0
-            ]
-        }
+        exact, _ = exact_match_on(load_for_inference(str(output)), corpus / "tones_eval.jsonl")
+        scores = {f"{label}: tone exact match": exact}
         print(stage_summary(label, scores, output))
         record_scores(output, scores)
         report.update(scores)
