@@ -184,3 +184,19 @@ def test_the_sound_proof_reports_the_heard_run_beside_the_same_run_without_sound
     assert report["instruct: tone exact match"] == 1.0
     assert report["instruct (data.audio=off): tone exact match"] == 0.5
     assert not (tmp_path / "demo" / "tiny-model").exists()  # no video stages were asked for
+
+
+def test_demo_runs_its_three_stages_unless_asked_for_the_sound_proof_alone(monkeypatch):
+    from vidtune.train.cli import main
+    from vidtune.train.demo import stages
+
+    calls = []
+    monkeypatch.setattr(stages, "run_demo", lambda workdir, **kwargs: calls.append(kwargs))
+    main(["demo"])
+    main(["demo", "--family", "qwen2_5_omni", "--audio"])
+    main(["demo", "--family", "qwen2_5_omni", "--audio", "--stages", "base"])
+    assert [(c["stages"], c["audio"]) for c in calls] == [
+        (("base", "instruct", "chat"), False),
+        ((), True),
+        (("base",), True),
+    ]
