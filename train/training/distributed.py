@@ -26,7 +26,8 @@ def resolve_mixed_precision(name: str) -> str:
 
 
 def trains_vision_side(recipe: Recipe) -> bool:
-    return recipe.finetune.train_projector or recipe.finetune.vision_tower != "frozen"
+    f = recipe.finetune
+    return f.train_projector or f.vision_tower != "frozen" or f.audio_tower != "frozen"
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
