@@ -573,6 +573,13 @@ def _validate_objective(recipe: Recipe) -> None:
         raise RecipeError(problem)
     if t.objective != "sft" and recipe.finetune.mode != "lora":
         raise RecipeError(f"train.objective={t.objective} needs finetune.mode=lora (its reference is the adapter off)")
+    if recipe.model.adapter and (t.objective == "dpo" or (t.objective == "grpo" and t.grpo.beta)):
+        # PEFT's disable_adapter switches the continued adapter off too: the reference would be the bare base
+        raise RecipeError(
+            f"train.objective={t.objective} with model.adapter: its reference (the adapter disabled) would be the base "
+            "without that adapter, not the model this stage starts from; merge it first (vidtune export RUN --to DIR "
+            "--merge) and set model.name_or_path=DIR"
+        )
     if t.objective != "sft" and (t.packing or recipe.data.streaming):
         raise RecipeError(f"train.objective={t.objective} trains on padded map-style batches: unset packing/streaming")
     from vidtune.train.training.sequence_split import recipe_problem
