@@ -134,6 +134,23 @@ def test_two_groups_of_two_match_one_process_on_the_same_global_batch(family, fa
         torch.testing.assert_close(split[key], tensor, rtol=1e-4, atol=1e-6, msg=f"{key}: max diff {worst:.2e}")
 
 
+def test_features_gather_within_each_group_of_a_data_parallel_world(tmp_path):
+    """World 4 = 2 groups of 2 on gloo: each group gathers its own ranks' feature rows, and each share's gradient is
+    the sum over its group's ranks (both computed the same loss: 2x the weights). torch's autograd all_gather failed
+    here on gloo in the group {2, 3} (its backward passes group ranks as global ones)."""
+    from tests.group_gather import gather_in_second_group
+
+    torch.multiprocessing.spawn(gather_in_second_group, (f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=4)
+    weights = torch.arange(1.0, 10.0).reshape(3, 3)
+    for rank in range(4):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        first = rank // 2 * 2 + 1  # the group's rank-0 fill value
+        expected = torch.cat([torch.full((2, 3), float(first)), torch.full((1, 3), float(first + 1))])
+        torch.testing.assert_close(result["gathered"], expected, rtol=0, atol=0)
+        share = weights[:2] if rank % 2 == 0 else weights[2:]
+        torch.testing.assert_close(result["grad"], 2 * share, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family", ["llava_next_video", "qwen2_5_vl"])
 def test_frame_shares_encode_to_the_whole_clips_features(family, family_kits, clips):
     """The features of each share of the frames (the family's video_shares), concatenated, are the features of the
