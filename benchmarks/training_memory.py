@@ -8,10 +8,12 @@ process, measured as the rise of the process's peak resident memory (getrusage r
 and the highest resident memory sampled during the step, both over the resident memory before the model loads (so
 the step's figure holds the weights, states and activations, and whatever the allocator keeps).
 
-Sharded (CPU, after the table above): LoRA fp32 under launch/accelerate/fsdp2.yaml with 1 and 2 processes (gloo),
-launched with `accelerate launch` as train.sh does; each rank reports the bytes of the weights, gradients and AdamW
-states it really holds after one step (DTensor shards: this rank's part), the rise of its resident memory, and the
-memory plan's per-rank parts for the same launch (`--dry-run --fsdp`). --no-sharded skips it.
+Sharded (CPU, after the table above): LoRA fp32 under launch/accelerate/fsdp2.yaml with 1 and 2 processes, and
+LoRA fp32 and bf16 under launch/accelerate/zero3.yaml (DeepSpeed ZeRO-3) with 2 processes, all over gloo, launched
+with `accelerate launch` as train.sh does; each rank reports the bytes of the weights, gradients and AdamW states
+it really holds after one step (FSDP2: its DTensor shards; ZeRO-3: the partitions and fp32 masters DeepSpeed keeps,
+see zero3_bytes), the rise of its resident memory, and the memory plan's per-rank parts for the same launch
+(`--dry-run --num-processes N` with `--fsdp` or `--zero-stage 3`). --no-sharded skips it.
 
 GPU (--gpu): the real 7B architecture (tests/assets/llava_next_video_7b_config.json) at 16, 32 and 64 frames
 (144 tokens each + 64 text tokens), measured with torch.cuda.max_memory_allocated. The weights are random: a
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import re
 import resource
 import sys
 from pathlib import Path
@@ -184,19 +187,17 @@ def base_recipe(model_dir: str, overrides: list[str]):  # type: ignore[no-untype
     )
 
 
-def sharded_rank(model_dir: str, frames: int) -> None:
-    """One rank of an FSDP2 launch (accelerate launch ... --rank-worker): one LoRA fp32 step, the model's own loss
-    (the language head is sharded), then this rank's tensor bytes and resident memory as one JSON line."""
+def sharded_rank(model_dir: str, frames: int, case: str) -> None:
+    """One rank of a sharded launch (accelerate launch ... --rank-worker): one step of `case`, then this rank's tensor
+    bytes and resident memory as one JSON line. FSDP2: LoRA, the model's own loss (the language head is sharded)."""
     import torch
 
     torch.set_num_threads(1)
     from vidtune.train.training.build import build_model, build_optimizer
-    from vidtune.train.training.distributed import make_accelerator
-    from vidtune.train.training.memory_plan import plan_memory
-    from vidtune.train.training.model import apply_finetuning, build_on_meta
+    from vidtune.train.training.distributed import make_accelerator, zero_stage
     from vidtune.train.training.sharding import is_fsdp, local
 
-    recipe = base_recipe(model_dir, CASES["LoRA fp32"])
+    recipe = base_recipe(model_dir, CASES[case])
     accelerator = make_accelerator(recipe)
     before = resident_bytes()
     model, _, _, _ = build_model(recipe, accelerator)
@@ -206,30 +207,96 @@ def sharded_rank(model_dir: str, frames: int) -> None:
     step = batch(accelerator.unwrap_model(model), frames, 64, accelerator.device)
     recipe.data.max_length = step["input_ids"].shape[1]
     with ResidentPeak() as resident:
-        model(**step).loss.backward()
+        with accelerator.autocast():
+            loss = model(**step).loss
+        accelerator.backward(loss)  # DeepSpeed: the engine's backward and step
         optimizer.step()
-    params = list(model.parameters())
-    states = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
-    meta, family = build_on_meta(recipe.model)
-    fsdp = is_fsdp(accelerator)
-    plan = plan_memory(
-        apply_finetuning(meta, family, recipe.finetune), family, recipe, accelerator.num_processes, fsdp=fsdp
-    )
+    fsdp, stage = is_fsdp(accelerator), zero_stage(accelerator)
+    if stage == 3:
+        held = zero3_bytes(model)
+    else:
+        params = list(model.parameters())
+        states = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
+        held = {
+            "weights": sum(local(p).nbytes for p in params),
+            "gradients": sum(local(p.grad).nbytes for p in params if p.grad is not None),
+            "optimizer": sum(local(v).nbytes for v in states),
+        }
     figures = {
         "rank": accelerator.process_index,
         "processes": accelerator.num_processes,
-        "sharded": fsdp,
-        "weights": sum(local(p).nbytes for p in params),
-        "gradients": sum(local(p.grad).nbytes for p in params if p.grad is not None),
-        "optimizer": sum(local(v).nbytes for v in states),
+        "engine": "ZeRO-3" if stage == 3 else "FSDP2" if fsdp else "no sharding",
+        **held,
         "step_resident": resident.peak - before,
-        "planned": [plan.weights, plan.gradients, plan.optimizer],
     }
     print("RANK-RESULT " + json.dumps(figures), flush=True)
 
 
-def sharded_launch(model_dir: Path, frames: int, processes: int) -> list[dict]:
-    """Every rank's figures of one FSDP2 launch (launch/accelerate/fsdp2.yaml, `processes` CPU processes)."""
+def zero3_bytes(engine) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """The bytes DeepSpeed's ZeRO-3 holds on this rank after a step (deepspeed/runtime/zero/stage3.py), each storage
+    counted once: weights, this rank's partition of every parameter (`ds_tensor`; the trainable ones are views of one
+    flat buffer) plus the small parameters it keeps gathered (under stage3_param_persistence_threshold); gradients,
+    the partitioned gradient buffer the reduce-scatters accumulate into (`grad_partitions_flat_buffer`, in the
+    gradient accumulation dtype); optimizer, the fp32 master partitions (`fp32_partitioned_groups_flat`, the weights'
+    own buffer when those are fp32) and the optimizer's states on them (`optimizer.state`: exp_avg, exp_avg_sq)."""
+    import torch
+
+    zero = engine.optimizer
+    seen: set[int] = set()
+
+    def held(tensors) -> int:  # type: ignore[no-untyped-def]
+        total = 0
+        for tensor in tensors:
+            if tensor is None or not torch.is_tensor(tensor) or tensor.dim() == 0 or tensor.numel() == 0:
+                continue
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total
+
+    params = list(engine.module.parameters())
+    weights = held(p.ds_tensor for p in params) + held(p.data for p in params)  # (gathered: persistent ones)
+    gradients = held([zero.grad_partitions_flat_buffer])
+    states = [v for state in zero.optimizer.state.values() for v in state.values()]
+    optimizer = held(zero.fp32_partitioned_groups_flat) + held(states)
+    return {"weights": weights, "gradients": gradients, "optimizer": optimizer}
+
+
+SHARDED = [  # (launch config, processes, case)
+    ("fsdp2.yaml", 1, "LoRA fp32"),
+    ("fsdp2.yaml", 2, "LoRA fp32"),
+    ("zero3.yaml", 2, "LoRA fp32"),
+    ("zero3.yaml", 2, "LoRA bf16"),
+]
+
+
+def planned_parts(model_dir: Path, config: str, processes: int, case: str) -> list[int]:
+    """The dry run's per-rank weights, gradients and optimizer bytes for that launch (`vidtune train --dry-run
+    --num-processes N` with `--fsdp` or `--zero-stage 3`), computed here: under a ZeRO-3 launch even the meta model
+    would be built inside deepspeed.zero.Init."""
+    from vidtune.train.training.distributed import resolve_mixed_precision
+    from vidtune.train.training.memory_plan import plan_memory
+    from vidtune.train.training.model import apply_finetuning, build_on_meta
+
+    recipe = base_recipe(str(model_dir), CASES[case])
+    meta, family = build_on_meta(recipe.model)
+    zero3 = config.startswith("zero3")
+    plan = plan_memory(
+        apply_finetuning(meta, family, recipe.finetune),
+        family,
+        recipe,
+        processes,
+        zero_stage=3 if zero3 else 0,
+        deepspeed=zero3,
+        mixed_precision=resolve_mixed_precision(recipe.train.mixed_precision),
+        fsdp=config.startswith("fsdp") and processes > 1,
+    )
+    return [plan.weights, plan.gradients, plan.optimizer]
+
+
+def sharded_launch(model_dir: Path, frames: int, config: str, processes: int, case: str) -> list[dict]:
+    """Every rank's figures of one launch (launch/accelerate/CONFIG, `processes` CPU processes over gloo)."""
     import os
     import socket
     import subprocess
@@ -238,13 +305,19 @@ def sharded_launch(model_dir: Path, frames: int, processes: int) -> list[dict]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [
-        *("accelerate", "launch", "--config_file", str(REPO / "launch/accelerate/fsdp2.yaml")),
+        *("accelerate", "launch", "--config_file", str(REPO / "launch/accelerate" / config)),
         *("--num_processes", str(processes), "--main_process_port", str(port)),
-        *(__file__, "--rank-worker", str(model_dir), "--frames", str(frames)),
+        *(__file__, "--rank-worker", str(model_dir), "--frames", str(frames), "--rank-case", case),
     ]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+    }
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-    found = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("RANK-RESULT")]
+    # (the ranks share one stdout: their lines may run into each other)
+    found = [json.loads(figures) for figures in re.findall(r"RANK-RESULT (\{[^{}]*\})", result.stdout)]
     if result.returncode != 0 or len(found) != processes:
         raise SystemExit(
             f"sharded launch failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
@@ -254,16 +327,16 @@ def sharded_launch(model_dir: Path, frames: int, processes: int) -> list[dict]:
 
 def print_sharded(model_dir: Path, frames: int) -> None:
     MB = 1024**2
-    print(f"\nLoRA fp32, {frames} frames, launch/accelerate/fsdp2.yaml; per rank: tensors it holds after one step (MB)")
-    header = f"{'processes':<17}{'rank':>5}{'weights':>10}{'grads':>8}{'AdamW':>8}{'step RSS GB':>13}"
-    print(f"{header}  planned weights / grads / AdamW (MB)")
-    for processes in (1, 2):
-        for f in sharded_launch(model_dir, frames, processes):
-            engine = "FSDP2" if f["sharded"] else "no sharding"
-            planned = " / ".join(f"{value / MB:.1f}" for value in f["planned"])
+    print(f"\n{frames} frames, launch/accelerate/CONFIG; per rank: tensors it holds after one step (MB)")
+    header = f"{'config':<12}{'case':<11}{'processes':<17}{'rank':>5}{'weights':>10}{'grads':>8}{'Adam':>8}"
+    print(f"{header}{'step RSS GB':>13}  planned weights / grads / Adam (MB)")
+    for config, processes, case in SHARDED:
+        planned = " / ".join(f"{value / MB:.1f}" for value in planned_parts(model_dir, config, processes, case))
+        for f in sharded_launch(model_dir, frames, config, processes, case):
+            launched = f"{processes} ({f['engine']})"
             print(
-                f"{f'{processes} ({engine})':<17}{f['rank']:>5}{f['weights'] / MB:>10.1f}{f['gradients'] / MB:>8.1f}"
-                f"{f['optimizer'] / MB:>8.1f}{f['step_resident'] / GB:>13.2f}  {planned}"
+                f"{config:<12}{case:<11}{launched:<17}{f['rank']:>5}{f['weights'] / MB:>10.1f}"
+                f"{f['gradients'] / MB:>8.1f}{f['optimizer'] / MB:>8.1f}{f['step_resident'] / GB:>13.2f}  {planned}"
             )
 
 
@@ -281,9 +354,10 @@ def main() -> None:
     parser.add_argument("--checkpoint-dir", default="/tmp/vidtune-training-memory", help="model folder (reused)")
     parser.add_argument("--no-sharded", action="store_true", help="CPU: skip the FSDP2 1- and 2-process launches")
     parser.add_argument("--rank-worker", help=argparse.SUPPRESS)  # (one rank of a sharded launch: its model folder)
+    parser.add_argument("--rank-case", default="LoRA fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_worker:
-        sharded_rank(args.rank_worker, args.frames[0])
+        sharded_rank(args.rank_worker, args.frames[0], args.rank_case)
         return
     frames = args.frames or ([16, 32, 64] if args.gpu else [8])
     model_dir = write_model(Path(args.checkpoint_dir), args.hidden_size, args.layers, args.gpu)

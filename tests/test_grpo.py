@@ -258,17 +258,20 @@ def test_zero3_grpo_finishes_when_ranks_generate_different_lengths(family_kits, 
     assert all(1 <= m["train/completion_tokens"] < 6 for m in logged)
 
 
-def test_rollouts_never_sample_media_placeholder_tokens(family_kits) -> None:
+def test_rollouts_never_sample_media_placeholder_tokens_and_sample_within_top_k(family_kits) -> None:
     """A sampled <video> id in a completion broke the update's forward (tokens vs features mismatch, seen in the
-    demo at temperature 1.3): the rollout suppresses the processor's media token ids."""
+    demo at temperature 1.3): the rollout suppresses the processor's media token ids. train.grpo.top_k reaches
+    generate (a negative one is refused when the recipe loads)."""
     from types import SimpleNamespace
 
     from vidtune.train.objectives.select import build_objective
-    from vidtune.train.training.config import load_recipe
+    from vidtune.train.training.config import RecipeError, load_recipe
 
     kit = family_kits("llava_next_video")
     settings = [f"model.name_or_path={kit.model_dir}", "data.sources=[{path: x.jsonl}]", "train.objective=grpo"]
-    recipe = load_recipe(None, [*settings, "train.output_dir=/tmp/x"])
+    with pytest.raises(RecipeError, match="top_k >= 0"):
+        load_recipe(None, [*settings, "train.output_dir=/tmp/x", "train.grpo.top_k=-1"])
+    recipe = load_recipe(None, [*settings, "train.output_dir=/tmp/x", "train.grpo.top_k=4"])
     seen = {}
 
     def generate(**kwargs):
@@ -283,3 +286,4 @@ def test_rollouts_never_sample_media_placeholder_tokens(family_kits) -> None:
     objective.rollout(model, {"input_ids": torch.ones(2, 3, dtype=torch.long)})
     assert kit.processor.video_token_id in seen["suppress_tokens"]
     assert kit.processor.image_token_id in seen["suppress_tokens"]
+    assert seen["top_k"] == 4 and seen["temperature"] == 1.0

@@ -66,6 +66,7 @@ def test_7_a_malformed_nested_value_is_refused_before_training(tmp_path, tiny_mo
         ("train.seed=-1", "train.seed must be in [0, 2**32)"),
         ("data.num_workers=-3", "data.num_workers must be >= 0"),
         ("train.max_grad_norm=-1", "train.max_grad_norm, weight_decay, num_epochs and save_retry_s must be >= 0"),
+        ("train.adam_epsilon=0", "train.adam_epsilon must be > 0, got 0.0"),
     ],
 )
 def test_8_non_finite_and_out_of_range_numbers_are_one_line_errors(

@@ -280,7 +280,7 @@ def test_5_a_run_stopped_by_max_steps_and_relaunched_longer_trains_the_uninterru
     assert losses(output) == losses(whole) and sorted(losses(whole)) == [1, 2, 3]
 
 
-def test_8_a_learning_rate_and_weight_decay_changed_on_resume_are_the_ones_the_optimizer_uses(
+def test_8_a_learning_rate_weight_decay_and_epsilon_changed_on_resume_are_the_ones_the_optimizer_uses(
     stopped_at_the_epoch_end, tiny_model_dir, demo_corpus, tmp_path, monkeypatch, capsys
 ):
     import vidtune.train.training.loop as loop
@@ -292,15 +292,16 @@ def test_8_a_learning_rate_and_weight_decay_changed_on_resume_are_the_ones_the_o
     used, real = [], loop.train_step
 
     def recording_step(run, window):
-        used.append([(group["lr"], group["weight_decay"]) for group in run.optimizer.param_groups])
+        used.append([(group["lr"], group["weight_decay"], group["eps"]) for group in run.optimizer.param_groups])
         return real(run, window)
 
     monkeypatch.setattr(loop, "train_step", recording_step)
-    changes = ("train.learning_rate=5e-3", "train.weight_decay=0.1")
+    changes = ("train.learning_rate=5e-3", "train.weight_decay=0.1", "train.adam_epsilon=1e-6")
     train(*epoch_run(tiny_model_dir, demo_corpus, output, "train.max_steps=3", *packing, *changes))
-    assert "learning rate 0.01 -> 0.005" in capsys.readouterr().out
+    assert "learning rate 0.01 -> 0.005" in (out := capsys.readouterr().out) and "adam_epsilon 1e-08 -> 1e-06" in out
     (groups,) = used  # one step after the resume; the first group holds the decayed weights (norms never are)
-    assert [lr for lr, _ in groups] == [5e-3] * len(groups) and [wd for _, wd in groups] == [0.1, 0.0][: len(groups)]
+    assert [lr for lr, _, _ in groups] == [5e-3] * len(groups) and [eps for *_, eps in groups] == [1e-6] * len(groups)
+    assert [wd for _, wd, _ in groups] == [0.1, 0.0][: len(groups)]
     assert [m["train/lr"] for m in read_metrics(output) if m["step"] == 3 and "train/lr" in m] == [5e-3]
 
 

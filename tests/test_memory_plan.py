@@ -4,6 +4,8 @@ autograd actually saved for backward (counted with saved-tensor hooks) for activ
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from tests.conftest import FAMILY_NAMES
 from vidtune.train.training.config import load_recipe
 
 TOKENS = 64
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_recipe(model_dir, *overrides: str):
@@ -100,6 +103,27 @@ def test_the_plan_equals_the_tiny_runs_tensors_and_its_activations_are_within_25
     assert plan.activations == pytest.approx(real["activations"], rel=0.25)
 
 
+@pytest.mark.slow
+def test_the_zero3_plan_equals_the_tensors_deepspeed_holds_on_each_of_two_ranks(tiny_model_dir):
+    """2 CPU processes under launch/accelerate/zero3.yaml, one LoRA bf16 step (benchmarks/training_memory.py's rank
+    worker): on each rank, the bytes of DeepSpeed's weight partitions plus the small weights it keeps whole (LoRA's
+    in fp32: peft upcasts them), of its gradient partitions (bf16), and of its fp32 master partition (made even
+    from those fp32 LoRA weights) with AdamW's moments equal the `--num-processes 2 --zero-stage 3` plan's parts."""
+    case = "LoRA bf16"
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import training_memory
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    planned = training_memory.planned_parts(tiny_model_dir, "zero3.yaml", 2, case)
+    ranks = training_memory.sharded_launch(tiny_model_dir, 2, "zero3.yaml", 2, case)
+    assert [(r["rank"], r["processes"], r["engine"]) for r in ranks] == [(0, 2, "ZeRO-3"), (1, 2, "ZeRO-3")]
+    for rank in ranks:
+        assert [rank["weights"], rank["gradients"], rank["optimizer"]] == planned, rank
+
+
 def test_dry_run_prints_a_memory_section_that_follows_quantization_and_zero(tiny_model_dir, demo_corpus, capsys):
     from vidtune.train.cli import main
 
@@ -117,8 +141,14 @@ def test_dry_run_prints_a_memory_section_that_follows_quantization_and_zero(tiny
     assert sharded["activations"] > lora["activations"]
     assert qlora["weights"] < 0.85 * lora["weights"]  # (unquantized embeddings weigh much when tiny)
     assert qlora["gradients"] == lora["gradients"] and qlora["optimizer"] == lora["optimizer"]
-    for part in ("weights", "gradients", "optimizer"):
-        assert sharded[part] == pytest.approx(lora[part] / 2, rel=1e-3)  # 4 significant digits printed
+    # ZeRO-2 and ZeRO-3 split the fp32 gradients and DeepSpeed's fp32 masters + AdamW's two moments (12 bytes per
+    # trainable value, 1.5x AdamW's 8); ZeRO-3 also splits the weights, but keeps every weight of <= 100k values whole
+    # on each rank (most of a tiny model's; the 2-rank launch test above checks the exact bytes)
+    zero2 = plan("--num-processes", "2", "--zero-stage", "2")
+    for planned in (zero2, sharded):  # 4 significant digits printed
+        assert planned["gradients"] == pytest.approx(lora["gradients"] / 2, rel=1e-3)
+        assert planned["optimizer"] == pytest.approx(lora["optimizer"] * 1.5 / 2, rel=1e-3)
+    assert zero2["weights"] == lora["weights"] and lora["weights"] / 2 < sharded["weights"] < lora["weights"] * 2
 
 
 def test_gpu_memory_says_whether_the_plan_fits_and_which_changes_would(tiny_model_dir, demo_corpus, capsys):

@@ -249,3 +249,52 @@ def test_pairs_and_rollout_prompts_decode_under_the_same_pixel_limit_as_sft(
     maker_class(kit.builder, DataConfig(sampling=SamplingConfig(num_frames=4), max_length=512), 0, train=False).make(
         row, 0, 0
     )
+
+
+def test_vidtune_check_counts_pairs_and_checks_grpo_rewards_and_prompt_room(
+    tiny_model_dir: Path, demo_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """dpo: pairs counted, a training row without a rejected answer fails the check (training refuses it); grpo:
+    the rewards resolved, prompts that leave no room for max_new_tokens within max_length named with the fix."""
+    from vidtune.train.cli import main
+
+    pairs = [json.loads(line) for line in (demo_corpus / "preferences_train.jsonl").read_text().splitlines()][:6]
+    rows = pairs
+    unpaired = {"video": rows[0]["video"], "question": "Which color comes first?", "answer": "red"}
+
+    def check(objective: str, sources: list[Path], **extra: object) -> tuple[int, dict, str]:
+        recipe = tmp_path / f"{objective}.yaml"
+        listed = [{"path": str(p), "media_root": str(demo_corpus)} for p in sources]
+        data = {"sources": listed, "sampling": {"num_frames": 4}, "max_length": 64}
+        train = {"output_dir": str(tmp_path / "out"), "objective": objective, **extra}
+        recipe.write_text(json.dumps({"model": {"name_or_path": str(tiny_model_dir)}, "train": train, "data": data}))
+        out = tmp_path / f"{objective}.json"
+        try:
+            main(["check", str(recipe), "--out", str(out)])
+            code = 0
+        except SystemExit as exit_info:
+            code = int(exit_info.code or 0)
+        printed = capsys.readouterr().out
+        return code, json.loads(out.read_text())["objective"], printed
+
+    paired = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    code, report, printed = check("dpo", [paired])
+    assert code == 0 and report == {"objective": "dpo", "pairs": 6, "rows_without_rejected": []}
+    assert "dpo pairs       6 (chosen + rejected)" in printed
+    code, report, printed = check("dpo", [paired, write_jsonl(tmp_path / "qa.jsonl", [unpaired])])
+    assert code == 1 and report["pairs"] == 6 and report["rows_without_rejected"] == ["qa.jsonl line 1"]
+    assert "FAIL: 1 training rows have no rejected answer" in printed
+
+    questions = write_jsonl(tmp_path / "questions.jsonl", [unpaired])
+    grpo = {"grpo": {"rewards": ["exact", "vidtune.train.objectives.rewards:choice_reward"], "max_new_tokens": 4}}
+    code, report, printed = check("grpo", [questions], **grpo)
+    prompt = report["prompt_tokens"]["max"]
+    assert code == 0 and report["prompts"] == 1 and report["prompts_without_room"] == []
+    assert report["rewards"] == {
+        "exact": "built-in",
+        "vidtune.train.objectives.rewards:choice_reward": "vidtune.train.objectives.rewards.choice_reward",
+    }
+    assert 10 < prompt < 64 - 4 and report["max_length_for_all"] == prompt + 4
+    code, report, printed = check("grpo", [questions], grpo={**grpo["grpo"], "max_new_tokens": 64 - prompt + 1})
+    assert code == 0 and report["prompts_without_room"] == [{"where": "questions.jsonl line 1", "tokens": prompt}]
+    assert f"data.max_length={prompt + 64 - prompt + 1} fits every prompt" in printed

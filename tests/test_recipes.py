@@ -198,6 +198,9 @@ def merged(base: dict, fragment: dict) -> dict:
         ({}, ["finetune.mode=full", "finetune.vision_tower=lora"], "finetune.vision_tower=lora needs"),
         ({}, ["data.sampling.num_frames=0"], "num_frames must be >= 1"),
         ({"train": {"output_dir": ""}}, [], "train.output_dir is empty"),
+        # the reference of a continued adapter would be the bare base (disable_adapter switches it off too)
+        ({"model": {"adapter": "runs/instruct"}}, ["train.objective=dpo"], "merge it first"),
+        ({"model": {"adapter": "runs/instruct"}}, ["train.objective=grpo", "train.grpo.beta=0.1"], "merge it first"),
     ],
 )
 def test_recipe_errors_are_one_line(tmp_path, fragment, overrides, message):
@@ -235,3 +238,13 @@ def test_overrides_and_packaged_recipe_names(monkeypatch, tmp_path):
     assert recipe.train.output_dir == f"{tmp_path}/runs/instruct"
     with pytest.raises(RecipeError, match="no recipe 'demo/nope'"):
         resolve_recipe_path("demo/nope")
+
+
+def test_grpo_without_kl_may_continue_an_adapter(tmp_path):
+    """beta 0 uses no reference, so a continued adapter is fine there (dpo and grpo with beta > 0 are refused,
+    test_recipe_errors_are_one_line)."""
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(merged(VALID, {"model": {"adapter": "runs/instruct"}})))
+    assert load_recipe(path, ["train.objective=grpo"]).model.adapter == "runs/instruct"

@@ -87,7 +87,7 @@ def measure_all(
             continue
         for log in logs:
             log.good()
-        measured.append({**row, **counts})
+        measured.append({**row, **counts, "source": source_path})
     return measured
 
 
@@ -112,6 +112,45 @@ def sequence_parallel_report(tokens: list[int], size: int, gpu_tokens: int | Non
     return report
 
 
+def objective_report(recipe: Recipe, measured: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a dpo or grpo recipe needs of its training rows: DPO, pairs (a rejected answer beside the chosen one);
+    GRPO, its rewards (resolved as training resolves them) and prompts short enough to leave room for
+    max_new_tokens within max_length (a prompt counts its tokens without the reference answer's)."""
+    objective = recipe.train.objective
+    training = {source.path for source in recipe.data.sources}
+    rows = [m for m in measured if m["source"] in training]
+    if objective == "dpo":
+        missing = [m["at"] for m in rows if not m.get("rejected")]
+        return {"objective": "dpo", "pairs": len(rows) - len(missing), "rows_without_rejected": missing}
+    if objective == "grpo":
+        from vidtune.train.objectives.rewards import REWARDS, resolve
+
+        settings = recipe.train.grpo
+        prompts = [(m["at"], m["num_tokens"] - m["num_label_tokens"]) for m in rows]
+        room = recipe.data.max_length - settings.max_new_tokens
+        return {
+            "objective": "grpo",
+            "rewards": {
+                name: "built-in" if name in REWARDS else f"{resolve(name).__module__}.{resolve(name).__qualname__}"
+                for name in settings.rewards
+            },
+            "prompts": len(prompts),
+            "prompt_tokens": distribution([tokens for _, tokens in prompts]),
+            "max_new_tokens": settings.max_new_tokens,
+            "prompts_without_room": [{"where": at, "tokens": tokens} for at, tokens in prompts if tokens > room],
+            "max_length_for_all": max((t for _, t in prompts), default=0) + settings.max_new_tokens,
+        }
+    return {"objective": objective}
+
+
+def objective_problem(report: dict[str, Any]) -> str | None:
+    """Training would refuse a dpo corpus whose rows are not all pairs: the check fails on it too."""
+    missing = report.get("rows_without_rejected")
+    if missing:
+        return f"{len(missing)} training rows have no rejected answer (train.objective=dpo needs pairs), {missing[0]}"
+    return None
+
+
 def build_report(
     recipe: Recipe,
     measured: list[dict[str, Any]],
@@ -127,7 +166,12 @@ def build_report(
     usable = len(measured) - len(too_long) - len(no_labels)
     # A budget is a fraction of the rows read; a corpus with nothing to train on fails whatever the fractions say.
     by_source = by_source or {}
-    over = over_budget(bad, by_source) or (None if usable else f"none of the {bad.total:,} rows is usable")
+    objective = objective_report(recipe, measured)
+    over = (
+        over_budget(bad, by_source)
+        or (None if usable else f"none of the {bad.total:,} rows is usable")
+        or objective_problem(objective)
+    )
     return {
         "sources": [s.path for s in [*recipe.data.sources, *recipe.data.eval_sources]],
         "rows": bad.total,
@@ -149,6 +193,7 @@ def build_report(
         "answer_tokens_lost_fraction": lost / all_labels if all_labels else 0.0,
         "dropped_without_labels": [m["at"] for m in no_labels],
         "decoded_by": backends or {},  # --decode: video path -> the backend that served it
+        "objective": objective,
         "budget": {
             "max_bad_fraction": recipe.data.bad_samples.max_bad_fraction,
             "max_bad_in_a_row": recipe.data.bad_samples.max_bad_in_a_row,
@@ -190,12 +235,32 @@ def format_report(report: dict[str, Any], source: str) -> str:
             f"({report['answer_tokens_lost_fraction']:.1%} of all); raise data.max_length or sample fewer "
             "frames to keep them"
         )
+    lines += format_objective(report.get("objective", {}), report["max_length"])
     if report.get("decoded_by"):
         counts = Counter(report["decoded_by"].values())
         lines.append("  decoded by      " + ", ".join(f"{name} {n:,} videos" for name, n in counts.most_common()))
     exceeded = report["budget"]["exceeded"]
     lines.append(f"  verdict         {'FAIL: ' + exceeded if exceeded else 'OK: within the bad-sample budget'}")
     return "\n".join(lines)
+
+
+def format_objective(report: dict[str, Any], max_length: int) -> list[str]:
+    if report.get("objective") == "dpo":
+        missing = len(report["rows_without_rejected"])
+        return [f"  dpo pairs       {report['pairs']:,} (chosen + rejected), {missing:,} training rows without a pair"]
+    if report.get("objective") != "grpo":
+        return []
+    rewards = ", ".join(f"{name} ({where})" for name, where in report["rewards"].items())
+    dist = "  ".join(f"{k} {v:,.0f}" for k, v in report["prompt_tokens"].items() if k != "mean") or "-"
+    lines = [f"  grpo rewards    {rewards}", f"  grpo prompts    {report['prompts']:,}: tokens {dist}"]
+    short = report["prompts_without_room"]
+    if short:
+        lines.append(
+            f"  no room         {len(short):,} prompts leave fewer than max_new_tokens={report['max_new_tokens']} "
+            f"tokens within max_length {max_length:,} (first: {short[0]['where']}); "
+            f"data.max_length={report['max_length_for_all']} fits every prompt and its completion"
+        )
+    return lines
 
 
 def format_sequence_parallel(report: dict[str, Any]) -> list[str]:

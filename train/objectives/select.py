@@ -67,7 +67,7 @@ class Rollout:
                 **{k: v for k, v in batch.items() if k != "labels"},
                 do_sample=True,
                 temperature=self.settings.temperature,
-                top_k=0,
+                top_k=self.settings.top_k,
                 top_p=1.0,
                 max_new_tokens=self.settings.max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,

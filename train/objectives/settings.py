@@ -23,6 +23,9 @@ class GRPOSettings:
     num_generations: int = 8  # completions sampled per prompt (the group whose rewards are normalised)
     max_new_tokens: int = 16  # longest completion
     temperature: float = 1.0  # sampling temperature of the rollouts
+    # sample among the top_k most likely tokens only (0 = all, TRL's top_k): with a high temperature, explores the
+    # few plausible answers without drawing junk from the whole vocabulary
+    top_k: int = 0
     beta: float = 0.0  # weight of the KL to the reference (adapter disabled); 0 = none (Dr. GRPO)
     epsilon: float = 0.2  # ratio clipping: the update keeps ratio within [1 - epsilon, 1 + epsilon]
     # choice | exact | format | temporal_iou | module:function (completion, row) -> float; summed with reward_weights
@@ -39,8 +42,8 @@ def validate_objective(objective: str, dpo: DPOSettings, grpo: GRPOSettings) -> 
         return f"train.objective={objective!r} is not one of {', '.join(OBJECTIVES)}"
     if dpo.beta <= 0 or dpo.loss_type not in DPO_LOSSES or dpo.sft_weight < 0:
         return f"train.dpo needs beta > 0, sft_weight >= 0 and loss_type one of {', '.join(DPO_LOSSES)}"
-    if grpo.num_generations < 2 or grpo.max_new_tokens < 1 or grpo.temperature <= 0:
-        return "train.grpo needs num_generations >= 2 (a group), max_new_tokens >= 1 and temperature > 0"
+    if grpo.num_generations < 2 or grpo.max_new_tokens < 1 or grpo.temperature <= 0 or grpo.top_k < 0:
+        return "train.grpo needs num_generations >= 2 (a group), max_new_tokens >= 1, temperature > 0, top_k >= 0"
     if grpo.beta < 0 or grpo.epsilon <= 0:
         return "train.grpo needs beta >= 0 and epsilon > 0"
     if not grpo.rewards:

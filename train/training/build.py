@@ -247,9 +247,9 @@ def build_optimizer(recipe: Recipe, model: Any, total_steps: int, fused: bool = 
     groups = [g for g in groups if g["params"]]
     optimizer: torch.optim.Optimizer
     if t.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, fused=fused or None)
+        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, eps=t.adam_epsilon, fused=fused or None)
     else:
-        optimizer = eight_bit_adamw(groups, t.learning_rate, paged=t.optimizer == "paged_adamw_8bit")
+        optimizer = eight_bit_adamw(groups, t.learning_rate, t.adam_epsilon, paged=t.optimizer == "paged_adamw_8bit")
     name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
     scheduler = get_scheduler(
         name, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps
@@ -257,15 +257,15 @@ def build_optimizer(recipe: Recipe, model: Any, total_steps: int, fused: bool = 
     return optimizer, scheduler
 
 
-def eight_bit_adamw(groups: list[dict[str, Any]], lr: float, paged: bool) -> torch.optim.Optimizer:
-    """bitsandbytes' AdamW8bit / PagedAdamW8bit with torch AdamW's betas and eps. Weights under 4096 values
+def eight_bit_adamw(groups: list[dict[str, Any]], lr: float, eps: float, paged: bool) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit / PagedAdamW8bit with torch AdamW's betas and the recipe's eps. Weights under 4096 values
     (min_8bit_size) keep fp32 states, as bitsandbytes decides (memory_plan.py counts the same). Paging needs CUDA's
     unified memory: without CUDA the plain 8-bit AdamW runs, which is what bitsandbytes falls back to anyway (it
     would say so in a warning at every new state)."""
     import bitsandbytes as bnb
 
     cls = bnb.optim.PagedAdamW8bit if paged and torch.cuda.is_available() else bnb.optim.AdamW8bit
-    return cls(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    return cls(groups, lr=lr, betas=(0.9, 0.999), eps=eps)
 
 
 def steps_per_epoch(recipe: Recipe, sampler: EpochBatchSampler | None, accelerator: Accelerator) -> int:

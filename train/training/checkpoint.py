@@ -431,14 +431,15 @@ def run_settings(recipe: Recipe) -> dict[str, Any]:
         "scheduler": t.lr_scheduler,
         "warmup_ratio": t.warmup_ratio,
         "weight_decay": t.weight_decay,
+        "adam_epsilon": t.adam_epsilon,
         "max_grad_norm": t.max_grad_norm,
     }
 
 
 def changed_settings(saved: dict[str, Any], recipe: Recipe) -> list[str]:
-    return [
-        f"{key} {saved.get(key)} -> {value}" for key, value in run_settings(recipe).items() if saved.get(key) != value
-    ]
+    # (a setting the checkpoint predates is not news)
+    current = run_settings(recipe).items()
+    return [f"{key} {saved[key]} -> {value}" for key, value in current if key in saved and saved[key] != value]
 
 
 def state_bytes(trainable: list[Any]) -> int:

@@ -134,6 +134,9 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
+    # AdamW's epsilon (HF Trainer's adam_epsilon): added to sqrt(v) before dividing, so a gradient much smaller than
+    # it moves its weight in proportion to its size, not by a whole lr-sized step
+    adam_epsilon: float = 1e-8
     warmup_ratio: float = 0.03  # fraction of the optimizer steps spent warming the learning rate up
     lr_scheduler: str = "cosine"  # cosine | linear | constant (after warmup)
     # adamw (torch, fp32 moments) | adamw_8bit (bitsandbytes: blockwise 8-bit moments, 2 bytes per trainable weight
@@ -551,6 +554,8 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError("set train.max_steps > 0 or train.num_epochs > 0")
     if t.learning_rate <= 0 or not 0 <= t.warmup_ratio < 1:
         raise RecipeError("train.learning_rate must be > 0 and train.warmup_ratio in [0, 1)")
+    if not t.adam_epsilon > 0:
+        raise RecipeError(f"train.adam_epsilon must be > 0, got {t.adam_epsilon}")
     if t.mixed_precision == "fp16" and m.dtype == "bfloat16":
         raise RecipeError("train.mixed_precision=fp16 with model.dtype=bfloat16: use bf16 or float32 weights")
     if recipe.data.streaming and (recipe.data.eval_fraction or t.max_steps == 0):
@@ -568,6 +573,13 @@ def _validate_objective(recipe: Recipe) -> None:
         raise RecipeError(problem)
     if t.objective != "sft" and recipe.finetune.mode != "lora":
         raise RecipeError(f"train.objective={t.objective} needs finetune.mode=lora (its reference is the adapter off)")
+    if recipe.model.adapter and (t.objective == "dpo" or (t.objective == "grpo" and t.grpo.beta)):
+        # PEFT's disable_adapter switches the continued adapter off too: the reference would be the bare base
+        raise RecipeError(
+            f"train.objective={t.objective} with model.adapter: its reference (the adapter disabled) would be the base "
+            "without that adapter, not the model this stage starts from; merge it first (vidtune export RUN --to DIR "
+            "--merge) and set model.name_or_path=DIR"
+        )
     if t.objective != "sft" and (t.packing or recipe.data.streaming):
         raise RecipeError(f"train.objective={t.objective} trains on padded map-style batches: unset packing/streaming")
     from vidtune.train.training.sequence_split import recipe_problem

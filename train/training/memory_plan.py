@@ -2,15 +2,18 @@
 activations, by arithmetic over the model (built on the meta device, LoRA applied), the recipe and the launch
 (processes, ZeRO stage or FSDP2). No weights are read and nothing is allocated.
 
-- weights: every parameter at its dtype; trainable ones in fp32 (build.keep_trainable_weights_in_fp32) unless
-  DeepSpeed keeps them in model.dtype (its fp32 master copy is then an optimizer state); QLoRA's 4-bit layers as
+- weights: every parameter at its dtype; trainable ones in fp32 (build.keep_trainable_weights_in_fp32; under
+  DeepSpeed the dtype they were built in: fp32 LoRA, model.dtype in full fine-tuning); QLoRA's 4-bit layers as
   bitsandbytes stores them (two values per byte, one absmax per 64-value block: a byte with double quantization,
   whose second-level fp32 absmax per 256 blocks is counted too; the 16- and 256-entry codebooks are not), 8-bit
   ones as one byte per value plus an fp32 scale per output row. ZeRO-3 and FSDP2 divide them by the process count
-  (FSDP2 pads each weight's first dimension to a multiple of it: a few rows more on the first ranks).
-- gradients: one fp32 value per trainable weight (divided by the process count under ZeRO-2, ZeRO-3 and FSDP2).
-- optimizer states: AdamW's two fp32 moments per trainable weight (+ DeepSpeed's fp32 master weights), divided by
-  the process count under any ZeRO stage and FSDP2 (whose trainable weights are themselves the fp32 masters).
+  (FSDP2 pads each weight's first dimension to a multiple of it: a few rows more on the first ranks; ZeRO-3 pads
+  each weight to a multiple of it and keeps every weight of <= 100k values whole on each rank once it has run).
+- gradients: one fp32 value per trainable weight (divided by the process count under ZeRO-2, ZeRO-3 and FSDP2;
+  ZeRO-3 keeps them in bf16 under bf16 mixed precision).
+- optimizer states: AdamW's two fp32 moments per trainable weight (+ DeepSpeed's fp32 master weights, fp32 weights
+  included), divided by the process count under any ZeRO stage and FSDP2 (whose trainable weights are themselves
+  the fp32 masters). ZeRO-3's parts were checked against the tensors DeepSpeed holds (zero3_parameter_bytes).
   `train.optimizer: adamw_8bit | paged_adamw_8bit` (bitsandbytes): two uint8 moments per value, an fp32 absmax per
   256-value block of each, and two 256-entry fp32 codebooks per weight; weights under 4096 values keep fp32 moments.
 - activations: what autograd keeps for backward for the longest sample the data allows (`batch_size` x
@@ -104,10 +107,16 @@ def adam_state_bytes(numel: int, eight_bit: bool) -> int:
     return 2 * (numel + math.ceil(numel / EIGHT_BIT_BLOCK) * 4 + CODEBOOK * 4)
 
 
+# DeepSpeed's stage3_param_persistence_threshold default (launch/accelerate/zero3*.yaml keep it): under ZeRO-3 a
+# weight of at most this many values stays gathered whole on every rank once it has run, beside its partition.
+ZERO3_PERSISTENCE_THRESHOLD = 100_000
+
+
 def parameter_bytes(
-    model: Any, family: Any, recipe: Any, deepspeed: bool, processes: int, zero_stage: int
+    model: Any, family: Any, recipe: Any, deepspeed: bool, processes: int, zero_stage: int, mixed_precision: str = "no"
 ) -> tuple[int, int, int]:
-    """(weights, gradients, optimizer states) bytes per GPU."""
+    """(weights, gradients, optimizer states) bytes per GPU. Under DeepSpeed trainable weights keep the dtype they
+    were built in: the model's for full fine-tuning, fp32 for LoRA (peft upcasts adapters of bf16 models)."""
     from vidtune.train.training.model import resolve_dtype
 
     q = recipe.model.quantization
@@ -115,26 +124,48 @@ def parameter_bytes(
     quantized = (
         quantized_weight_names(model, family.language_model_prefix, family.quantization_skip_modules) if q.bits else {}
     )
+    shard = max(1, processes)
+    if deepspeed and zero_stage == 3:
+        return zero3_parameter_bytes(model, shard, dtype_bytes, 2 if mixed_precision in ("bf16", "fp16") else 4)
     weights = trainable = 0
     for name, param in model.named_parameters():
         numel = param.numel()
         if param.requires_grad:
             trainable += numel
-            weights += numel * (dtype_bytes if deepspeed else 4)
+            weights += numel * (element_bytes(param.dtype) if deepspeed else 4)
         elif name in quantized:
             weights += quantized_bytes(numel, quantized[name], q.bits, q.double_quant)
         else:
             weights += numel * dtype_bytes
-    master = trainable * 4 if deepspeed and dtype_bytes < 4 else 0
+    # DeepSpeed's ZeRO-1/2 optimizer always clones its partition into fp32 masters (stage_1_and_2.py), fp32 or not
+    master = trainable * 4 if deepspeed else 0
     eight_bit = recipe.train.optimizer != "adamw"
     states = sum(adam_state_bytes(p.numel(), eight_bit) for p in model.parameters() if p.requires_grad)
     gradients, optimizer = trainable * 4, states + master
-    shard = max(1, processes)
     return (
         weights // (shard if zero_stage == 3 else 1),
         gradients // (shard if zero_stage >= 2 else 1),
         optimizer // (shard if zero_stage >= 1 else 1),
     )
+
+
+def zero3_parameter_bytes(model: Any, processes: int, dtype_bytes: int, grad_bytes: int) -> tuple[int, int, int]:
+    """DeepSpeed ZeRO-3 (deepspeed/runtime/zero/stage3.py, partition_parameters.py), per rank, as measured on a
+    2-process CPU launch (benchmarks/training_memory.py): each weight padded to a multiple of the processes and
+    split (`ds_tensor`), plus the whole of every weight under the persistence threshold (kept gathered after use);
+    the gradient partitions in DeepSpeed's gradient accumulation dtype (bf16 under bf16 mixed precision); an fp32
+    master partition of the trainable weights even when they are fp32 (its reuse of fp32 weights compares a
+    torch.device with a string and never matches) and AdamW's two fp32 moments on it."""
+    weights = gradients = optimizer = 0
+    for param in model.parameters():
+        numel = param.numel()
+        part = -(-numel // processes)
+        element = element_bytes(param.dtype) if param.requires_grad else dtype_bytes
+        weights += (part + (numel if numel <= ZERO3_PERSISTENCE_THRESHOLD else 0)) * element
+        if param.requires_grad:
+            gradients += part * grad_bytes
+            optimizer += part * (4 + adam_state_bytes(1, eight_bit=False))
+    return weights, gradients, optimizer
 
 
 def config_value(config: Any, *names: str, default: Any = None) -> Any:
@@ -230,7 +261,9 @@ def plan_memory(
     apply_finetuning). `fsdp`: FSDP2 (launch/accelerate/fsdp2.yaml) shards as ZeRO-3 does, without DeepSpeed's
     model-dtype trainable weights."""
     stage = 3 if fsdp else zero_stage
-    weights, gradients, optimizer = parameter_bytes(model, family, recipe, deepspeed and not fsdp, processes, stage)
+    weights, gradients, optimizer = parameter_bytes(
+        model, family, recipe, deepspeed and not fsdp, processes, stage, mixed_precision
+    )
     activations, recompute = activation_bytes(model, family, recipe, stage, mixed_precision)
     return MemoryPlan(weights, gradients, optimizer, activations, recompute, processes, zero_stage, fsdp)
 

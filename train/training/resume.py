@@ -70,21 +70,22 @@ def check_fingerprint(run: Run, saved: dict[str, Any], checkpoint: Path) -> None
     run.accelerator.print(f"resuming from {checkpoint}{note}")
 
 
-def optimizer_settings(run: Run) -> list[tuple[float, float]]:
-    """Each parameter group's base learning rate and weight decay as this run's recipe built them."""
-    return [(group.get("initial_lr", group["lr"]), group["weight_decay"]) for group in run.optimizer.param_groups]
+def optimizer_settings(run: Run) -> list[tuple[float, float, float]]:
+    """Each parameter group's base learning rate, weight decay and Adam epsilon as this run's recipe built them."""
+    groups = run.optimizer.param_groups
+    return [(group.get("initial_lr", group["lr"]), group["weight_decay"], group["eps"]) for group in groups]
 
 
-def apply_optimizer_settings(run: Run, configured: list[tuple[float, float]]) -> None:
-    """load_state restores the optimizer's parameter groups (learning rate, weight decay) and the scheduler's
+def apply_optimizer_settings(run: Run, configured: list[tuple[float, float, float]]) -> None:
+    """load_state restores the optimizer's parameter groups (learning rate, weight decay, epsilon) and the scheduler's
     base_lrs as they were saved, so a learning rate or weight decay changed for the resumed run would be announced
     and then ignored: put this run's values back. The current rate is rescaled, keeping the schedule's factor at
     the resumed step (every schedule here multiplies the base rate)."""
     scheduler = getattr(run.scheduler, "scheduler", run.scheduler)  # the torch scheduler inside Accelerate's
     groups = run.optimizer.param_groups
-    for index, (group, (base_lr, weight_decay)) in enumerate(zip(groups, configured, strict=True)):
+    for index, (group, (base_lr, weight_decay, epsilon)) in enumerate(zip(groups, configured, strict=True)):
         saved_base = scheduler.base_lrs[index]
         group["lr"] = group["lr"] * base_lr / saved_base if saved_base else base_lr
         group["initial_lr"] = scheduler.base_lrs[index] = base_lr
-        group["weight_decay"] = weight_decay
+        group["weight_decay"], group["eps"] = weight_decay, epsilon
     scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports for the next step
