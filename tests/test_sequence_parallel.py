@@ -4,6 +4,7 @@ half of the frames; the pieces (frame shares, batch repetition, recipe checks) a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,61 @@ def test_two_ranks_share_each_sample_and_match_one_process(family, packing, fami
     per_sequence = 2 if packing else 1
     # once per frame across the group: half of each sequence's frames per rank
     assert frames[0] == frames[1] == [per_sequence * NUM_FRAMES // 2] * (NUM_SAMPLES // per_sequence)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("VIDTUNE_FOUR_PROCESSES") != "1",
+    reason="set VIDTUNE_FOUR_PROCESSES=1: 4 processes on CI's 2 cores exceed the suite's time budget",
+)
+@pytest.mark.parametrize("family", ["llava_next_video", "qwen2_5_vl"])
+def test_two_groups_of_two_match_one_process_on_the_same_global_batch(family, family_kits, demo_corpus, tmp_path):
+    """World 4 = data parallel 2 x sequence parallel 2 (ZeRO-2, batch_size 1, grad_accum 1: each step the two groups
+    read different samples, 2 in all) against 1 process at grad_accum 2 (the same 2 samples per step, in the same
+    order: group g reads batch 2s+g, as the one process's micro-batch g of step s): per-step losses, gradient norms
+    and the saved adapter equal. Adam's epsilon at 1e-3 keeps float-noise of near-zero gradients (reduced in another
+    order) from being amplified into steps."""
+    from safetensors.torch import load_file
+
+    from vidtune.train.training.loop import train
+
+    model = family_kits(family).model_dir
+    train(load_recipe(None, overrides(model, demo_corpus, tmp_path / "one")))  # overrides: adam_epsilon 1e-3
+    recipe = tmp_path / "recipe.yaml"
+    settings = overrides(model, demo_corpus, tmp_path / "four", "train.grad_accum_steps=1")
+    recipe.write_text(recipe_to_yaml(load_recipe(None, settings)))
+    result = launch(recipe, "zero2.yaml", "train.sequence_parallel=2", processes=4)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    assert engine(tmp_path / "four") == {"num_processes": 4, "distributed_type": "DEEPSPEED", "zero_stage": 2}
+    ours, theirs = losses(tmp_path / "four"), losses(tmp_path / "one")
+    assert len(ours) == len(theirs) == 3
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(grad_norms(tmp_path / "four")), torch.tensor(grad_norms(tmp_path / "one")), rtol=1e-4, atol=0
+    )
+    split, single = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("four", "one"))
+    assert split.keys() == single.keys()
+    for key, tensor in single.items():
+        worst = (split[key] - tensor).abs().max().item()
+        torch.testing.assert_close(split[key], tensor, rtol=1e-4, atol=1e-6, msg=f"{key}: max diff {worst:.2e}")
+
+
+def test_features_gather_within_each_group_of_a_data_parallel_world(tmp_path):
+    """World 4 = 2 groups of 2 on gloo: each group gathers its own ranks' feature rows, and each share's gradient is
+    the sum over its group's ranks (both computed the same loss: 2x the weights). torch's autograd all_gather failed
+    here on gloo in the group {2, 3} (its backward passes group ranks as global ones)."""
+    from tests.group_gather import gather_in_second_group
+
+    torch.multiprocessing.spawn(gather_in_second_group, (f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=4)
+    weights = torch.arange(1.0, 10.0).reshape(3, 3)
+    for rank in range(4):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        first = rank // 2 * 2 + 1  # the group's rank-0 fill value
+        expected = torch.cat([torch.full((2, 3), float(first)), torch.full((1, 3), float(first + 1))])
+        torch.testing.assert_close(result["gathered"], expected, rtol=0, atol=0)
+        share = weights[:2] if rank % 2 == 0 else weights[2:]
+        torch.testing.assert_close(result["grad"], 2 * share, rtol=0, atol=0)
 
 
 def saved_weights(folder: Path) -> dict[str, torch.Tensor]:
