@@ -41,6 +41,7 @@ FAMILIES = {
     "qwen2_5_omni": "vidtune.data.families.qwen2_5_omni:QWEN2_5_OMNI",
     "qwen2_5_omni_thinker": "vidtune.data.families.qwen2_5_omni:QWEN2_5_OMNI",  # the thinker saved alone
     "internvl": "vidtune.data.families.internvl:INTERNVL",
+    "gemma4": "vidtune.data.families.gemma4:GEMMA4",
 }
 
 
@@ -63,12 +64,14 @@ class BlankPath:
 
     A rank whose micro-batch lacks `batch_key` runs `run()` (the path on a blank input, returning the sum of its
     outputs) at the point of the forward where the real path would run: inside a hook on `module`, before its
-    forward (`before=True`, a pre-hook) or right after it."""
+    forward (`before=True`, a pre-hook) or right after it. `fallback`: a second point, before that module's forward,
+    for a path whose `module` may not run at all in a forward (the blank then runs at whichever comes first)."""
 
     batch_key: str
     module: torch.nn.Module
     before: bool
     run: Callable[[], torch.Tensor]
+    fallback: torch.nn.Module | None = None
 
 
 @dataclass
