@@ -113,7 +113,7 @@ class Gemma4TokenCounter:
 
     def _audio_samples_tokens(self, num_samples: int) -> int:
         extractor = self.processor.feature_extractor
-        mask = extractor(np.zeros(num_samples, np.float32), sampling_rate=extractor.sampling_rate)
+        mask = extractor([np.zeros(num_samples, np.float32)], sampling_rate=extractor.sampling_rate)
         expansion = self.processor.replace_audio_token({"input_features_mask": mask["input_features_mask"]}, 0)
         return self.text_tokens(expansion)
 
@@ -257,7 +257,7 @@ class Gemma4(ModelFamily):
         frames = video(videos=[blank_frame], do_sample_frames=False, return_tensors="pt")
         image = processor.image_processor(images=[blank_frame[0]], return_tensors="pt")
         extractor = processor.feature_extractor
-        sound = extractor(np.zeros(extractor.hop_length * 16, np.float32), return_tensors="pt")
+        sound = extractor([np.zeros(extractor.hop_length * 16, np.float32)], return_tensors="pt")
 
         def run_image() -> torch.Tensor:
             pixels = image["pixel_values"].to(device, dtype=core.vision_tower.dtype)

@@ -100,7 +100,8 @@ def build_gemma_tokenizer(extra_words: str = "") -> GemmaTokenizer:
         show_progress=False,
     )
     words = (VOCABULARY + " " + extra_words).split()
-    corpus = [" ".join(words)] * 4 + [" ".join(w + ":" for w in words), "\n".join(words), " 00:01 00:02 00:03 "]
+    # newlines stay tokens of their own (no merge spans `model\n` + the answer's first word, as on the hub)
+    corpus = [" ".join(words)] * 4 + [" ".join(w + ":" for w in words), " 00:01 00:02 00:03 "]
     bpe.train_from_iterator(corpus, trainer)
     model = json.loads(bpe.to_str())["model"]
     tokenizer = GemmaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
@@ -154,7 +155,7 @@ def tiny_config(tokenizer: Any, text_layers: int | None = None) -> Gemma4Config:
             "hidden_size": s["audio_hidden"],
             "num_hidden_layers": s["audio_layers"],
             "num_attention_heads": s["audio_heads"],
-            "subsampling_conv_channels": [8, 4],
+            "subsampling_conv_channels": [128, 4],  # the first must equal the 128 mel bins (its projection's width)
             "output_proj_dims": s["audio_hidden"],
         },
         boi_token_id=ids["boi_token"],
