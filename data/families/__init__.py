@@ -200,6 +200,11 @@ class ModelFamily(ABC):
         most families need none."""
         return None
 
+    def attention_implementations(self, requested: str) -> str | dict[str, str]:
+        """What from_pretrained is given for model.attn_implementation: the one asked for, or per sub-model where
+        a part supports fewer (transformers' dict form, keyed by sub-config)."""
+        return requested
+
     def prepare_model(self, model: Any) -> None:
         """Adapt a freshly loaded model (bare or PEFT-wrapped) to the batches `batch_visuals` builds, where the
         model's own forward cannot take them as they are; most families need nothing."""

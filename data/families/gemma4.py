@@ -151,6 +151,10 @@ class Gemma4(ModelFamily):
         "per row, which packed rows are not tested with yet"
     )
 
+    def attention_implementations(self, requested: str) -> str | dict[str, str]:
+        """The audio tower's chunked local attention exists in eager form only (transformers refuses sdpa for it)."""
+        return {"": requested, "text_config": requested, "vision_config": requested, "audio_config": "eager"}
+
     def token_counter(self, processor: Any) -> Gemma4TokenCounter:
         return Gemma4TokenCounter(processor)
 
