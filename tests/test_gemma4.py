@@ -138,3 +138,61 @@ def test_blank_paths_run_each_encoder_in_forward_order(gemma):
         path.run().backward()
     assert core.audio_tower.output_proj.weight.grad.abs().sum() > 0
     assert core.vision_tower.patch_embedder.input_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("heard", "other_hears"), [(True, True), (False, True), (False, False)], ids=["sound", "blank sound", "no sound"]
+)
+def test_a_rank_short_of_video_runs_its_blank_between_the_image_and_audio_paths(gemma, heard, other_hears):
+    """ZeRO-3 lockstep (train/training/distributed.py) with the other rank holding image, video (and sound): this
+    rank, without video, runs the vision tower on its image, then the blank video, then the audio tower (its real
+    sound, or the blank) — the other rank's order. No module runs between Gemma 4's video and audio paths, so the
+    video blank sits before the audio tower, or before the language model when no sound runs at all (its fallback:
+    without it, the last case never runs the video blank and ZeRO-3 would hang)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from PIL import Image
+
+    from vidtune.train.training.distributed import VisionLockstep
+
+    model = copy.deepcopy(gemma.model)
+    accelerator = SimpleNamespace(
+        num_processes=2,
+        distributed_type=DistributedType.DEEPSPEED,
+        device=torch.device("cpu"),
+        unwrap_model=lambda m: m,
+        reduce=lambda local, op: torch.tensor([1.0, 1.0, float(other_hears or heard)]),  # the paths any rank needs
+    )
+    lockstep = VisionLockstep(accelerator, gemma.family, gemma.processor, model)
+    calls: list[str] = []
+    core = model.model
+    core.vision_tower.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(f"vision x{kwargs['pixel_values'].shape[0]}"), with_kwargs=True
+    )
+    core.audio_tower.register_forward_pre_hook(lambda *_: calls.append("audio"))
+    core.language_model.register_forward_pre_hook(lambda *_: calls.append("language"))
+    image = Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8))
+    content = [media_part("image", image), text_part("What is it?")]
+    if heard:  # its sound as an audio part, as a heard video's would be, without the video
+        content.insert(1, {"type": "audio", "audio": np.zeros(16000, np.float32)})
+    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": [text_part("red")]}]
+    encoded = gemma.family.encode(
+        gemma.processor,
+        messages,
+        chat_template=gemma.family.chat_template,
+        tokenize=True,
+        return_dict=True,
+        return_tensors=None,
+        processor_kwargs={"sampling_rate": 16000},
+    )
+    ids = torch.tensor(encoded["input_ids"])
+    batch = {"input_ids": ids, **gemma.family.example_visuals(encoded, gemma.processor)}
+    batch["mm_token_type_ids"] = batch["mm_token_type_ids"][None]
+    lockstep.prepare(batch)
+    assert lockstep.pending == [False, True, other_hears and not heard]
+    with torch.no_grad():
+        model(**batch)
+    sound = ["audio"] if other_hears or heard else []
+    assert calls == ["vision x1", "vision x1", *sound, "language"]  # image, blank video, sound, then text
+    assert lockstep.pending == [False, False, False] and torch.is_tensor(lockstep.take_term())
