@@ -155,6 +155,14 @@ class Gemma4(ModelFamily):
         """The audio tower's chunked local attention exists in eager form only (transformers refuses sdpa for it)."""
         return {"": requested, "text_config": requested, "vision_config": requested, "audio_config": "eager"}
 
+    def prepare_model(self, model: Any) -> None:
+        """The token embeddings' output requires grad on every sample. Gemma 4 feeds it to its per-layer-input
+        projection as well as to the decoder: a sample with images, video or sound has it require grad (through
+        the trained projector), a text-only one would not, and ZeRO-3 would then gather that projection's weight in
+        backward on one rank and not the other (a collective mismatch: seen on 2 CPU ranks)."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.enable_input_require_grads()
+
     def token_counter(self, processor: Any) -> Gemma4TokenCounter:
         return Gemma4TokenCounter(processor)
 
