@@ -104,7 +104,8 @@ def build_gemma_tokenizer(extra_words: str = "") -> GemmaTokenizer:
     corpus = [" ".join(words)] * 4 + [" ".join(w + ":" for w in words), " 00:01 00:02 00:03 "]
     bpe.train_from_iterator(corpus, trainer)
     model = json.loads(bpe.to_str())["model"]
-    tokenizer = GemmaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+    merges: Any = [tuple(m) for m in model["merges"]]  # pairs (the tokenizers library's form; annotated strings)
+    tokenizer = GemmaTokenizer(vocab=model["vocab"], merges=merges)
     tokenizer.add_special_tokens(
         {"additional_special_tokens": [*TURN_TOKENS, *MEDIA_TOKENS.values(), VIDEO_TOKEN]},
         replace_extra_special_tokens=False,
@@ -170,11 +171,13 @@ def tiny_config(tokenizer: Any, text_layers: int | None = None) -> Gemma4Config:
 
 def tiny_processor(tokenizer: Any) -> Gemma4Processor:
     s = TINY_SIZES
-    pixels = {"patch_size": s["patch_px"], "pooling_kernel_size": s["pooling"], "max_soft_tokens": s["soft_tokens"]}
+    patch, pooling, budget = s["patch_px"], s["pooling"], s["soft_tokens"]
     return Gemma4Processor(
         feature_extractor=Gemma4AudioFeatureExtractor(),
-        image_processor=Gemma4ImageProcessor(**pixels),
-        video_processor=Gemma4VideoProcessor(**pixels, do_sample_frames=False),
+        image_processor=Gemma4ImageProcessor(patch_size=patch, pooling_kernel_size=pooling, max_soft_tokens=budget),
+        video_processor=Gemma4VideoProcessor(
+            patch_size=patch, pooling_kernel_size=pooling, max_soft_tokens=budget, do_sample_frames=False
+        ),
         tokenizer=tokenizer,
         chat_template=HUB_CHAT_TEMPLATE,
         image_seq_length=s["soft_tokens"],

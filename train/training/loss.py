@@ -69,7 +69,7 @@ def chunked_cross_entropy(
 
 def logit_softcap(model: Any) -> float | None:
     """The model's final-logit soft cap (Gemma 4: logits = cap x tanh(logits / cap) after the head), None without."""
-    config = getattr(getattr(model, "module", model), "config", None)
+    config: Any = getattr(getattr(model, "module", model), "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(text, "final_logit_softcapping", None)
 
