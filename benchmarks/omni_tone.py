@@ -1,8 +1,13 @@
 """Does the sound reach the model? Identical pictures, a low (300 Hz) or a high (2500 Hz) tone, "Is the tone high or
 low?": a full fine-tune of the tiny Qwen2.5-Omni thinker, then held-out exact match (vidtune eval's qa scoring).
 
-    python benchmarks/omni_tone.py auto ROOT   # hears the sound
-    python benchmarks/omni_tone.py off ROOT    # pictures only (chance: 0.5)
+    python benchmarks/omni_tone.py auto ROOT [key=value ...]   # hears the sound (extra recipe overrides after ROOT)
+    python benchmarks/omni_tone.py off ROOT                     # pictures only (chance: 0.5)
+
+Measured (2 shared CPU cores, OMP_NUM_THREADS=1): before the tiny thinker's audio convolutions were He-initialised,
+0.5 (always "high"; the two tones' audio features had cosine 0.99985). After: auto 1.0 held-out in 69 s of training
+(audio tower frozen), 1.0 in 59 s with `finetune.audio_tower=full`. `vidtune demo --family qwen2_5_omni --audio` is
+the same proof with held-out pictures and pitches of their own (README).
 """
 
 import json
@@ -32,7 +37,8 @@ if not (corpus / "eval.jsonl").exists():
 model = root / "model"
 if not (model / "config.json").exists():
     build_tiny_model(model, family="qwen2_5_omni", extra_words="tone high low")
-out = root / f"run-{mode}"
+extra = sys.argv[3:]
+out = root / ("run-" + "-".join([mode, *extra]).replace("=", "_").replace(".", "_"))
 overrides = [
     f"model.name_or_path={model}",
     f"data.sources=[{{path: {corpus / 'train.jsonl'}}}]",
@@ -48,6 +54,7 @@ overrides = [
     "train.log_every_steps=20",
     "finetune.mode=full",
     "logging.report_to=none",
+    *extra,
 ]
 start = time.time()
 train(load_recipe(None, overrides))

@@ -219,8 +219,23 @@ def _conversation_from_texts(turns: list[tuple[str, str]], media: _MediaQueue, c
 # ----------------------------------------------------------------------------------------------------- formats
 
 
+# Standalone sound files (LLaMA-Factory's and ms-swift's `audios` lists, `<audio>` tags, typed audio parts) are not
+# read yet: refused in one line rather than training on the text with the `<audio>` tag left in it, the sound unheard.
+STANDALONE_AUDIO = (
+    "standalone sound files are not supported yet (vidtune hears the sound track of videos, data.audio): mux the "
+    "sound into its video, or drop the audio from the row"
+)
+
+
+def _refuse_standalone_audio(row: dict[str, Any], ctx: RowContext) -> None:
+    for key in ("audio", "audios"):
+        if any(_as_list(row.get(key))):  # (an empty list or "" is no sound)
+            raise DataError(f"{ctx.at}: `{key}`: {STANDALONE_AUDIO}")
+
+
 def from_llava(row: dict[str, Any], ctx: RowContext) -> list[Message]:
     _require(row, ["conversations"], ctx)
+    _refuse_standalone_audio(row, ctx)
     turns = row["conversations"]
     if not isinstance(turns, list):
         raise DataError(f"{ctx.at}: `conversations` must be a list of {{from, value}} turns")
@@ -256,11 +271,14 @@ def _typed_part(block: dict[str, Any], media: _MediaQueue, ctx: RowContext) -> P
         if kind == "video":
             return media_part("video", ctx.resolve_media(path), *media.clip)
         return media_part("image", ctx.resolve_media(path))
+    if kind in ("audio", "input_audio", "audio_url"):
+        raise DataError(f"{ctx.at}: a content part of type {kind}: {STANDALONE_AUDIO}")
     raise DataError(f"{ctx.at}: unknown content part type {kind!r} (expected text, image, video)")
 
 
 def from_openai(row: dict[str, Any], ctx: RowContext) -> list[Message]:
     _require(row, ["messages"], ctx)
+    _refuse_standalone_audio(row, ctx)
     raw_messages = row["messages"]
     if not isinstance(raw_messages, list):
         raise DataError(f"{ctx.at}: `messages` must be a list of {{role, content}}")

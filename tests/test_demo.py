@@ -125,3 +125,78 @@ def test_demo_prints_each_stages_scores_when_it_ends_and_the_next_commands(famil
         f"  vidtune serve {instruct_run}\n"
         f"  vidtune export {instruct_run} --to {tmp_path / 'demo' / 'export'}"
     )
+
+
+def test_the_sound_proofs_clips_differ_only_in_their_sound(tmp_path):
+    """Twins share every frame (so pictures cannot answer) and differ in pitch: low 250-450 Hz, high 1.8-3 kHz."""
+    import numpy as np
+
+    from vidtune.data.audio import load_audio_span
+    from vidtune.data.video import SamplingConfig, load_clip
+    from vidtune.train.demo.corpus import TONE_QUESTION, write_tone_split
+
+    rows = [json.loads(line) for line in write_tone_split(tmp_path, "eval", 2, seed=4).read_text().splitlines()]
+    assert [r["answer"] for r in rows] == ["low", "high"] * 2 and {r["question"] for r in rows} == {TONE_QUESTION}
+    frames = [load_clip(str(tmp_path / r["video"]), SamplingConfig(4)).frames for r in rows]
+    assert np.array_equal(frames[0], frames[1]) and np.array_equal(frames[2], frames[3])
+    assert not np.array_equal(frames[0], frames[2])  # held-out twins have pictures of their own
+    for row in rows:
+        sound = load_audio_span(str(tmp_path / row["video"]), 0.2, 1.8, 16000).samples
+        pitch_hz = np.argmax(np.abs(np.fft.rfft(sound))) * 16000 / len(sound)
+        assert (250 <= pitch_hz <= 450) if row["answer"] == "low" else (1800 <= pitch_hz <= 3000), pitch_hz
+
+
+def test_the_sound_proof_is_refused_for_a_family_that_cannot_hear_before_anything_runs(tmp_path, family_kits):
+    from vidtune.data.families import FAMILIES, family_for
+    from vidtune.train.demo import stages
+    from vidtune.train.demo.tiny_model import TINY_MODELS
+    from vidtune.train.training.config import RecipeError
+
+    with pytest.raises(RecipeError, match=r"--audio: qwen2_5_vl does not hear sound \(families that do: qwen2_5_omni"):
+        stages.run_demo(tmp_path / "demo", family="qwen2_5_vl", audio=True)
+    assert not (tmp_path / "demo").exists()
+    hearing = {name for name in TINY_MODELS if name in FAMILIES and family_for(name).hears}
+    assert set(stages.HEARING_FAMILIES) == hearing
+    # Qwen2.5-Omni's tiny folder is a qwen2_5_omni_thinker: a second demo in the same folder reuses it
+    stages.ensure_tiny_model(family_kits("qwen2_5_omni").model_dir, "qwen2_5_omni")
+
+
+def test_the_sound_proof_reports_the_heard_run_beside_the_same_run_without_sound(tmp_path, monkeypatch, capsys):
+    """`vidtune demo --audio` alone: demo/tone heard, then with data.audio=off, each scored on the held-out twins
+    and recorded in demo_report.json (the real runs: README's figures, benchmarks/omni_tone.py)."""
+    from vidtune.train.cli import main
+    from vidtune.train.demo import stages
+
+    runs = []
+    monkeypatch.setattr(stages, "ensure_tiny_model", lambda *args, **kwargs: None)
+    monkeypatch.setattr(stages, "write_tone_corpus", lambda corpus: None)
+    monkeypatch.setattr(stages, "run_stage", lambda name, overrides=(): runs.append((name, overrides)) or tmp_path)
+    monkeypatch.setattr(stages, "load_for_inference", lambda path: path)
+    scores = iter([1.0, 0.5])
+    monkeypatch.setattr(stages, "exact_match_on", lambda model, path: (next(scores), []))
+    main(["demo", "--family", "qwen2_5_omni", "--audio", "--workdir", str(tmp_path / "demo")])
+    runs_dir = tmp_path / "demo" / "runs"
+    assert runs == [
+        ("tone", (f"train.output_dir={runs_dir / 'tone'}",)),
+        ("tone", ("data.audio=off", f"train.output_dir={runs_dir / 'tone-silent'}")),
+    ]
+    report = json.loads((tmp_path / "demo" / "demo_report.json").read_text())
+    assert report["instruct: tone exact match"] == 1.0
+    assert report["instruct (data.audio=off): tone exact match"] == 0.5
+    assert not (tmp_path / "demo" / "tiny-model").exists()  # no video stages were asked for
+
+
+def test_demo_runs_its_three_stages_unless_asked_for_the_sound_proof_alone(monkeypatch):
+    from vidtune.train.cli import main
+    from vidtune.train.demo import stages
+
+    calls = []
+    monkeypatch.setattr(stages, "run_demo", lambda workdir, **kwargs: calls.append(kwargs))
+    main(["demo"])
+    main(["demo", "--family", "qwen2_5_omni", "--audio"])
+    main(["demo", "--family", "qwen2_5_omni", "--audio", "--stages", "base"])
+    assert [(c["stages"], c["audio"]) for c in calls] == [
+        (("base", "instruct", "chat"), False),
+        ((), True),
+        (("base",), True),
+    ]

@@ -161,6 +161,35 @@ def test_answer_letter_accepts_letters_and_indices(answer, letter):
         ({"video": "a.mp4", "question": "Q"}, "qa", "missing column(s) ['answer']"),
         ({"video": "a.mp4", "conversations": [{"from": "human", "value": "<video>Q"}]}, "llava", "no assistant turn"),
         ({"video": "a.mp4", "caption": "c", "start": 5, "end": 2}, "caption", "is not after start"),
+        (  # LLaMA-Factory / ms-swift: the sound would be lost and "<audio>" trained as text
+            {
+                "audios": ["a.wav"],
+                "messages": [
+                    {"role": "user", "content": "<audio>What is said?"},
+                    {"role": "assistant", "content": "A"},
+                ],
+            },
+            "openai",
+            "`audios`: standalone sound files are not supported yet",
+        ),
+        (
+            {
+                "audios": "a.wav",
+                "conversations": [{"from": "human", "value": "<audio>Q"}, {"from": "gpt", "value": "A"}],
+            },
+            "llava",
+            "`audios`: standalone sound files are not supported yet",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "..."}}]},
+                    {"role": "assistant", "content": "A"},
+                ]
+            },
+            "openai",
+            "a content part of type input_audio: standalone sound files are not supported yet",
+        ),
     ],
 )
 def test_bad_rows_raise_one_line_naming_the_row(row, fmt, message):

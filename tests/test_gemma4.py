@@ -196,3 +196,25 @@ def test_a_rank_short_of_video_runs_its_blank_between_the_image_and_audio_paths(
     sound = ["audio"] if other_hears or heard else []
     assert calls == ["vision x1", "vision x1", *sound, "language"]  # image, blank video, sound, then text
     assert lockstep.pending == [False, False, False] and torch.is_tensor(lockstep.take_term())
+
+
+def test_finetune_audio_tower_lora_wraps_the_conformer_and_a_heard_batch_trains_it(gemma, tone_clips):
+    """finetune.audio_tower=lora: LoRA on the conformer's linears (inside its clippable linears, its relative keys,
+    the subsampling and output projections), the audit names the audio tower, and a heard batch reaches them."""
+    from vidtune.train.training.config import FinetuneConfig
+    from vidtune.train.training.model import apply_finetuning, check_audit, format_audit, trainable_audit
+
+    cfg = FinetuneConfig(audio_tower="lora")
+    model = apply_finetuning(copy.deepcopy(gemma.model), gemma.family, cfg)
+    audit = trainable_audit(model, gemma.family)
+    tower = audit["parts"]["audio_tower"]
+    assert tower["total"] == sum(p.numel() for p in gemma.model.model.audio_tower.parameters())
+    assert audit["lora"].get("audio_tower", 0) > 0 and "audio_tower" in format_audit(audit)
+    check_audit(audit, cfg)
+    wrapped = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and ".audio_tower." in n]
+    assert any(n.endswith("self_attn.q_proj.linear") for n in wrapped) and any("output_proj" in n for n in wrapped)
+    model.train()
+    collate = Collator(gemma.processor.tokenizer.pad_token_id, family=gemma.family)
+    model(**collate([heard_example(gemma, tone_clips[HIGH_HZ])]), num_items_in_batch=1).loss.backward()
+    trained = [p for n, p in model.named_parameters() if ".audio_tower." in n and "lora_B" in n]
+    assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)

@@ -6,7 +6,7 @@ import pytest
 
 from vidtune.data.families.llava_next_video import LLAVA_NEXT_VIDEO
 from vidtune.train.training.config import FinetuneConfig, LoraSettings, ModelConfig, RecipeError
-from vidtune.train.training.model import apply_finetuning, check_audit, load_model, trainable_audit
+from vidtune.train.training.model import apply_finetuning, check_audit, format_audit, load_model, trainable_audit
 
 MODES = {
     "lora": FinetuneConfig(),
@@ -42,6 +42,7 @@ def test_audit_matches_each_mode(mode, tiny_model_dir):
         else:
             assert counts["trainable"] == 0 and lora > 0, part
     assert audit["parts"]["other"]["trainable"] == 0
+    assert "audio_tower" not in format_audit(audit)  # LLaVA does not hear: no empty audio row
     check_audit(audit, MODES[mode])  # consistent with its own recipe
     direct = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert audit["trainable"] == direct

@@ -15,6 +15,15 @@ from vidtune.data.families.qwen2_5_omni import ROPE_KEY
 from vidtune.data.sources import SourceConfig
 from vidtune.data.video import SamplingConfig
 from vidtune.train.demo.clips import write_tone_clip
+from vidtune.train.training.config import FinetuneConfig, RecipeError, load_recipe
+from vidtune.train.training.model import (
+    apply_finetuning,
+    check_audio_tower,
+    check_audit,
+    format_audit,
+    load_model_config,
+    trainable_audit,
+)
 
 LOW_HZ, HIGH_HZ = 300, 2500
 
@@ -116,6 +125,9 @@ def test_the_sound_reaches_the_model_and_audio_off_leaves_it_out(omni, tone_clip
     unheard = [heard_example(omni, tone_clips[hz], audio_rate=None) for hz in (LOW_HZ, HIGH_HZ)]
     assert all("input_features" not in ex for ex in unheard)
     assert torch.equal(unheard[0]["pixel_values_videos"], unheard[1]["pixel_values_videos"])
+    with torch.no_grad():  # data.audio=off: the same pictures give the same logits, whatever the tone
+        unheard_logits = [omni.model(**collate([ex])).logits for ex in unheard]
+    assert torch.equal(unheard_logits[0], unheard_logits[1])
 
 
 def test_audio_modes_are_checked_per_source(omni, family_kits):
@@ -137,3 +149,144 @@ def test_the_blank_audio_path_runs_the_audio_tower(omni):
     assert [p.batch_key for p in paths] == ["input_features", "pixel_values", "pixel_values_videos"]
     paths[0].run().backward()
     assert model.model.audio_tower.conv1.weight.grad.abs().sum() > 0
+
+
+def test_the_tiny_audio_tower_tells_a_low_tone_from_a_high_one(omni):
+    """The tiny tower's features of two tones differ (with transformers' std-0.02 convolutions they had cosine
+    0.9999: the sound drowned under the position embeddings, and no training could hear it)."""
+    from vidtune.train.demo.clips import tone_samples
+
+    extractor, core = omni.processor.feature_extractor, omni.model.model
+    features = []
+    for hz in (LOW_HZ, HIGH_HZ):
+        mel = extractor(tone_samples([hz, hz], 1.0, 16000), sampling_rate=16000, return_attention_mask=True)
+        frames = int(np.asarray(mel["attention_mask"]).sum())
+        mels = torch.as_tensor(np.asarray(mel["input_features"]))[..., :frames]
+        with torch.no_grad():
+            out = core.get_audio_features(mels, torch.ones(1, frames, dtype=torch.long), return_dict=True)
+        features.append(out.last_hidden_state.flatten())
+    assert torch.nn.functional.cosine_similarity(*features, dim=0) < 0.95
+
+
+AUDIO_TOWER_MODES = {
+    "frozen": (FinetuneConfig(mode="full"), "none"),
+    "full": (FinetuneConfig(mode="full", audio_tower="full"), "all"),
+    "lora": (FinetuneConfig(audio_tower="lora"), "lora"),
+    "lora+full": (FinetuneConfig(audio_tower="full"), "all"),
+}
+
+
+@pytest.mark.parametrize("mode", list(AUDIO_TOWER_MODES))
+def test_finetune_audio_tower_trains_it_and_the_audit_names_it(omni, tone_clips, mode):
+    cfg, expect = AUDIO_TOWER_MODES[mode]
+    model = apply_finetuning(copy.deepcopy(omni.model), omni.family, cfg)
+    audit = trainable_audit(model, omni.family)
+    tower, lora = audit["parts"]["audio_tower"], audit["lora"].get("audio_tower", 0)
+    assert tower["total"] == sum(p.numel() for p in omni.model.model.audio_tower.parameters())
+    assert audit["parts"]["other"]["total"] == 0  # the audio tower is no longer counted as "other"
+    assert f"{'audio_tower':<16}{tower['trainable']:>14,}{tower['total']:>14,}" in format_audit(audit)
+    assert (tower["trainable"], lora > 0) == {"none": (0, False), "all": (tower["total"], False), "lora": (0, True)}[
+        expect
+    ]
+    check_audit(audit, cfg)
+    if expect != "none":  # a heard batch reaches what trains there
+        collate = Collator(omni.processor.tokenizer.pad_token_id, family=omni.family)
+        model.train()
+        model(**collate([heard_example(omni, tone_clips[HIGH_HZ])]), num_items_in_batch=1).loss.backward()
+        # (LoRA's A gets none on its first step: B starts at zero)
+        trained = [
+            p
+            for n, p in model.named_parameters()
+            if "audio_tower." in n and ".layers." in n and p.requires_grad and "lora_A" not in n
+        ]
+        assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+
+
+def test_audio_tower_on_a_family_that_does_not_hear_is_refused_before_loading(tiny_model_dir):
+    config = load_model_config(str(tiny_model_dir))
+    with pytest.raises(RecipeError, match=r"finetune\.audio_tower=full: llava_next_video has no audio tower"):
+        check_audio_tower(FinetuneConfig(audio_tower="full"), config)
+    check_audio_tower(FinetuneConfig(), config)  # frozen: nothing to check
+    with pytest.raises(RecipeError, match=r"audio_tower=lora needs finetune\.mode=lora"):
+        load_recipe(
+            None, ["model.name_or_path=m", "train.output_dir=o", "finetune.mode=full", "finetune.audio_tower=lora"]
+        )
+
+
+def write_undecodable_sound(path):
+    """A MOV whose pictures decode and whose sound track cannot: its PCM track's sample entry tagged 'zzzz' (no
+    decoder knows it)."""
+    import av
+
+    from vidtune.train.demo.clips import segment_frames, tone_samples
+
+    sound = (tone_samples([LOW_HZ, LOW_HZ], 1.0, 16000) * 32767).astype(np.int16)
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=8)
+        video.height, video.width, video.pix_fmt = 48, 64, "yuv420p"
+        audio = container.add_stream("pcm_s16le", rate=16000, layout="mono")
+        for frame in segment_frames(["red", "blue"], 8, 48, 64):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(video.encode())
+        for start in range(0, len(sound), 1024):
+            chunk = av.AudioFrame.from_ndarray(sound[None, start : start + 1024], format="s16", layout="mono")
+            chunk.sample_rate, chunk.pts = 16000, start
+            container.mux(audio.encode(chunk))
+        container.mux(audio.encode())
+    data = path.read_bytes()
+    assert data.count(b"sowt") == 1
+    path.write_bytes(data.replace(b"sowt", b"zzzz"))
+    return path
+
+
+def test_check_decode_names_a_file_whose_sound_cannot_be_decoded(omni, tone_clips, tmp_path, capsys):
+    import json
+    import shutil
+
+    from vidtune.train.cli import main
+
+    bad, good = write_undecodable_sound(tmp_path / "bad_sound.mov"), tmp_path / "tone.mp4"
+    shutil.copy(tone_clips[LOW_HZ], good)
+    rows = [{"video": p.name, "question": "Is the tone high or low?", "answer": "low"} for p in (good, bad)]
+    (tmp_path / "heard.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "seen.jsonl").write_text(json.dumps(rows[1]) + "\n")  # the same file, not heard: its pictures are fine
+    recipe = tmp_path / "recipe.yaml"
+    sources = [{"path": str(tmp_path / "heard.jsonl")}, {"path": str(tmp_path / "seen.jsonl"), "audio": "off"}]
+    data = {"sources": sources, "sampling": {"num_frames": 2}, "max_length": 400}
+    recipe.write_text(json.dumps({"model": {"name_or_path": str(omni.model_dir)}, "data": data}))
+    out = tmp_path / "report.json"
+    with pytest.raises(SystemExit):  # 1 bad of 3: over the default budget
+        main(["check", str(recipe), "train.output_dir=o", "--out", str(out), "--decode"])
+    report = json.loads(out.read_text())
+    assert [(item["where"], item["reason"].split(":", 1)[0]) for item in report["bad"]] == [
+        ("heard.jsonl line 2", str(bad))
+    ]
+    assert "cannot decode its audio" in report["bad"][0]["reason"]
+    printed = [line for line in capsys.readouterr().out.splitlines() if str(bad) in line]
+    assert len(printed) == 1 and "cannot decode its audio" in printed[0]
+    # the heard clip's tokens count its sound (25 per second of span), as training counts them
+    assert report["tokens"]["max"] >= 25 + report["tokens"]["min"]
+
+
+def test_show_plays_a_heard_videos_sound_beside_its_contact_sheet(omni, tone_clips, tmp_path):
+    import json
+    import shutil
+    import wave
+
+    from vidtune.train.datatools.show import run_show
+    from vidtune.train.training.config import load_recipe
+
+    shutil.copy(tone_clips[HIGH_HZ], tmp_path / "tone.mp4")
+    row = {"video": "tone.mp4", "question": "Is the tone high or low?", "answer": "high"}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    overrides = [f"model.name_or_path={omni.model_dir}", "train.output_dir=o", "data.sampling.num_frames=2"]
+    heard = load_recipe(None, [*overrides, f"data.sources=[{{path: {tmp_path / 'rows.jsonl'}}}]"])
+    page = run_show(heard, "recipe", 1, tmp_path / "show").read_text()
+    assert "<audio controls src='row0_video0.wav'>" in page and "&lt;audio x" in page
+    with wave.open(str(tmp_path / "show" / "row0_video0.wav")) as wav:
+        samples = np.frombuffer(wav.readframes(wav.getnframes()), "<i2").astype(np.float32)
+        pitch_hz = np.argmax(np.abs(np.fft.rfft(samples))) * wav.getframerate() / len(samples)
+    assert abs(pitch_hz - HIGH_HZ) < 20
+    unheard = load_recipe(None, [*overrides, f"data.sources=[{{path: {tmp_path / 'rows.jsonl'}, audio: 'off'}}]"])
+    page = run_show(unheard, "recipe", 1, tmp_path / "show-seen").read_text()
+    assert "<audio" not in page and not list((tmp_path / "show-seen").glob("*.wav"))

@@ -60,6 +60,8 @@ def test_every_recipe_parses_validates_and_dry_runs(
         "gemma4_e4b": "gemma4",
     }.get(path.parent.name)
     model = family_kits(qwen).model_dir if qwen else model
+    if (path.parent.name, path.name) == ("demo", "tone.yaml"):  # the sound proof: a family that hears
+        model = family_kits("qwen2_5_omni").model_dir
     recipe = load_recipe(path)
     assert recipe.model.name_or_path and recipe.train.output_dir
     main(["train", str(path), f"model.name_or_path={model}", "--dry-run"])

@@ -44,20 +44,29 @@ def grad_norms(output: Path) -> list[float]:
     return [m["train/grad_norm"] for m in sorted(read_metrics(output), key=lambda m: m["step"]) if "train/loss" in m]
 
 
+PACKED = ("train.packing=true", "train.batch_size=2", "train.grad_accum_steps=1")  # 2 samples in each sequence
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llava_next_video", "qwen2_5_vl"])
-def test_two_ranks_share_each_sample_and_match_one_process(family, family_kits, demo_corpus, tmp_path):
+@pytest.mark.parametrize(
+    ("family", "packing"),
+    [("llava_next_video", ()), ("qwen2_5_vl", ()), ("llava_next_video", PACKED), ("qwen2_5_vl", PACKED)],
+    ids=["llava_next_video", "qwen2_5_vl", "llava_next_video-packed", "qwen2_5_vl-packed"],
+)
+def test_two_ranks_share_each_sample_and_match_one_process(family, packing, family_kits, demo_corpus, tmp_path):
     """ZeRO-2, SP 2 (one group: data parallel 1) against 1 process on the same samples: per-step losses, gradient
     norms and the saved adapter equal (Qwen2.5-VL: 3-D multimodal RoPE positions computed on the whole sequence);
-    each rank's vision tower got half of every sample's frames."""
+    each rank's vision tower got half of every micro-batch's frames. Packed: two samples share each sequence the
+    group splits, each attending only to itself (a sample attending to the one before it changes the losses), against
+    the 1-process packed run (rows with sdpa's block mask)."""
     from safetensors.torch import load_file
 
     from vidtune.train.training.loop import train
 
     model = family_kits(family).model_dir
-    train(load_recipe(None, overrides(model, demo_corpus, tmp_path / "one")))
+    train(load_recipe(None, overrides(model, demo_corpus, tmp_path / "one", *packing)))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(recipe_to_yaml(load_recipe(None, overrides(model, demo_corpus, tmp_path / "two"))))
+    recipe.write_text(recipe_to_yaml(load_recipe(None, overrides(model, demo_corpus, tmp_path / "two", *packing))))
     probe = tmp_path / "frames"
     probe.mkdir()
     result = launch(recipe, "zero2.yaml", "train.sequence_parallel=2", fault=f"towerframes@{probe}")
@@ -80,7 +89,9 @@ def test_two_ranks_share_each_sample_and_match_one_process(family, family_kits, 
         torch.testing.assert_close(split[key], tensor, rtol=1e-4, atol=1e-4, msg=f"{key}: max diff {worst:.2e}")
 
     frames = {rank: [int(n) for n in (probe / f"rank{rank}.txt").read_text().split()] for rank in (0, 1)}
-    assert frames[0] == frames[1] == [NUM_FRAMES // 2] * NUM_SAMPLES  # once per frame across the group
+    per_sequence = 2 if packing else 1
+    # once per frame across the group: half of each sequence's frames per rank
+    assert frames[0] == frames[1] == [per_sequence * NUM_FRAMES // 2] * (NUM_SAMPLES // per_sequence)
 
 
 @pytest.mark.parametrize("family", ["llava_next_video", "qwen2_5_vl"])
@@ -132,8 +143,8 @@ def test_group_ranks_read_the_same_batches():
     ("extra", "message"),
     [
         (["train.batch_size=2"], "train.batch_size=1"),
+        (["data.streaming=true", "train.max_steps=2", "data.eval_fraction=0"], "data.streaming is not supported"),
         (["model.attn_implementation=eager"], "sdpa or flash_attention_2"),
-        (["train.packing=true"], "not supported yet"),
         (["train.sequence_parallel=0"], ">= 1"),
     ],
 )
@@ -217,3 +228,31 @@ def test_a_world_the_degree_does_not_divide_is_refused_in_one_line(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     config = parallelism_config(recipe)
     assert (config.sp_size, config.dp_replicate_size, config.sp_backend) == (2, 2, "deepspeed")
+
+
+def test_packed_samples_attend_only_to_themselves_under_ulysses():
+    """Ulysses drops the attention mask and hands its core attention the gathered sequence: with packed samples
+    (positions restarting) the core must attend causally within each sample. Per-sample sdpa equals sdpa with the
+    packed block-causal mask (grouped-query heads included), and differs from plain causal attention over the row."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from vidtune.train.training.sequence_split import per_sample_attention, sample_starts
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]])  # three samples: 4, 3 and 5 tokens
+    assert sample_starts(positions[0]) == [0, 4, 7]
+    query, key, value = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+    ours, _ = per_sample_attention(sdpa_attention_forward)(module, query, key, value, None, position_ids=positions)
+
+    sample = torch.tensor([0] * 4 + [1] * 3 + [2] * 5)
+    block_causal = (sample[:, None] == sample[None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
+    masked, _ = sdpa_attention_forward(module, query, key, value, block_causal[None, None])
+    torch.testing.assert_close(ours, masked, rtol=1e-6, atol=1e-6)
+    whole, _ = sdpa_attention_forward(module, query, key, value, None)
+    assert not torch.allclose(ours[:, 4:], whole[:, 4:], atol=1e-3)  # the row's causal attention crosses samples
+    unpacked, _ = per_sample_attention(sdpa_attention_forward)(
+        module, query, key, value, None, position_ids=torch.arange(12)[None]
+    )
+    torch.testing.assert_close(unpacked, whole)  # one sample: one call, as without packing

@@ -213,9 +213,14 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--stages",
-        default="base,instruct,chat",
         help="comma-separated stages: base, instruct, chat, and dpo / grpo (the order question from preference "
-        "pairs / rewards, after base), e.g. base,dpo",
+        "pairs / rewards, after base), e.g. base,dpo (default base,instruct,chat; none with --audio)",
+    )
+    p.add_argument(
+        "--audio",
+        action="store_true",
+        help="the sound proof (families that hear): 'Is the tone high or low?' on clips with identical pictures, "
+        "trained hearing the sound and again with data.audio=off (recipe demo/tone); after --stages if given",
     )
 
 
@@ -555,11 +560,12 @@ def run_cache(args: argparse.Namespace) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from vidtune.train.demo.stages import parse_stages
+    from vidtune.train.demo.stages import STAGES, parse_stages
     from vidtune.train.demo.stages import run_demo as demo
 
     overrides = ("train.packing=true",) if args.packing else ()
-    demo(args.workdir, family=args.family, overrides=overrides, stages=parse_stages(args.stages))
+    stages = parse_stages(args.stages) if args.stages else () if args.audio else STAGES
+    demo(args.workdir, family=args.family, overrides=overrides, stages=stages, audio=args.audio)
 
 
 def run_env(args: argparse.Namespace) -> None:

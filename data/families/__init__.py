@@ -125,6 +125,10 @@ class ModelFamily(ABC):
     projector_prefix: str
     language_model_lora_targets: tuple[str, ...]  # linear-layer names LoRA wraps inside each part
     vision_tower_lora_targets: tuple[str, ...]
+    # a family that hears: its audio encoder's module-name prefix (finetune.audio_tower trains it; the audit counts
+    # it as audio_tower) and the linear-layer names LoRA wraps there; "" for a family without one
+    audio_tower_prefix: str = ""
+    audio_tower_lora_targets: tuple[str, ...] = ()
     # model.quantization (QLoRA): module names transformers' BitsAndBytesConfig leaves unquantized (prefixes from the
     # model's root, or layer-name suffixes): the vision tower, the projector and lm_head, whose precision the visual
     # features and every logit depend on and whose weights are a small share of the model

@@ -135,6 +135,10 @@ class Gemma4(ModelFamily):
     language_model_lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     # the tower's projections are clippable linears: the nn.Linear inside each is named `linear`
     vision_tower_lora_targets = ("linear",)
+    audio_tower_prefix = "model.audio_tower."  # the conformer; its projection to the text width is embed_audio
+    # the conformer's clippable linears (an nn.Linear named `linear` inside each), its relative-position keys, the
+    # subsampling's input projection and its output projection
+    audio_tower_lora_targets = ("linear", "relative_k_proj", "input_proj_linear", "output_proj")
     quantization_skip_modules = (
         "model.vision_tower",
         "model.audio_tower",

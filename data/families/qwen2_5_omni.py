@@ -119,6 +119,8 @@ class Qwen2_5_Omni(Qwen2_5_VL):
     language_model_prefix = "model.language_model."
     vision_tower_prefix = "model.visual."
     projector_prefix = "model.visual.merger."
+    audio_tower_prefix = "model.audio_tower."  # Whisper-style encoder, its `proj` to the text width included
+    audio_tower_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "proj")
     quantization_skip_modules = ("model.visual", "model.audio_tower", "lm_head")
     # floating ones in the model's dtype; video_second_per_grid stays float32 (its positions must not round)
     visual_keys = ("pixel_values_videos", "video_grid_thw", "pixel_values", "image_grid_thw", *AUDIO_KEYS)

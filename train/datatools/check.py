@@ -1,10 +1,10 @@
 """`vidtune check RECIPE`: a preflight before any GPU time.
 
 Reads every row of every source, opens every video (its frame index and header; `--decode` also decodes the frames
-training would sample), and reports: unreadable media and malformed rows by name and reason, the token-length
-distribution with video tokens included, the samples max_length would drop and the answer tokens that loses, and
-label-token counts. Prints a table, writes JSON, and fails (exit 1) when the bad samples exceed the recipe's
-budget (data.bad_samples).
+training would sample, and the sound of their span for videos the run hears: data.audio), and reports: unreadable
+media and malformed rows by name and reason, the token-length distribution with video (and heard audio) tokens
+included, the samples max_length would drop and the answer tokens that loses, and label-token counts. Prints a
+table, writes JSON, and fails (exit 1) when the bad samples exceed the recipe's budget (data.bad_samples).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from vidtune.data.conversation import DataError
-from vidtune.data.dataset import cached_measurer, load_media
+from vidtune.data.dataset import audio_rate_for, cached_measurer, heard_sources, load_media
 from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import family_for
 from vidtune.data.quality import BadSampleLog
@@ -59,6 +59,7 @@ def measure_all(
     )
     # The on-disk measuring cache `train` reads (same key): a check, then a train, measures each row once.
     measurer, measured = cached_measurer(builder, data), []
+    heard = heard_sources(data, builder.family) if builder.audio_rate else set()  # sounds decoded with --decode
     for source_path, row in rows:
         logs = [bad] if by_source is None else [bad, by_source.setdefault(source_path, BadSampleLog(bad.cfg))]
         counts, decoded = measurer(row), list[tuple[str, Clip]]()
@@ -74,6 +75,7 @@ def measure_all(
                     builder.frame_px,
                     record=decoded,
                     max_frame_pixels=data.bad_samples.max_frame_pixels,
+                    audio_rate=builder.audio_rate if row.get("source") in heard else None,
                 )
                 if backends is not None:
                     backends.update((path, clip.backend) for path, clip in decoded)
@@ -215,7 +217,9 @@ def run_check(
     model = recipe.model
     family = family_for(load_model_config(model.name_or_path, model.trust_remote_code).model_type)
     processor = load_processor(model.name_or_path, family, model.trust_remote_code, model.frame_limits)
-    builder = ExampleBuilder(processor, family, recipe.data.label_turns)
+    # heard videos count their sound's tokens, as training does
+    audio_rate = audio_rate_for(recipe.data, family, processor)
+    builder = ExampleBuilder(processor, family, recipe.data.label_turns, audio_rate=audio_rate)
     # Collect every problem: the budget decides the verdict, not the first bad file.
     bad = BadSampleLog(dataclasses.replace(recipe.data.bad_samples, policy="skip"))
     backends: dict[str, str] = {}

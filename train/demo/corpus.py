@@ -8,6 +8,13 @@ captions (base variant), order questions (instruct) and two-turn chats (chat), i
     preferences_train.jsonl        {"video", "prompt", "chosen", "rejected"}  preference format (DPO): chosen =
                                    the true colour, rejected = the other one (the colours swapped)
     (and the same three for eval)
+
+The sound proof's corpus (`vidtune demo --audio`, families that hear), beside it:
+
+    videos/tone_train_0000.mp4 ... clips in twins with identical pictures (the same frames, encoded alike), one
+                                   with a low tone (250-450 Hz), one with a high one (1.8-3 kHz): only the sound
+                                   tells them apart; held-out clips have pictures and pitches of their own
+    tones_train.jsonl              {"video", "question": TONE_QUESTION, "answer": "low" | "high"}  qa format
 """
 
 from __future__ import annotations
@@ -17,12 +24,15 @@ import json
 import random
 from pathlib import Path
 
-from vidtune.train.demo.clips import write_color_clip
+from vidtune.train.demo.clips import write_color_clip, write_tone_clip
 
 DEMO_COLORS = ("red", "green", "blue", "yellow")
 FIRST_QUESTION = "Which color comes first?"
 LAST_QUESTION = "Which color comes last?"
 FOLLOW_UP = "And which color comes last?"
+TONE_QUESTION = "Is the tone high or low?"
+TONE_WORDS = "tone high low Is"  # whole tokens in the sound proof's tiny vocabulary
+TONE_HZ = {"low": (250.0, 450.0), "high": (1800.0, 3000.0)}
 
 
 def color_pairs() -> list[tuple[str, str]]:
@@ -74,4 +84,31 @@ def write_demo_corpus(root: str | Path, num_train: int = 96, num_eval: int = 32,
     root = Path(root)
     write_split(root, "train", num_train, seed + 1)
     write_split(root, "eval", num_eval, seed + 2)
+    return root
+
+
+def write_tone_split(root: Path, split: str, num_twins: int, seed: int) -> Path:
+    """`num_twins` pairs of clips with identical pictures, one low-toned, one high (pitches spread over each range);
+    their questions, in order."""
+    rng = random.Random(seed)
+    pairs = color_pairs()
+    rows = []
+    for twin in range(num_twins):
+        colors = list(rng.choice(pairs))
+        for slot, (tone, (low_hz, high_hz)) in enumerate(TONE_HZ.items()):
+            # one pitch per equal slice of the range: the edges are covered, not left to chance (a high tone at
+            # 1,880 Hz, below every high one a random draw had trained on, was heard as low)
+            hz = low_hz + (twin + rng.random()) / num_twins * (high_hz - low_hz)
+            name = f"videos/tone_{split}_{2 * twin + slot:04d}.mp4"
+            write_tone_clip(root / name, colors, [hz, hz], seconds_per_segment=1.0, seed=seed * 100_000 + twin)
+            rows.append({"video": name, "question": TONE_QUESTION, "answer": tone})
+    path = root / f"tones_{split}.jsonl"
+    _write_jsonl(path, rows)
+    return path
+
+
+def write_tone_corpus(root: str | Path, num_train: int = 32, num_eval: int = 16, seed: int = 0) -> Path:
+    root = Path(root)
+    write_tone_split(root, "train", num_train // 2, seed + 3)
+    write_tone_split(root, "eval", num_eval // 2, seed + 4)
     return root

@@ -18,8 +18,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vidtune.data.conversation import Message, assistant_texts, message, text_part
+from vidtune.data.families import family_for
 from vidtune.data.sources import SourceConfig, iter_conversations
-from vidtune.train.demo.corpus import FIRST_QUESTION, FOLLOW_UP, write_demo_corpus
+from vidtune.train.demo.corpus import (
+    FIRST_QUESTION,
+    FOLLOW_UP,
+    TONE_QUESTION,
+    TONE_WORDS,
+    write_demo_corpus,
+    write_tone_corpus,
+)
 from vidtune.train.demo.tiny_model import DEFAULT_FAMILY, build_tiny_model
 from vidtune.train.evaluation.metrics import exact_match, normalize_answer
 from vidtune.train.evaluation.tasks import evaluate_items, load_items
@@ -111,13 +119,16 @@ def default_workdir(family: str) -> str:
     return "vidtune-demo" if family == DEFAULT_FAMILY else f"vidtune-demo-{family}"
 
 
-def ensure_tiny_model(model_dir: Path, family: str) -> None:
+def ensure_tiny_model(
+    model_dir: Path, family: str, text_layers: int | None = DEMO_TEXT_LAYERS, extra_words: str = ""
+) -> None:
     """Build the family's tiny model once; a folder left by another family's demo is an error, not a silent reuse."""
     if not (model_dir / "config.json").is_file():
-        build_tiny_model(model_dir, text_layers=DEMO_TEXT_LAYERS, family=family)
+        build_tiny_model(model_dir, text_layers=text_layers, family=family, extra_words=extra_words)
         return
     found = load_model_config(str(model_dir)).model_type
-    if found != family:
+    # a family may cover several model types (Qwen2.5-Omni's tiny folder is a qwen2_5_omni_thinker)
+    if found != family and found not in family_for(family).model_types:
         raise RecipeError(f"{model_dir} holds a {found} model, not {family}: choose another --workdir")
 
 
@@ -139,17 +150,21 @@ def run_demo(
     family: str = DEFAULT_FAMILY,
     overrides: tuple[str, ...] = (),
     stages: tuple[str, ...] = STAGES,
+    audio: bool = False,
 ) -> dict[str, float]:
     """The stages (recipes demo/<stage>, each with `overrides`; base, instruct, chat by default) and their
-    held-out accuracy, written to demo_report.json."""
+    held-out accuracy, written to demo_report.json; `audio`: then the sound proof (run_sound_proof)."""
+    if audio and not family_for(family).hears:
+        raise RecipeError(f"--audio: {family} does not hear sound (families that do: {', '.join(HEARING_FAMILIES)})")
     root = Path(workdir or default_workdir(family)).resolve()
     os.environ["VIDTUNE_DEMO_DIR"] = str(root)  # the packaged demo recipes resolve their paths under it
     corpus, model_dir = root / "corpus", root / "tiny-model"
-    ensure_tiny_model(model_dir, family)
-    if not (corpus / "preferences_eval.jsonl").is_file():
-        write_demo_corpus(corpus)
-    print(f"== demo in {root}: corpus {corpus}, tiny {family} model {model_dir}")
     report: dict[str, float] = {}
+    if stages:
+        ensure_tiny_model(model_dir, family)
+        if not (corpus / "preferences_eval.jsonl").is_file():
+            write_demo_corpus(corpus)
+        print(f"== demo in {root}: corpus {corpus}, tiny {family} model {model_dir}")
     for stage in stages:
         started = time.perf_counter()
         output = run_stage(stage, overrides)
@@ -159,6 +174,8 @@ def run_demo(
         print(stage_summary(stage, stage_scores, output))
         record_scores(output, stage_scores)
         report[f"{stage}: stage seconds (training and scoring)"] = round(time.perf_counter() - started, 1)
+    if audio:
+        run_sound_proof(root, family, overrides, report)
 
     print("\n== held-out accuracy")
     for key, value in report.items():
@@ -168,9 +185,37 @@ def run_demo(
         chat = load_for_inference(str(root / "runs" / "chat"))
         transcript = show_one_chat(chat, corpus / "videos" / "eval_0000.mp4", corpus)
         (root / "demo_chat.txt").write_text("\n".join(transcript) + "\n", encoding="utf-8")
+    root.mkdir(parents=True, exist_ok=True)
     (root / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(next_steps(root, stages))
+    if stages:
+        print(next_steps(root, stages))
     return report
+
+
+HEARING_FAMILIES = ("qwen2_5_omni", "gemma4")  # the families with a tiny model that hear (a test keeps this in step)
+SOUND_RUNS = {  # report label -> (run folder, overrides): the same recipe heard, then on pictures alone
+    "instruct": ("tone", ()),
+    "instruct (data.audio=off)": ("tone-silent", ("data.audio=off",)),
+}
+
+
+def run_sound_proof(root: Path, family: str, overrides: tuple[str, ...], report: dict[str, float]) -> None:
+    """The sound proof, "Is the tone high or low?", on clip twins with identical pictures (recipe demo/tone):
+    trained hearing the sound, then again with data.audio=off; both scored on held-out twins (chance: 50%)."""
+    corpus, model_dir = root / "corpus", root / "tiny-model-sound"
+    ensure_tiny_model(model_dir, family, text_layers=None, extra_words=TONE_WORDS)
+    if not (corpus / "tones_eval.jsonl").is_file():
+        write_tone_corpus(corpus)
+    print(f"== sound proof in {root}: {TONE_QUESTION!r}, tiny {family} model {model_dir}")
+    for label, (folder, extra) in SOUND_RUNS.items():
+        started = time.perf_counter()
+        output = run_stage("tone", (*overrides, *extra, f"train.output_dir={root / 'runs' / folder}"))
+        exact, _ = exact_match_on(load_for_inference(str(output)), corpus / "tones_eval.jsonl")
+        scores = {f"{label}: tone exact match": exact}
+        print(stage_summary(label, scores, output))
+        record_scores(output, scores)
+        report.update(scores)
+        report[f"{label}: tone seconds (training and scoring)"] = round(time.perf_counter() - started, 1)
 
 
 def stage_summary(stage: str, scores: dict[str, float], output: Path) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,13 +169,22 @@ def build(out_dir: str | Path, seed: int = 0, extra_words: str = "", text_layers
 
 
 def save_tiny_model(
-    out_dir: str | Path, model_class: Any, config: Any, processor: Any, seed: int, eos_token_ids: Any = None
+    out_dir: str | Path,
+    model_class: Any,
+    config: Any,
+    processor: Any,
+    seed: int,
+    eos_token_ids: Any = None,
+    initialise: Callable[[Any], None] | None = None,
 ) -> Path:
-    """Every family's tiny folder the same way: random weights from `seed`, the tokenizer's pad token (and the
-    family's end tokens) in the generation config, then the weights and the processor saved like a hub model."""
+    """Every family's tiny folder the same way: random weights from `seed` (then the family's `initialise`, if any),
+    the tokenizer's pad token (and the family's end tokens) in the generation config, then the weights and the
+    processor saved like a hub model."""
     out = Path(out_dir)
     torch.manual_seed(seed)
     model = model_class(config)
+    if initialise is not None:
+        initialise(model)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     if eos_token_ids is not None:
         model.generation_config.eos_token_id = eos_token_ids

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import (
     Qwen2_5OmniProcessor,
     Qwen2_5OmniThinkerConfig,
@@ -111,6 +112,18 @@ def tiny_processor(tokenizer: Any) -> Qwen2_5OmniProcessor:
     )
 
 
+def scale_audio_convs(model: Any) -> None:
+    """He-initialise the audio tower's two input convolutions (std sqrt(2 / fan-in)): transformers draws them at
+    std 0.02, which for the tiny 32-wide tower gives conv outputs of std ~0.02 under sinusoidal position embeddings
+    of std ~0.7, so after the tower's LayerNorms a 300 Hz and a 2,500 Hz tone came out with cosine 0.9999 (the
+    sound drowned by the positions; a trained Whisper encoder's convolutions are not small). He-initialised, the
+    two tones' features have cosine ~0.79 and the sound is learnable (benchmarks/omni_tone.py)."""
+    tower = model.model.audio_tower
+    for conv in (tower.conv1, tower.conv2):
+        fan_in = conv.in_channels * conv.kernel_size[0]
+        torch.nn.init.normal_(conv.weight, std=(2 / fan_in) ** 0.5)
+
+
 def build(out_dir: str | Path, seed: int = 0, extra_words: str = "", text_layers: int | None = None) -> Path:
     """Write the tiny thinker folder (config, safetensors weights, tokenizer, processor, chat template); return it."""
     tokenizer = build_omni_tokenizer(extra_words)
@@ -123,4 +136,5 @@ def build(out_dir: str | Path, seed: int = 0, extra_words: str = "", text_layers
         tiny_processor(tokenizer),
         seed,
         eos_token_ids=end_tokens,
+        initialise=scale_audio_convs,
     )

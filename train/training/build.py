@@ -32,6 +32,7 @@ from vidtune.train.training.config import Recipe, RecipeError
 from vidtune.train.training.distributed import is_deepspeed, zero_stage
 from vidtune.train.training.model import (
     apply_finetuning,
+    check_audio_tower,
     check_audit,
     check_lora_size,
     enable_gradient_checkpointing,
@@ -48,7 +49,9 @@ from vidtune.train.training.sharding import is_fsdp
 
 def build_model(recipe: Recipe, accelerator: Accelerator) -> tuple[Any, ModelFamily, Any, dict[str, Any]]:
     refuse_quantized_engine(recipe, accelerator)
-    check_lora_size(recipe.finetune, load_model_config(recipe.model.name_or_path, recipe.model.trust_remote_code))
+    model_config = load_model_config(recipe.model.name_or_path, recipe.model.trust_remote_code)
+    check_lora_size(recipe.finetune, model_config)
+    check_audio_tower(recipe.finetune, model_config)
     # Random weights (model.from_config) are drawn on the device; ZeRO-3's zero.Init places its partitions itself.
     model, family = load_model(recipe.model, init_device=None if is_deepspeed(accelerator) else accelerator.device)
     m = recipe.model
@@ -180,7 +183,10 @@ def build_loaders(recipe: Recipe, processor: Any, family: ModelFamily, accelerat
             collate.pad_token_id,
             family=family,
             packing=True,
-            pack_max_length=pack_layout(recipe.model.attn_implementation, data.max_length),
+            # under sequence parallelism the group splits one sequence: one row whatever the attention
+            pack_max_length=None
+            if train_cfg.sequence_parallel > 1
+            else pack_layout(recipe.model.attn_implementation, data.max_length),
             model_config=load_model_config(recipe.model.name_or_path, recipe.model.trust_remote_code),
             loss_positions=sft,
         )

@@ -404,7 +404,9 @@ def fingerprint(recipe: Recipe, world_size: int, train_rows: Any, template: str 
         f"time instruction {d.time_instruction}, label turns {d.label_turns}",
         "template": hashlib.sha256(template.encode()).hexdigest()[:12],
         "adapter": f"{f.mode}, rank {lora.rank}, alpha {lora.alpha}, targets {sorted(lora.targets) or 'default'}, "
-        f"projector {f.train_projector}, vision tower {f.vision_tower}, continued from {recipe.model.adapter}",
+        f"projector {f.train_projector}, vision tower {f.vision_tower}, continued from {recipe.model.adapter}"
+        # said only when trained: a run from before the knob existed keeps its fingerprint (and resumes)
+        + (f", audio tower {f.audio_tower}" if f.audio_tower != "frozen" else ""),
         "batch": f"{recipe.train.batch_size} per device x {recipe.train.grad_accum_steps} accumulation",
     }
 

@@ -119,6 +119,9 @@ class FinetuneConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train_projector: bool = False  # also train the vision-language projector fully
     vision_tower: str = "frozen"  # frozen | lora | full
+    # frozen | lora | full: the audio encoder (with its projection to the language model) of a family that hears
+    # (Qwen2.5-Omni); lora wraps its attention and MLP projections
+    audio_tower: str = "frozen"
 
 
 @dataclass
@@ -490,6 +493,7 @@ def _validate(recipe: Recipe) -> None:
     _choice(m.attn_implementation, ATTENTION, "model.attn_implementation")
     _choice(f.mode, FINETUNE_MODES, "finetune.mode")
     _choice(f.vision_tower, VISION_TOWER_MODES, "finetune.vision_tower")
+    _choice(f.audio_tower, VISION_TOWER_MODES, "finetune.audio_tower")
     _choice(t.lr_scheduler, SCHEDULERS, "train.lr_scheduler")
     _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
     if t.optimizer != "adamw" and not quantization.bitsandbytes_installed():
@@ -514,6 +518,8 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError("train.output_dir is empty")
     if f.mode == "full" and f.vision_tower == "lora":
         raise RecipeError("finetune.vision_tower=lora needs finetune.mode=lora (full mode trains no adapters)")
+    if f.mode == "full" and f.audio_tower == "lora":
+        raise RecipeError("finetune.audio_tower=lora needs finetune.mode=lora (full mode trains no adapters)")
     if problem := quantization_problem(m.quantization, f.mode, m.from_config):
         raise RecipeError(problem)
     if m.adapter and f.mode != "lora":

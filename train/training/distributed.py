@@ -26,7 +26,8 @@ def resolve_mixed_precision(name: str) -> str:
 
 
 def trains_vision_side(recipe: Recipe) -> bool:
-    return recipe.finetune.train_projector or recipe.finetune.vision_tower != "frozen"
+    f = recipe.finetune
+    return f.train_projector or f.vision_tower != "frozen" or f.audio_tower != "frozen"
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
@@ -62,10 +63,12 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         ds_config["gradient_clipping"] = t.max_grad_norm
         # Our DataLoaders take a batch sampler (seeded order, length grouping), so Accelerate cannot read their
         # batch size; DeepSpeed needs it for its bookkeeping.
-        ds_config["train_micro_batch_size_per_gpu"] = t.batch_size
-        ds_config["train_batch_size"] = (
-            t.batch_size * t.grad_accum_steps * data_parallel_size(recipe, accelerator.num_processes)
-        )
+        # Under sequence parallelism a packed micro-batch is one row (its samples packed), and Ulysses checks each
+        # attention input against the micro-batch size it is registered with (in prepare, from this value).
+        rows = 1 if t.sequence_parallel > 1 and t.packing else t.batch_size
+        ds_config["train_micro_batch_size_per_gpu"] = rows
+        data_parallel = data_parallel_size(recipe, accelerator.num_processes)
+        ds_config["train_batch_size"] = rows * t.grad_accum_steps * data_parallel
         if zero_stage(accelerator) == 3:
             load_partitioned(accelerator)
     return accelerator

@@ -22,7 +22,7 @@ from vidtune.data.families import FrameLimits, ModelFamily, family_for
 from vidtune.train.training.config import FinetuneConfig, ModelConfig, RecipeError
 from vidtune.train.training.quantization import bnb_config, check_quantized
 
-PARTS = ("vision_tower", "projector", "language_model", "other")
+PARTS = ("vision_tower", "projector", "audio_tower", "language_model", "other")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -181,6 +181,8 @@ def lora_target_pattern(model: Any, family: ModelFamily, cfg: FinetuneConfig) ->
     scopes = [(family.language_model_prefix, list(cfg.lora.targets) or list(family.language_model_lora_targets))]
     if cfg.vision_tower == "lora":
         scopes.append((family.vision_tower_prefix, list(family.vision_tower_lora_targets)))
+    if cfg.audio_tower == "lora":
+        scopes.append((audio_tower_prefix(family, cfg), list(family.audio_tower_lora_targets)))
     unused = family.unused_module_prefixes(model.config)
     if unused:
         module_names = [name for name, _ in model.named_modules()]
@@ -217,6 +219,13 @@ def check_lora_size(cfg: FinetuneConfig, config: Any) -> None:
         )
 
 
+def check_audio_tower(cfg: FinetuneConfig, config: Any) -> None:
+    """finetune.audio_tower on a family without an audio tower: refused from the model's config, before its weights
+    load."""
+    if cfg.audio_tower != "frozen":
+        audio_tower_prefix(family_for(config.model_type), cfg)
+
+
 def apply_finetuning(model: Any, family: ModelFamily, cfg: FinetuneConfig, adapter: str | None = None) -> Any:
     """Freeze everything, then unfreeze (or wrap with LoRA) exactly what the recipe asks for."""
     model.requires_grad_(False)
@@ -227,6 +236,8 @@ def apply_finetuning(model: Any, family: ModelFamily, cfg: FinetuneConfig, adapt
             _unfreeze(model, family.projector_prefix)
         if cfg.vision_tower == "full":
             _unfreeze(model, family.vision_tower_prefix)
+        if cfg.audio_tower == "full":
+            _unfreeze(model, audio_tower_prefix(family, cfg))
         return model
     if adapter:
         # Continue an earlier stage's adapter (instruct -> chat): its targets and rank come with it.
@@ -237,6 +248,8 @@ def apply_finetuning(model: Any, family: ModelFamily, cfg: FinetuneConfig, adapt
         modules_to_save.append(family.projector_prefix.rstrip(".").rsplit(".", 1)[-1])
     if cfg.vision_tower == "full":
         modules_to_save.append(family.vision_tower_prefix.rstrip(".").rsplit(".", 1)[-1])
+    if cfg.audio_tower == "full":
+        modules_to_save.append(audio_tower_prefix(family, cfg).rstrip(".").rsplit(".", 1)[-1])
     lora = LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
@@ -246,6 +259,16 @@ def apply_finetuning(model: Any, family: ModelFamily, cfg: FinetuneConfig, adapt
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def audio_tower_prefix(family: ModelFamily, cfg: FinetuneConfig) -> str:
+    """The audio encoder's module prefix, for a recipe that trains it; a family without one refuses in one line."""
+    if not family.audio_tower_prefix:
+        raise RecipeError(
+            f"finetune.audio_tower={cfg.audio_tower}: {family.name} has no audio tower "
+            "(set finetune.audio_tower=frozen)"
+        )
+    return family.audio_tower_prefix
 
 
 def _unfreeze(model: Any, prefix: str) -> None:
@@ -269,9 +292,10 @@ def part_of(name: str, family: ModelFamily) -> str:
     for part, prefix in (  # the projector first: Qwen's merger sits inside its vision tower's module
         ("projector", family.projector_prefix),
         ("vision_tower", family.vision_tower_prefix),
+        ("audio_tower", family.audio_tower_prefix),
         ("language_model", family.language_model_prefix),
     ):
-        if name.startswith(prefix):
+        if prefix and name.startswith(prefix):
             return part
     return "language_model" if name.startswith("lm_head") else "other"
 
@@ -333,6 +357,8 @@ def wrapped_modules(model: Any) -> dict[str, list[str]]:
 def format_audit(audit: dict[str, Any]) -> str:
     lines = [f"{'part':<16}{'trainable':>14}{'total':>14}"]
     for part, counts in audit["parts"].items():
+        if part == "audio_tower" and not counts["total"]:
+            continue  # a family that does not hear
         lines.append(f"{part:<16}{counts['trainable']:>14,}{counts['total']:>14,}")
     for part, count in audit["lora"].items():
         lines.append(f"{'lora (' + part + ')':<16}{count:>14,}{count:>14,}")
@@ -346,6 +372,7 @@ def expected_trainable(cfg: FinetuneConfig, from_adapter: bool = False) -> dict[
     expect = {
         "vision_tower": {"frozen": "none", "lora": "lora", "full": "all"}[cfg.vision_tower],
         "projector": "all" if cfg.train_projector else "none",
+        "audio_tower": {"frozen": "none", "lora": "lora", "full": "all"}[cfg.audio_tower],
         "language_model": "all" if cfg.mode == "full" else "lora",
         "other": "none",
     }

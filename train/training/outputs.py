@@ -147,6 +147,8 @@ def training_metadata(
             ),
             "projector trained": r.finetune.train_projector,
             "vision tower": r.finetune.vision_tower,
+            # a family that hears (said when trained: the other families have no audio tower to freeze)
+            **({"audio tower": r.finetune.audio_tower} if r.finetune.audio_tower != "frozen" else {}),
             "mixed precision": r.train.mixed_precision,
             "seed": r.train.seed,
         },

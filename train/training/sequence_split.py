@@ -16,6 +16,10 @@ What vidtune adds around the engine (no collective of its own: slicing, and torc
   Accelerate's per-rank sharding hands it to N consecutive ranks, which are one Ulysses group); the group's other
   ranks report no samples or tokens, so the logged counts stay per sample (`CountOnce`). Accelerate's
   `UlyssesSPDataLoaderAdapter` is not used: it slices every batch tensor on dim 1, which visual tensors are not.
+- Packing (`train.packing`): the micro-batch's samples are packed into one row, the sequence the group splits, each
+  sample with its own positions (the packer's); DeepSpeed's micro-batch is that one row. With sdpa, Ulysses' core
+  attention runs per sample, found where the gathered positions restart (`per_sample_attention`; flash-attention's
+  varlen reads the same restarts itself).
 - Positions on the whole sequence, then sliced: 0..T-1, or Qwen's 3-D multimodal RoPE from the model's own
   `get_rope_index` (prefixed with the text positions Ulysses gathers before attention).
 - The vision tower splits too: rank i encodes share i of the frames (the family's `video_shares`); the features
@@ -36,7 +40,7 @@ from typing import Any
 import torch
 
 from vidtune.data.families import ModelFamily
-from vidtune.data.packing import NUM_SAMPLES, NUM_TOKENS
+from vidtune.data.packing import FLASH_KEYS, NUM_SAMPLES, NUM_TOKENS
 from vidtune.train.training.loss import (
     IGNORE_INDEX,
     HeadInputCapture,
@@ -57,12 +61,15 @@ def recipe_problem(train: Any, model: Any, data: Any) -> str | None:
         return f"train.sequence_parallel must be >= 1, got {size}"
     if size == 1:
         return None
-    if train.batch_size != 1:
-        return "train.sequence_parallel > 1 splits one sample at a time: set train.batch_size=1 (and grad_accum_steps)"
+    if train.batch_size != 1 and not train.packing:
+        return (
+            "train.sequence_parallel > 1 splits one sequence at a time: set train.batch_size=1 (and "
+            "grad_accum_steps), or train.packing=true to pack batch_size samples into that sequence"
+        )
     if train.objective != "sft":
         return f"train.sequence_parallel > 1 trains objective sft only (not {train.objective}) for now"
-    if train.packing or data.streaming:
-        return "train.sequence_parallel > 1 with train.packing or data.streaming is not supported yet: unset them"
+    if data.streaming:
+        return "train.sequence_parallel > 1 with data.streaming is not supported yet: unset it"
     if model.attn_implementation == "eager":
         return "train.sequence_parallel > 1 needs model.attn_implementation sdpa or flash_attention_2 (Ulysses)"
     return None
@@ -88,11 +95,43 @@ def parallelism_config(recipe: Any) -> Any:
             f"NUM_PROCESSES={size} launch/train.sh RECIPE launch/accelerate/zero2.yaml"
         )
     implementation = recipe.model.attn_implementation
-    _ORIGINAL_ATTENTION.setdefault(implementation, ALL_ATTENTION_FUNCTIONS[implementation])
+    original = _ORIGINAL_ATTENTION.setdefault(implementation, ALL_ATTENTION_FUNCTIONS[implementation])
+    if implementation == "sdpa":  # Ulysses takes the function registered now as its core attention (in prepare)
+        ALL_ATTENTION_FUNCTIONS[implementation] = per_sample_attention(original)
     handler = DeepSpeedSequenceParallelConfig(
         sp_seq_length_is_variable=True, sp_attn_implementation=implementation, sp_disable_in_eval=True
     )
     return ParallelismConfig(dp_replicate_size=world // size, sp_size=size, sp_backend="deepspeed", sp_handler=handler)
+
+
+def per_sample_attention(sdpa: Callable[..., Any]) -> Callable[..., Any]:
+    """sdpa as Ulysses' core attention, for packed sequences: Ulysses drops every attention mask (the model built it
+    for the local slice) and attends causally over the gathered sequence, which would let a packed sample attend to
+    the ones before it. It hands the core the gathered position ids: where they restart, a new sample begins, and
+    each sample attends causally within itself, one sdpa call per sample (no (T x T) mask: memory stays per sample,
+    as flash-attention's varlen, which reads the same restarts, has it). Unpacked sequences take one call as before."""
+
+    def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, *args, **kwargs):
+        positions = kwargs.get("position_ids")
+        if mask is not None or positions is None or query.shape[0] != 1 or query.shape[2] != positions.shape[-1]:
+            return sdpa(module, query, key, value, mask, *args, **kwargs)
+        starts = sample_starts(positions.reshape(-1))
+        if len(starts) == 1:
+            return sdpa(module, query, key, value, mask, *args, **kwargs)
+        ends = [*starts[1:], query.shape[2]]
+        parts = [
+            sdpa(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, *args, **kwargs)
+            for a, b in zip(starts, ends, strict=True)
+        ]
+        return torch.cat([out for out, _ in parts], dim=1), None  # sdpa returns (B, T, heads, dim)
+
+    return attention
+
+
+def sample_starts(positions: torch.Tensor) -> list[int]:
+    """Where the packed samples of one row start: index 0 and every position that does not follow its left one."""
+    restarts = torch.nonzero(positions[1:] != positions[:-1] + 1).flatten() + 1
+    return [0, *restarts.tolist()]
 
 
 def data_parallel_size(recipe: Any, num_processes: int) -> int:
@@ -134,11 +173,12 @@ class CountOnce:
 
     def __call__(self, examples: list[Any]) -> dict[str, Any]:
         batch = self.collate(examples)
-        first = self.rank_in_group == 0
-        if not first:
-            batch.pop("skipped", None)
-        batch[NUM_SAMPLES] = len(batch["input_ids"]) if first else 0
-        batch[NUM_TOKENS] = int(batch["attention_mask"].sum()) if first else 0
+        if self.rank_in_group == 0:
+            if NUM_SAMPLES not in batch:  # a packed batch has its counts already
+                batch[NUM_SAMPLES], batch[NUM_TOKENS] = len(batch["input_ids"]), int(batch["attention_mask"].sum())
+            return batch
+        batch.pop("skipped", None)
+        batch[NUM_SAMPLES] = batch[NUM_TOKENS] = 0
         return batch
 
 
@@ -219,15 +259,22 @@ class SequenceSplitLoss:
     # ------------------------------------------------------------------------------------------ the objective
 
     def padded(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Token tensors right-padded to a multiple of the group size (pad tokens, no attention, no labels)."""
+        """Token tensors right-padded to a multiple of the group size (pad tokens, no attention, no labels; a packed
+        batch's positions restart there: the padding is a segment of its own, as the packer pads). A packed batch's
+        flash-attention lengths go: they describe the unpadded row (flash reads the same restarts from the gathered
+        positions)."""
+        out = {k: v for k, v in batch.items() if k not in FLASH_KEYS}
         extra = -batch["input_ids"].shape[1] % self.size
         if not extra:
-            return batch
+            return out
         fill = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
-        out = dict(batch)
         for key in ("input_ids", "attention_mask", "labels", *self.family.token_keys):
             if isinstance(batch.get(key), torch.Tensor):
                 out[key] = torch.nn.functional.pad(batch[key], (0, extra), value=fill.get(key, 0))
+        if isinstance(batch.get("position_ids"), torch.Tensor):
+            positions = batch["position_ids"]
+            restart = torch.arange(extra, device=positions.device).expand(*positions.shape[:-1], extra)
+            out["position_ids"] = torch.cat([positions, restart], dim=-1)
         return out
 
     def bounds(self, length: int) -> tuple[int, int]:
@@ -290,7 +337,8 @@ class SequenceSplitLoss:
         inputs = dict(kwargs)
         input_ids = inputs.pop("input_ids")
         low, high = self.bounds(input_ids.shape[1])
-        positions = self.positions(input_ids, inputs)
+        packed = inputs.get("position_ids")  # a packed batch: each sample's own positions (data/packing.py)
+        positions = packed if packed is not None else self.positions(input_ids, inputs)
         embeddings = self.embeddings(input_ids, inputs)
         for key in (*self.family.visual_keys, "second_per_grid_ts", "inputs_embeds"):
             inputs.pop(key, None)
