@@ -114,8 +114,11 @@ class ExampleBuilder:
         num_placeholders = len(media_parts(messages))
         labels = int(label_mask(torch.tensor(encoded["assistant_masks"]), self.label_turns).sum())
         media = sum(media_tokens)
-        # The processor tokenizes with the tokenizer's specials (BOS); a tokenizer's chat template never does.
-        specials = self.tokenizer.num_special_tokens_to_add(pair=False)
+        # The processor tokenizes with the tokenizer's specials (BOS); a tokenizer's chat template never does,
+        # unless the template writes the BOS itself (Gemma's): then the processor adds none.
+        ids = encoded["input_ids"]
+        starts_with_bos = self.tokenizer.bos_token_id is not None and ids[:1] == [self.tokenizer.bos_token_id]
+        specials = 0 if starts_with_bos else self.tokenizer.num_special_tokens_to_add(pair=False)
         return TokenCount(len(encoded["input_ids"]) + specials - num_placeholders + media, media, labels)
 
     def build(

@@ -227,14 +227,22 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     return root, run_demo(root)
 
 
+# Tiny models whose 4-frame questions need more than 64 tokens: Gemma 4's processors give every frame at least ~64
+# tokens (max_soft_tokens >= 70), plus its `mm:ss <|image>`...`<image|>` text.
+TINY_MAX_LENGTH = {"gemma4": 320}
+
+
 def tiny_run_overrides(model: Path, corpus: Path, output: Path, *extra: str) -> list[str]:
     """A short LoRA run of the tiny model on the demo's questions: what training tests start from (later
     `key=value` items win)."""
+    import json
+
+    model_type = json.loads((Path(model) / "config.json").read_text()).get("model_type", "")
     return [
         f"model.name_or_path={model}",
         f"data.sources=[{{path: {corpus / 'questions_train.jsonl'}}}]",
         "data.sampling.num_frames=4",
-        "data.max_length=64",
+        f"data.max_length={TINY_MAX_LENGTH.get(model_type, 64)}",
         "data.num_workers=0",
         f"train.output_dir={output}",
         "train.max_steps=6",

@@ -58,9 +58,10 @@ def test_over_long_samples_are_dropped_with_their_reason_never_truncated(tmp_pat
         example = dataset[(0, index)]
         assert len(example["input_ids"]) <= max_length
         video_tokens = int((example["input_ids"] == builder.video_token_id).sum())
-        if family_kit.name in ("qwen3_vl", "qwen3_5"):
-            # its measure also holds each temporal patch's `<t seconds>` text (+ vision start/end), which training's
-            # jittered frame times may lengthen by a token or two; the video tokens themselves are pinned elsewhere
+        if family_kit.name in ("qwen3_vl", "qwen3_5", "gemma4"):
+            # its measure also holds each temporal patch's `<t seconds>` text (Gemma 4: each frame's `mm:ss <|image>`
+            # ... `<image|>`), which training's jittered frame times may lengthen by a token or two; the video tokens
+            # themselves are pinned elsewhere
             assert video_tokens > 0 and abs(len(example["input_ids"]) - rows[index]["num_tokens"]) <= 2
         elif family_kit.name == "internvl":
             # its measure also holds each frame's `Frame{i}: <img>`...`</img>` text around the frame's tokens

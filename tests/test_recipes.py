@@ -57,6 +57,7 @@ def test_every_recipe_parses_validates_and_dry_runs(
         "qwen3_vl_8b": "qwen3_vl",
         "qwen2_5_omni_7b": "qwen2_5_omni",
         "internvl3_5_8b": "internvl",
+        "gemma4_e4b": "gemma4",
     }.get(path.parent.name)
     model = family_kits(qwen).model_dir if qwen else model
     if (path.parent.name, path.name) == ("demo", "tone.yaml"):  # the sound proof: a family that hears
@@ -175,6 +176,34 @@ def test_internvl_8b_recipes_fit_the_real_architecture(tmp_path, family_kits):
     assert audit["parts"]["vision_tower"]["trainable"] == 0
     assert audit["parts"]["projector"]["trainable"] == audit["parts"]["projector"]["total"] > 0
     assert 8.3e9 < audit["total"] - audit["trainable"] < 8.8e9  # the frozen 8.5B (Qwen3-8B + InternViT-300M)
+
+
+def test_gemma4_e4b_recipe_fits_the_real_architecture(tmp_path, family_kits):
+    """The recipe's token budget for its frames (at most 70 tokens per frame + its `mm:ss <|image>`...`<image|>`
+    text, and 60 s of sound), and LoRA on the text model's attention and MLP only: the KV-shared layers have no key
+    and value projections (one 7.9B build on the meta device; the config's unchecked values: its _comment)."""
+    from vidtune.train.training.model import apply_finetuning, build_on_meta, check_audit, trainable_audit
+
+    folder = config_only_folder(tmp_path, "gemma4_e4b_config.json")
+    recipe = load_recipe(REPO / "recipes" / "gemma4_e4b" / "instruct.yaml", [f"model.name_or_path={folder}"])
+    model, family = build_on_meta(recipe.model)
+    text = model.config.text_config
+    tokens = family_kits("gemma4").builder.tokens  # the frame times' text as the processor writes it
+    num_frames = recipe.data.sampling.num_frames
+    times = [i * 60 / num_frames for i in range(num_frames)]  # a 60 s clip
+    per_frame_text = tokens.video_tokens(num_frames, 32, 32, times) - num_frames * 64  # tiny: 64 tokens per frame
+    video_tokens = num_frames * 70 + per_frame_text
+    assert video_tokens + tokens.video_audio_tokens(60.0) + 128 <= recipe.data.max_length, video_tokens
+
+    model = apply_finetuning(model, family, recipe.finetune)
+    wrapped = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+    shared = text.num_kv_shared_layers
+    assert len(wrapped) == text.num_hidden_layers * 5 + (text.num_hidden_layers - shared) * 2
+    assert all(".language_model.layers." in name for name in wrapped)
+    audit = trainable_audit(model, family)
+    check_audit(audit, recipe.finetune)
+    assert audit["parts"]["vision_tower"]["trainable"] == 0
+    assert 7.8e9 < audit["total"] - audit["trainable"] < 8.1e9  # the frozen 7.9B (E4B with its per-layer tables)
 
 
 VALID = {"model": {"name_or_path": "m"}, "train": {"output_dir": "out"}, "data": {"sources": [{"path": "a.jsonl"}]}}

@@ -198,6 +198,7 @@ TINY_FAMILIES = (
     "qwen3_5",
     "qwen2_5_omni",
     "internvl",
+    "gemma4",
 )
 FAMILY_HELP = "model family of the tiny model (default llava_next_video)"
 

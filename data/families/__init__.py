@@ -41,6 +41,7 @@ FAMILIES = {
     "qwen2_5_omni": "vidtune.data.families.qwen2_5_omni:QWEN2_5_OMNI",
     "qwen2_5_omni_thinker": "vidtune.data.families.qwen2_5_omni:QWEN2_5_OMNI",  # the thinker saved alone
     "internvl": "vidtune.data.families.internvl:INTERNVL",
+    "gemma4": "vidtune.data.families.gemma4:GEMMA4",
 }
 
 
@@ -63,12 +64,14 @@ class BlankPath:
 
     A rank whose micro-batch lacks `batch_key` runs `run()` (the path on a blank input, returning the sum of its
     outputs) at the point of the forward where the real path would run: inside a hook on `module`, before its
-    forward (`before=True`, a pre-hook) or right after it."""
+    forward (`before=True`, a pre-hook) or right after it. `fallback`: a second point, before that module's forward,
+    for a path whose `module` may not run at all in a forward (the blank then runs at whichever comes first)."""
 
     batch_key: str
     module: torch.nn.Module
     before: bool
     run: Callable[[], torch.Tensor]
+    fallback: torch.nn.Module | None = None
 
 
 @dataclass
@@ -200,6 +203,11 @@ class ModelFamily(ABC):
         """Last touches on a padded batch, which `batch_visuals` cannot make (they need the padded width and side);
         most families need none."""
         return None
+
+    def attention_implementations(self, requested: str) -> str | dict[str, str]:
+        """What from_pretrained is given for model.attn_implementation: the one asked for, or per sub-model where
+        a part supports fewer (transformers' dict form, keyed by sub-config)."""
+        return requested
 
     def prepare_model(self, model: Any) -> None:
         """Adapt a freshly loaded model (bare or PEFT-wrapped) to the batches `batch_visuals` builds, where the

@@ -192,7 +192,7 @@ def run_demo(
     return report
 
 
-HEARING_FAMILIES = ("qwen2_5_omni",)  # the families with a tiny model that hear (a test keeps this in step)
+HEARING_FAMILIES = ("qwen2_5_omni", "gemma4")  # the families with a tiny model that hear (a test keeps this in step)
 SOUND_RUNS = {  # report label -> (run folder, overrides): the same recipe heard, then on pictures alone
     "instruct": ("tone", ()),
     "instruct (data.audio=off)": ("tone-silent", ("data.audio=off",)),

@@ -203,6 +203,7 @@ TINY_MODELS: dict[str, str] = {
     "qwen3_5": "vidtune.train.demo.tiny_qwen3_5:build",
     "qwen2_5_omni": "vidtune.train.demo.tiny_qwen2_5_omni:build",
     "internvl": "vidtune.train.demo.tiny_internvl:build",
+    "gemma4": "vidtune.train.demo.tiny_gemma4:build",
 }
 DEFAULT_FAMILY = "llava_next_video"
 

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from vidtune.train.training.loss import CHUNK_TOKENS, HeadInputCapture, shifted_targets
+from vidtune.train.training.loss import CHUNK_TOKENS, HeadInputCapture, capped, logit_softcap, shifted_targets
 
 
 class Objective(Protocol):
@@ -69,7 +69,7 @@ def label_logps(
     if capture.hidden is None:
         raise RuntimeError("the model's forward never called its language head (get_output_embeddings())")
     with autocast():
-        return chunked_token_logps(head, capture.hidden, targets), rows
+        return chunked_token_logps(capped(head, logit_softcap(model)), capture.hidden, targets), rows
 
 
 def per_row(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:

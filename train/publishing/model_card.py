@@ -137,7 +137,7 @@ FRAMES_ONLY = """
 frames, _ = read_frames("clip.mp4")
 conversation = [{{"role": "user", "content": [{{"type": "video"}}, {{"type": "text", "text": "What happens?"}}]}}]
 prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-inputs = processor(text=prompt, videos=[{frames}], do_sample_frames=False, return_tensors="pt")"""
+inputs = processor(text=prompt, videos=[{frames}], do_sample_frames=False{special}, return_tensors="pt")"""
 
 FRAMES_AND_TIMES = """
 def video_metadata(times):
@@ -151,7 +151,7 @@ frames, times = read_frames("clip.mp4")
 conversation = [{{"role": "user", "content": [{{"type": "video"}}, {{"type": "text", "text": "What happens?"}}]}}]
 prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
 inputs = processor(text=prompt, videos=[{frames}], video_metadata=[video_metadata(times)], do_sample_frames=False,
-                   return_tensors="pt")"""
+                   {special}return_tensors="pt")"""
 
 
 def frame_code(metadata: dict[str, Any], family: Any) -> tuple[str, list[str]]:
@@ -160,7 +160,11 @@ def frame_code(metadata: dict[str, Any], family: Any) -> tuple[str, list[str]]:
     frames = "to_model_size(frames)" if edge else "frames"
     code = READ_FRAMES.format(frames=metadata["sampling"]["num_frames"])
     code += SCALE_FRAMES.format(edge=edge) if edge else ""
-    code += (FRAMES_AND_TIMES if reads_video_metadata(family) else FRAMES_ONLY).format(frames=frames)
+    # a template that writes the BOS itself (Gemma's): the processor must not add a second one
+    writes_bos = "bos_token" in family.chat_template
+    timed = reads_video_metadata(family)
+    special = ("add_special_tokens=False, " if timed else ", add_special_tokens=False") if writes_bos else ""
+    code += (FRAMES_AND_TIMES if timed else FRAMES_ONLY).format(frames=frames, special=special)
     imports = ["import torch", "from torchvision.transforms.v2.functional import resize"] if edge else []
     return code, imports
 

@@ -147,6 +147,9 @@ class VisionLockstep:
                 path.module.register_forward_pre_hook(lambda *_, i=index: self._run(i), prepend=True)
             else:
                 path.module.register_forward_hook(lambda *_, i=index: self._run(i))
+        for index, path in enumerate(self.paths):  # after the primaries: a shared module runs these first
+            if path.fallback is not None:
+                path.fallback.register_forward_pre_hook(lambda *_, i=index: self._run(i), prepend=True)
 
     def prepare(self, batch: dict[str, torch.Tensor]) -> None:
         """Call before each forward (every rank): decide which blank paths this rank must run."""

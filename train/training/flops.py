@@ -187,6 +187,9 @@ class FlopCounter:
             per_image += int(self.class_token)
             self.seen.tower_tokens += images * per_image
             self.seen.tower_pairs += images * per_image**2
+        elif pixels.dim() == 3:  # patch rows per image (Gemma 4: images, patches padded to one count, pixels)
+            self.seen.tower_tokens += pixels.shape[0] * pixels.shape[1]
+            self.seen.tower_pairs += pixels.shape[0] * pixels.shape[1] ** 2
         else:  # flattened patches (Qwen): one row per patch
             self.seen.tower_tokens += pixels.shape[0]
 
@@ -239,13 +242,31 @@ def attention_width(config: Any) -> int:
     return heads * head_dim
 
 
+SOFTMAX_KINDS = ("full_attention", "sliding_attention")
+
+
 def softmax_attention_layers(config: Any) -> int:
-    """Layers with softmax attention over the whole sequence. Hybrid models (Qwen3.5: Gated DeltaNet layers 3:1 with
-    full attention) name each layer's kind in `layer_types`; their linear-attention layers cost no L² term."""
+    """Layers with softmax attention over the sequence. Hybrid models (Qwen3.5: Gated DeltaNet layers 3:1 with
+    full attention) name each layer's kind in `layer_types`; their linear-attention layers cost no L² term. Sliding
+    layers (Gemma 4) are charged the whole L², which they cost up to their window (512 tokens)."""
     kinds = getattr(config, "layer_types", None)
     if not kinds:
         return config.num_hidden_layers
-    return sum(kind == "full_attention" for kind in kinds)
+    return sum(kind in SOFTMAX_KINDS for kind in kinds)
+
+
+def summed_attention_width(config: Any) -> int:
+    """Sum over the softmax-attention layers of each one's attention width: layers that differ in head size
+    (Gemma 4's global layers: per_layer_config) each with their own."""
+    per_layer, kinds = getattr(config, "per_layer_config", None), getattr(config, "layer_types", None)
+    if not per_layer or not kinds:
+        return softmax_attention_layers(config) * attention_width(config)
+    heads = config.num_attention_heads
+    return sum(
+        heads * (getattr(per_layer[i], "head_dim", None) or attention_width(config) // heads)
+        for i, kind in enumerate(kinds)
+        if kind in SOFTMAX_KINDS
+    )
 
 
 def flop_counter(model: Any, family: ModelFamily, head_everywhere: bool = False) -> FlopCounter:
@@ -261,7 +282,9 @@ def flop_counter(model: Any, family: ModelFamily, head_everywhere: bool = False)
         head.frozen = numel(head_module.weight)
     tower_layers = getattr(vision, "num_hidden_layers", 0) or getattr(vision, "depth", 0)
     tower_type = getattr(vision, "model_type", "")
-    whole_images = tower_type in ("clip_vision_model", "siglip_vision_model", "internvl_vision")
+    # towers that attend over each image's (frame's) patches as one sequence; Gemma 4's takes them as padded
+    # patch rows (images, patches, patch pixels)
+    whole_images = tower_type in ("clip_vision_model", "siglip_vision_model", "internvl_vision", "gemma4_vision")
     patch_size = getattr(vision, "patch_size", 1) if vision is not None else 1
     patch_size = patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size  # InternViT: (14, 14)
     return FlopCounter(
@@ -269,7 +292,7 @@ def flop_counter(model: Any, family: ModelFamily, head_everywhere: bool = False)
         head=head,
         vision=part_weights(model, tower(family)),
         projector=part_weights(model, merging(family)),
-        attention_per_pair=12 * softmax_attention_layers(text) * attention_width(text),
+        attention_per_pair=12 * summed_attention_width(text),
         vision_attention_per_pair=4 * tower_layers * attention_width(vision) if vision and whole_images else 0,
         patch_size=patch_size,
         class_token=tower_type in ("clip_vision_model", "internvl_vision"),

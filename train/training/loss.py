@@ -67,6 +67,21 @@ def chunked_cross_entropy(
     return total
 
 
+def logit_softcap(model: Any) -> float | None:
+    """The model's final-logit soft cap (Gemma 4: logits = cap x tanh(logits / cap) after the head), None without."""
+    config: Any = getattr(getattr(model, "module", model), "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "final_logit_softcapping", None)
+
+
+def capped(head: Callable[[torch.Tensor], torch.Tensor], cap: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The head's logits as the model's forward makes them (soft-capped in fp32 when the model caps them): every
+    loss computed from hidden states goes through this, or it scores other logits than the model's own."""
+    if cap is None:
+        return head
+    return lambda rows: torch.tanh(head(rows).float() / cap) * cap
+
+
 def liger_cross_entropy() -> Callable[..., torch.Tensor] | None:
     """Liger's fused linear cross-entropy (summed), or None when it is not installed."""
     try:
@@ -134,10 +149,11 @@ class ChunkedLoss:
     def per_row(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluation: the summed token loss and the label count of each row (B,), one chunk of logits at a time."""
         hidden, targets, rows = self.label_hidden(model, batch)
+        logits = capped(self.head, logit_softcap(model))
         with self.autocast():
             losses = [
                 torch.nn.functional.cross_entropy(
-                    self.head(hidden[s : s + self.chunk_tokens]).float(),
+                    logits(hidden[s : s + self.chunk_tokens]).float(),
                     targets[s : s + self.chunk_tokens],
                     reduction="none",
                 )
@@ -150,10 +166,11 @@ class ChunkedLoss:
 
     def __call__(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
         hidden, targets, _ = self.label_hidden(model, batch)
+        cap = logit_softcap(model)
         with self.autocast():
-            if self.liger is not None and hidden.is_cuda:
+            if self.liger is not None and hidden.is_cuda and cap is None:
                 return self.liger(self.head.weight, hidden, targets).float()
-            return chunked_cross_entropy(self.head, hidden, targets, self.chunk_tokens)
+            return chunked_cross_entropy(capped(self.head, cap), hidden, targets, self.chunk_tokens)
 
 
 def model_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:

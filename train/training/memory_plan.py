@@ -169,8 +169,14 @@ def zero3_parameter_bytes(model: Any, processes: int, dtype_bytes: int, grad_byt
 
 
 def config_value(config: Any, *names: str, default: Any = None) -> Any:
+    """The first of `names` the config sets. A value that differs between layers (transformers' per-layer configs:
+    Gemma 4's global layers have wider heads) is its largest, the layer that keeps the most for backward."""
     for name in names:
-        value = getattr(config, name, None)
+        try:
+            value = getattr(config, name, None)
+        except RuntimeError:  # AmbiguousGlobalPerLayerAttributeError: read it per layer
+            layers = config.per_layer_config
+            value = max(getattr(layers[i], name) for i in range(config.num_hidden_layers))
         if value is not None:
             return value
     return default

@@ -116,14 +116,16 @@ def load_model(cfg: ModelConfig, device_map: Any = None, init_device: Any = None
         device_map = device_map or {"": init_device or "cpu"}
     if cfg.from_config:
         with torch.device(init_device or "cpu"):
-            model = model_class(family)._from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+            model = model_class(family)._from_config(
+                config, dtype=dtype, attn_implementation=family.attention_implementations(cfg.attn_implementation)
+            )
     else:
         main_process = os.environ.get("RANK", "0") == "0"
         with refusing_pickles(cfg.name_or_path), announced_load(cfg.name_or_path, show=main_process) as loaded:
             model = loaded["model"] = model_class(family).from_pretrained(
                 cfg.name_or_path,
                 dtype=dtype,
-                attn_implementation=cfg.attn_implementation,
+                attn_implementation=family.attention_implementations(cfg.attn_implementation),
                 trust_remote_code=cfg.trust_remote_code,
                 device_map=device_map,
                 **quantized,

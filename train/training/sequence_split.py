@@ -41,7 +41,14 @@ import torch
 
 from vidtune.data.families import ModelFamily
 from vidtune.data.packing import FLASH_KEYS, NUM_SAMPLES, NUM_TOKENS
-from vidtune.train.training.loss import IGNORE_INDEX, HeadInputCapture, chunked_cross_entropy, model_inputs
+from vidtune.train.training.loss import (
+    IGNORE_INDEX,
+    HeadInputCapture,
+    capped,
+    chunked_cross_entropy,
+    logit_softcap,
+    model_inputs,
+)
 
 VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")  # what a family's video_shares splits
 _ORIGINAL_ATTENTION: dict[str, Callable[..., Any]] = {}  # the attention functions before Ulysses replaced them
@@ -313,7 +320,7 @@ class SequenceSplitLoss:
             raise RuntimeError("the model's forward never called its language head (get_output_embeddings())")
         keep = targets != IGNORE_INDEX  # a boolean pick: one host sync per micro-batch, small next to SP's own
         with self.autocast():
-            summed = chunked_cross_entropy(self.head, hidden[keep], targets[keep])
+            summed = chunked_cross_entropy(capped(self.head, logit_softcap(self.model)), hidden[keep], targets[keep])
             if not keep.any():  # a slice without labels (a prompt's): a trained head still gets its 0 gradient,
                 summed = summed + 0.0 * self.head(hidden[:, :1]).float().sum()  # DeepSpeed reduces alike everywhere
         # Every rank's backward must reach every layer (Ulysses' all-to-alls pair up across the group), also a
