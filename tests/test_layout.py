@@ -81,3 +81,14 @@ def test_the_deepspeed_shm_patch_fails_loudly_when_the_op_table_changed(monkeypa
     monkeypatch.setattr(deepspeed.ops, "__compatible_ops__", {"some_other_op": True})
     with pytest.raises(cpu_launch.LibraryChanged, match="deepspeed_shm_comm"):
         cpu_launch.skip_deepspeed_shm_build()
+
+
+def test_every_recipe_folder_ships_with_the_package():
+    """A recipe folder missing from pyproject's packages and package-data is left out of a wheel (`pip install
+    vidtune` without -e), and `vidtune train FOLDER/...` then finds no recipe (recipes/internvl3_5_8b was)."""
+    import tomllib
+
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {f"vidtune.recipes.{p.parent.name}" for p in (REPO / "recipes").glob("*/*.yaml")}
+    assert folders <= set(setuptools["packages"]), sorted(folders - set(setuptools["packages"]))
+    assert folders <= set(setuptools["package-data"]), sorted(folders - set(setuptools["package-data"]))
