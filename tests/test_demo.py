@@ -200,3 +200,22 @@ def test_demo_runs_its_three_stages_unless_asked_for_the_sound_proof_alone(monke
         ((), True),
         (("base",), True),
     ]
+
+
+def test_every_familys_demo_samples_fit_its_demo_max_length(family_kit, tmp_path, monkeypatch, capsys):
+    """The demo's questions and two-turn chats over 4-frame clips fit each family's demo max_length (the packaged
+    recipes' with the family's own overrides): none is dropped as too long. Gemma 4's ~300-token questions were, at
+    the recipes' 64: `vidtune demo --family gemma4` had nothing to train on."""
+    from vidtune.train.cli import main
+    from vidtune.train.demo.corpus import write_demo_corpus
+    from vidtune.train.demo.stages import family_overrides
+
+    write_demo_corpus(tmp_path / "corpus", num_train=4, num_eval=2)
+    monkeypatch.setenv("VIDTUNE_DEMO_DIR", str(tmp_path))
+    for stage in ("instruct", "chat"):
+        extra = (f"model.name_or_path={family_kit.model_dir}", *family_overrides(family_kit.name))
+        main(["check", f"demo/{stage}", *extra, "--out", str(tmp_path / "check.json")])
+        report = json.loads((tmp_path / "check.json").read_text())
+        assert report["rows"] == report["usable"] > 0, (stage, report["bad_by_kind"], report["dropped_for_length"])
+        assert report["tokens"]["max"] <= report["max_length"]
+    capsys.readouterr()

@@ -132,6 +132,17 @@ def ensure_tiny_model(
         raise RecipeError(f"{model_dir} holds a {found} model, not {family}: choose another --workdir")
 
 
+# Families whose tiny model's demo samples are longer than the demo recipes' max_length (64-160 tokens): Gemma 4's
+# processors give each frame at least ~64 tokens (max_soft_tokens >= 70), plus its `mm:ss <|image>...<image|>` text,
+# so its 4-frame questions are ~300 tokens and its two-turn chats longer.
+DEMO_MAX_LENGTH = {"gemma4": 448}
+
+
+def family_overrides(family: str) -> tuple[str, ...]:
+    """What every demo stage of `family` needs beyond the packaged demo recipes (before the user's overrides)."""
+    return (f"data.max_length={DEMO_MAX_LENGTH[family]}",) if family in DEMO_MAX_LENGTH else ()
+
+
 def parse_stages(text: str) -> tuple[str, ...]:
     """`base,dpo` -> the stages, each after the one it starts from (instruct, dpo, grpo: base; chat: instruct)."""
     stages = tuple(name.strip() for name in text.split(",") if name.strip())
@@ -158,6 +169,7 @@ def run_demo(
         raise RecipeError(f"--audio: {family} does not hear sound (families that do: {', '.join(HEARING_FAMILIES)})")
     root = Path(workdir or default_workdir(family)).resolve()
     os.environ["VIDTUNE_DEMO_DIR"] = str(root)  # the packaged demo recipes resolve their paths under it
+    overrides = (*family_overrides(family), *overrides)
     corpus, model_dir = root / "corpus", root / "tiny-model"
     report: dict[str, float] = {}
     if stages:
