@@ -242,6 +242,31 @@ def test_zero3_packed_matches_one_unpacked_process_for_every_other_family(family
     assert any(k.startswith(f"base_model.model.{kit.family.projector_prefix}") for k in sharded), sorted(sharded)
 
 
+def test_zero3_full_fine_tuning_saves_the_checkpoints_own_weight_names(family_kits, mixed_corpus, tmp_path):
+    """Full fine-tuning under ZeRO-3 saves the weights under the names of the checkpoint it started from, and
+    from_pretrained loads the folder whole (nothing missing, nothing unexpected). transformers 5.25's ZeRO-3 load
+    kept a renaming it had not used, and the save wrote Qwen2.5-VL's language model as `model.model.layers.*`:
+    a folder that loads with a randomly initialised language model."""
+    from safetensors import safe_open
+
+    from vidtune.train.training.model import model_class
+
+    kit = family_kits("qwen2_5_vl")
+    path = mixed_recipe(
+        kit.model_dir, mixed_corpus, tmp_path / "out", tmp_path / "r.yaml", "finetune.mode=full", "train.max_steps=1"
+    )
+    result = launch(path, "zero3.yaml")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    def names(folder: Path) -> set[str]:
+        with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+            return set(weights.keys())
+
+    assert names(tmp_path / "out") == names(kit.model_dir)
+    _, info = model_class(kit.family).from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
 def test_streamed_corpus_is_split_across_ranks(recipe):
     """A streamed corpus (no length known) with DDP: each rank reads its own shard, forever, for max_steps."""
     path, root = recipe

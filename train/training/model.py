@@ -128,10 +128,22 @@ def load_model(cfg: ModelConfig, device_map: Any = None, init_device: Any = None
                 device_map=device_map,
                 **quantized,
             )
+        keep_used_weight_conversions(model)
     if quantized:
         check_quantized(model, family.language_model_prefix)
     family.prepare_model(model)
     return model, family
+
+
+def keep_used_weight_conversions(model: Any) -> None:
+    """The checkpoint renamings a save reverses: only those the load used, as transformers keeps after a plain load.
+
+    Its ZeRO-3 load (integrations/deepspeed.py, transformers 5.25) keeps every renaming it tried, also the
+    PrefixChange that did not match: saving then prefixes the language model again. A full fine-tuning run of
+    Qwen2.5-VL under ZeRO-3 wrote `model.model.layers.*`, weights from_pretrained does not find."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
 
 
 def build_on_meta(cfg: ModelConfig) -> tuple[Any, ModelFamily]:

@@ -193,12 +193,22 @@ def gather_shares(local: torch.Tensor, rows: list[int], real: list[bool], rank: 
     """Every rank's feature rows (rows[i] from rank i; `local` is this rank's), in rank order, real shares only.
     torch's autograd all_gather (its backward returns each share's gradient, summed over ranks, to its encoder)
     needs equal shapes: shares are padded to the longest."""
+    import torch.distributed as dist
     import torch.distributed.nn.functional as distributed_autograd
 
     padded = torch.nn.functional.pad(local, (0, 0, 0, max(rows) - rows[rank]))
-    with warnings.catch_warnings():  # its successor in _functional_collectives needs reduce_scatter (not in gloo)
-        warnings.simplefilter("ignore", FutureWarning)
-        parts = distributed_autograd.all_gather(padded, group=group)
+    if dist.get_backend(group) == dist.Backend.GLOO:
+        # gloo: all_gather's backward (an all-to-all made of scatters) passes group ranks where global ones are
+        # expected, so it fails in any group not starting at global rank 0 (data parallel x sequence parallel).
+        # Autograd all_reduce of each rank's share in its own slot (zeros elsewhere: exact) gathers the same rows;
+        # its backward sums each share's gradient over the group, as all_gather's does.
+        slots = torch.zeros(len(rows), *padded.shape, dtype=padded.dtype, device=padded.device)
+        slots = slots.index_copy(0, torch.tensor([rank], device=padded.device), padded[None])
+        parts = distributed_autograd.all_reduce(slots, group=group).unbind(0)
+    else:
+        with warnings.catch_warnings():  # its successor in _functional_collectives needs reduce_scatter (not in gloo)
+            warnings.simplefilter("ignore", FutureWarning)
+            parts = distributed_autograd.all_gather(padded, group=group)
     return torch.cat([part[:count] for part, count, keep in zip(parts, rows, real, strict=True) if keep])
 
 
