@@ -321,7 +321,12 @@ def test_the_memory_plan_splits_activations_across_the_group(family_kits, demo_c
 
 
 def test_a_world_the_degree_does_not_divide_is_refused_in_one_line(monkeypatch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     from vidtune.train.training.sequence_split import parallelism_config
+
+    # a valid degree registers the per-sample sdpa for Ulysses (process-wide): give the other tests theirs back
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", ALL_ATTENTION_FUNCTIONS["sdpa"])
 
     recipe = load_recipe(None, ["model.name_or_path=x", "train.output_dir=o", "data.sources=[{path: r.jsonl}]"])
     assert parallelism_config(recipe) is None  # off: Accelerate as without it

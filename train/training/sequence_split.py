@@ -111,13 +111,16 @@ def per_sample_attention(sdpa: Callable[..., Any]) -> Callable[..., Any]:
     each sample attends causally within itself, one sdpa call per sample (no (T x T) mask: memory stays per sample,
     as flash-attention's varlen, which reads the same restarts, has it). Unpacked sequences take one call as before."""
 
-    def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, *args, **kwargs):
+    def attention(
+        module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, *args, **kwargs
+    ):  # named as transformers' attention functions are: modules pass attention_mask= by keyword
         positions = kwargs.get("position_ids")
-        if mask is not None or positions is None or query.shape[0] != 1 or query.shape[2] != positions.shape[-1]:
-            return sdpa(module, query, key, value, mask, *args, **kwargs)
+        one_row = positions is not None and query.shape[0] == 1 and query.shape[2] == positions.shape[-1]
+        if attention_mask is not None or positions is None or not one_row:
+            return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
         starts = sample_starts(positions.reshape(-1))
         if len(starts) == 1:
-            return sdpa(module, query, key, value, mask, *args, **kwargs)
+            return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
         ends = [*starts[1:], query.shape[2]]
         parts = [
             sdpa(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, *args, **kwargs)
