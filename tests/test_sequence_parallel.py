@@ -74,33 +74,48 @@ def saved_weights(folder: Path) -> dict[str, torch.Tensor]:
 PACKED = ("train.packing=true", "train.batch_size=2", "train.grad_accum_steps=1")  # 2 samples in each sequence
 
 
+def split_cases():
+    """Family x packing x LoRA/full x ZeRO-2/3. CI runs LoRA under ZeRO-2 for both families, packed and unpacked
+    (test_zero3_full_... below adds full fine-tuning under ZeRO-3); VIDTUNE_SP_MATRIX=1 runs the other 12 too."""
+    for family in ("llava_next_video", "qwen2_5_vl"):
+        for packing in ("unpacked", "packed"):
+            for mode in ("lora", "full"):
+                for config in ("zero2.yaml", "zero3.yaml"):
+                    in_ci = mode == "lora" and config == "zero2.yaml"
+                    opt_in = pytest.mark.skipif(
+                        os.environ.get("VIDTUNE_SP_MATRIX") != "1",
+                        reason="opt-in: set VIDTUNE_SP_MATRIX=1 for the whole family x packing x mode x ZeRO matrix",
+                    )
+                    name = f"{family}-{packing}-{mode}-{config.removesuffix('.yaml')}"
+                    yield pytest.param(family, packing, mode, config, id=name, marks=[] if in_ci else [opt_in])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("family", "packing"),
-    [("llava_next_video", ()), ("qwen2_5_vl", ()), ("llava_next_video", PACKED), ("qwen2_5_vl", PACKED)],
-    ids=["llava_next_video", "qwen2_5_vl", "llava_next_video-packed", "qwen2_5_vl-packed"],
-)
-def test_two_ranks_share_each_sample_and_match_one_process(family, packing, family_kits, demo_corpus, tmp_path):
-    """ZeRO-2, SP 2 (one group: data parallel 1) against 1 process on the same samples: per-step losses, gradient
-    norms and the saved adapter equal (Qwen2.5-VL: 3-D multimodal RoPE positions computed on the whole sequence);
+@pytest.mark.parametrize(("family", "packing", "mode", "config"), list(split_cases()))
+def test_two_ranks_share_each_sample_and_match_one_process(
+    family, packing, mode, config, family_kits, demo_corpus, tmp_path
+):
+    """SP 2 (one group: data parallel 1) against 1 process on the same samples: per-step losses, gradient
+    norms and the saved weights equal (Qwen2.5-VL: 3-D multimodal RoPE positions computed on the whole sequence);
     each rank's vision tower got half of every micro-batch's frames. Packed: two samples share each sequence the
     group splits, each attending only to itself (a sample attending to the one before it changes the losses), against
     the 1-process packed run (rows with sdpa's block mask)."""
     from vidtune.train.training.loop import train
 
     model = family_kits(family).model_dir
-    train(load_recipe(None, overrides(model, demo_corpus, tmp_path / "one", *packing)))
+    extra = (*(PACKED if packing == "packed" else ()), f"finetune.mode={mode}")
+    train(load_recipe(None, overrides(model, demo_corpus, tmp_path / "one", *extra)))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(recipe_to_yaml(load_recipe(None, overrides(model, demo_corpus, tmp_path / "two", *packing))))
+    recipe.write_text(recipe_to_yaml(load_recipe(None, overrides(model, demo_corpus, tmp_path / "two", *extra))))
     probe = tmp_path / "frames"
     probe.mkdir()
-    result = launch(recipe, "zero2.yaml", "train.sequence_parallel=2", fault=f"towerframes@{probe}")
+    result = launch(recipe, config, "train.sequence_parallel=2", fault=f"towerframes@{probe}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
-    assert_same_run(tmp_path / "two", tmp_path / "one", processes=2, stage=2)
+    assert_same_run(tmp_path / "two", tmp_path / "one", processes=2, stage=3 if config == "zero3.yaml" else 2)
 
     frames = {rank: [int(n) for n in (probe / f"rank{rank}.txt").read_text().split()] for rank in (0, 1)}
-    per_sequence = 2 if packing else 1
+    per_sequence = 2 if packing == "packed" else 1
     # once per frame across the group: half of each sequence's frames per rank
     assert frames[0] == frames[1] == [per_sequence * NUM_FRAMES // 2] * (NUM_SAMPLES // per_sequence)
 
