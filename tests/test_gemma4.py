@@ -10,15 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests.hearing import HIGH_HZ, LOW_HZ, heard_example, question, write_tone_twins
 from vidtune.data.collator import Collator
 from vidtune.data.conversation import media_part, message, text_part
 from vidtune.data.dataset import DataConfig, Measurer, load_media
 from vidtune.data.sources import SourceConfig
 from vidtune.data.video import SamplingConfig
-from vidtune.train.demo.clips import write_tone_clip
 from vidtune.train.training.loss import ChunkedLoss, language_head, model_loss
-
-LOW_HZ, HIGH_HZ = 300, 2500
 
 
 @pytest.fixture(scope="module")
@@ -28,25 +26,7 @@ def gemma(family_kits):
 
 @pytest.fixture(scope="module")
 def tone_clips(tmp_path_factory):
-    """Identical pictures (red then blue), a low or a high tone."""
-    root = tmp_path_factory.mktemp("gemma-tones")
-    return {
-        hz: write_tone_clip(root / f"tone_{hz}.mp4", ["red", "blue"], [hz, hz], seconds_per_segment=1.0)
-        for hz in (LOW_HZ, HIGH_HZ)
-    }
-
-
-def question(path, answer: str = "red") -> list:
-    return [
-        message("user", [media_part("video", str(path)), text_part("Which color comes first?")]),
-        message("assistant", [text_part(answer)]),
-    ]
-
-
-def heard_example(kit, path, answer: str = "red", audio_rate: int | None = 16000):
-    msgs = question(path, answer)
-    media, _ = load_media(msgs, SamplingConfig(4), False, None, audio_rate=audio_rate)
-    return kit.builder.build(msgs, media)
+    return write_tone_twins(tmp_path_factory.mktemp("gemma-tones"))
 
 
 def test_a_heard_clip_is_followed_by_its_sound_and_counts_as_measured(gemma, tone_clips):

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests.hearing import HIGH_HZ, LOW_HZ, heard_example, question, write_tone_twins
 from vidtune.data.collator import Collator
 from vidtune.data.conversation import DataError, media_part, message, text_part
 from vidtune.data.dataset import DataConfig, Measurer, audio_rate_for, heard_sources, load_media
 from vidtune.data.families.qwen2_5_omni import ROPE_KEY
 from vidtune.data.sources import SourceConfig
 from vidtune.data.video import SamplingConfig
-from vidtune.train.demo.clips import write_tone_clip
 from vidtune.train.training.config import FinetuneConfig, RecipeError, load_recipe
 from vidtune.train.training.model import (
     apply_finetuning,
@@ -25,8 +25,6 @@ from vidtune.train.training.model import (
     trainable_audit,
 )
 
-LOW_HZ, HIGH_HZ = 300, 2500
-
 
 @pytest.fixture(scope="module")
 def omni(family_kits):
@@ -35,25 +33,7 @@ def omni(family_kits):
 
 @pytest.fixture(scope="module")
 def tone_clips(tmp_path_factory):
-    """Identical pictures (red then blue), a low or a high tone."""
-    root = tmp_path_factory.mktemp("omni-tones")
-    return {
-        hz: write_tone_clip(root / f"tone_{hz}.mp4", ["red", "blue"], [hz, hz], seconds_per_segment=1.0)
-        for hz in (LOW_HZ, HIGH_HZ)
-    }
-
-
-def question(path, answer: str = "red") -> list:
-    return [
-        message("user", [media_part("video", str(path)), text_part("Which color comes first?")]),
-        message("assistant", [text_part(answer)]),
-    ]
-
-
-def heard_example(omni, path, answer: str = "red", audio_rate: int | None = 16000):
-    msgs = question(path, answer)
-    media, _ = load_media(msgs, SamplingConfig(4), False, None, audio_rate=audio_rate)
-    return omni.builder.build(msgs, media)
+    return write_tone_twins(tmp_path_factory.mktemp("omni-tones"))
 
 
 def test_a_heard_clip_interleaves_its_sound_and_counts_as_measured(omni, tone_clips):

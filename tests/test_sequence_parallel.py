@@ -48,50 +48,74 @@ def grad_norms(output: Path) -> list[float]:
     return [m["train/grad_norm"] for m in sorted(read_metrics(output), key=lambda m: m["step"]) if "train/loss" in m]
 
 
+def assert_same_run(split: Path, single: Path, processes: int, stage: int) -> None:
+    """The split run (`processes`, ZeRO `stage`) logged the 1-process run's per-step losses and gradient norms
+    (Adam hides a gradient's scale from the losses; the norm does not) and saved its weights, rtol 1e-4; atol: float
+    noise of the gradients' summation order, which adam_epsilon 1e-3 keeps from growing into steps."""
+    assert engine(split) == {"num_processes": processes, "distributed_type": "DEEPSPEED", "zero_stage": stage}
+    ours, theirs = losses(split), losses(single)
+    assert len(ours) == len(theirs) == 3
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.tensor(grad_norms(split)), torch.tensor(grad_norms(single)), rtol=1e-4, atol=0)
+    ours_saved, theirs_saved = saved_weights(split), saved_weights(single)
+    assert ours_saved.keys() == theirs_saved.keys()
+    for key, tensor in theirs_saved.items():
+        worst = (ours_saved[key] - tensor).abs().max().item()
+        torch.testing.assert_close(ours_saved[key], tensor, rtol=1e-4, atol=1e-6, msg=f"{key}: max diff {worst:.2e}")
+
+
+def saved_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if (folder / "adapter_config.json").is_file() else "model.safetensors"
+    return load_file(str(folder / name))
+
+
 PACKED = ("train.packing=true", "train.batch_size=2", "train.grad_accum_steps=1")  # 2 samples in each sequence
 
 
+def split_cases():
+    """Family x packing x LoRA/full x ZeRO-2/3. CI runs LoRA under ZeRO-2 for both families, packed and unpacked
+    (test_zero3_full_... below adds full fine-tuning under ZeRO-3); VIDTUNE_SP_MATRIX=1 runs the other 12 too."""
+    for family in ("llava_next_video", "qwen2_5_vl"):
+        for packing in ("unpacked", "packed"):
+            for mode in ("lora", "full"):
+                for config in ("zero2.yaml", "zero3.yaml"):
+                    in_ci = mode == "lora" and config == "zero2.yaml"
+                    opt_in = pytest.mark.skipif(
+                        os.environ.get("VIDTUNE_SP_MATRIX") != "1",
+                        reason="opt-in: set VIDTUNE_SP_MATRIX=1 for the whole family x packing x mode x ZeRO matrix",
+                    )
+                    name = f"{family}-{packing}-{mode}-{config.removesuffix('.yaml')}"
+                    yield pytest.param(family, packing, mode, config, id=name, marks=[] if in_ci else [opt_in])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("family", "packing"),
-    [("llava_next_video", ()), ("qwen2_5_vl", ()), ("llava_next_video", PACKED), ("qwen2_5_vl", PACKED)],
-    ids=["llava_next_video", "qwen2_5_vl", "llava_next_video-packed", "qwen2_5_vl-packed"],
-)
-def test_two_ranks_share_each_sample_and_match_one_process(family, packing, family_kits, demo_corpus, tmp_path):
-    """ZeRO-2, SP 2 (one group: data parallel 1) against 1 process on the same samples: per-step losses, gradient
-    norms and the saved adapter equal (Qwen2.5-VL: 3-D multimodal RoPE positions computed on the whole sequence);
+@pytest.mark.parametrize(("family", "packing", "mode", "config"), list(split_cases()))
+def test_two_ranks_share_each_sample_and_match_one_process(
+    family, packing, mode, config, family_kits, demo_corpus, tmp_path
+):
+    """SP 2 (one group: data parallel 1) against 1 process on the same samples: per-step losses, gradient
+    norms and the saved weights equal (Qwen2.5-VL: 3-D multimodal RoPE positions computed on the whole sequence);
     each rank's vision tower got half of every micro-batch's frames. Packed: two samples share each sequence the
     group splits, each attending only to itself (a sample attending to the one before it changes the losses), against
     the 1-process packed run (rows with sdpa's block mask)."""
-    from safetensors.torch import load_file
-
     from vidtune.train.training.loop import train
 
     model = family_kits(family).model_dir
-    train(load_recipe(None, overrides(model, demo_corpus, tmp_path / "one", *packing)))
+    extra = (*(PACKED if packing == "packed" else ()), f"finetune.mode={mode}")
+    train(load_recipe(None, overrides(model, demo_corpus, tmp_path / "one", *extra)))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(recipe_to_yaml(load_recipe(None, overrides(model, demo_corpus, tmp_path / "two", *packing))))
+    recipe.write_text(recipe_to_yaml(load_recipe(None, overrides(model, demo_corpus, tmp_path / "two", *extra))))
     probe = tmp_path / "frames"
     probe.mkdir()
-    result = launch(recipe, "zero2.yaml", "train.sequence_parallel=2", fault=f"towerframes@{probe}")
+    result = launch(recipe, config, "train.sequence_parallel=2", fault=f"towerframes@{probe}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
-    assert engine(tmp_path / "two") == {"num_processes": 2, "distributed_type": "DEEPSPEED", "zero_stage": 2}
-    ours, theirs = losses(tmp_path / "two"), losses(tmp_path / "one")
-    assert len(ours) == len(theirs) == 3
-    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=0)
-    # Adam hides a gradient's scale from the losses; the norm does not
-    torch.testing.assert_close(
-        torch.tensor(grad_norms(tmp_path / "two")), torch.tensor(grad_norms(tmp_path / "one")), rtol=1e-4, atol=0
-    )
-    split, single = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("two", "one"))
-    assert split.keys() == single.keys()
-    for key, tensor in single.items():  # atol: float noise of the gradients' summation order (see adam_epsilon)
-        worst = (split[key] - tensor).abs().max().item()
-        torch.testing.assert_close(split[key], tensor, rtol=1e-4, atol=1e-6, msg=f"{key}: max diff {worst:.2e}")
+    assert_same_run(tmp_path / "two", tmp_path / "one", processes=2, stage=3 if config == "zero3.yaml" else 2)
 
     frames = {rank: [int(n) for n in (probe / f"rank{rank}.txt").read_text().split()] for rank in (0, 1)}
-    per_sequence = 2 if packing else 1
+    per_sequence = 2 if packing == "packed" else 1
     # once per frame across the group: half of each sequence's frames per rank
     assert frames[0] == frames[1] == [per_sequence * NUM_FRAMES // 2] * (NUM_SAMPLES // per_sequence)
 
@@ -108,8 +132,6 @@ def test_two_groups_of_two_match_one_process_on_the_same_global_batch(family, fa
     order: group g reads batch 2s+g, as the one process's micro-batch g of step s): per-step losses, gradient norms
     and the saved adapter equal. Adam's epsilon at 1e-3 keeps float-noise of near-zero gradients (reduced in another
     order) from being amplified into steps."""
-    from safetensors.torch import load_file
-
     from vidtune.train.training.loop import train
 
     model = family_kits(family).model_dir
@@ -120,18 +142,7 @@ def test_two_groups_of_two_match_one_process_on_the_same_global_batch(family, fa
     result = launch(recipe, "zero2.yaml", "train.sequence_parallel=2", processes=4)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
-    assert engine(tmp_path / "four") == {"num_processes": 4, "distributed_type": "DEEPSPEED", "zero_stage": 2}
-    ours, theirs = losses(tmp_path / "four"), losses(tmp_path / "one")
-    assert len(ours) == len(theirs) == 3
-    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=0)
-    torch.testing.assert_close(
-        torch.tensor(grad_norms(tmp_path / "four")), torch.tensor(grad_norms(tmp_path / "one")), rtol=1e-4, atol=0
-    )
-    split, single = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("four", "one"))
-    assert split.keys() == single.keys()
-    for key, tensor in single.items():
-        worst = (split[key] - tensor).abs().max().item()
-        torch.testing.assert_close(split[key], tensor, rtol=1e-4, atol=1e-6, msg=f"{key}: max diff {worst:.2e}")
+    assert_same_run(tmp_path / "four", tmp_path / "one", processes=4, stage=2)
 
 
 def test_features_gather_within_each_group_of_a_data_parallel_world(tmp_path):
@@ -151,13 +162,6 @@ def test_features_gather_within_each_group_of_a_data_parallel_world(tmp_path):
         torch.testing.assert_close(result["grad"], 2 * share, rtol=0, atol=0)
 
 
-def saved_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    name = "adapter_model.safetensors" if (folder / "adapter_config.json").is_file() else "model.safetensors"
-    return load_file(str(folder / name))
-
-
 @pytest.mark.slow
 def test_zero3_full_fine_tuning_splits_like_one_process_and_resumes_bit_exact(family_kits, demo_corpus, tmp_path):
     """Qwen2.5-VL (multimodal RoPE), full fine-tuning, ZeRO-3 (partitioned weights gathered per layer inside the
@@ -173,18 +177,7 @@ def test_zero3_full_fine_tuning_splits_like_one_process_and_resumes_bit_exact(fa
     recipe.write_text(recipe_to_yaml(load_recipe(None, overrides(model, demo_corpus, tmp_path / "two", *full))))
     result = launch(recipe, "zero3.yaml", "train.sequence_parallel=2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert engine(tmp_path / "two") == {"num_processes": 2, "distributed_type": "DEEPSPEED", "zero_stage": 3}
-    ours, theirs = losses(tmp_path / "two"), losses(tmp_path / "one")
-    assert len(ours) == len(theirs) == 3
-    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=0)
-    torch.testing.assert_close(
-        torch.tensor(grad_norms(tmp_path / "two")), torch.tensor(grad_norms(tmp_path / "one")), rtol=1e-4, atol=0
-    )
-    split, single = saved_weights(tmp_path / "two"), saved_weights(tmp_path / "one")
-    assert split.keys() == single.keys()
-    for key, tensor in single.items():  # atol: as the ZeRO-2 case
-        worst = (split[key] - tensor).abs().max().item()
-        torch.testing.assert_close(split[key], tensor, rtol=1e-4, atol=1e-6, msg=f"{key}: max diff {worst:.2e}")
+    assert_same_run(tmp_path / "two", tmp_path / "one", processes=2, stage=3)
 
     output = tmp_path / "killed"
     killed = launch(recipe, "zero3.yaml", "train.sequence_parallel=2", f"train.output_dir={output}", fault="kill@2.0")
