@@ -358,6 +358,9 @@ def test_packed_samples_attend_only_to_themselves_under_ulysses():
         module, query, key, value, None, position_ids=torch.arange(12)[None]
     )
     torch.testing.assert_close(unpacked, whole)  # one sample: one call, as without packing
+    # registered process-wide as sdpa: modules that pass the mask by keyword (Qwen's vision towers) get sdpa's result
+    by_keyword, _ = per_sample_attention(sdpa_attention_forward)(module, query, key, value, attention_mask=None)
+    torch.testing.assert_close(by_keyword, whole)
 
 
 def test_a_768_frame_clip_reaches_qwen_whole_within_a_128k_max_length(family_kits, tmp_path):
