@@ -84,6 +84,21 @@ def test_the_sound_reaches_the_model_and_audio_off_leaves_it_out(gemma, tone_cli
     assert torch.equal(unheard[0]["pixel_values_videos"], unheard[1]["pixel_values_videos"])
 
 
+def test_the_tiny_vision_tower_tells_a_red_frame_from_a_blue_one(gemma):
+    """The tiny tower's features of two plain colours differ (with transformers' std-0.02 patch embedding they had
+    cosine 0.9987: the demo's base stage captioned at chance, and its frozen tower let no training see colours)."""
+    from vidtune.train.demo.clips import segment_frames
+
+    features = []
+    for color in ("red", "blue"):
+        pixels = gemma.processor.image_processor(images=[segment_frames([color], 1, 48, 64, 0)[0]], return_tensors="pt")
+        pixels.pop("num_soft_tokens_per_image", None)
+        with torch.no_grad():
+            out = gemma.model.model.get_image_features(**pixels, return_dict=True).pooler_output
+        features.append(torch.cat(list(out)).flatten())
+    assert torch.nn.functional.cosine_similarity(*features, dim=0) < 0.95
+
+
 def test_losses_from_hidden_states_score_the_soft_capped_logits(gemma, clips):
     """Gemma caps its logits (cap x tanh(logits / cap)) after the head: the chunked loss, which computes logits from
     the head's input, must cap them as the model's own loss does. Logits scaled up 50x and a cap of 2 make the
