@@ -367,6 +367,40 @@ def test_a_full_server_answers_429_and_gone_clients_are_cancelled(hostile_server
     assert response.status_code == 200
 
 
+@pytest.mark.parametrize("family", ["gemma4"])
+def test_a_hearing_familys_server_answers_heard_and_silent_clips_as_infer_does(family, family_runs, tmp_path):
+    """A family that hears, served: a clip with a sound track and one without, asked at once (batched together
+    when they meet in the queue), each get the answer and the prompt (its sound's tokens included) that
+    `vidtune infer`'s in-process road gives."""
+    from tests.hearing import LOW_HZ, write_tone_twins
+    from vidtune.train.demo.clips import write_color_clip
+    from vidtune.train.generation.infer import generate, load_for_inference, prompt_example, video_question
+
+    run = family_runs(family)
+    heard = write_tone_twins(tmp_path / "media")[LOW_HZ]
+    silent = write_color_clip(tmp_path / "media" / "silent.mp4", ["red", "blue"])  # the same pictures, no sound
+    im = load_for_inference(str(run))
+    questions = {clip.name: video_question(str(clip), QUESTION) for clip in (heard, silent)}
+    examples = {name: prompt_example(im, q) for name, q in questions.items()}
+    assert "input_features" in examples[heard.name] and "input_features" not in examples[silent.name]
+    answers = {name: generate(im, [q], max_new_tokens=MAX_TOKENS)[0] for name, q in questions.items()}
+    args = [str(run), "--media-root", str(tmp_path / "media"), "--max-new-tokens", str(MAX_TOKENS)]
+    with running_server(args, tmp_path / "serve.log") as server:
+
+        def ask(name: str) -> dict:
+            response = httpx.post(f"{server.url}/v1/chat/completions", json=video_request(name), timeout=300)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        with ThreadPoolExecutor(4) as pool:
+            names = [heard.name, silent.name] * 2
+            bodies = list(pool.map(ask, names))
+    for name, body in zip(names, bodies, strict=True):
+        assert body["choices"][0]["message"]["content"] == answers[name]
+        assert body["usage"]["prompt_tokens"] == len(examples[name]["input_ids"])
+    assert bodies[0]["usage"]["prompt_tokens"] > bodies[1]["usage"]["prompt_tokens"] + 25  # >= 1 s of sound heard
+
+
 def test_ctrl_c_stops_the_server_cleanly(server):
     """(Runs last: it stops the module's server.)"""
     server.process.send_signal(signal.SIGINT)
