@@ -224,6 +224,48 @@ def test_answer_log_probs_equal_the_full_logits_for_every_family(family_kit, dem
     torch.testing.assert_close(captured, full_logits, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("objective", ["dpo", "grpo"])
+@pytest.mark.parametrize("family", ["qwen2_5_omni", "gemma4"])
+def test_dpo_and_grpo_train_on_clips_heard_with_their_sound(
+    family: str, objective: str, family_kits, tmp_path: Path, monkeypatch
+) -> None:
+    """The families that hear run a DPO or GRPO step on the tone clips with their sound: the examples carry the
+    audio (the family's encode_with_audio builds them), and the step's figures are finite."""
+    from tests.conftest import tiny_run_overrides
+    from vidtune.train.demo.corpus import write_tone_corpus
+    from vidtune.train.training.config import load_recipe
+    from vidtune.train.training.loop import train
+    from vidtune.train.training.tracking import read_metrics
+
+    kit = family_kits(family)
+    heard = []
+    encode = type(kit.family).encode_with_audio
+    monkeypatch.setattr(type(kit.family), "encode_with_audio", lambda *a, **k: heard.append(1) or encode(*a, **k))
+    corpus = write_tone_corpus(tmp_path / "tones", num_train=4, num_eval=2)
+    rows = [json.loads(line) for line in (corpus / "tones_train.jsonl").read_text().splitlines()]
+    other = {"high": "low", "low": "high"}
+    pairs = write_jsonl(
+        corpus / "pairs.jsonl", [{**r, "chosen": r["answer"], "rejected": other[r["answer"]]} for r in rows]
+    )
+    settings = {
+        "dpo": ["train.objective=dpo", f"data.sources=[{{path: {pairs}}}]"],
+        "grpo": ["train.objective=grpo", "train.grpo.num_generations=2", "train.grpo.max_new_tokens=3"],
+    }[objective]
+    overrides = tiny_run_overrides(
+        kit.model_dir,
+        corpus,
+        tmp_path / "run",
+        f"data.sources=[{{path: {corpus / 'tones_train.jsonl'}}}]",
+        *settings,
+        "data.max_length=1024",
+        "train.max_steps=1",
+        "train.batch_size=2",
+    )
+    output = train(load_recipe(None, overrides))
+    logged = [m for m in read_metrics(output) if "train/loss" in m]
+    assert heard and len(logged) == 1 and all(math.isfinite(v) for v in logged[0].values())
+
+
 def test_dpo_training_run_prefers_the_chosen_answers(family_kits, demo_corpus: Path, tmp_path: Path) -> None:
     from tests.conftest import tiny_run_overrides
     from vidtune.train.training.config import load_recipe
