@@ -292,6 +292,19 @@ def test_dpo_training_run_prefers_the_chosen_answers(family_kits, demo_corpus: P
     assert logged[-1]["train/rewards/margin"] > 0.05 and logged[-1]["train/loss"] < math.log(2)
     assert logged[-1]["train/rewards/accuracy"] == 1
     assert (output / "adapter_model.safetensors").is_file()
+    # the preference-tuned adapter exports and answers as an SFT adapter does: the export's greedy answers are the
+    # run's, and the run's are not the base model's
+    from vidtune.train.generation.infer import generate, load_for_inference, video_question
+    from vidtune.train.publishing.export import export_folder
+
+    exported = export_folder(output, to=tmp_path / "export")
+    assert "adapter_model.safetensors" in exported.files
+    prompts = [
+        video_question(str(demo_corpus / "videos" / f"eval_{i:04d}.mp4"), "Which color comes first?") for i in (0, 1)
+    ]
+    answers = generate(load_for_inference(str(output)), prompts, 4)
+    assert generate(load_for_inference(str(exported.folder)), prompts, 4) == answers
+    assert answers != generate(load_for_inference(str(family_kits("llava_next_video").model_dir)), prompts, 4)
 
 
 @pytest.mark.parametrize("maker_module", ["vidtune.data.preference:PairMaker", "vidtune.data.rollouts:PromptMaker"])
