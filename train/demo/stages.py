@@ -174,7 +174,7 @@ def run_demo(
     report: dict[str, float] = {}
     if stages:
         ensure_tiny_model(model_dir, family)
-        if not (corpus / "preferences_eval.jsonl").is_file():
+        if not (corpus / "after_eval.jsonl").is_file():  # the corpus' newest file: an older demo's is rewritten
             write_demo_corpus(corpus)
         print(f"== demo in {root}: corpus {corpus}, tiny {family} model {model_dir}")
     for stage in stages:
