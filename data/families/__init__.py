@@ -129,6 +129,9 @@ class ModelFamily(ABC):
     # it as audio_tower) and the linear-layer names LoRA wraps there; "" for a family without one
     audio_tower_prefix: str = ""
     audio_tower_lora_targets: tuple[str, ...] = ()
+    # the sound features' projection to the text width where it lies outside the audio tower (Gemma 4's
+    # embed_audio): the FLOP count charges it to the audio side
+    audio_projector_prefix: str = ""
     # model.quantization (QLoRA): module names transformers' BitsAndBytesConfig leaves unquantized (prefixes from the
     # model's root, or layer-name suffixes): the vision tower, the projector and lm_head, whose precision the visual
     # features and every logit depend on and whose weights are a small share of the model
