@@ -17,6 +17,8 @@ What is counted (model FLOPs: checkpointing's recomputation is not work the mode
   Qwen's towers is left out (a small undercount).
 - The projector on the rows it actually sees (a hook on each of its linear layers), and so the merge layers inside
   a tower (Qwen3-VL's deepstack mergers), which see one row per 4 patches.
+- Mixture-of-Experts language models (Qwen3-Omni-MoE): the active experts only (top-k of them per token) and the
+  whole router (expert_weights).
 Not counted: embeddings (lookups), norms, activations, the loss itself: a few percent at most (a conservative MFU).
 Hybrid models (Qwen3.5) get the L² term only for their full-attention layers (`layer_types`); the chunked
 recurrence of their Gated DeltaNet layers is not counted either (its cost per token grows with the head width and
@@ -106,9 +108,44 @@ def part_weights(model: torch.nn.Module, belongs: Callable[[str], bool]) -> Part
     part = PartWeights()
     for name, module in matmul_modules(model, belongs):
         count = numel(module.weight)
+        if ".lora_" in name and ".experts." in name:
+            continue  # LoRA on fused experts: its delta joins their weights (expert_weights counts them trained)
         if ".lora_" in name:
             part.lora += count
         elif module.weight.requires_grad:
+            part.trained += count
+        else:
+            part.frozen += count
+    return part
+
+
+def expert_weights(model: torch.nn.Module, family: ModelFamily, config: Any) -> PartWeights:
+    """A Mixture-of-Experts language model's experts and routers (`family.router_module`; none elsewhere), per token.
+    Experts stored fused (3-D weights under `.experts.`, every expert's projections stacked) count only their
+    active share, `num_experts_per_tok / num_experts` (30B-A3B: 8 of 128): a token runs its top-k experts only.
+    LoRA on them (PEFT target_parameters) adds its low-rank delta to the stacked weights once per forward, so a token
+    costs what a trained weight costs (the gradient of the whole active weight, then of the factors once a step).
+    The router computes every expert's logit for every token: its whole weight counts."""
+    part = PartWeights()
+    if not family.router_module:
+        return part
+    share = config.num_experts_per_tok / config.num_experts
+    adapted = {
+        name.split(".experts.")[0] for name, _ in model.named_parameters() if ".experts." in name and ".lora_" in name
+    }
+    for name, param in model.named_parameters():
+        bare = name.removeprefix("base_model.model.")
+        if not bare.startswith(family.language_model_prefix) or ".lora_" in bare or ".original_module." in bare:
+            continue
+        count = numel(param)
+        if ".experts." in bare and len(getattr(param, "ds_shape", param.shape)) == 3:
+            count = round(count * share)
+            trained = param.requires_grad or name.split(".experts.")[0] in adapted
+        elif f".{family.router_module}." in bare and bare.endswith(".weight"):
+            trained = param.requires_grad
+        else:
+            continue
+        if trained:
             part.trained += count
         else:
             part.frozen += count
@@ -287,8 +324,11 @@ def flop_counter(model: Any, family: ModelFamily, head_everywhere: bool = False)
     whole_images = tower_type in ("clip_vision_model", "siglip_vision_model", "internvl_vision", "gemma4_vision")
     patch_size = getattr(vision, "patch_size", 1) if vision is not None else 1
     patch_size = patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size  # InternViT: (14, 14)
+    language = part_weights(model, lambda name: name.startswith(family.language_model_prefix))
+    experts = expert_weights(model, family, text)
+    language.frozen, language.trained = language.frozen + experts.frozen, language.trained + experts.trained
     return FlopCounter(
-        language=part_weights(model, lambda name: name.startswith(family.language_model_prefix)),
+        language=language,
         head=head,
         vision=part_weights(model, tower(family)),
         projector=part_weights(model, merging(family)),

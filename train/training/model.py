@@ -190,7 +190,15 @@ def lora_target_pattern(model: Any, family: ModelFamily, cfg: FinetuneConfig) ->
     """A regex PEFT full-matches against module names: the full names of the linear layers whose leaf name is a
     target, only inside the parts the recipe names. Names, not a leaf pattern: Qwen2.5-VL's vision target `proj`
     also names its Conv3d patch embedding (`visual.patch_embed.proj`), which must stay unwrapped."""
-    scopes = [(family.language_model_prefix, list(cfg.lora.targets) or list(family.language_model_lora_targets))]
+    return "|".join(re.escape(name) for name in lora_target_names(model, family, cfg))
+
+
+def lora_target_names(model: Any, family: ModelFamily, cfg: FinetuneConfig) -> list[str]:
+    """The full names of the linear layers LoRA wraps (see lora_target_pattern)."""
+    linear_targets = [t for t in cfg.lora.targets if t not in family.language_model_lora_parameters]
+    if cfg.lora.targets and not linear_targets:
+        return []  # only expert weights (lora_target_parameters)
+    scopes = [(family.language_model_prefix, linear_targets or list(family.language_model_lora_targets))]
     if cfg.vision_tower == "lora":
         scopes.append((family.vision_tower_prefix, list(family.vision_tower_lora_targets)))
     if cfg.audio_tower == "lora":
@@ -215,7 +223,41 @@ def lora_target_pattern(model: Any, family: ModelFamily, cfg: FinetuneConfig) ->
         chosen += [
             name for name, leaf in available.items() if leaf in targets and not any(name.startswith(u) for u in unused)
         ]
-    return "|".join(re.escape(name) for name in chosen)
+    return chosen
+
+
+def lora_target_parameters(model: Any, family: ModelFamily, cfg: FinetuneConfig) -> list[str]:
+    """Full names of the language model's fused expert weights (3-D parameters, not linear layers) that LoRA adapts
+    through PEFT's `target_parameters`: the family's by default; with finetune.lora.targets, those it names."""
+    wanted = family.language_model_lora_parameters
+    if cfg.lora.targets:
+        wanted = tuple(t for t in cfg.lora.targets if t in wanted)
+    unused = family.unused_module_prefixes(model.config)
+    return [
+        name
+        for name, _ in model.named_parameters()
+        if name.startswith(family.language_model_prefix)
+        and any(name.endswith("." + w) for w in wanted)
+        and not any(name.startswith(u) for u in unused)
+    ]
+
+
+def check_experts(cfg: FinetuneConfig, config: Any) -> None:
+    """Refused from the model's config, before its weights load: finetune.train_router on a model without a
+    router, and LoRA dropout on fused expert weights (PEFT's ParamWrapper, which adapts them, takes none)."""
+    family = family_for(config.model_type)
+    if cfg.train_router and not family.router_module:
+        raise RecipeError(
+            f"finetune.train_router: {family.name} has no Mixture-of-Experts router (set finetune.train_router=false)"
+        )
+    wanted = [t for t in cfg.lora.targets if t in family.language_model_lora_parameters]
+    experts = wanted or (family.language_model_lora_parameters if not cfg.lora.targets else ())
+    if cfg.mode == "lora" and experts and cfg.lora.dropout:
+        raise RecipeError(
+            f"finetune.lora.dropout={cfg.lora.dropout:g}: LoRA on {family.name}'s fused expert weights "
+            f"({', '.join(experts)}) takes no dropout (PEFT target_parameters); set finetune.lora.dropout=0, or "
+            "finetune.lora.targets to linear layers only"
+        )
 
 
 def check_lora_size(cfg: FinetuneConfig, config: Any) -> None:
@@ -250,6 +292,10 @@ def apply_finetuning(model: Any, family: ModelFamily, cfg: FinetuneConfig, adapt
             _unfreeze(model, family.vision_tower_prefix)
         if cfg.audio_tower == "full":
             _unfreeze(model, audio_tower_prefix(family, cfg))
+        if family.router_module and not cfg.train_router:  # the routing the experts were trained with stays
+            for name, param in model.named_parameters():
+                if name.startswith(family.language_model_prefix) and f".{family.router_module}." in name:
+                    param.requires_grad_(False)
         return model
     if adapter:
         # Continue an earlier stage's adapter (instruct -> chat): its targets and rank come with it.
@@ -262,11 +308,19 @@ def apply_finetuning(model: Any, family: ModelFamily, cfg: FinetuneConfig, adapt
         modules_to_save.append(family.vision_tower_prefix.rstrip(".").rsplit(".", 1)[-1])
     if cfg.audio_tower == "full":
         modules_to_save.append(audio_tower_prefix(family, cfg).rstrip(".").rsplit(".", 1)[-1])
+    if cfg.train_router and family.router_module:
+        modules_to_save.append(family.router_module)
+    expert_weights = lora_target_parameters(model, family, cfg)
     lora = LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=lora_target_pattern(model, family, cfg),
+        # MoE families get the names as a list: PEFT 0.21 resolves a regex on a model it converts from transformers
+        # v4 MoE names (qwen3_omni_moe) into bare leaf names, which also wrapped the audio tower's q/k/v_proj
+        target_modules=lora_target_names(model, family, cfg)
+        if family.language_model_lora_parameters
+        else lora_target_pattern(model, family, cfg),
+        target_parameters=expert_weights or None,
         modules_to_save=modules_to_save or None,
         task_type="CAUSAL_LM",
     )
