@@ -170,8 +170,12 @@ def test_flops_count_the_active_experts_and_the_whole_router(moe):
     assert text.num_experts_per_tok < text.num_experts  # 2 of 4
     frozen = flop_counter(copy.deepcopy(moe.model).requires_grad_(False), moe.family).language
     assert (frozen.frozen, frozen.trained, frozen.lora) == (attention + active + text.num_hidden_layers * router, 0, 0)
+    assert flop_counter(copy.deepcopy(moe.model).requires_grad_(False), moe.family).per_forward == 0
     model = apply_finetuning(copy.deepcopy(moe.model), moe.family, lora())
-    adapted = flop_counter(model, moe.family).language
+    counter = flop_counter(model, moe.family)
+    # each forward builds every expert's rank-16 delta: 2·r per expert weight, 4·r more backward
+    assert counter.per_forward == 6 * 16 * text.num_hidden_layers * text.num_experts * per_expert
+    adapted = counter.language
     assert adapted.trained == active  # LoRA on the experts: a token pays a trained weight's cost on its experts
     assert adapted.frozen == attention + text.num_hidden_layers * router
     assert 0 < adapted.lora < attention  # the attention's LoRA factors (rank 16 of 64-wide layers)
