@@ -162,9 +162,10 @@ def expert_lora_flops(model: torch.nn.Module) -> int:
         name = getattr(module, "parameter_name", None)
         if name is None or not isinstance(factors, torch.nn.ModuleDict) or "default" not in factors:
             continue
-        base = module.get_base_layer()
+        base: Any = module.get_base_layer()  # type: ignore[operator]  # a PEFT layer's method
         experts = getattr(base, "num_experts", 1)
-        rank = factors["default"].weight.shape[0] // experts
+        down: Any = factors["default"]  # LoRA's A: an nn.Linear of (rank x experts) outputs
+        rank = down.out_features // experts
         total += 6 * rank * numel(getattr(base, name))
     return total
 
