@@ -141,12 +141,22 @@ def test_lora_covers_attention_and_the_experts_and_leaves_the_router_frozen(moe)
     assert all(p.requires_grad for n, p in full.named_parameters() if ".mlp.gate." in n)
 
 
-def test_expert_and_router_settings_are_checked_before_loading(moe, tiny_model_dir):
-    config = load_model_config(str(moe.model_dir))
-    with pytest.raises(RecipeError, match=r"finetune.lora.dropout=0.05: LoRA on qwen3_omni_moe's fused expert"):
-        check_experts(FinetuneConfig(), config)
-    check_experts(lora(0.05, lora={"targets": ["q_proj", "v_proj"]}), config)  # attention only takes dropout
-    check_experts(FinetuneConfig(mode="full"), config)
+def test_lora_dropout_reaches_the_linear_layers_and_targets_may_name_expert_weights(moe, tiny_model_dir):
+    # PEFT's ParamWrapper (LoRA on fused experts) refuses dropout: the recipe's goes to the linear layers only
+    model = apply_finetuning(copy.deepcopy(moe.model), moe.family, lora(0.1))
+    dropouts = {
+        n.split(".lora_dropout")[0].rsplit(".", 1)[-1]: type(m).__name__
+        for n, m in model.named_modules()
+        if n.endswith("lora_dropout.default")
+    }
+    assert dropouts == {"q_proj": "Dropout", "k_proj": "Dropout", "v_proj": "Dropout", "o_proj": "Dropout"} | {
+        "experts": "Identity",
+        "base_layer": "Identity",
+    }
+    assert model.get_submodule("base_model.model.model.language_model.layers.0.self_attn.q_proj").lora_dropout[
+        "default"
+    ].p == pytest.approx(0.1)
+    check_experts(FinetuneConfig(train_router=True), load_model_config(str(moe.model_dir)))
     with pytest.raises(RecipeError, match=r"finetune\.train_router: llava_next_video has no Mixture-of-Experts router"):
         check_experts(FinetuneConfig(train_router=True), load_model_config(str(tiny_model_dir)))
     # targets may name the expert weights alone, or beside linear layers
