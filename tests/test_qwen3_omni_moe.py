@@ -61,7 +61,7 @@ def test_a_heard_clip_follows_the_hub_prompt_and_counts_as_the_processor(moe, to
     assert video == int(example["video_grid_thw"].prod()) // 4
 
 
-def test_each_examples_positions_are_the_thinkers_own(moe, tone_clips):
+def test_each_examples_positions_are_the_thinkers_own(moe, tone_clips, clips):
     example = heard_example(moe, tone_clips[HIGH_HZ])
     ids = example["input_ids"][None]
     expected, _ = moe.model.model.get_rope_index(
@@ -76,6 +76,13 @@ def test_each_examples_positions_are_the_thinkers_own(moe, tone_clips):
     # one clock: the clip's second temporal patch (frames 2-3 of 4 at 2 fps: 1 s later) is 13 positions on
     video = example[ROPE_KEY][0][example["input_ids"] == moe.processor.video_token_id]
     assert sorted(set(video.tolist()))[1] - video.min() == 13
+    # frames 0.75 s apart: temporal patches 1.5 s apart, 19.5 positions; the batch keeps the fraction, as the model's
+    # own positions do (truncated to integers they gave other logits)
+    silent = heard_example(moe, clips["three"], audio_rate=None)
+    batch = Collator(moe.processor.tokenizer.pad_token_id, family=moe.family)([silent])
+    frames = silent[ROPE_KEY][0][silent["input_ids"] == moe.processor.video_token_id]
+    assert sorted(set(frames.tolist()))[1] - frames.min() == 19.5
+    assert torch.equal(batch["position_ids"][:, 0], silent[ROPE_KEY])
 
 
 def test_heard_silent_image_and_text_samples_batch_like_single_samples(moe, tone_clips, clips, tmp_path):
