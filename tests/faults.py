@@ -21,6 +21,8 @@ A spec holds comma-separated faults:
   termeval@STEP      SIGTERM to this process as the eval-loss evaluation after step STEP starts
   termgen@STEP       the same as the generation-based evaluation after step STEP starts
   shortgen@N         rank 1 samples GRPO completions of at most N tokens (its ranks then generate different lengths)
+  fixedgen@N         GRPO rollouts still generate, then each completion is replaced by a fixed one of up to N words
+                     chosen by its prompt's tokens and its place in the group: the same rollouts at any world size
   towerframes@DIR    no fault, a probe: under train.sequence_parallel each rank appends the number of frames its
                      vision tower encodes per micro-batch to DIR/rank<RANK>.txt
 """
@@ -47,6 +49,7 @@ FAULTS = (
     "termeval",
     "termgen",
     "shortgen",
+    "fixedgen",
     "towerframes",
 )
 
@@ -72,10 +75,11 @@ def patches(spec: str) -> list[tuple[Any, str, Any]]:
             result.append((checkpoint, "write_manifest", _kill_while_saving(checkpoint.write_manifest, int(where))))
         elif action == "nan":
             result.append((loop, "forward_loss", _nan_loss(loop.forward_loss, where)))
-        elif action == "shortgen":
+        elif action in ("shortgen", "fixedgen"):
             from vidtune.train.objectives import select
 
-            result.append((select.Rollout, "__call__", _short_generation(select.Rollout.__call__, int(where))))
+            wrap = _short_generation if action == "shortgen" else _fixed_generation
+            result.append((select.Rollout, "__call__", wrap(_latest(result, select.Rollout, "__call__"), int(where))))
         elif action == "infgrad":
             result.append((loop, "micro_step", _infinite_gradient(loop.micro_step, int(where))))
         elif action == "enospc" and where.startswith("step."):
@@ -90,12 +94,18 @@ def patches(spec: str) -> list[tuple[Any, str, Any]]:
             from vidtune.train.training import sequence_split
 
             result.append((sequence_split, "encode_share", _count_frames(sequence_split.encode_share, where)))
-        elif action in ("termeval", "termgen", "shortgen"):
+        elif action in ("termeval", "termgen"):
             name = "evaluate" if action == "termeval" else "generation_eval"
             result.append((held_out, name, _term_at_eval(getattr(held_out, name), int(where))))
         else:
             result.append((video, "open_video", _hang_on_open(video.open_video, where)))
     return result
+
+
+def _latest(result: list[tuple[Any, str, Any]], module: Any, name: str) -> Any:
+    """The replacement an earlier fault in the spec made for module.name (faults on one function compose)."""
+    earlier = [replacement for owner, attribute, replacement in result if (owner, attribute) == (module, name)]
+    return earlier[-1] if earlier else getattr(module, name)
 
 
 def inject(monkeypatch: Any, spec: str) -> None:
@@ -146,6 +156,25 @@ def _short_generation(real: Any, tokens: int) -> Any:
         if self.accelerator.process_index == 1:
             self.settings.max_new_tokens = tokens
         return real(self, model, batch)
+
+    return rollout
+
+
+def _fixed_generation(real: Any, words: int) -> Any:
+    vocabulary = ("red", "green", "blue", "then", "first", "last")
+
+    def rollout(self: Any, model: Any, batch: Any) -> Any:
+        import torch
+
+        sampled, _ = real(self, model, batch)  # the real (synced) generation still runs, at its own lengths
+        texts = []
+        for row, (ids, mask) in enumerate(zip(batch["input_ids"], batch["attention_mask"], strict=True)):
+            key = int(ids[mask.bool()].sum()) + row
+            texts.append(" ".join(vocabulary[(key + k) % len(vocabulary)] for k in range(1 + key % words)))
+        tokens = [self.tokenizer(text, add_special_tokens=False)["input_ids"] + self.stop_ids[:1] for text in texts]
+        width = max(map(len, tokens))
+        padded = [ids + self.stop_ids[:1] * (width - len(ids)) for ids in tokens]
+        return torch.tensor(padded, dtype=sampled.dtype, device=sampled.device), texts
 
     return rollout
 

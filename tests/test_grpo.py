@@ -227,35 +227,56 @@ def test_reasoning_format_and_temporal_grounding_rewards_score_the_answer_part()
 
 
 @pytest.mark.slow
-def test_zero3_grpo_finishes_when_ranks_generate_different_lengths(family_kits, demo_corpus: Path, tmp_path: Path):
-    """2 processes under ZeRO-3: rank 1's completions stop after 1 token, rank 0's run to 6. Without synced_gpus the
-    rank that finished first would leave the other waiting in its parameter all-gathers forever (ms-swift #7899)."""
+def test_zero3_grpo_finishes_when_ranks_generate_different_lengths_and_equals_one_process(
+    family_kits, demo_corpus: Path, tmp_path: Path, monkeypatch
+):
+    """2 processes under ZeRO-3: rank 1's sampling stops after 1 token, rank 0's runs to 6. Without synced_gpus the
+    rank that finished first would leave the other waiting in its parameter all-gathers forever (ms-swift #7899).
+    Then each completion is replaced by a fixed one (chosen by its prompt and place in the group, tests/faults.py
+    fixedgen): given the same rollouts, the 2-process run logs the 1-process run's loss, rewards, completion lengths
+    and gradient norm at every step (the same global batch: 1 prompt x 2 micro-batches), and its adapter is equal."""
     from tests.conftest import tiny_run_overrides
-    from tests.test_distributed import engine, launch
+    from tests.faults import inject
+    from tests.test_distributed import adapter, assert_adapters_equal, engine, launch
     from vidtune.train.training.config import recipe_to_yaml
+    from vidtune.train.training.loop import train
     from vidtune.train.training.tracking import read_metrics
 
-    output = tmp_path / "run"
-    overrides = tiny_run_overrides(
-        family_kits("llava_next_video").model_dir,
-        demo_corpus,
-        output,
-        "train.objective=grpo",
-        "train.grpo.num_generations=2",
-        "train.grpo.max_new_tokens=6",
-        "train.grpo.rewards=[tests.test_grpo:varied_reward]",
-        "train.max_steps=2",
-        "train.batch_size=1",
-    )
+    def overrides(output: Path, *extra: str) -> list[str]:
+        return tiny_run_overrides(
+            family_kits("llava_next_video").model_dir,
+            demo_corpus,
+            output,
+            "train.objective=grpo",
+            "train.grpo.num_generations=2",
+            "train.grpo.max_new_tokens=6",
+            "train.grpo.beta=0.1",
+            "train.grpo.rewards=[tests.test_grpo:varied_reward]",
+            "train.max_steps=2",
+            "train.batch_size=1",
+            # Adam's eps 1e-8 lets an element whose summed gradient cancels to ~0 move by a round-off-chosen step
+            # (1 of 2,048 LoRA elements, 1.9e-4 off here): eps 1e-3 keeps round-off as round-off (tests/test_fsdp2.py)
+            "train.adam_epsilon=1e-3",
+            *extra,
+        )
+
+    def figures(output: Path) -> list[tuple[float, ...]]:
+        keys = ("train/loss", "train/reward", "train/kl", "train/completion_tokens", "train/grad_norm")
+        return [tuple(m[k] for k in keys) for m in read_metrics(output) if "train/reward" in m]
+
+    two = tmp_path / "two"
     path = tmp_path / "grpo.yaml"
-    path.write_text(recipe_to_yaml(load_recipe(None, overrides)))
-    result = launch(path, "zero3.yaml", fault="shortgen@1")
+    path.write_text(recipe_to_yaml(load_recipe(None, overrides(two))))
+    result = launch(path, "zero3.yaml", fault="shortgen@1,fixedgen@3")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert engine(output) == {"num_processes": 2, "distributed_type": "DEEPSPEED", "zero_stage": 3}
-    logged = [m for m in read_metrics(output) if "train/completion_tokens" in m]
-    assert len(logged) == 2
-    # the mean over both ranks: rank 1's single tokens pull it below rank 0's lengths
-    assert all(1 <= m["train/completion_tokens"] < 6 for m in logged)
+    assert engine(two) == {"num_processes": 2, "distributed_type": "DEEPSPEED", "zero_stage": 3}
+    inject(monkeypatch, "fixedgen@3")
+    one = tmp_path / "one"
+    train(load_recipe(None, overrides(one, "train.grad_accum_steps=2")))
+    ours, theirs = figures(two), figures(one)
+    assert len(ours) == len(theirs) == 2 and all(f[-1] > 0 for f in theirs)  # it really updated
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=1e-6)
+    assert_adapters_equal(adapter(two), adapter(one))
 
 
 def test_rollouts_never_sample_media_placeholder_tokens_and_sample_within_top_k(family_kits) -> None:

@@ -154,12 +154,18 @@ def test_dpo_loss_equals_trls_on_the_same_log_probs() -> None:
 
 
 def pair_batch(kit, corpus: Path, num_pairs: int = 2) -> dict:
+    from tests.conftest import TINY_MAX_LENGTH
     from vidtune.data.collator import Collator
     from vidtune.data.packing import NUM_SAMPLES, NUM_TOKENS
     from vidtune.data.preference import PairCollator, PairMaker
 
     rows = load_conversations([SourceConfig(path=str(corpus / "preferences_train.jsonl"))])
-    maker = PairMaker(kit.builder, DataConfig(sampling=SamplingConfig(num_frames=4), max_length=64), 0, train=False)
+    maker = PairMaker(
+        kit.builder,
+        DataConfig(sampling=SamplingConfig(num_frames=4), max_length=TINY_MAX_LENGTH.get(kit.name, 64)),
+        0,
+        train=False,
+    )
     collate = PairCollator(Collator(kit.processor.tokenizer.pad_token_id, family=kit.family))
     batch = collate([maker.make(rows[i], 0, i) for i in range(num_pairs)])
     assert batch.pop(NUM_SAMPLES) == num_pairs and batch.pop(NUM_TOKENS) > 0
@@ -199,6 +205,65 @@ def test_reference_log_probs_with_the_adapter_disabled_equal_the_base_models(fam
     torch.testing.assert_close(reference, separately, rtol=0, atol=1e-5)
     torch.testing.assert_close(full_logits, separately, rtol=0, atol=1e-5)
     assert (trained - separately).abs().max() > 1e-2  # the adapter was on for the policy's pass
+
+
+def test_answer_log_probs_equal_the_full_logits_for_every_family(family_kit, demo_corpus: Path) -> None:
+    """DPO's and GRPO's per-answer log-probs come from the language head's captured input (no full logits): they
+    equal the model's own logits at the answer tokens for every family. Qwen2.5-Omni's thinker ignores
+    logits_to_keep, so its head saw every position: taken as they were, rows and targets did not line up."""
+    from contextlib import nullcontext
+
+    from vidtune.train.training.loss import language_head
+
+    batch = pair_batch(family_kit, demo_corpus)
+    model = family_kit.model
+    with torch.no_grad():
+        captured, tokens = DPOObjective(DPOSettings(), language_head(model), nullcontext).sequence_logps(model, batch)
+        full_logits, _ = DPOObjective(DPOSettings(), None, nullcontext).sequence_logps(model, batch)
+    assert tokens.min() > 0 and captured.isfinite().all()
+    torch.testing.assert_close(captured, full_logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "grpo"])
+@pytest.mark.parametrize("family", ["qwen2_5_omni", "gemma4"])
+def test_dpo_and_grpo_train_on_clips_heard_with_their_sound(
+    family: str, objective: str, family_kits, tmp_path: Path, monkeypatch
+) -> None:
+    """The families that hear run a DPO or GRPO step on the tone clips with their sound: the examples carry the
+    audio (the family's encode_with_audio builds them), and the step's figures are finite."""
+    from tests.conftest import tiny_run_overrides
+    from vidtune.train.demo.corpus import write_tone_corpus
+    from vidtune.train.training.config import load_recipe
+    from vidtune.train.training.loop import train
+    from vidtune.train.training.tracking import read_metrics
+
+    kit = family_kits(family)
+    heard = []
+    encode = type(kit.family).encode_with_audio
+    monkeypatch.setattr(type(kit.family), "encode_with_audio", lambda *a, **k: heard.append(1) or encode(*a, **k))
+    corpus = write_tone_corpus(tmp_path / "tones", num_train=4, num_eval=2)
+    rows = [json.loads(line) for line in (corpus / "tones_train.jsonl").read_text().splitlines()]
+    other = {"high": "low", "low": "high"}
+    pairs = write_jsonl(
+        corpus / "pairs.jsonl", [{**r, "chosen": r["answer"], "rejected": other[r["answer"]]} for r in rows]
+    )
+    settings = {
+        "dpo": ["train.objective=dpo", f"data.sources=[{{path: {pairs}}}]"],
+        "grpo": ["train.objective=grpo", "train.grpo.num_generations=2", "train.grpo.max_new_tokens=3"],
+    }[objective]
+    overrides = tiny_run_overrides(
+        kit.model_dir,
+        corpus,
+        tmp_path / "run",
+        f"data.sources=[{{path: {corpus / 'tones_train.jsonl'}}}]",
+        *settings,
+        "data.max_length=1024",
+        "train.max_steps=1",
+        "train.batch_size=2",
+    )
+    output = train(load_recipe(None, overrides))
+    logged = [m for m in read_metrics(output) if "train/loss" in m]
+    assert heard and len(logged) == 1 and all(math.isfinite(v) for v in logged[0].values())
 
 
 def test_dpo_training_run_prefers_the_chosen_answers(family_kits, demo_corpus: Path, tmp_path: Path) -> None:

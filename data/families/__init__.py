@@ -136,6 +136,9 @@ class ModelFamily(ABC):
     # the router's module name ("mlp.gate"), which stays frozen unless finetune.train_router asks for it
     language_model_lora_parameters: tuple[str, ...] = ()
     router_module: str = ""
+    # the sound features' projection to the text width where it lies outside the audio tower (Gemma 4's
+    # embed_audio): the FLOP count charges it to the audio side
+    audio_projector_prefix: str = ""
     # model.quantization (QLoRA): module names transformers' BitsAndBytesConfig leaves unquantized (prefixes from the
     # model's root, or layer-name suffixes): the vision tower, the projector and lm_head, whose precision the visual
     # features and every logit depend on and whose weights are a small share of the model

@@ -139,6 +139,7 @@ class Gemma4(ModelFamily):
     # the conformer's clippable linears (an nn.Linear named `linear` inside each), its relative-position keys, the
     # subsampling's input projection and its output projection
     audio_tower_lora_targets = ("linear", "relative_k_proj", "input_proj_linear", "output_proj")
+    audio_projector_prefix = "model.embed_audio."
     quantization_skip_modules = (
         "model.vision_tower",
         "model.audio_tower",

@@ -68,8 +68,11 @@ def label_logps(
         model(**inputs, logits_to_keep=keep, use_cache=False)
     if capture.hidden is None:
         raise RuntimeError("the model's forward never called its language head (get_output_embeddings())")
+    hidden = capture.hidden
+    if hidden.shape[:-1] == keep.shape:  # a forward without logits_to_keep (Qwen2.5-Omni's thinker), as in SFT's loss
+        hidden = hidden[keep]
     with autocast():
-        return chunked_token_logps(capped(head, logit_softcap(model)), capture.hidden, targets), rows
+        return chunked_token_logps(capped(head, logit_softcap(model)), hidden, targets), rows
 
 
 def per_row(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:

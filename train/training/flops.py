@@ -19,6 +19,10 @@ What is counted (model FLOPs: checkpointing's recomputation is not work the mode
   a tower (Qwen3-VL's deepstack mergers), which see one row per 4 patches.
 - Mixture-of-Experts language models (Qwen3-Omni-MoE): the active experts only (top-k of them per token) and the
   whole router (expert_weights).
+- The audio tower of a family that hears (Qwen2.5-Omni, Gemma 4), with the projection of its features, on what it
+  actually sees: a hook after each of its linear and convolution layers charges 2 FLOPs per weight per output row
+  (or position), 4 when a gradient flows through a frozen layer, 6 for a layer that trains. Its attention products
+  are left out: they run within windows of the sound (Qwen2.5-Omni's 100-frame chunks), a small undercount.
 Not counted: embeddings (lookups), norms, activations, the loss itself: a few percent at most (a conservative MFU).
 Hybrid models (Qwen3.5) get the L² term only for their full-attention layers (`layer_types`); the chunked
 recurrence of their Gated DeltaNet layers is not counted either (its cost per token grows with the head width and
@@ -183,6 +187,12 @@ def tower(family: ModelFamily) -> Callable[[str], bool]:
     return lambda name: name.startswith(family.vision_tower_prefix) and not merge(name)
 
 
+def audio_tower(family: ModelFamily) -> Callable[[str], bool]:
+    """The audio tower's layers and the projection of its features (Gemma 4's lies outside the tower)."""
+    prefixes = tuple(p for p in (family.audio_tower_prefix, family.audio_projector_prefix) if p)
+    return lambda name: bool(prefixes) and name.startswith(prefixes)
+
+
 @dataclass
 class VisionTokens:
     """Counts what the vision side processes during the forward passes of one step (hooks; shapes only, no
@@ -191,10 +201,11 @@ class VisionTokens:
     tower_tokens: int = 0
     tower_pairs: int = 0  # sum over images/frames of tokens² (towers that take whole images)
     projector_flops: int = 0
+    audio_flops: int = 0  # the audio tower's linear and convolution layers (families that hear)
 
-    def take(self) -> tuple[int, int, int]:
-        figures = (self.tower_tokens, self.tower_pairs, self.projector_flops)
-        self.tower_tokens = self.tower_pairs = self.projector_flops = 0
+    def take(self) -> tuple[int, int, int, int]:
+        figures = (self.tower_tokens, self.tower_pairs, self.projector_flops, self.audio_flops)
+        self.tower_tokens = self.tower_pairs = self.projector_flops = self.audio_flops = 0
         return figures
 
 
@@ -207,6 +218,7 @@ class FlopCounter:
     head: PartWeights
     vision: PartWeights
     projector: PartWeights
+    audio: PartWeights  # the audio tower and its projection (empty for a family that does not hear)
     attention_per_pair: int  # 12 · layers · d_attn (forward and backward)
     vision_attention_per_pair: int  # 4 · layers · d_attn per pass (forward; x2 more when a gradient flows)
     patch_size: int
@@ -232,7 +244,18 @@ class FlopCounter:
         per_row = 2 if not self.projector_backward else 6 if self.projector.trained or self.projector.lora else 4
         for _, module in matmul_modules(model, merging(family)):
             module.register_forward_pre_hook(lambda m, args, k=per_row: self._projector_rows(m, args, k))
+        audio_backward = bool(self.audio.trained or self.audio.lora)  # its input (sound features) needs no gradient
+        for _, module in matmul_modules(model, audio_tower(family)):
+            per_output = 6 if module.weight.requires_grad else 4 if audio_backward else 2
+            module.register_forward_hook(lambda m, args, out, k=per_output: self._audio_outputs(m, out, k))
         return self
+
+    def _audio_outputs(self, module: Any, output: Any, per_output: int) -> None:
+        """A linear layer's output rows, or a convolution's output positions, each cost its weights once."""
+        if not isinstance(output, torch.Tensor):
+            return
+        channels = output.shape[-1] if isinstance(module, torch.nn.Linear) else output.shape[1]
+        self.seen.audio_flops += per_output * (output.numel() // channels) * numel(module.weight)
 
     def _tower_input(self, module: Any, args: tuple, kwargs: dict) -> None:
         pixels = args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))
@@ -268,14 +291,15 @@ class FlopCounter:
             + forwards * self.per_forward
         )
 
-    def vision_flops(self) -> float:
-        """The vision side's FLOPs over the forwards since the last call (then forgotten)."""
-        tokens, pairs, projector = self.seen.take()
+    def media_flops(self) -> float:
+        """The vision and audio side's FLOPs over the forwards since the last call (then forgotten)."""
+        tokens, pairs, projector, audio = self.seen.take()
         passes = 3 if self.vision_backward else 1
         return (
             tokens * self.vision.per_token(self.vision_backward)
             + pairs * self.vision_attention_per_pair * passes
             + projector
+            + audio
         )
 
 
@@ -356,6 +380,7 @@ def flop_counter(model: Any, family: ModelFamily, head_everywhere: bool = False)
         head=head,
         vision=part_weights(model, tower(family)),
         projector=part_weights(model, merging(family)),
+        audio=part_weights(model, audio_tower(family)),
         attention_per_pair=12 * summed_attention_width(text),
         vision_attention_per_pair=4 * tower_layers * attention_width(vision) if vision and whole_images else 0,
         patch_size=patch_size,

@@ -217,7 +217,7 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, Any]:
     on the device until the loop's next read point; {"skipped": 1} when the host skipped the step (DeepSpeed's
     non-finite loss, fp16's loss scaler, an optimizer that cannot drop an update on the device)."""
     acc = run.accelerator
-    run.flops.seen.take()  # forget the vision work of evaluation since the last step
+    run.flops.seen.take()  # forget the vision and audio work of evaluation since the last step
     skipped = [reason for batch in window for reason in batch.pop("skipped", [])]
     counts = [pop_counts(b) for b in window]  # (samples, real tokens): packed rows are not samples
     run.bad_samples.note(skipped, sum(samples for samples, _ in counts), run.state.step)
@@ -257,7 +257,7 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, Any]:
         "lr": lr,
         "samples": acc.reduce(local_samples, "sum"),
         "tokens": tokens,
-        "flops": acc.reduce(local_flops + run.flops.vision_flops(), "sum"),
+        "flops": acc.reduce(local_flops + run.flops.media_flops(), "sum"),
         "grad_norm": grad_norm if grad_norm is not None else float("nan"),
         "skipped_samples": len(skipped),
         **run.loss.figures(acc),
