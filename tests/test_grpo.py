@@ -308,3 +308,28 @@ def test_rollouts_never_sample_media_placeholder_tokens_and_sample_within_top_k(
     assert kit.processor.video_token_id in seen["suppress_tokens"]
     assert kit.processor.image_token_id in seen["suppress_tokens"]
     assert seen["top_k"] == 4 and seen["temperature"] == 1.0
+
+
+def test_a_grpo_step_runs_for_every_family(family_kit, demo_corpus: Path, tmp_path: Path) -> None:
+    """Each family samples completions, scores them and takes an update with a KL to its reference: the prompt's
+    per-token tensors (Qwen's mm_token_type_ids) and positions grow with the completion (Qwen2.5-Omni's thinker
+    computes them itself; it ignores logits_to_keep, which broke its log-probs)."""
+    from tests.conftest import tiny_run_overrides
+    from vidtune.train.training.loop import train
+    from vidtune.train.training.tracking import read_metrics
+
+    overrides = tiny_run_overrides(
+        family_kit.model_dir,
+        demo_corpus,
+        tmp_path / "grpo",
+        "train.objective=grpo",
+        "train.grpo.num_generations=2",
+        "train.grpo.max_new_tokens=3",
+        "train.grpo.beta=0.1",
+        "train.grpo.rewards=[tests.test_grpo:varied_reward]",
+        "train.batch_size=2",
+        "train.max_steps=1",
+    )
+    logged = [m for m in read_metrics(train(load_recipe(None, overrides))) if "train/reward" in m]
+    assert len(logged) == 1 and all(math.isfinite(v) for v in logged[0].values())
+    assert 1 <= logged[0]["train/completion_tokens"] <= 3

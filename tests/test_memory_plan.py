@@ -189,3 +189,27 @@ def test_gpu_memory_says_whether_the_plan_fits_and_which_changes_would(tiny_mode
     with pytest.raises(SystemExit):
         main(["train", "demo/instruct", f"model.name_or_path={tiny_model_dir}", "--gpu-memory", "24GB"])
     assert "add --dry-run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("processes", "zero_stage"), [(1, 0), (2, 3)])
+def test_a_full_fine_tuning_reference_adds_a_frozen_copy_of_the_weights(tiny_model_dir, processes, zero_stage):
+    """DPO under full fine-tuning keeps a frozen copy of the start (train/objectives/reference.py): the plan's
+    weights grow by the model's weights in its dtype (ZeRO-3: each rank's partitions); LoRA's reference is free."""
+    from vidtune.train.training.memory_plan import ZERO3_PERSISTENCE_THRESHOLD, plan_memory
+    from vidtune.train.training.model import apply_finetuning, build_on_meta
+
+    def weights(*overrides: str) -> int:
+        recipe = tiny_recipe(tiny_model_dir, *overrides)
+        meta, family = build_on_meta(recipe.model)
+        model = apply_finetuning(meta, family, recipe.finetune)
+        return plan_memory(model, family, recipe, processes, zero_stage, deepspeed=zero_stage > 0).weights
+
+    sizes = [p.numel() for p in build_on_meta(tiny_recipe(tiny_model_dir).model)[0].parameters()]
+    copy = 4 * (  # float32, the tiny recipe's dtype
+        sum(sizes)
+        if zero_stage == 0
+        else sum(-(-n // processes) + (n if n <= ZERO3_PERSISTENCE_THRESHOLD else 0) for n in sizes)
+    )
+    full = ("finetune.mode=full",)
+    assert weights(*full, "train.objective=dpo") - weights(*full) == copy > 0
+    assert weights("train.objective=dpo") == weights()  # LoRA: the adapter disabled, no copy

@@ -292,6 +292,19 @@ def test_dpo_training_run_prefers_the_chosen_answers(family_kits, demo_corpus: P
     assert logged[-1]["train/rewards/margin"] > 0.05 and logged[-1]["train/loss"] < math.log(2)
     assert logged[-1]["train/rewards/accuracy"] == 1
     assert (output / "adapter_model.safetensors").is_file()
+    # the preference-tuned adapter exports and answers as an SFT adapter does: the export's greedy answers are the
+    # run's, and the run's are not the base model's
+    from vidtune.train.generation.infer import generate, load_for_inference, video_question
+    from vidtune.train.publishing.export import export_folder
+
+    exported = export_folder(output, to=tmp_path / "export")
+    assert "adapter_model.safetensors" in exported.files
+    prompts = [
+        video_question(str(demo_corpus / "videos" / f"eval_{i:04d}.mp4"), "Which color comes first?") for i in (0, 1)
+    ]
+    answers = generate(load_for_inference(str(output)), prompts, 4)
+    assert generate(load_for_inference(str(exported.folder)), prompts, 4) == answers
+    assert answers != generate(load_for_inference(str(family_kits("llava_next_video").model_dir)), prompts, 4)
 
 
 @pytest.mark.parametrize("maker_module", ["vidtune.data.preference:PairMaker", "vidtune.data.rollouts:PromptMaker"])
@@ -363,3 +376,114 @@ def test_vidtune_check_counts_pairs_and_checks_grpo_rewards_and_prompt_room(
     code, report, printed = check("grpo", [questions], grpo={**grpo["grpo"], "max_new_tokens": 64 - prompt + 1})
     assert code == 0 and report["prompts_without_room"] == [{"where": "questions.jsonl line 1", "tokens": prompt}]
     assert f"data.max_length={prompt + 64 - prompt + 1} fits every prompt" in printed
+
+
+def red_over_blue_pairs(clips: dict[str, Path], clip_pairs: int, text_only: int = 0) -> Path:
+    """The clip's question with chosen "red", rejected "blue" (`clip_pairs` times), then `text_only` pairs without
+    media; written beside the clip (its media root)."""
+    clip = {"video": clips["red_blue"].name, "prompt": "Which color comes first?", "chosen": "red", "rejected": "blue"}
+    rows = [clip] * clip_pairs
+    rows += [{"prompt": f"Say a colour ({i}).", "chosen": "red", "rejected": "blue"} for i in range(text_only)]
+    return write_jsonl(clips["red_blue"].parent / f"red_over_blue_{clip_pairs}_{text_only}.jsonl", rows)
+
+
+def full_fine_tuning_overrides(family_kits, demo_corpus: Path, output: Path, source: Path, *extra: str) -> list[str]:
+    from tests.conftest import tiny_run_overrides
+
+    return tiny_run_overrides(
+        family_kits("llava_next_video").model_dir,
+        demo_corpus,
+        output,
+        f"data.sources=[{{path: {source}}}]",
+        "finetune.mode=full",
+        "train.learning_rate=1e-3",
+        *extra,
+    )
+
+
+@pytest.mark.parametrize("objective", ["dpo", "grpo"])
+def test_full_fine_tuning_compares_with_a_frozen_copy_of_the_start(
+    objective: str, family_kits, demo_corpus: Path, clips: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    """finetune.mode=full trains every language-model weight, so there is no adapter to switch off: the reference
+    is a frozen copy of the starting model. DPO's first step sees policy == reference (margin 0, loss log 2), then
+    the margin grows (a reference that trained along would keep it at 0); GRPO's KL to it is 0 at the first step and
+    grows. The run saves a whole model, not an adapter."""
+    from vidtune.train.training.config import load_recipe
+    from vidtune.train.training.loop import train
+    from vidtune.train.training.tracking import read_metrics
+
+    source = red_over_blue_pairs(clips, 4) if objective == "dpo" else demo_corpus / "questions_train.jsonl"
+    settings = {
+        "dpo": ["train.objective=dpo", "train.dpo.beta=0.5", "train.batch_size=2"],
+        "grpo": [
+            "train.objective=grpo",
+            "train.grpo.beta=0.1",
+            "train.grpo.num_generations=2",
+            "train.grpo.max_new_tokens=4",
+            "train.grpo.rewards=[tests.test_grpo:varied_reward]",
+            "train.batch_size=2",
+        ],
+    }[objective]
+    output = train(load_recipe(None, full_fine_tuning_overrides(family_kits, demo_corpus, tmp_path, source, *settings)))
+    assert "reference: a frozen copy of the starting model" in capsys.readouterr().out
+    assert (output / "model.safetensors").is_file() and not (output / "adapter_model.safetensors").exists()
+    logged = [m for m in read_metrics(output) if "train/loss" in m and "train/lr" in m]
+    assert len(logged) == 6
+    if objective == "dpo":
+        assert logged[0]["train/rewards/margin"] == 0 and logged[0]["train/loss"] == pytest.approx(math.log(2))
+        assert logged[-1]["train/rewards/margin"] > 0.5 and logged[-1]["train/rewards/accuracy"] == 1
+    else:
+        assert logged[0]["train/kl"] == 0 and logged[-1]["train/kl"] > 0
+
+
+@pytest.mark.slow
+def test_zero3_full_fine_tuning_dpo_partitions_its_reference_and_equals_one_process(
+    family_kits, demo_corpus: Path, clips: dict[str, Path], tmp_path: Path
+) -> None:
+    """2 processes under ZeRO-3, full fine-tuning: the frozen reference is partitioned like the policy (an inference
+    engine; its vision lockstep runs a blank clip on the rank holding a text-only pair while the other holds the
+    clip: 1 clip pair and 3 text-only pairs put them side by side at some step), no rank hangs, and the losses and
+    margins are the 1-process run's at every step (the same global batch)."""
+    from tests.test_distributed import engine, launch
+    from vidtune.train.training.config import load_recipe, recipe_to_yaml
+    from vidtune.train.training.loop import train
+    from vidtune.train.training.tracking import read_metrics
+
+    source = red_over_blue_pairs(clips, 1, text_only=3)
+
+    def overrides(output: Path, *extra: str) -> list[str]:
+        return full_fine_tuning_overrides(
+            family_kits, demo_corpus, output, source, "train.objective=dpo", "train.dpo.beta=0.5",
+            "train.batch_size=1", "train.max_steps=2", "train.adam_epsilon=1e-3", *extra,
+        )  # fmt: skip
+
+    def figures(output: Path) -> list[tuple[float, float]]:
+        return [(m["train/loss"], m["train/rewards/margin"]) for m in read_metrics(output) if "train/lr" in m]
+
+    path = tmp_path / "two.yaml"
+    path.write_text(recipe_to_yaml(load_recipe(None, overrides(tmp_path / "two"))))
+    result = launch(path, "zero3.yaml")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert engine(tmp_path / "two") == {"num_processes": 2, "distributed_type": "DEEPSPEED", "zero_stage": 3}
+    train(load_recipe(None, overrides(tmp_path / "one", "train.grad_accum_steps=2")))
+    ours, theirs = figures(tmp_path / "two"), figures(tmp_path / "one")
+    assert len(ours) == len(theirs) == 2 and theirs[-1][1] > 0
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=1e-6)
+
+
+def test_a_full_fine_tuning_reference_under_fsdp_is_refused_before_any_model_loads() -> None:
+    """FSDP would hold the frozen copy whole on every rank: one line, naming the launcher that partitions it."""
+    import types
+
+    from accelerate.utils import DistributedType
+
+    from vidtune.train.objectives.reference import refuse_unsharded_copy
+    from vidtune.train.training.config import RecipeError, load_recipe
+
+    base = ["model.name_or_path=m", "data.sources=[{path: rows.jsonl}]", "train.output_dir=out", "finetune.mode=full"]
+    fsdp = types.SimpleNamespace(distributed_type=DistributedType.FSDP)
+    with pytest.raises(RecipeError, match=r"finetune.mode=full under FSDP: .* launch/accelerate/zero3.yaml"):
+        refuse_unsharded_copy(load_recipe(None, [*base, "train.objective=dpo"]), fsdp)
+    refuse_unsharded_copy(load_recipe(None, [*base, "train.objective=grpo", "train.grpo.beta=0"]), fsdp)  # no KL
+    refuse_unsharded_copy(load_recipe(None, [*base, "train.objective=dpo", "finetune.mode=lora"]), fsdp)  # adapter off

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from vidtune.data.preference import pair_count
-from vidtune.train.objectives.base import Figures, adapter_disabled, label_logps, per_row
+from vidtune.train.objectives.base import Figures, label_logps, per_row
+from vidtune.train.objectives.reference import AdapterOff
 from vidtune.train.objectives.settings import DPOSettings
 
 
@@ -50,14 +51,26 @@ def dpo_loss(
     return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
+def answer_logps(
+    model: Any, batch: dict[str, Any], head: torch.nn.Module | None, autocast: Callable[[], AbstractContextManager[Any]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of each row's answer tokens and each row's answer token count, read through `head` (None:
+    the model's own logits, under ZeRO-3)."""
+    logps, rows = label_logps(model, batch, head, autocast)
+    num_rows = len(batch["input_ids"])
+    return per_row(logps, rows, num_rows), per_row(torch.ones_like(logps), rows, num_rows)
+
+
 class DPOObjective:
     def __init__(
         self,
         settings: DPOSettings,
         head: torch.nn.Module | None,
         autocast: Callable[[], AbstractContextManager[Any]],
+        reference: Any = None,
     ):
         self.settings, self.head, self.autocast = settings, head, autocast
+        self.reference = reference or AdapterOff(head)  # the start: LoRA's adapter off, or a frozen copy (full)
         self.tracked = Figures()
 
     def units(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -65,14 +78,12 @@ class DPOObjective:
 
     def sequence_logps(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probs of each row's answer tokens (2P,) and each row's answer token count (2P,)."""
-        logps, rows = label_logps(model, batch, self.head, self.autocast)
-        num_rows = len(batch["input_ids"])
-        return per_row(logps, rows, num_rows), per_row(torch.ones_like(logps), rows, num_rows)
+        return answer_logps(model, batch, self.head, self.autocast)
 
     def __call__(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
         policy, tokens = self.sequence_logps(model, batch)
-        with adapter_disabled(model):
-            reference, _ = self.sequence_logps(model, batch)
+        with self.reference(model, batch) as (start, head):
+            reference, _ = answer_logps(start, batch, head, self.autocast)
         policy_chosen, policy_rejected = policy.chunk(2)
         reference_chosen, reference_rejected = reference.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)

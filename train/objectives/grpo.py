@@ -1,6 +1,7 @@
 """Group relative policy optimisation: G completions sampled per prompt by the policy itself, scored by verifiable
 rewards, normalised within their group, and reinforced token by token with ratio clipping and an optional KL to
-the reference (the same model with its LoRA adapter disabled; beta 0 skips it, as Dr. GRPO does).
+the reference (the starting model: under LoRA the same model with its adapter disabled, under full fine-tuning a
+frozen copy, reference.py; beta 0 skips it, as Dr. GRPO does).
 
 Per completion i of a group with rewards r:   A_i = (r_i - mean(r)) / (std(r) + 1e-4)
 Per completion token t:   ratio = exp(logp - logp_old),
@@ -25,7 +26,8 @@ import torch
 from vidtune.data.examples import IGNORE_INDEX
 from vidtune.data.quality import BadSampleConfig, BadSampleLog
 from vidtune.data.rollouts import TEXT_KEYS
-from vidtune.train.objectives.base import Figures, adapter_disabled, label_logps
+from vidtune.train.objectives.base import Figures, label_logps
+from vidtune.train.objectives.reference import AdapterOff
 from vidtune.train.objectives.rewards import score
 from vidtune.train.objectives.settings import GRPOSettings
 
@@ -79,6 +81,7 @@ class GRPOObjective:
         stop_ids: list[int],
         token_keys: tuple[str, ...],
         bad_samples: BadSampleConfig,
+        reference: Any = None,
     ):
         self.stop_ids = stop_ids
         self.settings, self.head, self.autocast, self.rollout = settings, head, autocast, rollout
@@ -86,6 +89,7 @@ class GRPOObjective:
         self.bad = BadSampleLog(bad_samples)
         self.tracked = Figures()
         self.weights = settings.reward_weights or [1.0] * len(settings.rewards)
+        self.reference = reference or AdapterOff(head)  # the start: LoRA's adapter off, or a frozen copy (full)
 
     def units(self, batch: dict[str, Any]) -> torch.Tensor:
         return torch.full((), len(batch["input_ids"]))  # completions
@@ -100,8 +104,8 @@ class GRPOObjective:
         logps, row_of = label_logps(model, full, self.head, self.autocast)
         reference = None
         if self.settings.beta:
-            with adapter_disabled(model):
-                reference, _ = label_logps(model, full, self.head, self.autocast)
+            with self.reference(model, full) as (start, head):
+                reference, _ = label_logps(start, full, head, self.autocast)
         token_advantages = advantages[row_of]
         loss, kl, bound = grpo_token_loss(
             logps, logps.detach(), reference, token_advantages, self.settings.epsilon, self.settings.beta

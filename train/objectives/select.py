@@ -12,6 +12,7 @@ from vidtune.data.dataset import DataConfig, ExampleMaker
 from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import ModelFamily
 from vidtune.train.objectives.base import Objective
+from vidtune.train.objectives.reference import frozen_copy, needs_frozen_copy
 from vidtune.train.objectives.sft import SFTObjective
 from vidtune.train.training.config import Recipe
 from vidtune.train.training.loss import language_head, training_loss
@@ -23,10 +24,14 @@ def build_objective(
     """The loss the loop calls; under ZeRO-3 the model's own logits (its head is partitioned outside its forward)."""
     name, autocast = recipe.train.objective, accelerator.autocast
     head = None if zero3 else language_head(model)
+    reference = None  # LoRA: the adapter disabled (reference.py)
+    if needs_frozen_copy(recipe):
+        accelerator.print("reference: a frozen copy of the starting model (finetune.mode=full)")
+        reference = frozen_copy(recipe, accelerator, family, processor)
     if name == "dpo":
         from vidtune.train.objectives.dpo import DPOObjective
 
-        return DPOObjective(recipe.train.dpo, head, autocast)
+        return DPOObjective(recipe.train.dpo, head, autocast, reference)
     if name == "grpo":
         from vidtune.train.objectives.grpo import GRPOObjective
 
@@ -35,7 +40,7 @@ def build_objective(
         rollout = Rollout(accelerator, recipe.train.grpo, processor.tokenizer, stop_ids, zero3)
         rollout.suppressed = [i for i in media_ids if i is not None]
         return GRPOObjective(
-            recipe.train.grpo, head, autocast, rollout, stop_ids, family.token_keys, recipe.data.bad_samples
+            recipe.train.grpo, head, autocast, rollout, stop_ids, family.token_keys, recipe.data.bad_samples, reference
         )
     if recipe.train.sequence_parallel > 1:  # each rank of a group computes its slice of the sequence
         from vidtune.train.training.sequence_split import SequenceSplitLoss

@@ -27,6 +27,7 @@ from vidtune.data.dataset import (
 from vidtune.data.examples import ExampleBuilder
 from vidtune.data.families import ModelFamily, family_for
 from vidtune.data.packing import pack_layout
+from vidtune.train.objectives.reference import refuse_unsharded_copy
 from vidtune.train.objectives.select import training_examples
 from vidtune.train.training.config import Recipe, RecipeError
 from vidtune.train.training.distributed import is_deepspeed, zero_stage
@@ -50,6 +51,7 @@ from vidtune.train.training.sharding import is_fsdp
 
 def build_model(recipe: Recipe, accelerator: Accelerator) -> tuple[Any, ModelFamily, Any, dict[str, Any]]:
     refuse_quantized_engine(recipe, accelerator)
+    refuse_unsharded_copy(recipe, accelerator)
     model_config = load_model_config(recipe.model.name_or_path, recipe.model.trust_remote_code)
     check_lora_size(recipe.finetune, model_config)
     check_audio_tower(recipe.finetune, model_config)

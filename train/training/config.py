@@ -164,7 +164,8 @@ class TrainConfig:
     # CPU or an unknown GPU without it, TFLOPs are logged but no MFU
     peak_tflops: float = 0.0
     # sft: supervised (next-token loss on the answers) | dpo: preference pairs | grpo: rewards on sampled answers
-    # (train/objectives/); dpo and grpo train a LoRA adapter, whose disabled state is the reference model
+    # (train/objectives/); the reference of dpo and grpo is the starting model: under LoRA the adapter disabled, under
+    # full fine-tuning a frozen copy (reference.py)
     objective: str = "sft"
     # ranks that share each sample's sequence (DeepSpeed Ulysses; train/training/sequence_split.py): the world is
     # data parallel x this; a long sample's activations and frames split across them. 1 = off
@@ -574,8 +575,6 @@ def _validate_objective(recipe: Recipe) -> None:
     problem = validate_objective(t.objective, t.dpo, t.grpo)
     if problem:
         raise RecipeError(problem)
-    if t.objective != "sft" and recipe.finetune.mode != "lora":
-        raise RecipeError(f"train.objective={t.objective} needs finetune.mode=lora (its reference is the adapter off)")
     if recipe.model.adapter and (t.objective == "dpo" or (t.objective == "grpo" and t.grpo.beta)):
         # PEFT's disable_adapter switches the continued adapter off too: the reference would be the bare base
         raise RecipeError(

@@ -271,7 +271,25 @@ def plan_memory(
         model, family, recipe, deepspeed and not fsdp, processes, stage, mixed_precision
     )
     activations, recompute = activation_bytes(model, family, recipe, stage, mixed_precision)
+    weights += frozen_copy_bytes(model, recipe, processes, stage if deepspeed or fsdp else 0)
     return MemoryPlan(weights, gradients, optimizer, activations, recompute, processes, zero_stage, fsdp)
+
+
+def frozen_copy_bytes(model: Any, recipe: Any, processes: int, zero_stage: int) -> int:
+    """DPO, and GRPO with a KL, under full fine-tuning keep a frozen copy of the starting model as their reference
+    (train/objectives/reference.py): its weights in the model's dtype, partitioned as the policy's under ZeRO-3."""
+    from vidtune.train.objectives.reference import needs_frozen_copy
+    from vidtune.train.training.model import resolve_dtype
+
+    if not needs_frozen_copy(recipe):
+        return 0
+    dtype_bytes = element_bytes(resolve_dtype(recipe.model.dtype))
+    sizes = [p.numel() for p in model.parameters()]
+    if zero_stage != 3:
+        return sum(sizes) * dtype_bytes
+    # each weight's padded partition, and whole the small ones ZeRO-3 keeps gathered (zero3_parameter_bytes)
+    shards = max(1, processes)
+    return sum(-(-n // shards) + (n if n <= ZERO3_PERSISTENCE_THRESHOLD else 0) for n in sizes) * dtype_bytes
 
 
 def parse_gpu_memory(text: str) -> int:

@@ -109,6 +109,7 @@ def load_model(cfg: ModelConfig, device_map: Any = None, init_device: Any = None
     (a GPU draws a 7B's in a second, a CPU in minutes)."""
     config = load_model_config(cfg.name_or_path, cfg.trust_remote_code)
     family = family_for(config.model_type)
+    import_sub_model_classes(config)
     dtype = resolve_dtype(cfg.dtype)
     quantized: dict[str, Any] = {}
     if cfg.quantization.bits:  # bitsandbytes quantizes as the weights load, on the device they are loaded onto
@@ -135,6 +136,24 @@ def load_model(cfg: ModelConfig, device_map: Any = None, init_device: Any = None
         check_quantized(model, family.language_model_prefix)
     family.prepare_model(model)
     return model, family
+
+
+def import_sub_model_classes(config: Any) -> None:
+    """Imports the modeling modules of the model's parts (its text model, vision tower) before any load.
+
+    transformers imports them lazily, inside from_pretrained; under ZeRO-3 that is inside deepspeed.zero.Init, which
+    patches every nn.Module class's __init__ and, on leaving, puts back the __init__ it saw when the class was made.
+    A class decorated after its creation (transformers' kernels decorator, use_kernelized_func: Llama's attention)
+    then loses its decorated __init__ for good, and the next model built in the process (a full fine-tuning run's
+    frozen reference) fails in forward: "'LlamaAttention' object has no attribute '_kernel_funcs'"."""
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub_config = getattr(config, key, None)
+        if not isinstance(sub_config, transformers.PreTrainedConfig):
+            continue
+        try:
+            transformers.AutoModel._model_mapping[type(sub_config)]  # (the lazy mapping imports the module)
+        except (KeyError, ValueError):
+            continue  # a part without its own model class (a config of settings only)
 
 
 def keep_used_weight_conversions(model: Any) -> None:
