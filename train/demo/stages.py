@@ -204,7 +204,8 @@ def run_demo(
     return report
 
 
-HEARING_FAMILIES = ("qwen2_5_omni", "gemma4")  # the families with a tiny model that hear (a test keeps this in step)
+# the families with a tiny model that hear (a test keeps this in step)
+HEARING_FAMILIES = ("qwen2_5_omni", "gemma4", "qwen3_omni_moe")
 SOUND_RUNS = {  # report label -> (run folder, overrides): the same recipe heard, then on pictures alone
     "instruct": ("tone", ()),
     "instruct (data.audio=off)": ("tone-silent", ("data.audio=off",)),
