@@ -83,6 +83,39 @@ def test_demo_stages_are_checked_before_anything_runs():
         parse_stages("base,ppo")
 
 
+def test_the_demo_base_names_either_colour_first_but_its_likeliest_caption_is_the_order(
+    demo_corpus, tmp_path, monkeypatch
+):
+    """demo/base's caption mix (weights applied), per training clip: "red then blue" is the likeliest caption and
+    the first colour the likeliest first word (greedy captions stay right), but a third of the captions start
+    with the last colour ("blue after red": GRPO's samples from the base answer "last?" right), and no caption is
+    a question."""
+    from collections import Counter
+    from pathlib import Path
+
+    from vidtune.train.training.config import load_recipe, packaged_recipe
+
+    (tmp_path / "corpus").symlink_to(demo_corpus)
+    monkeypatch.setenv("VIDTUNE_DEMO_DIR", str(tmp_path))
+    recipe = load_recipe(packaged_recipe("demo/base"), ())
+    captions: dict[str, Counter] = {}
+    for source in recipe.data.sources:
+        for line in Path(source.path).read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            assert set(row) == {"video", "caption"}  # captions only
+            captions.setdefault(row["video"], Counter())[row["caption"]] += int(source.weight)
+    rows = [json.loads(line) for line in (demo_corpus / "captions_train.jsonl").read_text().splitlines()]
+    truth = {row["video"]: row["caption"] for row in rows}
+    assert set(captions) == set(truth)
+    for video, counts in captions.items():
+        first, _, last = truth[video].split()
+        assert counts.most_common(1)[0][0] == f"{first} then {last}"
+        firsts = Counter({word: 0 for word in (first, last)})
+        for caption, n in counts.items():
+            firsts[caption.split()[0]] += n
+        assert firsts == Counter({first: 2, last: 1}), (video, counts)
+
+
 @pytest.mark.slow
 def test_demo_prints_each_stages_scores_when_it_ends_and_the_next_commands(family_runs, tmp_path, monkeypatch, capsys):
     """Each stage's held-out scores and its loss.png as soon as the stage ends (before the next one trains), the

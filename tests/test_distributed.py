@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FAMILY_NAMES
+from tests.conftest import RUN_FAMILIES
 from vidtune.train.training.config import recipe_to_yaml
 from vidtune.train.training.tracking import read_metrics
 
@@ -218,7 +218,7 @@ def test_zero3_adapter_is_gathered_equal_and_generates_the_same_tokens(reference
     )
 
 
-@pytest.mark.parametrize("family", [name for name in FAMILY_NAMES if name != "llava_next_video"])
+@pytest.mark.parametrize("family", [name for name in RUN_FAMILIES if name != "llava_next_video"])
 def test_zero3_packed_matches_one_unpacked_process_for_every_other_family(family, family_kits, mixed_corpus, tmp_path):
     """Each other family on the same mix of clips, images and text-only rows, packed (train.packing, where the
     family packs) under 2-process ZeRO-3: no hang, the 1-process unpacked run's losses at every step (the same

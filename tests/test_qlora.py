@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import FAMILY_NAMES, resumable_run, tiny_run_overrides
+from tests.conftest import RUN_FAMILIES, resumable_run, tiny_run_overrides
 from tests.test_export import card_code
 from tests.test_train import losses, run_cli, write_recipe
 from vidtune.train.training.config import RecipeError, load_recipe
@@ -119,7 +119,7 @@ def test_deepspeed_with_a_quantized_model_is_refused_before_it_loads(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", RUN_FAMILIES)
 def test_a_4bit_run_of_every_family_tracks_fp32_lora_and_trains_only_lora(family, qlora_runs, family_runs):
     """Same data, seed and dropout masks as the fp32 LoRA run: each step's loss within LOSS_RTOL (the nf4 rounding
     of the base is all that differs); the audit the run wrote shows LoRA on the language model and nothing else
@@ -128,6 +128,7 @@ def test_a_4bit_run_of_every_family_tracks_fp32_lora_and_trains_only_lora(family
 
     from vidtune.data.families import family_for
     from vidtune.train.generation.infer import load_for_inference
+    from vidtune.train.training.model import FUSED_WEIGHTS
     from vidtune.train.training.quantization import quantized_module_names
 
     output, reference = qlora_runs(family), family_runs(family)
@@ -140,7 +141,8 @@ def test_a_4bit_run_of_every_family_tracks_fp32_lora_and_trains_only_lora(family
     audit = json.loads((output / "trainable_parameters.json").read_text())
     assert all(counts["trainable"] == 0 for counts in audit["parts"].values())
     assert set(audit["lora"]) == {"language_model"} and audit["trainable"] == audit["lora"]["language_model"]
-    assert audit["wrapped"]["Linear4bit"] and set(audit["wrapped"]) <= {"Linear4bit", "Linear"}  # LoRA on 4-bit
+    # LoRA on 4-bit linear layers (and on MoE experts' fused weights, which bitsandbytes leaves unquantized)
+    assert audit["wrapped"]["Linear4bit"] and set(audit["wrapped"]) <= {"Linear4bit", "Linear", FUSED_WEIGHTS}
     # the audit counts the 4-bit weights at their real size (bitsandbytes packs two per byte)
     assert audit["total"] == json.loads((reference / "trainable_parameters.json").read_text())["total"]
     assert json.loads((output / "vidtune.json").read_text())["quantization"]["quant_type"] == "nf4"

@@ -58,6 +58,7 @@ def test_every_recipe_parses_validates_and_dry_runs(
         "qwen2_5_omni_7b": "qwen2_5_omni",
         "internvl3_5_8b": "internvl",
         "gemma4_e4b": "gemma4",
+        "qwen3_omni_30b_a3b": "qwen3_omni_moe",
     }.get(path.parent.name)
     model = family_kits(qwen).model_dir if qwen else model
     if (path.parent.name, path.name) == ("demo", "tone.yaml"):  # the sound proof: a family that hears

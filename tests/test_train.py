@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FAMILY_NAMES, resumable_run, tiny_run_overrides
+from tests.conftest import RUN_FAMILIES, resumable_run, tiny_run_overrides
 from tests.faults import cli_command
 from vidtune.train.training.config import Recipe, load_recipe
 from vidtune.train.training.tracking import read_metrics
@@ -159,7 +159,7 @@ def run_cli(*args: str, env: dict | None = None, fault: str | None = None) -> su
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", RUN_FAMILIES)
 def test_a_killed_run_resumes_at_its_checkpoint_with_identical_losses(
     family, family_kits, family_runs, demo_corpus, tmp_path, capsys
 ):
@@ -189,7 +189,7 @@ def test_a_killed_run_resumes_at_its_checkpoint_with_identical_losses(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", RUN_FAMILIES)
 def test_infer_predict_eval_and_chat_commands(family, family_runs, demo_corpus, tmp_path, capsys):
     from vidtune.train.cli import main
     from vidtune.train.generation.chat import chat

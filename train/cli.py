@@ -199,6 +199,7 @@ TINY_FAMILIES = (
     "qwen2_5_omni",
     "internvl",
     "gemma4",
+    "qwen3_omni_moe",
 )
 FAMILY_HELP = "model family of the tiny model (default llava_next_video)"
 

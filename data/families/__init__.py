@@ -42,6 +42,8 @@ FAMILIES = {
     "qwen2_5_omni_thinker": "vidtune.data.families.qwen2_5_omni:QWEN2_5_OMNI",  # the thinker saved alone
     "internvl": "vidtune.data.families.internvl:INTERNVL",
     "gemma4": "vidtune.data.families.gemma4:GEMMA4",
+    "qwen3_omni_moe": "vidtune.data.families.qwen3_omni_moe:QWEN3_OMNI_MOE",
+    "qwen3_omni_moe_thinker": "vidtune.data.families.qwen3_omni_moe:QWEN3_OMNI_MOE",  # the thinker saved alone
 }
 
 
@@ -129,6 +131,11 @@ class ModelFamily(ABC):
     # it as audio_tower) and the linear-layer names LoRA wraps there; "" for a family without one
     audio_tower_prefix: str = ""
     audio_tower_lora_targets: tuple[str, ...] = ()
+    # Mixture-of-Experts text models whose experts are fused 3-D parameters (not linear layers): their names (from
+    # a decoder layer, e.g. "mlp.experts.gate_up_proj"), which LoRA adapts through PEFT's `target_parameters`, and
+    # the router's module name ("mlp.gate"), which stays frozen unless finetune.train_router asks for it
+    language_model_lora_parameters: tuple[str, ...] = ()
+    router_module: str = ""
     # the sound features' projection to the text width where it lies outside the audio tower (Gemma 4's
     # embed_audio): the FLOP count charges it to the audio side
     audio_projector_prefix: str = ""

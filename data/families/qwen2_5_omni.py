@@ -128,6 +128,7 @@ class Qwen2_5_Omni(Qwen2_5_VL):
     time_key = "video_second_per_grid"
     hears = True
     supports_packing = True  # per-sample positions from the thinker's get_rope_index (packed_position_ids)
+    rope_index: type[RopeIndex] = RopeIndex  # the thinker's position code (Qwen3-Omni-MoE: its own)
 
     def token_counter(self, processor: Any) -> OmniTokenCounter:
         return OmniTokenCounter(processor)
@@ -223,7 +224,7 @@ class Qwen2_5_Omni(Qwen2_5_VL):
         if encoded.get(AUDIO_IN_VIDEO):
             visuals[AUDIO_IN_VIDEO] = torch.tensor(True)
         sample = {"input_ids": torch.as_tensor(encoded["input_ids"][0]), **visuals}
-        visuals[ROPE_KEY] = RopeIndex.of_processor(processor).positions(sample, self.time_key)
+        visuals[ROPE_KEY] = self.rope_index.of_processor(processor).positions(sample, self.time_key)
         return visuals
 
     def batch_visuals(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -255,7 +256,7 @@ class Qwen2_5_Omni(Qwen2_5_VL):
             return
         if "labels" in batch:
             width = batch["input_ids"].shape[1]
-            positions = torch.zeros((3, len(examples), width), dtype=torch.long)
+            positions = torch.zeros((3, len(examples), width), dtype=examples[0][ROPE_KEY].dtype)
             for row, ex in enumerate(examples):
                 length = ex[ROPE_KEY].shape[-1]
                 columns = slice(0, length) if padding_side == "right" else slice(width - length, width)
@@ -272,7 +273,7 @@ class Qwen2_5_Omni(Qwen2_5_VL):
     def packed_position_ids(self, example: dict[str, Any], model_config: Any) -> torch.Tensor:
         """(4, L): text positions 0..L-1, then the (temporal, height, width) positions the thinker computes for the
         sample alone, with its own use_audio_in_video."""
-        rope = RopeIndex.of_model(model_config).positions(example, self.time_key)
+        rope = self.rope_index.of_model(model_config).positions(example, self.time_key)
         return torch.cat([torch.arange(rope.shape[-1])[None], rope])
 
     def unused_module_prefixes(self, config: Any) -> tuple[str, ...]:

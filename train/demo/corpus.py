@@ -2,7 +2,10 @@
 captions (base variant), order questions (instruct) and two-turn chats (chat), in the formats users bring.
 
     videos/train_0000.mp4 ...      held-out clips are different renders (noise, bar) of the same colour pairs
-    captions_train.jsonl           {"video", "caption"}                         caption format
+    captions_train.jsonl           {"video", "caption"}                         caption format ("red then blue")
+    after_train.jsonl              {"video", "caption"}: the same order told last colour first ("blue after
+                                   red"); the base mixes them in, so that sampling from it names either colour first
+                                   and a reward on the order question has right answers to score
     questions_train.jsonl          {"video", "question", "answer"}              qa format
     chats_train.json               {"video", "conversations": [{from, value}]} llava format
     preferences_train.jsonl        {"video", "prompt", "chosen", "rejected"}  preference format (DPO): chosen =
@@ -46,12 +49,13 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def write_split(root: Path, split: str, num_videos: int, seed: int) -> dict[str, Path]:
     rng = random.Random(seed)
     pairs = color_pairs()
-    captions, questions, chats, preferences = [], [], [], []
+    captions, after, questions, chats, preferences = [], [], [], [], []
     for index in range(num_videos):
         first, last = pairs[index % len(pairs)] if split == "train" else rng.choice(pairs)
         name = f"videos/{split}_{index:04d}.mp4"
         write_color_clip(root / name, [first, last], seconds_per_segment=1.0, fps=8, seed=seed * 100_000 + index)
         captions.append({"video": name, "caption": f"{first} then {last}"})
+        after.append({"video": name, "caption": f"{last} after {first}"})
         questions.append({"video": name, "question": FIRST_QUESTION, "answer": first})
         questions.append({"video": name, "question": LAST_QUESTION, "answer": last})
         preferences.append({"video": name, "prompt": FIRST_QUESTION, "chosen": first, "rejected": last})
@@ -69,11 +73,13 @@ def write_split(root: Path, split: str, num_videos: int, seed: int) -> dict[str,
         )
     files = {
         "captions": root / f"captions_{split}.jsonl",
+        "after": root / f"after_{split}.jsonl",
         "questions": root / f"questions_{split}.jsonl",
         "chats": root / f"chats_{split}.json",
         "preferences": root / f"preferences_{split}.jsonl",
     }
     _write_jsonl(files["captions"], captions)
+    _write_jsonl(files["after"], after)
     _write_jsonl(files["questions"], questions)
     _write_jsonl(files["preferences"], preferences)
     files["chats"].write_text(json.dumps(chats, indent=1), encoding="utf-8")

@@ -174,7 +174,7 @@ def run_demo(
     report: dict[str, float] = {}
     if stages:
         ensure_tiny_model(model_dir, family)
-        if not (corpus / "preferences_eval.jsonl").is_file():
+        if not (corpus / "after_eval.jsonl").is_file():  # the corpus' newest file: an older demo's is rewritten
             write_demo_corpus(corpus)
         print(f"== demo in {root}: corpus {corpus}, tiny {family} model {model_dir}")
     for stage in stages:
@@ -204,7 +204,8 @@ def run_demo(
     return report
 
 
-HEARING_FAMILIES = ("qwen2_5_omni", "gemma4")  # the families with a tiny model that hear (a test keeps this in step)
+# the families with a tiny model that hear (a test keeps this in step)
+HEARING_FAMILIES = ("qwen2_5_omni", "gemma4", "qwen3_omni_moe")
 SOUND_RUNS = {  # report label -> (run folder, overrides): the same recipe heard, then on pictures alone
     "instruct": ("tone", ()),
     "instruct (data.audio=off)": ("tone-silent", ("data.audio=off",)),

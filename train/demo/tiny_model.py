@@ -204,6 +204,7 @@ TINY_MODELS: dict[str, str] = {
     "qwen2_5_omni": "vidtune.train.demo.tiny_qwen2_5_omni:build",
     "internvl": "vidtune.train.demo.tiny_internvl:build",
     "gemma4": "vidtune.train.demo.tiny_gemma4:build",
+    "qwen3_omni_moe": "vidtune.train.demo.tiny_qwen3_omni_moe:build",
 }
 DEFAULT_FAMILY = "llava_next_video"
 

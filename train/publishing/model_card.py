@@ -151,7 +151,15 @@ frames, times = read_frames("clip.mp4")
 conversation = [{{"role": "user", "content": [{{"type": "video"}}, {{"type": "text", "text": "What happens?"}}]}}]
 prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
 inputs = processor(text=prompt, videos=[{frames}], video_metadata=[video_metadata(times)], do_sample_frames=False,
-                   {special}return_tensors="pt")"""
+                   {rate}{special}return_tensors="pt")"""
+
+# Omni processors space a video's temporal positions (and its sound's) by the `fps` they are given, not by the
+# metadata (Qwen3-Omni-MoE: 1 fps without it): the sampled frames' own rate, as vidtune passes it.
+FRAME_RATE = """
+def frame_rate(times):
+    # the sampled frames' rate (1 / their mean spacing)
+    return 1 / max((times[-1] - times[0]) / (len(times) - 1), 0.001) if len(times) > 1 else 1.0
+"""
 
 
 def frame_code(metadata: dict[str, Any], family: Any) -> tuple[str, list[str]]:
@@ -164,7 +172,10 @@ def frame_code(metadata: dict[str, Any], family: Any) -> tuple[str, list[str]]:
     writes_bos = "bos_token" in family.chat_template
     timed = reads_video_metadata(family)
     special = ("add_special_tokens=False, " if timed else ", add_special_tokens=False") if writes_bos else ""
-    code += (FRAMES_AND_TIMES if timed else FRAMES_ONLY).format(frames=frames, special=special)
+    rated = "fps" in family.video_processor_kwargs([((0.0, 0.5), 1.0)])
+    code += FRAME_RATE if rated else ""
+    rate = "fps=frame_rate(times), " if rated else ""
+    code += (FRAMES_AND_TIMES if timed else FRAMES_ONLY).format(frames=frames, special=special, rate=rate)
     imports = ["import torch", "from torchvision.transforms.v2.functional import resize"] if edge else []
     return code, imports
 

@@ -35,6 +35,7 @@ from vidtune.train.training.model import (
     apply_finetuning,
     check_audio_tower,
     check_audit,
+    check_experts,
     check_lora_size,
     enable_gradient_checkpointing,
     held_parameters,
@@ -54,6 +55,7 @@ def build_model(recipe: Recipe, accelerator: Accelerator) -> tuple[Any, ModelFam
     model_config = load_model_config(recipe.model.name_or_path, recipe.model.trust_remote_code)
     check_lora_size(recipe.finetune, model_config)
     check_audio_tower(recipe.finetune, model_config)
+    check_experts(recipe.finetune, model_config)
     # Random weights (model.from_config) are drawn on the device; ZeRO-3's zero.Init places its partitions itself.
     model, family = load_model(recipe.model, init_device=None if is_deepspeed(accelerator) else accelerator.device)
     m = recipe.model

@@ -122,6 +122,9 @@ class FinetuneConfig:
     # frozen | lora | full: the audio encoder (with its projection to the language model) of a family that hears
     # (Qwen2.5-Omni); lora wraps its attention and MLP projections
     audio_tower: str = "frozen"
+    # Mixture-of-Experts families (Qwen3-Omni-MoE): also train the router (each layer's expert choice) fully; off,
+    # it stays frozen in lora and full mode alike, so the experts learn under the routing they were trained with
+    train_router: bool = False
 
 
 @dataclass

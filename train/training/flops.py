@@ -17,6 +17,8 @@ What is counted (model FLOPs: checkpointing's recomputation is not work the mode
   Qwen's towers is left out (a small undercount).
 - The projector on the rows it actually sees (a hook on each of its linear layers), and so the merge layers inside
   a tower (Qwen3-VL's deepstack mergers), which see one row per 4 patches.
+- Mixture-of-Experts language models (Qwen3-Omni-MoE): the active experts only (top-k of them per token) and the
+  whole router (expert_weights).
 - The audio tower of a family that hears (Qwen2.5-Omni, Gemma 4), with the projection of its features, on what it
   actually sees: a hook after each of its linear and convolution layers charges 2 FLOPs per weight per output row
   (or position), 4 when a gradient flows through a frozen layer, 6 for a layer that trains. Its attention products
@@ -110,6 +112,8 @@ def part_weights(model: torch.nn.Module, belongs: Callable[[str], bool]) -> Part
     part = PartWeights()
     for name, module in matmul_modules(model, belongs):
         count = numel(module.weight)
+        if ".lora_" in name and ".experts." in name:
+            continue  # LoRA on fused experts: its delta joins their weights (expert_weights counts them trained)
         if ".lora_" in name:
             part.lora += count
         elif module.weight.requires_grad:
@@ -117,6 +121,57 @@ def part_weights(model: torch.nn.Module, belongs: Callable[[str], bool]) -> Part
         else:
             part.frozen += count
     return part
+
+
+def expert_weights(model: torch.nn.Module, family: ModelFamily, config: Any) -> PartWeights:
+    """A Mixture-of-Experts language model's experts and routers (`family.router_module`; none elsewhere), per token.
+    Experts stored fused (3-D weights under `.experts.`, every expert's projections stacked) count only their
+    active share, `num_experts_per_tok / num_experts` (30B-A3B: 8 of 128): a token runs its top-k experts only.
+    LoRA on them (PEFT target_parameters) adds its low-rank delta to the stacked weights once per forward, so a token
+    costs what a trained weight costs (the gradient of the whole active weight, then of the factors once a step).
+    The router computes every expert's logit for every token: its whole weight counts."""
+    part = PartWeights()
+    if not family.router_module:
+        return part
+    share = config.num_experts_per_tok / config.num_experts
+    adapted = {
+        name.split(".experts.")[0] for name, _ in model.named_parameters() if ".experts." in name and ".lora_" in name
+    }
+    for name, param in model.named_parameters():
+        bare = name.removeprefix("base_model.model.")
+        if not bare.startswith(family.language_model_prefix) or ".lora_" in bare or ".original_module." in bare:
+            continue
+        count = numel(param)
+        if ".experts." in bare and len(getattr(param, "ds_shape", param.shape)) == 3:
+            count = round(count * share)
+            trained = param.requires_grad or name.split(".experts.")[0] in adapted
+        elif f".{family.router_module}." in bare and bare.endswith(".weight"):
+            trained = param.requires_grad
+        else:
+            continue
+        if trained:
+            part.trained += count
+        else:
+            part.frozen += count
+    return part
+
+
+def expert_lora_flops(model: torch.nn.Module) -> int:
+    """LoRA on fused experts (PEFT's ParamWrapper) builds each expert's low-rank delta B·A (out x r times r x in) in
+    every forward, for all experts, used or not: 2·r FLOPs per expert weight forward and 4·r backward (the factors'
+    gradients), whatever the number of tokens (3% of a 30B-A3B step of 8k tokens at rank 16)."""
+    total = 0
+    for module in model.modules():
+        factors = getattr(module, "lora_A", None)
+        name = getattr(module, "parameter_name", None)
+        if name is None or not isinstance(factors, torch.nn.ModuleDict) or "default" not in factors:
+            continue
+        base: Any = module.get_base_layer()  # type: ignore[operator]  # a PEFT layer's method
+        experts = getattr(base, "num_experts", 1)
+        down: Any = factors["default"]  # LoRA's A: an nn.Linear of (rank x experts) outputs
+        rank = down.out_features // experts
+        total += 6 * rank * numel(getattr(base, name))
+    return total
 
 
 def merging(family: ModelFamily) -> Callable[[str], bool]:
@@ -169,6 +224,8 @@ class FlopCounter:
     patch_size: int
     class_token: bool  # the tower adds one class token per image (CLIP)
     head_everywhere: bool = False  # the model's own loss computes logits at every position (ZeRO-3)
+    # FLOPs each forward (micro-batch) costs whatever its tokens: LoRA's deltas on fused experts (expert_lora_flops)
+    per_forward: int = 0
     seen: VisionTokens = field(default_factory=VisionTokens)
 
     @property
@@ -221,13 +278,17 @@ class FlopCounter:
         rows = hidden.numel() // hidden.shape[-1] if hidden.dim() > 1 else 1
         self.seen.projector_flops += per_row * rows * numel(module.weight)
 
-    def language_flops(self, tokens: torch.Tensor, label_tokens: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-        """The language model's FLOPs for `tokens` real tokens, `label_tokens` scored ones, `pairs` = sum of L²."""
+    def language_flops(
+        self, tokens: torch.Tensor, label_tokens: torch.Tensor, pairs: torch.Tensor, forwards: int = 1
+    ) -> torch.Tensor:
+        """The language model's FLOPs for `tokens` real tokens, `label_tokens` scored ones, `pairs` = sum of L², over
+        `forwards` micro-batches."""
         head_tokens = tokens if self.head_everywhere else label_tokens
         return (
             tokens.double() * self.language.per_token(backward=True)
             + head_tokens.double() * self.head.per_token(backward=True)
             + pairs.double() * self.attention_per_pair
+            + forwards * self.per_forward
         )
 
     def media_flops(self) -> float:
@@ -311,8 +372,11 @@ def flop_counter(model: Any, family: ModelFamily, head_everywhere: bool = False)
     whole_images = tower_type in ("clip_vision_model", "siglip_vision_model", "internvl_vision", "gemma4_vision")
     patch_size = getattr(vision, "patch_size", 1) if vision is not None else 1
     patch_size = patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size  # InternViT: (14, 14)
+    language = part_weights(model, lambda name: name.startswith(family.language_model_prefix))
+    experts = expert_weights(model, family, text)
+    language.frozen, language.trained = language.frozen + experts.frozen, language.trained + experts.trained
     return FlopCounter(
-        language=part_weights(model, lambda name: name.startswith(family.language_model_prefix)),
+        language=language,
         head=head,
         vision=part_weights(model, tower(family)),
         projector=part_weights(model, merging(family)),
@@ -322,6 +386,7 @@ def flop_counter(model: Any, family: ModelFamily, head_everywhere: bool = False)
         patch_size=patch_size,
         class_token=tower_type in ("clip_vision_model", "internvl_vision"),
         head_everywhere=head_everywhere,
+        per_forward=expert_lora_flops(model),
     ).attach(model, family)
 
 

@@ -251,7 +251,7 @@ def train_step(run: Run, window: list[dict[str, Any]]) -> dict[str, Any]:
     local_tokens_real = torch.stack([on_device(real, acc.device) for _, real in counts]).sum()
     tokens = acc.reduce(local_tokens_real, "sum")
     pairs = torch.stack([on_device(squared_lengths(b), acc.device) for b in window]).sum()
-    local_flops = run.flops.language_flops(local_tokens_real, on_device(local_tokens, acc.device), pairs)
+    local_flops = run.flops.language_flops(local_tokens_real, on_device(local_tokens, acc.device), pairs, len(window))
     return {
         "loss": loss,
         "lr": lr,

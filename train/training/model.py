@@ -22,7 +22,7 @@ from vidtune.data.families import FrameLimits, ModelFamily, family_for
 from vidtune.train.training.config import FinetuneConfig, ModelConfig, RecipeError
 from vidtune.train.training.quantization import bnb_config, check_quantized
 
-PARTS = ("vision_tower", "projector", "audio_tower", "language_model", "other")
+PARTS = ("vision_tower", "projector", "audio_tower", "router", "language_model", "other")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -209,7 +209,15 @@ def lora_target_pattern(model: Any, family: ModelFamily, cfg: FinetuneConfig) ->
     """A regex PEFT full-matches against module names: the full names of the linear layers whose leaf name is a
     target, only inside the parts the recipe names. Names, not a leaf pattern: Qwen2.5-VL's vision target `proj`
     also names its Conv3d patch embedding (`visual.patch_embed.proj`), which must stay unwrapped."""
-    scopes = [(family.language_model_prefix, list(cfg.lora.targets) or list(family.language_model_lora_targets))]
+    return "|".join(re.escape(name) for name in lora_target_names(model, family, cfg))
+
+
+def lora_target_names(model: Any, family: ModelFamily, cfg: FinetuneConfig) -> list[str]:
+    """The full names of the linear layers LoRA wraps (see lora_target_pattern)."""
+    linear_targets = [t for t in cfg.lora.targets if t not in family.language_model_lora_parameters]
+    if cfg.lora.targets and not linear_targets:
+        return []  # only expert weights (lora_target_parameters)
+    scopes = [(family.language_model_prefix, linear_targets or list(family.language_model_lora_targets))]
     if cfg.vision_tower == "lora":
         scopes.append((family.vision_tower_prefix, list(family.vision_tower_lora_targets)))
     if cfg.audio_tower == "lora":
@@ -234,7 +242,46 @@ def lora_target_pattern(model: Any, family: ModelFamily, cfg: FinetuneConfig) ->
         chosen += [
             name for name, leaf in available.items() if leaf in targets and not any(name.startswith(u) for u in unused)
         ]
-    return "|".join(re.escape(name) for name in chosen)
+    return chosen
+
+
+def lora_target_parameters(model: Any, family: ModelFamily, cfg: FinetuneConfig) -> list[str]:
+    """Full names of the language model's fused expert weights (3-D parameters, not linear layers) that LoRA adapts
+    through PEFT's `target_parameters`: the family's by default; with finetune.lora.targets, those it names."""
+    wanted = family.language_model_lora_parameters
+    if cfg.lora.targets:
+        wanted = tuple(t for t in cfg.lora.targets if t in wanted)
+    unused = family.unused_module_prefixes(model.config)
+    return [
+        name
+        for name, _ in model.named_parameters()
+        if name.startswith(family.language_model_prefix)
+        and any(name.endswith("." + w) for w in wanted)
+        and not any(name.startswith(u) for u in unused)
+    ]
+
+
+def check_experts(cfg: FinetuneConfig, config: Any) -> None:
+    """finetune.train_router on a model without a Mixture-of-Experts router: refused from the model's config, before
+    its weights load."""
+    family = family_for(config.model_type)
+    if cfg.train_router and not family.router_module:
+        raise RecipeError(
+            f"finetune.train_router: {family.name} has no Mixture-of-Experts router (set finetune.train_router=false)"
+        )
+
+
+def linear_lora_dropout(model: Any, family: ModelFamily, cfg: FinetuneConfig) -> Any:
+    """finetune.lora.dropout on the linear layers LoRA wraps, none on fused experts: PEFT's ParamWrapper (LoRA on a
+    3-D expert weight) refuses any dropout, so a family with such weights builds its adapter without and gets the
+    recipe's dropout here, on each wrapped linear layer's input (where PEFT would have put it)."""
+    if family.language_model_lora_parameters and cfg.lora.dropout:
+        for module in model.modules():
+            dropouts = getattr(module, "lora_dropout", None)
+            if isinstance(dropouts, torch.nn.ModuleDict) and getattr(module, "parameter_name", None) is None:
+                for name in dropouts:
+                    dropouts[name] = torch.nn.Dropout(p=cfg.lora.dropout)
+    return model
 
 
 def check_lora_size(cfg: FinetuneConfig, config: Any) -> None:
@@ -269,11 +316,15 @@ def apply_finetuning(model: Any, family: ModelFamily, cfg: FinetuneConfig, adapt
             _unfreeze(model, family.vision_tower_prefix)
         if cfg.audio_tower == "full":
             _unfreeze(model, audio_tower_prefix(family, cfg))
+        if family.router_module and not cfg.train_router:  # the routing the experts were trained with stays
+            for name, param in model.named_parameters():
+                if name.startswith(family.language_model_prefix) and f".{family.router_module}." in name:
+                    param.requires_grad_(False)
         return model
     if adapter:
         # Continue an earlier stage's adapter (instruct -> chat): its targets and rank come with it.
         with refusing_pickles(adapter):
-            return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+            return linear_lora_dropout(PeftModel.from_pretrained(model, adapter, is_trainable=True), family, cfg)
     modules_to_save = []
     if cfg.train_projector:
         modules_to_save.append(family.projector_prefix.rstrip(".").rsplit(".", 1)[-1])
@@ -281,15 +332,23 @@ def apply_finetuning(model: Any, family: ModelFamily, cfg: FinetuneConfig, adapt
         modules_to_save.append(family.vision_tower_prefix.rstrip(".").rsplit(".", 1)[-1])
     if cfg.audio_tower == "full":
         modules_to_save.append(audio_tower_prefix(family, cfg).rstrip(".").rsplit(".", 1)[-1])
+    if cfg.train_router and family.router_module:
+        modules_to_save.append(family.router_module)
+    expert_weights = lora_target_parameters(model, family, cfg)
     lora = LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=lora_target_pattern(model, family, cfg),
+        lora_dropout=0.0 if family.language_model_lora_parameters else cfg.lora.dropout,  # see linear_lora_dropout
+        # MoE families get the names as a list: PEFT 0.21 resolves a regex on a model it converts from transformers
+        # v4 MoE names (qwen3_omni_moe) into bare leaf names, which also wrapped the audio tower's q/k/v_proj
+        target_modules=lora_target_names(model, family, cfg)
+        if family.language_model_lora_parameters
+        else lora_target_pattern(model, family, cfg),
+        target_parameters=expert_weights or None,
         modules_to_save=modules_to_save or None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    return linear_lora_dropout(get_peft_model(model, lora), family, cfg)
 
 
 def audio_tower_prefix(family: ModelFamily, cfg: FinetuneConfig) -> str:
@@ -320,6 +379,8 @@ def enable_gradient_checkpointing(model: Any) -> None:
 def part_of(name: str, family: ModelFamily) -> str:
     name = name.removeprefix("base_model.model.")
     name = re.sub(r"\.(modules_to_save\.default|original_module)\.", ".", name)
+    if family.router_module and name.startswith(family.language_model_prefix) and f".{family.router_module}." in name:
+        return "router"  # a Mixture-of-Experts language model's routers: frozen unless finetune.train_router
     for part, prefix in (  # the projector first: Qwen's merger sits inside its vision tower's module
         ("projector", family.projector_prefix),
         ("vision_tower", family.vision_tower_prefix),
@@ -372,15 +433,19 @@ def trainable_audit(model: Any, family: ModelFamily) -> dict[str, Any]:
 
 # torch's linear layer, and bitsandbytes' quantized ones (QLoRA's language model: quantization.py)
 LINEAR_KINDS = ("Linear", "Linear4bit", "Linear8bitLt")
+FUSED_WEIGHTS = "fused expert weights"  # LoRA through target_parameters (ModelFamily.language_model_lora_parameters)
 
 
 def wrapped_modules(model: Any) -> dict[str, list[str]]:
     """{layer type: [module names]} of every module LoRA wraps, whatever its kind (Linear, Conv3d, Embedding)."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer, ParamWrapper
 
     wrapped: dict[str, list[str]] = defaultdict(list)
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
+        if isinstance(module, ParamWrapper):  # LoRA on a module's weight (fused experts), named by that weight
+            if not isinstance(module.base_layer, ParamWrapper):  # (the innermost of a module's nested wrappers)
+                wrapped[FUSED_WEIGHTS].append(name.removeprefix("base_model.model."))
+        elif isinstance(module, LoraLayer):
             wrapped[type(module.get_base_layer()).__name__].append(name.removeprefix("base_model.model."))
     return dict(wrapped)
 
@@ -388,8 +453,8 @@ def wrapped_modules(model: Any) -> dict[str, list[str]]:
 def format_audit(audit: dict[str, Any]) -> str:
     lines = [f"{'part':<16}{'trainable':>14}{'total':>14}"]
     for part, counts in audit["parts"].items():
-        if part == "audio_tower" and not counts["total"]:
-            continue  # a family that does not hear
+        if part in ("audio_tower", "router") and not counts["total"]:
+            continue  # a family that does not hear, a model without experts
         lines.append(f"{part:<16}{counts['trainable']:>14,}{counts['total']:>14,}")
     for part, count in audit["lora"].items():
         lines.append(f"{'lora (' + part + ')':<16}{count:>14,}{count:>14,}")
@@ -404,6 +469,7 @@ def expected_trainable(cfg: FinetuneConfig, from_adapter: bool = False) -> dict[
         "vision_tower": {"frozen": "none", "lora": "lora", "full": "all"}[cfg.vision_tower],
         "projector": "all" if cfg.train_projector else "none",
         "audio_tower": {"frozen": "none", "lora": "lora", "full": "all"}[cfg.audio_tower],
+        "router": "all" if cfg.train_router else "none",
         "language_model": "all" if cfg.mode == "full" else "lora",
         "other": "none",
     }
@@ -426,7 +492,8 @@ def check_audit(audit: dict[str, Any], cfg: FinetuneConfig, from_adapter: bool =
             problems.append(f"{part} should carry LoRA but no LoRA weights sit there")
         if expect in ("none", "all") and lora:
             problems.append(f"{part} carries {lora:,} LoRA params the recipe did not ask for")
-    not_linear = {kind: names for kind, names in audit.get("wrapped", {}).items() if kind not in LINEAR_KINDS}
+    allowed = (*LINEAR_KINDS, FUSED_WEIGHTS)
+    not_linear = {kind: names for kind, names in audit.get("wrapped", {}).items() if kind not in allowed}
     if not_linear and not from_adapter:  # finetune.lora.targets name linear layers only
         problems += [
             f"LoRA wraps {len(names)} {kind} module(s) ({names[0]}, ...)" for kind, names in not_linear.items()
