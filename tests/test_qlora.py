@@ -23,6 +23,10 @@ QLORA = ("model.quantization.bits=4",)
 # Measured: the tiny families' 4-bit nf4 losses differ from the fp32 LoRA run's by at most 0.84% per step
 # (LLaVA-OneVision; 0.19-0.40% for the others) over 4 steps at lr 1e-2 with dropout on.
 LOSS_RTOL = 0.02
+# The tiny Gemma 4's training is not bit-reproducible across processes (measured 2026-12-08: its fp32 LoRA run's
+# step-3 loss ranged 6.547-6.701 over three fresh processes, 2.3%, and step 1 differs by 0.04% even without
+# dropout; weights, buffers and corpus are identical): the 4-bit run cannot track it within 2%. Open in issue 28.
+FAMILY_LOSS_RTOL = {"gemma4": 0.05}
 
 
 @pytest.fixture(scope="session")
@@ -135,7 +139,7 @@ def test_a_4bit_run_of_every_family_tracks_fp32_lora_and_trains_only_lora(family
     quantized, full = losses(output), losses(reference)
     assert sorted(quantized) == sorted(full) == [1, 2, 3, 4]
     for step, loss in full.items():
-        assert quantized[step] == pytest.approx(loss, rel=LOSS_RTOL), step
+        assert quantized[step] == pytest.approx(loss, rel=FAMILY_LOSS_RTOL.get(family, LOSS_RTOL)), step
     assert quantized != full  # the base really was quantized
 
     audit = json.loads((output / "trainable_parameters.json").read_text())
