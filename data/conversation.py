@@ -6,6 +6,9 @@ A conversation is a list of chat messages whose content is a list of typed parts
     {"role": "user", "content": [{"type": "video", "path": "/data/a.mp4", "start_s": 2.0, "end_s": 9.5, ...},
                                  {"type": "text", "text": "What happens?", ...}]}
 
+Media parts are videos, images and sound files (`audio`: a WAV, FLAC or MP3, or a video file's sound track, whole or
+from start_s to end_s), in the order the model consumes their features.
+
 Every part carries every key (unused ones are None) so that rows share one Arrow schema inside `datasets`.
 """
 
@@ -14,7 +17,8 @@ from __future__ import annotations
 from typing import Any, TypedDict
 
 ROLES = ("system", "user", "assistant")
-PART_TYPES = ("text", "video", "image")
+MEDIA_TYPES = ("video", "image", "audio")
+PART_TYPES = ("text", *MEDIA_TYPES)
 
 
 class Part(TypedDict):
@@ -44,8 +48,8 @@ def text_part(text: str) -> Part:
 
 
 def media_part(kind: str, path: str, start_s: float | None = None, end_s: float | None = None) -> Part:
-    if kind not in ("video", "image"):
-        raise ValueError(f"media kind must be video or image, got {kind!r}")
+    if kind not in MEDIA_TYPES:
+        raise ValueError(f"media kind must be one of {', '.join(MEDIA_TYPES)}, got {kind!r}")
     return {"type": kind, "text": None, "path": path, "start_s": start_s, "end_s": end_s}
 
 
@@ -54,8 +58,8 @@ def message(role: str, parts: list[Part]) -> Message:
 
 
 def media_parts(messages: list[Message]) -> list[Part]:
-    """The video and image parts in conversation order (the order the model consumes their features)."""
-    return [part for msg in messages for part in msg["content"] if part["type"] in ("video", "image")]
+    """The video, image and sound parts in conversation order (the order the model consumes their features)."""
+    return [part for msg in messages for part in msg["content"] if part["type"] in MEDIA_TYPES]
 
 
 def assistant_texts(messages: list[Message]) -> list[str]:
@@ -85,9 +89,10 @@ def check_conversation(messages: list[Message], at: str) -> None:
 def to_template_messages(messages: list[Message], media: dict[int, Any] | None = None) -> list[dict[str, Any]]:
     """Messages in the form the processor's chat template renders.
 
-    `media` maps the index of a media part (conversation order) to its decoded pixels; the processor then takes them
-    from the part itself. Without it, media parts render as bare placeholders (for token counting and prompts).
-    Paths are never handed to the processor: it would try to load them itself, with its own sampling.
+    `media` maps the index of a media part (conversation order) to its decoded pixels (a sound: its samples); the
+    processor then takes them from the part itself. Without it, media parts render as bare placeholders (for token
+    counting and prompts). Paths are never handed to the processor: it would try to load them itself, with its own
+    sampling.
     """
     out: list[dict[str, Any]] = []
     media_index = 0

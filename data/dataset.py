@@ -23,7 +23,15 @@ import datasets
 import numpy as np
 import torch
 
-from vidtune.data.audio import AUDIO_MODES, has_audio_stream, load_clip_audio, span_of
+from vidtune.data.audio import (
+    AUDIO_MODES,
+    Audio,
+    has_audio_stream,
+    load_clip_audio,
+    load_sound,
+    sound_span,
+    span_of,
+)
 from vidtune.data.conversation import DataError, Message, media_parts
 from vidtune.data.examples import LABEL_TURNS, ExampleBuilder, TokenCount, answer_replaced, with_time_instructions
 from vidtune.data.families import ModelFamily
@@ -181,13 +189,18 @@ class Measurer:
 
     def media_tokens(self, messages: list[Message], heard: bool = False) -> tuple[list[int], dict[int, str]]:
         """Tokens per media item, and the time instruction each video gets (with centre-of-segment sampling).
-        `heard`: the row's source is heard; when one of its videos has sound, each video's span joins its tokens."""
+        `heard`: the row's source is heard; when one of its videos has sound, each video's span joins its tokens.
+        A sound file costs its span's tokens (its length from its header: nothing is decoded)."""
         tokens, instructions = [], {}
         spans: list[tuple[float, float]] = []  # per video
         videos: list[tuple[int, str]] = []  # (media index, path)
         for index, part in enumerate(media_parts(messages)):
             path = part["path"] or ""
             quality = self.cfg.bad_samples
+            if part["type"] == "audio":
+                start_s, end_s = sound_span(path, part["start_s"], part["end_s"])
+                tokens.append(self.builder.tokens.audio_tokens(end_s - start_s))
+                continue
             if part["type"] == "image":
                 height, width = image_size(path)
                 if height * width > quality.max_frame_pixels:  # the header alone: pixels are never decoded
@@ -254,6 +267,7 @@ class Measurer:
                 "drop_reason": "",
                 "problem": row["problem"],
             }
+        self.builder.refuse_unheard(row["messages"], row["at"])  # a configuration error, not a bad sample
         try:
             tokens, instructions = self.media_tokens(row["messages"], row.get("source") in self.heard)
         except VideoError as err:
@@ -386,15 +400,23 @@ def load_media(
     record: list[tuple[str, Clip]] | None = None,
     max_frame_pixels: int = MAX_FRAME_PIXELS,
     audio_rate: int | None = None,
-) -> tuple[dict[int, np.ndarray | Clip], dict[int, str]]:
+    sound_rate: int | None = None,
+) -> tuple[dict[int, np.ndarray | Clip | Audio], dict[int, str]]:
     """Decoded pixels per media index (conversation order), and each video's time instruction when asked for.
     Frames are decoded at the model's input size (`shortest_edge`), from the frame cache when there is one;
     `record` (when given) collects each video's (path, clip): its times and the decoder that served it.
     With `audio_rate`, each clip also carries the sound of its sampled span (`clip.audio`; None when the file has
-    no audio stream)."""
-    media, instructions = {}, {}
+    no audio stream). Sound files (audio parts) are decoded at `sound_rate` (ExampleBuilder.sound_rate)."""
+    media: dict[int, np.ndarray | Clip | Audio] = {}
+    instructions = {}
     for index, part in enumerate(media_parts(messages)):
         path = part["path"] or ""
+        if part["type"] == "audio":
+            if not sound_rate:  # (rows with sound files are refused for a family that does not hear, earlier)
+                raise DataError(f"{path}: a sound file, but no rate to hear it at (the model does not hear sound)")
+            with time_limit(decode_timeout_s, path):
+                media[index] = load_sound(path, sound_rate, part["start_s"], part["end_s"])
+            continue
         if part["type"] == "image":
             media[index] = load_image(path, max_frame_pixels)
             continue
@@ -466,6 +488,7 @@ class ExampleMaker:
                 self.cache,
                 max_frame_pixels=self.cfg.bad_samples.max_frame_pixels,
                 audio_rate=self.builder.audio_rate if row.get("source") in self.heard else None,
+                sound_rate=self.builder.sound_rate,
             )
         except DataError as err:  # unreadable media, decode time limit, pixel limit
             raise DataError(f"{row['at']}: {err}") from None

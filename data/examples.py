@@ -16,9 +16,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from vidtune.data.audio import silent_span
-from vidtune.data.conversation import DataError, Message, Part, media_parts, text_part, to_template_messages
-from vidtune.data.families import ModelFamily
+from vidtune.data.audio import Audio, silent_span
+from vidtune.data.conversation import (
+    MEDIA_TYPES,
+    DataError,
+    Message,
+    Part,
+    media_parts,
+    text_part,
+    to_template_messages,
+)
+from vidtune.data.families import ModelFamily, hearing_families
 from vidtune.data.video import Clip
 
 IGNORE_INDEX = -100
@@ -28,7 +36,7 @@ LABEL_TURNS = ("all", "last")
 @dataclass(frozen=True)
 class TokenCount:
     total: int  # input length, media tokens included
-    media: int  # video + image tokens
+    media: int  # video + image + sound tokens
     labels: int  # tokens that carry a label
 
     def drop_reason(self, max_length: int) -> str | None:
@@ -60,7 +68,7 @@ def with_time_instructions(messages: list[Message], instructions: dict[int, str]
         content: list[Part] = []
         for part in msg["content"]:
             content.append(part)
-            if part["type"] in ("video", "image"):
+            if part["type"] in MEDIA_TYPES:  # (instructions are keyed by media index: sounds count too)
                 if media_index in instructions:
                     content.append(text_part(instructions[media_index]))
                 media_index += 1
@@ -88,7 +96,9 @@ class ExampleBuilder:
     ):
         """`chat_template` overrides the family's training template (a trained run's saved one, for inference).
         `raw_pixels`: the family's raw pixels stay uint8 (the training loop normalises them on the device).
-        `audio_rate`: videos are heard (data.audio, a family that hears): their sound decoded at this rate."""
+        `audio_rate`: videos are heard (data.audio, a family that hears): their sound decoded at this rate. Sound
+        files (audio parts) are always heard by a family that hears, at its feature extractor's rate
+        (`sound_rate`): they are a row's content, not a track beside its pictures."""
         if label_turns not in LABEL_TURNS:
             raise DataError(f"label_turns must be one of {', '.join(LABEL_TURNS)}, got {label_turns!r}")
         self.processor, self.tokenizer, self.family = processor, processor.tokenizer, family
@@ -99,6 +109,19 @@ class ExampleBuilder:
         self.frame_px = family.decode_edge_px(processor)
         self.raw_pixels = raw_pixels
         self.audio_rate = audio_rate
+        self.sound_rate = family.audio_sampling_rate(processor) if family.hears else None
+
+    def refuse_unheard(self, messages: list[Message], at: str) -> None:
+        """A row with a sound file, for a family that does not hear: refused in one line (never trained on with the
+        sound silently left out), before anything is decoded."""
+        if self.family.hears:
+            return
+        sound = next((part["path"] for part in media_parts(messages) if part["type"] == "audio"), None)
+        if sound is not None:
+            raise DataError(
+                f"{at}: {self.family.name} does not hear sound, and the row holds a sound file ({sound}); drop the "
+                f"sound from the row or train a family that hears ({', '.join(hearing_families())})"
+            )
 
     def count(self, messages: list[Message], media_tokens: list[int]) -> TokenCount:
         """Token counts without decoding any pixels: the template is tokenized with one placeholder per media
@@ -122,9 +145,10 @@ class ExampleBuilder:
         return TokenCount(len(encoded["input_ids"]) + specials - num_placeholders + media, media, labels)
 
     def build(
-        self, messages: list[Message], media: dict[int, np.ndarray | Clip], for_generation: bool = False
+        self, messages: list[Message], media: dict[int, np.ndarray | Clip | Audio], for_generation: bool = False
     ) -> dict[str, torch.Tensor]:
-        """One example: input_ids, attention_mask, labels (L,), plus the family's visual tensors for its media.
+        """One example: input_ids, attention_mask, labels (L,), plus the family's visual tensors for its media (a
+        sound file's: its decoded `Audio`).
 
         With for_generation, `messages` end with a user turn and the prompt ends with the assistant header; no labels.
         Python lists come back from the processor (return_tensors=None) because it cannot stack videos of different
@@ -132,11 +156,13 @@ class ExampleBuilder:
         A video given as a decoded `Clip` brings its frames' real timestamps, which the family hands the processor
         (time-aware models); bare frames (T, H, W, C) carry none.
         """
-        pixels = {i: m.frames if isinstance(m, Clip) else m for i, m in media.items()}
+        pixels = {
+            i: m.frames if isinstance(m, Clip) else m.samples if isinstance(m, Audio) else m for i, m in media.items()
+        }
         timings = [
             (m.timestamps_s, m.info.duration_s) if isinstance(m, Clip) else None
             for _, m in sorted(media.items())
-            if isinstance(m, Clip) or m.ndim == 4
+            if isinstance(m, Clip) or (isinstance(m, np.ndarray) and m.ndim == 4)
         ]
         processor_kwargs = {
             "do_sample_frames": False,  # frames were sampled by data/video/
@@ -144,17 +170,20 @@ class ExampleBuilder:
             **(self.family.raw_pixel_kwargs() if self.raw_pixels else {}),
         }
         # a family that hears gets each video's sound (data/audio.py) when a clip carries it; the sample's other
-        # videos are heard as silence (the processor takes one sound per video of a heard sample)
+        # videos are heard as silence (the processor takes one sound per video of a heard sample). Sound files
+        # travel in their audio parts.
         clips = [m for _, m in sorted(media.items()) if isinstance(m, Clip)]
-        if any(clip.audio is not None for clip in clips):
-            rate = next(clip.audio.sampling_rate for clip in clips if clip.audio is not None)
+        heard_videos = any(clip.audio is not None for clip in clips)
+        if heard_videos or any(isinstance(m, Audio) for m in media.values()):
+            self.refuse_unheard(messages, "a prompt")
+            rate = next((clip.audio.sampling_rate for clip in clips if clip.audio is not None), 0)
             encoded = self.family.encode_with_audio(
                 self.processor,
                 to_template_messages(messages, pixels),
                 self.chat_template,
                 {"return_tensors": None, **processor_kwargs},
                 for_generation,
-                [(clip.audio or silent_span(clip, rate)).samples for clip in clips],
+                [(clip.audio or silent_span(clip, rate)).samples for clip in clips] if heard_videos else [],
             )
         else:
             encoded = self.family.encode(

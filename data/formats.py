@@ -5,6 +5,10 @@ Formats, as peers and public datasets write them:
   (LLaVA, LLaVA-Video-178K, lmms-finetune, LLaMA-Factory "sharegpt" with `videos`/`images` lists).
 - openai: `messages` [{role, content}] with `videos`/`images` lists and `<video>`/`<image>` placeholders, or content
   as a list of typed parts (LLaMA-Factory, ms-swift).
+- sound files, in both: an `audios` list with `<audio>` placeholders (LLaMA-Factory, ms-swift), typed parts
+  `{"type": "audio", "audio": path}`, `audio_url` and OpenAI's `input_audio` (base64 bytes, stored once in the cache
+  folder by their hash: every later stage reads media from a path). Rows may be audio-only. A row's `start`/`end`
+  bound its videos, or its sounds when it has no video.
 - caption: `video`, `caption`, optional `start`/`end` seconds -> a describe-style prompt (base variant).
 - qa: `video`, `question`, `answer`.
 - preference (DPO pairs): a prompt + `chosen` + `rejected` answers, in the layouts peers ship: LLaVA-Hound /
@@ -25,12 +29,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vidtune.data.audio import store_sound
 from vidtune.data.conversation import (
     DataError,
     Message,
     Part,
     check_conversation,
     media_part,
+    media_parts,
     message,
     text_part,
 )
@@ -46,7 +52,7 @@ ROLE_ALIASES = {
     "model": "assistant",
     "system": "system",
 }
-PLACEHOLDER = re.compile(r"<(image|video)>")
+PLACEHOLDER = re.compile(r"<(image|video|audio)>")
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 LETTERED = re.compile(r"^\(?([A-Z])(?:[.:]|\))\s*(.*)$", re.DOTALL)  # "A. red", "(B) blue", "C) green", "D: red"
 
@@ -100,6 +106,7 @@ def normalise_row(row: dict[str, Any], fmt: str, ctx: RowContext) -> list[Messag
         raise DataError(f"{ctx.at}: unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
     messages = normalisers[fmt](row, ctx)
     check_conversation(messages, ctx.at)
+    _bound_sounds(messages, row, ctx)
     return messages
 
 
@@ -140,12 +147,34 @@ def _role(raw: Any, ctx: RowContext) -> str:
     return role
 
 
+def _bound_sounds(messages: list[Message], row: dict[str, Any], ctx: RowContext) -> None:
+    """A row's `start`/`end` bound its videos; in a row without video (an audio-only row) they bound its sounds."""
+    parts = media_parts(messages)
+    if any(p["type"] == "video" for p in parts) or (row.get("start") is None and row.get("end") is None):
+        return
+    start_s, end_s = clip_bounds(row, ctx)
+    for part in parts:
+        if part["type"] == "audio" and part["start_s"] is None and part["end_s"] is None:
+            part["start_s"], part["end_s"] = start_s, end_s
+
+
 class _MediaQueue:
     """Hands out a row's media, in order, to the placeholders that ask for them."""
 
-    def __init__(self, videos: list[str], images: list[str], ctx: RowContext, clip: tuple[float | None, ...]):
+    def __init__(
+        self,
+        videos: list[str],
+        images: list[str],
+        ctx: RowContext,
+        clip: tuple[float | None, ...],
+        audios: list[str] | None = None,
+    ):
         self.videos, self.images, self.ctx, self.clip = list(videos), list(images), ctx, clip
-        self.used = {"video": 0, "image": 0}
+        self.audios = list(audios or [])
+        self.used = {"video": 0, "image": 0, "audio": 0}
+
+    def pool(self, kind: str) -> list[str]:
+        return {"video": self.videos, "image": self.images, "audio": self.audios}[kind]
 
     def kind_for(self, tag: str) -> str:
         # LLaVA-Video rows write `<image>` for their video: a tag means the video when the row has only videos.
@@ -154,7 +183,7 @@ class _MediaQueue:
         return tag
 
     def take(self, kind: str) -> Part:
-        pool = self.videos if kind == "video" else self.images
+        pool = self.pool(kind)
         index = self.used[kind]
         if index >= len(pool):
             raise DataError(
@@ -164,10 +193,11 @@ class _MediaQueue:
         path = self.ctx.resolve_media(str(pool[index]))
         if kind == "video":
             return media_part("video", path, *self.clip)
-        return media_part("image", path)
+        return media_part(kind, path)  # (an audio-only row's bounds reach its sounds later: _bound_sounds)
 
     def check_all_used(self) -> None:
-        for kind, pool in (("video", self.videos), ("image", self.images)):
+        for kind in self.used:
+            pool = self.pool(kind)
             if self.used[kind] != len(pool):
                 raise DataError(
                     f"{self.ctx.at}: {self.used[kind]} <{kind}> placeholder(s) in the text but {len(pool)} "
@@ -175,12 +205,15 @@ class _MediaQueue:
                 )
 
     def remaining_parts(self) -> list[Part]:
-        parts = [self.take("video") for _ in range(len(self.videos) - self.used["video"])]
-        return parts + [self.take("image") for _ in range(len(self.images) - self.used["image"])]
+        """Videos, then images, then sounds not yet taken (LLaMA-Factory's order of its media lists)."""
+        return [self.take(kind) for kind in self.used for _ in range(len(self.pool(kind)) - self.used[kind])]
+
+    def any(self) -> bool:
+        return bool(self.videos or self.images or self.audios)
 
 
 def _parts_from_text(text: str, media: _MediaQueue) -> list[Part]:
-    """Split `text` at `<video>`/`<image>` placeholders, each replaced by the next media part of its kind."""
+    """Split `text` at `<video>`/`<image>`/`<audio>` placeholders, each replaced by the next media part of its kind."""
     parts: list[Part] = []
     for i, piece in enumerate(PLACEHOLDER.split(text)):
         if i % 2 == 1:  # re.split puts the captured tag at odd positions
@@ -211,7 +244,7 @@ def _conversation_from_texts(turns: list[tuple[str, str]], media: _MediaQueue, c
         messages.append(message(role, _parts_from_text(text, media) if has_placeholders else [text_part(text.strip())]))
     if has_placeholders:
         media.check_all_used()
-    elif media.videos or media.images:
+    elif media.any():
         _place_media_without_placeholders(messages, media, ctx)
     return messages
 
@@ -219,29 +252,23 @@ def _conversation_from_texts(turns: list[tuple[str, str]], media: _MediaQueue, c
 # ----------------------------------------------------------------------------------------------------- formats
 
 
-# Standalone sound files (LLaMA-Factory's and ms-swift's `audios` lists, `<audio>` tags, typed audio parts) are not
-# read yet: refused in one line rather than training on the text with the `<audio>` tag left in it, the sound unheard.
-STANDALONE_AUDIO = (
-    "standalone sound files are not supported yet (vidtune hears the sound track of videos, data.audio): mux the "
-    "sound into its video, or drop the audio from the row"
-)
+def _row_media(row: dict[str, Any], ctx: RowContext, keys: Sequence[str]) -> _MediaQueue:
+    """The row's media lists under `keys` (("video", "videos") reads both); an empty sound entry ("", as CSV
+    exports write a missing one) is no sound."""
 
+    def listed(kind: str) -> list[Any]:
+        return [item for key in keys if key.startswith(kind) for item in _as_list(row.get(key))]
 
-def _refuse_standalone_audio(row: dict[str, Any], ctx: RowContext) -> None:
-    for key in ("audio", "audios"):
-        if any(_as_list(row.get(key))):  # (an empty list or "" is no sound)
-            raise DataError(f"{ctx.at}: `{key}`: {STANDALONE_AUDIO}")
+    sounds = [sound for sound in listed("audio") if sound]
+    return _MediaQueue(listed("video"), listed("image"), ctx, clip_bounds(row, ctx), sounds)
 
 
 def from_llava(row: dict[str, Any], ctx: RowContext) -> list[Message]:
     _require(row, ["conversations"], ctx)
-    _refuse_standalone_audio(row, ctx)
     turns = row["conversations"]
     if not isinstance(turns, list):
         raise DataError(f"{ctx.at}: `conversations` must be a list of {{from, value}} turns")
-    videos = _as_list(row.get("video")) + _as_list(row.get("videos"))
-    images = _as_list(row.get("image")) + _as_list(row.get("images"))
-    media = _MediaQueue(videos, images, ctx, clip_bounds(row, ctx))
+    media = _row_media(row, ctx, ("video", "videos", "image", "images", "audio", "audios"))
     pairs = []
     for turn in turns:
         if not isinstance(turn, dict) or "value" not in turn:
@@ -255,34 +282,47 @@ def _prepend_system(row: dict[str, Any], ctx: RowContext) -> list[Message]:
     return [message("system", [text_part(str(system))])] if system else []
 
 
+def _input_audio(block: dict[str, Any], ctx: RowContext) -> Part:
+    """OpenAI's `{"type": "input_audio", "input_audio": {"data": <base64>, "format": "wav"}}`: the bytes stored as a
+    file (data/audio.py `store_sound`), so the part is a sound file like any other."""
+    inner = block.get("input_audio")
+    data = inner.get("data") if isinstance(inner, dict) else None
+    if not isinstance(data, str) or not data:
+        raise DataError(f"{ctx.at}: an input_audio part needs `input_audio.data` (base64 sound bytes)")
+    fmt = str(inner.get("format") or "wav") if isinstance(inner, dict) else "wav"
+    try:
+        return media_part("audio", store_sound(data, fmt))
+    except ValueError as err:
+        raise DataError(f"{ctx.at}: input_audio: {err}") from None
+
+
 def _typed_part(block: dict[str, Any], media: _MediaQueue, ctx: RowContext) -> Part | None:
     kind = block.get("type")
     if kind == "text":
         text = str(block.get("text") or "")
         return text_part(text) if text.strip() else None
-    if kind in ("image_url", "video_url"):
+    if kind == "input_audio":
+        return _input_audio(block, ctx)
+    if kind in ("image_url", "video_url", "audio_url"):
         inner = block.get(kind)
         url = inner.get("url") if isinstance(inner, dict) else inner
         kind, block = kind[:-4], {"type": kind[:-4], "path": url}
-    if kind in ("video", "image"):
+    if kind in ("video", "image", "audio"):
         path = next((block[k] for k in (kind, "path", "url") if isinstance(block.get(k), str)), None)
         if path is None:  # a bare {"type": "video"} takes the next entry of the row's media list
             return media.take(kind)
         if kind == "video":
             return media_part("video", ctx.resolve_media(path), *media.clip)
-        return media_part("image", ctx.resolve_media(path))
-    if kind in ("audio", "input_audio", "audio_url"):
-        raise DataError(f"{ctx.at}: a content part of type {kind}: {STANDALONE_AUDIO}")
-    raise DataError(f"{ctx.at}: unknown content part type {kind!r} (expected text, image, video)")
+        return media_part(kind, ctx.resolve_media(path))
+    raise DataError(f"{ctx.at}: unknown content part type {kind!r} (expected text, image, video, audio, input_audio)")
 
 
 def from_openai(row: dict[str, Any], ctx: RowContext) -> list[Message]:
     _require(row, ["messages"], ctx)
-    _refuse_standalone_audio(row, ctx)
     raw_messages = row["messages"]
     if not isinstance(raw_messages, list):
         raise DataError(f"{ctx.at}: `messages` must be a list of {{role, content}}")
-    media = _MediaQueue(_as_list(row.get("videos")), _as_list(row.get("images")), ctx, clip_bounds(row, ctx))
+    media = _row_media(row, ctx, ("videos", "images", "audios"))
     if all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in raw_messages):
         pairs = [(_role(m.get("role"), ctx), m["content"]) for m in raw_messages]
         return _prepend_system(row, ctx) + _conversation_from_texts(pairs, media, ctx)

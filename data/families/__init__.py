@@ -60,6 +60,15 @@ class TokenCounter(Protocol):
     def image_tokens(self, height: int, width: int) -> int: ...
 
 
+class HearingTokenCounter(TokenCounter, Protocol):
+    """The token counter of a family that hears: a sound file's tokens (its placeholder expanded) and what a heard
+    video's sound adds to the video's, both from the sound's length in seconds."""
+
+    def audio_tokens(self, duration_s: float) -> int: ...
+
+    def video_audio_tokens(self, duration_s: float) -> int: ...
+
+
 @dataclass
 class BlankPath:
     """One vision path of the model's forward (image or video), as ZeRO-3 lockstep needs to know it.
@@ -153,8 +162,9 @@ class ModelFamily(ABC):
     supports_packing: bool = False
     # what a refused train.packing says (one line, with the fix)
     packing_refusal: str = "its packed batches are not tested yet"
-    # whether the model hears a video's sound track (data.audio, data/audio.py): such a family also defines
-    # `audio_sampling_rate(processor)` and `encode_with_audio(...)`, and its token counter `video_audio_tokens`
+    # whether the model hears sound: a video's sound track (data.audio, data/audio.py) and sound files (`audio`
+    # parts). Such a family also defines `audio_sampling_rate(processor)` and `encode_with_audio(...)`, and its token
+    # counter is a HearingTokenCounter; the others refuse a row with a sound file (ExampleBuilder.refuse_unheard)
     hears: bool = False
     # train.sequence_parallel: `video_shares` splits its frames and a split run gives the 1-process losses
     # (tests/test_sequence_parallel.py)
@@ -279,8 +289,9 @@ class ModelFamily(ABC):
         for_generation: bool,
         audios: Sequence[Any],
     ) -> dict[str, Any]:
-        """The processor's encoding (as apply_chat_template's, with assistant_masks) of a conversation whose videos
-        are heard: `audios[i]` is the i-th video's sound at `audio_sampling_rate`."""
+        """The processor's encoding (as apply_chat_template's, with assistant_masks) of a conversation that is heard:
+        `audios[i]` is the i-th video's sound at `audio_sampling_rate` (empty: its videos are not heard), and its
+        audio parts carry their sound files' samples at that rate."""
         raise ValueError(f"{self.name} does not hear sound (data.audio must be auto or off for it)")
 
 
@@ -299,3 +310,8 @@ def family_for(model_type: str) -> ModelFamily:
         raise ValueError(f"model type {model_type!r} is not supported yet (supported: {', '.join(sorted(FAMILIES))})")
     module, attribute = FAMILIES[model_type].split(":")
     return getattr(importlib.import_module(module), attribute)
+
+
+def hearing_families() -> list[str]:
+    """The registered families that hear sound (what a refusal of a sound file suggests instead)."""
+    return sorted({family_for(model_type).name for model_type in FAMILIES if family_for(model_type).hears})

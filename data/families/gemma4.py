@@ -117,11 +117,15 @@ class Gemma4TokenCounter:
         expansion = self.processor.replace_audio_token({"input_features_mask": mask["input_features_mask"]}, 0)
         return self.text_tokens(expansion)
 
-    def video_audio_tokens(self, duration_s: float) -> int:
-        """A heard video's sound: `<|audio>` + its tokens + `<audio|>` (the marker it replaces is not counted
-        in the template's tokens, which never hold it)."""
+    def audio_tokens(self, duration_s: float) -> int:
+        """A sound file's `<|audio|>` marker expanded: `<|audio>` + 25 tokens per second + `<audio|>`."""
         rate = self.processor.feature_extractor.sampling_rate
         return self.audio_samples_tokens(round(duration_s * rate))
+
+    def video_audio_tokens(self, duration_s: float) -> int:
+        """A heard video's sound: its audio part's tokens, as a sound file's (the marker it replaces is not counted
+        in the template's tokens, which never hold it)."""
+        return self.audio_tokens(duration_s)
 
 
 class Gemma4(ModelFamily):
@@ -196,15 +200,16 @@ class Gemma4(ModelFamily):
         for_generation: bool,
         audios: Sequence[Any],
     ) -> dict[str, Any]:
-        """Each video followed by its sound as an audio part (`audios[i]`: the i-th video's), then the processor's
-        own apply_chat_template, as for a sample without sound."""
+        """Each video followed by its sound as an audio part (`audios[i]`: the i-th video's; none when the videos
+        are not heard), then the processor's own apply_chat_template, as for a sample without sound: it takes the
+        conversation's sound files (audio parts with their samples) where they are."""
         sounds = iter(audios)
         heard = []
         for msg in conversation:
             content = []
             for part in msg["content"]:
                 content.append(part)
-                if part["type"] == "video":
+                if part["type"] == "video" and audios:
                     content.append({"type": "audio", "audio": np.asarray(next(sounds), dtype=np.float32)})
             heard.append({**msg, "content": content})
         return self.encode(

@@ -8,6 +8,10 @@ formerly `use_audio_in_video`) becomes `<|vision_bos|><|audio_bos|>` + video and
 frames' real spacing (`video_second_per_grid`, 25 positions per second) and the sound's own clock (25 tokens per
 second from the first sampled frame), so both streams share one time axis.
 
+Sound files (audio parts): `<|audio_bos|><|AUDIO|><|audio_eos|>` where they stand, `<|AUDIO|>` expanded to 25
+tokens per second, their positions plain text ones; in a sample whose videos are heard, the processor is told which
+of its sounds are a video's and which are files (`audio_from_video_indices`, None for a file), in conversation order.
+
 Sound: the clip's audio for exactly the sampled span (data/audio.py). The model takes one `use_audio_in_video` flag
 per forward (transformers 5.25 `get_rope_index`), so in a batch either every video carries sound or none does: a
 silent file heard by this family gets silence of its span (the processor expects an audio part per video), and
@@ -115,6 +119,7 @@ class Qwen2_5_Omni(Qwen2_5_VL):
         "You are a helpful assistant.",
         video_placeholder="<|vision_bos|><|VIDEO|><|vision_eos|>",
         image_placeholder="<|vision_bos|><|IMAGE|><|vision_eos|>",
+        audio_placeholder="<|audio_bos|><|AUDIO|><|audio_eos|>",
     )
     language_model_prefix = "model.language_model."
     vision_tower_prefix = "model.visual."
@@ -170,10 +175,12 @@ class Qwen2_5_Omni(Qwen2_5_VL):
         for_generation: bool,
         audios: Sequence[np.ndarray],
     ) -> dict[str, Any]:
-        """The processor's encoding of a conversation whose videos are heard (`audios[i]`: the i-th video's sound at
-        the feature extractor's rate, silence for a silent file). apply_chat_template cannot take decoded sound for
-        a video (it would decode the file again, all of it), so the prompt is rendered as it does and the processor
-        called with one audio per video slot; the assistant mask comes from the same offsets it uses."""
+        """The processor's encoding of a conversation that is heard: `audios[i]` is the i-th video's sound at the
+        feature extractor's rate (silence for a silent file; empty when its videos are not heard), and its audio
+        parts carry their sound files' samples. apply_chat_template cannot take decoded sound for a video (it would
+        decode the file again, all of it), so the prompt is rendered as it does and the processor called with every
+        sound in conversation order, each marked as a video's or a file's; the assistant mask comes from the same
+        offsets it uses."""
         from transformers.utils.chat_template_utils import render_jinja_template
 
         rate = self.audio_sampling_rate(processor)
@@ -184,17 +191,29 @@ class Qwen2_5_Omni(Qwen2_5_VL):
             add_generation_prompt=for_generation,
             **processor.tokenizer.special_tokens_map,
         )
-        videos = [block["video"] for msg in conversation for block in msg["content"] if block["type"] == "video"]
-        images = [block["image"] for msg in conversation for block in msg["content"] if block["type"] == "image"]
-        if len(audios) != len(videos):
+        blocks = [block for msg in conversation for block in msg["content"]]
+        videos = [block["video"] for block in blocks if block["type"] == "video"]
+        images = [block["image"] for block in blocks if block["type"] == "image"]
+        if audios and len(audios) != len(videos):
             raise ValueError(f"{self.name}: {len(videos)} videos, {len(audios)} sounds (one per video)")
+        video_sounds, video_index = iter(audios), iter(range(len(videos)))
+        # every sound in conversation order, and its source: a video's index, or None for a sound file
+        sounds: list[Any] = []
+        sources: list[int | None] = []
+        for block in blocks:
+            if block["type"] == "video" and audios:
+                sounds.append(next(video_sounds))
+                sources.append(next(video_index))
+            elif block["type"] == "audio":
+                sounds.append(block["audio"])
+                sources.append(None)
         encoded = processor(
             text=prompts,
             images=images or None,
-            videos=videos,
-            audio=list(audios),
-            audio_from_video_indices=list(range(len(videos))),
-            load_audio_from_video=True,
+            videos=videos or None,
+            audio=sounds or None,
+            audio_from_video_indices=sources if audios else None,
+            load_audio_from_video=bool(audios),
             sampling_rate=rate,
             return_offsets_mapping=not for_generation,
             return_text_replacement_offsets=not for_generation,
@@ -203,7 +222,8 @@ class Qwen2_5_Omni(Qwen2_5_VL):
         encoded = dict(encoded)
         if not for_generation:
             encoded = processor._adjust_assistant_masks_indices(encoded, generation_indices)
-        encoded[AUDIO_IN_VIDEO] = True
+        if audios:
+            encoded[AUDIO_IN_VIDEO] = True
         return encoded
 
     def example_visuals(self, encoded: dict[str, Any], processor: Any) -> dict[str, torch.Tensor]:

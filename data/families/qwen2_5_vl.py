@@ -45,9 +45,11 @@ def chatml_training_template(
     default_system: str | None,
     video_placeholder: str = "<|vision_start|><|video_pad|><|vision_end|>",
     image_placeholder: str = "<|vision_start|><|image_pad|><|vision_end|>",
+    audio_placeholder: str = "",
 ) -> str:
     """The Qwen ChatML prompt with generation markers: each assistant answer and its <|im_end|> carry labels (the
-    newline after it does not: the model stops at <|im_end|>). Media stay where their placeholders were."""
+    newline after it does not: the model stops at <|im_end|>). Media stay where their placeholders were (sound
+    files: families that hear give theirs; the others refuse them before rendering)."""
     system = (
         "{%- if messages[0]['role'] != 'system' -%}"
         "{{- '<|im_start|>system\\n" + default_system + "<|im_end|>\\n' -}}"
@@ -68,6 +70,7 @@ def chatml_training_template(
         "{%- for content in message['content'] -%}"
         "{%- if content['type'] == 'image' -%}{{- '" + image_placeholder + "' -}}"
         "{%- elif content['type'] == 'video' -%}{{- '" + video_placeholder + "' -}}"
+        "{%- elif content['type'] == 'audio' -%}{{- '" + audio_placeholder + "' -}}"
         "{%- elif content['type'] == 'text' -%}{{- content['text'] -}}"
         "{%- endif -%}"
         "{%- endfor -%}"

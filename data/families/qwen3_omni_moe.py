@@ -85,6 +85,7 @@ class Qwen3_Omni_MoE(Qwen2_5_Omni):
         None,
         video_placeholder="<|vision_start|><|video_pad|><|vision_end|>",
         image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+        audio_placeholder="<|audio_start|><|audio_pad|><|audio_end|>",
     )
     # attention as linear layers; the experts' fused 3-D weights through `language_model_lora_parameters`
     language_model_lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -15,13 +15,14 @@ from typing import Any
 from vidtune.data.video.base import CONTAINER_DEMUXERS, StreamIndex, VideoError, VideoInfo, check_file
 
 
-def open_container(path: str) -> Any:
+def open_container(path: str, demuxers: str = CONTAINER_DEMUXERS, kind: str = "video") -> Any:
+    """The file opened by PyAV, held to `demuxers` (sound files: data/audio.py's wider list)."""
     import av
 
     try:
-        return av.open(path, options={"format_whitelist": CONTAINER_DEMUXERS})
+        return av.open(path, options={"format_whitelist": demuxers})
     except (av.FFmpegError, OSError) as err:
-        raise VideoError(f"{path}: cannot open it as video ({str(err)[:120]})") from None
+        raise VideoError(f"{path}: cannot open it as {kind} ({str(err)[:120]})") from None
 
 
 MAX_PROBE_DECODE_PIXELS = 8192 * 8192
