@@ -32,7 +32,9 @@ from vidtune.data.formats import (
 
 FILE_LOADERS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 # Columns that hold lists or dicts; CSV stores them as JSON text.
-STRUCTURED_COLUMNS = ("conversations", "messages", "videos", "images", "options", "candidates", "chosen", "rejected")
+STRUCTURED_COLUMNS = (
+    "conversations", "messages", "videos", "images", "audios", "options", "candidates", "chosen", "rejected",
+)  # fmt: skip
 URL_PREFIXES = ("http://", "https://", "s3://", "gs://", "hf://", "ftp://")
 MAX_ROW_BYTES = 1_000_000  # default of data.max_row_bytes: larger rows are bad rows, never parsed or tokenised
 

@@ -1,7 +1,8 @@
 """`vidtune check RECIPE`: a preflight before any GPU time.
 
-Reads every row of every source, opens every video (its frame index and header; `--decode` also decodes the frames
-training would sample, and the sound of their span for videos the run hears: data.audio), and reports: unreadable
+Reads every row of every source, opens every video and sound file (its frame index and header; `--decode` also
+decodes the frames training would sample, the sound of their span for videos the run hears (data.audio), and every
+sound file), and reports: unreadable
 media and malformed rows by name and reason, the token-length distribution with video (and heard audio) tokens
 included, the samples max_length would drop and the answer tokens that loses, and label-token counts. Prints a
 table, writes JSON, and fails (exit 1) when the bad samples exceed the recipe's budget (data.bad_samples).
@@ -76,6 +77,7 @@ def measure_all(
                     record=decoded,
                     max_frame_pixels=data.bad_samples.max_frame_pixels,
                     audio_rate=builder.audio_rate if row.get("source") in heard else None,
+                    sound_rate=builder.sound_rate,
                 )
                 if backends is not None:
                     backends.update((path, clip.backend) for path, clip in decoded)

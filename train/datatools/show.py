@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vidtune.data.audio import Audio
 from vidtune.data.conversation import DataError
 from vidtune.data.dataset import audio_rate_for, heard_sources, load_media
 from vidtune.data.examples import ExampleBuilder, with_time_instructions
@@ -68,9 +69,8 @@ def sheet_html(path: str, clip: Clip) -> str:
     )
 
 
-def audio_html(clip: Clip, folder: Path, name: str) -> str:
-    """The sound a heard clip carries (its sampled span), written as `name` in `folder`, and a player for it."""
-    audio = clip.audio
+def audio_html(audio: Audio | None, folder: Path, name: str) -> str:
+    """A heard clip's sound (its sampled span) or a sound file's, written as `name` in `folder`, and a player."""
     if audio is None:
         return "<p>sound: no audio stream (heard as nothing)</p>"
     write_wav(audio.samples, audio.sampling_rate, folder / name)
@@ -95,7 +95,7 @@ def show_row(
         media, instructions = load_media(
             row["messages"], data.sampling, data.time_instruction, rng, data.bad_samples.decode_timeout_s,
             builder.frame_px, record=clips, max_frame_pixels=data.bad_samples.max_frame_pixels,
-            audio_rate=builder.audio_rate if row.get("source") in heard else None,
+            audio_rate=builder.audio_rate if row.get("source") in heard else None, sound_rate=builder.sound_rate,
         )  # fmt: skip
         example = builder.build(with_time_instructions(row["messages"], instructions), media)
     except DataError as err:
@@ -105,9 +105,11 @@ def show_row(
     learned = int((example["labels"] != IGNORE_INDEX).sum())
     over = f" <span class='bad'>over max_length {data.max_length}: dropped</span>" if tokens > data.max_length else ""
     sheets = [
-        sheet_html(path, clip) + (audio_html(clip, folder, f"row{row_index}_video{k}.wav") if heard_row else "")
+        sheet_html(path, clip) + (audio_html(clip.audio, folder, f"row{row_index}_video{k}.wav") if heard_row else "")
         for k, (path, clip) in enumerate(clips)
     ]
+    sounds = [m for _, m in sorted(media.items()) if isinstance(m, Audio)]
+    sheets += [audio_html(sound, folder, f"row{row_index}_sound{k}.wav") for k, sound in enumerate(sounds)]
     return (
         f"<section>{title}{''.join(sheets)}"
         f"<p>{tokens:,} tokens, {learned:,} learned (highlighted){over}</p>"

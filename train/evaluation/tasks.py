@@ -108,6 +108,7 @@ def option_logliks(im: InferenceModel, item: EvalItem, candidates: Sequence[str]
         rng=None,
         shortest_edge=im.builder.frame_px,
         audio_rate=im.builder.audio_rate,
+        sound_rate=im.builder.sound_rate,
     )
     prompt = with_time_instructions(item.prompt, instructions)
     examples = [im.builder.build([*prompt, message("assistant", [text_part(c)])], media) for c in candidates]

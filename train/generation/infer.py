@@ -131,7 +131,8 @@ def load_for_inference(
 
 def prompt_example(im: InferenceModel, messages: list[Message]) -> dict[str, torch.Tensor]:
     """One conversation that ends with a user turn, its media decoded and templated as in training (ready to batch).
-    Bad media raise DataError here, before any generation."""
+    Bad media raise DataError here, before any generation; so does a sound file for a model that does not hear."""
+    im.builder.refuse_unheard(messages, "the prompt")
     media, instructions = load_media(
         messages,
         im.sampling,
@@ -139,6 +140,7 @@ def prompt_example(im: InferenceModel, messages: list[Message]) -> dict[str, tor
         rng=None,
         shortest_edge=im.builder.frame_px,
         audio_rate=im.builder.audio_rate,
+        sound_rate=im.builder.sound_rate,
     )
     return im.builder.build(with_time_instructions(messages, instructions), media, for_generation=True)
 

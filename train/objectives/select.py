@@ -36,7 +36,7 @@ def build_objective(
         from vidtune.train.objectives.grpo import GRPOObjective
 
         stop_ids = family.stop_token_ids(processor.tokenizer)
-        media_ids = [getattr(processor, f"{kind}_token_id", None) for kind in ("video", "image")]
+        media_ids = [getattr(processor, f"{kind}_token_id", None) for kind in ("video", "image", "audio")]
         rollout = Rollout(accelerator, recipe.train.grpo, processor.tokenizer, stop_ids, zero3)
         rollout.suppressed = [i for i in media_ids if i is not None]
         return GRPOObjective(

@@ -29,9 +29,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vidtune.data.audio import sound_bytes
 from vidtune.data.conversation import DataError, media_part, message, text_part
 from vidtune.data.conversation import Message as Turn
 from vidtune.data.examples import with_time_instructions
+from vidtune.data.families import ModelFamily
 from vidtune.data.quality import MAX_FRAME_PIXELS
 from vidtune.train.generation.infer import AnswerText, InferenceModel
 from vidtune.train.serving.access_log import AccessLog
@@ -40,9 +42,11 @@ from vidtune.train.serving.engine import Engine, Job, Result, Settings
 from vidtune.train.serving.media import MediaPolicy, RequestFiles, resolve_media
 from vidtune.train.serving.protocol import (
     APIError,
+    AudioURLPart,
     ChatCompletionRequest,
     ChatMessage,
     FramesRequest,
+    InputAudioPart,
     url_of,
     validation_message,
 )
@@ -156,8 +160,25 @@ def media_count(messages: list[ChatMessage]) -> int:
     return sum(part.type != "text" for msg in messages if not isinstance(msg.content, str) for part in msg.content)
 
 
-def to_conversation(messages: list[ChatMessage], policy: MediaPolicy, files: RequestFiles) -> list[Turn]:
-    """The request's messages as a vidtune conversation, each media URL resolved to a local file."""
+def sound_file(part: InputAudioPart | AudioURLPart, policy: MediaPolicy, files: RequestFiles, where: str) -> str:
+    """A sound part as a local file: `input_audio`'s bytes written into the request's folder, or `audio_url`'s
+    file resolved as any media URL."""
+    if isinstance(part, AudioURLPart):
+        return resolve_media(url_of(part.audio_url), policy, files, where)
+    try:
+        content = sound_bytes(part.input_audio.data, part.input_audio.format)
+    except ValueError as err:
+        raise APIError(400, f"{where}.input_audio: {err}", where, "bad_audio") from None
+    path = files.new_path(f".{part.input_audio.format}")
+    path.write_bytes(content)
+    return str(path)
+
+
+def to_conversation(
+    messages: list[ChatMessage], policy: MediaPolicy, files: RequestFiles, family: ModelFamily
+) -> list[Turn]:
+    """The request's messages as a vidtune conversation, each media URL resolved to a local file; a sound part for
+    a model whose family does not hear is refused (400) before anything is written or decoded."""
     if messages[-1].role != "user":
         raise APIError(400, "the last message must be the user's", "messages", "last_message_not_user")
     turns = []
@@ -169,6 +190,11 @@ def to_conversation(messages: list[ChatMessage], policy: MediaPolicy, files: Req
                 parts.append(text_part(part.text))
             elif msg.role != "user":
                 raise APIError(400, f"{where}: only user messages may carry media", where)
+            elif isinstance(part, (InputAudioPart, AudioURLPart)):
+                if not family.hears:
+                    refused = f"{where}: this model ({family.name}) does not hear sound; send text, images or videos"
+                    raise APIError(400, refused, where, "audio_not_supported")
+                parts.append(media_part("audio", sound_file(part, policy, files, where)))
             else:
                 media = part.video_url if part.type == "video_url" else part.image_url
                 kind = "video" if part.type == "video_url" else "image"
@@ -199,11 +225,12 @@ def build_example(
     context.check_text(im, request.messages)
     files = RequestFiles()
     try:
-        conversation = to_conversation(request.messages, settings.policy, files)
+        conversation = to_conversation(request.messages, settings.policy, files, im.family)
         try:
             media, instructions = decoder.decode(
                 conversation, im.sampling, im.time_instruction, im.builder.frame_px, settings.max_frame_pixels,
                 settings.decode_timeout_s, files.folder.name, cancelled, audio_rate=im.builder.audio_rate,
+                sound_rate=im.builder.sound_rate,
             )  # fmt: skip
             example = im.builder.build(with_time_instructions(conversation, instructions), media, for_generation=True)
         except DataError as err:

@@ -124,6 +124,7 @@ class Decoder:
         folder: str,
         cancelled: threading.Event,
         audio_rate: int | None = None,
+        sound_rate: int | None = None,
     ) -> tuple[dict[int, Any], dict[int, str]]:
         """load_media's result, decoded in a child; `folder` (the request's temporary folder) receives it."""
         kwargs = {
@@ -131,6 +132,7 @@ class Decoder:
             "max_frame_pixels": max_frame_pixels,
             "decode_timeout_s": timeout_s,
             "audio_rate": audio_rate,
+            "sound_rate": sound_rate,
         }
         result = Path(folder) / f"decoded-{uuid.uuid4().hex}.pkl"
         pid = self._start(((messages, sampling, with_time_instruction, None), kwargs), result)

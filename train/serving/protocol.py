@@ -1,5 +1,6 @@
-"""The OpenAI chat-completions request as vLLM accepts it (text, `image_url` and `video_url` parts), parsed by
-pydantic, and OpenAI-style error objects (`{"error": {"message", "type", "param", "code"}}`).
+"""The OpenAI chat-completions request as vLLM accepts it (text, `image_url`, `video_url`, and for models that hear
+`input_audio` (base64 bytes) and `audio_url` parts), parsed by pydantic, and OpenAI-style error objects
+(`{"error": {"message", "type", "param", "code"}}`).
 
 Statuses: 400 a malformed request or unreadable media, 404 an unknown model or route, 413 a body over the limit,
 500 a failure inside generation (the request fails, the server stays up).
@@ -47,7 +48,22 @@ class VideoPart(BaseModel):
     video_url: MediaURL | str
 
 
-Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+class InputAudio(BaseModel):
+    data: str  # base64 sound bytes
+    format: Literal["wav", "mp3", "flac"] = "wav"
+
+
+class InputAudioPart(BaseModel):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class AudioURLPart(BaseModel):
+    type: Literal["audio_url"]
+    audio_url: MediaURL | str
+
+
+Part = Annotated[TextPart | ImagePart | VideoPart | InputAudioPart | AudioURLPart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
