@@ -161,34 +161,57 @@ def test_answer_letter_accepts_letters_and_indices(answer, letter):
         ({"video": "a.mp4", "question": "Q"}, "qa", "missing column(s) ['answer']"),
         ({"video": "a.mp4", "conversations": [{"from": "human", "value": "<video>Q"}]}, "llava", "no assistant turn"),
         ({"video": "a.mp4", "caption": "c", "start": 5, "end": 2}, "caption", "is not after start"),
-        (  # LLaMA-Factory / ms-swift: the sound would be lost and "<audio>" trained as text
+        (
             {
                 "audios": ["a.wav"],
                 "messages": [
-                    {"role": "user", "content": "<audio>What is said?"},
+                    {"role": "user", "content": "<audio><audio>What is said?"},
                     {"role": "assistant", "content": "A"},
                 ],
             },
             "openai",
-            "`audios`: standalone sound files are not supported yet",
+            "more <audio> placeholders than audios (1 given",
         ),
         (
             {
-                "audios": "a.wav",
+                "audios": ["a.wav", "b.wav"],
                 "conversations": [{"from": "human", "value": "<audio>Q"}, {"from": "gpt", "value": "A"}],
             },
             "llava",
-            "`audios`: standalone sound files are not supported yet",
+            "1 <audio> placeholder(s) in the text but 2 audio(s)",
         ),
         (
             {
                 "messages": [
-                    {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "..."}}]},
+                    {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "not base64!"}}]},
                     {"role": "assistant", "content": "A"},
                 ]
             },
             "openai",
-            "a content part of type input_audio: standalone sound files are not supported yet",
+            "input_audio: `data` is not valid base64",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "ogg"}}],
+                    },
+                    {"role": "assistant", "content": "A"},
+                ]
+            },
+            "openai",
+            "input_audio: format 'ogg' is not one of wav, mp3, flac",
+        ),
+        (
+            {
+                "audios": ["a.wav"],
+                "start": 3,
+                "end": 1,
+                "conversations": [{"from": "human", "value": "<audio>Q"}, {"from": "gpt", "value": "A"}],
+            },
+            "llava",
+            "is not after start",
         ),
     ],
 )
@@ -263,3 +286,121 @@ def test_lettered_options_are_recognised_only_as_a_whole_list_in_order():
         {"video": "a.mp4", "question": "Q?", "options": ["A. red", "B. blue"], "answer": "B"}, "multiple_choice", ctx()
     )
     assert texts(mc, "user")[0].split("\n")[1:3] == ["A. red", "B. blue"] and texts(mc, "assistant") == ["B"]
+
+
+# --------------------------------------------------------------------------------------------------- sound files
+
+
+def sound_parts(messages) -> list[tuple[str, str | None, float | None, float | None]]:
+    return [(p["type"], p["path"], p["start_s"], p["end_s"]) for p in media_parts(messages)]
+
+
+def test_llama_factory_audios_take_their_placeholders_in_order_across_turns():
+    """LLaMA-Factory sharegpt: every `<audio>` takes the next file of `audios`, in the turn and place it stands."""
+    row = {
+        "audios": ["one.wav", "two.mp3"],
+        "conversations": [
+            {"from": "human", "value": "<audio>What is said?"},
+            {"from": "gpt", "value": "Hello."},
+            {"from": "human", "value": "And here: <audio>"},
+            {"from": "gpt", "value": "Goodbye."},
+        ],
+    }
+    messages = normalise_row(row, "llava", ctx())
+    assert [[p["type"] for p in m["content"]] for m in messages] == [
+        ["audio", "text"],
+        ["text"],
+        ["text", "audio"],
+        ["text"],
+    ]
+    assert sound_parts(messages) == [("audio", "/media/one.wav", None, None), ("audio", "/media/two.mp3", None, None)]
+    assert texts(messages, "user") == ["What is said?", "And here:"]
+
+
+def test_ms_swift_messages_with_audios_videos_and_images_map_each_tag_to_its_kind():
+    row = {
+        "videos": ["v.mp4"],
+        "images": ["i.jpg"],
+        "audios": ["s.flac"],
+        "messages": [
+            {"role": "system", "content": "Listen."},
+            {"role": "user", "content": "<video><audio>Does the sound fit the clip, and the <image>?"},
+            {"role": "assistant", "content": "Yes."},
+        ],
+    }
+    messages = normalise_row(row, "openai", ctx())
+    assert [p["type"] for p in messages[1]["content"]] == ["video", "audio", "text", "image", "text"]
+    assert [p["path"] for p in media_parts(messages)] == ["/media/v.mp4", "/media/s.flac", "/media/i.jpg"]
+
+
+def test_audios_without_placeholders_go_first_in_the_first_user_turn_after_the_videos():
+    row = {
+        "video": "v.mp4",
+        "audios": ["a.wav", "b.wav"],
+        "conversations": [{"from": "human", "value": "Same?"}, {"from": "gpt", "value": "No."}],
+    }
+    messages = normalise_row(row, "llava", ctx())
+    assert [(p["type"], p["path"]) for p in messages[0]["content"]] == [
+        ("video", "/media/v.mp4"),
+        ("audio", "/media/a.wav"),
+        ("audio", "/media/b.wav"),
+        ("text", None),
+    ]
+
+
+def test_typed_audio_parts_and_audio_urls_resolve_like_videos():
+    row = {
+        "audios": ["listed.wav"],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "audio", "audio": "inline.mp3"},
+                    {"type": "audio"},  # the next entry of the row's `audios`
+                    {"type": "audio_url", "audio_url": {"url": "url.flac"}},
+                    {"type": "text", "text": "Which is loudest?"},
+                ],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "The second."}]},
+        ],
+    }
+    messages = normalise_row(row, "openai", ctx())
+    assert [p["path"] for p in media_parts(messages)] == ["/media/inline.mp3", "/media/listed.wav", "/media/url.flac"]
+
+
+def test_input_audio_bytes_become_one_file_per_content(tmp_path, monkeypatch):
+    """OpenAI's input_audio: the base64 bytes stored once in the cache folder, named by their hash, so every
+    later stage (measuring, decoding, its caches) reads a path; the same bytes in another row are the same file."""
+    import base64
+
+    monkeypatch.setenv("VIDTUNE_CACHE_DIR", str(tmp_path))
+    sound = b"RIFF....WAVEfmt " + bytes(range(64))
+
+    def row(data: str) -> dict:
+        part = {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
+        return {"messages": [{"role": "user", "content": [part]}, {"role": "assistant", "content": "A"}]}
+
+    first = media_parts(normalise_row(row(base64.b64encode(sound).decode()), "openai", ctx()))[0]
+    again = media_parts(
+        normalise_row(row("data:audio/wav;base64," + base64.b64encode(sound).decode()), "openai", ctx())
+    )
+    assert first["type"] == "audio" and first["path"] == again[0]["path"]
+    assert first["path"].startswith(str(tmp_path / "sounds")) and first["path"].endswith(".wav")
+    assert open(first["path"], "rb").read() == sound
+    assert [p.name for p in (tmp_path / "sounds").iterdir()] == [first["path"].rsplit("/", 1)[1]]  # no leftovers
+
+
+def test_an_audio_only_rows_start_and_end_bound_its_sound_and_a_mixed_rows_bound_its_video():
+    def turns(tags: str) -> list[dict]:
+        return [{"from": "human", "value": f"{tags}Q"}, {"from": "gpt", "value": "A"}]
+
+    alone = normalise_row({"audio": "a.wav", "start": 1.5, "end": 4, "conversations": turns("<audio>")}, "llava", ctx())
+    assert sound_parts(alone) == [("audio", "/media/a.wav", 1.5, 4.0)]
+    mixed = {"video": "v.mp4", "audio": "a.wav", "start": 1.5, "end": 4, "conversations": turns("<video><audio>")}
+    assert sound_parts(normalise_row(mixed, "llava", ctx())) == [
+        ("video", "/media/v.mp4", 1.5, 4.0),
+        ("audio", "/media/a.wav", None, None),
+    ]
+    # an empty `audios` list (LLaMA-Factory's mixed corpora) or a blank `audio` cell is no sound
+    empty = {"audios": [], "audio": "", "conversations": turns("")}
+    assert media_parts(normalise_row(empty, "llava", ctx())) == []

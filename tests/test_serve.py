@@ -174,7 +174,7 @@ BAD_REQUESTS = {
     "bad JSON": (b'{"messages": [', 400, "invalid_request", "not valid JSON"),
     "no messages": (_body(messages=[]), 400, "invalid_request", "messages"),
     "unknown part type": (
-        _body(messages=[{"role": "user", "content": [{"type": "audio_url"}]}]),
+        _body(messages=[{"role": "user", "content": [{"type": "file"}]}]),
         400,
         "invalid_request",
         "messages.0.content.0",
