@@ -1,5 +1,6 @@
 """What the tests of the families that hear share: clip twins with identical pictures (red then blue) and a low or
-a high tone, and the one-video question built from a clip with its sound decoded."""
+a high tone, sound files of tones (WAV, FLAC, MP3), and the one-video question built from a clip with its sound
+decoded."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 from vidtune.data.conversation import media_part, message, text_part
 from vidtune.data.dataset import load_media
 from vidtune.data.video import SamplingConfig
-from vidtune.train.demo.clips import write_tone_clip
+from vidtune.train.demo.clips import tone_samples, write_tone_clip
 
 LOW_HZ, HIGH_HZ = 300, 2500
 
@@ -20,6 +21,37 @@ def write_tone_twins(root: Path) -> dict[int, Path]:
         hz: write_tone_clip(root / f"tone_{hz}.mp4", ["red", "blue"], [hz, hz], seconds_per_segment=1.0)
         for hz in (LOW_HZ, HIGH_HZ)
     }
+
+
+SOUND_CODECS = {".wav": ("pcm_s16le", "s16"), ".flac": ("flac", "s16"), ".mp3": ("libmp3lame", "fltp")}
+
+
+def write_tone_sound(path: Path, tones_hz: list[float], seconds_per_tone: float = 1.0, rate: int = 22050) -> Path:
+    """A mono sound file of one sine per segment (its codec by the file's suffix: WAV, FLAC or MP3), sampled at
+    `rate` (not the 16 kHz the families hear at, so every load resamples)."""
+    import av
+    import numpy as np
+
+    codec, layout = SOUND_CODECS[path.suffix]
+    samples = tone_samples(tones_hz, seconds_per_tone, rate)
+    data = (samples * 32767).astype(np.int16) if layout == "s16" else samples
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream: Any = container.add_stream(codec, rate=rate, layout="mono")
+        for start in range(0, len(data), 1152):
+            frame = av.AudioFrame.from_ndarray(data[None, start : start + 1152], format=layout, layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def sound_question(path: Any, answer: str = "low") -> list:
+    """An audio-only conversation: a sound file and a question about it."""
+    return [
+        message("user", [media_part("audio", str(path)), text_part("Is the tone high or low?")]),
+        message("assistant", [text_part(answer)]),
+    ]
 
 
 def question(path: Any, answer: str = "red") -> list:

@@ -80,3 +80,60 @@ def test_frames_audio_reports_the_span_and_writes_it_as_wav(tone_clip, tmp_path,
     # frames at 1.25-2.75 s (8 fps): the span ends at 2.875 s, in the third second's tone
     assert dominant_hz(samples[:8000]) == pytest.approx(800, abs=25)
     assert dominant_hz(samples[-8000:]) == pytest.approx(1500, abs=25)
+
+
+# --------------------------------------------------------------------------------------------------- sound files
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".flac", ".mp3"])
+def test_a_sound_file_decodes_whole_at_the_families_rate_with_its_tones_in_place(tmp_path, suffix):
+    """A 22.05 kHz file (300 Hz then 2500 Hz, 1 s each), heard at 16 kHz: exactly its header's length, mono, each
+    second's tone where it was; both backends alike."""
+    from tests.hearing import write_tone_sound
+    from vidtune.data.audio import load_sound, sound_span
+
+    path = str(write_tone_sound(tmp_path / f"tones{suffix}", [300, 2500]))
+    assert sound_span(path) == pytest.approx((0.0, 2.0), abs=0.06)  # (MP3 frames round its length up a little)
+    start_s, end_s = sound_span(path)
+    for backend in ("torchcodec", "pyav"):
+        audio = load_sound(path, RATE, backend=backend)
+        assert audio.backend == backend and audio.sampling_rate == RATE and audio.samples.dtype == np.float32
+        assert audio.samples.ndim == 1 and len(audio.samples) == round((end_s - start_s) * RATE)
+        assert dominant_hz(audio.samples[1000:7000]) == pytest.approx(300, abs=25)
+        assert dominant_hz(audio.samples[RATE + 1000 : RATE + 7000]) == pytest.approx(2500, abs=25)
+        assert 0.4 < np.abs(audio.samples[1000:7000]).max() < 0.6  # half amplitude, as written
+
+
+def test_a_sound_files_span_and_a_videos_sound_track_as_a_sound_file(tmp_path, tone_clip):
+    from tests.hearing import write_tone_sound
+    from vidtune.data.audio import load_sound
+
+    wav = str(write_tone_sound(tmp_path / "tones.wav", [300, 2500]))
+    span = load_sound(wav, RATE, 0.75, 1.5)
+    assert (span.start_s, span.end_s, len(span.samples)) == (0.75, 1.5, 12000)
+    assert dominant_hz(span.samples[:3200]) == pytest.approx(300, abs=25)
+    assert dominant_hz(span.samples[-6400:]) == pytest.approx(2500, abs=25)
+    assert len(load_sound(wav, RATE, 1.5, 9.0).samples) == RATE // 2  # an end past the sound stops at its end
+    track = load_sound(str(tone_clip), RATE, 2.0, 3.0)  # a video file's sound: its third second, 1500 Hz
+    assert len(track.samples) == RATE and dominant_hz(track.samples[800:-800]) == pytest.approx(1500, abs=25)
+
+
+def test_what_is_no_readable_sound_is_named_in_one_line(tmp_path):
+    from tests.hearing import write_tone_sound
+    from vidtune.data.audio import load_sound, sound_span
+    from vidtune.data.video import VideoError
+
+    notes = tmp_path / "notes.wav"
+    notes.write_text("meeting notes, not a sound\n")
+    silent = write_color_clip(tmp_path / "silent.mp4", ["red"])
+    wav = write_tone_sound(tmp_path / "tones.wav", [300])
+    for path, reason in [
+        (tmp_path / "gone.wav", "sound file not found"),
+        (notes, "not a sound file"),
+        (silent, "no audio stream to hear"),
+    ]:
+        with pytest.raises(VideoError) as err:
+            load_sound(str(path), RATE)
+        assert str(err.value).startswith(f"{path}: ") and reason in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(VideoError, match=r"tones\.wav: the span 2-3s holds none of its 1\.00s of sound"):
+        sound_span(str(wav), 2.0, 3.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vidtune.data.conversation import DataError, media_parts
@@ -386,7 +388,7 @@ def test_input_audio_bytes_become_one_file_per_content(tmp_path, monkeypatch):
     )
     assert first["type"] == "audio" and first["path"] == again[0]["path"]
     assert first["path"].startswith(str(tmp_path / "sounds")) and first["path"].endswith(".wav")
-    assert open(first["path"], "rb").read() == sound
+    assert Path(first["path"]).read_bytes() == sound
     assert [p.name for p in (tmp_path / "sounds").iterdir()] == [first["path"].rsplit("/", 1)[1]]  # no leftovers
 
 
