@@ -66,3 +66,30 @@ def heard_example(kit: Any, path: Any, answer: str = "red", audio_rate: int | No
     messages = question(path, answer)
     media, _ = load_media(messages, SamplingConfig(4), False, None, audio_rate=audio_rate)
     return kit.builder.build(messages, media)
+
+
+def write_undecodable_sound(path):
+    """A MOV whose pictures decode and whose sound track cannot: its PCM track's sample entry tagged 'zzzz' (no
+    decoder knows it)."""
+    import av
+    import numpy as np
+
+    from vidtune.train.demo.clips import segment_frames
+
+    sound = (tone_samples([LOW_HZ, LOW_HZ], 1.0, 16000) * 32767).astype(np.int16)
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=8)
+        video.height, video.width, video.pix_fmt = 48, 64, "yuv420p"
+        audio = container.add_stream("pcm_s16le", rate=16000, layout="mono")
+        for frame in segment_frames(["red", "blue"], 8, 48, 64):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(video.encode())
+        for start in range(0, len(sound), 1024):
+            chunk = av.AudioFrame.from_ndarray(sound[None, start : start + 1024], format="s16", layout="mono")
+            chunk.sample_rate, chunk.pts = 16000, start
+            container.mux(audio.encode(chunk))
+        container.mux(audio.encode())
+    data = path.read_bytes()
+    assert data.count(b"sowt") == 1
+    path.write_bytes(data.replace(b"sowt", b"zzzz"))
+    return path

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.hearing import HIGH_HZ, LOW_HZ, heard_example, question, write_tone_twins
+from tests.hearing import HIGH_HZ, LOW_HZ, heard_example, question, write_tone_twins, write_undecodable_sound
 from vidtune.data.collator import Collator
 from vidtune.data.conversation import DataError, media_part, message, text_part
 from vidtune.data.dataset import DataConfig, Measurer, audio_rate_for, heard_sources, load_media
@@ -191,32 +191,6 @@ def test_audio_tower_on_a_family_that_does_not_hear_is_refused_before_loading(ti
         load_recipe(
             None, ["model.name_or_path=m", "train.output_dir=o", "finetune.mode=full", "finetune.audio_tower=lora"]
         )
-
-
-def write_undecodable_sound(path):
-    """A MOV whose pictures decode and whose sound track cannot: its PCM track's sample entry tagged 'zzzz' (no
-    decoder knows it)."""
-    import av
-
-    from vidtune.train.demo.clips import segment_frames, tone_samples
-
-    sound = (tone_samples([LOW_HZ, LOW_HZ], 1.0, 16000) * 32767).astype(np.int16)
-    with av.open(str(path), mode="w") as container:
-        video = container.add_stream("libx264", rate=8)
-        video.height, video.width, video.pix_fmt = 48, 64, "yuv420p"
-        audio = container.add_stream("pcm_s16le", rate=16000, layout="mono")
-        for frame in segment_frames(["red", "blue"], 8, 48, 64):
-            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(video.encode())
-        for start in range(0, len(sound), 1024):
-            chunk = av.AudioFrame.from_ndarray(sound[None, start : start + 1024], format="s16", layout="mono")
-            chunk.sample_rate, chunk.pts = 16000, start
-            container.mux(audio.encode(chunk))
-        container.mux(audio.encode())
-    data = path.read_bytes()
-    assert data.count(b"sowt") == 1
-    path.write_bytes(data.replace(b"sowt", b"zzzz"))
-    return path
 
 
 def test_check_decode_names_a_file_whose_sound_cannot_be_decoded(omni, tone_clips, tmp_path, capsys):
