@@ -43,7 +43,7 @@ class TokenCount:
         if self.labels == 0:
             return "no assistant tokens to learn"
         if self.total > max_length:
-            return f"{self.total} tokens ({self.media} of them video/image) exceed max_length {max_length}"
+            return f"{self.total} tokens ({self.media} of them video, image or sound) exceed max_length {max_length}"
         return None
 
 

@@ -212,7 +212,10 @@ def test_counting_without_pixels_matches_the_built_length(builder):
 
 @pytest.mark.parametrize(
     ("count", "reason"),
-    [(TokenCount(100, 64, 3), "100 tokens (64 of them video/image)"), (TokenCount(10, 0, 0), "no assistant tokens")],
+    [
+        (TokenCount(100, 64, 3), "100 tokens (64 of them video, image or sound)"),
+        (TokenCount(10, 0, 0), "no assistant tokens"),
+    ],
 )
 def test_drop_reasons(count, reason):
     assert reason in count.drop_reason(max_length=50)

@@ -224,7 +224,7 @@ def format_report(report: dict[str, Any], source: str) -> str:
             ]
         lines += [f"    {item['where']}: {item['reason']}" for item in report["bad"]]
     lines += [
-        f"  tokens/sample   {dist(report['tokens'])}   (video/image tokens included)",
+        f"  tokens/sample   {dist(report['tokens'])}   (video, image and sound tokens included)",
         f"  video/image     {dist(report['video_image_tokens'])}",
         f"  answer tokens   total {report['label_tokens'].get('total', 0):,}   "
         f"{dist({k: v for k, v in report['label_tokens'].items() if k != 'total'})}",

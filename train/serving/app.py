@@ -238,7 +238,7 @@ def build_example(
     finally:
         files.close()
     if len(example["input_ids"]) >= context.tokens:  # the text fitted; its video and image tokens do not
-        context.refuse(f"{len(example['input_ids']):,} (video and image tokens included)")
+        context.refuse(f"{len(example['input_ids']):,} (video, image and sound tokens included)")
     return example
 
 
