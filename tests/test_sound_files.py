@@ -205,3 +205,21 @@ def test_the_server_answers_input_audio_as_infer_does_and_a_model_that_does_not_
     assert error["message"] == (
         "messages.0.content.0: this model (llava_next_video) does not hear sound; send text, images or videos"
     )
+
+
+def test_infer_asks_about_a_sound_file_and_refuses_one_for_a_model_that_does_not_hear(family_kits, sounds, capsys):
+    """`vidtune infer --audio`: the prompt carries the sound (the answer is `generate`'s on the same question); a
+    model that does not hear is refused from its config, before it loads."""
+    from vidtune.train.cli import main
+    from vidtune.train.generation.infer import generate, load_for_inference, video_question
+
+    kit = family_kits("qwen2_5_omni")
+    main(["infer", str(kit.model_dir), "--audio", str(sounds["low"]), "--prompt", "Low?", "--max-new-tokens", "3"])
+    im = load_for_inference(str(kit.model_dir))
+    expected = generate(im, [video_question(None, "Low?", str(sounds["low"]))], max_new_tokens=3)[0]
+    assert capsys.readouterr().out.strip().splitlines()[-1] == expected.strip()
+    llava = str(family_kits("llava_next_video").model_dir)
+    with pytest.raises(SystemExit):
+        main(["infer", llava, "--audio", str(sounds["low"]), "--prompt", "Low?"])
+    refusal = f"--audio {sounds['low']}: llava_next_video does not hear sound (ask about a video instead)"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"vidtune infer: error: {refusal}"

@@ -49,7 +49,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_infer(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--video", required=True, help="the video file to ask about")
+    p.add_argument("--video", help="the video file to ask about")
+    p.add_argument(
+        "--audio", help="a sound file to ask about (WAV, FLAC, MP3; models that hear), alone or with --video"
+    )
     p.add_argument("--prompt", required=True, help="the question or instruction, e.g. 'Describe this video.'")
 
 
@@ -417,13 +420,21 @@ def _load(args: argparse.Namespace):
 
 
 def run_infer(args: argparse.Namespace) -> None:
-    from vidtune.train.datatools.inputs import check_model_path, check_video
-    from vidtune.train.generation.infer import answer
+    from vidtune.train.datatools.inputs import check_model_path, check_sound, check_video
+    from vidtune.train.generation.infer import answer, model_family
 
+    if not args.video and not args.audio:
+        raise DataError("give --video, --audio (a model that hears) or both")
     check_model_path(args.model)
-    check_video(args.video)
-
-    print(answer(_load(args), args.video, args.prompt, args.max_new_tokens or MAX_NEW_TOKENS))
+    if args.video:
+        check_video(args.video)
+    if args.audio:
+        check_sound(args.audio)
+        family = model_family(args.model, args.base)
+        if not family.hears:
+            raise DataError(f"--audio {args.audio}: {family.name} does not hear sound (ask about a video instead)")
+    new_tokens = args.max_new_tokens or MAX_NEW_TOKENS
+    print(answer(_load(args), args.video, args.prompt, new_tokens, audio=args.audio))
 
 
 def run_serve(args: argparse.Namespace) -> None:

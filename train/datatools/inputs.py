@@ -1,5 +1,5 @@
 """Inputs checked before any model loads (a 7B takes minutes to load; a typo should take a second): local model
-paths, recipe annotation files and media roots, videos named on the command line, the output folder.
+paths, recipe annotation files and media roots, videos and sound files named on the command line, the output folder.
 
 Each failure is a DataError: one line saying what and where.
 """
@@ -39,6 +39,18 @@ def check_video(path: str, flag: str = "--video") -> None:
         raise DataError(f"{flag} {path}: no such file")
     try:
         probe_video(path)
+    except DataError as err:
+        raise DataError(f"{flag} {err}") from None
+
+
+def check_sound(path: str, flag: str = "--audio") -> None:
+    """The file exists and its header gives an audio stream and its length (nothing decoded)."""
+    from vidtune.data.audio import sound_span
+
+    if not Path(path).is_file():
+        raise DataError(f"{flag} {path}: no such file")
+    try:
+        sound_span(path)
     except DataError as err:
         raise DataError(f"{flag} {err}") from None
 

@@ -236,9 +236,21 @@ def generate(
     return [decode_answer(im, row.tolist()) for row in new_tokens]
 
 
-def video_question(video: str, prompt: str) -> list[Message]:
-    return [message("user", [media_part("video", str(Path(video).resolve())), text_part(prompt)])]
+def video_question(video: str | None, prompt: str, audio: str | None = None) -> list[Message]:
+    """A one-turn question about a video, a sound file (models that hear), or both (the video first)."""
+    media = [media_part(kind, str(Path(path).resolve())) for kind, path in (("video", video), ("audio", audio)) if path]
+    return [message("user", [*media, text_part(prompt)])]
 
 
-def answer(im: InferenceModel, video: str, prompt: str, max_new_tokens: int = 64) -> str:
-    return generate(im, [video_question(video, prompt)], max_new_tokens)[0]
+def answer(
+    im: InferenceModel, video: str | None, prompt: str, max_new_tokens: int = 64, audio: str | None = None
+) -> str:
+    return generate(im, [video_question(video, prompt, audio)], max_new_tokens)[0]
+
+
+def model_family(path: str, base: str | None = None) -> ModelFamily:
+    """The family of a trained folder or checkpoint, from its config alone (before anything loads)."""
+    folder = Path(path)
+    return family_for(
+        load_model_config(base or (_adapter_base(folder) if folder.is_dir() else None) or path).model_type
+    )
