@@ -51,6 +51,19 @@ def test_csv_lists_stored_as_json_text(tmp_path):
     assert rows[0]["messages"][1]["content"][0]["text"] == "B"
 
 
+def test_an_audio_only_csv_row_with_its_audios_as_json_text_resolves_under_the_media_root(tmp_path):
+    import csv
+
+    path = tmp_path / "sounds.csv"
+    messages = [{"role": "user", "content": "<audio>Who?"}, {"role": "assistant", "content": "Ann"}]
+    with path.open("w", newline="") as f:  # lists stored as JSON text, as CSV exports write them
+        csv.writer(f).writerows([["audios", "messages"], [json.dumps(["calls/1.wav"]), json.dumps(messages)]])
+    rows = list(iter_conversations(SourceConfig(path=str(path))))
+    assert [(p["type"], p["path"]) for p in media_parts(rows[0]["messages"])] == [
+        ("audio", str(tmp_path / "calls" / "1.wav"))
+    ]
+
+
 def test_unknown_column_in_the_map_names_file_row_and_columns(tmp_path):
     path = write(tmp_path, "qa.jsonl", QA_ROWS)
     with pytest.raises(DataError, match=r"qa.jsonl line 1: column map names column\(s\) \['path'\]"):
