@@ -286,13 +286,11 @@ def _input_audio(block: dict[str, Any], ctx: RowContext) -> Part:
     """OpenAI's `{"type": "input_audio", "input_audio": {"data": <base64>, "format": "wav"}}`: the bytes stored as a
     file (data/audio.py `store_sound`), so the part is a sound file like any other."""
     inner = block.get("input_audio")
-    data = inner.get("data") if isinstance(inner, dict) else None
-    if not isinstance(data, str) or not data:
+    if not isinstance(inner, dict) or not isinstance(inner.get("data"), str) or not inner["data"]:
         raise DataError(f"{ctx.at}: an input_audio part needs `input_audio.data` (base64 sound bytes)")
-    fmt = str(inner.get("format") or "wav") if isinstance(inner, dict) else "wav"
     try:
-        return media_part("audio", store_sound(data, fmt))
-    except ValueError as err:
+        return media_part("audio", store_sound(inner["data"], str(inner.get("format") or "wav")))
+    except (ValueError, OSError) as err:  # bad bytes or format; a cache folder that cannot be written
         raise DataError(f"{ctx.at}: input_audio: {err}") from None
 
 
