@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.hearing import LOW_HZ, heard_example, sound_question, write_tone_sound, write_undecodable_sound
+from tests.hearing import LOW_HZ, sound_question, write_tone_sound, write_undecodable_sound
 from vidtune.data.collator import Collator
 from vidtune.data.conversation import DataError
 from vidtune.data.dataset import DataConfig, Measurer, load_media
@@ -39,10 +39,13 @@ def sound_example(kit, messages):
     return kit.builder.build(messages, media)
 
 
-def measured_tokens(kit, messages) -> int:
+def measured_tokens(kit, messages, audio_rate: int | None = None) -> int:
+    """The measurer's count (no pixels, no sound decoded); `audio_rate`: the row's videos are heard."""
     cfg = DataConfig(sources=[SourceConfig(path="a.jsonl")], sampling=SamplingConfig(4))
+    builder = copy.copy(kit.builder)
+    builder.audio_rate = audio_rate
     row = {"messages": messages, "source": "a.jsonl", "at": "a.jsonl row 1"}
-    measured = Measurer(kit.builder, cfg).measure(row)
+    measured = Measurer(builder, cfg).measure(row)
     assert measured["problem"] == ""
     return measured["num_tokens"]
 
@@ -87,27 +90,31 @@ def test_an_audio_only_row_has_the_processors_audio_tokens_and_learns_only_its_a
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_omni", "gemma4"])
-def test_audio_only_heard_video_and_sound_beside_video_rows_batch_like_single_samples(name, family_kits, sounds, clips):
-    """One batch: an audio-only row, a video row (its sound heard: a tone clip), a video + sound file row. The batch
-    loss is the per-sample losses' sum, the gradient reaches the audio tower, and every count is the measured one."""
+def test_audio_only_video_and_heard_video_with_a_sound_file_batch_like_single_samples(name, family_kits, sounds, clips):
+    """One batch: an audio-only row, a video row (not heard), and a heard video (a tone clip) with a sound file
+    after it. The batch loss is the per-sample losses' sum, the gradient reaches the audio tower and one training
+    step moves it; the row with both sounds counts as measured."""
     from tests.hearing import question, write_tone_twins
 
     kit = family_kits(name)
-    tone_clip = write_tone_twins(sounds["low"].parent / "clips")[LOW_HZ]
-    beside = question(clips["red_blue"], "no")
-    beside[0]["content"].insert(1, sound_question(sounds["high"].resolve())[0]["content"][0])
-    examples = [sound_example(kit, sound_question(sounds["low"].resolve())), heard_example(kit, tone_clip)]
-    examples.append(sound_example(kit, beside))
-    assert all("input_features" in ex for ex in examples)
-    assert len(examples[2]["input_ids"]) == measured_tokens(kit, beside)
+    both = question(write_tone_twins(sounds["low"].parent / "clips")[LOW_HZ], "no")
+    both[0]["content"].insert(1, sound_question(sounds["high"].resolve())[0]["content"][0])
+    media, _ = load_media(both, SamplingConfig(4), False, None, audio_rate=16000, sound_rate=16000)
+    heard = kit.builder.build(both, media)
+    assert len(heard["input_ids"]) == measured_tokens(kit, both, audio_rate=16000)
+    alone, seen = (
+        sound_example(kit, m) for m in (sound_question(sounds["low"].resolve()), question(clips["red_blue"]))
+    )
+    examples = [alone, seen, heard]
+    assert ["input_features" in ex for ex in examples] == [True, False, True]
     model = copy.deepcopy(kit.model).train()
     collate = Collator(kit.processor.tokenizer.pad_token_id, family=kit.family)
     loss = model(**collate(examples), num_items_in_batch=1).loss
     loss.backward()
     tower = model.model.audio_tower
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tower.parameters())
-    alone = sum(model(**collate([ex]), num_items_in_batch=1).loss.item() for ex in examples)
-    assert loss.item() == pytest.approx(alone, rel=1e-4)
+    single = sum(model(**collate([ex]), num_items_in_batch=1).loss.item() for ex in examples)
+    assert loss.item() == pytest.approx(single, rel=1e-4)
     before = copy.deepcopy(tower.state_dict())
     torch.optim.SGD(model.parameters(), lr=1e-2).step()  # one training step moves the audio tower
     assert any(not torch.equal(before[key], value) for key, value in tower.state_dict().items())
@@ -223,3 +230,20 @@ def test_infer_asks_about_a_sound_file_and_refuses_one_for_a_model_that_does_not
         main(["infer", llava, "--audio", str(sounds["low"]), "--prompt", "Low?"])
     refusal = f"--audio {sounds['low']}: llava_next_video does not hear sound (ask about a video instead)"
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"vidtune infer: error: {refusal}"
+
+
+def test_show_plays_a_rows_sound_file(family_kits, sounds, tmp_path):
+    import wave
+
+    from vidtune.train.datatools.show import run_show
+    from vidtune.train.training.config import load_recipe
+
+    shutil.copy(sounds["low"], tmp_path / "low.wav")
+    turns = [{"from": "human", "value": "<audio>Low?"}, {"from": "gpt", "value": "yes"}]
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"audios": ["low.wav"], "conversations": turns}) + "\n")
+    overrides = [f"model.name_or_path={family_kits('gemma4').model_dir}", "train.output_dir=o"]
+    recipe = load_recipe(None, [*overrides, f"data.sources=[{{path: {tmp_path / 'rows.jsonl'}}}]"])
+    page = run_show(recipe, "recipe", 1, tmp_path / "show").read_text()
+    assert "<audio controls src='row0_sound0.wav'>" in page and "&lt;audio x38&gt;" in page
+    with wave.open(str(tmp_path / "show" / "row0_sound0.wav")) as played:
+        assert (played.getframerate(), played.getnframes()) == (16000, 24000)

@@ -196,14 +196,16 @@ class Qwen2_5_Omni(Qwen2_5_VL):
         images = [block["image"] for block in blocks if block["type"] == "image"]
         if audios and len(audios) != len(videos):
             raise ValueError(f"{self.name}: {len(videos)} videos, {len(audios)} sounds (one per video)")
-        video_sounds, video_index = iter(audios), iter(range(len(videos)))
         # every sound in conversation order, and its source: a video's index, or None for a sound file
         sounds: list[Any] = []
         sources: list[int | None] = []
+        video_index = 0
         for block in blocks:
-            if block["type"] == "video" and audios:
-                sounds.append(next(video_sounds))
-                sources.append(next(video_index))
+            if block["type"] == "video":
+                if audios:
+                    sounds.append(audios[video_index])
+                    sources.append(video_index)
+                video_index += 1
             elif block["type"] == "audio":
                 sounds.append(block["audio"])
                 sources.append(None)
