@@ -3,7 +3,7 @@
 sources.py       corpus files and Hub datasets -> rows (columns, media roots, mixing weights, streaming)
 caption_files.py caption corpora shipped as one JSON object (MSR-VTT, ActivityNet Captions) -> caption rows
 formats.py       row formats (llava, openai, caption, qa, multiple_choice) -> conversations
-conversation.py  the Conversation shape every stage shares (messages with roles, video/image/sound parts in place)
+conversation.py  the Conversation shape every stage shares (messages with roles, video, image and sound parts in place)
 video/           decoding behind one interface (TorchCodec, decord, PyAV), sampling by presentation time
 audio.py         a clip's sound for its sampled span, and sound files whole or by span (TorchCodec, PyAV), for the
                  families that hear (data.audio)
