@@ -213,3 +213,101 @@ def test_a_full_fine_tuning_reference_adds_a_frozen_copy_of_the_weights(tiny_mod
     full = ("finetune.mode=full",)
     assert weights(*full, "train.objective=dpo") - weights(*full) == copy > 0
     assert weights("train.objective=dpo") == weights()  # LoRA: the adapter disabled, no copy
+
+
+HEARING = [f for f in FAMILY_NAMES if f in ("qwen2_5_omni", "gemma4", "qwen3_omni_moe")]
+
+
+def audio_saved_bytes(recipe, family, example) -> int:
+    """One forward + backward of the tiny model as training builds it on a heard sample: the bytes of the distinct
+    storages autograd saved for backward while the audio tower or its projection ran (weights excluded)."""
+    from vidtune.data.collator import Collator
+    from vidtune.train.training.model import apply_finetuning, enable_gradient_checkpointing, load_model
+
+    model, fam = load_model(recipe.model)
+    model = apply_finetuning(model, fam, recipe.finetune)
+    if recipe.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    depth, saved = [0], {}
+    prefixes = tuple(p.rstrip(".") for p in (fam.audio_tower_prefix, fam.audio_projector_prefix) if p)
+    for name, module in core.named_modules():
+        if name in prefixes:
+            module.register_forward_pre_hook(lambda *_: depth.__setitem__(0, depth[0] + 1))
+            module.register_forward_hook(lambda *_: depth.__setitem__(0, depth[0] - 1))
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if depth[0] and storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    batch = Collator(family.processor.tokenizer.pad_token_id, family=fam)([example])
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(**batch).logits.float().square().mean()
+    loss.backward()
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("finetune.mode=full", "finetune.audio_tower=full"),  # the subsampling convolutions keep theirs too
+        ("finetune.audio_tower=lora",),
+        ("finetune.audio_tower=lora", "model.gradient_checkpointing=true"),  # Qwen's layers keep only inputs
+        # frozen, but under checkpointing transformers makes Qwen's first convolution's output require grad
+        ("model.gradient_checkpointing=true",),
+    ],
+    ids=["full", "lora", "lora-checkpointing", "frozen-checkpointing"],
+)
+@pytest.mark.parametrize("family", HEARING)
+def test_the_audio_row_is_within_35_percent_of_what_the_audio_tower_keeps(family, family_kits, overrides, tmp_path):
+    """A heard clip of the tone twins (41 audio tokens) through the tiny model: the plan's audio row, for a longest
+    sample of as many audio tokens, against the storages autograd keeps inside the audio tower and its projection.
+    (35%: the front runs on features padded to whole windows, and CPU dropout keeps a float mask, not a byte.)"""
+    from tests.hearing import heard_example, write_tone_twins
+    from vidtune.train.training.memory_plan import plan_memory
+    from vidtune.train.training.model import apply_finetuning, build_on_meta
+
+    kit = family_kits(family)
+    example = heard_example(kit, write_tone_twins(tmp_path)[300])
+    audio_token = kit.processor.tokenizer.convert_tokens_to_ids(kit.processor.audio_token)
+    num_audio = int((example["input_ids"] == audio_token).sum())
+    recipe = tiny_recipe(kit.model_dir, *overrides, f"data.max_length={num_audio}")
+    meta, fam = build_on_meta(recipe.model)
+    plan = plan_memory(apply_finetuning(meta, fam, recipe.finetune), fam, recipe)
+    torch.manual_seed(0)
+    real = audio_saved_bytes(recipe, kit, example)
+    assert plan.audio == pytest.approx(real, rel=0.35)
+    frozen = not any(o.startswith("finetune.audio_tower=") for o in overrides)
+    assert (real > 0) == (not frozen or fam.name != "gemma4")  # Gemma 4's tower has no input embeddings to hook
+    assert "audio" in plan.table() and plan.total == (
+        plan.weights + plan.gradients + plan.optimizer + plan.activations + plan.audio + plan.recompute
+    )
+
+
+def test_no_audio_row_without_a_tower_sound_or_training_of_it(family_kits, tmp_path):
+    """A model that does not hear has no audio row; data.audio=off plans 0 (and the tower, given no sound, keeps
+    nothing); a frozen tower keeps nothing for backward, and plans 0."""
+    from tests.hearing import heard_example, write_tone_twins
+    from vidtune.train.training.memory_plan import plan_memory
+    from vidtune.train.training.model import apply_finetuning, build_on_meta
+
+    def planned(model_dir, *overrides):
+        recipe = tiny_recipe(model_dir, *overrides)
+        meta, fam = build_on_meta(recipe.model)
+        return plan_memory(apply_finetuning(meta, fam, recipe.finetune), fam, recipe), recipe
+
+    silent, _ = planned(family_kits("llava_next_video").model_dir)
+    assert (silent.audio, silent.hears) == (0, False) and "audio" not in silent.table()
+    kit = family_kits(HEARING[0])
+    full = ("finetune.mode=full", "finetune.audio_tower=full")
+    off, recipe = planned(kit.model_dir, *full, "data.audio=off")
+    assert off.hears and off.audio == 0 and "audio" in off.table()
+    assert audio_saved_bytes(recipe, kit, heard_example(kit, write_tone_twins(tmp_path)[300], audio_rate=None)) == 0
+    heard, _ = planned(kit.model_dir, *full)
+    frozen, recipe = planned(kit.model_dir)
+    assert heard.audio > 0 and frozen.audio == 0
+    assert audio_saved_bytes(recipe, kit, heard_example(kit, write_tone_twins(tmp_path)[300])) == 0

@@ -10,6 +10,8 @@ data/ and train/ never look inside a model or its processor directly; they ask i
 - which pixels may leave the processor uint8 (`raw_pixel_processors`, `raw_pixel_kwargs`), to be normalised on the
   device by the processor's own rescale and normalisation (`normalize_pixels`): 1/4 of float32's bytes per sample;
 - the vision paths of its forward, with a blank input for each, that keep ZeRO-3 ranks in lockstep (`blank_paths`);
+- for a family that hears, what its audio tower keeps for backward per audio token (`audio_activations`), which the
+  memory plan counts;
 - anything the loaded model needs to take those batches (`prepare_model`);
 - one sample's position ids as it would have them alone (`packed_position_ids`), which packing concatenates, and
   whether its batches may be packed at all (`supports_packing`);
@@ -101,6 +103,40 @@ def even_ranges(count: int, parts: int) -> list[tuple[int, int]]:
     """`count` units in `parts` contiguous ranges of ceil(count / parts) (the last ones shorter or empty)."""
     per = -(-count // parts)
     return [(min(i * per, count), min((i + 1) * per, count)) for i in range(parts)]
+
+
+@dataclass
+class AudioActivations:
+    """What an audio tower keeps for backward, per audio token of the language model's input (or per encoder frame),
+    by the arithmetic of its modules over its config (each family's module lists the tensors). Counts are elements
+    in the model's precision unless named `_fp32` (norm statistics, attention internals computed in fp32).
+
+    `front`: the subsampling convolutions, per token: kept only when their weights train (finetune.audio_tower=full;
+    LoRA leaves them frozen with an input that needs no gradient). `layer`: one encoder layer, per encoder frame, of
+    which `layer_linear_inputs` are the inputs of its linear layers (a frozen base linear under LoRA keeps none; LoRA
+    keeps its own, counted from the wrapped layers). `after`: what follows the layers, per token (pooling, norm,
+    projections), `after_linear_inputs` likewise. `checkpointed`: the layers are recomputed under
+    model.gradient_checkpointing (each then keeps only its `hidden`-wide input). `projector`: what a projection
+    outside the tower (Gemma 4's embed_audio) keeps per token when it trains. `first_input`: the part of `front`
+    that is the first convolution's input, and `hooked_input`: the tower's `get_input_embeddings` is that
+    convolution, whose output transformers makes require grad under gradient checkpointing (enable_input_require_grads
+    hooks every sub-model's input embeddings): the tower then keeps the rest even when frozen."""
+
+    front: int
+    front_fp32: int
+    first_input: int
+    hooked_input: bool
+    layer: int
+    layer_fp32: int
+    layer_linear_inputs: int
+    num_layers: int
+    frames_per_token: float
+    hidden: int
+    after: int
+    after_fp32: int
+    after_linear_inputs: int
+    checkpointed: bool
+    projector: int = 0
 
 
 @dataclass
@@ -279,6 +315,10 @@ class ModelFamily(ABC):
     def audio_sampling_rate(self, processor: Any) -> int:
         """The rate the processor takes sound at (families that hear)."""
         raise ValueError(f"{self.name} does not hear sound (data.audio must be auto or off for it)")
+
+    def audio_activations(self, audio_config: Any) -> AudioActivations:
+        """What the audio tower keeps for backward (families that hear; the memory plan's audio row)."""
+        raise ValueError(f"{self.name} does not hear sound: it has no audio tower to plan")
 
     def encode_with_audio(
         self,

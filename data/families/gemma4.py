@@ -26,6 +26,7 @@ attend to their own image or frame bidirectionally in the sliding layers: it is 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
@@ -36,7 +37,7 @@ from torch.nn.functional import pad
 from transformers.models.gemma4.video_processing_gemma4 import get_aspect_ratio_preserving_size
 from transformers.video_utils import VideoMetadata
 
-from vidtune.data.families import BlankPath, ModelFamily
+from vidtune.data.families import AudioActivations, BlankPath, ModelFamily
 from vidtune.data.families.qwen2_5_vl import video_metadata
 
 END_OF_TURN = "<turn|>"
@@ -184,6 +185,47 @@ class Gemma4(ModelFamily):
 
     def audio_sampling_rate(self, processor: Any) -> int:
         return int(processor.feature_extractor.sampling_rate)
+
+    def audio_activations(self, audio_config: Any) -> AudioActivations:
+        """The conformer per audio token (4 mel frames; one encoder frame per token), checked against the tensors
+        autograd keeps on the tiny model (tests/test_memory_plan.py):
+        - subsampling: two stride-2 3x3 convolutions over (time, mel), each followed by a LayerNorm and a ReLU, then
+          input_proj_linear. The first's output (channels[0] x 2 x mel/2 per token) is kept three times (the norm's
+          input, the ReLU's output, the second convolution's input): at E4B's 128 channels, 49k values per token,
+          far more than a conformer layer keeps.
+        - each layer: two half-step feed-forward blocks (4x width), chunked local attention with relative
+          positions, a light convolution block, nine RMSNorms (each keeps its fp32 input and normed output), and
+          clamps around every clippable linear (each keeps the clamp's input, the linear's input and its output).
+          Attention computes in fp32: q, the keys and values blocked with their context (context / chunk times
+          each), the logits before the soft cap and the softmax per head and context position.
+        - after: output_proj's input, embed_audio's norm input (fp32)."""
+        a = audio_config
+        width, heads, ffn = a.hidden_size, a.num_attention_heads, 4 * a.hidden_size
+        first, second = a.subsampling_conv_channels
+        mel = first  # the mel bins: input_proj_linear's width, first // 4 x second, assumes as many as channels
+        per_first = 2 * math.ceil(mel / 2)  # (time x mel) positions per token after the first convolution
+        per_second = math.ceil(math.ceil(mel / 2) / 2)
+        context = a.attention_chunk_size + a.attention_context_left - 1 + a.attention_context_right
+        blocks = context / a.attention_chunk_size  # each key and value is copied into this many blocks
+        return AudioActivations(
+            front=4 * mel + 3 * first * per_first + 3 * second * per_second,
+            front_fp32=2 * (per_first + per_second),  # the LayerNorms' mean and 1/std
+            first_input=4 * mel,
+            hooked_input=False,  # its tower has no input embeddings
+            # feed-forward blocks 2 x (5 width + 4 ffn), attention's projections 10 width, the layer's own clamps
+            # 3 width, the light convolution 12 width
+            layer=2 * (5 * width + 4 * ffn) + 10 * width + 3 * width + 12 * width,
+            layer_fp32=round(9 * (2 * width + 2) + 3 * width + 2 * blocks * width + 2 * heads * context + context / 4),
+            layer_linear_inputs=8 * width + 2 * ffn,
+            num_layers=a.num_hidden_layers,
+            frames_per_token=1,
+            hidden=width,
+            after=width,
+            after_fp32=a.output_proj_dims + 2,
+            after_linear_inputs=width,
+            checkpointed=False,  # plain nn.Module layers: gradient checkpointing leaves them whole
+            projector=a.output_proj_dims,  # embed_audio's projection input
+        )
 
     def video_processor_kwargs(self, timings: Sequence[tuple[Sequence[float], float] | None]) -> dict[str, Any]:
         """Each video's real frame times as the processor's metadata (it writes them as `mm:ss` before frames)."""

@@ -34,7 +34,7 @@ import torch
 from torch.nn.functional import pad
 
 from vidtune.data.conversation import DataError
-from vidtune.data.families import BlankPath, FrameLimits
+from vidtune.data.families import AudioActivations, BlankPath, FrameLimits
 from vidtune.data.families.qwen2_5_vl import Qwen2_5_VL, QwenTokenCounter, chatml_training_template, flat_visuals
 
 AUDIO_KEYS = ("input_features", "feature_attention_mask")
@@ -298,6 +298,29 @@ class Qwen2_5_Omni(Qwen2_5_VL):
         rope = self.rope_index.of_model(model_config).positions(example, self.time_key)
         return torch.cat([torch.arange(rope.shape[-1])[None], rope])
 
+    def audio_activations(self, audio_config: Any) -> AudioActivations:
+        """The Whisper-style tower per audio token: 4 mel frames -> conv1 (stride 1) -> conv2 (stride 2): 2 encoder
+        frames -> the layers -> stride-2 average pooling -> ln_post -> proj. Checked against the tensors autograd
+        keeps on the tiny model (tests/test_memory_plan.py); the front runs on features padded to whole
+        2 x n_window-frame chunks (up to one chunk more per sound)."""
+        a = audio_config
+        width, mel = a.d_model, a.num_mel_bins
+        return AudioActivations(
+            # conv1's input (mel bins) and GELU's input per mel frame; conv2's input; its GELU's input per encoder frame
+            front=4 * (mel + 2 * width) + 2 * width,
+            front_fp32=0,
+            first_input=4 * mel,
+            hooked_input=True,  # get_input_embeddings: conv1
+            **whisper_layer(width, a.encoder_ffn_dim, a.encoder_attention_heads),
+            num_layers=a.encoder_layers,
+            frames_per_token=2,
+            hidden=width,
+            after=2 * width,  # ln_post's input, proj's input
+            after_fp32=2,  # ln_post's mean and 1/std
+            after_linear_inputs=width,
+            checkpointed=True,  # GradientCheckpointingLayer
+        )
+
     def unused_module_prefixes(self, config: Any) -> tuple[str, ...]:
         # the audio tower's bos/eos embedding serves the talker's streaming path, never the thinker's forward
         return ("model.audio_tower.audio_bos_eos_token",)
@@ -323,6 +346,18 @@ class Qwen2_5_Omni(Qwen2_5_VL):
 
         audio = BlankPath("input_features", core.get_input_embeddings(), before=False, run=run_audio)
         return [audio, *super().blank_paths(model, processor, device)]
+
+
+def whisper_layer(width: int, ffn: int, heads: int) -> dict[str, int]:
+    """One pre-norm Whisper-style encoder layer per frame (Qwen2.5-Omni's and Qwen3-Omni's audio towers): each
+    LayerNorm's input and its fp32 mean and 1/std; q/k/v's shared input; attention's q, k, v, output (and its fp32
+    log-sum-exp per head: sdpa and flash attention); out_proj's input; fc1's input; the activation's input; fc2's
+    input."""
+    return {
+        "layer": 8 * width + 2 * ffn,
+        "layer_fp32": 4 + heads,
+        "layer_linear_inputs": 3 * width + ffn,
+    }
 
 
 QWEN2_5_OMNI = Qwen2_5_Omni()

@@ -26,7 +26,8 @@ import math
 from types import MethodType, SimpleNamespace
 from typing import Any
 
-from vidtune.data.families.qwen2_5_omni import OmniTokenCounter, Qwen2_5_Omni, RopeIndex
+from vidtune.data.families import AudioActivations
+from vidtune.data.families.qwen2_5_omni import OmniTokenCounter, Qwen2_5_Omni, RopeIndex, whisper_layer
 from vidtune.data.families.qwen2_5_vl import chatml_training_template
 
 N_WINDOW = 50  # the audio encoder's window (config.audio_config.n_window): 2 x 50 mel frames per window
@@ -105,6 +106,34 @@ class Qwen3_Omni_MoE(Qwen2_5_Omni):
 
     def unused_module_prefixes(self, config: Any) -> tuple[str, ...]:
         return ()
+
+    def audio_activations(self, audio_config: Any) -> AudioActivations:
+        """Per window of 2 x n_window mel frames (13 tokens): three stride-2 3x3 convolutions over (mel, time), each
+        keeping its input and its GELU's input, conv_out's input (the last GELU's output), then one encoder frame per
+        token through Whisper-style layers, ln_post, proj1, its activation and proj2. Checked against the tensors
+        autograd keeps on the tiny model (tests/test_memory_plan.py); the front runs on features padded to whole
+        windows (up to one more per sound)."""
+        a = audio_config
+        width, mel, channels = a.d_model, a.num_mel_bins, a.downsample_hidden_size
+        window = 2 * a.n_window
+        mel_per_token = window / audio_tokens_for(window, a.n_window)
+        # (frequency x time) positions per mel frame after each stride-2 convolution
+        sizes = [math.ceil(mel / 2**i) / 2**i for i in (1, 2, 3)]
+        front = mel + 2 * channels * sum(sizes)  # each convolution's input, each GELU's input
+        return AudioActivations(
+            front=round(mel_per_token * front),
+            front_fp32=0,
+            first_input=round(mel_per_token * mel),
+            hooked_input=True,  # get_input_embeddings: conv2d1
+            **whisper_layer(width, a.encoder_ffn_dim, a.encoder_attention_heads),
+            num_layers=a.encoder_layers,
+            frames_per_token=1,
+            hidden=width,
+            after=4 * width,  # ln_post's, proj1's, the activation's and proj2's inputs
+            after_fp32=2,
+            after_linear_inputs=2 * width,
+            checkpointed=True,  # GradientCheckpointingLayer
+        )
 
 
 QWEN3_OMNI_MOE = Qwen3_Omni_MoE()

@@ -26,11 +26,22 @@ activations, by arithmetic over the model (built on the meta device, LoRA applie
   keeps activations only when it or the projector trains (the same per-layer arithmetic over its patches). The
   formula follows transformers' Llama-style decoder layers (LLaVA, OneVision, Qwen2.5-VL, Qwen3-VL); Qwen3.5's
   Gated DeltaNet layers keep more than it counts (about 2.5x on the tiny model).
+- audio (families that hear; its own row): what the audio tower keeps for backward when it or its projection trains
+  and the run hears sound, for a longest sample that is sound alone (`batch_size` x `max_length` audio tokens), by
+  each family's arithmetic over its audio config (`ModelFamily.audio_activations`: the subsampling convolutions
+  under finetune.audio_tower=full, the encoder layers, what follows them, LoRA's own tensors; Qwen's layers keep
+  only their inputs under gradient checkpointing, Gemma 4's are not checkpointed; under checkpointing transformers
+  makes Qwen's first audio convolution's output require grad, so even a frozen Qwen tower keeps its activations
+  from there on). Per audio token, measured on
+  the tiny models: Qwen2.5-Omni ~10 KB, Gemma 4 ~210 KB (its first subsampling convolution's output, kept three
+  times), Qwen3-Omni ~31 KB. Sources all `audio: off` plan none: the plan reads no rows, so sound files named in
+  rows of such a run are not counted. The tower's weights are among the weights above.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,16 +63,20 @@ class MemoryPlan:
     processes: int
     zero_stage: int
     fsdp: bool = False
+    audio: int = 0  # the audio tower's activations (families that hear)
+    hears: bool = False  # the model has an audio tower: the table shows its row
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.recompute
+        return self.weights + self.gradients + self.optimizer + self.activations + self.audio + self.recompute
 
     def table(self) -> str:
         sharding = "FSDP2" if self.fsdp else f"ZeRO-{self.zero_stage}" if self.zero_stage else "no sharding"
         lines = [f"memory (per GPU, GB; {self.processes} process(es), {sharding}; estimate, excl. CUDA context)"]
         for part in PARTS:
             lines.append(f"  {part:<14}{getattr(self, part) / GB:>10.4g}")
+        if self.hears:
+            lines.append(f"  {'audio':<14}{self.audio / GB:>10.4g}  (the audio tower's activations)")
         if self.recompute:
             lines.append(f"  {'recompute':<14}{self.recompute / GB:>10.4g}  (one layer, in backward)")
         lines.append(f"  {'total':<14}{self.total / GB:>10.4g}")
@@ -208,16 +223,21 @@ def lora_shape(model: Any, prefix: str, num_layers: int, dropout: float) -> tupl
     return ranks // max(1, num_layers), (inputs // max(1, num_layers)) if dropout > 0 else 0
 
 
-def activation_bytes(model: Any, family: Any, recipe: Any, zero_stage: int, mixed_precision: str) -> tuple[int, int]:
-    """(bytes kept for backward, extra bytes one layer's recompute needs) for the longest micro-batch."""
+def activation_element_bytes(recipe: Any, mixed_precision: str) -> int:
+    """Bytes of one activation value: 2 under a 16-bit model dtype or mixed precision, else 4."""
     from vidtune.train.training.model import resolve_dtype
 
+    low = resolve_dtype(recipe.model.dtype) != torch.float32 or mixed_precision in ("bf16", "fp16")
+    return 2 if low else 4
+
+
+def activation_bytes(model: Any, family: Any, recipe: Any, zero_stage: int, mixed_precision: str) -> tuple[int, int]:
+    """(bytes kept for backward, extra bytes one layer's recompute needs) for the longest micro-batch."""
     text = getattr(model.config, "text_config", model.config)
     # train.sequence_parallel: each GPU of a group keeps its slice of the sequence (Ulysses' attention holds the
     # whole sequence for 1/N of the heads: the same bytes) and encodes its share of the frames
     tokens = -(-recipe.train.batch_size * recipe.data.max_length // recipe.train.sequence_parallel)
-    low = resolve_dtype(recipe.model.dtype) != torch.float32 or mixed_precision in ("bf16", "fp16")
-    act_bytes = 2 if low else 4
+    act_bytes = activation_element_bytes(recipe, mixed_precision)
     layers = text.num_hidden_layers
     full = recipe.finetune.mode == "full"
     lora = (0, 0) if full else lora_shape(model, family.language_model_prefix, layers, recipe.finetune.lora.dropout)
@@ -253,6 +273,52 @@ def vision_activation_bytes(model: Any, recipe: Any, act_bytes: int) -> int:
     return -(-recipe.train.batch_size * patches // recipe.train.sequence_parallel) * layers * per_patch
 
 
+def audio_trains(model: Any, family: Any) -> tuple[bool, bool, bool]:
+    """(the audio tower trains at all (LoRA included), its own weights train (full), its projection outside the
+    tower trains), read from the model as finetuning left it."""
+    tower = full = projector = False
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        bare = re.sub(r"\.(modules_to_save\.default|original_module)\.", ".", name.removeprefix("base_model.model."))
+        if family.audio_tower_prefix and bare.startswith(family.audio_tower_prefix):
+            tower, full = True, full or "lora_" not in bare
+        projector |= bool(family.audio_projector_prefix) and bare.startswith(family.audio_projector_prefix)
+    return tower, full, projector
+
+
+def audio_activation_bytes(model: Any, family: Any, recipe: Any, act_bytes: int) -> tuple[int, int]:
+    """(bytes the audio tower keeps for backward, bytes one of its layers' recompute needs) for the longest
+    micro-batch (module docstring); 0 for a model that does not hear, a run that hears no sound, a frozen tower."""
+    from vidtune.data.dataset import heard_sources
+
+    audio_config = getattr(model.config, "audio_config", None)
+    if not family.hears or audio_config is None or not heard_sources(recipe.data, family):
+        return 0, 0
+    tower, full, projector = audio_trains(model, family)
+    shape = family.audio_activations(audio_config)
+    tokens = recipe.train.batch_size * recipe.data.max_length  # a longest sample of sound alone
+    kept = shape.projector * act_bytes if projector else 0
+    checkpointing = bool(recipe.model.gradient_checkpointing or recipe.model.quantization.bits)
+    hooked = checkpointing and shape.hooked_input  # the first convolution's output requires grad, frozen or not
+    if not (tower or hooked):
+        return tokens * kept, 0
+    frames = shape.frames_per_token
+    layer = shape.layer - (0 if full else shape.layer_linear_inputs)
+    lora = 0.0
+    if tower and not full:
+        ranks, dropout = lora_shape(model, family.audio_tower_prefix, 1, recipe.finetune.lora.dropout)
+        lora = frames * (ranks * act_bytes + dropout * (act_bytes + 1))  # every wrapped linear, once per frame
+    one_layer = frames * (layer * act_bytes + shape.layer_fp32 * 4) + lora / shape.num_layers
+    checkpointed = shape.checkpointed and checkpointing
+    layers = shape.num_layers * (frames * shape.hidden * act_bytes if checkpointed else one_layer)
+    after = (shape.after - (0 if full else shape.after_linear_inputs)) * act_bytes + shape.after_fp32 * 4
+    front_elements = shape.front if full else shape.front - shape.first_input if hooked else 0
+    front = front_elements * act_bytes + (shape.front_fp32 * 4 if front_elements else 0)
+    kept += layers + after + front
+    return math.ceil(tokens * kept), math.ceil(tokens * one_layer) if checkpointed else 0
+
+
 def plan_memory(
     model: Any,
     family: Any,
@@ -271,8 +337,23 @@ def plan_memory(
         model, family, recipe, deepspeed and not fsdp, processes, stage, mixed_precision
     )
     activations, recompute = activation_bytes(model, family, recipe, stage, mixed_precision)
+    # the audio tower's backward runs after the language model's: its layer's recompute is the larger of the two
+    audio, audio_recompute = audio_activation_bytes(
+        model, family, recipe, activation_element_bytes(recipe, mixed_precision)
+    )
     weights += frozen_copy_bytes(model, recipe, processes, stage if deepspeed or fsdp else 0)
-    return MemoryPlan(weights, gradients, optimizer, activations, recompute, processes, zero_stage, fsdp)
+    return MemoryPlan(
+        weights,
+        gradients,
+        optimizer,
+        activations,
+        max(recompute, audio_recompute),
+        processes,
+        zero_stage,
+        fsdp,
+        audio=audio,
+        hears=bool(family.hears and getattr(model.config, "audio_config", None) is not None),
+    )
 
 
 def frozen_copy_bytes(model: Any, recipe: Any, processes: int, zero_stage: int) -> int:
