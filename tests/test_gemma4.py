@@ -247,3 +247,35 @@ def test_the_audio_projection_embed_audio_trains_with_the_projector_or_the_tower
     frozen = apply_finetuning(copy.deepcopy(gemma.model), gemma.family, FinetuneConfig(audio_tower="lora"))
     assert not [n for n, p in frozen.named_parameters() if ".embed_audio." in n and p.requires_grad]
     check_audit(trainable_audit(frozen, gemma.family), FinetuneConfig(audio_tower="lora"))
+
+
+def test_a_run_whose_samples_were_built_in_its_own_process_still_hears_once_saved_and_loaded(
+    gemma, tone_clips, tmp_path
+):
+    """With data.num_workers=0 the run's processor builds the samples itself, and each call leaves its tokenizer's
+    backend padding on; the run saves it, and the tokenizer loads back with max_length and pad_to_multiple_of None,
+    which the processor merged into the audio kwargs: scoring the run (vidtune eval, the demo) raised in the feature
+    extractor's `pad` on every heard prompt. The loaded processor hears the prompt as the fresh one does."""
+    import transformers
+
+    from vidtune.data.examples import ExampleBuilder
+    from vidtune.train.training.model import load_processor
+
+    processor = load_processor(str(gemma.model_dir), gemma.family)
+    heard_example(
+        type(gemma)(**{**vars(gemma), "builder": ExampleBuilder(processor, gemma.family)}), tone_clips[LOW_HZ]
+    )
+    processor.save_pretrained(tmp_path)  # as the run's outputs save it
+    loaded = transformers.AutoProcessor.from_pretrained(tmp_path)  # as load_for_inference loads it
+    assert loaded.tokenizer.init_kwargs.get("pad_to_multiple_of", 0) is None  # the state that broke it
+    messages = question(tone_clips[LOW_HZ])[:1]
+    media, _ = load_media(messages, SamplingConfig(4), False, None, audio_rate=16000)
+    prompts = [
+        ExampleBuilder(p, gemma.family, chat_template=p.chat_template, audio_rate=16000).build(
+            messages, media, for_generation=True
+        )
+        for p in (loaded, processor)
+    ]
+    assert torch.equal(prompts[0]["input_ids"], prompts[1]["input_ids"])
+    assert torch.equal(prompts[0]["input_features"], prompts[1]["input_features"])
+    assert prompts[0]["input_features"].shape[1] > 0

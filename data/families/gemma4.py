@@ -26,6 +26,7 @@ attend to their own image or frame bidirectionally in the sliding layers: it is 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from functools import lru_cache
@@ -85,6 +86,18 @@ def soft_tokens(pixel_processor: Any, height: int, width: int) -> int:
         pooling_kernel_size=kernel,
     )
     return (target_h // patch) * (target_w // patch) // kernel**2
+
+
+def extractor_limits(extractor: Any) -> dict[str, Any]:
+    """The feature extractor's own padding and length limits (its call's defaults: pad to a multiple of 128 samples,
+    at most 30 s), given to the processor explicitly. Gemma4Processor merges the tokenizer's init kwargs into the
+    audio kwargs where the names match, after the defaults: a tokenizer saved with its backend's padding state on
+    loads back with `max_length` and `pad_to_multiple_of` None, which then reached the extractor with
+    truncation=True and its `pad` raised "When setting truncation=True, make sure that max_length is defined". A
+    run that processed its samples in the main process (data.num_workers=0) saved such a tokenizer (each processor
+    call leaves the padding on), so scoring it (vidtune eval, the demo) failed on every heard prompt."""
+    defaults = inspect.signature(type(extractor).__call__).parameters
+    return {name: defaults[name].default for name in ("max_length", "pad_to_multiple_of", "truncation")}
 
 
 class Gemma4TokenCounter:
@@ -263,7 +276,11 @@ class Gemma4(ModelFamily):
             return_assistant_tokens_mask=not for_generation,
             add_generation_prompt=for_generation,
             return_tensors=processor_kwargs.pop("return_tensors", None),
-            processor_kwargs={**processor_kwargs, "sampling_rate": self.audio_sampling_rate(processor)},
+            processor_kwargs={
+                **processor_kwargs,
+                "sampling_rate": self.audio_sampling_rate(processor),
+                "audio_kwargs": extractor_limits(processor.feature_extractor),
+            },
         )
 
     def example_visuals(self, encoded: dict[str, Any], processor: Any) -> dict[str, torch.Tensor]:
