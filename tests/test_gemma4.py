@@ -215,40 +215,6 @@ def test_finetune_audio_tower_lora_wraps_the_conformer_and_a_heard_batch_trains_
     assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [
-        {"train_projector": True},
-        {"mode": "full", "audio_tower": "full"},
-        {"audio_tower": "full"},  # LoRA on the text model, the tower and its projection saved whole
-    ],
-    ids=["lora+projector", "full+audio_tower", "lora+audio_tower"],
-)
-def test_the_audio_projection_embed_audio_trains_with_the_projector_or_the_tower(gemma, tone_clips, settings):
-    """Gemma 4's projection of the conformer's output into the text model (model.embed_audio, outside the audio
-    tower) trains with finetune.train_projector (as embed_vision does) and with finetune.audio_tower=full; the audit
-    names it, and a heard clip gives it a gradient. Frozen otherwise."""
-    from vidtune.train.training.config import FinetuneConfig
-    from vidtune.train.training.model import apply_finetuning, check_audit, format_audit, trainable_audit
-
-    cfg = FinetuneConfig(**settings)
-    model = apply_finetuning(copy.deepcopy(gemma.model), gemma.family, cfg)
-    audit = trainable_audit(model, gemma.family)
-    counts = audit["parts"]["audio_projector"]
-    assert counts["trainable"] == counts["total"] == gemma.model.model.embed_audio.embedding_projection.weight.numel()
-    assert "audio_projector" in format_audit(audit)
-    check_audit(audit, cfg)
-    projection = [p for n, p in model.named_parameters() if ".embed_audio." in n and p.requires_grad]
-    assert projection
-    model.train()
-    collate = Collator(gemma.processor.tokenizer.pad_token_id, family=gemma.family)
-    model(**collate([heard_example(gemma, tone_clips[LOW_HZ])]), num_items_in_batch=1).loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projection)
-    frozen = apply_finetuning(copy.deepcopy(gemma.model), gemma.family, FinetuneConfig(audio_tower="lora"))
-    assert not [n for n, p in frozen.named_parameters() if ".embed_audio." in n and p.requires_grad]
-    check_audit(trainable_audit(frozen, gemma.family), FinetuneConfig(audio_tower="lora"))
-
-
 def test_a_run_whose_samples_were_built_in_its_own_process_still_hears_once_saved_and_loaded(
     gemma, tone_clips, tmp_path
 ):

@@ -117,9 +117,7 @@ class LoraSettings:
 class FinetuneConfig:
     mode: str = "lora"  # lora: PEFT LoRA on the language model | full: train all language-model weights
     lora: LoraSettings = field(default_factory=LoraSettings)
-    # also train the vision-language projector fully, and a projection of the sound features that lies outside the
-    # audio tower (Gemma 4's embed_audio; audio_tower=full trains it too)
-    train_projector: bool = False
+    train_projector: bool = False  # also train the vision-language projector fully
     vision_tower: str = "frozen"  # frozen | lora | full
     # frozen | lora | full: the audio encoder (with its projection to the language model) of a family that hears
     # (Qwen2.5-Omni); lora wraps its attention and MLP projections

@@ -22,7 +22,7 @@ from vidtune.data.families import FrameLimits, ModelFamily, family_for
 from vidtune.train.training.config import FinetuneConfig, ModelConfig, RecipeError
 from vidtune.train.training.quantization import bnb_config, check_quantized
 
-PARTS = ("vision_tower", "projector", "audio_tower", "audio_projector", "router", "language_model", "other")
+PARTS = ("vision_tower", "projector", "audio_tower", "router", "language_model", "other")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -316,8 +316,6 @@ def apply_finetuning(model: Any, family: ModelFamily, cfg: FinetuneConfig, adapt
             _unfreeze(model, family.vision_tower_prefix)
         if cfg.audio_tower == "full":
             _unfreeze(model, audio_tower_prefix(family, cfg))
-        if trains_audio_projector(family, cfg):
-            _unfreeze(model, family.audio_projector_prefix)
         if family.router_module and not cfg.train_router:  # the routing the experts were trained with stays
             for name, param in model.named_parameters():
                 if name.startswith(family.language_model_prefix) and f".{family.router_module}." in name:
@@ -334,8 +332,6 @@ def apply_finetuning(model: Any, family: ModelFamily, cfg: FinetuneConfig, adapt
         modules_to_save.append(family.vision_tower_prefix.rstrip(".").rsplit(".", 1)[-1])
     if cfg.audio_tower == "full":
         modules_to_save.append(audio_tower_prefix(family, cfg).rstrip(".").rsplit(".", 1)[-1])
-    if trains_audio_projector(family, cfg):
-        modules_to_save.append(family.audio_projector_prefix.rstrip(".").rsplit(".", 1)[-1])
     if cfg.train_router and family.router_module:
         modules_to_save.append(family.router_module)
     expert_weights = lora_target_parameters(model, family, cfg)
@@ -365,13 +361,6 @@ def audio_tower_prefix(family: ModelFamily, cfg: FinetuneConfig) -> str:
     return family.audio_tower_prefix
 
 
-def trains_audio_projector(family: ModelFamily, cfg: FinetuneConfig) -> bool:
-    """The projection of the sound features into the text model, where it lies outside the audio tower (Gemma 4's
-    embed_audio), trains as the vision projector does (finetune.train_projector) and with the tower it reads
-    (finetune.audio_tower=full: the tower "with its projection", as Qwen2.5-Omni's `proj` inside its tower)."""
-    return bool(family.audio_projector_prefix) and (cfg.train_projector or cfg.audio_tower == "full")
-
-
 def _unfreeze(model: Any, prefix: str) -> None:
     for name, param in model.named_parameters():
         if name.startswith(prefix):
@@ -396,7 +385,6 @@ def part_of(name: str, family: ModelFamily) -> str:
         ("projector", family.projector_prefix),
         ("vision_tower", family.vision_tower_prefix),
         ("audio_tower", family.audio_tower_prefix),
-        ("audio_projector", family.audio_projector_prefix),
         ("language_model", family.language_model_prefix),
     ):
         if prefix and name.startswith(prefix):
@@ -465,8 +453,8 @@ def wrapped_modules(model: Any) -> dict[str, list[str]]:
 def format_audit(audit: dict[str, Any]) -> str:
     lines = [f"{'part':<16}{'trainable':>14}{'total':>14}"]
     for part, counts in audit["parts"].items():
-        if part in ("audio_tower", "audio_projector", "router") and not counts["total"]:
-            continue  # a family that does not hear (or has no projection outside its tower), a model without experts
+        if part in ("audio_tower", "router") and not counts["total"]:
+            continue  # a family that does not hear, a model without experts
         lines.append(f"{part:<16}{counts['trainable']:>14,}{counts['total']:>14,}")
     for part, count in audit["lora"].items():
         lines.append(f"{'lora (' + part + ')':<16}{count:>14,}{count:>14,}")
@@ -481,8 +469,6 @@ def expected_trainable(cfg: FinetuneConfig, from_adapter: bool = False) -> dict[
         "vision_tower": {"frozen": "none", "lora": "lora", "full": "all"}[cfg.vision_tower],
         "projector": "all" if cfg.train_projector else "none",
         "audio_tower": {"frozen": "none", "lora": "lora", "full": "all"}[cfg.audio_tower],
-        # (checked only where the model has one: Gemma 4's embed_audio)
-        "audio_projector": "all" if cfg.train_projector or cfg.audio_tower == "full" else "none",
         "router": "all" if cfg.train_router else "none",
         "language_model": "all" if cfg.mode == "full" else "lora",
         "other": "none",
@@ -497,8 +483,6 @@ def check_audit(audit: dict[str, Any], cfg: FinetuneConfig, from_adapter: bool =
     problems = []
     for part, expect in expected_trainable(cfg, from_adapter).items():
         counts, lora = audit["parts"][part], audit["lora"].get(part, 0)
-        if part == "audio_projector" and not counts["total"]:
-            continue  # the family's projection lies inside its audio tower, or the model has no audio tower
         full = counts["trainable"] == counts["total"] and counts["total"] > 0
         if expect == "all" and not full:
             problems.append(f"{part} should train fully but {counts['trainable']:,}/{counts['total']:,} params do")
