@@ -267,7 +267,8 @@ class Measurer:
                 "drop_reason": "",
                 "problem": row["problem"],
             }
-        self.builder.refuse_unheard(row["messages"], row["at"])  # a configuration error, not a bad sample
+        # a configuration error, not a bad sample (rows built in code may carry no `at`)
+        self.builder.refuse_unheard(row["messages"], row.get("at") or "a row")
         try:
             tokens, instructions = self.media_tokens(row["messages"], row.get("source") in self.heard)
         except VideoError as err:
